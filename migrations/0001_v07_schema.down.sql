@@ -1,0 +1,24 @@
+-- Reverses 0001_v07_schema.up.sql: every table, function and type it made, in dependency order.
+DROP TABLE IF EXISTS email_outbox;
+DROP TABLE IF EXISTS password_reset_tokens;
+DROP TABLE IF EXISTS email_verification_tokens;
+DROP TABLE IF EXISTS audit_logs;
+DROP TABLE IF EXISTS commands;
+DROP TABLE IF EXISTS can_configs;
+DROP TABLE IF EXISTS dongle_group_members;
+DROP TABLE IF EXISTS dongle_groups;
+DROP FUNCTION IF EXISTS dongle_groups_sync_members();
+DROP TABLE IF EXISTS dongle_tokens;
+DROP TABLE IF EXISTS dongles;
+DROP TABLE IF EXISTS agent_tokens;
+DROP TABLE IF EXISTS agents;
+DROP TABLE IF EXISTS sessions;
+DROP TABLE IF EXISTS users;
+DROP FUNCTION IF EXISTS set_updated_at();
+DROP TYPE IF EXISTS email_status;
+DROP TYPE IF EXISTS command_status;
+DROP TYPE IF EXISTS can_mode;
+DROP TYPE IF EXISTS group_mode;
+DROP TYPE IF EXISTS dongle_ownership_state;
+DROP TYPE IF EXISTS user_status;
+DROP TYPE IF EXISTS user_role;

@@ -1,0 +1,113 @@
+//! The database: connecting, and the migrations embedded in the binary.
+//!
+//! Only the server knows SQL. Every migration under `migrations/` is compiled into the binary, so a
+//! deployed `bridge-server migrate` needs nothing beside itself.
+
+use std::collections::BTreeSet;
+
+use anyhow::Context;
+use sqlx::ConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+/// The migrations of `migrations/`, reversible (`.up.sql` / `.down.sql`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Opens a pool on `url`, failing with a message that says where it tried (without the password).
+///
+/// One connection is made up front so that a wrong address or password fails at once with the real
+/// cause, instead of after the pool's acquire timeout.
+pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let where_ = || format!("could not connect to PostgreSQL at {}", redact_url(url));
+    let options: PgConnectOptions = url.parse().with_context(where_)?;
+    let probe = options.connect().await.with_context(where_)?;
+    sqlx::Connection::close(probe).await.ok();
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect_lazy_with(options))
+}
+
+/// One migration that `migrate` applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedMigration {
+    pub version: i64,
+    pub description: String,
+}
+
+/// Applies every embedded migration not yet applied and returns those it applied, oldest first.
+/// Running it again is a no-op that returns an empty list.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<Vec<AppliedMigration>> {
+    let before = applied_versions(pool).await?;
+    MIGRATOR
+        .run(pool)
+        .await
+        .context("applying the database migrations failed")?;
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration() && !before.contains(&m.version))
+        .map(|m| AppliedMigration {
+            version: m.version,
+            description: m.description.to_string(),
+        })
+        .collect())
+}
+
+/// The versions recorded as applied; empty when no migration has ever run.
+pub async fn applied_versions(pool: &PgPool) -> anyhow::Result<BTreeSet<i64>> {
+    let exists: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+            .fetch_one(pool)
+            .await
+            .context("could not read the migration table")?;
+    if exists.is_none() {
+        return Ok(BTreeSet::new());
+    }
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await
+            .context("could not read the migration table")?;
+    Ok(versions.into_iter().collect())
+}
+
+/// True when every embedded migration has been applied (what `/readyz` needs).
+pub async fn is_up_to_date(pool: &PgPool) -> anyhow::Result<bool> {
+    let applied = applied_versions(pool).await?;
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .all(|m| applied.contains(&m.version)))
+}
+
+/// A database URL with its password replaced, fit for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    // postgres://user:password@host/db -> postgres://user:***@host/db
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<database url>".to_string();
+    };
+    let Some((userinfo, hostpart)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{hostpart}"),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redacts_the_password_only() {
+        assert_eq!(
+            redact_url("postgres://me:s3cret@127.0.0.1:5432/db"),
+            "postgres://me:***@127.0.0.1:5432/db"
+        );
+        assert_eq!(
+            redact_url("postgres://me@localhost/db"),
+            "postgres://me@localhost/db"
+        );
+        assert_eq!(redact_url("not a url"), "<database url>");
+    }
+}

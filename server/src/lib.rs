@@ -1,0 +1,2 @@
+//! The remote CAN bridge server.
+pub mod db;

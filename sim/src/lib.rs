@@ -1,0 +1,1 @@
+//! A software CAN dongle that behaves as the dongle firmware does.
