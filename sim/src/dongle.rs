@@ -1,0 +1,1265 @@
+//! The dongle itself: packets and frames in, answers, frames and events out.
+//!
+//! [`Dongle`] is pure logic: it does no I/O and takes the time from its caller, so every
+//! behaviour can be unit tested by feeding it bytes and a time. (The one exception is the
+//! cool-down's end, kept in flash as wall-clock time so that a restart does not lift it.) The transports ([`crate::link`]) feed it decoded link
+//! packets; the runtime ([`crate::sim`]) carries out its [`Output`]s.
+//!
+//! Authentication. CAN, CAN_CONFIG, CLI and the extension requests need the stored 32-byte
+//! token in the header (compared in constant time) or, with the session extension, a valid
+//! session MAC with a seq above the last accepted one. A packet that fails is dropped without an
+//! answer and counted in `auth_failures`, as PROTOCOL.md specifies for the firmware: an answer would
+//! tell an attacker which guesses get further than others. A host learns that its token no longer
+//! works (a factory reset, say) from requests that go unanswered while PAIRING and DISCOVER are
+//! answered, and, with the session extension, from an AUTH response with status not_paired. A sealed
+//! packet whose seq is not above the last accepted one (a replay) is also counted in
+//! `replays_refused`.
+//!
+//! With the session extension, token packets are still accepted, so hosts that speak plain
+//! REMP v1 keep working; answers to sealed requests are sealed, and unsolicited packets
+//! (frames to the host) are sealed whenever a session is established.
+//!
+//! Frames reach the host only once a host has sent an authenticated packet since power-up (on
+//! UDP: to the address the last packet came from, as the firmware answers the port it last
+//! heard), so a dongle never streams its bus to an unauthenticated party.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use firmware_proto::discovery::{self, Announce, PairingState};
+use firmware_proto::ext::auth::{dongle_proof, host_proof, proof_matches};
+use firmware_proto::ext::{
+    AuthMessage, AuthStatus, Batch, BatchWriter, BusState, BusStatus, BusStatusAction, Forget,
+    ForgetAction, ForgetStatus, Role, SessionMac,
+};
+use firmware_proto::ids::{CorrelationId, DeviceId, Pin};
+use firmware_proto::remp::{
+    self, CanConfig, CliResponse, CliStatus, ConfigAction, ConfigStatus, Header, MAX_PAYLOAD_LEN,
+    MsgType, Packet, PairingAck, PairingStatus, Payload,
+};
+use firmware_proto::{MAX_PACKET_LEN, caps};
+use rand::RngExt;
+use tokio::time::Instant;
+
+use crate::cli::{self, CliAction, CliContext};
+use crate::frame::Frame;
+use crate::pairing::{Pairing, StartOutcome, SubmitOutcome};
+use crate::state::{Flash, mode_name};
+use crate::timing::{self, Limits, TimingError};
+
+/// Which REMP extensions the dongle speaks (and announces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Extensions {
+    /// CAN_BATCH (type 0x10).
+    pub batch: bool,
+    /// BUS_STATUS (type 0x11).
+    pub bus_status: bool,
+    /// FORGET (type 0x12).
+    pub forget: bool,
+    /// AUTH (type 0x13) and session MACs.
+    pub session: bool,
+}
+
+impl Extensions {
+    /// Plain REMP v1.
+    pub const NONE: Extensions = Extensions {
+        batch: false,
+        bus_status: false,
+        forget: false,
+        session: false,
+    };
+    /// Every extension.
+    pub const ALL: Extensions = Extensions {
+        batch: true,
+        bus_status: true,
+        forget: true,
+        session: true,
+    };
+
+    /// Parses `none`, `all` or a comma-separated list of `batch`, `bus-status`, `forget`,
+    /// `session`.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut ext = Extensions::NONE;
+        for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match word {
+                "none" => {}
+                "all" => ext = Extensions::ALL,
+                "batch" => ext.batch = true,
+                "bus-status" => ext.bus_status = true,
+                "forget" => ext.forget = true,
+                "session" => ext.session = true,
+                other => {
+                    return Err(format!(
+                        "unknown extension {other:?}: use batch, bus-status, forget, session, all or none"
+                    ));
+                }
+            }
+        }
+        Ok(ext)
+    }
+
+    /// The capability bits of these extensions.
+    pub fn caps(&self) -> u32 {
+        let mut bits = 0;
+        if self.batch {
+            bits |= caps::CAN_BATCH;
+        }
+        if self.bus_status {
+            bits |= caps::BUS_STATUS;
+        }
+        if self.forget {
+            bits |= caps::FORGET_TOKEN;
+        }
+        if self.session {
+            bits |= caps::SESSION_AUTH;
+        }
+        bits
+    }
+}
+
+/// The fixed properties of a dongle.
+#[derive(Debug, Clone)]
+pub struct DongleConfig {
+    /// The firmware build string announced in TLV 0x02.
+    pub fw_build: String,
+    /// The firmware build number in every REMP header.
+    pub fw_build_number: u16,
+    /// The extensions spoken.
+    pub extensions: Extensions,
+    /// The controller is an FDCAN that announces CAN FD.
+    pub fd: bool,
+    /// The UDP port announced (0: no UDP service).
+    pub udp_port: u16,
+    /// The LAN address announced.
+    pub lan_ip: Option<[u8; 4]>,
+    /// A one-line description of the link for the CLI.
+    pub link: String,
+    /// The pairing window.
+    pub pairing_window: Duration,
+    /// The cool-down after too many wrong PINs.
+    pub cooldown: Duration,
+    /// The CLI's command time limit.
+    pub cli_timeout: Duration,
+    /// The CLI's output limit in bytes.
+    pub cli_output_limit: usize,
+    /// The CAN kernel clock.
+    pub can_clock_hz: u32,
+}
+
+impl Default for DongleConfig {
+    fn default() -> Self {
+        Self {
+            fw_build: format!(
+                "dongle-sim {} build {}",
+                env!("CARGO_PKG_VERSION"),
+                FW_BUILD_NUMBER
+            ),
+            fw_build_number: FW_BUILD_NUMBER,
+            extensions: Extensions::NONE,
+            fd: false,
+            udp_port: 0,
+            lan_ip: None,
+            link: "none".into(),
+            pairing_window: crate::pairing::WINDOW,
+            cooldown: crate::pairing::COOLDOWN,
+            cli_timeout: cli::DEFAULT_TIMEOUT,
+            cli_output_limit: cli::DEFAULT_OUTPUT_LIMIT,
+            can_clock_hz: timing::CAN_CLOCK_HZ,
+        }
+    }
+}
+
+/// The firmware build number the simulator reports.
+pub const FW_BUILD_NUMBER: u16 = 700;
+
+/// Something the simulator reports to its user (the library's event stream, the binary's log).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum SimEvent {
+    /// The dongle shows a PIN: a pairing window opened. This stands for the dongle's display.
+    Pin {
+        /// The dongle.
+        device_id: DeviceId,
+        /// The PIN (its `Debug` is redacted; use `as_str`).
+        pin: Pin,
+        /// Seconds the window stays open.
+        seconds: u16,
+    },
+    /// The right PIN arrived: the dongle stores the token.
+    Paired,
+    /// A wrong PIN.
+    InvalidPin {
+        /// Wrong PINs still allowed.
+        attempts_left: u8,
+    },
+    /// Too many wrong PINs.
+    Cooldown {
+        /// Seconds of cool-down.
+        seconds: u16,
+    },
+    /// The pairing window closed without a pairing.
+    PairingExpired,
+    /// A packet without the right token or MAC was refused.
+    AuthRefused {
+        /// Its REMP type.
+        msg_type: u8,
+    },
+    /// A sealed packet with an old seq was refused.
+    ReplayRefused {
+        /// The seq it carried.
+        seq: u32,
+    },
+    /// A session handshake completed.
+    SessionEstablished,
+    /// A CAN configuration was applied.
+    ConfigApplied {
+        /// The effective bitrate.
+        bitrate: u32,
+    },
+    /// A CAN configuration was refused.
+    ConfigRefused {
+        /// Why.
+        reason: String,
+    },
+    /// The host made the dongle forget its token.
+    TokenForgotten,
+    /// Token, pairing state and configuration were erased.
+    FactoryReset,
+    /// The link went away (USB unplugged, or UDP silent).
+    Unplugged,
+    /// The link is up (again).
+    Plugged {
+        /// The new pseudo-terminal path, on serial.
+        serial_path: Option<std::path::PathBuf>,
+    },
+    /// The replay log was played to its end.
+    ReplayFinished {
+        /// Frames played.
+        frames: usize,
+        /// Remote frames skipped.
+        skipped_remote: usize,
+    },
+    /// Writing the state file failed.
+    FlashWriteFailed {
+        /// The error.
+        error: String,
+    },
+}
+
+/// The dongle's counters. They only grow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Link packets handed to the dongle.
+    pub packets_in: u64,
+    /// Packets that did not decode.
+    pub malformed: u64,
+    /// REMP packets for another device id.
+    pub wrong_device: u64,
+    /// Packets of a type the dongle does not serve (or an extension that is off).
+    pub unknown_type: u64,
+    /// ANNOUNCEs sent.
+    pub announces: u64,
+    /// Packets refused for a wrong or missing token or MAC.
+    pub auth_failures: u64,
+    /// Sealed packets refused as replays.
+    pub replays_refused: u64,
+    /// Pairing starts received.
+    pub pairing_starts: u64,
+    /// Wrong PINs received.
+    pub pin_failures: u64,
+    /// Frames received from the host.
+    pub frames_from_host: u64,
+    /// Frames put onto the bus.
+    pub frames_to_bus: u64,
+    /// Frames the mode (listen-only, tx_pause) kept off the bus.
+    pub tx_refused: u64,
+    /// Frames sent to the host.
+    pub frames_to_host: u64,
+    /// Frames not sent because no authenticated host is known.
+    pub frames_unforwarded: u64,
+    /// FD frames dropped because the dongle or the host link cannot carry them.
+    pub fd_dropped: u64,
+    /// Bus frames ignored in a loopback mode.
+    pub bus_ignored: u64,
+    /// Frames echoed to the host in a loopback mode.
+    pub loopback_echoes: u64,
+    /// CLI commands received.
+    pub cli_commands: u64,
+    /// Packets lost because the host queue was full.
+    pub lost_to_host: u64,
+}
+
+/// A CLI answer to send later (a `sleep`), encoded when it is due.
+#[derive(Debug, Clone)]
+pub struct Deferred {
+    seq: u32,
+    sealed: bool,
+    corr_id: CorrelationId,
+    status: CliStatus,
+    flags: u8,
+    exit_code: u16,
+    output: Vec<u8>,
+}
+
+/// What the dongle asks its runtime to do.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Send this packet to the host.
+    ToHost(Vec<u8>),
+    /// Encode and send this answer after a delay.
+    ToHostLater {
+        /// The delay.
+        after: Duration,
+        /// The answer.
+        reply: Deferred,
+    },
+    /// Put this frame on the bus.
+    ToBus(Frame),
+    /// Report this event.
+    Event(SimEvent),
+    /// The flash changed: write the state file.
+    FlashChanged,
+}
+
+/// How a request proved itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    None,
+    Token,
+    Session,
+}
+
+/// The simulated dongle.
+#[derive(Debug)]
+pub struct Dongle {
+    cfg: DongleConfig,
+    flash: Flash,
+    pairing: Pairing,
+    boot: Instant,
+    tx_seq: u32,
+    session: Option<SessionMac>,
+    pending_auth: Option<([u8; 16], [u8; 16])>,
+    host_authenticated: bool,
+    counters: Counters,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Dongle {
+    /// A dongle booting at `now` with the given flash.
+    pub fn new(cfg: DongleConfig, flash: Flash, now: Instant) -> Self {
+        let mut pairing = Pairing::new(cfg.pairing_window, cfg.cooldown);
+        // The cool-down end is wall-clock time in flash, so that a restart does not lift it.
+        let left = flash
+            .cooldown_until_unix_ms
+            .map(|end| end.saturating_sub(unix_ms()));
+        pairing.set_cooldown_until(
+            left.filter(|&ms| ms > 0)
+                .map(|ms| now + Duration::from_millis(ms)),
+        );
+        Self {
+            cfg,
+            flash,
+            pairing,
+            boot: now,
+            tx_seq: 0,
+            session: None,
+            pending_auth: None,
+            host_authenticated: false,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The flash contents.
+    pub fn flash(&self) -> &Flash {
+        &self.flash
+    }
+
+    /// The device id.
+    pub fn device_id(&self) -> DeviceId {
+        self.flash.device_id
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DongleConfig {
+        &self.cfg
+    }
+
+    /// Sets the link description and announced UDP port and address.
+    pub fn set_link(&mut self, link: String, udp_port: u16, lan_ip: Option<[u8; 4]>) {
+        self.cfg.link = link;
+        self.cfg.udp_port = udp_port;
+        self.cfg.lan_ip = lan_ip;
+    }
+
+    /// Counts packets the runtime could not queue for the host.
+    pub fn note_lost_to_host(&mut self, n: u64) {
+        self.counters.lost_to_host += n;
+    }
+
+    /// Whether a host has authenticated since power-up (frames flow to it).
+    pub fn host_authenticated(&self) -> bool {
+        self.host_authenticated
+    }
+
+    fn uptime_us(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.boot).as_micros() as u64
+    }
+
+    /// The capability bits announced.
+    pub fn capabilities(&self) -> u32 {
+        self.cfg.extensions.caps() | if self.cfg.fd { caps::CAN_FD } else { 0 }
+    }
+
+    /// Encodes an ANNOUNCE answering a DISCOVER with `seq`.
+    pub fn announce(&mut self, now: Instant, seq: u32) -> Option<Vec<u8>> {
+        let window = self.pairing.open_window(now);
+        let announce = Announce {
+            device_id: self.flash.device_id,
+            fw_build: Some(&self.cfg.fw_build),
+            udp_port: self.cfg.udp_port,
+            capabilities: self.capabilities(),
+            proto_ver: u16::from(remp::VERSION),
+            lan_ip: self.cfg.lan_ip,
+            pairing_state: if window.is_some() {
+                PairingState::Pairing
+            } else {
+                PairingState::Normal
+            },
+            pairing_nonce: window.map(|(_, nonce)| nonce),
+        };
+        let mut buf = vec![0u8; MAX_PACKET_LEN];
+        let n = discovery::encode_announce(&announce, seq, &mut buf).ok()?;
+        buf.truncate(n);
+        self.counters.announces += 1;
+        Some(buf)
+    }
+
+    /// Answers a Discovery packet: an ANNOUNCE for a DISCOVER. `Err` when it does not decode.
+    pub fn discovery_reply(
+        &mut self,
+        now: Instant,
+        bytes: &[u8],
+    ) -> Result<Option<Vec<u8>>, firmware_proto::Error> {
+        match discovery::decode(bytes) {
+            Ok(p) if matches!(p.body, discovery::Body::Discover) => {
+                Ok(self.announce(now, p.header.seq))
+            }
+            Ok(_) => {
+                self.counters.unknown_type += 1;
+                Ok(None)
+            }
+            Err(e) => {
+                self.counters.malformed += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// Handles one link packet (Discovery or REMP). Returns false when it did not decode, so
+    /// that a stream link can count it as rejected.
+    pub fn handle_packet(&mut self, now: Instant, bytes: &[u8], out: &mut Vec<Output>) -> bool {
+        self.counters.packets_in += 1;
+        self.tick(now, out);
+        if bytes.starts_with(&discovery::MAGIC) {
+            return match self.discovery_reply(now, bytes) {
+                Ok(reply) => {
+                    out.extend(reply.map(Output::ToHost));
+                    true
+                }
+                Err(_) => false,
+            };
+        }
+        let Ok(packet) = remp::decode(bytes) else {
+            self.counters.malformed += 1;
+            return false;
+        };
+        if packet.header.device_id != self.flash.device_id {
+            self.counters.wrong_device += 1;
+            return true;
+        }
+        let auth = if packet.header.has_session_mac() {
+            match self
+                .session
+                .as_mut()
+                .filter(|_| self.cfg.extensions.session)
+            {
+                Some(session) => match session.open(bytes) {
+                    Ok(_) => Auth::Session,
+                    Err(firmware_proto::Error::Replay { seq, .. }) => {
+                        self.counters.replays_refused += 1;
+                        self.counters.auth_failures += 1;
+                        out.push(Output::Event(SimEvent::ReplayRefused { seq }));
+                        return true;
+                    }
+                    Err(_) => Auth::None,
+                },
+                None => Auth::None,
+            }
+        } else if self
+            .flash
+            .token
+            .is_some_and(|t| t.ct_eq(packet.header.token))
+        {
+            Auth::Token
+        } else {
+            Auth::None
+        };
+        self.dispatch(now, &packet, auth, out);
+        true
+    }
+
+    fn extension_enabled(&self, t: MsgType) -> bool {
+        let e = &self.cfg.extensions;
+        match t {
+            MsgType::CanBatch => e.batch,
+            MsgType::BusStatus => e.bus_status,
+            MsgType::Forget => e.forget,
+            MsgType::Auth => e.session,
+            _ => true,
+        }
+    }
+
+    fn dispatch(&mut self, now: Instant, packet: &Packet<'_>, auth: Auth, out: &mut Vec<Output>) {
+        let seq = packet.header.seq;
+        let sealed = auth == Auth::Session;
+        if !self.extension_enabled(packet.header.msg_type) {
+            // A dongle without the extension does not know the type, as v1 firmware would not.
+            self.counters.unknown_type += 1;
+            return;
+        }
+        match packet.payload {
+            Payload::PairingStart(start) => {
+                return self.pairing_start(now, seq, start.corr_id, out);
+            }
+            Payload::PairingSubmit(submit) => return self.pairing_submit(now, seq, &submit, out),
+            Payload::Auth(message) => return self.auth(now, seq, message, out),
+            Payload::Can(_)
+            | Payload::CanBatch(_)
+            | Payload::CanConfig(_)
+            | Payload::CliRequest(_)
+            | Payload::BusStatus(_)
+            | Payload::Forget(_) => {}
+            _ => {
+                self.counters.unknown_type += 1;
+                return;
+            }
+        }
+        if auth == Auth::None {
+            return self.refuse(packet, out);
+        }
+        self.host_authenticated = true;
+        match packet.payload {
+            Payload::Can(frame) => {
+                let frame = Frame::from_can_frame(&frame);
+                self.transmit(now, &[frame], out);
+            }
+            Payload::CanBatch(batch) => {
+                let frames: Vec<Frame> = batch.iter().map(|r| Frame::from_record(&r)).collect();
+                self.transmit(now, &frames, out);
+            }
+            Payload::CanConfig(config) => self.can_config(now, seq, sealed, &config, out),
+            Payload::CliRequest(request) => self.cli(
+                now,
+                seq,
+                sealed,
+                request.corr_id,
+                request.command,
+                request.flags,
+                out,
+            ),
+            Payload::BusStatus(status) if status.action == BusStatusAction::Request => {
+                let report = BusStatus {
+                    action: BusStatusAction::Report,
+                    state: BusState::ErrorActive,
+                    tec: 0,
+                    rec: 0,
+                    rx_overflow: 0,
+                    lost_frames: self.counters.lost_to_host as u32,
+                };
+                self.reply(now, seq, sealed, Payload::BusStatus(report), out);
+            }
+            Payload::Forget(forget) if forget.action == ForgetAction::Request => {
+                let status = if self.flash.token.is_some() {
+                    ForgetStatus::Ok
+                } else {
+                    ForgetStatus::NotPaired
+                };
+                let ack = Forget {
+                    action: ForgetAction::Ack,
+                    status,
+                    corr_id: forget.corr_id,
+                };
+                // The ack is sealed with the session before the session is dropped with the token.
+                self.reply(now, seq, sealed, Payload::Forget(ack), out);
+                self.forget_token(out);
+                out.push(Output::Event(SimEvent::TokenForgotten));
+            }
+            _ => self.counters.unknown_type += 1,
+        }
+    }
+
+    fn refuse(&mut self, packet: &Packet<'_>, out: &mut Vec<Output>) {
+        self.counters.auth_failures += 1;
+        out.push(Output::Event(SimEvent::AuthRefused {
+            msg_type: packet.header.msg_type.to_u8(),
+        }));
+    }
+
+    /// Encodes a packet from the dongle; sealed with the session when `sealed`.
+    fn encode(
+        &mut self,
+        now: Instant,
+        seq: u32,
+        sealed: bool,
+        payload: Payload<'_>,
+    ) -> Option<Vec<u8>> {
+        let msg_type = payload.msg_type()?;
+        let mut header = Header::new(msg_type, self.flash.device_id, seq);
+        header.fw_build = self.cfg.fw_build_number;
+        header.timestamp_us = self.uptime_us(now);
+        let packet = Packet { header, payload };
+        let mut buf = vec![0u8; MAX_PACKET_LEN];
+        let n = if sealed {
+            self.session.as_mut()?.seal(&packet, &mut buf).ok()?
+        } else {
+            remp::encode(&packet, &mut buf).ok()?
+        };
+        buf.truncate(n);
+        Some(buf)
+    }
+
+    fn reply(
+        &mut self,
+        now: Instant,
+        seq: u32,
+        sealed: bool,
+        payload: Payload<'_>,
+        out: &mut Vec<Output>,
+    ) {
+        out.extend(self.encode(now, seq, sealed, payload).map(Output::ToHost));
+    }
+
+    /// Encodes an unsolicited packet with the dongle's own sequence number.
+    fn unsolicited(&mut self, now: Instant, payload: Payload<'_>) -> Option<Vec<u8>> {
+        self.tx_seq = self.tx_seq.wrapping_add(1);
+        let sealed = self.session.is_some();
+        self.encode(now, self.tx_seq, sealed, payload)
+    }
+
+    fn pairing_start(
+        &mut self,
+        now: Instant,
+        seq: u32,
+        corr_id: CorrelationId,
+        out: &mut Vec<Output>,
+    ) {
+        self.counters.pairing_starts += 1;
+        let mut rng = rand::rng();
+        let digits: [u8; 6] = std::array::from_fn(|_| b'0' + rng.random_range(0..10u8));
+        let Ok(pin) = Pin::from_bytes(digits) else {
+            return;
+        };
+        let nonce: [u8; 16] = rng.random();
+        let claimed = self.flash.token.is_some();
+        let (status, seconds, nonce) = match self.pairing.start(now, claimed, pin, nonce) {
+            StartOutcome::Opened { seconds, nonce } => {
+                out.push(Output::Event(SimEvent::Pin {
+                    device_id: self.flash.device_id,
+                    pin,
+                    seconds,
+                }));
+                (PairingStatus::Ok, seconds, Some(nonce))
+            }
+            StartOutcome::Cooldown { seconds } => (PairingStatus::Cooldown, seconds, None),
+            StartOutcome::Claimed => (PairingStatus::Error, 0, None),
+        };
+        let ack = PairingAck {
+            status,
+            seconds,
+            corr_id,
+            pairing_nonce: nonce,
+        };
+        self.reply(now, seq, false, Payload::PairingAck(ack), out);
+    }
+
+    fn pairing_submit(
+        &mut self,
+        now: Instant,
+        seq: u32,
+        submit: &firmware_proto::remp::PairingSubmit,
+        out: &mut Vec<Output>,
+    ) {
+        let claimed = self.flash.token.is_some();
+        let outcome = self
+            .pairing
+            .submit(now, claimed, &submit.pin, &submit.pairing_nonce);
+        let (status, seconds) = match outcome {
+            SubmitOutcome::Paired => {
+                self.flash.token = Some(submit.token);
+                out.push(Output::FlashChanged);
+                out.push(Output::Event(SimEvent::Paired));
+                (PairingStatus::Ok, 0)
+            }
+            SubmitOutcome::InvalidPin { attempts_left } => {
+                self.counters.pin_failures += 1;
+                out.push(Output::Event(SimEvent::InvalidPin { attempts_left }));
+                (PairingStatus::InvalidPin, 0)
+            }
+            SubmitOutcome::Cooldown { seconds } => {
+                if self
+                    .flash
+                    .cooldown_until_unix_ms
+                    .is_none_or(|end| end <= unix_ms())
+                {
+                    // This submit started the cool-down (the fifth wrong PIN): keep it in flash.
+                    self.counters.pin_failures += 1;
+                    self.flash.cooldown_until_unix_ms = Some(unix_ms() + u64::from(seconds) * 1000);
+                    out.push(Output::FlashChanged);
+                    out.push(Output::Event(SimEvent::Cooldown { seconds }));
+                }
+                (PairingStatus::Cooldown, seconds)
+            }
+            SubmitOutcome::Error(_) => (PairingStatus::Error, 0),
+        };
+        let ack = PairingAck {
+            status,
+            seconds,
+            corr_id: submit.corr_id,
+            pairing_nonce: None,
+        };
+        self.reply(now, seq, false, Payload::PairingAck(ack), out);
+    }
+
+    fn auth(&mut self, now: Instant, seq: u32, message: AuthMessage, out: &mut Vec<Output>) {
+        let id = self.flash.device_id;
+        let answer = match (message, self.flash.token) {
+            (AuthMessage::Challenge { .. }, None) => AuthMessage::Response {
+                status: AuthStatus::NotPaired,
+                dongle_nonce: [0; 16],
+                dongle_proof: [0; 32],
+            },
+            (AuthMessage::Challenge { host_nonce }, Some(token)) => {
+                let dongle_nonce: [u8; 16] = rand::rng().random();
+                self.pending_auth = Some((host_nonce, dongle_nonce));
+                AuthMessage::Response {
+                    status: AuthStatus::Ok,
+                    dongle_nonce,
+                    dongle_proof: dongle_proof(&token, &id, &host_nonce, &dongle_nonce),
+                }
+            }
+            (AuthMessage::Confirm { .. }, None) => AuthMessage::Result {
+                status: AuthStatus::NotPaired,
+            },
+            (AuthMessage::Confirm { host_proof: proof }, Some(token)) => {
+                match self.pending_auth.take() {
+                    None => AuthMessage::Result {
+                        status: AuthStatus::Error,
+                    },
+                    Some((host_nonce, dongle_nonce)) => {
+                        let expected = host_proof(&token, &id, &host_nonce, &dongle_nonce);
+                        if proof_matches(&expected, &proof) {
+                            self.session = Some(SessionMac::new(
+                                Role::Dongle,
+                                &token,
+                                &id,
+                                &host_nonce,
+                                &dongle_nonce,
+                            ));
+                            self.host_authenticated = true;
+                            out.push(Output::Event(SimEvent::SessionEstablished));
+                            AuthMessage::Result {
+                                status: AuthStatus::Ok,
+                            }
+                        } else {
+                            self.counters.auth_failures += 1;
+                            out.push(Output::Event(SimEvent::AuthRefused {
+                                msg_type: MsgType::Auth.to_u8(),
+                            }));
+                            AuthMessage::Result {
+                                status: AuthStatus::BadProof,
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {
+                self.counters.unknown_type += 1;
+                return;
+            }
+        };
+        self.reply(now, seq, false, Payload::Auth(answer), out);
+    }
+
+    fn can_config(
+        &mut self,
+        now: Instant,
+        seq: u32,
+        sealed: bool,
+        request: &CanConfig,
+        out: &mut Vec<Output>,
+    ) {
+        let status = match request.action {
+            ConfigAction::Get => ConfigStatus::Ok,
+            ConfigAction::Set => {
+                let limits = if self.cfg.fd {
+                    Limits::FDCAN_NOMINAL
+                } else {
+                    Limits::BXCAN
+                };
+                match timing::apply(request, &limits, self.cfg.can_clock_hz) {
+                    Ok(settings) => {
+                        self.flash.can = settings;
+                        out.push(Output::FlashChanged);
+                        out.push(Output::Event(SimEvent::ConfigApplied {
+                            bitrate: settings.bitrate,
+                        }));
+                        ConfigStatus::Ok
+                    }
+                    Err(e) => {
+                        out.push(Output::Event(SimEvent::ConfigRefused {
+                            reason: e.to_string(),
+                        }));
+                        match e {
+                            TimingError::Invalid(_) => ConfigStatus::Invalid,
+                            TimingError::ApplyFailed(_) => ConfigStatus::ApplyFailed,
+                        }
+                    }
+                }
+            }
+            ConfigAction::Response => {
+                self.counters.unknown_type += 1;
+                return;
+            }
+        };
+        let response = self.flash.can.to_response(status);
+        self.reply(now, seq, sealed, Payload::CanConfig(response), out);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cli(
+        &mut self,
+        now: Instant,
+        seq: u32,
+        sealed: bool,
+        corr_id: CorrelationId,
+        command: &str,
+        flags: u8,
+        out: &mut Vec<Output>,
+    ) {
+        self.counters.cli_commands += 1;
+        let context = self.cli_context(now);
+        let allow_dangerous = flags & firmware_proto::remp::CliRequest::FLAG_ALLOW_DANGEROUS != 0;
+        let answer = cli::run(command, allow_dangerous, &context);
+        let limit = self
+            .cfg
+            .cli_output_limit
+            .min(MAX_PAYLOAD_LEN - CliResponse::FIXED_LEN);
+        let (output, truncated) = cli::truncate(&answer.output, limit);
+        let reply = Deferred {
+            seq,
+            sealed,
+            corr_id,
+            status: answer.status,
+            flags: if truncated {
+                CliResponse::FLAG_TRUNCATED
+            } else {
+                0
+            },
+            exit_code: answer.exit_code,
+            output: output.to_vec(),
+        };
+        if answer.delay.is_zero() {
+            out.extend(self.encode_deferred(now, &reply).map(Output::ToHost));
+        } else {
+            out.push(Output::ToHostLater {
+                after: answer.delay,
+                reply,
+            });
+        }
+        if answer.action == Some(CliAction::FactoryReset) {
+            self.factory_reset(out);
+        }
+    }
+
+    /// Encodes a deferred CLI answer now that it is due.
+    pub fn encode_deferred(&mut self, now: Instant, d: &Deferred) -> Option<Vec<u8>> {
+        let response = CliResponse {
+            status: d.status,
+            flags: d.flags,
+            corr_id: d.corr_id,
+            exit_code: d.exit_code,
+            output: &d.output,
+        };
+        self.encode(now, d.seq, d.sealed, Payload::CliResponse(response))
+    }
+
+    fn cli_context(&self, now: Instant) -> CliContext {
+        let pairing = if let Some(until) = self.pairing.cooldown_until(now) {
+            format!("cooldown {} s left", (until - now).as_secs())
+        } else if let Some(left) = self.pairing.window_seconds_left(now) {
+            format!(
+                "window open {left} s left, {} wrong PINs",
+                self.pairing.wrong_attempts()
+            )
+        } else if self.flash.token.is_some() {
+            "claimed".into()
+        } else {
+            "idle".into()
+        };
+        let s = &self.flash.can;
+        let c = &self.counters;
+        CliContext {
+            fw_build: self.cfg.fw_build.clone(),
+            device_id: self.flash.device_id.to_string(),
+            uptime_s: now.saturating_duration_since(self.boot).as_secs(),
+            claimed: self.flash.token.is_some(),
+            pairing,
+            link: self.cfg.link.clone(),
+            can: format!(
+                "{} bit/s sp {} prescaler {} tseg1 {} tseg2 {} sjw {} mode {}",
+                s.bitrate,
+                s.sample_point_permille,
+                s.prescaler,
+                s.tseg1,
+                s.tseg2,
+                s.sjw,
+                mode_name(s.mode)
+            ),
+            stats: [
+                ("packets_in", c.packets_in),
+                ("malformed", c.malformed),
+                ("auth_failures", c.auth_failures),
+                ("replays_refused", c.replays_refused),
+                ("frames_from_host", c.frames_from_host),
+                ("frames_to_bus", c.frames_to_bus),
+                ("frames_to_host", c.frames_to_host),
+                ("tx_refused", c.tx_refused),
+                ("lost_to_host", c.lost_to_host),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            timeout: self.cfg.cli_timeout,
+        }
+    }
+
+    /// Frames from the host: onto the bus and/or back to the host, as the mode says.
+    fn transmit(&mut self, now: Instant, frames: &[Frame], out: &mut Vec<Output>) {
+        let mode = self.flash.can.mode;
+        let paused = self.flash.can.flags & CanConfig::FLAG_TX_PAUSE != 0;
+        let mut echoes = Vec::new();
+        for frame in frames {
+            self.counters.frames_from_host += 1;
+            if frame.is_fd() && !self.cfg.fd {
+                self.counters.fd_dropped += 1;
+                continue;
+            }
+            let frame = frame.with_origin(frame.is_simulated(), false);
+            use firmware_proto::remp::CanMode;
+            match mode {
+                _ if paused => self.counters.tx_refused += 1,
+                CanMode::ListenOnly => self.counters.tx_refused += 1,
+                CanMode::Normal => {
+                    self.counters.frames_to_bus += 1;
+                    out.push(Output::ToBus(frame));
+                }
+                CanMode::Loopback => echoes.push(frame.with_origin(frame.is_simulated(), true)),
+                CanMode::ExtLoop => {
+                    self.counters.frames_to_bus += 1;
+                    out.push(Output::ToBus(frame));
+                    echoes.push(frame.with_origin(frame.is_simulated(), true));
+                }
+            }
+        }
+        if !echoes.is_empty() {
+            self.counters.loopback_echoes += echoes.len() as u64;
+            self.frames_to_host(now, &echoes, out);
+        }
+    }
+
+    /// Frames seen on the bus (or made by the generator or replay, which stand for the bus).
+    pub fn on_bus_frames(&mut self, now: Instant, frames: &[Frame], out: &mut Vec<Output>) {
+        use firmware_proto::remp::CanMode;
+        if matches!(self.flash.can.mode, CanMode::Loopback | CanMode::ExtLoop) {
+            // In both loopback modes the controller disregards its RX pin.
+            self.counters.bus_ignored += frames.len() as u64;
+            return;
+        }
+        let frames: Vec<Frame> = frames
+            .iter()
+            .map(|f| f.with_origin(f.is_simulated(), false))
+            .collect();
+        self.frames_to_host(now, &frames, out);
+    }
+
+    /// Sends frames to the host: CAN_BATCH packets with the batch extension, else one CAN
+    /// packet per classic frame.
+    fn frames_to_host(&mut self, now: Instant, frames: &[Frame], out: &mut Vec<Output>) {
+        if !self.host_authenticated || self.flash.token.is_none() {
+            self.counters.frames_unforwarded += frames.len() as u64;
+            return;
+        }
+        let usable = frames
+            .iter()
+            .filter(|f| !f.is_fd() || (self.cfg.fd && self.cfg.extensions.batch));
+        let usable: Vec<Frame> = usable.copied().collect();
+        self.counters.fd_dropped += (frames.len() - usable.len()) as u64;
+        if self.cfg.extensions.batch {
+            let ts = self.uptime_us(now);
+            let mut rest = usable.as_slice();
+            while !rest.is_empty() {
+                let mut buf = [0u8; MAX_PAYLOAD_LEN];
+                let (len, taken) = {
+                    let Ok(mut writer) = BatchWriter::new(&mut buf) else {
+                        return;
+                    };
+                    let mut taken = 0;
+                    for frame in rest {
+                        if writer.push(&frame.to_record(ts)).is_err() {
+                            break;
+                        }
+                        taken += 1;
+                    }
+                    match writer.finish() {
+                        Ok(len) => (len, taken),
+                        Err(_) => return,
+                    }
+                };
+                if taken == 0 {
+                    return;
+                }
+                rest = rest.get(taken..).unwrap_or(&[]);
+                let Ok(batch) = Batch::parse(buf.get(..len).unwrap_or(&[])) else {
+                    return;
+                };
+                if let Some(packet) = self.unsolicited(now, Payload::CanBatch(batch)) {
+                    self.counters.frames_to_host += taken as u64;
+                    out.push(Output::ToHost(packet));
+                }
+            }
+        } else {
+            for frame in &usable {
+                let Some(can) = frame.to_can_frame() else {
+                    continue;
+                };
+                if let Some(packet) = self.unsolicited(now, Payload::Can(can)) {
+                    self.counters.frames_to_host += 1;
+                    out.push(Output::ToHost(packet));
+                }
+            }
+        }
+    }
+
+    fn forget_token(&mut self, out: &mut Vec<Output>) {
+        self.flash.token = None;
+        self.session = None;
+        self.pending_auth = None;
+        self.host_authenticated = false;
+        out.push(Output::FlashChanged);
+    }
+
+    /// Erases token, pairing state, cool-down and CAN configuration, as the button on the
+    /// board does. The device id stays.
+    pub fn factory_reset(&mut self, out: &mut Vec<Output>) {
+        self.forget_token(out);
+        self.pairing.reset();
+        self.flash.cooldown_until_unix_ms = None;
+        self.flash.can = Default::default();
+        out.push(Output::Event(SimEvent::FactoryReset));
+    }
+
+    /// Loses everything that lives in RAM, as on a power cycle: session, pairing window,
+    /// authenticated host, uptime.
+    pub fn power_cycle(&mut self, now: Instant) {
+        self.session = None;
+        self.pending_auth = None;
+        self.host_authenticated = false;
+        self.pairing.power_cycle();
+        self.boot = now;
+    }
+
+    /// Notices time passing: closes an expired pairing window.
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Output>) {
+        if self.pairing.poll_expired(now) {
+            out.push(Output::Event(SimEvent::PairingExpired));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use firmware_proto::ids::DongleToken;
+    use firmware_proto::remp::{CanFrame, CliRequest, PairingStart, PairingSubmit};
+
+    const ID: DeviceId = DeviceId([1, 2, 3, 4, 5, 6, 7, 8]);
+    const TOKEN: [u8; 32] = [0x42; 32];
+
+    fn dongle(ext: Extensions) -> Dongle {
+        let cfg = DongleConfig {
+            extensions: ext,
+            ..DongleConfig::default()
+        };
+        Dongle::new(cfg, Flash::new(ID), Instant::now())
+    }
+
+    fn packet(payload: Payload<'_>, token: &[u8]) -> Vec<u8> {
+        let mut header = Header::new(payload.msg_type().unwrap(), ID, 7);
+        header.token = token;
+        let mut buf = vec![0u8; MAX_PACKET_LEN];
+        let n = remp::encode(&Packet { header, payload }, &mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    fn answers(out: &[Output]) -> Vec<Vec<u8>> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::ToHost(b) => Some(b.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn pair(d: &mut Dongle) {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let start = PairingStart {
+            corr_id: CorrelationId([1; 16]),
+        };
+        d.handle_packet(now, &packet(Payload::PairingStart(start), &[]), &mut out);
+        let (pin, nonce) = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Event(SimEvent::Pin { pin, .. }) => Some(*pin),
+                _ => None,
+            })
+            .zip(d.pairing.open_window(now).map(|w| w.1))
+            .unwrap();
+        let submit = PairingSubmit {
+            corr_id: CorrelationId([2; 16]),
+            pin,
+            pairing_nonce: nonce,
+            token: DongleToken::from_bytes(TOKEN),
+        };
+        out.clear();
+        d.handle_packet(now, &packet(Payload::PairingSubmit(submit), &[]), &mut out);
+        let sent = answers(&out);
+        let ack = remp::decode(&sent[0]).unwrap();
+        assert!(matches!(
+            ack.payload,
+            Payload::PairingAck(PairingAck {
+                status: PairingStatus::Ok,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_packets_need_the_token() {
+        let mut d = dongle(Extensions::NONE);
+        pair(&mut d);
+        let now = Instant::now();
+        let cli = CliRequest {
+            flags: 0,
+            corr_id: CorrelationId([3; 16]),
+            command: "version",
+        };
+        let mut out = Vec::new();
+        d.handle_packet(now, &packet(Payload::CliRequest(cli), &[0; 32]), &mut out);
+        // A wrong token gets no answer at all, only a count.
+        assert!(answers(&out).is_empty());
+        assert_eq!(d.counters().auth_failures, 1);
+        out.clear();
+        d.handle_packet(now, &packet(Payload::CliRequest(cli), &TOKEN), &mut out);
+        let sent = answers(&out);
+        let reply = remp::decode(&sent[0]).unwrap();
+        let Payload::CliResponse(r) = reply.payload else {
+            panic!()
+        };
+        assert_eq!(r.status, CliStatus::Ok);
+        assert_eq!(reply.header.seq, 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn loopback_echoes_and_listen_only_stays_silent() {
+        let mut d = dongle(Extensions::NONE);
+        pair(&mut d);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let mut set = CanConfig {
+            action: ConfigAction::Set,
+            bitrate: 500_000,
+            sample_point_permille: 875,
+            ..CanConfig::get()
+        };
+        set.mode = firmware_proto::remp::CanMode::Loopback;
+        d.handle_packet(now, &packet(Payload::CanConfig(set), &TOKEN), &mut out);
+        out.clear();
+        let frame = CanFrame::new(
+            firmware_proto::ids::CanId::standard(0x123).unwrap(),
+            &[1, 2],
+        )
+        .unwrap();
+        d.handle_packet(now, &packet(Payload::Can(frame), &TOKEN), &mut out);
+        assert!(!out.iter().any(|o| matches!(o, Output::ToBus(_))));
+        let sent = answers(&out);
+        let echo = remp::decode(&sent[0]).unwrap();
+        let Payload::Can(echo) = echo.payload else {
+            panic!()
+        };
+        assert_eq!(echo.flags, CanFrame::FLAG_LOOPBACK);
+        set.mode = firmware_proto::remp::CanMode::ListenOnly;
+        out.clear();
+        d.handle_packet(now, &packet(Payload::CanConfig(set), &TOKEN), &mut out);
+        out.clear();
+        d.handle_packet(now, &packet(Payload::Can(frame), &TOKEN), &mut out);
+        assert!(out.is_empty());
+        assert_eq!(d.counters().tx_refused, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn disabled_extensions_are_unknown_types() {
+        let mut d = dongle(Extensions::NONE);
+        pair(&mut d);
+        let mut out = Vec::new();
+        let forget = Forget {
+            action: ForgetAction::Request,
+            status: ForgetStatus::Ok,
+            corr_id: CorrelationId([0; 16]),
+        };
+        d.handle_packet(
+            Instant::now(),
+            &packet(Payload::Forget(forget), &TOKEN),
+            &mut out,
+        );
+        assert!(out.is_empty());
+        assert!(d.flash().token.is_some());
+        let mut d = dongle(Extensions::ALL);
+        pair(&mut d);
+        d.handle_packet(
+            Instant::now(),
+            &packet(Payload::Forget(forget), &TOKEN),
+            &mut out,
+        );
+        assert!(d.flash().token.is_none());
+    }
+
+    #[test]
+    fn extension_lists_parse() {
+        assert_eq!(Extensions::parse("all"), Ok(Extensions::ALL));
+        assert_eq!(Extensions::parse("none"), Ok(Extensions::NONE));
+        let e = Extensions::parse("batch,session").unwrap();
+        assert!(e.batch && e.session && !e.forget);
+        assert!(Extensions::parse("turbo").is_err());
+    }
+}
