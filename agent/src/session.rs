@@ -1,0 +1,864 @@
+//! A session with one dongle: typed requests and answers over a [`Link`], with correlation ids and
+//! timeouts.
+//!
+//! The daemon, the HIL suite and the benchmarks all drive dongles through this type, so that the code the
+//! tests exercise is the code users run. A session starts from the dongle's ANNOUNCE (its identity,
+//! version and capabilities), authenticates with the dongle's token when it has one (raw token in every
+//! packet for plain REMP v1; the challenge-response and per-packet MAC when the dongle offers the session
+//! extension), and then serves requests while a reader task routes the dongle's packets: answers to the
+//! request waiting for them, CAN frames to a bounded queue whose overflow is counted.
+//!
+//! Answers are matched by correlation id where the packet has one (PAIRING, CLI, FORGET) and by message type
+//! otherwise (CAN_CONFIG, BUS_STATUS, AUTH), with at most one such request in flight per type:
+//! in a MAC session the dongle's seq is its own counter, so it cannot echo ours.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use firmware_proto::MAX_PACKET_LEN;
+use firmware_proto::caps;
+use firmware_proto::discovery::{self, PairingState};
+use firmware_proto::ext::auth::{self, AuthMessage, AuthStatus};
+use firmware_proto::ext::batch::{self, CanRecord};
+use firmware_proto::ext::session::{Role, SessionMac};
+use firmware_proto::ext::{BusStatus, BusStatusAction, Forget, ForgetAction, ForgetStatus};
+use firmware_proto::ids::{CanId, CorrelationId, DeviceId, DongleToken, Pin};
+use firmware_proto::remp::{
+    self, CanConfig, CanFrame, CliRequest, CliStatus, Header, MsgType, Packet, PairingAck,
+    PairingStart, PairingSubmit, Payload,
+};
+use rand::RngExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, timeout};
+
+use std::net::SocketAddr;
+
+use crate::transport::Link;
+use crate::transport::udp::UdpHub;
+
+/// The only REMP major version there is.
+pub const SUPPORTED_PROTO_VER: u16 = 1;
+
+/// What a session can fail with. Messages name what was asked and what to do; never a token or a PIN.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    #[error("the dongle did not answer {what} within {after:?}")]
+    Timeout { what: &'static str, after: Duration },
+    #[error("the link to the dongle closed (unplugged, or its socket went away)")]
+    Closed,
+    #[error(
+        "the dongle speaks REMP version {found}, and this agent speaks version {SUPPORTED_PROTO_VER}: \
+         update the agent or the dongle firmware"
+    )]
+    VersionMismatch { found: u16 },
+    #[error(
+        "this request needs the dongle's token, and the agent has none for {0}: pair the dongle first"
+    )]
+    NoToken(DeviceId),
+    #[error(
+        "the dongle refused the session authentication ({0:?}): its token differs from ours; it may have been reset"
+    )]
+    AuthRefused(AuthStatus),
+    #[error("the dongle does not offer {0}")]
+    Unsupported(&'static str),
+    #[error("could not encode the request: {0}")]
+    Encode(firmware_proto::Error),
+}
+
+/// The dongle as its ANNOUNCE describes it, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DongleInfo {
+    pub device_id: DeviceId,
+    pub fw_build: String,
+    pub udp_port: u16,
+    pub capabilities: u32,
+    pub proto_ver: u16,
+    pub lan_ip: Option<[u8; 4]>,
+    pub pairing_mode: bool,
+    pub pairing_nonce: Option<[u8; 16]>,
+}
+
+impl DongleInfo {
+    pub fn from_announce(a: &discovery::Announce<'_>) -> Self {
+        Self {
+            device_id: a.device_id,
+            fw_build: a.fw_build.unwrap_or_default().to_string(),
+            udp_port: a.udp_port,
+            capabilities: a.capabilities,
+            proto_ver: a.proto_ver,
+            lan_ip: a.lan_ip,
+            pairing_mode: a.pairing_state == PairingState::Pairing,
+            pairing_nonce: a.pairing_nonce,
+        }
+    }
+
+    /// Whether the dongle announces every bit of `capability`.
+    pub fn has(&self, capability: u32) -> bool {
+        caps::has(self.capabilities, capability)
+    }
+}
+
+/// Asks the dongle on `link` who it is: sends DISCOVER and waits for its ANNOUNCE, skipping anything
+/// else that arrives meanwhile.
+pub async fn identify(link: &mut Link, wait: Duration) -> Result<DongleInfo, SessionError> {
+    let mut buf = [0u8; 64];
+    let n = discovery::encode_discover(1, &mut buf).map_err(SessionError::Encode)?;
+    link.outgoing
+        .send(buf[..n].to_vec())
+        .await
+        .map_err(|_| SessionError::Closed)?;
+    let deadline = Instant::now() + wait;
+    loop {
+        let packet = tokio::time::timeout_at(deadline, link.incoming.recv())
+            .await
+            .map_err(|_| SessionError::Timeout {
+                what: "DISCOVER",
+                after: wait,
+            })?
+            .ok_or(SessionError::Closed)?;
+        if let Ok(discovery::Packet {
+            body: discovery::Body::Announce(a),
+            ..
+        }) = discovery::decode(&packet)
+        {
+            return Ok(DongleInfo::from_announce(&a));
+        }
+    }
+}
+
+/// Asks the LAN dongle whose discovery socket is `discovery` who it is, through the hub's shared socket,
+/// and returns its ANNOUNCE and the address it serves REMP on (its address with the announced port).
+pub async fn identify_lan(
+    hub: &UdpHub,
+    discovery: SocketAddr,
+    wait: Duration,
+) -> Result<(DongleInfo, SocketAddr), SessionError> {
+    let mut announces = hub.announces();
+    let seq: u32 = rand::rng().random();
+    hub.discover(discovery, seq)
+        .await
+        .map_err(|_| SessionError::Closed)?;
+    let deadline = Instant::now() + wait;
+    loop {
+        let datagram = match tokio::time::timeout_at(deadline, announces.recv()).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+            Ok(Err(_)) => return Err(SessionError::Closed),
+            Err(_) => {
+                return Err(SessionError::Timeout {
+                    what: "DISCOVER",
+                    after: wait,
+                });
+            }
+        };
+        if datagram.from.ip() != discovery.ip() {
+            continue;
+        }
+        if let Ok(discovery::Packet {
+            header,
+            body: discovery::Body::Announce(a),
+        }) = discovery::decode(&datagram.bytes)
+        {
+            // Legacy headers echo only the low 16 bits of the seq.
+            if header.seq != seq && header.seq != seq & 0xffff {
+                continue;
+            }
+            let info = DongleInfo::from_announce(&a);
+            let remp = SocketAddr::new(datagram.from.ip(), a.udp_port);
+            return Ok((info, remp));
+        }
+    }
+}
+
+/// Tunables of a session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// How long a request waits for its answer (a CLI request waits for its own timeout plus this).
+    pub request_timeout: Duration,
+    /// How many received frames may wait for the consumer before new ones are dropped and counted.
+    pub frame_queue: usize,
+    /// Use the session-authentication extension when the dongle offers it.
+    pub use_session_auth: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(2),
+            frame_queue: 8192,
+            use_session_auth: true,
+        }
+    }
+}
+
+/// One CAN or CAN FD frame as the session hands it over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    pub id: CanId,
+    /// The dongle's microsecond clock when it saw the frame (0 where the packet carries none).
+    pub timestamp_us: u64,
+    /// Batch record flags (FD, BRS, ESI), or 0 for a classic frame.
+    pub fd_flags: u8,
+    /// The dongle echoed its own transmission (loopback modes).
+    pub loopback: bool,
+    len: u8,
+    data: [u8; 64],
+}
+
+impl Frame {
+    /// A classic frame; fails above 8 bytes.
+    pub fn classic(id: CanId, data: &[u8]) -> Option<Self> {
+        Self::with_flags(id, 0, data).filter(|_| data.len() <= 8)
+    }
+
+    /// A frame with batch record flags (FD, BRS, ESI); the length must suit them.
+    pub fn with_flags(id: CanId, fd_flags: u8, data: &[u8]) -> Option<Self> {
+        let mut buf = [0u8; 64];
+        buf.get_mut(..data.len())?.copy_from_slice(data);
+        Some(Self {
+            id,
+            timestamp_us: 0,
+            fd_flags,
+            loopback: false,
+            len: data.len() as u8,
+            data: buf,
+        })
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.data[..usize::from(self.len)]
+    }
+
+    pub fn is_fd(&self) -> bool {
+        self.fd_flags & batch::flags::FD != 0
+    }
+
+    fn record(&self) -> CanRecord<'_> {
+        CanRecord {
+            timestamp_us: self.timestamp_us,
+            id: self.id,
+            flags: self.fd_flags,
+            data: self.data(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Frame({}#{}", self.id, hex::encode(self.data()))?;
+        if self.is_fd() {
+            write!(f, " fd")?;
+        }
+        if self.loopback {
+            write!(f, " loopback")?;
+        }
+        write!(f, " @{}us)", self.timestamp_us)
+    }
+}
+
+/// The answer to a CLI request, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliOutcome {
+    pub status: CliStatus,
+    pub truncated: bool,
+    pub exit_code: u16,
+    /// The output; bytes that are not UTF-8 are replaced.
+    pub output: String,
+}
+
+/// Counters of a session.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    pub frames_in: AtomicU64,
+    /// Frames dropped because the consumer's queue was full.
+    pub frames_dropped: AtomicU64,
+    pub frames_out: AtomicU64,
+    /// Packets that did not decode, failed their MAC, or answered nothing pending.
+    pub packets_ignored: AtomicU64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    Corr(CorrelationId),
+    Type(u8),
+}
+
+/// An answer, owned, as the reader hands it to the waiting request.
+#[derive(Debug)]
+enum Answer {
+    Pairing(PairingAck),
+    Config(CanConfig),
+    Cli(CliOutcome),
+    Forget(Forget),
+    BusStatus(BusStatus),
+    Auth(AuthMessage),
+}
+
+enum Auth {
+    None,
+    Token(DongleToken),
+    Mac(SessionMac),
+}
+
+struct Shared {
+    device_id: DeviceId,
+    auth: Mutex<Auth>,
+    pending: Mutex<HashMap<Key, oneshot::Sender<Answer>>>,
+    seq: AtomicU32,
+    started: Instant,
+    stats: SessionStats,
+}
+
+/// A session with one dongle. Cheap to share behind an `Arc`; requests may run concurrently.
+pub struct DongleSession {
+    info: DongleInfo,
+    config: SessionConfig,
+    outgoing: mpsc::Sender<Vec<u8>>,
+    shared: Arc<Shared>,
+    frames: Mutex<Option<mpsc::Receiver<Frame>>>,
+    closed: watch::Receiver<bool>,
+    /// Serialises the requests that are matched by type.
+    typed: tokio::sync::Mutex<()>,
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for DongleSession {
+    fn drop(&mut self) {
+        // The reader holds the link's receiving end; stopping it lets the transport close the port.
+        self.reader.abort();
+    }
+}
+
+impl std::fmt::Debug for DongleSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DongleSession")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DongleSession {
+    /// Asks the dongle on `link` who it is (DISCOVER, then its ANNOUNCE), checks its protocol version
+    /// and starts the session. This is how a serial port becomes a dongle.
+    pub async fn open(mut link: Link, config: SessionConfig) -> Result<Self, SessionError> {
+        let info = identify(&mut link, config.request_timeout).await?;
+        Self::start(link, info, config)
+    }
+
+    /// Starts a session with a dongle already identified (a LAN dongle found by the UDP hub).
+    pub fn start(
+        link: Link,
+        info: DongleInfo,
+        config: SessionConfig,
+    ) -> Result<Self, SessionError> {
+        if info.proto_ver != SUPPORTED_PROTO_VER {
+            return Err(SessionError::VersionMismatch {
+                found: info.proto_ver,
+            });
+        }
+        let shared = Arc::new(Shared {
+            device_id: info.device_id,
+            auth: Mutex::new(Auth::None),
+            pending: Mutex::default(),
+            seq: AtomicU32::new(1),
+            started: Instant::now(),
+            stats: SessionStats::default(),
+        });
+        let (frames_tx, frames_rx) = mpsc::channel(config.frame_queue);
+        let (closed_tx, closed_rx) = watch::channel(false);
+        let reader = tokio::spawn(read_loop(
+            link.incoming,
+            shared.clone(),
+            frames_tx,
+            closed_tx,
+        ))
+        .abort_handle();
+        Ok(Self {
+            info,
+            config,
+            outgoing: link.outgoing,
+            shared,
+            frames: Mutex::new(Some(frames_rx)),
+            closed: closed_rx,
+            typed: tokio::sync::Mutex::new(()),
+            reader,
+        })
+    }
+
+    pub fn info(&self) -> &DongleInfo {
+        &self.info
+    }
+
+    pub fn device_id(&self) -> DeviceId {
+        self.info.device_id
+    }
+
+    pub fn stats(&self) -> &SessionStats {
+        &self.shared.stats
+    }
+
+    /// The frames the dongle receives from its bus, once: the first caller takes the queue.
+    pub fn take_frames(&self) -> Option<mpsc::Receiver<Frame>> {
+        self.frames.lock().unwrap().take()
+    }
+
+    /// Resolves when the link has closed (the dongle was unplugged or went away).
+    pub async fn closed(&self) {
+        let mut closed = self.closed.clone();
+        let _ = closed.wait_for(|c| *c).await;
+    }
+
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Authenticates to the dongle with `token`: through the challenge-response when the dongle offers
+    /// session authentication (and the config allows it), otherwise by carrying the raw token in every
+    /// request, as plain REMP v1 does.
+    pub async fn authenticate(&self, token: DongleToken) -> Result<(), SessionError> {
+        if self.config.use_session_auth && self.info.has(caps::SESSION_AUTH) {
+            let host_nonce: [u8; 16] = rand::rng().random();
+            let answer = self
+                .typed_request(
+                    MsgType::Auth,
+                    Payload::Auth(AuthMessage::Challenge { host_nonce }),
+                    "AUTH challenge",
+                )
+                .await?;
+            let Answer::Auth(AuthMessage::Response {
+                status,
+                dongle_nonce,
+                dongle_proof,
+            }) = answer
+            else {
+                return Err(SessionError::AuthRefused(AuthStatus::Error));
+            };
+            if status != AuthStatus::Ok {
+                return Err(SessionError::AuthRefused(status));
+            }
+            let device_id = self.info.device_id;
+            let expected = auth::dongle_proof(&token, &device_id, &host_nonce, &dongle_nonce);
+            if !auth::proof_matches(&expected, &dongle_proof) {
+                return Err(SessionError::AuthRefused(AuthStatus::BadProof));
+            }
+            let host_proof = auth::host_proof(&token, &device_id, &host_nonce, &dongle_nonce);
+            let answer = self
+                .typed_request(
+                    MsgType::Auth,
+                    Payload::Auth(AuthMessage::Confirm { host_proof }),
+                    "AUTH confirm",
+                )
+                .await?;
+            match answer {
+                Answer::Auth(AuthMessage::Result {
+                    status: AuthStatus::Ok,
+                }) => {}
+                Answer::Auth(AuthMessage::Result { status }) => {
+                    return Err(SessionError::AuthRefused(status));
+                }
+                _ => return Err(SessionError::AuthRefused(AuthStatus::Error)),
+            }
+            let mac = SessionMac::new(Role::Host, &token, &device_id, &host_nonce, &dongle_nonce);
+            *self.shared.auth.lock().unwrap() = Auth::Mac(mac);
+        } else {
+            *self.shared.auth.lock().unwrap() = Auth::Token(token);
+        }
+        Ok(())
+    }
+
+    /// Forgets the credentials (after an unpair).
+    pub fn deauthenticate(&self) {
+        *self.shared.auth.lock().unwrap() = Auth::None;
+    }
+
+    /// Opens the dongle's pairing window: it shows a PIN and answers with the window's nonce.
+    pub async fn pairing_start(&self, corr_id: CorrelationId) -> Result<PairingAck, SessionError> {
+        let answer = self
+            .corr_request(
+                corr_id,
+                Payload::PairingStart(PairingStart { corr_id }),
+                "PAIRING start",
+                self.config.request_timeout,
+            )
+            .await?;
+        match answer {
+            Answer::Pairing(ack) => Ok(ack),
+            _ => unreachable!("pairing answers are routed by kind"),
+        }
+    }
+
+    /// Submits the PIN the technician read, the window's nonce and the token the dongle is to keep.
+    pub async fn pairing_submit(
+        &self,
+        corr_id: CorrelationId,
+        pin: Pin,
+        pairing_nonce: [u8; 16],
+        token: DongleToken,
+    ) -> Result<PairingAck, SessionError> {
+        let answer = self
+            .corr_request(
+                corr_id,
+                Payload::PairingSubmit(PairingSubmit {
+                    corr_id,
+                    pin,
+                    pairing_nonce,
+                    token,
+                }),
+                "PAIRING submit",
+                self.config.request_timeout,
+            )
+            .await?;
+        match answer {
+            Answer::Pairing(ack) => Ok(ack),
+            _ => unreachable!("pairing answers are routed by kind"),
+        }
+    }
+
+    /// Reads the dongle's CAN configuration.
+    pub async fn can_config_get(&self) -> Result<CanConfig, SessionError> {
+        self.config_request(CanConfig::get(), "CAN_CONFIG get")
+            .await
+    }
+
+    /// Applies a CAN configuration; the answer carries the status and the effective values.
+    pub async fn can_config_set(&self, mut config: CanConfig) -> Result<CanConfig, SessionError> {
+        config.action = remp::ConfigAction::Set;
+        self.config_request(config, "CAN_CONFIG set").await
+    }
+
+    async fn config_request(
+        &self,
+        config: CanConfig,
+        what: &'static str,
+    ) -> Result<CanConfig, SessionError> {
+        match self
+            .typed_request(MsgType::CanConfig, Payload::CanConfig(config), what)
+            .await?
+        {
+            Answer::Config(c) => Ok(c),
+            _ => unreachable!("config answers are routed by kind"),
+        }
+    }
+
+    /// Runs a command on the dongle's CLI and waits up to `wait` (plus the request timeout) for its
+    /// answer. `corr_id` is the server's command id, so the answer can be matched all the way back.
+    pub async fn cli(
+        &self,
+        corr_id: CorrelationId,
+        command: &str,
+        allow_dangerous: bool,
+        wait: Duration,
+    ) -> Result<CliOutcome, SessionError> {
+        let flags = if allow_dangerous {
+            CliRequest::FLAG_ALLOW_DANGEROUS
+        } else {
+            0
+        };
+        let answer = self
+            .corr_request(
+                corr_id,
+                Payload::CliRequest(CliRequest {
+                    flags,
+                    corr_id,
+                    command,
+                }),
+                "CLI request",
+                wait + self.config.request_timeout,
+            )
+            .await?;
+        match answer {
+            Answer::Cli(outcome) => Ok(outcome),
+            _ => unreachable!("CLI answers are routed by kind"),
+        }
+    }
+
+    /// Asks the dongle to forget its token (the owner unpaired it).
+    pub async fn forget(&self) -> Result<Forget, SessionError> {
+        if !self.info.has(caps::FORGET_TOKEN) {
+            return Err(SessionError::Unsupported("the forget-token extension"));
+        }
+        let corr_id = CorrelationId(rand::rng().random());
+        let request = Forget {
+            action: ForgetAction::Request,
+            status: ForgetStatus::Ok,
+            corr_id,
+        };
+        match self
+            .corr_request(
+                corr_id,
+                Payload::Forget(request),
+                "FORGET",
+                self.config.request_timeout,
+            )
+            .await?
+        {
+            Answer::Forget(f) => Ok(f),
+            _ => unreachable!("forget answers are routed by kind"),
+        }
+    }
+
+    /// Reads the bus state and error counters.
+    pub async fn bus_status(&self) -> Result<BusStatus, SessionError> {
+        if !self.info.has(caps::BUS_STATUS) {
+            return Err(SessionError::Unsupported("the bus-status extension"));
+        }
+        match self
+            .typed_request(
+                MsgType::BusStatus,
+                Payload::BusStatus(BusStatus::request()),
+                "BUS_STATUS",
+            )
+            .await?
+        {
+            Answer::BusStatus(s) => Ok(s),
+            _ => unreachable!("bus status answers are routed by kind"),
+        }
+    }
+
+    /// Sends frames for the dongle to transmit on its bus: in batches where the dongle offers them,
+    /// otherwise one REMP CAN packet per classic frame. FD frames need the batch extension.
+    pub async fn send_frames(&self, frames: &[Frame]) -> Result<(), SessionError> {
+        if self.info.has(caps::CAN_BATCH) {
+            let mut buf = vec![0u8; MAX_PACKET_LEN];
+            let mut rest = frames;
+            while !rest.is_empty() {
+                let mut writer = batch::BatchWriter::new(&mut buf).map_err(SessionError::Encode)?;
+                let mut taken = 0;
+                for frame in rest {
+                    if writer.push(&frame.record()).is_err() {
+                        break;
+                    }
+                    taken += 1;
+                }
+                if taken == 0 {
+                    return Err(SessionError::Encode(firmware_proto::Error::TooLarge {
+                        field: "frame",
+                        max: MAX_PACKET_LEN,
+                    }));
+                }
+                let len = writer.finish().map_err(SessionError::Encode)?;
+                let batch = batch::Batch::parse(&buf[..len]).map_err(SessionError::Encode)?;
+                self.send(MsgType::CanBatch, Payload::CanBatch(batch))
+                    .await?;
+                rest = &rest[taken..];
+            }
+        } else {
+            for frame in frames {
+                if frame.is_fd() {
+                    return Err(SessionError::Unsupported(
+                        "CAN FD frames (the batch extension)",
+                    ));
+                }
+                let can = CanFrame::new(frame.id, frame.data()).map_err(SessionError::Encode)?;
+                self.send(MsgType::Can, Payload::Can(can)).await?;
+            }
+        }
+        self.shared
+            .stats
+            .frames_out
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn corr_request(
+        &self,
+        corr_id: CorrelationId,
+        payload: Payload<'_>,
+        what: &'static str,
+        wait: Duration,
+    ) -> Result<Answer, SessionError> {
+        let msg_type = payload.msg_type().expect("known payloads have a type");
+        self.request(Key::Corr(corr_id), msg_type, payload, what, wait)
+            .await
+    }
+
+    async fn typed_request(
+        &self,
+        msg_type: MsgType,
+        payload: Payload<'_>,
+        what: &'static str,
+    ) -> Result<Answer, SessionError> {
+        let _one_at_a_time = self.typed.lock().await;
+        self.request(
+            Key::Type(msg_type.to_u8()),
+            msg_type,
+            payload,
+            what,
+            self.config.request_timeout,
+        )
+        .await
+    }
+
+    async fn request(
+        &self,
+        key: Key,
+        msg_type: MsgType,
+        payload: Payload<'_>,
+        what: &'static str,
+        wait: Duration,
+    ) -> Result<Answer, SessionError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared.pending.lock().unwrap().insert(key, tx);
+        let pending = PendingGuard {
+            shared: &self.shared,
+            key,
+        };
+        self.send(msg_type, payload).await?;
+        let answer = timeout(wait, rx).await;
+        drop(pending);
+        match answer {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(SessionError::Closed),
+            Err(_) => Err(SessionError::Timeout { what, after: wait }),
+        }
+    }
+
+    /// Encodes and queues one packet, with the credentials its type needs.
+    async fn send(&self, msg_type: MsgType, payload: Payload<'_>) -> Result<(), SessionError> {
+        let mut buf = vec![0u8; MAX_PACKET_LEN];
+        let len = {
+            let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
+            let mut header = Header::new(msg_type, self.info.device_id, seq);
+            header.timestamp_us = self.shared.started.elapsed().as_micros() as u64;
+            let mut auth = self.shared.auth.lock().unwrap();
+            match (&mut *auth, msg_type.requires_token()) {
+                (_, false) => remp::encode(&Packet { header, payload }, &mut buf),
+                (Auth::Token(token), true) => {
+                    header.token = token.as_bytes();
+                    remp::encode(&Packet { header, payload }, &mut buf)
+                }
+                (Auth::Mac(mac), true) => mac.seal(&Packet { header, payload }, &mut buf),
+                (Auth::None, true) => return Err(SessionError::NoToken(self.info.device_id)),
+            }
+            .map_err(SessionError::Encode)?
+        };
+        buf.truncate(len);
+        self.outgoing
+            .send(buf)
+            .await
+            .map_err(|_| SessionError::Closed)
+    }
+}
+
+/// Removes a pending entry however its request ends (answer, timeout or cancellation).
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    key: Key,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.pending.lock().unwrap().remove(&self.key);
+    }
+}
+
+async fn read_loop(
+    mut incoming: mpsc::Receiver<Vec<u8>>,
+    shared: Arc<Shared>,
+    frames: mpsc::Sender<Frame>,
+    closed: watch::Sender<bool>,
+) {
+    while let Some(bytes) = incoming.recv().await {
+        if !route(&bytes, &shared, &frames) {
+            shared.stats.packets_ignored.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    // The link is gone: every waiting request learns it at once instead of timing out.
+    shared.pending.lock().unwrap().clear();
+    let _ = closed.send(true);
+}
+
+/// Handles one packet from the dongle; false when it was ignored.
+fn route(bytes: &[u8], shared: &Shared, frames: &mpsc::Sender<Frame>) -> bool {
+    if bytes.starts_with(&discovery::MAGIC) {
+        // A spontaneous ANNOUNCE (e.g. after the pairing window opened) carries nothing we wait for.
+        return true;
+    }
+    let packet = {
+        let Ok((header, _)) = remp::decode_header(bytes) else {
+            return false;
+        };
+        if header.device_id != shared.device_id {
+            return false;
+        }
+        if header.has_session_mac() {
+            let mut auth = shared.auth.lock().unwrap();
+            let Auth::Mac(mac) = &mut *auth else {
+                return false;
+            };
+            match mac.open(bytes) {
+                Ok(p) => p,
+                Err(_) => return false,
+            }
+        } else {
+            match remp::decode(bytes) {
+                Ok(p) => p,
+                Err(_) => return false,
+            }
+        }
+    };
+    let (key, answer) = match packet.payload {
+        Payload::Can(frame) => {
+            let mut f = Frame::classic(frame.id, frame.data()).expect("dlc <= 8");
+            f.timestamp_us = packet.header.timestamp_us;
+            f.loopback = frame.flags & CanFrame::FLAG_LOOPBACK != 0;
+            deliver(shared, frames, f);
+            return true;
+        }
+        Payload::CanBatch(batch) => {
+            // The batch was validated whole when it was parsed, so its records are well formed.
+            for record in batch.iter() {
+                if let Some(mut f) = Frame::with_flags(
+                    record.id,
+                    record.flags & !batch::flags::LOOPBACK,
+                    record.data,
+                ) {
+                    f.timestamp_us = record.timestamp_us;
+                    f.loopback = record.flags & batch::flags::LOOPBACK != 0;
+                    deliver(shared, frames, f);
+                }
+            }
+            return true;
+        }
+        Payload::PairingAck(ack) => (Key::Corr(ack.corr_id), Answer::Pairing(ack)),
+        Payload::CliResponse(r) => (
+            Key::Corr(r.corr_id),
+            Answer::Cli(CliOutcome {
+                status: r.status,
+                truncated: r.flags & remp::CliResponse::FLAG_TRUNCATED != 0,
+                exit_code: r.exit_code,
+                output: String::from_utf8_lossy(r.output).into_owned(),
+            }),
+        ),
+        Payload::CanConfig(c) if c.action == remp::ConfigAction::Response => {
+            (Key::Type(MsgType::CanConfig.to_u8()), Answer::Config(c))
+        }
+        Payload::Forget(f) if f.action == ForgetAction::Ack => {
+            (Key::Corr(f.corr_id), Answer::Forget(f))
+        }
+        Payload::BusStatus(s) if s.action == BusStatusAction::Report => {
+            (Key::Type(MsgType::BusStatus.to_u8()), Answer::BusStatus(s))
+        }
+        Payload::Auth(m) => (Key::Type(MsgType::Auth.to_u8()), Answer::Auth(m)),
+        _ => return false,
+    };
+    let waiter = shared.pending.lock().unwrap().remove(&key);
+    match waiter {
+        Some(tx) => {
+            let _ = tx.send(answer);
+            true
+        }
+        // A late answer, after its request timed out: ignored, as the server ignores late results.
+        None => false,
+    }
+}
+
+fn deliver(shared: &Shared, frames: &mpsc::Sender<Frame>, frame: Frame) {
+    shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+    if frames.try_send(frame).is_err() {
+        shared.stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}

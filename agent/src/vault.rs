@@ -1,0 +1,357 @@
+//! The agent's token vault: dongle tokens kept on disk, encrypted with AES-256-GCM.
+//!
+//! The server hands the agent a dongle's token only for dongles of the agent's own user. The agent must
+//! keep it across restarts to authenticate to the dongle, so it stores it here: one random 32-byte key in
+//! `vault.key` and one ciphertext per dongle in `vault.json`, both mode 0600. Each ciphertext is bound to
+//! its device id through the associated data, so an entry copied under another device id fails to decrypt.
+//!
+//! Nothing outside this module sees a token's plaintext except the session that sends it to the dongle.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use firmware_proto::ids::{DeviceId, DongleToken};
+use rand::RngExt;
+use serde::{Deserialize, Serialize};
+
+const KEY_FILE: &str = "vault.key";
+const VAULT_FILE: &str = "vault.json";
+const AAD_LABEL: &[u8] = b"bridge-agent vault v1:";
+const FORMAT_VERSION: u32 = 1;
+
+/// What can go wrong with the vault. Messages name the file and what to do; never a token.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VaultError {
+    #[error("could not read or write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the vault key {path} is damaged (expected 32 bytes): restore it from a backup, or delete it and \
+         vault.json together and pair the dongles again"
+    )]
+    KeyDamaged { path: PathBuf },
+    #[error(
+        "the vault {path} is damaged ({reason}): restore it from a backup, or delete it and pair the \
+         dongles again"
+    )]
+    VaultDamaged { path: PathBuf, reason: String },
+    #[error(
+        "the token for dongle {device_id} does not decrypt with this vault's key: the vault file was \
+         changed or belongs to another key; unpair and pair the dongle again"
+    )]
+    Decrypt { device_id: DeviceId },
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct VaultFile {
+    version: u32,
+    entries: BTreeMap<String, Entry>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct Entry {
+    nonce: String,
+    ciphertext: String,
+}
+
+/// An open vault. Every change is written to disk before the call returns.
+pub struct Vault {
+    dir: PathBuf,
+    cipher: Aes256Gcm,
+    file: VaultFile,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault")
+            .field("dir", &self.dir)
+            .field("entries", &self.file.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vault {
+    /// Opens the vault in `dir`, creating the folder, the key and an empty vault when absent.
+    pub fn open(dir: &Path) -> Result<Self, VaultError> {
+        create_private_dir(dir)?;
+        let key = load_or_create_key(&dir.join(KEY_FILE))?;
+        let cipher = Aes256Gcm::new_from_slice(&key).map_err(|_| VaultError::KeyDamaged {
+            path: dir.join(KEY_FILE),
+        })?;
+        let path = dir.join(VAULT_FILE);
+        let file = match fs::read(&path) {
+            Ok(bytes) => {
+                let file: VaultFile =
+                    serde_json::from_slice(&bytes).map_err(|e| VaultError::VaultDamaged {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if file.version != FORMAT_VERSION {
+                    return Err(VaultError::VaultDamaged {
+                        path,
+                        reason: format!("unknown format version {}", file.version),
+                    });
+                }
+                file
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => VaultFile {
+                version: FORMAT_VERSION,
+                entries: BTreeMap::new(),
+            },
+            Err(source) => return Err(VaultError::Io { path, source }),
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            cipher,
+            file,
+        })
+    }
+
+    /// The token stored for `device_id`, if any.
+    pub fn get(&self, device_id: &DeviceId) -> Result<Option<DongleToken>, VaultError> {
+        let Some(entry) = self.file.entries.get(&device_id.to_string()) else {
+            return Ok(None);
+        };
+        let damaged = |reason: &str| VaultError::VaultDamaged {
+            path: self.dir.join(VAULT_FILE),
+            reason: format!("entry {device_id}: {reason}"),
+        };
+        let nonce: [u8; 12] = B64
+            .decode(&entry.nonce)
+            .ok()
+            .and_then(|n| n.try_into().ok())
+            .ok_or_else(|| damaged("bad nonce"))?;
+        let ciphertext = B64
+            .decode(&entry.ciphertext)
+            .map_err(|_| damaged("bad ciphertext"))?;
+        let plaintext = self
+            .cipher
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: &ciphertext,
+                    aad: &aad(device_id),
+                },
+            )
+            .map_err(|_| VaultError::Decrypt {
+                device_id: *device_id,
+            })?;
+        DongleToken::from_slice(&plaintext)
+            .map(Some)
+            .map_err(|_| damaged("the decrypted token is not 32 bytes"))
+    }
+
+    /// Stores (or replaces) the token for `device_id` under a fresh random nonce.
+    pub fn put(&mut self, device_id: &DeviceId, token: &DongleToken) -> Result<(), VaultError> {
+        let nonce: [u8; 12] = rand::rng().random();
+        let ciphertext = self
+            .cipher
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: token.as_bytes(),
+                    aad: &aad(device_id),
+                },
+            )
+            .expect("AES-GCM encryption of 32 bytes cannot fail");
+        self.file.entries.insert(
+            device_id.to_string(),
+            Entry {
+                nonce: B64.encode(nonce),
+                ciphertext: B64.encode(ciphertext),
+            },
+        );
+        self.save()
+    }
+
+    /// Forgets the token for `device_id`; true when there was one.
+    pub fn remove(&mut self, device_id: &DeviceId) -> Result<bool, VaultError> {
+        let removed = self.file.entries.remove(&device_id.to_string()).is_some();
+        if removed {
+            self.save()?;
+        }
+        Ok(removed)
+    }
+
+    /// The device ids that have a token.
+    pub fn device_ids(&self) -> Vec<DeviceId> {
+        self.file
+            .entries
+            .keys()
+            .filter_map(|k| k.parse().ok())
+            .collect()
+    }
+
+    fn save(&self) -> Result<(), VaultError> {
+        let bytes = serde_json::to_vec_pretty(&self.file).expect("the vault serialises");
+        write_private_atomic(&self.dir.join(VAULT_FILE), &bytes)
+    }
+}
+
+/// The associated data that binds a ciphertext to its device id.
+fn aad(device_id: &DeviceId) -> Vec<u8> {
+    let mut aad = AAD_LABEL.to_vec();
+    aad.extend_from_slice(device_id.as_bytes());
+    aad
+}
+
+fn load_or_create_key(path: &Path) -> Result<[u8; 32], VaultError> {
+    match fs::read(path) {
+        Ok(bytes) => bytes.try_into().map_err(|_| VaultError::KeyDamaged {
+            path: path.to_path_buf(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key: [u8; 32] = rand::rng().random();
+            // create_new: two agents starting at once must not each write a different key.
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|source| VaultError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            file.write_all(&key)
+                .and_then(|_| file.sync_all())
+                .map_err(|source| VaultError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            Ok(key)
+        }
+        Err(source) => Err(VaultError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Creates `dir` (and its parents) and makes it private to this user.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), VaultError> {
+    let io = |source| VaultError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(io)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)
+}
+
+/// Writes `bytes` to `path` with mode 0600 through a temporary file and a rename, so that a crash
+/// leaves either the old file or the new one, never half of one.
+pub(crate) fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), VaultError> {
+    let io = |source| VaultError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    file.write_all(bytes)
+        .and_then(|_| file.sync_all())
+        .map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> DeviceId {
+        DeviceId::from_bytes([0, 1, 2, 3, 4, 5, 6, n])
+    }
+
+    #[test]
+    fn tokens_survive_reopening_and_files_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = DongleToken::from_bytes([7; 32]);
+        {
+            let mut vault = Vault::open(dir.path()).unwrap();
+            assert!(vault.get(&id(1)).unwrap().is_none());
+            vault.put(&id(1), &token).unwrap();
+        }
+        let vault = Vault::open(dir.path()).unwrap();
+        assert_eq!(vault.get(&id(1)).unwrap(), Some(token));
+        assert_eq!(vault.device_ids(), vec![id(1)]);
+        for file in [KEY_FILE, VAULT_FILE] {
+            let mode = fs::metadata(dir.path().join(file))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
+        // The plaintext never reaches the disk.
+        let raw = fs::read(dir.path().join(VAULT_FILE)).unwrap();
+        assert!(!raw.windows(32).any(|w| w == [7; 32]));
+        assert!(!String::from_utf8_lossy(&raw).contains(&hex::encode([7u8; 32])));
+    }
+
+    #[test]
+    fn an_entry_moved_to_another_device_id_does_not_decrypt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vault = Vault::open(dir.path()).unwrap();
+        vault
+            .put(&id(1), &DongleToken::from_bytes([9; 32]))
+            .unwrap();
+        let entry = vault.file.entries[&id(1).to_string()].clone();
+        vault.file.entries.insert(id(2).to_string(), entry);
+        vault.save().unwrap();
+
+        let vault = Vault::open(dir.path()).unwrap();
+        assert!(matches!(
+            vault.get(&id(2)),
+            Err(VaultError::Decrypt { device_id }) if device_id == id(2)
+        ));
+        assert!(vault.get(&id(1)).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_damaged_key_or_vault_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vault = Vault::open(dir.path()).unwrap();
+        vault
+            .put(&id(1), &DongleToken::from_bytes([1; 32]))
+            .unwrap();
+
+        fs::write(dir.path().join(VAULT_FILE), b"{ not json").unwrap();
+        let err = Vault::open(dir.path()).unwrap_err();
+        assert!(matches!(err, VaultError::VaultDamaged { .. }), "{err}");
+        assert!(err.to_string().contains("vault.json"));
+
+        fs::write(dir.path().join(KEY_FILE), b"short").unwrap();
+        let err = Vault::open(dir.path()).unwrap_err();
+        assert!(matches!(err, VaultError::KeyDamaged { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_tampered_ciphertext_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vault = Vault::open(dir.path()).unwrap();
+        vault
+            .put(&id(1), &DongleToken::from_bytes([3; 32]))
+            .unwrap();
+        let entry = vault.file.entries.get_mut(&id(1).to_string()).unwrap();
+        let mut ct = B64.decode(&entry.ciphertext).unwrap();
+        ct[0] ^= 1;
+        entry.ciphertext = B64.encode(ct);
+        assert!(matches!(vault.get(&id(1)), Err(VaultError::Decrypt { .. })));
+        assert!(vault.remove(&id(1)).unwrap());
+        assert!(!vault.remove(&id(1)).unwrap());
+    }
+}
