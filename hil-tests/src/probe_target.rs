@@ -26,7 +26,7 @@ use bridge_agent::transport::{serial, udp::UdpHub};
 use firmware_proto::caps;
 use firmware_proto::ids::Pin;
 use probe_rs::flashing::{DownloadOptions, ElfLoader, ElfOptions, download_file_with_options};
-use probe_rs::probe::{DebugProbeSelector, list::Lister};
+use probe_rs::probe::{DebugProbeSelector, Probe, list::Lister};
 use probe_rs::rtt::Rtt;
 use probe_rs::{Permissions, Session};
 
@@ -132,9 +132,18 @@ impl Drop for ProbeTarget {
 }
 
 fn attach_and_flash(config: &HardwareConfig, erase_all: bool) -> anyhow::Result<Session> {
+    let probe = select_probe(config.probe.as_deref())?;
+    let mut session = attach(probe, &config.chip)?;
+    flash(&mut session, &config.firmware, erase_all)?;
+    reset(&mut session)?;
+    Ok(session)
+}
+
+/// Opens the probe `selector` names (`VID:PID[:SERIAL]`), or the only one attached.
+fn select_probe(selector: Option<&str>) -> anyhow::Result<Probe> {
     let lister = Lister::new();
     let probes = lister.list_all();
-    let info = match &config.probe {
+    let info = match selector {
         Some(selector) => {
             let selector: DebugProbeSelector = selector
                 .parse()
@@ -144,31 +153,35 @@ fn attach_and_flash(config: &HardwareConfig, erase_all: bool) -> anyhow::Result<
                 .find(|p| {
                     p.vendor_id == selector.vendor_id
                         && p.product_id == selector.product_id
-                        && (selector.serial_number.is_none() || p.serial_number == selector.serial_number)
+                        && (selector.serial_number.is_none()
+                            || p.serial_number == selector.serial_number)
                 })
                 .with_context(|| format!("no debug probe matches HIL_PROBE={selector}"))?
         }
-        None => probes
-            .into_iter()
-            .next()
-            .context("no debug probe found: is the probe plugged in, and may this user open it (udev rules)?")?,
+        None => probes.into_iter().next().context(
+            "no debug probe found: is the probe plugged in, and may this user open it (udev rules)?",
+        )?,
     };
-    let probe = info.open().context("opening the debug probe")?;
-    let mut session = probe
-        .attach(config.chip.as_str(), Permissions::default())
-        .with_context(|| format!("attaching to {}", config.chip))?;
+    info.open().context("opening the debug probe")
+}
+
+fn attach(probe: Probe, chip: &str) -> anyhow::Result<Session> {
+    probe
+        .attach(chip, Permissions::default())
+        .with_context(|| format!("attaching to {chip}"))
+}
+
+/// Writes the firmware and verifies it; `erase_all` erases the whole chip first (a factory reset).
+fn flash(session: &mut Session, firmware: &std::path::Path, erase_all: bool) -> anyhow::Result<()> {
     let mut options = DownloadOptions::default();
     options.verify = true;
     options.do_chip_erase = erase_all;
-    download_file_with_options(
-        &mut session,
-        &config.firmware,
-        ElfLoader(ElfOptions::default()),
-        options,
-    )
-    .with_context(|| format!("flashing {}", config.firmware.display()))?;
-    session.core(0)?.reset().context("resetting the target")?;
-    Ok(session)
+    download_file_with_options(session, firmware, ElfLoader(ElfOptions::default()), options)
+        .with_context(|| format!("flashing {}", firmware.display()))
+}
+
+fn reset(session: &mut Session) -> anyhow::Result<()> {
+    session.core(0)?.reset().context("resetting the target")
 }
 
 /// Copies RTT up-channel 0 into `log` until `stop`, and fails the log loudly on a HardFault.
@@ -300,17 +313,8 @@ impl Target for ProbeTarget {
         let session = self.session.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let mut session = session.lock().unwrap();
-            let mut options = DownloadOptions::default();
-            options.verify = true;
-            options.do_chip_erase = true;
-            download_file_with_options(
-                &mut session,
-                &config.firmware,
-                ElfLoader(ElfOptions::default()),
-                options,
-            )?;
-            session.core(0)?.reset()?;
-            Ok(())
+            flash(&mut session, &config.firmware, true)?;
+            reset(&mut session)
         })
         .await??;
         self.pins_seen = pins_in(&self.log.lock().unwrap()).len();
@@ -361,6 +365,29 @@ mod tests {
             cfg.link,
             DongleLink::Udp("192.0.2.7:50001".parse().unwrap())
         );
+    }
+
+    /// probe-rs's fake probe stands in for an ST-LINK: attaching to the dongle's chip and resetting it
+    /// run their real sequences against a mocked Cortex-M core. Flashing needs a core that runs the
+    /// flash algorithm, which the mock cannot, so only its failure path is checked here.
+    #[test]
+    fn the_hardware_sequence_attaches_resets_and_names_a_missing_firmware() {
+        use probe_rs::probe::fake_probe::FakeProbe;
+        let probe = FakeProbe::with_mocked_core().into_probe();
+        let mut session = attach(probe, "STM32H753ZITx").expect("attach to the mocked core");
+        assert_eq!(session.list_cores().len(), 1);
+        reset(&mut session).expect("reset through the probe");
+        let err = flash(
+            &mut session,
+            std::path::Path::new("/nonexistent/firmware.elf"),
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("/nonexistent/firmware.elf"),
+            "{err:#}"
+        );
+        assert!(attach(FakeProbe::with_mocked_core().into_probe(), "NoSuchChip").is_err());
     }
 
     #[test]
