@@ -54,11 +54,10 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<Vec<AppliedMigration>> {
 
 /// The versions recorded as applied; empty when no migration has ever run.
 pub async fn applied_versions(pool: &PgPool) -> anyhow::Result<BTreeSet<i64>> {
-    let exists: Option<String> =
-        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
-            .fetch_one(pool)
-            .await
-            .context("could not read the migration table")?;
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+        .fetch_one(pool)
+        .await
+        .context("could not read the migration table")?;
     if exists.is_none() {
         return Ok(BTreeSet::new());
     }
@@ -77,6 +76,47 @@ pub async fn is_up_to_date(pool: &PgPool) -> anyhow::Result<bool> {
         .iter()
         .filter(|m| m.migration_type.is_up_migration())
         .all(|m| applied.contains(&m.version)))
+}
+
+/// The database a command runs on, and the embedded cluster behind it when there is one (stopped when
+/// this value is dropped, or by [`Database::close`]).
+pub struct Database {
+    pub pool: PgPool,
+    pub embedded: Option<crate::embedded_pg::EmbeddedPostgres>,
+}
+
+impl Database {
+    /// Opens `DATABASE_URL` when given, else starts the embedded cluster in the data folder. With
+    /// `migrate`, applies the embedded migrations.
+    pub async fn open(args: &crate::config::DatabaseArgs, migrate: bool) -> anyhow::Result<Self> {
+        let (pool, embedded) = match &args.database_url {
+            Some(url) => (connect(url, 20).await?, None),
+            None => {
+                let pg = crate::embedded_pg::EmbeddedPostgres::start(&args.data_dir)
+                    .await
+                    .context("could not start the embedded PostgreSQL")?;
+                (connect(&pg.url(), 20).await?, Some(pg))
+            }
+        };
+        if migrate {
+            let applied = self::migrate(&pool).await?;
+            for m in &applied {
+                tracing::info!(version = m.version, description = %m.description, "migration applied");
+            }
+        }
+        Ok(Self { pool, embedded })
+    }
+
+    /// Closes the pool, then stops the embedded cluster if there is one.
+    pub async fn close(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        if let Some(pg) = self.embedded {
+            pg.stop()
+                .await
+                .context("could not stop the embedded PostgreSQL")?;
+        }
+        Ok(())
+    }
 }
 
 /// A database URL with its password replaced, fit for logs and error messages.

@@ -1,2 +1,34 @@
-//! The remote CAN bridge server.
+//! The remote CAN bridge server: accounts today; agents, dongles, pairing, configuration, commands,
+//! groups and the relay in the issues that follow.
+//!
+//! # Layout
+//!
+//! - [`app`]: [`app::AppState`], the router with its layers, and [`app::spawn`] / [`app::serve`], which
+//!   run a server in this process with graceful shutdown.
+//! - [`config`]: command-line flags (clap) and the plain [`config::ServerConfig`] the server runs on.
+//! - [`db`]: the pool, the embedded migrations, and [`db::Database`] (`DATABASE_URL` or the embedded
+//!   cluster).
+//! - [`embedded_pg`]: a private PostgreSQL cluster in a data folder.
+//! - [`http`]: the error type and shape of every non-2xx answer, the request id, extractors, paging.
+//! - [`auth`]: passwords, sessions, CSRF, mailed tokens, and the [`auth::Caller`] extractor.
+//! - [`users`]: the typed email, roles, statuses and the `users` queries.
+//! - [`rate_limit`]: fixed-window counters kept in PostgreSQL.
+//! - [`audit`]: [`audit::record`], the one way to write the audit log.
+//! - [`email`]: the outbox, its worker, templates and SMTP.
+//! - [`routes`]: handlers, laid out like the URL tree (`health`, `auth`, `admin`).
+//! - [`openapi`]: the frame of the OpenAPI document the handlers fill in.
+//! - [`telemetry`]: logging, Prometheus metrics, the rustls crypto provider.
+
+pub mod app;
+pub mod audit;
+pub mod auth;
+pub mod config;
 pub mod db;
+pub mod email;
+pub mod embedded_pg;
+pub mod http;
+pub mod openapi;
+pub mod rate_limit;
+pub mod routes;
+pub mod telemetry;
+pub mod users;

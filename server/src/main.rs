@@ -1,12 +1,19 @@
 //! `bridge-server`: the command line. Each subcommand is a thin shell over the library.
 
+use std::io::{BufRead, IsTerminal};
+
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use bridge_server::config::{DatabaseArgs, ServeArgs, ServerConfig};
+use bridge_server::db::Database;
+use bridge_server::users::{self, Email, Role};
+use bridge_server::{app, auth, email, telemetry};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// The remote CAN bridge server.
 ///
 /// It keeps accounts, pairs dongles, configures them, runs commands on them and relays CAN frames
-/// between grouped dongles. All state lives in PostgreSQL.
+/// between grouped dongles. All state lives in PostgreSQL: DATABASE_URL, or a private cluster that the
+/// server runs in its data folder.
 #[derive(Parser)]
 #[command(name = "bridge-server", version, about, long_about)]
 struct Cli {
@@ -16,32 +23,185 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the HTTP API (and apply pending migrations first, unless --no-migrate).
+    Serve(ServeArgs),
     /// Apply the database migrations embedded in this binary. Running it twice is a no-op.
     Migrate {
         /// The PostgreSQL database to migrate.
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
+    /// Administration from the server's own machine.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// List the mail still queued in the outbox, with its links (for development without SMTP).
+    Outbox {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create a user (e.g. the first super_admin). The password is asked for on the terminal, or read
+    /// from the first line of standard input when that is not a terminal.
+    CreateUser {
+        #[arg(long)]
+        email: String,
+        #[arg(long, value_enum, default_value = "user")]
+        role: RoleArg,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    User,
+    SuperAdmin,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    telemetry::init_logging();
+    telemetry::install_crypto_provider();
     match cli.command {
-        Command::Migrate { database_url } => {
-            let pool = bridge_server::db::connect(&database_url, 2).await?;
-            let applied = bridge_server::db::migrate(&pool)
-                .await
-                .context("migrate failed")?;
-            if applied.is_empty() {
-                println!("the database is up to date: no migration to apply");
-            } else {
-                for m in &applied {
-                    println!("applied {:04} {}", m.version, m.description);
-                }
-                println!("{} migration(s) applied", applied.len());
-            }
-        }
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate { database_url } => migrate(&database_url).await,
+        Command::Admin {
+            command:
+                AdminCommand::CreateUser {
+                    email,
+                    role,
+                    database,
+                },
+        } => create_user(&email, role, &database).await,
+        Command::Outbox { database } => outbox(&database).await,
     }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let database = Database::open(&args.database, !args.no_migrate).await?;
+    if args.no_migrate && !bridge_server::db::is_up_to_date(&database.pool).await? {
+        tracing::warn!("the database lacks migrations of this version: /readyz answers 503");
+    }
+    let config = ServerConfig::from_args(&args);
+    let result = app::serve(config, database.pool.clone(), shutdown_signal())
+        .await
+        .context("the server could not start");
+    database.close().await?;
+    result
+}
+
+/// Resolves at Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+async fn migrate(database_url: &str) -> anyhow::Result<()> {
+    let pool = bridge_server::db::connect(database_url, 2).await?;
+    let applied = bridge_server::db::migrate(&pool)
+        .await
+        .context("migrate failed")?;
+    if applied.is_empty() {
+        println!("the database is up to date: no migration to apply");
+    } else {
+        for m in &applied {
+            println!("applied {:04} {}", m.version, m.description);
+        }
+        println!("{} migration(s) applied", applied.len());
+    }
+    Ok(())
+}
+
+async fn create_user(email: &str, role: RoleArg, database: &DatabaseArgs) -> anyhow::Result<()> {
+    let email = Email::parse(email).context("--email is not a valid email address")?;
+    let password = read_password().context("could not read the password")?;
+    auth::password::check_policy(&password).context("the password is refused")?;
+    let hash = auth::password::hash_async(password, Default::default())
+        .await
+        .context("could not hash the password")?;
+    let role = match role {
+        RoleArg::User => Role::User,
+        RoleArg::SuperAdmin => Role::SuperAdmin,
+    };
+    let database = Database::open(database, true).await?;
+    let created = users::insert(&database.pool, &email, &hash, role)
+        .await
+        .context("could not create the user")?;
+    // An administrator made the account by hand, so the address counts as confirmed.
+    if let Some(user) = &created {
+        users::mark_email_verified(&database.pool, user.id).await?;
+    }
+    database.close().await?;
+    match created {
+        Some(user) => {
+            println!(
+                "created {} ({:?}) with id {}",
+                user.email, user.role, user.id
+            );
+            Ok(())
+        }
+        None => anyhow::bail!("a user with the email {} already exists", email.as_str()),
+    }
+}
+
+/// The password from the terminal (not echoed, asked twice), or the first line of stdin.
+fn read_password() -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ")?;
+        let again = rpassword::prompt_password("Password again: ")?;
+        anyhow::ensure!(first == again, "the two passwords differ");
+        Ok(first)
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    }
+}
+
+async fn outbox(database: &DatabaseArgs) -> anyhow::Result<()> {
+    let database = Database::open(database, true).await?;
+    let queued = email::outbox::list_queued(&database.pool)
+        .await
+        .context("could not read the outbox")?;
+    if queued.is_empty() {
+        println!("no queued mail");
+    }
+    for mail in &queued {
+        // The link is printed here, and only here: this is how a developer without SMTP reads the mail.
+        let link = mail
+            .payload
+            .get("link")
+            .and_then(|l| l.as_str())
+            .unwrap_or("-");
+        println!(
+            "{}  {}  to {}  {}  attempts {}\n    {}",
+            mail.created_at.format("%Y-%m-%d %H:%M:%S"),
+            mail.id,
+            mail.to_email,
+            mail.template,
+            mail.attempts,
+            link
+        );
+    }
+    database.close().await?;
     Ok(())
 }

@@ -62,6 +62,9 @@ async fn migrate_applies_once_then_is_a_no_op(pool: PgPool) {
 fn migrate_against_an_unreachable_database_says_where_without_the_password() {
     let (ok, _stdout, stderr) = migrate("postgres://me:hunter2@127.0.0.1:1/nothing");
     assert!(!ok);
-    assert!(stderr.contains("could not connect to PostgreSQL"), "{stderr}");
+    assert!(
+        stderr.contains("could not connect to PostgreSQL"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
 }

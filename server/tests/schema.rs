@@ -185,13 +185,15 @@ async fn two_concurrent_groups_cannot_share_a_dongle(pool: PgPool) {
 
     // The first transaction makes (a, b) and holds its transaction open.
     let mut first = pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO dongle_groups (user_id, dongle_a_id, dongle_b_id) VALUES ($1, $2, $3)")
-        .bind(u)
-        .bind(a)
-        .bind(b)
-        .execute(&mut *first)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO dongle_groups (user_id, dongle_a_id, dongle_b_id) VALUES ($1, $2, $3)",
+    )
+    .bind(u)
+    .bind(a)
+    .bind(b)
+    .execute(&mut *first)
+    .await
+    .unwrap();
 
     // The second, on another connection, makes (c, a): it must wait for the first, then fail.
     let pool2 = pool.clone();
@@ -253,15 +255,20 @@ async fn a_dongle_in_a_group_cannot_be_deleted(pool: PgPool) {
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn token_hashes_are_unique_and_a_dongle_has_one_token(pool: PgPool) {
     let u = user(&pool, "a@example.com").await;
-    let agent: Uuid =
-        sqlx::query_scalar("INSERT INTO agents (user_id, agent_name) VALUES ($1, 'bench') RETURNING id")
-            .bind(u)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let agent: Uuid = sqlx::query_scalar(
+        "INSERT INTO agents (user_id, agent_name) VALUES ($1, 'bench') RETURNING id",
+    )
+    .bind(u)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
 
     let inserts = [
-        ("INSERT INTO agent_tokens (agent_id, token_hash) VALUES ($1, 'h1')", agent, "agent_tokens_token_hash_key"),
+        (
+            "INSERT INTO agent_tokens (agent_id, token_hash) VALUES ($1, 'h1')",
+            agent,
+            "agent_tokens_token_hash_key",
+        ),
         (
             "INSERT INTO email_verification_tokens (user_id, token_hash, expires_at) VALUES ($1, 'h1', now())",
             u,
@@ -275,7 +282,11 @@ async fn token_hashes_are_unique_and_a_dongle_has_one_token(pool: PgPool) {
     ];
     for (sql, owner, constraint) in inserts {
         sqlx::query(sql).bind(owner).execute(&pool).await.unwrap();
-        let err = sqlx::query(sql).bind(owner).execute(&pool).await.unwrap_err();
+        let err = sqlx::query(sql)
+            .bind(owner)
+            .execute(&pool)
+            .await
+            .unwrap_err();
         assert_eq!(
             db_error(err),
             (UNIQUE_VIOLATION.to_string(), constraint.to_string())
@@ -285,8 +296,16 @@ async fn token_hashes_are_unique_and_a_dongle_has_one_token(pool: PgPool) {
     let d = dongle(&pool, "0011223344556677").await;
     let insert_token = "INSERT INTO dongle_tokens (dongle_id, key_version, nonce, ciphertext) \
                         VALUES ($1, 1, decode(repeat('00', 12), 'hex'), decode(repeat('00', 48), 'hex'))";
-    sqlx::query(insert_token).bind(d).execute(&pool).await.unwrap();
-    let err = sqlx::query(insert_token).bind(d).execute(&pool).await.unwrap_err();
+    sqlx::query(insert_token)
+        .bind(d)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let err = sqlx::query(insert_token)
+        .bind(d)
+        .execute(&pool)
+        .await
+        .unwrap_err();
     assert_eq!(
         db_error(err),
         (
@@ -298,7 +317,14 @@ async fn token_hashes_are_unique_and_a_dongle_has_one_token(pool: PgPool) {
 
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn bad_device_ids_are_rejected(pool: PgPool) {
-    for bad in ["ABC", "001122334455667", "0011223344556677AA", "00112233445566AA", "001122334455667g", ""] {
+    for bad in [
+        "ABC",
+        "001122334455667",
+        "0011223344556677AA",
+        "00112233445566AA",
+        "001122334455667g",
+        "",
+    ] {
         let err = sqlx::query("INSERT INTO dongles (device_id) VALUES ($1)")
             .bind(bad)
             .execute(&pool)
@@ -335,7 +361,10 @@ async fn session_queries_use_their_indexes(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    sqlx::query("ANALYZE sessions").execute(&pool).await.unwrap();
+    sqlx::query("ANALYZE sessions")
+        .execute(&pool)
+        .await
+        .unwrap();
 
     let one_user: Uuid = sqlx::query_scalar("SELECT id FROM users LIMIT 1")
         .fetch_one(&pool)
@@ -344,15 +373,25 @@ async fn session_queries_use_their_indexes(pool: PgPool) {
     let plan_for = |sql: &'static str| {
         let pool = pool.clone();
         async move {
-            let rows = sqlx::query(sql).bind(one_user).fetch_all(&pool).await.unwrap();
+            let rows = sqlx::query(sql)
+                .bind(one_user)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
             rows.iter()
                 .map(|r| r.get::<String, _>(0))
                 .collect::<Vec<_>>()
                 .join("\n")
         }
     };
-    let expired = plan_for("EXPLAIN SELECT id FROM sessions WHERE expires_at < now() AND $1::uuid IS NOT NULL").await;
-    assert!(expired.contains("sessions_expires_at_idx"), "plan: {expired}");
+    let expired = plan_for(
+        "EXPLAIN SELECT id FROM sessions WHERE expires_at < now() AND $1::uuid IS NOT NULL",
+    )
+    .await;
+    assert!(
+        expired.contains("sessions_expires_at_idx"),
+        "plan: {expired}"
+    );
     let by_user = plan_for("EXPLAIN SELECT id FROM sessions WHERE user_id = $1").await;
     assert!(by_user.contains("sessions_user_id_idx"), "plan: {by_user}");
 }
@@ -367,24 +406,27 @@ async fn deleting_a_user_removes_their_sessions_and_agents_and_keeps_the_audit(p
         .execute(&pool)
         .await
         .unwrap();
-    let agent: Uuid =
-        sqlx::query_scalar("INSERT INTO agents (user_id, agent_name) VALUES ($1, 'bench') RETURNING id")
-            .bind(u)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let agent: Uuid = sqlx::query_scalar(
+        "INSERT INTO agents (user_id, agent_name) VALUES ($1, 'bench') RETURNING id",
+    )
+    .bind(u)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     sqlx::query("INSERT INTO agent_tokens (agent_id, token_hash) VALUES ($1, 'h')")
         .bind(agent)
         .execute(&pool)
         .await
         .unwrap();
     let d = dongle(&pool, "0011223344556677").await;
-    sqlx::query("UPDATE dongles SET owner_user_id = $1, ownership_state = 'CLAIMED_ACTIVE' WHERE id = $2")
-        .bind(u)
-        .bind(d)
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE dongles SET owner_user_id = $1, ownership_state = 'CLAIMED_ACTIVE' WHERE id = $2",
+    )
+    .bind(u)
+    .bind(d)
+    .execute(&pool)
+    .await
+    .unwrap();
     let audit: Uuid = sqlx::query_scalar(
         "INSERT INTO audit_logs (actor_user_id, action, details) VALUES ($1, 'auth.login', '{}') RETURNING id",
     )
@@ -401,16 +443,22 @@ async fn deleting_a_user_removes_their_sessions_and_agents_and_keeps_the_audit(p
 
     let count = |sql: &'static str| {
         let pool = pool.clone();
-        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap() }
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
     };
     assert_eq!(count("SELECT count(*) FROM sessions").await, 1);
     assert_eq!(count("SELECT count(*) FROM agents").await, 0);
     assert_eq!(count("SELECT count(*) FROM agent_tokens").await, 0);
-    let actor: Option<Uuid> = sqlx::query_scalar("SELECT actor_user_id FROM audit_logs WHERE id = $1")
-        .bind(audit)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let actor: Option<Uuid> =
+        sqlx::query_scalar("SELECT actor_user_id FROM audit_logs WHERE id = $1")
+            .bind(audit)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(actor, None, "the audit entry stays, without its actor");
     let owner: Option<Uuid> = sqlx::query_scalar("SELECT owner_user_id FROM dongles WHERE id = $1")
         .bind(d)
@@ -444,9 +492,10 @@ async fn updated_at_is_kept_by_the_database(pool: PgPool) {
     assert!(fresh);
 
     // Emails are stored normalised; the database refuses anything else.
-    let err = sqlx::query("INSERT INTO users (email, password_hash) VALUES ('Mixed@Example.com', 'x')")
-        .execute(&pool)
-        .await
-        .unwrap_err();
+    let err =
+        sqlx::query("INSERT INTO users (email, password_hash) VALUES ('Mixed@Example.com', 'x')")
+            .execute(&pool)
+            .await
+            .unwrap_err();
     assert_eq!(db_error(err).0, CHECK_VIOLATION);
 }

@@ -1,0 +1,240 @@
+//! The application: shared state, the router with its layers, and a running server with graceful
+//! shutdown, started in-process by `serve`, by the tests and by the demo alike.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn;
+use axum::response::IntoResponse;
+use axum_server::tls_rustls::RustlsConfig;
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::config::ServerConfig;
+use crate::email::smtp::{MailError, SmtpMailer};
+use crate::email::worker::{self, WorkerSettings};
+use crate::http::{ApiError, error, request_id};
+use crate::{auth, rate_limit, routes, telemetry};
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub config: Arc<ServerConfig>,
+    /// The URL mail links point at (`--public-url`, or the address the server listens on).
+    pub public_url: Arc<str>,
+    /// Wakes this process's mail worker when a handler queues mail.
+    pub mail_wake: Arc<Notify>,
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    pub fn new(pool: PgPool, config: ServerConfig, public_url: String) -> Self {
+        Self {
+            pool,
+            config: Arc::new(config),
+            public_url: public_url.into(),
+            mail_wake: Arc::new(Notify::new()),
+            metrics: telemetry::prometheus(),
+        }
+    }
+}
+
+/// The whole HTTP surface with its layers, outermost first: request id, error shape, panic guard,
+/// metrics, body limit, then the routes (and a 404/405 in our shape for anything else).
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.body_limit;
+    routes::router()
+        .fallback(error::fallback)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(from_fn(telemetry::track))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("a handler panicked").into_response()
+        }))
+        .layer(from_fn(error::normalize_errors))
+        .layer(from_fn(request_id::layer))
+        .with_state(state)
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("could not listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("could not load the TLS certificate or key (PEM expected): {0}")]
+    Tls(std::io::Error),
+    #[error("could not set up outgoing mail: {0}")]
+    Mail(#[from] MailError),
+}
+
+/// A server running in this process.
+pub struct RunningServer {
+    /// The address it listens on (useful with port 0).
+    pub addr: SocketAddr,
+    /// `http://addr` or `https://addr`.
+    pub base_url: String,
+    pub state: AppState,
+    shutdown: CancellationToken,
+    handle: axum_server::Handle<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+/// How long open requests may take to finish after shutdown begins.
+const GRACE: Duration = Duration::from_secs(10);
+
+impl RunningServer {
+    /// A token that, when cancelled, starts the same shutdown as [`RunningServer::shutdown`].
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting connections, lets open requests finish (up to 10 s), stops the background
+    /// tasks, and waits for all of them.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the shutdown token is cancelled (by anyone), then shuts down.
+    pub async fn wait(self) -> std::io::Result<()> {
+        self.shutdown.cancelled().await;
+        self.handle.graceful_shutdown(Some(GRACE));
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        match self.server.await {
+            Ok(result) => result,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
+
+/// Starts the server on `config.bind` (port 0 picks a free port) with its background tasks: the mail
+/// worker when SMTP is configured, and housekeeping. The database must already be migrated.
+pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, StartError> {
+    telemetry::install_crypto_provider();
+    let bind = config.bind;
+    let listener = std::net::TcpListener::bind(bind)
+        .map_err(|source| StartError::Bind { addr: bind, source })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| StartError::Bind { addr: bind, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr: bind, source })?;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let base_url = format!("{scheme}://{addr}");
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| base_url.clone());
+    let tls = match &config.tls {
+        Some(files) => Some(
+            RustlsConfig::from_pem_file(&files.cert, &files.key)
+                .await
+                .map_err(StartError::Tls)?,
+        ),
+        None => None,
+    };
+
+    let state = AppState::new(pool, config, public_url);
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    if let Some(smtp) = &state.config.smtp {
+        // lettre's pooled transport spawns tasks, so it is built here, inside the runtime.
+        let mailer = SmtpMailer::new(smtp)?;
+        let settings = WorkerSettings {
+            poll_interval: state.config.mail_poll_interval,
+            max_attempts: state.config.mail_max_attempts,
+            retry_base: state.config.mail_retry_base,
+        };
+        tasks.push(tokio::spawn(worker::run(
+            state.pool.clone(),
+            mailer,
+            settings,
+            state.mail_wake.clone(),
+            shutdown.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(housekeeping(
+        state.pool.clone(),
+        shutdown.clone(),
+    )));
+
+    let make_service = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let handle = axum_server::Handle::new();
+    let server = match tls {
+        Some(tls) => {
+            let server = axum_server::from_tcp_rustls(listener, tls)
+                .map_err(|source| StartError::Bind { addr, source })?
+                .handle(handle.clone());
+            tokio::spawn(server.serve(make_service))
+        }
+        None => {
+            let server = axum_server::from_tcp(listener)
+                .map_err(|source| StartError::Bind { addr, source })?
+                .handle(handle.clone());
+            tokio::spawn(server.serve(make_service))
+        }
+    };
+    tracing::info!(%addr, tls = scheme == "https", "listening");
+    Ok(RunningServer {
+        addr,
+        base_url,
+        state,
+        shutdown,
+        handle,
+        tasks,
+        server,
+    })
+}
+
+/// Runs the server until `signal` resolves (Ctrl-C or SIGTERM in `serve`), then shuts down gracefully.
+pub async fn serve(
+    config: ServerConfig,
+    pool: PgPool,
+    signal: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let server = spawn(config, pool).await?;
+    signal.await;
+    tracing::info!("shutting down");
+    if let Err(e) = server.shutdown().await {
+        tracing::warn!(error = %e, "the server stopped with an error");
+    }
+    Ok(())
+}
+
+/// Deletes expired sessions and stale rate-limit counters every few minutes. Several instances may do
+/// this at once; the deletes are idempotent.
+async fn housekeeping(pool: PgPool, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(300));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = auth::session::purge_expired(&pool).await {
+            tracing::warn!(error = %e, "could not purge expired sessions");
+        }
+        if let Err(e) = rate_limit::purge_stale(&pool).await {
+            tracing::warn!(error = %e, "could not purge rate-limit counters");
+        }
+    }
+}

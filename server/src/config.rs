@@ -1,0 +1,182 @@
+//! Configuration: the command-line flags (clap, each also read from the environment) and the plain
+//! [`ServerConfig`] the library runs on, which tests build directly.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::auth::password::PasswordCost;
+use crate::rate_limit::{Limit, RateLimits};
+
+/// Where the database is: `DATABASE_URL`, or a private PostgreSQL cluster in the data folder.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// The PostgreSQL database to use. Without it the server runs its own cluster in --data-dir.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// The folder of the embedded PostgreSQL cluster (used only without DATABASE_URL).
+    #[arg(long, env = "BRIDGE_DATA_DIR", default_value = "./bridge-data")]
+    pub data_dir: PathBuf,
+}
+
+/// `bridge-server serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Do not apply the embedded migrations on start (the database must already be up to date).
+    #[arg(long)]
+    pub no_migrate: bool,
+
+    /// The address to listen on.
+    #[arg(long, env = "BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// The URL users reach this server at, for links in mail (default: derived from --bind).
+    #[arg(long, env = "PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// TLS certificate chain (PEM). With --tls-key, the server speaks HTTPS and cookies are Secure.
+    #[arg(long, env = "TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM).
+    #[arg(long, env = "TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// A reverse proxy whose X-Forwarded-For is believed (repeat for several).
+    #[arg(long = "trusted-proxy", env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpAddr>,
+
+    /// SMTP server for outgoing mail, e.g. smtp://host:25 or smtps://user:pass@host:465. Without it,
+    /// mail stays queued and `bridge-server outbox` shows it.
+    #[arg(long, env = "SMTP_URL", hide_env_values = true)]
+    pub smtp_url: Option<String>,
+
+    /// The sender address of outgoing mail.
+    #[arg(
+        long,
+        env = "SMTP_FROM",
+        default_value = "CAN Bridge <no-reply@localhost>"
+    )]
+    pub smtp_from: String,
+
+    /// Minutes of inactivity after which a session ends.
+    #[arg(long, env = "SESSION_IDLE_MINUTES", default_value_t = 30)]
+    pub session_idle_minutes: u64,
+
+    /// Hours after login at which a session ends however active it is.
+    #[arg(long, env = "SESSION_ABSOLUTE_HOURS", default_value_t = 12)]
+    pub session_absolute_hours: u64,
+}
+
+/// PEM files of the server's certificate chain and key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Outgoing mail.
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    /// A lettre SMTP URL; it may hold a password, so it is never logged.
+    pub url: String,
+    pub from: String,
+}
+
+/// Everything the running server needs besides its database pool.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub bind: SocketAddr,
+    pub public_url: Option<String>,
+    pub tls: Option<TlsFiles>,
+    pub trusted_proxies: Vec<IpAddr>,
+    pub session_idle: Duration,
+    pub session_absolute: Duration,
+    pub verification_ttl: Duration,
+    pub reset_ttl: Duration,
+    pub rate_limits: RateLimits,
+    pub smtp: Option<SmtpConfig>,
+    /// How often the mail worker looks for due mail when nothing wakes it.
+    pub mail_poll_interval: Duration,
+    /// Delivery attempts before a message is marked failed.
+    pub mail_max_attempts: i32,
+    /// The first retry delay; each further one doubles, up to an hour.
+    pub mail_retry_base: Duration,
+    /// The largest request body accepted, in bytes.
+    pub body_limit: usize,
+    /// Argon2id cost of new password hashes. Production always uses the OWASP default.
+    pub password_cost: PasswordCost,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+            tls: None,
+            trusted_proxies: Vec::new(),
+            session_idle: Duration::from_secs(30 * 60),
+            session_absolute: Duration::from_secs(12 * 3600),
+            verification_ttl: Duration::from_secs(24 * 3600),
+            reset_ttl: Duration::from_secs(3600),
+            rate_limits: RateLimits::default(),
+            smtp: None,
+            mail_poll_interval: Duration::from_secs(5),
+            mail_max_attempts: 8,
+            mail_retry_base: Duration::from_secs(30),
+            body_limit: 64 * 1024,
+            password_cost: PasswordCost::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The configuration `serve` runs with.
+    pub fn from_args(args: &ServeArgs) -> Self {
+        Self {
+            bind: args.bind,
+            public_url: args.public_url.clone(),
+            tls: match (&args.tls_cert, &args.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
+            trusted_proxies: args.trusted_proxies.clone(),
+            session_idle: Duration::from_secs(args.session_idle_minutes.max(1) * 60),
+            session_absolute: Duration::from_secs(args.session_absolute_hours.max(1) * 3600),
+            smtp: args.smtp_url.as_ref().map(|url| SmtpConfig {
+                url: url.clone(),
+                from: args.smtp_from.clone(),
+            }),
+            ..Self::default()
+        }
+    }
+
+    /// Cookies are Secure exactly when the server itself speaks TLS.
+    pub fn secure_cookies(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+/// The default limits of SPEC 3.2; reset-confirm has its own, separate counter (SPEC 3.11).
+impl Default for RateLimits {
+    fn default() -> Self {
+        let minutes = |m: u64| Duration::from_secs(m * 60);
+        Self {
+            login_per_ip: Limit::new(10, minutes(10)),
+            login_per_account: Limit::new(10, minutes(10)),
+            signup_per_ip: Limit::new(5, minutes(60)),
+            reset_request_per_ip: Limit::new(3, minutes(60)),
+            reset_request_per_account: Limit::new(3, minutes(60)),
+            reset_confirm_per_ip: Limit::new(10, minutes(60)),
+        }
+    }
+}

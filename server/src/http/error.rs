@@ -1,0 +1,275 @@
+//! The one error type of the HTTP API, and the layer that gives every non-2xx answer its shape.
+//!
+//! Every answer that is not a success is `{"code": "UPPER_SNAKE", "message": "...", "details": {...}}`,
+//! with the request id in `details.request_id` (SPEC 3.1). Handlers return [`ApiError`]; answers that axum
+//! or tower make on their own (unknown route, wrong method, a body over the limit) are rewritten into the
+//! same shape by [`normalize_errors`], so a client never meets a second format.
+
+use axum::Json;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use crate::http::request_id::RequestId;
+
+/// Every error code the API answers with. The codes of later features are already here so that the
+/// OpenAPI document and clients see one closed list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    AuthInvalidCredentials,
+    AuthSessionExpired,
+    AuthRequired,
+    Forbidden,
+    CsrfInvalid,
+    RateLimited,
+    ValidationError,
+    NotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    DongleNotFound,
+    DongleOwnedByOther,
+    PairingPinInvalid,
+    PairingExpired,
+    PairingSecurityHold,
+    AgentOffline,
+    CommandNotAllowed,
+    Conflict,
+    /// `/readyz`: the database is unreachable or not migrated.
+    NotReady,
+    InternalError,
+}
+
+impl ErrorCode {
+    /// The HTTP status each code is answered with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::AuthInvalidCredentials | Self::AuthSessionExpired | Self::AuthRequired => {
+                StatusCode::UNAUTHORIZED
+            }
+            Self::Forbidden | Self::CsrfInvalid => StatusCode::FORBIDDEN,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::ValidationError | Self::PairingPinInvalid => StatusCode::BAD_REQUEST,
+            Self::NotFound | Self::DongleNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::DongleOwnedByOther | Self::PairingSecurityHold | Self::Conflict => {
+                StatusCode::CONFLICT
+            }
+            Self::PairingExpired => StatusCode::GONE,
+            Self::AgentOffline => StatusCode::SERVICE_UNAVAILABLE,
+            Self::CommandNotAllowed => StatusCode::FORBIDDEN,
+            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A neutral message for answers that have no better one.
+    fn default_message(self) -> &'static str {
+        match self {
+            Self::AuthInvalidCredentials => "The email or password is wrong.",
+            Self::AuthSessionExpired => "The session has expired: log in again.",
+            Self::AuthRequired => "Log in first.",
+            Self::Forbidden => "This action is not allowed.",
+            Self::CsrfInvalid => {
+                "The X-CSRF-Token header is missing or does not match the session."
+            }
+            Self::RateLimited => "Too many attempts: wait before trying again.",
+            Self::ValidationError => "The request is not valid.",
+            Self::NotFound => "Not found.",
+            Self::MethodNotAllowed => "This method is not allowed on this path.",
+            Self::PayloadTooLarge => "The request body is too large.",
+            Self::UnsupportedMediaType => {
+                "Send the body as JSON with `Content-Type: application/json`."
+            }
+            Self::DongleNotFound => "Dongle not found.",
+            Self::DongleOwnedByOther => "This dongle belongs to another account.",
+            Self::PairingPinInvalid => "The PIN is wrong.",
+            Self::PairingExpired => "The pairing has expired.",
+            Self::PairingSecurityHold => "The dongle is on security hold.",
+            Self::AgentOffline => "The agent serving this dongle is offline.",
+            Self::CommandNotAllowed => "This command is not allowed.",
+            Self::Conflict => "The request conflicts with the current state.",
+            Self::NotReady => {
+                "The server is not ready: its database is unreachable or not migrated."
+            }
+            Self::InternalError => "Something went wrong on the server.",
+        }
+    }
+}
+
+/// The JSON body of every non-2xx answer, as the OpenAPI document shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Always holds `request_id`; some codes add fields (e.g. `retry_after_seconds`, `fields`).
+    #[schema(value_type = Object)]
+    pub details: Map<String, Value>,
+}
+
+/// An error answer of the API.
+///
+/// The message is meant for people and must never carry a secret; internal causes are logged (without
+/// secrets) and answered as a bare INTERNAL_ERROR.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    code: ErrorCode,
+    message: String,
+    details: Map<String, Value>,
+    retry_after_seconds: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            details: Map::new(),
+            retry_after_seconds: None,
+        }
+    }
+
+    /// The code with its default message.
+    pub fn of(code: ErrorCode) -> Self {
+        Self::new(code, code.default_message())
+    }
+
+    pub fn not_found() -> Self {
+        Self::of(ErrorCode::NotFound)
+    }
+
+    pub fn validation(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::ValidationError, message)
+    }
+
+    /// RATE_LIMITED with the `Retry-After` header (whole seconds, at least one).
+    pub fn rate_limited(retry_after_seconds: u64) -> Self {
+        let secs = retry_after_seconds.max(1);
+        Self::of(ErrorCode::RateLimited)
+            .with_detail("retry_after_seconds", secs)
+            .retry_after(secs)
+    }
+
+    /// An unexpected failure. The cause is logged here, once, and never reaches the client.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::of(ErrorCode::InternalError)
+    }
+
+    pub fn with_detail(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.details.insert(key.to_string(), value.into());
+        self
+    }
+
+    fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_seconds = Some(secs);
+        self
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    fn body(&self, request_id: Option<&RequestId>) -> ErrorBody {
+        let mut details = self.details.clone();
+        if let Some(id) = request_id {
+            details.insert("request_id".into(), Value::String(id.as_str().to_string()));
+        }
+        ErrorBody {
+            code: self.code,
+            message: self.message.clone(),
+            details,
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        Self::internal(format_args!("database: {err}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    /// The body is written here without the request id, and the error itself rides along in the
+    /// response's extensions: [`normalize_errors`], which knows the request id, writes the final body.
+    fn into_response(self) -> Response {
+        let mut response = (self.code.status(), Json(self.body(None))).into_response();
+        if let Some(secs) = self.retry_after_seconds {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response.extensions_mut().insert(self);
+        response
+    }
+}
+
+/// Middleware: every answer of 400 or more leaves in the standard shape with the request id.
+///
+/// Answers made from an [`ApiError`] are re-rendered with the request id; answers that axum or tower
+/// made themselves get the code that matches their status.
+pub async fn normalize_errors(request: Request, next: Next) -> Response {
+    let request_id = request.extensions().get::<RequestId>().cloned();
+    let response = next.run(request).await;
+    let status = response.status();
+    if status.as_u16() < 400 {
+        return response;
+    }
+    let (mut parts, _body) = response.into_parts();
+    let error = parts
+        .extensions
+        .remove::<ApiError>()
+        .unwrap_or_else(|| ApiError::of(code_for_status(status)));
+    let body = serde_json::to_vec(&error.body(request_id.as_ref()))
+        .unwrap_or_else(|_| b"{\"code\":\"INTERNAL_ERROR\"}".to_vec());
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    // A rewritten body keeps the status the error was answered with.
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// The code for an answer that axum or tower made without an [`ApiError`].
+fn code_for_status(status: StatusCode) -> ErrorCode {
+    match status {
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+        StatusCode::UNAUTHORIZED => ErrorCode::AuthRequired,
+        StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+        StatusCode::TOO_MANY_REQUESTS => ErrorCode::RateLimited,
+        StatusCode::CONFLICT => ErrorCode::Conflict,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::NotReady,
+        s if s.is_client_error() => ErrorCode::ValidationError,
+        _ => ErrorCode::InternalError,
+    }
+}
+
+/// The answer to a path that matches no route.
+pub async fn fallback() -> ApiError {
+    ApiError::not_found()
+}
+
+/// The answer to a known path asked with a method it does not serve.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::of(ErrorCode::MethodNotAllowed)
+}

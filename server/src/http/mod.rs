@@ -1,0 +1,10 @@
+//! HTTP plumbing shared by every route: the error type and shape, the request id, and extractors whose
+//! rejections keep that shape.
+
+pub mod error;
+pub mod extract;
+pub mod page;
+pub mod request_id;
+
+pub use error::{ApiError, ErrorCode};
+pub use extract::{ApiJson, ApiQuery, ClientInfo, PathId};

@@ -1,0 +1,122 @@
+//! Rate limits kept in PostgreSQL, so that every server instance behind a load balancer counts the same
+//! attempts.
+//!
+//! Each (scope, key) has a fixed window: the first attempt opens it, every attempt counts, and the first
+//! attempt after the window's end opens a new one. An attempt over the limit is refused with the seconds
+//! left in the window, which become the `Retry-After` header.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use crate::http::ApiError;
+
+/// At most `max` attempts per `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub max: u32,
+    pub window: Duration,
+}
+
+impl Limit {
+    pub const fn new(max: u32, window: Duration) -> Self {
+        Self { max, window }
+    }
+}
+
+/// The limits of the account endpoints (defaults in `config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimits {
+    pub login_per_ip: Limit,
+    pub login_per_account: Limit,
+    pub signup_per_ip: Limit,
+    pub reset_request_per_ip: Limit,
+    pub reset_request_per_account: Limit,
+    pub reset_confirm_per_ip: Limit,
+}
+
+/// What is being counted. Each scope has its own counters, so that e.g. reset requests and reset
+/// confirmations never share one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    LoginIp,
+    LoginAccount,
+    SignupIp,
+    ResetRequestIp,
+    ResetRequestAccount,
+    ResetConfirmIp,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LoginIp => "login:ip",
+            Self::LoginAccount => "login:account",
+            Self::SignupIp => "signup:ip",
+            Self::ResetRequestIp => "reset-request:ip",
+            Self::ResetRequestAccount => "reset-request:account",
+            Self::ResetConfirmIp => "reset-confirm:ip",
+        }
+    }
+}
+
+/// The outcome of counting one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allowed,
+    Limited { retry_after: Duration },
+}
+
+/// Counts one attempt for (scope, key) and says whether it is within the limit.
+///
+/// The upsert is one statement, so two instances counting at once both see the sum.
+pub async fn hit(
+    pool: &PgPool,
+    scope: Scope,
+    key: &str,
+    limit: Limit,
+) -> Result<Decision, sqlx::Error> {
+    let (hits, seconds_left): (i32, f64) = sqlx::query_as(
+        "INSERT INTO rate_limits AS r (scope, key, window_start, hits) VALUES ($1, $2, now(), 1) \
+         ON CONFLICT (scope, key) DO UPDATE SET \
+           window_start = CASE WHEN r.window_start + make_interval(secs => $3) <= now() \
+                               THEN now() ELSE r.window_start END, \
+           hits = CASE WHEN r.window_start + make_interval(secs => $3) <= now() \
+                       THEN 1 ELSE r.hits + 1 END \
+         RETURNING hits, \
+           EXTRACT(EPOCH FROM (window_start + make_interval(secs => $3) - now()))::float8",
+    )
+    .bind(scope.as_str())
+    .bind(key)
+    .bind(limit.window.as_secs_f64())
+    .fetch_one(pool)
+    .await?;
+    if hits as i64 > limit.max as i64 {
+        Ok(Decision::Limited {
+            retry_after: Duration::from_secs_f64(seconds_left.max(0.0)),
+        })
+    } else {
+        Ok(Decision::Allowed)
+    }
+}
+
+/// Counts one attempt and answers RATE_LIMITED (with Retry-After, rounded up) when it is over the limit.
+pub async fn enforce(pool: &PgPool, scope: Scope, key: &str, limit: Limit) -> Result<(), ApiError> {
+    match hit(pool, scope, key, limit).await? {
+        Decision::Allowed => Ok(()),
+        Decision::Limited { retry_after } => {
+            tracing::info!(scope = scope.as_str(), "rate limited");
+            Err(ApiError::rate_limited(
+                retry_after.as_secs_f64().ceil() as u64
+            ))
+        }
+    }
+}
+
+/// Deletes counters whose window ended more than a day ago (housekeeping; windows are at most hours).
+pub async fn purge_stale(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM rate_limits WHERE window_start < now() - interval '1 day'")
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,235 @@
+//! `/api/v1/admin/...`: users and the audit log (SPEC 3.10). Only a super_admin gets past
+//! [`AdminUser`]; anyone else is told these routes do not exist.
+
+use axum::Json;
+use axum::extract::State;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::AssertSqlSafe;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::audit::{self, AuditView, Entry, Target};
+use crate::auth::{AdminUser, session};
+use crate::http::error::ErrorBody;
+use crate::http::page::{PageInfo, Paging};
+use crate::http::{ApiError, ApiQuery, ClientInfo, ErrorCode, PathId};
+use crate::users::{self, Role, Status, User, UserView};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_users))
+        .routes(routes!(disable_user))
+        .routes(routes!(enable_user))
+        .routes(routes!(list_audit_logs))
+}
+
+/// Filters of `GET /admin/users`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UserSearch {
+    /// A part of the email address (case-insensitive).
+    pub email: Option<String>,
+    pub status: Option<Status>,
+    pub role: Option<Role>,
+    /// From 1.
+    pub page: Option<u32>,
+    /// 1 to 200, default 50.
+    pub per_page: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserPage {
+    pub items: Vec<UserView>,
+    #[serde(flatten)]
+    pub page: PageInfo,
+}
+
+/// Users, newest first, filtered and paged.
+#[utoipa::path(get, path = "/admin/users", tag = "admin", security(("session" = [])),
+    params(UserSearch),
+    responses(
+        (status = 200, description = "A page of users.", body = UserPage),
+        (status = 400, description = "VALIDATION_ERROR: a malformed filter.", body = ErrorBody),
+        (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: the caller is not a super_admin.", body = ErrorBody),
+    ))]
+async fn list_users(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    ApiQuery(q): ApiQuery<UserSearch>,
+) -> Result<Json<UserPage>, ApiError> {
+    let paging = Paging::new(q.page, q.per_page);
+    // The search text is a literal: LIKE's wildcards in it are escaped.
+    let pattern = q.email.as_deref().map(|e| {
+        let escaped = e
+            .trim()
+            .to_lowercase()
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        format!("%{escaped}%")
+    });
+    const WHERE: &str = "WHERE ($1::text IS NULL OR email LIKE $1) \
+          AND ($2::user_status IS NULL OR status = $2) \
+          AND ($3::user_role IS NULL OR role = $3)";
+    let items: Vec<User> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT id, email, password_hash, role, status, email_verified_at, created_at FROM users \
+         {WHERE} ORDER BY created_at DESC, id LIMIT $4 OFFSET $5"
+    )))
+    .bind(&pattern)
+    .bind(q.status)
+    .bind(q.role)
+    .bind(paging.limit())
+    .bind(paging.offset())
+    .fetch_all(&state.pool)
+    .await?;
+    let total: i64 =
+        sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM users {WHERE}")))
+            .bind(&pattern)
+            .bind(q.status)
+            .bind(q.role)
+            .fetch_one(&state.pool)
+            .await?;
+    Ok(Json(UserPage {
+        items: items.iter().map(UserView::from).collect(),
+        page: paging.info(total),
+    }))
+}
+
+/// Disables a user: every session of theirs ends and their agents' tokens are revoked.
+#[utoipa::path(post, path = "/admin/users/{id}/disable", tag = "admin", security(("session" = [], "csrf" = [])),
+    params(("id" = Uuid, Path, description = "The user's id")),
+    responses(
+        (status = 200, description = "The user, now disabled.", body = UserView),
+        (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
+        (status = 403, description = "CSRF_INVALID", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: no such user, or the caller is not a super_admin.", body = ErrorBody),
+        (status = 409, description = "CONFLICT: an administrator cannot disable their own account.", body = ErrorBody),
+    ))]
+async fn disable_user(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    client: ClientInfo,
+    PathId(id): PathId,
+) -> Result<Json<UserView>, ApiError> {
+    if id == admin.id {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "You cannot disable your own account.",
+        ));
+    }
+    let mut tx = state.pool.begin().await?;
+    let Some((before, user)) = users::set_status(&mut tx, id, Status::Disabled).await? else {
+        return Err(ApiError::not_found());
+    };
+    let sessions_ended = session::end_all_for_user(&mut *tx, id).await?;
+    let tokens_revoked = users::revoke_agent_tokens_of_user(&mut *tx, id).await?;
+    audit::record(
+        &mut *tx,
+        Entry::new("admin.user_disabled", Some(admin.id), &client)
+            .target(Target::user(id))
+            .details(serde_json::json!({
+                "before": { "status": before },
+                "after": { "status": user.status },
+                "sessions_ended": sessions_ended,
+                "agent_tokens_revoked": tokens_revoked,
+            })),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(UserView::from(&user)))
+}
+
+/// Enables a disabled user again (they log in anew; ended sessions stay ended).
+#[utoipa::path(post, path = "/admin/users/{id}/enable", tag = "admin", security(("session" = [], "csrf" = [])),
+    params(("id" = Uuid, Path, description = "The user's id")),
+    responses(
+        (status = 200, description = "The user, now active.", body = UserView),
+        (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
+        (status = 403, description = "CSRF_INVALID", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: no such user, or the caller is not a super_admin.", body = ErrorBody),
+    ))]
+async fn enable_user(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    client: ClientInfo,
+    PathId(id): PathId,
+) -> Result<Json<UserView>, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let Some((before, user)) = users::set_status(&mut tx, id, Status::Active).await? else {
+        return Err(ApiError::not_found());
+    };
+    audit::record(
+        &mut *tx,
+        Entry::new("admin.user_enabled", Some(admin.id), &client)
+            .target(Target::user(id))
+            .details(serde_json::json!({
+                "before": { "status": before },
+                "after": { "status": user.status },
+            })),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(UserView::from(&user)))
+}
+
+/// Filters of `GET /admin/audit-logs`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditSearch {
+    /// The acting user's id.
+    pub actor: Option<Uuid>,
+    /// An exact action, e.g. `auth.login_failed`.
+    pub action: Option<String>,
+    /// e.g. `user`, `session`.
+    pub target_type: Option<String>,
+    pub target_id: Option<String>,
+    /// Entries at or after this time (RFC 3339).
+    pub since: Option<DateTime<Utc>>,
+    /// Entries before this time (RFC 3339).
+    pub until: Option<DateTime<Utc>>,
+    pub page: Option<u32>,
+    pub per_page: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPage {
+    pub items: Vec<AuditView>,
+    #[serde(flatten)]
+    pub page: PageInfo,
+}
+
+/// The audit log, newest first, filtered and paged.
+#[utoipa::path(get, path = "/admin/audit-logs", tag = "admin", security(("session" = [])),
+    params(AuditSearch),
+    responses(
+        (status = 200, description = "A page of audit entries.", body = AuditPage),
+        (status = 400, description = "VALIDATION_ERROR: a malformed filter.", body = ErrorBody),
+        (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: the caller is not a super_admin.", body = ErrorBody),
+    ))]
+async fn list_audit_logs(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    ApiQuery(q): ApiQuery<AuditSearch>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let paging = Paging::new(q.page, q.per_page);
+    let filter = audit::Filter {
+        actor: q.actor,
+        action: q.action,
+        target_type: q.target_type,
+        target_id: q.target_id,
+        since: q.since,
+        until: q.until,
+    };
+    let (items, total) =
+        audit::search(&state.pool, &filter, paging.limit(), paging.offset()).await?;
+    Ok(Json(AuditPage {
+        items,
+        page: paging.info(total),
+    }))
+}

@@ -1,0 +1,51 @@
+//! The routes, laid out like the URL tree: `health` at the root, `auth` and `admin` under `/api/v1`.
+//!
+//! Every handler is annotated for the OpenAPI document, and the router is built with utoipa-axum, so a
+//! route cannot exist without being documented, nor be documented without existing.
+
+pub mod admin;
+pub mod auth;
+pub mod health;
+
+use std::sync::Arc;
+
+use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::app::AppState;
+use crate::openapi::ApiDoc;
+
+/// The prefix of the JSON API.
+pub const API_PREFIX: &str = "/api/v1";
+
+/// Every documented route, with its OpenAPI document.
+pub fn documented() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest(
+            API_PREFIX,
+            OpenApiRouter::new()
+                .merge(auth::router())
+                .merge(admin::router()),
+        )
+        .merge(health::router())
+}
+
+/// The OpenAPI document, as served at `/api/v1/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented().into_openapi()
+}
+
+/// The routes, plus `/api/v1/openapi.json`.
+pub fn router() -> Router<AppState> {
+    let (router, doc) = documented().split_for_parts();
+    let doc = Arc::new(doc);
+    router.route(
+        &format!("{API_PREFIX}/openapi.json"),
+        get(move || {
+            let doc = doc.clone();
+            async move { Json(doc.as_ref().clone()) }
+        }),
+    )
+}
