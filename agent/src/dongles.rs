@@ -20,8 +20,7 @@ use firmware_proto::ids::DeviceId;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::discovery::lan_interfaces;
-use crate::discovery::scan::{Location, ScanPlan};
+use crate::discovery::scan::{Location, ScanPlan, discovery_targets};
 use crate::discovery::usb_ports;
 use crate::session::{DongleInfo, DongleSession, SessionConfig, identify};
 use crate::transport::serial;
@@ -290,16 +289,10 @@ async fn lan_loop(
     let mut seq: u32 = 0;
     loop {
         seq = seq.wrapping_add(1);
-        let mut targets = plan.udp_targets.clone();
-        if plan.broadcast {
-            if let Ok(interfaces) = lan_interfaces::system_interfaces() {
-                targets.extend(
-                    lan_interfaces::eligible(&interfaces)
-                        .into_iter()
-                        .map(|t| std::net::SocketAddr::from((t.broadcast, plan.discovery_port))),
-                );
-            }
-        }
+        let targets: Vec<std::net::SocketAddr> = discovery_targets(plan)
+            .into_iter()
+            .map(|(addr, _)| addr)
+            .collect();
         for target in &targets {
             if let Err(e) = hub.discover(*target, seq).await {
                 tracing::debug!(%target, error = %e, "DISCOVER not sent");

@@ -87,6 +87,24 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// Where DISCOVER goes: the explicit targets, and the broadcast address of every eligible interface
+/// (with the interface's name) when broadcasting is on.
+pub fn discovery_targets(plan: &ScanPlan) -> Vec<(SocketAddr, Option<String>)> {
+    let mut targets: Vec<(SocketAddr, Option<String>)> =
+        plan.udp_targets.iter().map(|t| (*t, None)).collect();
+    if plan.broadcast
+        && let Ok(interfaces) = lan_interfaces::system_interfaces()
+    {
+        targets.extend(lan_interfaces::eligible(&interfaces).into_iter().map(|t| {
+            (
+                SocketAddr::from((t.broadcast, plan.discovery_port)),
+                Some(t.interface),
+            )
+        }));
+    }
+    targets
+}
+
 /// Runs one scan and merges what answered by device id.
 pub async fn scan(plan: &ScanPlan, hub: &UdpHub) -> (Vec<Found>, Vec<Skipped>) {
     let mut ports: Vec<PathBuf> = usb_ports::matching(
@@ -103,18 +121,7 @@ pub async fn scan(plan: &ScanPlan, hub: &UdpHub) -> (Vec<Found>, Vec<Skipped>) {
     }
 
     let mut announces = hub.announces();
-    let mut targets: Vec<(SocketAddr, Option<String>)> =
-        plan.udp_targets.iter().map(|t| (*t, None)).collect();
-    if plan.broadcast
-        && let Ok(interfaces) = lan_interfaces::system_interfaces()
-    {
-        for t in lan_interfaces::eligible(&interfaces) {
-            targets.push((
-                SocketAddr::from((t.broadcast, plan.discovery_port)),
-                Some(t.interface),
-            ));
-        }
-    }
+    let targets = discovery_targets(plan);
     let mut skipped = Vec::new();
     for (target, _) in &targets {
         if let Err(e) = hub.discover(*target, 1).await {
