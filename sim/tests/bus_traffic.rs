@@ -173,10 +173,10 @@ async fn generated_fd_frames_travel_in_batches() {
 }
 
 fn obd2_log() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/obd2-session.log");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/obd2-session.log");
     assert!(
         path.exists(),
-        "the shared test data must sit beside the repository: {}",
+        "the OBD-II test log is missing: {}",
         path.display()
     );
     path

@@ -101,6 +101,8 @@ pub struct Host {
     link: Link,
     decoder: StreamDecoder,
     pending: VecDeque<Vec<u8>>,
+    /// Frames of a batch beyond what the last `recv_frames` asked for, kept for the next call.
+    spare_frames: VecDeque<Frame>,
     pub device: DeviceId,
     seq: u32,
     pub session: Option<SessionMac>,
@@ -151,6 +153,7 @@ impl Host {
             link,
             decoder: StreamDecoder::new(),
             pending: VecDeque::new(),
+            spare_frames: VecDeque::new(),
             device,
             seq: 0,
             session: None,
@@ -413,7 +416,8 @@ impl Host {
     /// Collects frames (CAN or CAN_BATCH packets) until `n` arrived or `wait` passed.
     pub async fn recv_frames(&mut self, n: usize, wait: Duration) -> Vec<Frame> {
         let deadline = tokio::time::Instant::now() + wait;
-        let mut frames = Vec::new();
+        let take = n.min(self.spare_frames.len());
+        let mut frames: Vec<Frame> = self.spare_frames.drain(..take).collect();
         while frames.len() < n {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let Some(bytes) = self.recv(left).await else {
@@ -430,6 +434,10 @@ impl Host {
                 Payload::CanBatch(b) => frames.extend(b.iter().map(|r| Frame::from_record(&r))),
                 _ => {}
             }
+        }
+        // A batch may carry more frames than were asked for: exactly `n` go back, the rest wait.
+        if frames.len() > n {
+            self.spare_frames.extend(frames.drain(n..));
         }
         frames
     }
