@@ -17,7 +17,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::agents::hub::AgentHub;
 use crate::config::ServerConfig;
+use crate::dongle_tokens::KeyRing;
 use crate::email::smtp::{MailError, SmtpMailer};
 use crate::email::worker::{self, WorkerSettings};
 use crate::http::{ApiError, error, request_id};
@@ -33,12 +35,18 @@ pub struct AppState {
     /// Wakes this process's mail worker when a handler queues mail.
     pub mail_wake: Arc<Notify>,
     pub metrics: PrometheusHandle,
+    /// The agents connected to this instance over the control WebSocket.
+    pub hub: Arc<AgentHub>,
+    /// The dongle-token master keys (from the configuration).
+    pub keys: Arc<KeyRing>,
 }
 
 impl AppState {
     pub fn new(pool: PgPool, config: ServerConfig, public_url: String) -> Self {
         Self {
             pool,
+            keys: Arc::new(config.dongle_keys.clone()),
+            hub: Arc::new(AgentHub::new()),
             config: Arc::new(config),
             public_url: public_url.into(),
             mail_wake: Arc::new(Notify::new()),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::auth::password::PasswordCost;
+use crate::dongle_tokens::KeyRing;
 use crate::rate_limit::{Limit, RateLimits};
 
 /// Where the database is: `DATABASE_URL`, or a private PostgreSQL cluster in the data folder.
@@ -72,6 +73,10 @@ pub struct ServeArgs {
     /// Hours after login at which a session ends however active it is.
     #[arg(long, env = "SESSION_ABSOLUTE_HOURS", default_value_t = 12)]
     pub session_absolute_hours: u64,
+
+    /// Days a new agent token lives (the agent logs in again after); without it, until revoked.
+    #[arg(long, env = "AGENT_TOKEN_TTL_DAYS")]
+    pub agent_token_ttl_days: Option<u64>,
 }
 
 /// PEM files of the server's certificate chain and key.
@@ -112,6 +117,14 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// Argon2id cost of new password hashes. Production always uses the OWASP default.
     pub password_cost: PasswordCost,
+    /// The dongle-token master keys; new tokens are sealed with the ring's write version.
+    pub dongle_keys: KeyRing,
+    /// How long a new agent token lives; None: until revoked.
+    pub agent_token_ttl: Option<Duration>,
+    /// How long a pairing window stays open (SPEC 3.4: 120 s).
+    pub pairing_window: Duration,
+    /// How long the server waits for an agent to answer a control request.
+    pub agent_request_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -132,6 +145,10 @@ impl Default for ServerConfig {
             mail_retry_base: Duration::from_secs(30),
             body_limit: 64 * 1024,
             password_cost: PasswordCost::default(),
+            dongle_keys: KeyRing::default(),
+            agent_token_ttl: None,
+            pairing_window: Duration::from_secs(120),
+            agent_request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -152,6 +169,9 @@ impl ServerConfig {
             trusted_proxies: args.trusted_proxies.clone(),
             session_idle: Duration::from_secs(args.session_idle_minutes.max(1) * 60),
             session_absolute: Duration::from_secs(args.session_absolute_hours.max(1) * 3600),
+            agent_token_ttl: args
+                .agent_token_ttl_days
+                .map(|d| Duration::from_secs(d.max(1) * 86_400)),
             smtp: args.smtp_url.as_ref().map(|url| SmtpConfig {
                 url: url.clone(),
                 from: args.smtp_from.clone(),

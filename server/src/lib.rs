@@ -1,4 +1,4 @@
-//! The remote CAN bridge server: accounts today; agents, dongles, pairing, configuration, commands,
+//! The remote CAN bridge server: accounts, agents, dongles and pairing today; configuration, commands,
 //! groups and the relay in the issues that follow.
 //!
 //! # Layout
@@ -14,16 +14,26 @@
 //! - [`users`]: the typed email, roles, statuses and the `users` queries.
 //! - [`rate_limit`]: fixed-window counters kept in PostgreSQL.
 //! - [`audit`]: [`audit::record`], the one way to write the audit log.
+//! - [`agents`]: agent registration, bearer tokens, presence, device reports; [`agents::hub`], the
+//!   registry of connected agents (request/response with timeouts); [`agents::ws`], the control
+//!   WebSocket `/ws/agent` speaking `control_proto`.
+//! - [`dongles`]: what a user sees of dongles, the pairing state machine, unpair and force-unpair.
+//! - [`dongle_tokens`]: dongle tokens at rest (AES-256-GCM, versioned keys, row-bound AAD) and key
+//!   rotation.
 //! - [`email`]: the outbox, its worker, templates and SMTP.
-//! - [`routes`]: handlers, laid out like the URL tree (`health`, `auth`, `admin`).
+//! - [`routes`]: handlers, laid out like the URL tree (`health`, `auth`, `admin`, `agents`, `dongles`,
+//!   `ws`).
 //! - [`openapi`]: the frame of the OpenAPI document the handlers fill in.
 //! - [`telemetry`]: logging, Prometheus metrics, the rustls crypto provider.
 
+pub mod agents;
 pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod dongle_tokens;
+pub mod dongles;
 pub mod email;
 pub mod embedded_pg;
 pub mod http;

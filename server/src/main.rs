@@ -5,6 +5,7 @@ use std::io::{BufRead, IsTerminal};
 use anyhow::Context;
 use bridge_server::config::{DatabaseArgs, ServeArgs, ServerConfig};
 use bridge_server::db::Database;
+use bridge_server::dongle_tokens::{self, KeyRing, RotateOptions};
 use bridge_server::users::{self, Email, Role};
 use bridge_server::{app, auth, email, telemetry};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -41,6 +42,34 @@ enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+    /// The dongle-token master keys (DONGLE_TOKEN_MASTER_KEY_V<n>, base64 of 32 bytes).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Re-encrypt every stored dongle token with key version N, in batches; idempotent and resumable.
+    Rotate {
+        /// The key version to move every token to (its variable must be set).
+        #[arg(long)]
+        to: i32,
+        /// Check that every row decrypts and count them, without writing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rows per committed batch.
+        #[arg(long, default_value_t = 500)]
+        batch_size: i64,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// How many stored tokens use each key version.
+    Status {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -60,6 +89,8 @@ enum AdminCommand {
 #[derive(Clone, Copy, ValueEnum)]
 enum RoleArg {
     User,
+    /// SPEC spells it `super_admin`; `super-admin` is accepted too.
+    #[value(name = "super_admin", alias = "super-admin")]
     SuperAdmin,
 }
 
@@ -80,6 +111,18 @@ async fn main() -> anyhow::Result<()> {
                 },
         } => create_user(&email, role, &database).await,
         Command::Outbox { database } => outbox(&database).await,
+        Command::Keys {
+            command:
+                KeysCommand::Rotate {
+                    to,
+                    dry_run,
+                    batch_size,
+                    database,
+                },
+        } => keys_rotate(to, dry_run, batch_size, &database).await,
+        Command::Keys {
+            command: KeysCommand::Status { database },
+        } => keys_status(&database).await,
     }
 }
 
@@ -88,12 +131,82 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.no_migrate && !bridge_server::db::is_up_to_date(&database.pool).await? {
         tracing::warn!("the database lacks migrations of this version: /readyz answers 503");
     }
-    let config = ServerConfig::from_args(&args);
+    let mut config = ServerConfig::from_args(&args);
+    config.dongle_keys = load_keys(&args.database)?;
     let result = app::serve(config, database.pool.clone(), shutdown_signal())
         .await
         .context("the server could not start");
     database.close().await?;
     result
+}
+
+/// The dongle-token keys from the environment, or the development key in the data folder.
+fn load_keys(database: &DatabaseArgs) -> anyhow::Result<KeyRing> {
+    let (keys, dev) = KeyRing::from_env_or_dev(&database.data_dir)
+        .context("could not load the dongle-token keys")?;
+    if dev {
+        tracing::warn!(
+            folder = %database.data_dir.display(),
+            "no DONGLE_TOKEN_MASTER_KEY_V<n> is set: using the development key kept in the data folder \
+             (file {}); set the variables in production",
+            dongle_tokens::DEV_KEY_FILE
+        );
+    }
+    Ok(keys)
+}
+
+async fn keys_rotate(
+    to: i32,
+    dry_run: bool,
+    batch_size: i64,
+    database: &DatabaseArgs,
+) -> anyhow::Result<()> {
+    let keys = load_keys(database)?;
+    let database = Database::open(database, true).await?;
+    let report = dongle_tokens::rotate(
+        &database.pool,
+        &keys,
+        RotateOptions {
+            to,
+            dry_run,
+            batch_size,
+            max_batches: None,
+        },
+    )
+    .await
+    .context("the rotation stopped; run it again to continue")?;
+    database.close().await?;
+    if dry_run {
+        println!(
+            "dry run: {} token(s) would be re-encrypted with key version {to}; all of them decrypt",
+            report.rows
+        );
+    } else {
+        println!(
+            "re-encrypted {} token(s) with key version {to} in {} batch(es); {} left on other versions",
+            report.rows, report.batches, report.remaining
+        );
+    }
+    Ok(())
+}
+
+async fn keys_status(database: &DatabaseArgs) -> anyhow::Result<()> {
+    let keys = load_keys(database)?;
+    let database = Database::open(database, true).await?;
+    let rows = dongle_tokens::status(&database.pool).await?;
+    database.close().await?;
+    println!(
+        "configured key versions: {:?}; new tokens use {}",
+        keys.versions(),
+        keys.write_version()
+    );
+    if rows.is_empty() {
+        println!("no stored dongle tokens");
+    }
+    for (version, count) in rows {
+        println!("key version {version}: {count} token(s)");
+    }
+    Ok(())
 }
 
 /// Resolves at Ctrl-C or SIGTERM.

@@ -44,7 +44,7 @@ async fn create_user_makes_a_super_admin_who_can_log_in(pool: PgPool) {
             "--email",
             "Boss@Example.com",
             "--role",
-            "super-admin",
+            "super_admin",
         ],
         &url,
         &format!("{PASSWORD}\n"),

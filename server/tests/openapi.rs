@@ -43,7 +43,7 @@ async fn every_documented_operation_exists_and_answers_as_documented(pool: PgPoo
         "OpenAPI 3"
     );
     let ops = operations(&doc.json);
-    assert!(ops.len() >= 17, "{} operations", ops.len());
+    assert!(ops.len() >= 29, "{} operations", ops.len());
     let generated = serde_json::to_value(bridge_server::routes::openapi()).unwrap();
     assert_eq!(
         doc.json["paths"], generated["paths"],
@@ -59,6 +59,18 @@ async fn every_documented_operation_exists_and_answers_as_documented(pool: PgPoo
         ("/api/v1/admin/users/{id}/disable", "post"),
         ("/api/v1/admin/audit-logs", "get"),
         ("/readyz", "get"),
+        ("/api/v1/agents/register", "post"),
+        ("/api/v1/agents", "get"),
+        ("/api/v1/agents/{id}/tokens", "delete"),
+        ("/api/v1/agents/heartbeat", "post"),
+        ("/api/v1/agents/devices/report", "post"),
+        ("/api/v1/dongles", "get"),
+        ("/api/v1/dongles/{id}", "get"),
+        ("/api/v1/dongles/{id}/pairing-mode", "post"),
+        ("/api/v1/dongles/{id}/pairing-submit", "post"),
+        ("/api/v1/dongles/{id}/unpair", "post"),
+        ("/api/v1/admin/dongles/{id}/force-unpair", "post"),
+        ("/ws/agent", "get"),
     ] {
         assert!(
             doc.json["paths"][path][expected].is_object(),
@@ -67,16 +79,20 @@ async fn every_documented_operation_exists_and_answers_as_documented(pool: PgPoo
     }
 
     let (admin, _) = app.logged_in("admin@example.com", Role::SuperAdmin).await;
-    for caller in [&anon, &admin] {
+    // The third caller is an agent, with its bearer token and no cookie.
+    let (_, agent_token) = common::agent::register(&admin).await;
+    let agent = app.client();
+    for (caller, bearer) in [(&anon, None), (&admin, None), (&agent, Some(&agent_token))] {
         for (method, path, statuses) in &ops {
-            let res = caller
+            let mut req = caller
                 .http
                 .request(method.clone(), caller.url(path))
                 .header("X-CSRF-Token", caller.csrf.clone().unwrap_or_default())
-                .json(&json!({}))
-                .send()
-                .await
-                .unwrap();
+                .json(&json!({}));
+            if let Some(token) = bearer {
+                req = req.bearer_auth(token);
+            }
+            let res = req.send().await.unwrap();
             let answer = read(res).await;
             let status = answer.status.as_u16();
             assert!(

@@ -1,7 +1,7 @@
 //! Who is calling: the extractor every protected handler starts with.
 //!
-//! A request authenticates with the session cookie (people, in a browser or with a cookie jar) or, in a
-//! later issue, with an agent's bearer token. Cookie-authenticated unsafe requests must also carry the
+//! A request authenticates with the session cookie (people, in a browser or with a cookie jar) or with an
+//! agent's bearer token (`Authorization: Bearer`). Cookie-authenticated unsafe requests must also carry the
 //! session's CSRF token; bearer-authenticated requests are exempt, since no browser sends a bearer token on
 //! its own.
 
@@ -11,6 +11,7 @@ use axum::http::request::Parts;
 use axum_extra::extract::cookie::CookieJar;
 use uuid::Uuid;
 
+use crate::agents::{self, AgentIdentity};
 use crate::app::AppState;
 use crate::auth::csrf;
 use crate::auth::session::{self, Lookup, SessionSecret};
@@ -23,7 +24,47 @@ use crate::users::{Role, Status};
 pub enum Caller {
     /// A person, through a session cookie.
     User(CurrentUser),
-    // `Agent(..)`, authenticated by a bearer token, arrives with the agents issue.
+    /// An agent, through its bearer token; it acts for its own user only.
+    Agent { agent_id: Uuid, user_id: Uuid },
+}
+
+impl Caller {
+    /// The user on whose behalf the request runs.
+    pub fn user_id(&self) -> Uuid {
+        match self {
+            Self::User(user) => user.id,
+            Self::Agent { user_id, .. } => *user_id,
+        }
+    }
+
+    /// The agent making the request, if an agent makes it.
+    pub fn agent_id(&self) -> Option<Uuid> {
+        match self {
+            Self::User(_) => None,
+            Self::Agent { agent_id, .. } => Some(*agent_id),
+        }
+    }
+}
+
+/// An authenticated agent (bearer token). People are told to authenticate as an agent.
+#[derive(Debug, Clone, Copy)]
+pub struct CurrentAgent(pub AgentIdentity);
+
+impl FromRequestParts<AppState> for CurrentAgent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        match Caller::from_request_parts(parts, state).await? {
+            Caller::Agent { agent_id, user_id } => Ok(Self(AgentIdentity { agent_id, user_id })),
+            Caller::User(_) => Err(ApiError::new(
+                ErrorCode::AuthRequired,
+                "This route is for agents: authenticate with the agent token (Authorization: Bearer).",
+            )),
+        }
+    }
 }
 
 /// A logged-in user and the session the request came with.
@@ -59,13 +100,30 @@ impl FromRequestParts<AppState> for Caller {
         if let Some(caller) = parts.extensions.get::<Caller>() {
             return Ok(caller.clone());
         }
-        if parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .is_some()
-        {
-            // Bearer tokens belong to agents, which a later issue adds; until then none is valid.
-            return Err(ApiError::of(ErrorCode::AuthRequired));
+        if let Some(value) = parts.headers.get(axum::http::header::AUTHORIZATION) {
+            // Bearer tokens belong to agents. Any other scheme, or a token that is unknown, revoked or
+            // expired, is the same AUTH_REQUIRED, so the answer tells nothing about the token.
+            let bearer = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .filter(|t| !t.is_empty() && t.len() <= 256)
+                .ok_or_else(|| ApiError::of(ErrorCode::AuthRequired))?;
+            let agent = agents::authenticate(&state.pool, bearer)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::AuthRequired,
+                        "The agent token is unknown, revoked or expired: log the agent in again.",
+                    )
+                })?;
+            let caller = Caller::Agent {
+                agent_id: agent.agent_id,
+                user_id: agent.user_id,
+            };
+            parts.extensions.insert(caller.clone());
+            return Ok(caller);
         }
         let jar = CookieJar::from_headers(&parts.headers);
         let secret = jar
@@ -114,6 +172,10 @@ impl FromRequestParts<AppState> for CurrentUser {
     ) -> Result<Self, Self::Rejection> {
         match Caller::from_request_parts(parts, state).await? {
             Caller::User(user) => Ok(user),
+            Caller::Agent { .. } => Err(ApiError::new(
+                ErrorCode::AuthRequired,
+                "This route is for people: log in with a session, not an agent token.",
+            )),
         }
     }
 }

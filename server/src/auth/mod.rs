@@ -8,4 +8,4 @@ pub mod password;
 pub mod session;
 pub mod token;
 
-pub use caller::{AdminUser, Caller, CurrentUser};
+pub use caller::{AdminUser, Caller, CurrentAgent, CurrentUser};

@@ -1,4 +1,4 @@
-//! `/api/v1/admin/...`: users and the audit log (SPEC 3.10). Only a super_admin gets past
+//! `/api/v1/admin/...`: users, the audit log and dongle force-unpair (SPEC 3.10, 3.4). Only a super_admin gets past
 //! [`AdminUser`]; anyone else is told these routes do not exist.
 
 use axum::Json;
@@ -25,6 +25,28 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(disable_user))
         .routes(routes!(enable_user))
         .routes(routes!(list_audit_logs))
+        .routes(routes!(force_unpair))
+}
+
+/// Clears a dongle's owner, token, group membership and any security hold (the only way out of a hold),
+/// and tells the dongle to forget its token when its agent is connected.
+#[utoipa::path(post, path = "/admin/dongles/{id}/force-unpair", tag = "admin", security(("session" = [], "csrf" = [])),
+    params(("id" = Uuid, Path, description = "The dongle's id")),
+    responses(
+        (status = 200, description = "Unpaired; any hold is cleared.", body = crate::dongles::Unpaired),
+        (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
+        (status = 403, description = "CSRF_INVALID", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: no such dongle, or the caller is not a super_admin.", body = ErrorBody),
+    ))]
+async fn force_unpair(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    client: ClientInfo,
+    PathId(id): PathId,
+) -> Result<Json<crate::dongles::Unpaired>, ApiError> {
+    Ok(Json(
+        crate::dongles::unpair(&state, admin.id, &client, id, true).await?,
+    ))
 }
 
 /// Filters of `GET /admin/users`.
@@ -128,6 +150,10 @@ async fn disable_user(
     };
     let sessions_ended = session::end_all_for_user(&mut *tx, id).await?;
     let tokens_revoked = users::revoke_agent_tokens_of_user(&mut *tx, id).await?;
+    let agent_ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM agents WHERE user_id = $1")
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
     audit::record(
         &mut *tx,
         Entry::new("admin.user_disabled", Some(admin.id), &client)
@@ -141,6 +167,10 @@ async fn disable_user(
     )
     .await?;
     tx.commit().await?;
+    // The user's connected agents lose their control channels now.
+    for agent_id in agent_ids {
+        state.hub.kick(agent_id);
+    }
     Ok(Json(UserView::from(&user)))
 }
 

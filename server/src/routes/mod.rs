@@ -1,11 +1,15 @@
-//! The routes, laid out like the URL tree: `health` at the root, `auth` and `admin` under `/api/v1`.
+//! The routes, laid out like the URL tree: `health` and `ws` at the root; `auth`, `admin`,
+//! `agents` and `dongles` under `/api/v1`.
 //!
 //! Every handler is annotated for the OpenAPI document, and the router is built with utoipa-axum, so a
 //! route cannot exist without being documented, nor be documented without existing.
 
 pub mod admin;
+pub mod agents;
 pub mod auth;
+pub mod dongles;
 pub mod health;
+pub mod ws;
 
 use std::sync::Arc;
 
@@ -27,9 +31,12 @@ pub fn documented() -> OpenApiRouter<AppState> {
             API_PREFIX,
             OpenApiRouter::new()
                 .merge(auth::router())
-                .merge(admin::router()),
+                .merge(admin::router())
+                .merge(agents::router())
+                .merge(dongles::router()),
         )
         .merge(health::router())
+        .merge(ws::router())
 }
 
 /// The OpenAPI document, as served at `/api/v1/openapi.json`.

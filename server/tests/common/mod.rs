@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+pub mod agent;
+
 /// A password that passes the policy.
 pub const PASSWORD: &str = "correct horse battery staple";
 
@@ -112,6 +114,16 @@ impl TestApp {
             .fetch_one(&self.pool)
             .await
             .unwrap()
+    }
+
+    /// The dongle-token keys the server runs with.
+    pub fn keys(&self) -> bridge_server::dongle_tokens::KeyRing {
+        self.server.as_ref().unwrap().state.keys.as_ref().clone()
+    }
+
+    /// The registry of agents connected to the server.
+    pub fn hub(&self) -> std::sync::Arc<bridge_server::agents::hub::AgentHub> {
+        self.server.as_ref().unwrap().state.hub.clone()
     }
 
     /// Stops the server gracefully.

@@ -1,0 +1,596 @@
+//! The control channel between an agent and the server: the JSON text messages of the WebSocket
+//! `/ws/agent`. This module is the protocol's reference; the server and the agent both speak it through
+//! these types, so neither can drift from the other.
+//!
+//! # Connection
+//!
+//! The agent opens `GET /ws/agent` with `Authorization: Bearer <agent token>` (the token from
+//! `POST /api/v1/agents/register`). A revoked, expired or unknown token is refused with 401 before the
+//! upgrade. Every message is one WebSocket text frame holding one JSON object whose `type` field names it.
+//! Unknown fields are ignored by both sides, so either side may add optional fields without breaking the
+//! other; a new message `type` needs a [`PROTOCOL_VERSION`] bump.
+//!
+//! # Agent -> server ([`AgentMessage`])
+//!
+//! | `type` | when | what it carries |
+//! |---|---|---|
+//! | `hello` | first message, once | `protocol` version, `agent_version`, `hostname`, `os` |
+//! | `heartbeat` | every 10 s | nothing; keeps the agent online (offline after 30 s of silence) |
+//! | `devices` | after `welcome`, and whenever the set or a state changes | the full snapshot of the dongles the agent sees: anything not listed is no longer seen |
+//! | `reply` | answer to a server `request` | the request's `id` and `result` (`ok` with a body, or `error {code, message}`) |
+//! | `event` | unsolicited | e.g. `token_rejected` for a claimed dongle that no longer accepts its token (the server marks it RESET_DETECTED) |
+//!
+//! # Server -> agent ([`ServerMessage`])
+//!
+//! | `type` | when | what it carries |
+//! |---|---|---|
+//! | `welcome` | answer to `hello` | the `agent_id`, the heartbeat period in seconds, the server's protocol version |
+//! | `request` | whenever the server needs the agent to act | an `id` (unique per connection), a `timeout_ms` after which the server stops waiting, and a [`RequestBody`] |
+//! | `dongle_token` | after a pairing succeeds, and when the agent reports a claimed dongle of its own user | the plaintext token (base64) of that dongle, for the agent's vault |
+//! | `error` | before the server closes the socket for a protocol violation | `code`, `message` |
+//!
+//! Request bodies ([`RequestBody`], field `body.type`): `pairing_start`, `pairing_submit`, `forget`,
+//! `can_config`, `command`, `send_frame`. The agent answers each with exactly one `reply` of the same `id`;
+//! a reply after the timeout is dropped by the server. The `ok` body of each reply is [`ReplyOk`]; error
+//! codes are [`ReplyErrorCode`].
+//!
+//! Secrets (tokens, PINs) travel only inside `pairing_submit` and `dongle_token`, over the authenticated
+//! channel; neither side logs them, and the `Debug` output of those messages redacts them.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The version of this message set; sent in `hello` and `welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The heartbeat period the server asks for, in seconds.
+pub const DEFAULT_HEARTBEAT_SECS: u32 = 10;
+
+/// A dongle's device id: 16 lower-case hex characters.
+pub type DeviceId = String;
+
+/// True when `s` is a well-formed device id (16 lower-case hex characters).
+pub fn is_device_id(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// A message from the agent to the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    Hello(Hello),
+    Heartbeat,
+    Devices(Devices),
+    Reply(Reply),
+    Event(Event),
+}
+
+/// The first message of a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the agent.
+    pub protocol: u32,
+    pub agent_version: String,
+    pub hostname: String,
+    pub os: String,
+}
+
+/// The full set of dongles the agent sees right now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Devices {
+    pub dongles: Vec<DongleReport>,
+}
+
+/// One dongle as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DongleReport {
+    /// 16 lower-case hex characters.
+    pub device_id: DeviceId,
+    pub fw_build: String,
+    pub proto_ver: u8,
+    /// The capability bits of the dongle's ANNOUNCE.
+    pub capabilities: u32,
+    pub transport: Transport,
+    /// The dongle is in pairing mode now.
+    pub pairing_mode: bool,
+    /// The dongle answers (false: known to the agent but not reachable).
+    pub present: bool,
+    /// The dongle says it holds a token (it is claimed as far as it knows).
+    #[serde(default)]
+    pub claimed: bool,
+}
+
+/// How the agent reaches a dongle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Transport {
+    Usb {
+        path: String,
+        serial_number: Option<String>,
+    },
+    Lan {
+        /// `IP:PORT` of the dongle.
+        addr: String,
+    },
+}
+
+/// The agent's answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub id: u64,
+    pub result: ReplyResult,
+}
+
+/// The outcome of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ReplyResult {
+    Ok { body: ReplyOk },
+    Error(ReplyError),
+}
+
+/// The body of a successful reply, one per request kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ReplyOk {
+    /// The dongle is in pairing mode and shows its PIN.
+    PairingStarted {
+        /// The dongle's 16-byte pairing nonce, hex.
+        pairing_nonce: String,
+        /// How long the dongle stays in pairing mode.
+        expires_in_ms: u64,
+    },
+    /// The dongle accepted the PIN and holds the token now.
+    Paired,
+    Forgotten,
+    /// The dongle applied a CAN configuration; `effective` holds the values it uses.
+    CanConfigApplied {
+        effective: serde_json::Value,
+    },
+    CommandDone {
+        stdout: String,
+        stderr: String,
+        exit_code: i32,
+    },
+    FrameSent,
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyError {
+    pub code: ReplyErrorCode,
+    pub message: String,
+}
+
+/// The closed list of reply error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyErrorCode {
+    /// The agent does not serve this dongle (any more).
+    UnknownDevice,
+    /// The dongle did not answer in time.
+    DongleTimeout,
+    /// The dongle rejected the PIN.
+    InvalidPin,
+    /// The dongle refuses pairing attempts for a while.
+    Cooldown,
+    /// The dongle is not in pairing mode (or the window ended).
+    NotInPairingMode,
+    /// The dongle refused the request (NACK), with its reason in the message.
+    Refused,
+    /// The agent does not know this request (older agent).
+    Unsupported,
+    /// Anything else.
+    Internal,
+}
+
+/// Something the agent noticed on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A dongle the server says is claimed rejected its token (factory reset or another token).
+    TokenRejected { device_id: DeviceId },
+}
+
+/// A message from the server to the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Welcome(Welcome),
+    Request(Request),
+    DongleToken(DongleToken),
+    Error { code: String, message: String },
+}
+
+/// The answer to `hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub agent_id: Uuid,
+    pub heartbeat_secs: u32,
+    pub protocol: u32,
+}
+
+/// A request the agent must answer with one `reply` of the same id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    pub timeout_ms: u64,
+    pub body: RequestBody,
+}
+
+/// What the server asks of the agent.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RequestBody {
+    /// Put the dongle in pairing mode (it draws a PIN and a nonce).
+    PairingStart { device_id: DeviceId, corr_id: Uuid },
+    /// Hand the dongle the PIN the user typed, its nonce and the new token.
+    PairingSubmit {
+        device_id: DeviceId,
+        corr_id: Uuid,
+        pin: String,
+        /// 16 bytes, hex.
+        pairing_nonce: String,
+        /// 32 bytes, standard base64.
+        token: String,
+    },
+    /// Tell the dongle to forget its token, and drop it from the agent's vault.
+    Forget { device_id: DeviceId },
+    /// Apply a CAN configuration (next issue).
+    CanConfig {
+        device_id: DeviceId,
+        bitrate: u32,
+        sample_point_permille: u16,
+        mode: String,
+        use_raw: bool,
+        prescaler: Option<u16>,
+        sjw: Option<u8>,
+        tseg1: Option<u8>,
+        tseg2: Option<u8>,
+        auto_retx: bool,
+        tx_pause: bool,
+        protocol_exc: bool,
+    },
+    /// Run an allow-listed CLI command on the dongle (next issue).
+    Command {
+        command_id: Uuid,
+        device_id: DeviceId,
+        line: String,
+        timeout_ms: u64,
+        allow_dangerous: bool,
+    },
+    /// Transmit one CAN frame by hand (next issue).
+    SendFrame {
+        device_id: DeviceId,
+        can_id: u32,
+        extended: bool,
+        rtr: bool,
+        /// Up to 8 bytes (64 for FD), hex.
+        data: String,
+    },
+}
+
+impl fmt::Debug for RequestBody {
+    // By hand, so that the PIN and the token never reach a log line through `{:?}`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::PairingStart { device_id, corr_id } => f
+                .debug_struct("PairingStart")
+                .field("device_id", device_id)
+                .field("corr_id", corr_id)
+                .finish(),
+            Self::PairingSubmit {
+                device_id, corr_id, ..
+            } => f
+                .debug_struct("PairingSubmit")
+                .field("device_id", device_id)
+                .field("corr_id", corr_id)
+                .finish_non_exhaustive(),
+            Self::Forget { device_id } => f
+                .debug_struct("Forget")
+                .field("device_id", device_id)
+                .finish(),
+            Self::CanConfig {
+                device_id, bitrate, ..
+            } => f
+                .debug_struct("CanConfig")
+                .field("device_id", device_id)
+                .field("bitrate", bitrate)
+                .finish_non_exhaustive(),
+            Self::Command {
+                command_id,
+                device_id,
+                line,
+                ..
+            } => f
+                .debug_struct("Command")
+                .field("command_id", command_id)
+                .field("device_id", device_id)
+                .field("line", line)
+                .finish_non_exhaustive(),
+            Self::SendFrame {
+                device_id, can_id, ..
+            } => f
+                .debug_struct("SendFrame")
+                .field("device_id", device_id)
+                .field("can_id", can_id)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// The token of a dongle the agent serves and its user owns.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DongleToken {
+    pub device_id: DeviceId,
+    /// 32 bytes, standard base64.
+    pub token: String,
+}
+
+impl fmt::Debug for DongleToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DongleToken")
+            .field("device_id", &self.device_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentMessage {
+    /// The JSON text of the message.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("control messages always serialize")
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+impl ServerMessage {
+    /// The JSON text of the message.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("control messages always serialize")
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn agent_round_trip(msg: AgentMessage, expected: Value) {
+        let text = msg.to_json();
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), expected);
+        assert_eq!(AgentMessage::from_json(&text).unwrap(), msg);
+    }
+
+    fn server_round_trip(msg: ServerMessage, expected: Value) {
+        let text = msg.to_json();
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), expected);
+        assert_eq!(ServerMessage::from_json(&text).unwrap(), msg);
+    }
+
+    const DEV: &str = "0123456789abcdef";
+
+    #[test]
+    fn hello_and_heartbeat() {
+        agent_round_trip(
+            AgentMessage::Hello(Hello {
+                protocol: 1,
+                agent_version: "0.1.0".into(),
+                hostname: "bench-1".into(),
+                os: "linux".into(),
+            }),
+            json!({"type": "hello", "protocol": 1, "agent_version": "0.1.0", "hostname": "bench-1", "os": "linux"}),
+        );
+        agent_round_trip(AgentMessage::Heartbeat, json!({"type": "heartbeat"}));
+    }
+
+    #[test]
+    fn devices_snapshot() {
+        agent_round_trip(
+            AgentMessage::Devices(Devices {
+                dongles: vec![
+                    DongleReport {
+                        device_id: DEV.into(),
+                        fw_build: "1.4.2".into(),
+                        proto_ver: 1,
+                        capabilities: 3,
+                        transport: Transport::Usb {
+                            path: "/dev/ttyACM0".into(),
+                            serial_number: Some("A1".into()),
+                        },
+                        pairing_mode: false,
+                        present: true,
+                        claimed: false,
+                    },
+                    DongleReport {
+                        device_id: "fedcba9876543210".into(),
+                        fw_build: "1.4.2".into(),
+                        proto_ver: 1,
+                        capabilities: 0,
+                        transport: Transport::Lan {
+                            addr: "192.168.1.20:50000".into(),
+                        },
+                        pairing_mode: true,
+                        present: true,
+                        claimed: true,
+                    },
+                ],
+            }),
+            json!({"type": "devices", "dongles": [
+                {"device_id": DEV, "fw_build": "1.4.2", "proto_ver": 1, "capabilities": 3,
+                 "transport": {"kind": "usb", "path": "/dev/ttyACM0", "serial_number": "A1"},
+                 "pairing_mode": false, "present": true, "claimed": false},
+                {"device_id": "fedcba9876543210", "fw_build": "1.4.2", "proto_ver": 1, "capabilities": 0,
+                 "transport": {"kind": "lan", "addr": "192.168.1.20:50000"},
+                 "pairing_mode": true, "present": true, "claimed": true},
+            ]}),
+        );
+    }
+
+    #[test]
+    fn replies_and_events() {
+        agent_round_trip(
+            AgentMessage::Reply(Reply {
+                id: 7,
+                result: ReplyResult::Ok {
+                    body: ReplyOk::PairingStarted {
+                        pairing_nonce: "00".repeat(16),
+                        expires_in_ms: 120_000,
+                    },
+                },
+            }),
+            json!({"type": "reply", "id": 7, "result": {"status": "ok", "body":
+                {"type": "pairing_started", "pairing_nonce": "00".repeat(16), "expires_in_ms": 120000}}}),
+        );
+        agent_round_trip(
+            AgentMessage::Reply(Reply {
+                id: 8,
+                result: ReplyResult::Error(ReplyError {
+                    code: ReplyErrorCode::InvalidPin,
+                    message: "wrong PIN".into(),
+                }),
+            }),
+            json!({"type": "reply", "id": 8, "result": {"status": "error", "code": "invalid_pin", "message": "wrong PIN"}}),
+        );
+        agent_round_trip(
+            AgentMessage::Event(Event::TokenRejected {
+                device_id: DEV.into(),
+            }),
+            json!({"type": "event", "event": "token_rejected", "device_id": DEV}),
+        );
+    }
+
+    #[test]
+    fn server_messages() {
+        let agent_id = Uuid::nil();
+        server_round_trip(
+            ServerMessage::Welcome(Welcome {
+                agent_id,
+                heartbeat_secs: 10,
+                protocol: 1,
+            }),
+            json!({"type": "welcome", "agent_id": agent_id, "heartbeat_secs": 10, "protocol": 1}),
+        );
+        server_round_trip(
+            ServerMessage::Request(Request {
+                id: 1,
+                timeout_ms: 5000,
+                body: RequestBody::PairingStart {
+                    device_id: DEV.into(),
+                    corr_id: agent_id,
+                },
+            }),
+            json!({"type": "request", "id": 1, "timeout_ms": 5000, "body":
+                {"type": "pairing_start", "device_id": DEV, "corr_id": agent_id}}),
+        );
+        server_round_trip(
+            ServerMessage::Request(Request {
+                id: 2,
+                timeout_ms: 5000,
+                body: RequestBody::PairingSubmit {
+                    device_id: DEV.into(),
+                    corr_id: agent_id,
+                    pin: "123456".into(),
+                    pairing_nonce: "ab".repeat(16),
+                    token: "AAAA".into(),
+                },
+            }),
+            json!({"type": "request", "id": 2, "timeout_ms": 5000, "body":
+                {"type": "pairing_submit", "device_id": DEV, "corr_id": agent_id, "pin": "123456",
+                 "pairing_nonce": "ab".repeat(16), "token": "AAAA"}}),
+        );
+        server_round_trip(
+            ServerMessage::Request(Request {
+                id: 3,
+                timeout_ms: 5000,
+                body: RequestBody::Forget {
+                    device_id: DEV.into(),
+                },
+            }),
+            json!({"type": "request", "id": 3, "timeout_ms": 5000, "body": {"type": "forget", "device_id": DEV}}),
+        );
+        server_round_trip(
+            ServerMessage::DongleToken(DongleToken {
+                device_id: DEV.into(),
+                token: "AAAA".into(),
+            }),
+            json!({"type": "dongle_token", "device_id": DEV, "token": "AAAA"}),
+        );
+    }
+
+    #[test]
+    fn next_issue_requests_round_trip() {
+        for body in [
+            RequestBody::CanConfig {
+                device_id: DEV.into(),
+                bitrate: 500_000,
+                sample_point_permille: 875,
+                mode: "normal".into(),
+                use_raw: false,
+                prescaler: None,
+                sjw: None,
+                tseg1: None,
+                tseg2: None,
+                auto_retx: true,
+                tx_pause: false,
+                protocol_exc: false,
+            },
+            RequestBody::Command {
+                command_id: Uuid::nil(),
+                device_id: DEV.into(),
+                line: "version".into(),
+                timeout_ms: 3000,
+                allow_dangerous: false,
+            },
+            RequestBody::SendFrame {
+                device_id: DEV.into(),
+                can_id: 0x7df,
+                extended: false,
+                rtr: false,
+                data: "0201000000000000".into(),
+            },
+        ] {
+            let msg = ServerMessage::Request(Request {
+                id: 9,
+                timeout_ms: 1000,
+                body,
+            });
+            assert_eq!(ServerMessage::from_json(&msg.to_json()).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let body = RequestBody::PairingSubmit {
+            device_id: DEV.into(),
+            corr_id: Uuid::nil(),
+            pin: "654321".into(),
+            pairing_nonce: "ab".repeat(16),
+            token: "c2VjcmV0dG9rZW4=".into(),
+        };
+        let text = format!("{body:?}");
+        assert!(!text.contains("654321") && !text.contains("c2VjcmV0dG9rZW4="));
+        let token = DongleToken {
+            device_id: DEV.into(),
+            token: "c2VjcmV0dG9rZW4=".into(),
+        };
+        assert!(!format!("{token:?}").contains("c2VjcmV0dG9rZW4="));
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_device_ids_checked() {
+        let msg = AgentMessage::from_json(r#"{"type":"heartbeat","extra":1}"#).unwrap();
+        assert_eq!(msg, AgentMessage::Heartbeat);
+        assert!(is_device_id(DEV));
+        assert!(!is_device_id("0123456789ABCDEF"));
+        assert!(!is_device_id("0123"));
+    }
+}

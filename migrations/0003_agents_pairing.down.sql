@@ -1,0 +1,14 @@
+DROP INDEX dongle_tokens_key_version_idx;
+DROP TABLE pairing_sessions;
+DROP TYPE pairing_status;
+DROP TABLE dongle_sightings;
+DROP INDEX dongles_last_agent_id_idx;
+ALTER TABLE dongles DROP COLUMN hold_reason;
+ALTER TABLE dongles DROP COLUMN present;
+ALTER TABLE dongles DROP COLUMN last_agent_id;
+ALTER TABLE dongles DROP COLUMN pairing_mode;
+ALTER TABLE dongles DROP COLUMN transport;
+ALTER TABLE dongles DROP COLUMN capabilities;
+ALTER TABLE dongles DROP COLUMN proto_ver;
+ALTER TABLE dongles DROP COLUMN fw_build;
+ALTER TABLE agent_tokens DROP COLUMN expires_at;

@@ -1,0 +1,285 @@
+//! Agents (SPEC 3.3): registration and bearer tokens, presence, device reports, and the [`hub`] of
+//! connected agents.
+//!
+//! An agent token is 256 random bits shown once at registration; the database keeps only its SHA-256.
+//! Presence is a heartbeat (HTTP or control WebSocket) in the last [`OFFLINE_AFTER_SECS`] seconds.
+
+pub mod hub;
+pub mod ws;
+
+use chrono::{DateTime, Utc};
+use control_proto::DongleReport;
+use serde::Serialize;
+use sqlx::{PgExecutor, PgPool};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::token;
+
+/// An agent with no heartbeat for this long is offline.
+pub const OFFLINE_AFTER_SECS: i64 = 30;
+
+/// The SQL condition "agent `a` is online", for queries that alias agents as `a`.
+pub const ONLINE_SQL: &str =
+    "(a.last_seen_at IS NOT NULL AND a.last_seen_at > now() - interval '30 seconds')";
+
+/// An authenticated agent: what a valid bearer token resolves to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentIdentity {
+    pub agent_id: Uuid,
+    pub user_id: Uuid,
+}
+
+/// An agent as `GET /agents` shows it.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct AgentView {
+    pub id: Uuid,
+    pub agent_name: String,
+    pub hostname: Option<String>,
+    pub os: Option<String>,
+    pub version: Option<String>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    /// A heartbeat in the last 30 s.
+    pub online: bool,
+    /// The agent has at least one token that is neither revoked nor expired.
+    pub active_token: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Makes an agent for `user_id` and its first token; returns the agent id and the token (shown once).
+pub async fn register(
+    pool: &PgPool,
+    user_id: Uuid,
+    agent_name: &str,
+    ttl: Option<std::time::Duration>,
+) -> Result<(Uuid, String), sqlx::Error> {
+    let secret = token::new_secret();
+    let mut tx = pool.begin().await?;
+    let agent_id: Uuid =
+        sqlx::query_scalar("INSERT INTO agents (user_id, agent_name) VALUES ($1, $2) RETURNING id")
+            .bind(user_id)
+            .bind(agent_name)
+            .fetch_one(&mut *tx)
+            .await?;
+    sqlx::query(
+        "INSERT INTO agent_tokens (agent_id, token_hash, expires_at) \
+         VALUES ($1, $2, now() + make_interval(secs => $3))",
+    )
+    .bind(agent_id)
+    .bind(token::digest(&secret))
+    .bind(ttl.map(|t| t.as_secs_f64()))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((agent_id, secret))
+}
+
+/// The agent a bearer token belongs to, if the token is valid: not revoked, not expired, and its user
+/// active (disabling a user also revokes the tokens; the status check covers any other path).
+pub async fn authenticate(
+    db: impl PgExecutor<'_>,
+    bearer: &str,
+) -> Result<Option<AgentIdentity>, sqlx::Error> {
+    let row: Option<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT a.id, a.user_id FROM agent_tokens t \
+         JOIN agents a ON a.id = t.agent_id JOIN users u ON u.id = a.user_id \
+         WHERE t.token_hash = $1 AND t.revoked_at IS NULL \
+           AND (t.expires_at IS NULL OR t.expires_at > now()) AND u.status = 'active'",
+    )
+    .bind(token::digest(bearer))
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|(agent_id, user_id)| AgentIdentity { agent_id, user_id }))
+}
+
+/// True while the agent has a token that is neither revoked nor expired and its user is active: a
+/// connected agent that loses this (expiry, or a revocation on another instance) is disconnected.
+pub async fn still_authorised(
+    db: impl PgExecutor<'_>,
+    agent_id: Uuid,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM agent_tokens t JOIN agents a ON a.id = t.agent_id \
+           JOIN users u ON u.id = a.user_id WHERE t.agent_id = $1 AND t.revoked_at IS NULL \
+           AND (t.expires_at IS NULL OR t.expires_at > now()) AND u.status = 'active')",
+    )
+    .bind(agent_id)
+    .fetch_one(db)
+    .await
+}
+
+pub async fn list(pool: &PgPool, user_id: Uuid) -> Result<Vec<AgentView>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT a.id, a.agent_name, a.hostname, a.os, a.version, a.last_seen_at, \
+           {ONLINE_SQL} AS online, \
+           EXISTS (SELECT 1 FROM agent_tokens t WHERE t.agent_id = a.id AND t.revoked_at IS NULL \
+                   AND (t.expires_at IS NULL OR t.expires_at > now())) AS active_token, \
+           a.created_at \
+         FROM agents a WHERE a.user_id = $1 ORDER BY a.created_at, a.id"
+    )))
+    .bind(user_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// Revokes every token of the agent if it belongs to `user_id`; None when it does not exist for them.
+pub async fn revoke_tokens(
+    db: impl PgExecutor<'_>,
+    user_id: Uuid,
+    agent_id: Uuid,
+) -> Result<Option<u64>, sqlx::Error> {
+    let row: Option<(i64,)> = sqlx::query_as(
+        "WITH agent AS (SELECT id FROM agents WHERE id = $1 AND user_id = $2), \
+         revoked AS (UPDATE agent_tokens SET revoked_at = now() \
+                     WHERE agent_id IN (SELECT id FROM agent) AND revoked_at IS NULL RETURNING 1) \
+         SELECT (SELECT count(*) FROM revoked) FROM agent",
+    )
+    .bind(agent_id)
+    .bind(user_id)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|(n,)| n as u64))
+}
+
+/// Marks the agent alive now, with what it says about itself (fields left out keep their value).
+pub async fn heartbeat(
+    db: impl PgExecutor<'_>,
+    agent_id: Uuid,
+    hostname: Option<&str>,
+    os: Option<&str>,
+    version: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE agents SET last_seen_at = now(), hostname = coalesce($2, hostname), \
+         os = coalesce($3, os), version = coalesce($4, version) WHERE id = $1",
+    )
+    .bind(agent_id)
+    .bind(hostname.map(|s| clip(s, 255)))
+    .bind(os.map(|s| clip(s, 255)))
+    .bind(version.map(|s| clip(s, 64)))
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+fn clip(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+/// Why a device report was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("device_id {0:?} is not 16 lower-case hex characters")]
+    BadDeviceId(String),
+    #[error("a report lists at most 256 dongles")]
+    TooMany,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// A claimed dongle of the agent's own user in a report: its token may go to that agent.
+#[derive(Debug, Clone)]
+pub struct OwnedSighting {
+    pub dongle_id: Uuid,
+    pub device_id: String,
+}
+
+/// Applies a full snapshot of the dongles an agent sees: upserts each by device id (identity, and the
+/// latest sighting: transport, pairing mode, presence, agent) and this agent's sighting of it, and marks
+/// the agent's sightings of other dongles as no longer present.
+/// Ownership is never touched here. Returns the present, CLAIMED_ACTIVE dongles owned by the agent's user.
+pub async fn report_devices(
+    pool: &PgPool,
+    agent: AgentIdentity,
+    dongles: &[DongleReport],
+) -> Result<Vec<OwnedSighting>, ReportError> {
+    if dongles.len() > 256 {
+        return Err(ReportError::TooMany);
+    }
+    for d in dongles {
+        if !control_proto::is_device_id(&d.device_id) {
+            return Err(ReportError::BadDeviceId(clip(&d.device_id, 32)));
+        }
+    }
+    let mut tx = pool.begin().await?;
+    let mut seen = Vec::with_capacity(dongles.len());
+    for d in dongles {
+        // Stored in its wire form: {"kind": "usb", ...} or {"kind": "lan", ...}.
+        let transport = serde_json::to_value(&d.transport).expect("a transport always serializes");
+        let dongle_id: Uuid = sqlx::query_scalar(
+            "INSERT INTO dongles (device_id, fw_build, proto_ver, capabilities, transport, pairing_mode, \
+               present, last_agent_id, last_seen_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
+             ON CONFLICT (device_id) DO UPDATE SET fw_build = EXCLUDED.fw_build, \
+               proto_ver = EXCLUDED.proto_ver, capabilities = EXCLUDED.capabilities, \
+               transport = EXCLUDED.transport, pairing_mode = EXCLUDED.pairing_mode, \
+               present = EXCLUDED.present, last_agent_id = EXCLUDED.last_agent_id, \
+               last_seen_at = CASE WHEN EXCLUDED.present THEN now() ELSE dongles.last_seen_at END \
+             RETURNING id",
+        )
+        .bind(&d.device_id)
+        .bind(clip(&d.fw_build, 64))
+        .bind(d.proto_ver as i16)
+        .bind(d.capabilities as i64)
+        .bind(&transport)
+        .bind(d.pairing_mode)
+        .bind(d.present)
+        .bind(agent.agent_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO dongle_sightings (dongle_id, agent_id, present, pairing_mode, transport) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (dongle_id, agent_id) DO UPDATE SET present = EXCLUDED.present, \
+               pairing_mode = EXCLUDED.pairing_mode, transport = EXCLUDED.transport, \
+               last_seen_at = CASE WHEN EXCLUDED.present THEN now() ELSE dongle_sightings.last_seen_at END",
+        )
+        .bind(dongle_id)
+        .bind(agent.agent_id)
+        .bind(d.present)
+        .bind(d.pairing_mode)
+        .bind(&transport)
+        .execute(&mut *tx)
+        .await?;
+        seen.push(d.device_id.clone());
+    }
+    // The snapshot is complete: what this agent listed before and not now, it no longer sees.
+    sqlx::query(
+        "UPDATE dongle_sightings s SET present = false, pairing_mode = false FROM dongles d \
+         WHERE d.id = s.dongle_id AND s.agent_id = $1 AND s.present AND NOT (d.device_id = ANY($2))",
+    )
+    .bind(agent.agent_id)
+    .bind(&seen)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE dongles SET present = false, pairing_mode = false \
+         WHERE last_agent_id = $1 AND present AND NOT (device_id = ANY($2))",
+    )
+    .bind(agent.agent_id)
+    .bind(&seen)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE agents SET last_seen_at = now() WHERE id = $1")
+        .bind(agent.agent_id)
+        .execute(&mut *tx)
+        .await?;
+    let owned: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT d.id, d.device_id FROM dongles d \
+         JOIN dongle_sightings s ON s.dongle_id = d.id AND s.agent_id = $2 AND s.present \
+         WHERE d.device_id = ANY($1) AND d.owner_user_id = $3 AND d.ownership_state = 'CLAIMED_ACTIVE'",
+    )
+    .bind(&seen)
+    .bind(agent.agent_id)
+    .bind(agent.user_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(owned
+        .into_iter()
+        .map(|(dongle_id, device_id)| OwnedSighting {
+            dongle_id,
+            device_id,
+        })
+        .collect())
+}

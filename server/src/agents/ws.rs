@@ -1,0 +1,152 @@
+//! The control WebSocket `/ws/agent` (the messages are `control_proto`'s): one task per connection
+//! reads the agent's messages, and a writer task drains the connection's queue in the [`AgentHub`].
+
+use axum::extract::ws::{Message, WebSocket};
+use control_proto::{AgentMessage, PROTOCOL_VERSION, ServerMessage, Welcome};
+use futures::{SinkExt, StreamExt};
+
+use crate::agents::{self, AgentIdentity};
+use crate::app::AppState;
+use crate::dongles;
+
+/// Serves one agent's control connection until either side closes it.
+pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
+    let agent_id = agent.agent_id;
+    let registration = state.hub.connect(agent_id);
+    let conn_id = registration.conn_id;
+    let mut rx = registration.rx;
+    let (mut sink, mut stream) = socket.split();
+    let writer = tokio::spawn(async move {
+        while let Some(message) = rx.recv().await {
+            if sink
+                .send(Message::Text(message.to_json().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    tracing::info!(%agent_id, "agent connected");
+    // Connecting counts as a sign of life.
+    if let Err(e) = agents::heartbeat(&state.pool, agent_id, None, None, None).await {
+        tracing::warn!(%agent_id, error = %e, "could not record the agent's presence");
+    }
+    // Replies are handed to their waiters right here, but everything that touches the database goes to a
+    // worker of its own, in order: a pairing step holds the dongle's row lock while it waits for a reply,
+    // and a device report queued before that reply would otherwise block the reply behind the lock.
+    let (work_tx, mut work_rx) = tokio::sync::mpsc::channel::<AgentMessage>(64);
+    let worker_state = state.clone();
+    let worker = tokio::spawn(async move {
+        while let Some(message) = work_rx.recv().await {
+            if let Err(e) = handle(&worker_state, agent, message).await {
+                tracing::warn!(%agent_id, error = %e, "a control message failed");
+            }
+        }
+    });
+    while let Some(frame) = stream.next().await {
+        let text = match frame {
+            Ok(Message::Text(text)) => text,
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        let message = match AgentMessage::from_json(text.as_str()) {
+            Ok(m) => m,
+            Err(e) => {
+                // The parse error names a position and a field, never a value: safe to send and log.
+                let _ = state.hub.send(
+                    agent_id,
+                    ServerMessage::Error {
+                        code: "bad_message".into(),
+                        message: format!("not a control message: {e}"),
+                    },
+                );
+                continue;
+            }
+        };
+        match message {
+            AgentMessage::Reply(reply) => {
+                state.hub.complete(agent_id, reply.id, reply.result);
+            }
+            other => {
+                if work_tx.send(other).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    state.hub.disconnect(agent_id, conn_id);
+    drop(work_tx);
+    let _ = worker.await;
+    writer.abort();
+    tracing::info!(%agent_id, "agent disconnected");
+}
+
+async fn handle(
+    state: &AppState,
+    agent: AgentIdentity,
+    message: AgentMessage,
+) -> Result<(), sqlx::Error> {
+    let agent_id = agent.agent_id;
+    match message {
+        AgentMessage::Hello(hello) => {
+            agents::heartbeat(
+                &state.pool,
+                agent_id,
+                Some(&hello.hostname),
+                Some(&hello.os),
+                Some(&hello.agent_version),
+            )
+            .await?;
+            let _ = state.hub.send(
+                agent_id,
+                ServerMessage::Welcome(Welcome {
+                    agent_id,
+                    heartbeat_secs: control_proto::DEFAULT_HEARTBEAT_SECS,
+                    protocol: PROTOCOL_VERSION,
+                }),
+            );
+        }
+        AgentMessage::Heartbeat => {
+            if !agents::still_authorised(&state.pool, agent_id).await? {
+                state.hub.kick(agent_id);
+                return Ok(());
+            }
+            agents::heartbeat(&state.pool, agent_id, None, None, None).await?;
+        }
+        AgentMessage::Devices(devices) => {
+            match agents::report_devices(&state.pool, agent, &devices.dongles).await {
+                Ok(owned) => {
+                    dongles::hand_out_tokens(
+                        &state.pool,
+                        &state.keys,
+                        &state.hub,
+                        agent_id,
+                        &owned,
+                    )
+                    .await;
+                }
+                Err(agents::ReportError::Db(e)) => return Err(e),
+                Err(e) => {
+                    let _ = state.hub.send(
+                        agent_id,
+                        ServerMessage::Error {
+                            code: "bad_report".into(),
+                            message: e.to_string(),
+                        },
+                    );
+                }
+            }
+        }
+        AgentMessage::Reply(reply) => {
+            state.hub.complete(agent_id, reply.id, reply.result);
+        }
+        AgentMessage::Event(control_proto::Event::TokenRejected { device_id }) => {
+            if control_proto::is_device_id(&device_id) {
+                dongles::token_rejected(&state.pool, agent_id, agent.user_id, &device_id).await?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! A test agent: a tokio-tungstenite client speaking `control_proto` on `/ws/agent`, answering the
+//! server's requests as a dongle behind a real agent would (pairing start with a nonce, pairing submit ok
+//! only for the PIN the test chose), and recording what it was sent.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use control_proto::{
+    AgentMessage, DongleReport, Hello, Reply, ReplyError, ReplyErrorCode, ReplyOk, ReplyResult,
+    RequestBody, ServerMessage, Transport,
+};
+use futures::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use uuid::Uuid;
+
+use super::{TestClient, read};
+
+/// The PIN the test dongles show.
+pub const PIN: &str = "123456";
+pub const NONCE: &str = "0123456789abcdef0123456789abcdef";
+
+/// Registers an agent for the client's user: (agent id, token).
+pub async fn register(client: &TestClient) -> (Uuid, String) {
+    let answer = read(
+        client
+            .post_json("/agents/register", json!({"agent_name": "bench"}))
+            .await,
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.text);
+    (
+        answer.json["agent_id"].as_str().unwrap().parse().unwrap(),
+        answer.json["agent_token"].as_str().unwrap().to_string(),
+    )
+}
+
+/// What the test agent saw and how it behaves.
+#[derive(Default)]
+pub struct Seen {
+    pub pairing_starts: usize,
+    pub pairing_submits: usize,
+    /// The tokens of accepted pairing submits, base64.
+    pub paired_tokens: Vec<String>,
+    /// `dongle_token` messages: (device id, token).
+    pub dongle_tokens: Vec<(String, String)>,
+    pub forgets: Vec<String>,
+    pub errors: Vec<String>,
+    /// How long the "dongle" takes to answer a pairing submit.
+    pub submit_delay: Duration,
+    /// The device ids of the last report; a pairing start re-reports them (the dongle is now in pairing
+    /// mode) before it answers, as a real agent does.
+    pub reported: Vec<String>,
+}
+
+pub struct TestAgent {
+    pub agent_id: Uuid,
+    pub seen: Arc<Mutex<Seen>>,
+    out: mpsc::UnboundedSender<AgentMessage>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Opens `/ws/agent` with `token`; Err with the HTTP status when refused.
+pub async fn try_connect(
+    base: &str,
+    token: &str,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    u16,
+> {
+    let url = format!("{}/ws/agent", base.replacen("http://", "ws://", 1));
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => Err(res.status().as_u16()),
+        Err(e) => panic!("unexpected WebSocket error: {e}"),
+    }
+}
+
+impl TestAgent {
+    /// Connects, says hello, and waits for the welcome.
+    pub async fn connect(base: &str, token: &str) -> Self {
+        let mut ws = try_connect(base, token)
+            .await
+            .expect("the upgrade succeeds");
+        let hello = AgentMessage::Hello(Hello {
+            protocol: control_proto::PROTOCOL_VERSION,
+            agent_version: "test-0.1".into(),
+            hostname: "bench-host".into(),
+            os: "linux".into(),
+        });
+        ws.send(Message::text(hello.to_json())).await.unwrap();
+        let agent_id = loop {
+            let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("a welcome in time")
+                .expect("open")
+                .unwrap();
+            if let Message::Text(text) = frame
+                && let ServerMessage::Welcome(w) = ServerMessage::from_json(text.as_str()).unwrap()
+            {
+                assert_eq!(w.heartbeat_secs, 10);
+                break w.agent_id;
+            }
+        };
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (out, mut out_rx) = mpsc::unbounded_channel::<AgentMessage>();
+        let (mut sink, mut stream) = ws.split();
+        let seen2 = seen.clone();
+        let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<AgentMessage>();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(m) = out_rx.recv() => {
+                        if sink.send(Message::text(m.to_json())).await.is_err() { break; }
+                    }
+                    Some(m) = reply_rx.recv() => {
+                        if sink.send(Message::text(m.to_json())).await.is_err() { break; }
+                    }
+                    frame = stream.next() => {
+                        let Some(Ok(Message::Text(text))) = frame else {
+                            if frame.is_none() || matches!(frame, Some(Err(_))) { break; }
+                            continue;
+                        };
+                        let msg = ServerMessage::from_json(text.as_str()).unwrap();
+                        handle(&seen2, msg, &reply_tx);
+                    }
+                }
+            }
+        });
+        Self {
+            agent_id,
+            seen,
+            out,
+            task,
+        }
+    }
+
+    pub fn send(&self, message: AgentMessage) {
+        self.out.send(message).unwrap();
+    }
+
+    /// Reports `device_ids` as present USB dongles (a full snapshot) and waits until the server has
+    /// recorded it.
+    pub async fn report(&self, pool: &sqlx::PgPool, device_ids: &[&str]) {
+        self.send(AgentMessage::Devices(control_proto::Devices {
+            dongles: device_ids.iter().map(|d| usb_dongle(d)).collect(),
+        }));
+        let ids: Vec<String> = device_ids.iter().map(|d| d.to_string()).collect();
+        self.seen.lock().unwrap().reported = ids.clone();
+        wait_until(|| async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM dongles WHERE device_id = ANY($1) AND present AND last_agent_id = $2",
+            )
+            .bind(&ids)
+            .bind(self.agent_id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            n == ids.len() as i64
+        })
+        .await;
+    }
+
+    pub fn close(self) {
+        self.task.abort();
+    }
+}
+
+/// Polls `check` every 20 ms for up to 10 s.
+pub async fn wait_until<F, Fut>(mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..500 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the condition did not become true in 10 s");
+}
+
+pub fn usb_dongle(device_id: &str) -> DongleReport {
+    DongleReport {
+        device_id: device_id.into(),
+        fw_build: "1.4.2".into(),
+        proto_ver: 1,
+        capabilities: 1,
+        transport: Transport::Usb {
+            path: "/dev/ttyACM0".into(),
+            serial_number: Some("SN1".into()),
+        },
+        pairing_mode: false,
+        present: true,
+        claimed: false,
+    }
+}
+
+fn handle(
+    seen: &Arc<Mutex<Seen>>,
+    msg: ServerMessage,
+    reply: &mpsc::UnboundedSender<AgentMessage>,
+) {
+    match msg {
+        ServerMessage::Request(req) => {
+            let id = req.id;
+            let seen = seen.clone();
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let result = match req.body {
+                    RequestBody::PairingStart { device_id, .. } => {
+                        let reported = {
+                            let mut s = seen.lock().unwrap();
+                            s.pairing_starts += 1;
+                            s.reported.clone()
+                        };
+                        let dongles = reported
+                            .iter()
+                            .map(|d| DongleReport {
+                                pairing_mode: *d == device_id,
+                                ..usb_dongle(d)
+                            })
+                            .collect();
+                        let _ =
+                            reply.send(AgentMessage::Devices(control_proto::Devices { dongles }));
+                        ReplyResult::Ok {
+                            body: ReplyOk::PairingStarted {
+                                pairing_nonce: NONCE.into(),
+                                expires_in_ms: 120_000,
+                            },
+                        }
+                    }
+                    RequestBody::PairingSubmit {
+                        pin,
+                        token,
+                        pairing_nonce,
+                        ..
+                    } => {
+                        let delay = {
+                            let mut s = seen.lock().unwrap();
+                            s.pairing_submits += 1;
+                            s.submit_delay
+                        };
+                        tokio::time::sleep(delay).await;
+                        assert_eq!(pairing_nonce, NONCE);
+                        if pin == PIN {
+                            seen.lock().unwrap().paired_tokens.push(token);
+                            ReplyResult::Ok {
+                                body: ReplyOk::Paired,
+                            }
+                        } else {
+                            ReplyResult::Error(ReplyError {
+                                code: ReplyErrorCode::InvalidPin,
+                                message: "wrong PIN".into(),
+                            })
+                        }
+                    }
+                    RequestBody::Forget { device_id } => {
+                        seen.lock().unwrap().forgets.push(device_id);
+                        ReplyResult::Ok {
+                            body: ReplyOk::Forgotten,
+                        }
+                    }
+                    _ => ReplyResult::Error(ReplyError {
+                        code: ReplyErrorCode::Unsupported,
+                        message: "not in this test".into(),
+                    }),
+                };
+                let _ = reply.send(AgentMessage::Reply(Reply { id, result }));
+            });
+        }
+        ServerMessage::DongleToken(t) => {
+            seen.lock()
+                .unwrap()
+                .dongle_tokens
+                .push((t.device_id, t.token));
+        }
+        ServerMessage::Error { code, .. } => seen.lock().unwrap().errors.push(code),
+        ServerMessage::Welcome(_) => {}
+    }
+}
