@@ -1,28 +1,12 @@
 //! `bridge-server migrate`, run as a real process against a fresh database.
 
+mod common;
+
 use std::process::Command;
 
-use sqlx::PgPool;
+use common::database_url_of;
 
-/// The URL of the database `#[sqlx::test]` made for this test: DATABASE_URL with its database replaced.
-fn url_of(pool: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by the test command");
-    let db = pool
-        .connect_options()
-        .get_database()
-        .expect("the test pool names its database")
-        .to_string();
-    let (head, query) = match base.split_once('?') {
-        Some((h, q)) => (h.to_string(), format!("?{q}")),
-        None => (base.clone(), String::new()),
-    };
-    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
-    let path_start = head[scheme_end..]
-        .find('/')
-        .map(|i| i + scheme_end)
-        .unwrap_or(head.len());
-    format!("{}/{}{}", &head[..path_start], db, query)
-}
+use sqlx::PgPool;
 
 fn migrate(url: &str) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_bridge-server"))
@@ -39,7 +23,7 @@ fn migrate(url: &str) -> (bool, String, String) {
 
 #[sqlx::test(migrations = false)]
 async fn migrate_applies_once_then_is_a_no_op(pool: PgPool) {
-    let url = url_of(&pool);
+    let url = database_url_of(&pool);
     let (ok, stdout, stderr) = migrate(&url);
     assert!(ok, "first migrate failed: {stderr}");
     assert!(stdout.contains("applied 0001 v07 schema"), "{stdout}");
