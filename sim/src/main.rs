@@ -280,6 +280,9 @@ async fn run(args: RunArgs) -> Result<()> {
         .await
         .context("starting the simulator")?;
     let mut events = sim.events();
+    // The first Plugged event may arrive after this subscription or before it; the path printed here
+    // is remembered so that it is printed once either way.
+    let mut printed_serial = sim.serial_path();
     match (sim.serial_path(), sim.udp_addr(), sim.discovery_addr()) {
         (Some(path), _, _) => println!("serial {}", path.display()),
         (None, Some(remp), Some(disc)) => println!("udp {remp} discovery {disc}"),
@@ -299,7 +302,7 @@ async fn run(args: RunArgs) -> Result<()> {
             _ = usr1.recv() => sim.unplug().await,
             _ = usr2.recv() => { sim.replug().await; }
             event = events.recv() => match event {
-                Ok(event) => report(&sim, &event),
+                Ok(event) => report(&sim, &event, &mut printed_serial),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tracing::warn!("{n} events not shown"),
                 Err(_) => break,
             },
@@ -319,7 +322,10 @@ async fn run(args: RunArgs) -> Result<()> {
 }
 
 /// Prints an event: the machine-readable lines on stdout, the rest to the log.
-fn report(sim: &SimHandle, event: &SimEvent) {
+///
+/// `printed_serial` is the serial path last printed; a Plugged event for it is not printed again, and
+/// an unplug clears it (a replug may get the same pseudo-terminal number back).
+fn report(sim: &SimHandle, event: &SimEvent, printed_serial: &mut Option<std::path::PathBuf>) {
     match event {
         // This line stands for the dongle's display; it is the only place the PIN is printed.
         SimEvent::Pin { device_id, pin, .. } => {
@@ -327,9 +333,17 @@ fn report(sim: &SimHandle, event: &SimEvent) {
         }
         SimEvent::Plugged {
             serial_path: Some(path),
-        } => println!("serial {}", path.display()),
+        } => {
+            if printed_serial.as_ref() != Some(path) {
+                println!("serial {}", path.display());
+                *printed_serial = Some(path.clone());
+            }
+        }
         SimEvent::Plugged { serial_path: None } => println!("plugged"),
-        SimEvent::Unplugged => println!("unplugged"),
+        SimEvent::Unplugged => {
+            *printed_serial = None;
+            println!("unplugged");
+        }
         SimEvent::FactoryReset => println!("factory-reset"),
         SimEvent::Paired => println!("paired device {}", sim.device_id()),
         SimEvent::ReplayFinished {
