@@ -376,7 +376,11 @@ proptest! {
         // Opaque payloads have no length of their own; every other kind knows its length.
         let self_delimited = !matches!(payload, Payload::Other(_) | Payload::UartTelemetry(_));
         let short = &good[..cut.index(n)];
-        if self_delimited || short.len() < remp::HEADER_LEN {
+        // A pairing ack has two valid lengths (PROTOCOL.md 3.5): with the nonce (a successful start)
+        // and without it (everything else). Cut right before its nonce, it is a valid shorter ack.
+        let ack_without_nonce = matches!(payload, Payload::PairingAck(a) if a.pairing_nonce.is_some())
+            && short.len() == remp::HEADER_LEN + 20;
+        if (self_delimited && !ack_without_nonce) || short.len() < remp::HEADER_LEN {
             prop_assert!(remp::decode(short).is_err());
         }
         let mut long = good.to_vec();
@@ -491,5 +495,41 @@ proptest! {
         if damaged == 0 {
             prop_assert_eq!(stats.crc_errors + stats.cobs_errors + stats.oversize, 0);
         }
+    }
+}
+
+/// The one prefix of a valid packet that is itself valid: a start ack cut before its nonce decodes as
+/// an ack without one, which is what a submit ack looks like. The layout makes this so; the status and
+/// the correlation id tell the two apart.
+#[test]
+fn a_pairing_ack_cut_before_its_nonce_is_an_ack_without_one() {
+    use firmware_proto::ids::CorrelationId;
+    use firmware_proto::remp::{PairingAck, PairingStatus};
+    let ack = PairingAck {
+        status: PairingStatus::Ok,
+        seconds: 120,
+        corr_id: CorrelationId([7; 16]),
+        pairing_nonce: Some([9; 16]),
+    };
+    let packet = Packet {
+        header: Header::new(MsgType::Pairing, DeviceId([1; 8]), 1),
+        payload: Payload::PairingAck(ack),
+    };
+    let mut out = [0u8; MAX_PACKET_LEN];
+    let n = remp::encode(&packet, &mut out).unwrap();
+    assert_eq!(n, remp::HEADER_LEN + 36);
+    let cut = remp::decode(&out[..remp::HEADER_LEN + 20]).unwrap();
+    assert_eq!(
+        cut.payload,
+        Payload::PairingAck(PairingAck {
+            pairing_nonce: None,
+            ..ack
+        })
+    );
+    for len in (remp::HEADER_LEN + 21)..n {
+        assert!(
+            remp::decode(&out[..len]).is_err(),
+            "a {len}-byte prefix decoded"
+        );
     }
 }
