@@ -20,8 +20,7 @@ use firmware_proto::ids::DeviceId;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::discovery::scan::{Location, ScanPlan, discovery_targets};
-use crate::discovery::usb_ports;
+use crate::discovery::scan::{Location, ScanPlan, candidate_ports, discovery_targets};
 use crate::session::{DongleInfo, DongleSession, SessionConfig, identify};
 use crate::transport::serial;
 use crate::transport::udp::UdpHub;
@@ -161,22 +160,6 @@ impl DongleManager {
     pub fn set_pairing_active(&self, active: bool) {
         self.pairing_active.store(active, Ordering::Relaxed);
     }
-}
-
-fn candidate_ports(plan: &ScanPlan) -> Vec<PathBuf> {
-    let mut ports: Vec<PathBuf> = usb_ports::matching(
-        usb_ports::scan_sysfs("/sys/class/tty".as_ref(), "/dev".as_ref()),
-        &plan.usb_filter,
-    )
-    .into_iter()
-    .map(|p| p.path)
-    .collect();
-    for p in &plan.explicit_ports {
-        if !ports.contains(p) {
-            ports.push(p.clone());
-        }
-    }
-    ports
 }
 
 async fn serial_loop(

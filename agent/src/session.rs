@@ -718,7 +718,8 @@ impl DongleSession {
 
     /// Encodes and queues one packet, with the credentials its type needs.
     async fn send(&self, msg_type: MsgType, payload: Payload<'_>) -> Result<(), SessionError> {
-        let mut buf = vec![0u8; MAX_PACKET_LEN];
+        // Encoded on the stack; only the packet's own length is copied to the heap for the link.
+        let mut buf = [0u8; MAX_PACKET_LEN];
         let len = {
             let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
             let mut header = Header::new(msg_type, self.info.device_id, seq);
@@ -735,9 +736,8 @@ impl DongleSession {
             }
             .map_err(SessionError::Encode)?
         };
-        buf.truncate(len);
         self.outgoing
-            .send(buf)
+            .send(buf[..len].to_vec())
             .await
             .map_err(|_| SessionError::Closed)
     }

@@ -87,6 +87,23 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// The serial ports worth asking: those whose USB id passes the filter, then the explicit ones.
+pub fn candidate_ports(plan: &ScanPlan) -> Vec<PathBuf> {
+    let mut ports: Vec<PathBuf> = usb_ports::matching(
+        usb_ports::scan_sysfs("/sys/class/tty".as_ref(), "/dev".as_ref()),
+        &plan.usb_filter,
+    )
+    .into_iter()
+    .map(|p| p.path)
+    .collect();
+    for p in &plan.explicit_ports {
+        if !ports.contains(p) {
+            ports.push(p.clone());
+        }
+    }
+    ports
+}
+
 /// Where DISCOVER goes: the explicit targets, and the broadcast address of every eligible interface
 /// (with the interface's name) when broadcasting is on.
 pub fn discovery_targets(plan: &ScanPlan) -> Vec<(SocketAddr, Option<String>)> {
@@ -107,18 +124,7 @@ pub fn discovery_targets(plan: &ScanPlan) -> Vec<(SocketAddr, Option<String>)> {
 
 /// Runs one scan and merges what answered by device id.
 pub async fn scan(plan: &ScanPlan, hub: &UdpHub) -> (Vec<Found>, Vec<Skipped>) {
-    let mut ports: Vec<PathBuf> = usb_ports::matching(
-        usb_ports::scan_sysfs("/sys/class/tty".as_ref(), "/dev".as_ref()),
-        &plan.usb_filter,
-    )
-    .into_iter()
-    .map(|p| p.path)
-    .collect();
-    for p in &plan.explicit_ports {
-        if !ports.contains(p) {
-            ports.push(p.clone());
-        }
-    }
+    let ports = candidate_ports(plan);
 
     let mut announces = hub.announces();
     let targets = discovery_targets(plan);
