@@ -19,6 +19,7 @@
 //! | `devices` | after `welcome`, and whenever the set or a state changes | the full snapshot of the dongles the agent sees: anything not listed is no longer seen |
 //! | `reply` | answer to a server `request` | the request's `id` and `result` (`ok` with a body, or `error {code, message}`) |
 //! | `event` | unsolicited | e.g. `token_rejected` for a claimed dongle that no longer accepts its token (the server marks it RESET_DETECTED) |
+//! | `command_result` | when a command the agent accepted has ended, and again after every reconnect until acknowledged | the [`CommandResult`]: command id, outcome, exit code, output, truncated flag |
 //!
 //! # Server -> agent ([`ServerMessage`])
 //!
@@ -27,12 +28,23 @@
 //! | `welcome` | answer to `hello` | the `agent_id`, the heartbeat period in seconds, the server's protocol version |
 //! | `request` | whenever the server needs the agent to act | an `id` (unique per connection), a `timeout_ms` after which the server stops waiting, and a [`RequestBody`] |
 //! | `dongle_token` | after a pairing succeeds, and when the agent reports a claimed dongle of its own user | the plaintext token (base64) of that dongle, for the agent's vault |
+//! | `command_result_ack` | after the server stored a `command_result` (or already had it) | the `command_id`; the agent drops the result from its outbox |
 //! | `error` | before the server closes the socket for a protocol violation | `code`, `message` |
 //!
 //! Request bodies ([`RequestBody`], field `body.type`): `pairing_start`, `pairing_submit`, `forget`,
 //! `can_config`, `command`, `send_frame`. The agent answers each with exactly one `reply` of the same `id`;
 //! a reply after the timeout is dropped by the server. The `ok` body of each reply is [`ReplyOk`]; error
 //! codes are [`ReplyErrorCode`].
+//!
+//! # Commands: at least once in, exactly once out
+//!
+//! A `command` request is answered at once with `command_accepted`: the agent has written the command to
+//! its journal on disk and runs it (or has run it: a command id it already knows is never run twice, and
+//! its stored result is sent again). The outcome travels separately as `command_result`, kept in the
+//! agent's on-disk outbox until the server answers `command_result_ack`, so a result survives a lost
+//! connection or an agent restart. The server may therefore send the same command more than once and
+//! receive the same result more than once; both sides make that harmless (the server's command states
+//! only move forward).
 //!
 //! Secrets (tokens, PINs) travel only inside `pairing_submit` and `dongle_token`, over the authenticated
 //! channel; neither side logs them, and the `Debug` output of those messages redacts them.
@@ -65,6 +77,7 @@ pub enum AgentMessage {
     Devices(Devices),
     Reply(Reply),
     Event(Event),
+    CommandResult(CommandResult),
 }
 
 /// The first message of a connection.
@@ -146,15 +159,58 @@ pub enum ReplyOk {
     Paired,
     Forgotten,
     /// The dongle applied a CAN configuration; `effective` holds the values it uses.
-    CanConfigApplied {
-        effective: serde_json::Value,
-    },
-    CommandDone {
-        stdout: String,
-        stderr: String,
-        exit_code: i32,
-    },
+    CanConfigApplied { effective: CanEffective },
+    /// The agent holds the command in its journal; the outcome follows as `command_result`.
+    CommandAccepted,
+    /// The dongle took the frame for transmission.
     FrameSent,
+}
+
+/// The CAN configuration a dongle reports it uses after applying one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanEffective {
+    pub bitrate: u32,
+    pub sample_point_permille: u16,
+    pub prescaler: u16,
+    pub sjw: u8,
+    pub tseg1: u8,
+    pub tseg2: u8,
+    /// `normal`, `listen_only`, `loopback` or `ext_loop`.
+    pub mode: String,
+    pub use_raw: bool,
+    pub auto_retx: bool,
+    pub tx_pause: bool,
+    pub protocol_exc: bool,
+}
+
+/// How a command ended, as the dongle (or the agent, for `error`) tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandOutcome {
+    /// The dongle ran the command; `exit_code` says how it went.
+    Done,
+    /// The dongle refused to run it (not allowed, or dangerous without the flag).
+    Denied,
+    /// The command failed, or the agent could not get it to the dongle (see `message`).
+    Error,
+    /// The dongle stopped the command at its timeout, or never answered.
+    Timeout,
+}
+
+/// The end of a command, sent until the server acknowledges it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    pub command_id: Uuid,
+    pub device_id: DeviceId,
+    pub outcome: CommandOutcome,
+    pub exit_code: i32,
+    /// What the dongle printed (bytes that are not UTF-8 replaced).
+    pub output: String,
+    /// The dongle cut the output at its own limit.
+    pub truncated: bool,
+    /// Why the agent reports `error` on its own (the dongle went away, the agent restarted mid-command).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Why a request failed.
@@ -201,6 +257,8 @@ pub enum ServerMessage {
     Welcome(Welcome),
     Request(Request),
     DongleToken(DongleToken),
+    /// The server stored the result of this command; the agent may forget it.
+    CommandResultAck { command_id: Uuid },
     Error { code: String, message: String },
 }
 
@@ -238,7 +296,7 @@ pub enum RequestBody {
     },
     /// Tell the dongle to forget its token, and drop it from the agent's vault.
     Forget { device_id: DeviceId },
-    /// Apply a CAN configuration (next issue).
+    /// Apply a CAN configuration. Optional raw timing fields are sent only with `use_raw`.
     CanConfig {
         device_id: DeviceId,
         bitrate: u32,
@@ -253,7 +311,8 @@ pub enum RequestBody {
         tx_pause: bool,
         protocol_exc: bool,
     },
-    /// Run an allow-listed CLI command on the dongle (next issue).
+    /// Run an allow-listed CLI command on the dongle; answered by `command_accepted`, ended by a
+    /// `command_result`. `line` is the command and its arguments as the dongle's CLI reads them.
     Command {
         command_id: Uuid,
         device_id: DeviceId,
@@ -261,7 +320,7 @@ pub enum RequestBody {
         timeout_ms: u64,
         allow_dangerous: bool,
     },
-    /// Transmit one CAN frame by hand (next issue).
+    /// Transmit one CAN frame by hand.
     SendFrame {
         device_id: DeviceId,
         can_id: u32,
@@ -269,6 +328,9 @@ pub enum RequestBody {
         rtr: bool,
         /// Up to 8 bytes (64 for FD), hex.
         data: String,
+        /// A CAN FD frame (the dongle must announce FD).
+        #[serde(default)]
+        fd: bool,
     },
 }
 
@@ -556,6 +618,7 @@ mod tests {
                 extended: false,
                 rtr: false,
                 data: "0201000000000000".into(),
+                fd: false,
             },
         ] {
             let msg = ServerMessage::Request(Request {
@@ -565,6 +628,54 @@ mod tests {
             });
             assert_eq!(ServerMessage::from_json(&msg.to_json()).unwrap(), msg);
         }
+    }
+
+    #[test]
+    fn command_results_and_acks() {
+        let id = Uuid::nil();
+        agent_round_trip(
+            AgentMessage::CommandResult(CommandResult {
+                command_id: id,
+                device_id: DEV.into(),
+                outcome: CommandOutcome::Done,
+                exit_code: 0,
+                output: "sim\n".into(),
+                truncated: false,
+                message: None,
+            }),
+            json!({"type": "command_result", "command_id": id, "device_id": DEV, "outcome": "done",
+                   "exit_code": 0, "output": "sim\n", "truncated": false}),
+        );
+        server_round_trip(
+            ServerMessage::CommandResultAck { command_id: id },
+            json!({"type": "command_result_ack", "command_id": id}),
+        );
+        agent_round_trip(
+            AgentMessage::Reply(Reply {
+                id: 4,
+                result: ReplyResult::Ok {
+                    body: ReplyOk::CanConfigApplied {
+                        effective: CanEffective {
+                            bitrate: 500_000,
+                            sample_point_permille: 875,
+                            prescaler: 10,
+                            sjw: 1,
+                            tseg1: 13,
+                            tseg2: 2,
+                            mode: "normal".into(),
+                            use_raw: false,
+                            auto_retx: true,
+                            tx_pause: false,
+                            protocol_exc: false,
+                        },
+                    },
+                },
+            }),
+            json!({"type": "reply", "id": 4, "result": {"status": "ok", "body": {"type": "can_config_applied",
+                "effective": {"bitrate": 500000, "sample_point_permille": 875, "prescaler": 10, "sjw": 1,
+                "tseg1": 13, "tseg2": 2, "mode": "normal", "use_raw": false, "auto_retx": true,
+                "tx_pause": false, "protocol_exc": false}}}}),
+        );
     }
 
     #[test]

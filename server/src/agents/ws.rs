@@ -142,6 +142,10 @@ async fn handle(
         AgentMessage::Reply(reply) => {
             state.hub.complete(agent_id, reply.id, reply.result);
         }
+        AgentMessage::CommandResult(result) => {
+            // Commands arrive with the command console; until then a result has nowhere to go.
+            tracing::debug!(%agent_id, command_id = %result.command_id, "command result ignored");
+        }
         AgentMessage::Event(control_proto::Event::TokenRejected { device_id }) => {
             if control_proto::is_device_id(&device_id) {
                 dongles::token_rejected(&state.pool, agent_id, agent.user_id, &device_id).await?;

@@ -284,6 +284,6 @@ fn handle(
                 .push((t.device_id, t.token));
         }
         ServerMessage::Error { code, .. } => seen.lock().unwrap().errors.push(code),
-        ServerMessage::Welcome(_) => {}
+        ServerMessage::Welcome(_) | ServerMessage::CommandResultAck { .. } => {}
     }
 }
