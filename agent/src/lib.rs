@@ -8,11 +8,19 @@
 //! - [`session`]: [`session::DongleSession`], typed requests and answers with one dongle.
 //! - [`discovery`]: which serial ports and LAN interfaces may carry dongles, and one scan of both.
 //! - [`dongles`]: the dongles served, one session each, kept current as they come and go.
+//! - [`uplink`]: the link to the server: TLS, the JSON API, the control WebSocket, reconnect delays.
+//! - [`daemon`]: `bridge-agent run`: the dongles, the server link and the requests between them.
+//! - [`journal`]: the commands the agent accepted, until the server has their results.
+//! - [`home`]: the agent's folder: credentials, vault and journal.
 //! - [`cli`]: the technician's commands, thin shells over the rest.
 //! - [`vault`]: dongle tokens on disk, encrypted with AES-256-GCM.
 pub mod cli;
+pub mod daemon;
 pub mod discovery;
 pub mod dongles;
+pub mod home;
+pub mod journal;
 pub mod session;
 pub mod transport;
+pub mod uplink;
 pub mod vault;

@@ -32,6 +32,20 @@ pub struct DiscoveryArgs {
     pub discovery_port: u16,
 }
 
+impl DiscoveryArgs {
+    /// The scan these arguments describe, waiting `wait` for answers.
+    pub fn plan(&self, wait: Duration) -> ScanPlan {
+        ScanPlan {
+            usb_filter: self.usb_ids.clone(),
+            explicit_ports: self.ports.clone(),
+            broadcast: !self.no_broadcast,
+            discovery_port: self.discovery_port,
+            udp_targets: self.udp_targets.clone(),
+            wait,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ListArgs {
     #[command(flatten)]
@@ -44,15 +58,17 @@ pub struct ListArgs {
     pub verbose: bool,
 }
 
-pub async fn run(args: ListArgs) -> anyhow::Result<()> {
-    let plan = ScanPlan {
-        usb_filter: args.discovery.usb_ids.clone(),
-        explicit_ports: args.discovery.ports.clone(),
-        broadcast: !args.discovery.no_broadcast,
-        discovery_port: args.discovery.discovery_port,
-        udp_targets: args.discovery.udp_targets.clone(),
-        wait: Duration::from_millis(args.wait_ms),
-    };
+pub async fn run(home: &crate::home::Home, args: ListArgs) -> anyhow::Result<()> {
+    // A running daemon holds the serial ports; what it serves is the answer then.
+    if let Some((status, true)) = crate::daemon::read_status(home) {
+        eprintln!(
+            "the agent's daemon (pid {}) serves these dongles; stop it to scan afresh",
+            status.pid
+        );
+        print!("{}", render_reports(&status.dongles));
+        return Ok(());
+    }
+    let plan = args.discovery.plan(Duration::from_millis(args.wait_ms));
     let hub = UdpHub::bind(SocketAddr::from(([0, 0, 0, 0], 0)))
         .await
         .context("could not open a UDP socket for LAN discovery")?;
@@ -65,6 +81,32 @@ pub async fn run(args: ListArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The daemon's dongles as a table, one per line.
+pub fn render_reports(dongles: &[control_proto::DongleReport]) -> String {
+    if dongles.is_empty() {
+        return "no dongles served\n".to_string();
+    }
+    let mut out = format!(
+        "{:<16}  {:<8}  {:<12}  {:<10}  {}\n",
+        "DEVICE ID", "PAIRING", "FIRMWARE", "TOKEN", "WHERE"
+    );
+    for d in dongles {
+        let place = match &d.transport {
+            control_proto::Transport::Usb { path, .. } => format!("usb {path}"),
+            control_proto::Transport::Lan { addr } => format!("lan {addr}"),
+        };
+        out.push_str(&format!(
+            "{:<16}  {:<8}  {:<12}  {:<10}  {}\n",
+            d.device_id,
+            if d.pairing_mode { "open" } else { "-" },
+            d.fw_build,
+            if d.claimed { "held" } else { "-" },
+            place
+        ));
+    }
+    out
 }
 
 /// The listing as a table, one dongle per line.

@@ -42,6 +42,11 @@ impl Pty {
     /// Opens a new pseudo-terminal in raw mode.
     pub fn open() -> io::Result<Self> {
         let pair = nix::pty::openpty(None, None)?;
+        // openpty leaves both ends inheritable: a process started meanwhile (an agent under test) would
+        // keep a copy of them, and pulling the plug would then never reach the host as a hang-up.
+        for fd in [&pair.master, &pair.slave] {
+            fcntl(fd, FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+        }
         let mut termios = tcgetattr(&pair.slave)?;
         cfmakeraw(&mut termios);
         tcsetattr(&pair.slave, SetArg::TCSANOW, &termios)?;

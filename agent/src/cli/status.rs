@@ -1,0 +1,89 @@
+//! `bridge-agent status`: is this agent logged in, is its daemon running and connected, what dongles it
+//! serves, and what waits for the server.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::daemon::read_status;
+use crate::home::Home;
+use crate::journal::Journal;
+use crate::uplink::api::{Api, ApiError};
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Do not ask the server whether it accepts the agent's token.
+    #[arg(long)]
+    pub offline: bool,
+}
+
+pub async fn run(home: &Home, args: StatusArgs) -> anyhow::Result<()> {
+    println!("folder:  {}", home.dir().display());
+    let Some(creds) = home.load_credentials()? else {
+        println!("login:   not logged in (run `bridge-agent login --server URL`)");
+        return Ok(());
+    };
+    println!("server:  {}", creds.server_url);
+    println!("agent:   {}", creds.agent_id);
+    if !args.offline {
+        let api = Api::new(&creds.server_url, creds.ca_file.as_deref())?
+            .with_agent_token(&creds.agent_token);
+        let answer = tokio::time::timeout(Duration::from_secs(5), api.dongles()).await;
+        let verdict = match answer {
+            Ok(Ok(_)) => "reachable, token accepted".to_string(),
+            Ok(Err(ApiError::Refused { status: 401, .. })) => {
+                "token refused (revoked or expired): run `bridge-agent login` again".to_string()
+            }
+            Ok(Err(e)) => format!("not usable: {e}"),
+            Err(_) => "no answer within 5 s".to_string(),
+        };
+        println!("token:   {verdict}");
+    }
+    match read_status(home) {
+        Some((status, true)) => {
+            println!(
+                "daemon:  running (pid {}), {}",
+                status.pid,
+                if status.connected {
+                    "connected to the server".to_string()
+                } else {
+                    format!(
+                        "not connected{}",
+                        status
+                            .last_error
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    )
+                }
+            );
+            if status.dongles.is_empty() {
+                println!("dongles: none seen");
+            }
+            for d in &status.dongles {
+                let place = match &d.transport {
+                    control_proto::Transport::Usb { path, .. } => format!("usb {path}"),
+                    control_proto::Transport::Lan { addr } => format!("lan {addr}"),
+                };
+                println!(
+                    "dongle:  {}  {}  {}{}",
+                    d.device_id,
+                    place,
+                    if d.claimed { "token held" } else { "no token" },
+                    if d.pairing_mode {
+                        ", pairing window open"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        Some((status, false)) => println!(
+            "daemon:  not running (pid {} stopped without cleaning up)",
+            status.pid
+        ),
+        None => println!("daemon:  not running (start it with `bridge-agent run`)"),
+    }
+    let (running, waiting) = Journal::peek(&home.journal_dir());
+    println!("commands: {running} running, {waiting} results waiting for the server");
+    Ok(())
+}

@@ -1,0 +1,300 @@
+//! `bridge-agent run`: the daemon. It serves the dongles the [`DongleManager`] finds, keeps the control
+//! WebSocket to the server open, and answers the server's requests through the dongles' sessions.
+//!
+//! Data flows one way: the manager's [`DongleEvent`]s and the server's messages come in; device
+//! reports, replies and command results go out through the one sender of the current connection
+//! ([`Shared::outbound`]). Dongle tokens go from the server into the [`Vault`], and from there into the
+//! dongle's session. Command results go through the [`Journal`] first, so that none is lost when the
+//! connection or the agent goes down.
+
+mod connection;
+mod requests;
+mod status;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use control_proto::{AgentMessage, CommandResult, DongleReport, Event, Transport};
+use firmware_proto::ids::{DeviceId, DongleToken};
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+
+use crate::discovery::scan::Location;
+use crate::dongles::{DongleEvent, DongleManager, ManagerConfig};
+use crate::home::{Credentials, Home};
+use crate::journal::{Journal, JournalError};
+use crate::session::SessionError;
+use crate::transport::udp::UdpHub;
+use crate::uplink::backoff::Backoff;
+use crate::uplink::control::ConnectError;
+use crate::vault::{Vault, VaultError};
+
+pub use status::{DaemonStatus, read_status};
+
+/// What the daemon needs to start.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub home: Home,
+    pub credentials: Credentials,
+    pub manager: ManagerConfig,
+    /// The address of the one UDP socket for LAN dongles.
+    pub udp_bind: SocketAddr,
+    /// Delays between reconnects to the server.
+    pub backoff: Backoff,
+}
+
+/// Why the daemon stopped on its own.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("could not open the UDP socket for LAN dongles on {addr}: {source}")]
+    Udp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Connect(ConnectError),
+}
+
+/// What every part of the daemon shares.
+pub(crate) struct Shared {
+    manager: DongleManager,
+    vault: Mutex<Vault>,
+    journal: Journal,
+    /// The sender of the current control connection; `None` while disconnected.
+    outbound: Mutex<Option<mpsc::Sender<AgentMessage>>>,
+    /// Dongles whose pairing window this agent opened, and when it closes.
+    pairing: Mutex<HashMap<DeviceId, Instant>>,
+    /// Dongles whose session holds their token now.
+    authorized: Mutex<HashSet<DeviceId>>,
+    status: status::StatusFile,
+}
+
+/// Runs the daemon until `shutdown` resolves, or until the server refuses the agent's token.
+pub async fn run(
+    config: DaemonConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let vault = Vault::open(&config.home.vault_dir())?;
+    let journal = Journal::open(&config.home.journal_dir())?;
+    let (running, waiting) = journal.counts();
+    if waiting + running > 0 {
+        tracing::info!(
+            waiting = waiting + running,
+            "command results wait for the server"
+        );
+    }
+    let hub = UdpHub::bind(config.udp_bind)
+        .await
+        .map_err(|source| DaemonError::Udp {
+            addr: config.udp_bind,
+            source,
+        })?;
+    let manager = DongleManager::start(config.manager.clone(), hub);
+    let events = manager.events();
+    let shared = Arc::new(Shared {
+        manager,
+        vault: Mutex::new(vault),
+        journal,
+        outbound: Mutex::new(None),
+        pairing: Mutex::new(HashMap::new()),
+        authorized: Mutex::new(HashSet::new()),
+        status: status::StatusFile::new(&config.home, &config.credentials.server_url),
+    });
+    shared.status.update(|s| s.dongles = shared.reports());
+    let watcher = tokio::spawn(watch_dongles(shared.clone(), events));
+    let outcome = tokio::select! {
+        outcome = connection::keep_connected(shared.clone(), &config) => outcome,
+        () = shutdown => Ok(()),
+    };
+    watcher.abort();
+    shared.status.remove();
+    outcome
+}
+
+/// Follows the dongles as they come and go: authenticates to the ones the vault has a token for, and
+/// tells the server.
+async fn watch_dongles(shared: Arc<Shared>, mut events: broadcast::Receiver<DongleEvent>) {
+    loop {
+        match events.recv().await {
+            Ok(DongleEvent::Appeared { info, .. }) => {
+                let shared2 = shared.clone();
+                tokio::spawn(async move { shared2.authorize(info.device_id).await });
+            }
+            Ok(DongleEvent::Gone { device_id }) => {
+                shared.authorized.lock().unwrap().remove(&device_id);
+                shared.pairing.lock().unwrap().remove(&device_id);
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+        shared.devices_changed();
+    }
+}
+
+impl Shared {
+    /// Queues a message on the current connection; dropped while disconnected (device reports are
+    /// re-sent in full on connect, and command results live in the journal).
+    fn send(&self, message: AgentMessage) {
+        if let Some(tx) = self.outbound.lock().unwrap().as_ref()
+            && tx.try_send(message).is_err()
+        {
+            tracing::warn!(
+                "the connection to the server is congested; a message waits for the next report"
+            );
+        }
+    }
+
+    /// The dongles as the server's device report lists them.
+    fn reports(&self) -> Vec<DongleReport> {
+        let now = Instant::now();
+        let pairing = {
+            let mut pairing = self.pairing.lock().unwrap();
+            pairing.retain(|_, until| *until > now);
+            pairing.keys().copied().collect::<HashSet<_>>()
+        };
+        self.manager.set_pairing_active(!pairing.is_empty());
+        let vault = self.vault.lock().unwrap();
+        self.manager
+            .list()
+            .into_iter()
+            .map(|(info, location)| DongleReport {
+                device_id: info.device_id.to_string(),
+                fw_build: info.fw_build.clone(),
+                proto_ver: u8::try_from(info.proto_ver).unwrap_or(u8::MAX),
+                capabilities: info.capabilities,
+                transport: match location {
+                    Location::Serial { path } => Transport::Usb {
+                        path: path.display().to_string(),
+                        serial_number: None,
+                    },
+                    Location::Lan { addr, .. } => Transport::Lan {
+                        addr: addr.to_string(),
+                    },
+                },
+                pairing_mode: info.pairing_mode || pairing.contains(&info.device_id),
+                present: true,
+                claimed: vault.get(&info.device_id).ok().flatten().is_some(),
+            })
+            .collect()
+    }
+
+    /// Sends the full device report and records it in the status file.
+    fn devices_changed(&self) {
+        let dongles = self.reports();
+        self.status.update(|s| s.dongles = dongles.clone());
+        self.send(AgentMessage::Devices(control_proto::Devices { dongles }));
+    }
+
+    fn pairing_opened(self: &Arc<Self>, device_id: DeviceId, window: Duration) {
+        self.pairing
+            .lock()
+            .unwrap()
+            .insert(device_id, Instant::now() + window);
+        self.devices_changed();
+        // Report again when the window ends, so the server does not show it open any longer.
+        let shared = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            shared.devices_changed();
+        });
+    }
+
+    fn pairing_closed(&self, device_id: &DeviceId) {
+        self.pairing.lock().unwrap().remove(device_id);
+    }
+
+    /// Keeps a token the server handed over, and authenticates the dongle's session with it.
+    async fn store_token(self: &Arc<Self>, device_id: DeviceId, token: DongleToken) {
+        let changed = {
+            let mut vault = self.vault.lock().unwrap();
+            let known = vault.get(&device_id).ok().flatten();
+            if known.as_ref().is_some_and(|t| t.ct_eq(token.as_bytes())) {
+                false
+            } else if let Err(e) = vault.put(&device_id, &token) {
+                tracing::error!(%device_id, error = %e, "could not store the dongle's token");
+                return;
+            } else {
+                true
+            }
+        };
+        if changed {
+            self.authorized.lock().unwrap().remove(&device_id);
+            self.devices_changed();
+        }
+        self.authorize(device_id).await;
+    }
+
+    /// Authenticates the dongle's session with the vault's token, once per session. A dongle that
+    /// turns the token down (it was reset, or holds another one) is reported to the server.
+    async fn authorize(self: &Arc<Self>, device_id: DeviceId) {
+        let token = match self.vault.lock().unwrap().get(&device_id) {
+            Ok(Some(token)) => token,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(%device_id, error = %e, "the dongle's token cannot be read");
+                return;
+            }
+        };
+        let Some(session) = self.manager.session(&device_id) else {
+            return;
+        };
+        if !self.authorized.lock().unwrap().insert(device_id) {
+            return;
+        }
+        let verdict = match session.authenticate(token).await {
+            Ok(()) => verify(&session).await,
+            Err(e) => Err(e),
+        };
+        match verdict {
+            Ok(()) => tracing::info!(%device_id, "authenticated to the dongle"),
+            Err(SessionError::AuthRefused(_)) | Err(SessionError::Timeout { .. })
+                if !session.is_closed() =>
+            {
+                tracing::warn!(%device_id, "the dongle turned down its token (reset or re-paired elsewhere)");
+                session.deauthenticate();
+                self.authorized.lock().unwrap().remove(&device_id);
+                self.send(AgentMessage::Event(Event::TokenRejected {
+                    device_id: device_id.to_string(),
+                }));
+            }
+            Err(e) => {
+                tracing::warn!(%device_id, error = %e, "could not authenticate to the dongle");
+                self.authorized.lock().unwrap().remove(&device_id);
+            }
+        }
+    }
+
+    /// A command ended: journal it first, then send it if connected.
+    fn command_finished(&self, result: CommandResult) {
+        if let Err(e) = self.journal.finish(result.clone()) {
+            tracing::error!(command_id = %result.command_id, error = %e, "could not journal a command result");
+        }
+        self.send_result(result);
+    }
+
+    fn send_result(&self, result: CommandResult) {
+        self.send(AgentMessage::CommandResult(result));
+    }
+}
+
+/// Checks that a dongle authenticated by raw token answers authenticated requests: a REMP v1 dongle
+/// drops a packet with a wrong token without a word, so silence from a dongle that is still connected
+/// is the only sign. Three tries, so one lost packet is not taken for a refusal.
+async fn verify(session: &crate::session::DongleSession) -> Result<(), SessionError> {
+    let mut last = None;
+    for _ in 0..3 {
+        match session.can_config_get().await {
+            Ok(_) => return Ok(()),
+            Err(e @ SessionError::Timeout { .. }) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("three tries"))
+}

@@ -1,0 +1,449 @@
+//! The server's requests, turned into dongle requests: one function per request kind, each answering
+//! with the reply the server expects. Nothing here touches the WebSocket; the connection sends what
+//! these return.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use control_proto::{
+    CanEffective, CommandOutcome, CommandResult, ReplyError, ReplyErrorCode, ReplyOk, ReplyResult,
+    RequestBody,
+};
+use firmware_proto::caps;
+use firmware_proto::ext::ForgetStatus;
+use firmware_proto::ids::{CanId, CorrelationId, DeviceId, DongleToken, Pin};
+use firmware_proto::remp::{self, CanMode, CliStatus, ConfigStatus, PairingStatus};
+use uuid::Uuid;
+
+use super::Shared;
+use crate::journal::Admission;
+use crate::session::{DongleSession, Frame, SessionError};
+
+fn error(code: ReplyErrorCode, message: impl Into<String>) -> ReplyResult {
+    ReplyResult::Error(ReplyError {
+        code,
+        message: message.into(),
+    })
+}
+
+fn ok(body: ReplyOk) -> ReplyResult {
+    ReplyResult::Ok { body }
+}
+
+/// A session error as the reply's error: a timeout or a closed link is the dongle's silence, anything
+/// else the agent's own failure.
+fn session_error(e: SessionError) -> ReplyResult {
+    let code = match e {
+        SessionError::Timeout { .. } => ReplyErrorCode::DongleTimeout,
+        SessionError::Closed => ReplyErrorCode::UnknownDevice,
+        SessionError::Unsupported(_) => ReplyErrorCode::Unsupported,
+        SessionError::NoToken(_) | SessionError::AuthRefused(_) => ReplyErrorCode::Refused,
+        _ => ReplyErrorCode::Internal,
+    };
+    error(code, e.to_string())
+}
+
+fn corr(id: Uuid) -> CorrelationId {
+    CorrelationId::from_bytes(*id.as_bytes())
+}
+
+impl Shared {
+    fn session_for(&self, device_id: &str) -> Result<(DeviceId, Arc<DongleSession>), ReplyResult> {
+        let id = DeviceId::from_str(device_id)
+            .map_err(|_| error(ReplyErrorCode::UnknownDevice, "not a device id"))?;
+        let session = self.manager.session(&id).ok_or_else(|| {
+            error(
+                ReplyErrorCode::UnknownDevice,
+                format!("this agent does not see dongle {id} now"),
+            )
+        })?;
+        Ok((id, session))
+    }
+
+    /// Answers one request. Commands answer at once and end later through [`Shared::run_command`].
+    pub(super) async fn handle_request(self: &Arc<Self>, body: RequestBody) -> ReplyResult {
+        match body {
+            RequestBody::PairingStart { device_id, corr_id } => {
+                self.pairing_start(&device_id, corr_id).await
+            }
+            RequestBody::PairingSubmit {
+                device_id,
+                corr_id,
+                pin,
+                pairing_nonce,
+                token,
+            } => {
+                self.pairing_submit(&device_id, corr_id, &pin, &pairing_nonce, &token)
+                    .await
+            }
+            RequestBody::Forget { device_id } => self.forget(&device_id).await,
+            RequestBody::CanConfig {
+                device_id,
+                bitrate,
+                sample_point_permille,
+                mode,
+                use_raw,
+                prescaler,
+                sjw,
+                tseg1,
+                tseg2,
+                auto_retx,
+                tx_pause,
+                protocol_exc,
+            } => {
+                let Some(mode) = parse_mode(&mode) else {
+                    return error(
+                        ReplyErrorCode::Refused,
+                        format!("unknown CAN mode {mode:?}"),
+                    );
+                };
+                let mut flags = 0;
+                for (on, flag) in [
+                    (use_raw, remp::CanConfig::FLAG_USE_RAW),
+                    (auto_retx, remp::CanConfig::FLAG_AUTO_RETX),
+                    (tx_pause, remp::CanConfig::FLAG_TX_PAUSE),
+                    (protocol_exc, remp::CanConfig::FLAG_PROTOCOL_EXC),
+                ] {
+                    if on {
+                        flags |= flag;
+                    }
+                }
+                let config = remp::CanConfig {
+                    action: remp::ConfigAction::Set,
+                    status: ConfigStatus::Ok,
+                    bitrate,
+                    sample_point_permille,
+                    prescaler: prescaler.unwrap_or(0),
+                    sjw: sjw.unwrap_or(0),
+                    tseg1: tseg1.unwrap_or(0),
+                    tseg2: tseg2.unwrap_or(0),
+                    mode,
+                    flags,
+                };
+                self.can_config(&device_id, config).await
+            }
+            RequestBody::Command {
+                command_id,
+                device_id,
+                line,
+                timeout_ms,
+                allow_dangerous,
+            } => {
+                self.accept_command(command_id, device_id, line, timeout_ms, allow_dangerous)
+                    .await
+            }
+            RequestBody::SendFrame {
+                device_id,
+                can_id,
+                extended,
+                rtr,
+                data,
+                fd,
+            } => {
+                self.send_frame(&device_id, can_id, extended, rtr, &data, fd)
+                    .await
+            }
+        }
+    }
+
+    async fn pairing_start(self: &Arc<Self>, device_id: &str, corr_id: Uuid) -> ReplyResult {
+        let (id, session) = match self.session_for(device_id) {
+            Ok(s) => s,
+            Err(reply) => return reply,
+        };
+        match session.pairing_start(corr(corr_id)).await {
+            Ok(ack) => match (ack.status, ack.pairing_nonce) {
+                (PairingStatus::Ok, Some(nonce)) => {
+                    let window = Duration::from_secs(u64::from(ack.seconds));
+                    self.pairing_opened(id, window);
+                    ok(ReplyOk::PairingStarted {
+                        pairing_nonce: hex::encode(nonce),
+                        expires_in_ms: window.as_millis() as u64,
+                    })
+                }
+                (PairingStatus::Cooldown, _) => error(
+                    ReplyErrorCode::Cooldown,
+                    format!("the dongle refuses pairing for {} s more", ack.seconds),
+                ),
+                (status, _) => error(
+                    ReplyErrorCode::Refused,
+                    format!("the dongle refused to start pairing ({status:?})"),
+                ),
+            },
+            Err(e) => session_error(e),
+        }
+    }
+
+    async fn pairing_submit(
+        self: &Arc<Self>,
+        device_id: &str,
+        corr_id: Uuid,
+        pin: &str,
+        nonce: &str,
+        token: &str,
+    ) -> ReplyResult {
+        let (id, session) = match self.session_for(device_id) {
+            Ok(s) => s,
+            Err(reply) => return reply,
+        };
+        // The messages below never repeat the PIN or the token.
+        let Ok(pin) = Pin::parse(pin) else {
+            return error(ReplyErrorCode::InvalidPin, "the PIN is not 6 digits");
+        };
+        let Some(nonce) = hex::decode(nonce)
+            .ok()
+            .and_then(|n| <[u8; 16]>::try_from(n).ok())
+        else {
+            return error(
+                ReplyErrorCode::Internal,
+                "the pairing nonce is not 16 bytes",
+            );
+        };
+        let Some(token) = base64::engine::general_purpose::STANDARD
+            .decode(token)
+            .ok()
+            .and_then(|t| DongleToken::from_slice(&t).ok())
+        else {
+            return error(ReplyErrorCode::Internal, "the token is not 32 bytes");
+        };
+        match session
+            .pairing_submit(corr(corr_id), pin, nonce, token)
+            .await
+        {
+            Ok(ack) => match ack.status {
+                PairingStatus::Ok => {
+                    self.pairing_closed(&id);
+                    // Kept at once: the server also sends it, but the dongle already uses it now.
+                    self.store_token(id, token).await;
+                    ok(ReplyOk::Paired)
+                }
+                PairingStatus::InvalidPin => error(ReplyErrorCode::InvalidPin, "wrong PIN"),
+                PairingStatus::Cooldown => error(
+                    ReplyErrorCode::Cooldown,
+                    format!("too many wrong PINs: the dongle waits {} s", ack.seconds),
+                ),
+                PairingStatus::Error => error(
+                    ReplyErrorCode::NotInPairingMode,
+                    "the dongle has no pairing window open (it ended, or the nonce is stale)",
+                ),
+            },
+            Err(e) => session_error(e),
+        }
+    }
+
+    async fn forget(self: &Arc<Self>, device_id: &str) -> ReplyResult {
+        let Ok(id) = DeviceId::from_str(device_id) else {
+            return error(ReplyErrorCode::UnknownDevice, "not a device id");
+        };
+        let session = self.manager.session(&id);
+        // The dongle forgets first, while the agent still holds the token that authenticates the
+        // request; the vault lets go either way, since the server no longer counts the dongle as ours.
+        let outcome = match &session {
+            Some(session) if session.info().has(caps::FORGET_TOKEN) => {
+                match session.forget().await {
+                    Ok(f) if f.status == ForgetStatus::Ok => Ok(()),
+                    Ok(f) => Err(error(
+                        ReplyErrorCode::Refused,
+                        format!("the dongle did not forget its token ({:?})", f.status),
+                    )),
+                    Err(e) => Err(session_error(e)),
+                }
+            }
+            _ => Ok(()),
+        };
+        if let Some(session) = &session {
+            session.deauthenticate();
+        }
+        if let Err(e) = self.vault.lock().unwrap().remove(&id) {
+            tracing::warn!(device_id = %id, error = %e, "could not drop the token from the vault");
+        }
+        self.devices_changed();
+        match outcome {
+            Ok(()) => ok(ReplyOk::Forgotten),
+            Err(reply) => reply,
+        }
+    }
+
+    async fn can_config(self: &Arc<Self>, device_id: &str, config: remp::CanConfig) -> ReplyResult {
+        let (_, session) = match self.session_for(device_id) {
+            Ok(s) => s,
+            Err(reply) => return reply,
+        };
+        match session.can_config_set(config).await {
+            Ok(answer) if answer.status == ConfigStatus::Ok => ok(ReplyOk::CanConfigApplied {
+                effective: effective(&answer),
+            }),
+            Ok(answer) => error(
+                ReplyErrorCode::Refused,
+                match answer.status {
+                    ConfigStatus::Invalid => {
+                        "the dongle refused the configuration as out of range; nothing changed"
+                    }
+                    _ => "the dongle's CAN controller refused the configuration",
+                },
+            ),
+            Err(e) => session_error(e),
+        }
+    }
+
+    async fn send_frame(
+        self: &Arc<Self>,
+        device_id: &str,
+        can_id: u32,
+        extended: bool,
+        rtr: bool,
+        data: &str,
+        fd: bool,
+    ) -> ReplyResult {
+        let (_, session) = match self.session_for(device_id) {
+            Ok(s) => s,
+            Err(reply) => return reply,
+        };
+        if rtr {
+            return error(
+                ReplyErrorCode::Unsupported,
+                "remote frames cannot be sent through REMP",
+            );
+        }
+        let Ok(id) = CanId::new(can_id, extended) else {
+            return error(
+                ReplyErrorCode::Refused,
+                "the CAN id does not fit its format",
+            );
+        };
+        let Ok(data) = hex::decode(data) else {
+            return error(ReplyErrorCode::Refused, "the data is not hex");
+        };
+        let frame = if fd {
+            Frame::with_flags(id, firmware_proto::ext::batch::flags::FD, &data)
+        } else {
+            Frame::classic(id, &data)
+        };
+        let Some(frame) = frame else {
+            return error(ReplyErrorCode::Refused, "too many data bytes for the frame");
+        };
+        match session.send_frames(&[frame]).await {
+            Ok(()) => ok(ReplyOk::FrameSent),
+            Err(e) => session_error(e),
+        }
+    }
+
+    /// Journals a command and starts it, or recognises one already known; answers at once.
+    async fn accept_command(
+        self: &Arc<Self>,
+        command_id: Uuid,
+        device_id: String,
+        line: String,
+        timeout_ms: u64,
+        allow_dangerous: bool,
+    ) -> ReplyResult {
+        match self.journal.admit(command_id, &device_id) {
+            Ok(Admission::Run) => {
+                let shared = self.clone();
+                tokio::spawn(async move {
+                    let result = shared
+                        .run_command(command_id, &device_id, &line, timeout_ms, allow_dangerous)
+                        .await;
+                    shared.command_finished(result);
+                });
+                ok(ReplyOk::CommandAccepted)
+            }
+            Ok(Admission::AlreadyRunning | Admission::AlreadyAcknowledged) => {
+                ok(ReplyOk::CommandAccepted)
+            }
+            Ok(Admission::AlreadyFinished(result)) => {
+                // The server asks again, so it may have missed the result: send it once more.
+                self.send_result(result);
+                ok(ReplyOk::CommandAccepted)
+            }
+            Err(e) => error(ReplyErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    async fn run_command(
+        &self,
+        command_id: Uuid,
+        device_id: &str,
+        line: &str,
+        timeout_ms: u64,
+        allow_dangerous: bool,
+    ) -> CommandResult {
+        let failed = |message: String| CommandResult {
+            command_id,
+            device_id: device_id.to_string(),
+            outcome: CommandOutcome::Error,
+            exit_code: -1,
+            output: String::new(),
+            truncated: false,
+            message: Some(message),
+        };
+        let session = match self.session_for(device_id) {
+            Ok((_, s)) => s,
+            Err(_) => return failed(format!("this agent does not see dongle {device_id} now")),
+        };
+        let wait = Duration::from_millis(timeout_ms.min(600_000));
+        match session
+            .cli(corr(command_id), line, allow_dangerous, wait)
+            .await
+        {
+            Ok(outcome) => CommandResult {
+                command_id,
+                device_id: device_id.to_string(),
+                outcome: match outcome.status {
+                    CliStatus::Ok => CommandOutcome::Done,
+                    CliStatus::Denied => CommandOutcome::Denied,
+                    CliStatus::Error => CommandOutcome::Error,
+                    CliStatus::Timeout => CommandOutcome::Timeout,
+                },
+                exit_code: i32::from(outcome.exit_code),
+                output: outcome.output,
+                truncated: outcome.truncated,
+                message: None,
+            },
+            Err(SessionError::Timeout { after, .. }) => CommandResult {
+                outcome: CommandOutcome::Timeout,
+                message: Some(format!("the dongle did not answer within {after:?}")),
+                ..failed(String::new())
+            },
+            Err(e) => failed(e.to_string()),
+        }
+    }
+}
+
+fn parse_mode(mode: &str) -> Option<CanMode> {
+    Some(match mode {
+        "normal" => CanMode::Normal,
+        "listen_only" => CanMode::ListenOnly,
+        "loopback" => CanMode::Loopback,
+        "ext_loop" => CanMode::ExtLoop,
+        _ => return None,
+    })
+}
+
+fn mode_name(mode: CanMode) -> &'static str {
+    match mode {
+        CanMode::Normal => "normal",
+        CanMode::ListenOnly => "listen_only",
+        CanMode::Loopback => "loopback",
+        CanMode::ExtLoop => "ext_loop",
+    }
+}
+
+/// The dongle's answer as the values it now uses.
+fn effective(c: &remp::CanConfig) -> CanEffective {
+    CanEffective {
+        bitrate: c.bitrate,
+        sample_point_permille: c.sample_point_permille,
+        prescaler: c.prescaler,
+        sjw: c.sjw,
+        tseg1: c.tseg1,
+        tseg2: c.tseg2,
+        mode: mode_name(c.mode).to_string(),
+        use_raw: c.flags & remp::CanConfig::FLAG_USE_RAW != 0,
+        auto_retx: c.flags & remp::CanConfig::FLAG_AUTO_RETX != 0,
+        tx_pause: c.flags & remp::CanConfig::FLAG_TX_PAUSE != 0,
+        protocol_exc: c.flags & remp::CanConfig::FLAG_PROTOCOL_EXC != 0,
+    }
+}

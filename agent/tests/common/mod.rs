@@ -1,0 +1,386 @@
+//! The whole system for a test: the real server in this process on 127.0.0.1 over the database that
+//! `#[sqlx::test]` made, simulated dongles on real pseudo-terminals and UDP sockets, and `bridge-agent`
+//! as a real process with its own folder.
+//!
+//! Set `TEST_LOG=1` to see the server's logs and the agent's stderr.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use bridge_server::app::{self, RunningServer};
+use bridge_server::config::ServerConfig;
+use bridge_server::users::{self, Email, Role};
+use dongle_sim::{SimConfig, SimEvent, SimHandle};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// The agent binary of this package.
+pub fn agent_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_bridge-agent")
+}
+
+fn verbose() -> bool {
+    std::env::var_os("TEST_LOG").is_some()
+}
+
+/// The server, running in this process.
+pub struct Server {
+    pub base: String,
+    pub pool: PgPool,
+    running: Option<RunningServer>,
+}
+
+impl Server {
+    pub async fn start(pool: PgPool) -> Self {
+        Self::start_with(pool, |_| {}).await
+    }
+
+    pub async fn start_with(pool: PgPool, adjust: impl FnOnce(&mut ServerConfig)) -> Self {
+        if verbose() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("info,sqlx=warn,hyper=info")
+                .with_test_writer()
+                .try_init();
+        }
+        let mut config = ServerConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            ..ServerConfig::default()
+        };
+        adjust(&mut config);
+        let running = app::spawn(config, pool.clone())
+            .await
+            .expect("the server starts");
+        Self {
+            base: running.base_url.clone(),
+            pool,
+            running: Some(running),
+        }
+    }
+
+    /// Makes a verified user and returns a client logged in as them.
+    pub async fn user(&self, email: &str, role: Role) -> User {
+        let hash = bridge_server::auth::password::hash(PASSWORD, Default::default()).unwrap();
+        let user = users::insert(&self.pool, &Email::parse(email).unwrap(), &hash, role)
+            .await
+            .unwrap()
+            .expect("a new email");
+        users::mark_email_verified(&self.pool, user.id)
+            .await
+            .unwrap();
+        let mut client = User {
+            base: self.base.clone(),
+            email: email.to_string(),
+            id: user.id,
+            http: reqwest::Client::builder()
+                .cookie_store(true)
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            csrf: String::new(),
+        };
+        let answer = client
+            .call(
+                Method::POST,
+                "/auth/login",
+                Some(json!({"email": email, "password": PASSWORD})),
+            )
+            .await;
+        assert_eq!(answer.0, StatusCode::OK, "login: {}", answer.1);
+        client.csrf = answer.1["csrf_token"].as_str().unwrap().to_string();
+        client
+    }
+
+    /// Stops the server gracefully (agents see their connection drop).
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await.unwrap();
+        }
+    }
+
+    pub async fn scalar<T>(&self, sql: &str, bind: &str) -> T
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+    {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .bind(bind)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+/// A person using the API with a session cookie.
+pub struct User {
+    pub base: String,
+    pub email: String,
+    pub id: Uuid,
+    http: reqwest::Client,
+    csrf: String,
+}
+
+impl User {
+    /// Calls `/api/v1{path}`; answers the status and the JSON body (Null when there is none).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.base))
+            .header("x-csrf-token", &self.csrf);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("the server answers");
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// The user's view of the dongle with `device_id`, if listed.
+    pub async fn dongle(&self, device_id: &str) -> Option<Value> {
+        let (status, body) = self.get("/dongles").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device_id"] == device_id)
+            .cloned()
+    }
+
+    /// Waits until the dongle's listing satisfies `check`.
+    pub async fn wait_dongle(
+        &self,
+        device_id: &str,
+        what: &str,
+        check: impl Fn(Option<&Value>) -> bool,
+    ) -> Option<Value> {
+        let mut last = None;
+        for _ in 0..150 {
+            last = self.dongle(device_id).await;
+            if check(last.as_ref()) {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("dongle {device_id}: {what} never happened; last seen {last:?}");
+    }
+}
+
+/// A simulated dongle on a pseudo-terminal (behind a stable symlink, so unplug and replug keep the
+/// path) or on UDP, with its own state folder.
+pub struct Dongle {
+    pub sim: SimHandle,
+    pub device_id: String,
+    /// The path the agent should open (`--port`), for a serial dongle.
+    pub port: Option<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl Dongle {
+    pub async fn serial() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("ttyDONGLE");
+        let mut config = SimConfig::serial(dir.path().join("flash.json"));
+        config.link = dongle_sim::LinkConfig::Serial {
+            link: Some(link.clone()),
+        };
+        Self::start(config, dir, Some(link)).await
+    }
+
+    pub async fn udp() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SimConfig::udp(dir.path().join("flash.json"));
+        Self::start(config, dir, None).await
+    }
+
+    pub async fn start(config: SimConfig, dir: tempfile::TempDir, port: Option<PathBuf>) -> Self {
+        let sim = dongle_sim::Simulator::start(config)
+            .await
+            .expect("the simulator starts");
+        Self {
+            device_id: sim.device_id().to_string(),
+            sim,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// The agent arguments that find this dongle and nothing else.
+    pub fn agent_args(&self) -> Vec<String> {
+        match &self.port {
+            Some(port) => vec!["--port".into(), port.display().to_string()],
+            None => vec![
+                "--udp".into(),
+                self.sim.discovery_addr().unwrap().to_string(),
+            ],
+        }
+    }
+
+    /// The PIN of the next pairing window, as the dongle's display would show it.
+    pub async fn next_pin(events: &mut tokio::sync::broadcast::Receiver<SimEvent>) -> String {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+                Ok(Ok(SimEvent::Pin { pin, .. })) => return pin.as_str().to_string(),
+                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                other => panic!("no PIN shown: {other:?}"),
+            }
+        }
+    }
+}
+
+/// A `bridge-agent` installation: its own folder, and the daemon as a child process.
+pub struct Agent {
+    pub home: tempfile::TempDir,
+    pub daemon: Option<Child>,
+}
+
+impl Agent {
+    pub fn new() -> Self {
+        Self {
+            home: tempfile::tempdir().unwrap(),
+            daemon: None,
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(agent_bin());
+        command
+            .env("BRIDGE_AGENT_HOME", self.home.path())
+            .env_remove("BRIDGE_AGENT_PASSWORD")
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Runs a one-shot command; answers (success, stdout, stderr).
+    pub async fn exec(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+        let mut command = self.command();
+        command
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("bridge-agent starts");
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).await.unwrap();
+        }
+        drop(input);
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("bridge-agent finishes within a minute")
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if verbose() {
+            eprintln!("bridge-agent {args:?}\n--- stdout\n{stdout}--- stderr\n{stderr}");
+        }
+        (out.status.success(), stdout, stderr)
+    }
+
+    /// `bridge-agent login` as `user`, with the password from the environment.
+    pub async fn login(&self, server: &Server, user: &User) {
+        let mut command = self.command();
+        command
+            .args(["login", "--server", &server.base, "--email", &user.email])
+            .env("BRIDGE_AGENT_PASSWORD", PASSWORD)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = command.output().await.unwrap();
+        assert!(
+            out.status.success(),
+            "login failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The agent id stored by `login`.
+    pub fn agent_id(&self) -> Uuid {
+        let text = std::fs::read_to_string(self.home.path().join("agent.json")).unwrap();
+        let creds: Value = serde_json::from_str(&text).unwrap();
+        creds["agent_id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Starts `bridge-agent run` with `args` (where to look for dongles); LAN broadcast off, fast LAN
+    /// scans.
+    pub fn run(&mut self, args: &[String]) {
+        let mut command = self.command();
+        command
+            .arg("run")
+            .args(["--no-broadcast", "--lan-scan-secs", "1"])
+            .args(args)
+            .env("BRIDGE_AGENT_LOG", if verbose() { "debug" } else { "info" })
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(if verbose() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            });
+        self.daemon = Some(command.spawn().expect("bridge-agent run starts"));
+    }
+
+    /// Stops the daemon: SIGTERM, as systemd would, then waits for it.
+    pub async fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.daemon.take()?;
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
+    /// Kills the daemon with SIGKILL: no clean-up of any kind.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Waits for the daemon to exit on its own; answers its status.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let child = self.daemon.as_mut().expect("a daemon");
+        let status = tokio::time::timeout(within, child.wait())
+            .await
+            .expect("the daemon exits")
+            .unwrap();
+        self.daemon = None;
+        status
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.home.path().join(rel)
+    }
+}
+
+/// The mode bits of `path`.
+pub fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
