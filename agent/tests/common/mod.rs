@@ -66,8 +66,8 @@ impl Server {
         }
     }
 
-    /// Makes a verified user and returns a client logged in as them.
-    pub async fn user(&self, email: &str, role: Role) -> User {
+    /// Makes a verified user in the database; answers its id.
+    pub async fn create_user(&self, email: &str, role: Role) -> Uuid {
         let hash = bridge_server::auth::password::hash(PASSWORD, Default::default()).unwrap();
         let user = users::insert(&self.pool, &Email::parse(email).unwrap(), &hash, role)
             .await
@@ -76,10 +76,16 @@ impl Server {
         users::mark_email_verified(&self.pool, user.id)
             .await
             .unwrap();
+        user.id
+    }
+
+    /// Makes a verified user and returns a client logged in as them.
+    pub async fn user(&self, email: &str, role: Role) -> User {
+        let id = self.create_user(email, role).await;
         let mut client = User {
             base: self.base.clone(),
             email: email.to_string(),
-            id: user.id,
+            id,
             http: reqwest::Client::builder()
                 .cookie_store(true)
                 .timeout(Duration::from_secs(30))
@@ -104,6 +110,41 @@ impl Server {
         if let Some(running) = self.running.take() {
             running.shutdown().await.unwrap();
         }
+    }
+
+    /// Stops the server and starts a new one on the same address and database, as a restart would.
+    pub async fn restart(mut self, down_for: Duration) -> Self {
+        let addr: std::net::SocketAddr = self
+            .base
+            .trim_start_matches("http://")
+            .parse()
+            .expect("an http://IP:PORT base");
+        if let Some(running) = self.running.take() {
+            running.shutdown().await.unwrap();
+        }
+        tokio::time::sleep(down_for).await;
+        Self::start_with(self.pool.clone(), |c| c.bind = addr).await
+    }
+
+    /// Waits until the agent `agent_id` counts as connected (a heartbeat or connection recorded).
+    pub async fn wait_agent_seen_after(
+        &self,
+        agent_id: Uuid,
+        after: chrono::DateTime<chrono::Utc>,
+    ) {
+        for _ in 0..200 {
+            let seen: Option<chrono::DateTime<chrono::Utc>> =
+                sqlx::query_scalar("SELECT last_seen_at FROM agents WHERE id = $1")
+                    .bind(agent_id)
+                    .fetch_one(&self.pool)
+                    .await
+                    .unwrap();
+            if seen.is_some_and(|s| s > after) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("agent {agent_id} never connected after {after}");
     }
 
     pub async fn scalar<T>(&self, sql: &str, bind: &str) -> T
@@ -300,9 +341,15 @@ impl Agent {
 
     /// `bridge-agent login` as `user`, with the password from the environment.
     pub async fn login(&self, server: &Server, user: &User) {
+        self.login_as(&server.base, &user.email, &[]).await;
+    }
+
+    /// `bridge-agent login --server base --email email extra...`, which must succeed.
+    pub async fn login_as(&self, base: &str, email: &str, extra: &[&str]) {
         let mut command = self.command();
         command
-            .args(["login", "--server", &server.base, "--email", &user.email])
+            .args(["login", "--server", base, "--email", email])
+            .args(extra)
             .env("BRIDGE_AGENT_PASSWORD", PASSWORD)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
