@@ -232,11 +232,19 @@ impl Frame {
         &self.data[..usize::from(self.len)]
     }
 
+    /// A frame from a batch record; `None` when its length does not suit its flags.
+    pub fn from_record(record: &CanRecord<'_>) -> Option<Self> {
+        let mut frame = Self::with_flags(record.id, record.flags, record.data)?;
+        frame.timestamp_us = record.timestamp_us;
+        Some(frame)
+    }
+
     pub fn is_fd(&self) -> bool {
         self.fd_flags & batch::flags::FD != 0
     }
 
-    fn record(&self) -> CanRecord<'_> {
+    /// The frame as a batch record (the encoding of `CAN_BATCH` and of the data plane).
+    pub fn record(&self) -> CanRecord<'_> {
         CanRecord {
             timestamp_us: self.timestamp_us,
             id: self.id,

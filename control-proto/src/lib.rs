@@ -29,6 +29,7 @@
 //! | `request` | whenever the server needs the agent to act | an `id` (unique per connection), a `timeout_ms` after which the server stops waiting, and a [`RequestBody`] |
 //! | `dongle_token` | after a pairing succeeds, and when the agent reports a claimed dongle of its own user | the plaintext token (base64) of that dongle, for the agent's vault |
 //! | `command_result_ack` | after the server stored a `command_result` (or already had it) | the `command_id`; the agent drops the result from its outbox |
+//! | `groups` | after `welcome`, and whenever a group of the agent's dongles changes | the full list of [`GroupSide`]s the agent should stream on `/ws/data` (anything not listed: stop) |
 //! | `error` | before the server closes the socket for a protocol violation | `code`, `message` |
 //!
 //! Request bodies ([`RequestBody`], field `body.type`): `pairing_start`, `pairing_submit`, `forget`,
@@ -48,6 +49,8 @@
 //!
 //! Secrets (tokens, PINs) travel only inside `pairing_submit` and `dongle_token`, over the authenticated
 //! channel; neither side logs them, and the `Debug` output of those messages redacts them.
+
+pub mod data;
 
 use std::fmt;
 
@@ -159,7 +162,9 @@ pub enum ReplyOk {
     Paired,
     Forgotten,
     /// The dongle applied a CAN configuration; `effective` holds the values it uses.
-    CanConfigApplied { effective: CanEffective },
+    CanConfigApplied {
+        effective: CanEffective,
+    },
     /// The agent holds the command in its journal; the outcome follows as `command_result`.
     CommandAccepted,
     /// The dongle took the frame for transmission.
@@ -258,8 +263,33 @@ pub enum ServerMessage {
     Request(Request),
     DongleToken(DongleToken),
     /// The server stored the result of this command; the agent may forget it.
-    CommandResultAck { command_id: Uuid },
-    Error { code: String, message: String },
+    CommandResultAck {
+        command_id: Uuid,
+    },
+    /// The group sides this agent serves now (see [`data`]).
+    Groups(Groups),
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+/// The group sides an agent serves: the full list, replacing any earlier one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Groups {
+    pub sides: Vec<GroupSide>,
+}
+
+/// One side of an ACTIVE or DEGRADED group whose dongle this agent serves: stream the dongle's frames
+/// to the server on `/ws/data` tagged with `group_id` and `side`, and transmit what arrives for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSide {
+    pub group_id: Uuid,
+    pub side: data::Side,
+    pub device_id: DeviceId,
+    /// The position of the first frame of this side's stream the server has not got yet; the agent
+    /// numbers its next frames from here.
+    pub next_seq: u64,
 }
 
 /// The answer to `hello`.

@@ -56,6 +56,11 @@ pub async fn run(home: &Home, args: StatusArgs) -> anyhow::Result<()> {
                     )
                 }
             );
+            let d = status.data;
+            println!(
+                "frames:  {} to the server, {} to dongles, {} dropped, {} outside any group",
+                d.frames_up, d.frames_down, d.dropped, d.unrouted
+            );
             if status.dongles.is_empty() {
                 println!("dongles: none seen");
             }

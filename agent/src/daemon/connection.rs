@@ -180,6 +180,7 @@ fn handle(shared: &Arc<Shared>, message: ServerMessage, tx: &mpsc::Sender<AgentM
         ServerMessage::Error { code, message } => {
             tracing::warn!(%code, %message, "the server reported an error");
         }
+        ServerMessage::Groups(groups) => shared.groups_changed(groups),
         ServerMessage::Welcome(_) => {}
     }
 }

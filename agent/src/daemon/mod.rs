@@ -8,6 +8,7 @@
 //! connection or the agent goes down.
 
 mod connection;
+mod dataplane;
 mod requests;
 mod status;
 
@@ -31,6 +32,7 @@ use crate::uplink::backoff::Backoff;
 use crate::uplink::control::ConnectError;
 use crate::vault::{Vault, VaultError};
 
+pub use dataplane::DataStats;
 pub use status::{DaemonStatus, read_status};
 
 /// What the daemon needs to start.
@@ -74,6 +76,7 @@ pub(crate) struct Shared {
     /// Dongles whose session holds their token now.
     authorized: Mutex<HashSet<DeviceId>>,
     status: status::StatusFile,
+    data: dataplane::DataPlane,
 }
 
 /// Runs the daemon until `shutdown` resolves, or until the server refuses the agent's token.
@@ -106,16 +109,38 @@ pub async fn run(
         pairing: Mutex::new(HashMap::new()),
         authorized: Mutex::new(HashSet::new()),
         status: status::StatusFile::new(&config.home, &config.credentials.server_url),
+        data: dataplane::DataPlane::default(),
     });
     shared.status.update(|s| s.dongles = shared.reports());
     let watcher = tokio::spawn(watch_dongles(shared.clone(), events));
+    let data_plane = tokio::spawn(dataplane::run(
+        shared.clone(),
+        config.credentials.clone(),
+        config.backoff.clone(),
+    ));
+    let stats = tokio::spawn(write_stats(shared.clone()));
     let outcome = tokio::select! {
         outcome = connection::keep_connected(shared.clone(), &config) => outcome,
         () = shutdown => Ok(()),
     };
     watcher.abort();
+    data_plane.abort();
+    stats.abort();
     shared.status.remove();
     outcome
+}
+
+/// Refreshes the data-plane counters in the status file once a second while they change.
+async fn write_stats(shared: Arc<Shared>) {
+    let mut last = DataStats::default();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = shared.data.stats();
+        if now != last {
+            shared.status.update(|s| s.data = now);
+            last = now;
+        }
+    }
 }
 
 /// Follows the dongles as they come and go: authenticates to the ones the vault has a token for, and
@@ -124,8 +149,16 @@ async fn watch_dongles(shared: Arc<Shared>, mut events: broadcast::Receiver<Dong
     loop {
         match events.recv().await {
             Ok(DongleEvent::Appeared { info, .. }) => {
+                let device_id = info.device_id;
+                if let Some(frames) = shared
+                    .manager
+                    .session(&device_id)
+                    .and_then(|s| s.take_frames())
+                {
+                    tokio::spawn(dataplane::pump(shared.clone(), device_id, frames));
+                }
                 let shared2 = shared.clone();
-                tokio::spawn(async move { shared2.authorize(info.device_id).await });
+                tokio::spawn(async move { shared2.authorize(device_id).await });
             }
             Ok(DongleEvent::Gone { device_id }) => {
                 shared.authorized.lock().unwrap().remove(&device_id);

@@ -23,6 +23,9 @@ pub struct DaemonStatus {
     pub connected: bool,
     pub last_error: Option<String>,
     pub dongles: Vec<DongleReport>,
+    /// Frames through the data plane.
+    #[serde(default)]
+    pub data: super::DataStats,
 }
 
 pub(super) struct StatusFile {
@@ -44,6 +47,7 @@ impl StatusFile {
                 connected: false,
                 last_error: None,
                 dongles: Vec::new(),
+                data: Default::default(),
             }),
         }
     }

@@ -284,6 +284,8 @@ fn handle(
                 .push((t.device_id, t.token));
         }
         ServerMessage::Error { code, .. } => seen.lock().unwrap().errors.push(code),
-        ServerMessage::Welcome(_) | ServerMessage::CommandResultAck { .. } => {}
+        ServerMessage::Welcome(_)
+        | ServerMessage::CommandResultAck { .. }
+        | ServerMessage::Groups(_) => {}
     }
 }

@@ -1,0 +1,441 @@
+//! The data plane of the agent: frames of the dongles in groups, to and from the server over `/ws/data`
+//! (the messages are `control_proto::data`'s).
+//!
+//! Each group side the server assigns ([`GroupSide`]) gets a [`SideState`]: the frames its dongle
+//! received that the server has not acknowledged yet (numbered from the server's `next_seq`), and the
+//! position of the next frame expected from the server for the dongle. Frames stay until acknowledged,
+//! so a dropped connection loses none: the next connection sends again from the first unacknowledged
+//! one. The queue is bounded ([`MAX_UNACKED`]); past it new frames are dropped, counted, and the count is
+//! reported to the server (DROPS), never silently.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use control_proto::data::{self, DataMessage, Kind, Side};
+use control_proto::{GroupSide, Groups};
+use firmware_proto::ext::batch::BatchWriter;
+use firmware_proto::ids::DeviceId;
+use futures::{SinkExt, StreamExt};
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+use super::Shared;
+use crate::home::Credentials;
+use crate::session::Frame;
+use crate::uplink::backoff::Backoff;
+use crate::uplink::{control, ws_url};
+
+/// The most frames of one side that may wait for the server's acknowledgement.
+pub const MAX_UNACKED: usize = 200_000;
+/// The most frames in one FRAMES message.
+const FRAMES_PER_MESSAGE: usize = 1024;
+/// How long frames may gather before they are sent, so that a busy bus costs few messages.
+const GATHER: Duration = Duration::from_millis(5);
+
+/// Counters of the data plane, for `status` and the tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataStats {
+    /// Frames from dongles sent to the server (first sends; resends not counted).
+    pub frames_up: u64,
+    /// Frames from the server handed to dongles.
+    pub frames_down: u64,
+    /// Frames dropped because a queue was full or the dongle was gone.
+    pub dropped: u64,
+    /// Frames from dongles that are in no group.
+    pub unrouted: u64,
+}
+
+struct SideState {
+    device_id: DeviceId,
+    /// The position of `unacked[0]` (everything below it is acknowledged).
+    acked: u64,
+    unacked: VecDeque<Frame>,
+    /// Frames of `unacked` already sent on the current connection.
+    sent: usize,
+    /// The position of the next frame expected from the server.
+    inbound_next: u64,
+    dropped: u64,
+    dropped_reported: u64,
+}
+
+/// The sides served and their queues.
+#[derive(Default)]
+pub(super) struct DataPlane {
+    sides: Mutex<HashMap<(Uuid, Side), SideState>>,
+    stats: Mutex<DataStats>,
+    /// Wakes the connection task: frames to send, or the sides changed.
+    wake: Notify,
+}
+
+impl DataPlane {
+    /// Replaces the served sides with the server's list.
+    pub(super) fn set_groups(&self, groups: &Groups) {
+        let mut sides = self.sides.lock().unwrap();
+        let wanted: HashMap<(Uuid, Side), &GroupSide> = groups
+            .sides
+            .iter()
+            .map(|g| ((g.group_id, g.side), g))
+            .collect();
+        sides.retain(|key, _| wanted.contains_key(key));
+        for (key, g) in wanted {
+            let Ok(device_id) = g.device_id.parse::<DeviceId>() else {
+                continue;
+            };
+            let state = sides.entry(key).or_insert_with(|| SideState {
+                device_id,
+                acked: g.next_seq,
+                unacked: VecDeque::new(),
+                sent: 0,
+                inbound_next: 0,
+                dropped: 0,
+                dropped_reported: 0,
+            });
+            // The server has everything below its next_seq: those frames are acknowledged.
+            while state.acked < g.next_seq && state.unacked.pop_front().is_some() {
+                state.acked += 1;
+                state.sent = state.sent.saturating_sub(1);
+            }
+            state.acked = state.acked.max(g.next_seq);
+        }
+        drop(sides);
+        self.wake.notify_one();
+    }
+
+    pub(super) fn has_sides(&self) -> bool {
+        !self.sides.lock().unwrap().is_empty()
+    }
+
+    pub(super) fn stats(&self) -> DataStats {
+        *self.stats.lock().unwrap()
+    }
+
+    /// Takes frames the dongle `device_id` received.
+    pub(super) fn take_from_dongle(&self, device_id: DeviceId, frames: &[Frame]) {
+        let mut sides = self.sides.lock().unwrap();
+        let Some(state) = sides.values_mut().find(|s| s.device_id == device_id) else {
+            self.stats.lock().unwrap().unrouted += frames.len() as u64;
+            return;
+        };
+        let room = MAX_UNACKED.saturating_sub(state.unacked.len());
+        let taken = frames.len().min(room);
+        state.unacked.extend(frames[..taken].iter().copied());
+        let dropped = (frames.len() - taken) as u64;
+        state.dropped += dropped;
+        drop(sides);
+        if dropped > 0 {
+            self.stats.lock().unwrap().dropped += dropped;
+        }
+        self.wake.notify_one();
+    }
+
+    /// Starts a new connection: everything unacknowledged is to be sent again.
+    fn rewind(&self) {
+        for state in self.sides.lock().unwrap().values_mut() {
+            state.sent = 0;
+            state.dropped_reported = 0;
+        }
+    }
+
+    /// The messages to send now: frames not yet sent on this connection, and new drop counts.
+    fn outgoing(&self) -> Vec<Vec<u8>> {
+        let mut messages = Vec::new();
+        let mut first_sends = 0u64;
+        let mut sides = self.sides.lock().unwrap();
+        for ((group_id, side), state) in sides.iter_mut() {
+            while state.sent < state.unacked.len() {
+                let start = state.sent;
+                let mut buf = vec![0u8; data::MAX_MESSAGE_LEN - data::HEADER_LEN];
+                let Ok(mut writer) = BatchWriter::new(&mut buf) else {
+                    break;
+                };
+                let mut count = 0;
+                for frame in state.unacked.iter().skip(start).take(FRAMES_PER_MESSAGE) {
+                    if writer.push(&frame.record()).is_err() {
+                        break;
+                    }
+                    count += 1;
+                }
+                let Ok(len) = writer.finish() else { break };
+                if count == 0 {
+                    break;
+                }
+                let position = state.acked + start as u64;
+                messages.push(data::encode_frames(*group_id, *side, position, &buf[..len]));
+                state.sent += count;
+                first_sends += count as u64;
+            }
+            if state.dropped != state.dropped_reported {
+                messages.push(data::encode_drops(*group_id, *side, state.dropped));
+                state.dropped_reported = state.dropped;
+            }
+        }
+        drop(sides);
+        // Resends after a reconnect count again here; the figure is "frames sent", for status only.
+        self.stats.lock().unwrap().frames_up += first_sends;
+        messages
+    }
+
+    /// The server acknowledged `side`'s frames below `next`.
+    fn acknowledged(&self, group_id: Uuid, side: Side, next: u64) {
+        let mut sides = self.sides.lock().unwrap();
+        if let Some(state) = sides.get_mut(&(group_id, side)) {
+            while state.acked < next && state.unacked.pop_front().is_some() {
+                state.acked += 1;
+                state.sent = state.sent.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// Keeps `/ws/data` open while the agent serves any group side; reconnects with backoff.
+pub(super) async fn run(shared: Arc<Shared>, creds: Credentials, mut backoff: Backoff) {
+    let url = ws_url(&creds.server_url, "/ws/data");
+    loop {
+        while !shared.data.has_sides() {
+            shared.data.wake.notified().await;
+        }
+        match control::connect(&url, &creds.agent_token, creds.ca_file.as_deref()).await {
+            Ok(socket) => {
+                backoff.reset();
+                tracing::info!("data plane connected");
+                shared.data.rewind();
+                if let Err(reason) = serve(&shared, socket).await {
+                    tracing::warn!(%reason, "the data plane connection failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not open the data plane"),
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(), String> {
+    let (mut sink, mut stream) = socket.split();
+    // Frames for dongles go through a queue to their own task, so that a slow dongle never holds up
+    // the acknowledgements this task reads.
+    let (down_tx, mut down_rx) = mpsc::channel::<(Uuid, Side, u64, Vec<Frame>)>(256);
+    let (ack_tx, mut ack_rx) = mpsc::channel::<Vec<u8>>(256);
+    let downstream = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some((group_id, side, first, frames)) = down_rx.recv().await {
+                if let Some(ack) = shared.to_dongle(group_id, side, first, frames).await {
+                    let _ = ack_tx.send(ack).await;
+                }
+            }
+        })
+    };
+    let result = async {
+        loop {
+            for message in shared.data.outgoing() {
+                sink.send(Message::Binary(message.into()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            tokio::select! {
+                frame = stream.next() => {
+                    let bytes = match frame {
+                        Some(Ok(Message::Binary(bytes))) => bytes,
+                        Some(Ok(Message::Close(_))) | None => return Ok(()),
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return Err(e.to_string()),
+                    };
+                    let message = match DataMessage::decode(&bytes) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ignored a data message from the server");
+                            continue;
+                        }
+                    };
+                    match message.kind {
+                        Kind::Ack => shared.data.acknowledged(message.group_id, message.side, message.n),
+                        Kind::Frames => {
+                            let frames: Vec<Frame> = message
+                                .batch
+                                .iter()
+                                .flat_map(|b| b.iter())
+                                .filter_map(|r| Frame::from_record(&r))
+                                .collect();
+                            if down_tx
+                                .try_send((message.group_id, message.side, message.n, frames))
+                                .is_err()
+                            {
+                                // Not acknowledged, so the server sends these again on the next connection.
+                                tracing::warn!("frames for a dongle arrive faster than it takes them");
+                            }
+                        }
+                        Kind::Drops => {}
+                    }
+                }
+                Some(ack) = ack_rx.recv() => {
+                    sink.send(Message::Binary(ack.into())).await.map_err(|e| e.to_string())?;
+                }
+                () = shared.data.wake.notified() => {
+                    // Let a busy bus gather a batch instead of sending one frame per message.
+                    tokio::time::sleep(GATHER).await;
+                }
+            }
+        }
+    }
+    .await;
+    downstream.abort();
+    result
+}
+
+impl Shared {
+    /// Hands frames from the server to the dongle of `side`; answers the ACK to send, if any.
+    async fn to_dongle(
+        &self,
+        group_id: Uuid,
+        side: Side,
+        first: u64,
+        frames: Vec<Frame>,
+    ) -> Option<Vec<u8>> {
+        let (device_id, skip) = {
+            let sides = self.data.sides.lock().unwrap();
+            let state = sides.get(&(group_id, side))?;
+            // Frames below the expected position arrived before (a resend after a reconnect).
+            let skip = state.inbound_next.saturating_sub(first) as usize;
+            (state.device_id, skip)
+        };
+        let fresh = frames.get(skip..).unwrap_or(&[]);
+        let next = first + frames.len() as u64;
+        if !fresh.is_empty() {
+            let delivered = match self.manager.session(&device_id) {
+                Some(session) => session.send_frames(fresh).await.is_ok(),
+                None => false,
+            };
+            let mut stats = self.data.stats.lock().unwrap();
+            if delivered {
+                stats.frames_down += fresh.len() as u64;
+            } else {
+                // The dongle is gone or refused them: counted and reported, and acknowledged all the
+                // same, since sending them again cannot help a dongle that is not there.
+                stats.dropped += fresh.len() as u64;
+                drop(stats);
+                if let Some(state) = self.data.sides.lock().unwrap().get_mut(&(group_id, side)) {
+                    state.dropped += fresh.len() as u64;
+                }
+            }
+        }
+        if let Some(state) = self.data.sides.lock().unwrap().get_mut(&(group_id, side)) {
+            state.inbound_next = state.inbound_next.max(next);
+        }
+        Some(data::encode_ack(group_id, side, next))
+    }
+
+    pub(super) fn groups_changed(&self, groups: Groups) {
+        tracing::info!(sides = groups.sides.len(), "group sides from the server");
+        self.data.set_groups(&groups);
+    }
+}
+
+/// Moves the frames a dongle receives into the data plane, for as long as its session lives.
+pub(super) async fn pump(
+    shared: Arc<Shared>,
+    device_id: DeviceId,
+    mut frames: mpsc::Receiver<Frame>,
+) {
+    let mut batch = Vec::with_capacity(256);
+    while frames.recv_many(&mut batch, 256).await > 0 {
+        shared.data.take_from_dongle(device_id, &batch);
+        batch.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use firmware_proto::ids::CanId;
+
+    fn frame(i: u8) -> Frame {
+        Frame::classic(CanId::standard(0x100).unwrap(), &[i]).unwrap()
+    }
+
+    fn groups(device: DeviceId, next_seq: u64) -> (Uuid, Groups) {
+        let g = Uuid::new_v4();
+        (
+            g,
+            Groups {
+                sides: vec![GroupSide {
+                    group_id: g,
+                    side: Side::A,
+                    device_id: device.to_string(),
+                    next_seq,
+                }],
+            },
+        )
+    }
+
+    #[test]
+    fn frames_wait_for_their_ack_and_are_resent_after_a_rewind() {
+        let plane = DataPlane::default();
+        let dev: DeviceId = "0123456789abcdef".parse().unwrap();
+        let (g, list) = groups(dev, 10);
+        plane.take_from_dongle(dev, &[frame(0)]);
+        assert_eq!(
+            plane.stats().unrouted,
+            1,
+            "no group yet: unrouted, not queued"
+        );
+        plane.set_groups(&list);
+        plane.take_from_dongle(dev, &[frame(1), frame(2), frame(3)]);
+        let sent = plane.outgoing();
+        assert_eq!(sent.len(), 1);
+        let m = DataMessage::decode(&sent[0]).unwrap();
+        assert_eq!(
+            (m.kind, m.group_id, m.n, m.frame_count()),
+            (Kind::Frames, g, 10, 3)
+        );
+        assert!(plane.outgoing().is_empty(), "sent once per connection");
+        plane.acknowledged(g, Side::A, 12);
+        plane.rewind();
+        let resent = plane.outgoing();
+        let m = DataMessage::decode(&resent[0]).unwrap();
+        assert_eq!(
+            (m.n, m.frame_count()),
+            (12, 1),
+            "only the unacknowledged frame again"
+        );
+        // The server says it already has frame 12 (it wrote it before a crash): nothing to resend.
+        plane.set_groups(&groups_with(g, dev, 13));
+        plane.rewind();
+        assert!(plane.outgoing().is_empty());
+    }
+
+    fn groups_with(g: Uuid, dev: DeviceId, next_seq: u64) -> Groups {
+        Groups {
+            sides: vec![GroupSide {
+                group_id: g,
+                side: Side::A,
+                device_id: dev.to_string(),
+                next_seq,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_new_frames_and_reports_them() {
+        let plane = DataPlane::default();
+        let dev: DeviceId = "0123456789abcdef".parse().unwrap();
+        let (g, list) = groups(dev, 0);
+        plane.set_groups(&list);
+        let many = vec![frame(0); MAX_UNACKED + 5];
+        plane.take_from_dongle(dev, &many);
+        assert_eq!(plane.stats().dropped, 5);
+        let messages = plane.outgoing();
+        let drops = messages
+            .iter()
+            .map(|m| DataMessage::decode(m).unwrap())
+            .find(|m| m.kind == Kind::Drops)
+            .expect("a DROPS report");
+        assert_eq!((drops.group_id, drops.n), (g, 5));
+        let frames: u64 = messages
+            .iter()
+            .map(|m| DataMessage::decode(m).unwrap().frame_count())
+            .sum();
+        assert_eq!(frames, MAX_UNACKED as u64);
+    }
+}

@@ -1,0 +1,289 @@
+//! The data plane: the binary WebSocket messages of `/ws/data` that carry CAN frames between agents and
+//! the server (SPEC 3.8). No JSON here: a saturated bus is thousands of frames a second.
+//!
+//! The agent opens `GET /ws/data` with the same `Authorization: Bearer <agent token>` as the control
+//! WebSocket. Which group sides it serves, the server tells it on the control WebSocket
+//! ([`crate::ServerMessage::Groups`]). Every message is one binary WebSocket frame:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 1 | version, [`DATA_VERSION`] |
+//! | 1 | 1 | kind: 1 FRAMES, 2 ACK, 3 DROPS |
+//! | 2 | 16 | group id (UUID bytes) |
+//! | 18 | 1 | side: 0 = A, 1 = B |
+//! | 19 | 8 | `n`, big-endian: see below |
+//! | 27 | .. | FRAMES only: a firmware-proto CAN batch (`u16` count, `u16` reserved, records), as in `CAN_BATCH` |
+//!
+//! - FRAMES from an agent: frames the dongle of `side` received on its bus; `n` is the stream position of
+//!   the first frame (the count of frames this side has sent to this group before it, starting at the
+//!   `next_seq` the server gave in [`crate::GroupSide`]). From the server: frames for the dongle of
+//!   `side` to transmit; `n` is likewise the position in the stream towards that side.
+//! - ACK, in either direction, acknowledges the other party's FRAMES stream of `side`: every frame below
+//!   position `n` is safe. The server acknowledges once frames are forwarded or written to the durable
+//!   buffer, and the agent forgets them; the agent acknowledges once the dongle has taken frames for
+//!   transmission, and the server deletes them from its buffer. Whoever reconnects sends again from the
+//!   first frame not acknowledged, with the same positions, and the receiver skips what it already has,
+//!   so no frame is lost or repeated while either end merely reconnects.
+//! - DROPS from an agent: `n` is the total of frames of `side` the agent had to drop (a full queue), so
+//!   that no drop goes unreported.
+
+use firmware_proto::ext::batch::Batch;
+use uuid::Uuid;
+
+/// The version byte of every data message.
+pub const DATA_VERSION: u8 = 1;
+/// The bytes before a FRAMES message's batch.
+pub const HEADER_LEN: usize = 27;
+/// The largest data message either side accepts.
+pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
+
+/// A side of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    A,
+    B,
+}
+
+impl Side {
+    pub fn other(self) -> Self {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            Side::A => 0,
+            Side::B => 1,
+        }
+    }
+
+    fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Side::A),
+            1 => Some(Side::B),
+            _ => None,
+        }
+    }
+}
+
+/// What a data message says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Frames,
+    Ack,
+    Drops,
+}
+
+/// A decoded data message; the batch borrows from the message bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct DataMessage<'a> {
+    pub kind: Kind,
+    pub group_id: Uuid,
+    pub side: Side,
+    pub n: u64,
+    /// FRAMES only.
+    pub batch: Option<Batch<'a>>,
+}
+
+/// Why a data message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataError {
+    #[error("data message of {0} bytes: too short for its header")]
+    Short(usize),
+    #[error("data message of {0} bytes: larger than {MAX_MESSAGE_LEN}")]
+    TooLarge(usize),
+    #[error("data message version {0}, expected {DATA_VERSION}")]
+    Version(u8),
+    #[error("unknown data message kind {0}")]
+    Kind(u8),
+    #[error("unknown side {0}")]
+    Side(u8),
+    #[error("the frame batch does not parse: {0}")]
+    Batch(String),
+    #[error("an ACK or DROPS message carries {0} bytes after its header")]
+    Trailing(usize),
+}
+
+impl<'a> DataMessage<'a> {
+    /// Decodes and validates a message (the whole batch included).
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, DataError> {
+        if bytes.len() > MAX_MESSAGE_LEN {
+            return Err(DataError::TooLarge(bytes.len()));
+        }
+        let Some(header) = bytes.get(..HEADER_LEN) else {
+            return Err(DataError::Short(bytes.len()));
+        };
+        if header[0] != DATA_VERSION {
+            return Err(DataError::Version(header[0]));
+        }
+        let kind = match header[1] {
+            1 => Kind::Frames,
+            2 => Kind::Ack,
+            3 => Kind::Drops,
+            k => return Err(DataError::Kind(k)),
+        };
+        let group_id = Uuid::from_bytes(header[2..18].try_into().expect("16 bytes"));
+        let side = Side::from_u8(header[18]).ok_or(DataError::Side(header[18]))?;
+        let n = u64::from_be_bytes(header[19..27].try_into().expect("8 bytes"));
+        let rest = &bytes[HEADER_LEN..];
+        let batch = match kind {
+            Kind::Frames => Some(Batch::parse(rest).map_err(|e| DataError::Batch(e.to_string()))?),
+            _ if !rest.is_empty() => return Err(DataError::Trailing(rest.len())),
+            _ => None,
+        };
+        Ok(Self {
+            kind,
+            group_id,
+            side,
+            n,
+            batch,
+        })
+    }
+
+    /// The number of frames of a FRAMES message (0 otherwise).
+    pub fn frame_count(&self) -> u64 {
+        self.batch.map(|b| b.len() as u64).unwrap_or(0)
+    }
+}
+
+fn header(kind: u8, group_id: Uuid, side: Side, n: u64, out: &mut Vec<u8>) {
+    out.push(DATA_VERSION);
+    out.push(kind);
+    out.extend_from_slice(group_id.as_bytes());
+    out.push(side.to_u8());
+    out.extend_from_slice(&n.to_be_bytes());
+}
+
+/// A FRAMES message around an encoded batch (as `BatchWriter` or `encode_batch` make it).
+pub fn encode_frames(group_id: Uuid, side: Side, first: u64, batch: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + batch.len());
+    header(1, group_id, side, first, &mut out);
+    out.extend_from_slice(batch);
+    out
+}
+
+/// An ACK: every frame of `side`'s stream below `next` is safe.
+pub fn encode_ack(group_id: Uuid, side: Side, next: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    header(2, group_id, side, next, &mut out);
+    out
+}
+
+/// A DROPS report: `total` frames of `side` dropped by the agent so far.
+pub fn encode_drops(group_id: Uuid, side: Side, total: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    header(3, group_id, side, total, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use firmware_proto::ext::batch::{CanRecord, encode_batch};
+    use firmware_proto::ids::CanId;
+
+    fn batch() -> Vec<u8> {
+        let records = [
+            CanRecord {
+                timestamp_us: 1,
+                id: CanId::standard(0x7e8).unwrap(),
+                flags: 0,
+                data: &[2, 0x41, 0x0c],
+            },
+            CanRecord {
+                timestamp_us: 2,
+                id: CanId::extended(0x18db33f1).unwrap(),
+                flags: 0,
+                data: &[],
+            },
+        ];
+        let mut buf = vec![0u8; 256];
+        let n = encode_batch(&records, &mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn frames_round_trip_with_the_documented_layout() {
+        let group = Uuid::from_u128(0x0102030405060708090a0b0c0d0e0f10);
+        let msg = encode_frames(group, Side::B, 42, &batch());
+        assert_eq!(&msg[..2], &[1, 1]);
+        assert_eq!(&msg[2..18], group.as_bytes());
+        assert_eq!(msg[18], 1);
+        assert_eq!(&msg[19..27], &42u64.to_be_bytes());
+        let decoded = DataMessage::decode(&msg).unwrap();
+        assert_eq!(decoded.kind, Kind::Frames);
+        assert_eq!(
+            (decoded.group_id, decoded.side, decoded.n),
+            (group, Side::B, 42)
+        );
+        assert_eq!(decoded.frame_count(), 2);
+        let ids: Vec<u32> = decoded.batch.unwrap().iter().map(|r| r.id.raw()).collect();
+        assert_eq!(ids, vec![0x7e8, 0x18db33f1]);
+    }
+
+    #[test]
+    fn acks_and_drops() {
+        let g = Uuid::new_v4();
+        let ack = encode_ack(g, Side::A, 7);
+        let ack = DataMessage::decode(&ack).unwrap();
+        assert_eq!(
+            (ack.kind, ack.side, ack.n, ack.frame_count()),
+            (Kind::Ack, Side::A, 7, 0)
+        );
+        let drops = encode_drops(g, Side::B, 3);
+        let drops = DataMessage::decode(&drops).unwrap();
+        assert_eq!((drops.kind, drops.n), (Kind::Drops, 3));
+    }
+
+    #[test]
+    fn malformed_messages_are_errors_not_panics() {
+        let g = Uuid::new_v4();
+        assert_eq!(
+            DataMessage::decode(&[1, 1]).unwrap_err(),
+            DataError::Short(2)
+        );
+        let mut bad = encode_ack(g, Side::A, 0);
+        bad[0] = 9;
+        assert_eq!(
+            DataMessage::decode(&bad).unwrap_err(),
+            DataError::Version(9)
+        );
+        let mut bad = encode_ack(g, Side::A, 0);
+        bad[1] = 7;
+        assert_eq!(DataMessage::decode(&bad).unwrap_err(), DataError::Kind(7));
+        let mut bad = encode_ack(g, Side::A, 0);
+        bad[18] = 2;
+        assert_eq!(DataMessage::decode(&bad).unwrap_err(), DataError::Side(2));
+        let mut bad = encode_ack(g, Side::A, 0);
+        bad.push(0);
+        assert_eq!(
+            DataMessage::decode(&bad).unwrap_err(),
+            DataError::Trailing(1)
+        );
+        let mut frames = encode_frames(g, Side::A, 0, &batch());
+        frames.pop();
+        assert!(matches!(
+            DataMessage::decode(&frames),
+            Err(DataError::Batch(_))
+        ));
+        assert!(matches!(
+            DataMessage::decode(&vec![1u8; MAX_MESSAGE_LEN + 1]),
+            Err(DataError::TooLarge(_))
+        ));
+        // Every prefix and every single-byte change of a valid message decodes or fails cleanly.
+        let good = encode_frames(g, Side::A, 5, &batch());
+        for cut in 0..good.len() {
+            let _ = DataMessage::decode(&good[..cut]);
+        }
+        for i in 0..good.len() {
+            let mut m = good.clone();
+            m[i] ^= 0xff;
+            let _ = DataMessage::decode(&m);
+        }
+    }
+}
