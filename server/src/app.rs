@@ -23,7 +23,7 @@ use crate::dongle_tokens::KeyRing;
 use crate::email::smtp::{MailError, SmtpMailer};
 use crate::email::worker::{self, WorkerSettings};
 use crate::http::{ApiError, error, request_id};
-use crate::{auth, rate_limit, routes, telemetry};
+use crate::{agents, auth, commands, rate_limit, routes, telemetry};
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -34,8 +34,10 @@ pub struct AppState {
     pub public_url: Arc<str>,
     /// Wakes this process's mail worker when a handler queues mail.
     pub mail_wake: Arc<Notify>,
+    /// Wakes this process's command dispatcher when a command is queued or an agent connects.
+    pub command_wake: Arc<Notify>,
     pub metrics: PrometheusHandle,
-    /// The agents connected to this instance over the control WebSocket.
+    /// The agents' control connections, on this instance and (through the database) on the others.
     pub hub: Arc<AgentHub>,
     /// The dongle-token master keys (from the configuration).
     pub keys: Arc<KeyRing>,
@@ -43,13 +45,19 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(pool: PgPool, config: ServerConfig, public_url: String) -> Self {
+        let keys = Arc::new(config.dongle_keys.clone());
         Self {
+            hub: Arc::new(AgentHub::clustered(
+                pool.clone(),
+                config.cluster.clone(),
+                keys.clone(),
+            )),
             pool,
-            keys: Arc::new(config.dongle_keys.clone()),
-            hub: Arc::new(AgentHub::new()),
+            keys,
             config: Arc::new(config),
             public_url: public_url.into(),
             mail_wake: Arc::new(Notify::new()),
+            command_wake: Arc::new(Notify::new()),
             metrics: telemetry::prometheus(),
         }
     }
@@ -116,6 +124,16 @@ impl RunningServer {
         self.wait().await
     }
 
+    /// Stops everything at once with no cleanup, as a crash would: the instance's rows stay in the
+    /// database until the other instances find its beat stale. For tests of what survivors do.
+    pub fn abort(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.handle.shutdown();
+        self.server.abort();
+    }
+
     /// Waits until the shutdown token is cancelled (by anyone), then shuts down.
     pub async fn wait(self) -> std::io::Result<()> {
         self.shutdown.cancelled().await;
@@ -131,7 +149,8 @@ impl RunningServer {
 }
 
 /// Starts the server on `config.bind` (port 0 picks a free port) with its background tasks: the mail
-/// worker when SMTP is configured, and housekeeping. The database must already be migrated.
+/// worker when SMTP is configured, housekeeping, and the command dispatcher. The database must already
+/// be migrated.
 pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, StartError> {
     telemetry::install_crypto_provider();
     let bind = config.bind;
@@ -185,6 +204,13 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
         state.pool.clone(),
         shutdown.clone(),
     )));
+    // Commands: the dispatcher and sweeper (SPEC 3.7), driven by the database.
+    tasks.push(tokio::spawn(commands::dispatch::run(
+        state.clone(),
+        shutdown.clone(),
+    )));
+    // The instance joins the cluster (its first beat) before it accepts any agent.
+    tasks.push(agents::cluster::start(state.hub.clone(), shutdown.clone()).await);
 
     let make_service = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let handle = axum_server::Handle::new();

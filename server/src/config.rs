@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// Days a new agent token lives (the agent logs in again after); without it, until revoked.
     #[arg(long, env = "AGENT_TOKEN_TTL_DAYS")]
     pub agent_token_ttl_days: Option<u64>,
+
+    /// Development mode: dangerous dongle commands (factory-reset) may be run. Never in production.
+    #[arg(long, env = "BRIDGE_DEV", value_parser = clap::builder::FalseyValueParser::new())]
+    pub dev: bool,
 }
 
 /// PEM files of the server's certificate chain and key.
@@ -125,6 +129,20 @@ pub struct ServerConfig {
     pub pairing_window: Duration,
     /// How long the server waits for an agent to answer a control request.
     pub agent_request_timeout: Duration,
+    /// How the instances sharing the database find each other alive and hand each other agent
+    /// messages (heartbeat, staleness window, mailbox poll).
+    pub cluster: crate::agents::cluster::ClusterSettings,
+    /// How long the server waits for a dongle's answer through its agent: a CAN configuration, a frame
+    /// to send, the agent's acceptance of a command.
+    pub dongle_request_timeout: Duration,
+    /// Development mode: the REMP CLI's dangerous-command flag may be set (SPEC 3.7).
+    pub dev_mode: bool,
+    /// The most command output the server stores, in bytes; longer output is cut and flagged.
+    pub command_output_cap: usize,
+    /// How long past a command's own timeout the server waits for its result before marking it timeout.
+    pub command_grace: Duration,
+    /// How often the command dispatcher and sweeper look at the database when nothing wakes them.
+    pub command_poll_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -149,6 +167,12 @@ impl Default for ServerConfig {
             agent_token_ttl: None,
             pairing_window: Duration::from_secs(120),
             agent_request_timeout: Duration::from_secs(10),
+            cluster: Default::default(),
+            dongle_request_timeout: Duration::from_secs(5),
+            dev_mode: false,
+            command_output_cap: 64 * 1024,
+            command_grace: Duration::from_secs(10),
+            command_poll_interval: Duration::from_secs(1),
         }
     }
 }
@@ -176,6 +200,7 @@ impl ServerConfig {
                 url: url.clone(),
                 from: args.smtp_from.clone(),
             }),
+            dev_mode: args.dev,
             ..Self::default()
         }
     }
@@ -186,7 +211,8 @@ impl ServerConfig {
     }
 }
 
-/// The default limits of SPEC 3.2; reset-confirm has its own, separate counter (SPEC 3.11).
+/// The default limits of SPEC 3.2; reset-confirm has its own, separate counter (SPEC 3.11); frames sent by
+/// hand are limited per dongle (SPEC 3.8b).
 impl Default for RateLimits {
     fn default() -> Self {
         let minutes = |m: u64| Duration::from_secs(m * 60);
@@ -197,6 +223,32 @@ impl Default for RateLimits {
             reset_request_per_ip: Limit::new(3, minutes(60)),
             reset_request_per_account: Limit::new(3, minutes(60)),
             reset_confirm_per_ip: Limit::new(10, minutes(60)),
+            can_send_per_dongle: Limit::new(20, Duration::from_secs(10)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn development_mode_is_off_unless_asked_for() {
+        // The test process may not set BRIDGE_DEV; only the flag is looked at here.
+        if std::env::var_os("BRIDGE_DEV").is_some() {
+            return;
+        }
+        let off = Cli::try_parse_from(["bridge-server"]).unwrap();
+        assert!(!ServerConfig::from_args(&off.serve).dev_mode);
+        assert!(!ServerConfig::default().dev_mode);
+        let on = Cli::try_parse_from(["bridge-server", "--dev"]).unwrap();
+        assert!(ServerConfig::from_args(&on.serve).dev_mode);
     }
 }

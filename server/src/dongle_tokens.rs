@@ -193,6 +193,18 @@ impl KeyRing {
         self.keys.keys().copied().collect()
     }
 
+    /// A 32-byte key for another purpose than dongle tokens, derived from master key `version` as
+    /// HMAC-SHA256(master key, `label`): one configured secret then serves several purposes, and a
+    /// ciphertext made for one purpose never opens under another. `None` when the version is unknown.
+    pub fn derive(&self, version: i32, label: &[u8]) -> Option<[u8; 32]> {
+        use hmac::{Hmac, Mac};
+        let key = self.keys.get(&version)?;
+        let mut mac = <Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(key)
+            .expect("HMAC takes a key of any length");
+        mac.update(label);
+        Some(mac.finalize().into_bytes().into())
+    }
+
     fn cipher(&self, version: i32) -> Result<Aes256Gcm, KeyError> {
         let key = self
             .keys

@@ -50,7 +50,8 @@ pub struct DongleView {
     pub last_seen_at: Option<DateTime<Utc>>,
     /// The group it belongs to, if any.
     pub group_id: Option<Uuid>,
-    /// The stored CAN configuration, if any (the v0.7 fields).
+    /// The stored CAN configuration, if any: the v0.7 fields, the `effective_*` values the dongle
+    /// acknowledged and `applied_at` (`GET /dongles/{id}/can-config` has them structured).
     #[schema(value_type = Option<Object>)]
     pub can_config: Option<serde_json::Value>,
 }
@@ -176,7 +177,7 @@ fn not_found() -> ApiError {
 
 /// The checks shared by pairing start and submit, in the order that reveals the least. `sightings` are
 /// those of the caller's user's agents.
-fn standing(
+async fn standing(
     row: &DongleRow,
     sightings: &[Sighting],
     caller: &Caller,
@@ -215,13 +216,14 @@ fn standing(
     if row.ownership_state == "SECURITY_HOLD" {
         return Err(ApiError::of(ErrorCode::PairingSecurityHold));
     }
-    relevant
-        .iter()
-        .find(|s| s.present && s.online && hub.is_connected(s.agent_id))
-        .map(|s| Standing::Pairable {
-            agent_id: s.agent_id,
-        })
-        .ok_or_else(|| ApiError::of(ErrorCode::AgentOffline))
+    for s in relevant {
+        if s.present && s.online && hub.is_connected(s.agent_id).await {
+            return Ok(Standing::Pairable {
+                agent_id: s.agent_id,
+            });
+        }
+    }
+    Err(ApiError::of(ErrorCode::AgentOffline))
 }
 
 /// The answer to a pairing start.
@@ -264,6 +266,10 @@ fn agent_error(e: RequestError) -> ApiError {
             ErrorCode::AgentOffline,
             "The agent serving this dongle did not answer: check that it runs and sees the dongle.",
         ),
+        RequestError::TooLarge { .. } => ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            "The request is too large to hand to the server instance the agent is connected to.",
+        ),
         RequestError::Failed(e) => match e.code {
             ReplyErrorCode::UnknownDevice | ReplyErrorCode::DongleTimeout => ApiError::new(
                 ErrorCode::AgentOffline,
@@ -291,7 +297,7 @@ pub async fn start(
         .await?
         .ok_or_else(not_found)?;
     let seen = sightings(&mut tx, dongle_id, caller.user_id()).await?;
-    let standing = match standing(&row, &seen, caller, &state.hub) {
+    let standing = match standing(&row, &seen, caller, &state.hub).await {
         Ok(standing) => standing,
         Err(error) => {
             drop(tx);
@@ -506,7 +512,7 @@ pub async fn submit(
         .await?
         .ok_or_else(not_found)?;
     let seen = sightings(&mut tx, dongle_id, user_id).await?;
-    let agent_id = match standing(&row, &seen, caller, &state.hub) {
+    let agent_id = match standing(&row, &seen, caller, &state.hub).await {
         Ok(Standing::AlreadyOwned) => {
             return Ok(Paired {
                 dongle_id,
@@ -695,13 +701,16 @@ pub async fn submit(
     .await?;
     tx.commit().await?;
     // The serving agent keeps the token in its vault to authenticate to the dongle from now on.
-    let _ = state.hub.send(
-        agent_id,
-        ServerMessage::DongleToken(control_proto::DongleToken {
-            device_id: row.device_id,
-            token: token.to_base64(),
-        }),
-    );
+    let _ = state
+        .hub
+        .send(
+            agent_id,
+            ServerMessage::DongleToken(control_proto::DongleToken {
+                device_id: row.device_id,
+                token: token.to_base64(),
+            }),
+        )
+        .await;
     Ok(Paired {
         dongle_id,
         paired: true,
@@ -811,7 +820,7 @@ pub async fn unpair(
     // awaited: the dongle may be busy, and the server side is already clean.
     let mut forget_sent = false;
     for agent_id in serving {
-        if state.hub.is_connected(agent_id) {
+        if state.hub.is_connected(agent_id).await {
             let hub = state.hub.clone();
             let timeout = state.config.agent_request_timeout;
             let device_id = row.device_id.clone();
@@ -881,13 +890,15 @@ pub async fn hand_out_tokens(
     for sighting in owned {
         match dongle_tokens::load(pool, keys, sighting.dongle_id).await {
             Ok(Some(token)) => {
-                let _ = hub.send(
-                    agent_id,
-                    ServerMessage::DongleToken(control_proto::DongleToken {
-                        device_id: sighting.device_id.clone(),
-                        token: token.to_base64(),
-                    }),
-                );
+                let _ = hub
+                    .send(
+                        agent_id,
+                        ServerMessage::DongleToken(control_proto::DongleToken {
+                            device_id: sighting.device_id.clone(),
+                            token: token.to_base64(),
+                        }),
+                    )
+                    .await;
             }
             Ok(None) => {}
             Err(e) => {
@@ -895,4 +906,132 @@ pub async fn hand_out_tokens(
             }
         }
     }
+}
+
+/// The capability bit of a dongle that speaks CAN FD (bit 0 of its ANNOUNCE, `firmware_proto::caps`).
+pub const CAP_CAN_FD: i64 = 1;
+
+/// A dongle its owner acts on: configuration, commands, frames.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OwnedDongle {
+    pub id: Uuid,
+    pub device_id: String,
+    /// The capability bits of the last report (0 when none came yet).
+    pub capabilities: i64,
+}
+
+impl OwnedDongle {
+    /// The dongle announces CAN FD.
+    pub fn can_fd(&self) -> bool {
+        self.capabilities & CAP_CAN_FD != 0
+    }
+}
+
+/// The dongle if `user_id` owns it and it is CLAIMED_ACTIVE. Anything else (another owner, unclaimed,
+/// a hold, a reset) answers None, which the handlers turn into DONGLE_NOT_FOUND, as for an unknown id.
+pub async fn owned(
+    db: impl sqlx::PgExecutor<'_>,
+    user_id: Uuid,
+    dongle_id: Uuid,
+) -> Result<Option<OwnedDongle>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, device_id, coalesce(capabilities, 0) AS capabilities FROM dongles \
+         WHERE id = $1 AND owner_user_id = $2 AND ownership_state = 'CLAIMED_ACTIVE'",
+    )
+    .bind(dongle_id)
+    .bind(user_id)
+    .fetch_optional(db)
+    .await
+}
+
+/// [`owned`], answering DONGLE_NOT_FOUND when the caller may not act on the dongle.
+pub async fn owned_or_404(
+    pool: &PgPool,
+    user_id: Uuid,
+    dongle_id: Uuid,
+) -> Result<OwnedDongle, ApiError> {
+    owned(pool, user_id, dongle_id).await?.ok_or_else(not_found)
+}
+
+/// An agent of `user_id` that sees the dongle now, is online and is connected: `prefer` when it
+/// qualifies (the calling agent, or the agent a command went to before), otherwise the one that saw the
+/// dongle last.
+pub async fn serving_agent(
+    pool: &PgPool,
+    hub: &AgentHub,
+    dongle_id: Uuid,
+    user_id: Uuid,
+    prefer: Option<Uuid>,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let candidates: Vec<Uuid> = sightings(&mut conn, dongle_id, user_id)
+        .await?
+        .into_iter()
+        .filter(|s| s.present && s.online)
+        .map(|s| s.agent_id)
+        .collect();
+    drop(conn);
+    if let Some(p) = prefer
+        && candidates.contains(&p)
+        && hub.is_connected(p).await
+    {
+        return Ok(Some(p));
+    }
+    for a in candidates {
+        if hub.is_connected(a).await {
+            return Ok(Some(a));
+        }
+    }
+    Ok(None)
+}
+
+/// The answer to a failed request to a dongle through its agent (CAN configuration, a frame): offline
+/// agents and dongles the agent no longer reaches are AGENT_OFFLINE, no answer in time is DONGLE_TIMEOUT,
+/// and the dongle's refusal is `refused`, with the dongle's reason in `details.reason`.
+pub fn dongle_request_error(e: RequestError, refused: ErrorCode) -> ApiError {
+    match e {
+        RequestError::Offline => ApiError::new(
+            ErrorCode::AgentOffline,
+            "The agent serving this dongle is not connected: check that it runs and sees the dongle.",
+        ),
+        RequestError::Timeout => ApiError::new(
+            ErrorCode::DongleTimeout,
+            "The dongle did not answer in time through its agent; nothing was changed.",
+        ),
+        RequestError::Failed(e) => match e.code {
+            ReplyErrorCode::UnknownDevice => ApiError::new(
+                ErrorCode::AgentOffline,
+                "The agent no longer reaches this dongle.",
+            ),
+            ReplyErrorCode::DongleTimeout => ApiError::new(
+                ErrorCode::DongleTimeout,
+                "The dongle did not answer its agent in time; nothing was changed.",
+            ),
+            ReplyErrorCode::Refused => {
+                ApiError::of(refused).with_detail("reason", reply_reason(&e.message))
+            }
+            ReplyErrorCode::Unsupported => ApiError::new(
+                ErrorCode::Conflict,
+                "The agent serving this dongle does not support this request: update the agent.",
+            ),
+            _ => ApiError::new(
+                ErrorCode::Conflict,
+                "The agent could not carry out the request.",
+            )
+            .with_detail("reason", reply_reason(&e.message)),
+        },
+        RequestError::TooLarge { .. } => ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            "The request is too large to relay to the agent's server instance.",
+        ),
+    }
+}
+
+/// A reason an agent or dongle gave, made safe to echo: printable characters only, at most 200.
+pub fn reply_reason(message: &str) -> String {
+    message
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect()
 }

@@ -1,5 +1,5 @@
-//! The remote CAN bridge server: accounts, agents, dongles and pairing today; configuration, commands,
-//! groups and the relay in the issues that follow.
+//! The remote CAN bridge server: accounts, agents, dongles and pairing, CAN configuration, commands and
+//! frames sent by hand today; groups and the relay in the issues that follow.
 //!
 //! # Layout
 //!
@@ -15,14 +15,20 @@
 //! - [`rate_limit`]: fixed-window counters kept in PostgreSQL.
 //! - [`audit`]: [`audit::record`], the one way to write the audit log.
 //! - [`agents`]: agent registration, bearer tokens, presence, device reports; [`agents::hub`], the
-//!   registry of connected agents (request/response with timeouts); [`agents::ws`], the control
-//!   WebSocket `/ws/agent` speaking `control_proto`.
+//!   registry of connected agents (request/response with timeouts) across instances;
+//!   [`agents::cluster`], how instances on one database reach each other's agents (LISTEN/NOTIFY and
+//!   a polled mailbox); [`agents::ws`], the control WebSocket `/ws/agent` speaking `control_proto`.
 //! - [`dongles`]: what a user sees of dongles, the pairing state machine, unpair and force-unpair.
+//! - [`can_config`]: a dongle's CAN configuration: checks, applying it through the agent, and the
+//!   dongle's acknowledgement with its effective values.
+//! - [`commands`]: allow-listed commands: queueing, results, and the database-driven dispatcher and
+//!   sweeper ([`commands::dispatch`]).
+//! - [`can_send`]: one CAN frame sent by hand, checked and rate-limited per dongle.
 //! - [`dongle_tokens`]: dongle tokens at rest (AES-256-GCM, versioned keys, row-bound AAD) and key
 //!   rotation.
 //! - [`email`]: the outbox, its worker, templates and SMTP.
 //! - [`routes`]: handlers, laid out like the URL tree (`health`, `auth`, `admin`, `agents`, `dongles`,
-//!   `ws`).
+//!   `can`, `commands`, `ws`).
 //! - [`openapi`]: the frame of the OpenAPI document the handlers fill in.
 //! - [`telemetry`]: logging, Prometheus metrics, the rustls crypto provider.
 
@@ -30,6 +36,9 @@ pub mod agents;
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod can_config;
+pub mod can_send;
+pub mod commands;
 pub mod config;
 pub mod db;
 pub mod dongle_tokens;

@@ -133,6 +133,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let mut config = ServerConfig::from_args(&args);
     config.dongle_keys = load_keys(&args.database)?;
+    if config.dev_mode {
+        tracing::warn!("development mode: dangerous dongle commands (factory-reset) may be run");
+    }
     let result = app::serve(config, database.pool.clone(), shutdown_signal())
         .await
         .context("the server could not start");

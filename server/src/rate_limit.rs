@@ -24,7 +24,7 @@ impl Limit {
     }
 }
 
-/// The limits of the account endpoints (defaults in `config`).
+/// The limits of the account endpoints and of frames sent by hand (defaults in `config`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimits {
     pub login_per_ip: Limit,
@@ -33,6 +33,8 @@ pub struct RateLimits {
     pub reset_request_per_ip: Limit,
     pub reset_request_per_account: Limit,
     pub reset_confirm_per_ip: Limit,
+    /// Frames sent by hand to one dongle (`POST /dongles/:id/can/send`), whoever sends them.
+    pub can_send_per_dongle: Limit,
 }
 
 /// What is being counted. Each scope has its own counters, so that e.g. reset requests and reset
@@ -45,6 +47,7 @@ pub enum Scope {
     ResetRequestIp,
     ResetRequestAccount,
     ResetConfirmIp,
+    CanSendDongle,
 }
 
 impl Scope {
@@ -56,6 +59,7 @@ impl Scope {
             Self::ResetRequestIp => "reset-request:ip",
             Self::ResetRequestAccount => "reset-request:account",
             Self::ResetConfirmIp => "reset-confirm:ip",
+            Self::CanSendDongle => "can-send:dongle",
         }
     }
 }

@@ -173,21 +173,21 @@ async fn an_expired_or_disabled_users_token_is_refused(pool: PgPool) {
         .unwrap();
     connected.send(control_proto::AgentMessage::Heartbeat);
     let hub = app.hub();
-    agent::wait_until(|| async { !hub.is_connected(connected.agent_id) }).await;
+    agent::wait_until(|| async { !hub.is_connected(connected.agent_id).await }).await;
     sqlx::query("UPDATE agent_tokens SET expires_at = NULL")
         .execute(&pool)
         .await
         .unwrap();
     // An admin disabling the user revokes the agent's tokens and closes its open connection.
     let connected = TestAgent::connect(&app.base, &token).await;
-    assert!(hub.is_connected(connected.agent_id));
+    assert!(hub.is_connected(connected.agent_id).await);
     let (admin, _) = app.logged_in("admin@example.com", Role::SuperAdmin).await;
     let res = admin
         .post_json(&format!("/admin/users/{alice_id}/disable"), json!({}))
         .await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(status(token).await, StatusCode::UNAUTHORIZED);
-    assert!(!hub.is_connected(connected.agent_id));
+    assert!(!hub.is_connected(connected.agent_id).await);
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]

@@ -431,3 +431,31 @@ pub fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
+
+/// Pairs `dongle` to `user` through the API (the agent serving it must run); answers the dongle's id.
+pub async fn pair(user: &User, dongle: &Dongle) -> String {
+    let listed = user
+        .wait_dongle(&dongle.device_id, "seen by the agent", |d| {
+            d.is_some_and(|d| d["online"] == true)
+        })
+        .await
+        .unwrap();
+    let id = listed["id"].as_str().unwrap().to_string();
+    let mut pins = dongle.sim.events();
+    let (status, started) = user
+        .post(
+            &format!("/dongles/{id}/pairing-mode"),
+            json!({"action": "start"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{started}");
+    let pin = Dongle::next_pin(&mut pins).await;
+    let (status, body) = user
+        .post(
+            &format!("/dongles/{id}/pairing-submit"),
+            json!({"pairing_session_id": started["pairing_session_id"], "pin": pin}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    id
+}

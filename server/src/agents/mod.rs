@@ -1,9 +1,11 @@
-//! Agents (SPEC 3.3): registration and bearer tokens, presence, device reports, and the [`hub`] of
-//! connected agents.
+//! Agents (SPEC 3.3): registration and bearer tokens, presence, device reports, the [`hub`] of
+//! connected agents, and the [`cluster`] transport that lets the hub reach agents connected to other
+//! server instances on the same database.
 //!
 //! An agent token is 256 random bits shown once at registration; the database keeps only its SHA-256.
 //! Presence is a heartbeat (HTTP or control WebSocket) in the last [`OFFLINE_AFTER_SECS`] seconds.
 
+pub mod cluster;
 pub mod hub;
 pub mod ws;
 

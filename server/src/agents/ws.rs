@@ -7,12 +7,12 @@ use futures::{SinkExt, StreamExt};
 
 use crate::agents::{self, AgentIdentity};
 use crate::app::AppState;
-use crate::dongles;
+use crate::{commands, dongles};
 
 /// Serves one agent's control connection until either side closes it.
 pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
     let agent_id = agent.agent_id;
-    let registration = state.hub.connect(agent_id);
+    let registration = state.hub.connect(agent_id).await;
     let conn_id = registration.conn_id;
     let mut rx = registration.rx;
     let (mut sink, mut stream) = socket.split();
@@ -55,7 +55,7 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
             Ok(m) => m,
             Err(e) => {
                 // The parse error names a position and a field, never a value: safe to send and log.
-                let _ = state.hub.send(
+                let _ = state.hub.send_here(
                     agent_id,
                     ServerMessage::Error {
                         code: "bad_message".into(),
@@ -76,7 +76,7 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
             }
         }
     }
-    state.hub.disconnect(agent_id, conn_id);
+    state.hub.disconnect(agent_id, conn_id).await;
     drop(work_tx);
     let _ = worker.await;
     writer.abort();
@@ -99,7 +99,7 @@ async fn handle(
                 Some(&hello.agent_version),
             )
             .await?;
-            let _ = state.hub.send(
+            let _ = state.hub.send_here(
                 agent_id,
                 ServerMessage::Welcome(Welcome {
                     agent_id,
@@ -107,10 +107,13 @@ async fn handle(
                     protocol: PROTOCOL_VERSION,
                 }),
             );
+            // Commands this agent took before and has not ended may have been lost with its last
+            // connection: they go to it again (it never runs a command id twice).
+            commands::dispatch::agent_connected(state, agent_id).await;
         }
         AgentMessage::Heartbeat => {
             if !agents::still_authorised(&state.pool, agent_id).await? {
-                state.hub.kick(agent_id);
+                state.hub.kick(agent_id).await;
                 return Ok(());
             }
             agents::heartbeat(&state.pool, agent_id, None, None, None).await?;
@@ -126,10 +129,12 @@ async fn handle(
                         &owned,
                     )
                     .await;
+                    // Queued commands for a dongle this agent now serves can go out at once.
+                    state.command_wake.notify_one();
                 }
                 Err(agents::ReportError::Db(e)) => return Err(e),
                 Err(e) => {
-                    let _ = state.hub.send(
+                    let _ = state.hub.send_here(
                         agent_id,
                         ServerMessage::Error {
                             code: "bad_report".into(),
@@ -143,8 +148,8 @@ async fn handle(
             state.hub.complete(agent_id, reply.id, reply.result);
         }
         AgentMessage::CommandResult(result) => {
-            // Commands arrive with the command console; until then a result has nowhere to go.
-            tracing::debug!(%agent_id, command_id = %result.command_id, "command result ignored");
+            // Stored once, acknowledged every time (a duplicate or late result changes nothing).
+            commands::record_result(state, agent, result).await?;
         }
         AgentMessage::Event(control_proto::Event::TokenRejected { device_id }) => {
             if control_proto::is_device_id(&device_id) {

@@ -39,6 +39,12 @@ pub enum ErrorCode {
     PairingExpired,
     PairingSecurityHold,
     AgentOffline,
+    /// The agent reached the dongle but it did not answer in time (CAN config, a frame to send).
+    DongleTimeout,
+    /// The dongle refused a CAN configuration that passed the server's checks (a NACK).
+    CanConfigRejected,
+    /// The dongle refused to transmit a frame.
+    CanSendRejected,
     CommandNotAllowed,
     Conflict,
     /// `/readyz`: the database is unreachable or not migrated.
@@ -65,6 +71,8 @@ impl ErrorCode {
             }
             Self::PairingExpired => StatusCode::GONE,
             Self::AgentOffline => StatusCode::SERVICE_UNAVAILABLE,
+            Self::DongleTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::CanConfigRejected | Self::CanSendRejected => StatusCode::UNPROCESSABLE_ENTITY,
             Self::CommandNotAllowed => StatusCode::FORBIDDEN,
             Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             Self::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
@@ -95,6 +103,9 @@ impl ErrorCode {
             Self::PairingExpired => "The pairing has expired.",
             Self::PairingSecurityHold => "The dongle is on security hold.",
             Self::AgentOffline => "The agent serving this dongle is offline.",
+            Self::DongleTimeout => "The dongle did not answer in time.",
+            Self::CanConfigRejected => "The dongle refused this CAN configuration.",
+            Self::CanSendRejected => "The dongle refused to send this frame.",
             Self::CommandNotAllowed => "This command is not allowed.",
             Self::Conflict => "The request conflicts with the current state.",
             Self::NotReady => {

@@ -91,6 +91,22 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
     }
 }
 
+/// The two path parameters of a nested route (`/dongles/{id}/commands/{command_id}`), both UUIDs; as
+/// with [`PathId`], anything else names no resource and answers 404.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathIds(pub Uuid, pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathIds {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<(Uuid, Uuid)>::from_request_parts(parts, state).await {
+            Ok(Path((a, b))) => Ok(Self(a, b)),
+            Err(_) => Err(ApiError::not_found()),
+        }
+    }
+}
+
 /// Who is on the other end: the client's IP address and user agent, for rate limits and the audit log.
 ///
 /// The address is the socket's peer, or, when that peer is one of the configured trusted proxies, the

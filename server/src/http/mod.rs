@@ -7,4 +7,4 @@ pub mod page;
 pub mod request_id;
 
 pub use error::{ApiError, ErrorCode};
-pub use extract::{ApiJson, ApiQuery, ClientInfo, PathId};
+pub use extract::{ApiJson, ApiQuery, ClientInfo, PathId, PathIds};

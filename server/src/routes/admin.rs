@@ -169,7 +169,7 @@ async fn disable_user(
     tx.commit().await?;
     // The user's connected agents lose their control channels now.
     for agent_id in agent_ids {
-        state.hub.kick(agent_id);
+        state.hub.kick(agent_id).await;
     }
     Ok(Json(UserView::from(&user)))
 }

@@ -153,7 +153,7 @@ async fn revoke_tokens(
     .await?;
     tx.commit().await?;
     // A connected agent loses its control channel at once, not at its next reconnect.
-    state.hub.kick(id);
+    state.hub.kick(id).await;
     Ok(Json(Revoked {
         agent_id: id,
         tokens_revoked: revoked,

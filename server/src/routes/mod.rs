@@ -1,5 +1,6 @@
 //! The routes, laid out like the URL tree: `health` and `ws` at the root; `auth`, `admin`,
-//! `agents` and `dongles` under `/api/v1`.
+//! `agents` and `dongles` under `/api/v1`, with a dongle's `can` (configuration, frames) and `commands`
+//! in files of their own.
 //!
 //! Every handler is annotated for the OpenAPI document, and the router is built with utoipa-axum, so a
 //! route cannot exist without being documented, nor be documented without existing.
@@ -7,6 +8,8 @@
 pub mod admin;
 pub mod agents;
 pub mod auth;
+pub mod can;
+pub mod commands;
 pub mod dongles;
 pub mod health;
 pub mod ws;
@@ -33,7 +36,9 @@ pub fn documented() -> OpenApiRouter<AppState> {
                 .merge(auth::router())
                 .merge(admin::router())
                 .merge(agents::router())
-                .merge(dongles::router()),
+                .merge(dongles::router())
+                .merge(can::router())
+                .merge(commands::router()),
         )
         .merge(health::router())
         .merge(ws::router())

@@ -1,13 +1,14 @@
 //! A test agent: a tokio-tungstenite client speaking `control_proto` on `/ws/agent`, answering the
 //! server's requests as a dongle behind a real agent would (pairing start with a nonce, pairing submit ok
-//! only for the PIN the test chose), and recording what it was sent.
+//! only for the PIN the test chose; CAN configurations, commands and frames as the test configures), and
+//! recording what it was sent.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use control_proto::{
-    AgentMessage, DongleReport, Hello, Reply, ReplyError, ReplyErrorCode, ReplyOk, ReplyResult,
-    RequestBody, ServerMessage, Transport,
+    AgentMessage, CanEffective, CommandOutcome, CommandResult, DongleReport, Hello, Reply,
+    ReplyError, ReplyErrorCode, ReplyOk, ReplyResult, RequestBody, ServerMessage, Transport,
 };
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
@@ -54,6 +55,72 @@ pub struct Seen {
     /// The device ids of the last report; a pairing start re-reports them (the dongle is now in pairing
     /// mode) before it answers, as a real agent does.
     pub reported: Vec<String>,
+    /// Capability bits reported by [`TestAgent::report_caps`] (others report CAN FD, as
+    /// [`usb_dongle`] does), kept in the re-report of a pairing start.
+    pub capabilities: std::collections::HashMap<String, u32>,
+    /// How the "dongle" answers a CAN configuration: Ok echoes it with derived effective values.
+    pub can_config_answer: Answer,
+    /// Every CAN configuration request received.
+    pub can_configs: Vec<RequestBody>,
+    /// How the agent answers a command request: Ok is `command_accepted`.
+    pub command_answer: Answer,
+    /// What the "dongle" does with an accepted command.
+    pub command: CommandPlan,
+    /// Every command delivery: (command id, line, allow_dangerous), duplicates included.
+    pub commands: Vec<(Uuid, String, bool)>,
+    /// `command_result_ack` ids received.
+    pub acks: Vec<Uuid>,
+    /// Results sent, duplicates included.
+    pub results_sent: Vec<Uuid>,
+    /// How the "dongle" answers a frame to send.
+    pub frame_answer: Answer,
+    /// Frames received: (can id, extended, data hex, fd).
+    pub frames: Vec<(u32, bool, String, bool)>,
+}
+
+/// How the test agent answers a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Answer {
+    /// The success reply of the request.
+    #[default]
+    Ok,
+    /// An error reply with code `refused` and this message (a NACK).
+    Refuse(String),
+    /// No reply at all.
+    Silent,
+}
+
+/// What the test "dongle" does with an accepted command.
+#[derive(Debug, Clone)]
+pub struct CommandPlan {
+    /// How long after accepting it the result is sent.
+    pub delay: Duration,
+    /// False: the command never ends (no result is ever sent).
+    pub send_result: bool,
+    pub outcome: CommandOutcome,
+    pub exit_code: i32,
+    /// The output; None: `ran <line>\n`.
+    pub output: Option<String>,
+    pub truncated: bool,
+    /// Sent as the result's message (stderr).
+    pub message: Option<String>,
+    /// Resend the result every this long until it is acknowledged.
+    pub resend_every: Duration,
+}
+
+impl Default for CommandPlan {
+    fn default() -> Self {
+        Self {
+            delay: Duration::ZERO,
+            send_result: true,
+            outcome: CommandOutcome::Done,
+            exit_code: 0,
+            output: None,
+            truncated: false,
+            message: None,
+            resend_every: Duration::from_millis(300),
+        }
+    }
 }
 
 pub struct TestAgent {
@@ -168,7 +235,49 @@ impl TestAgent {
         .await;
     }
 
+    /// Reports dongles with their capability bits, (device id, capabilities), as a full snapshot, and
+    /// waits until the server has recorded it.
+    pub async fn report_caps(&self, pool: &sqlx::PgPool, dongles: &[(&str, u32)]) {
+        self.send(AgentMessage::Devices(control_proto::Devices {
+            dongles: dongles
+                .iter()
+                .map(|(d, caps)| DongleReport {
+                    capabilities: *caps,
+                    ..usb_dongle(d)
+                })
+                .collect(),
+        }));
+        let ids: Vec<String> = dongles.iter().map(|(d, _)| d.to_string()).collect();
+        {
+            let mut seen = self.seen.lock().unwrap();
+            seen.reported = ids.clone();
+            for (d, caps) in dongles {
+                seen.capabilities.insert(d.to_string(), *caps);
+            }
+        }
+        let caps: Vec<i64> = dongles.iter().map(|(_, c)| *c as i64).collect();
+        wait_until(|| async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM dongles d JOIN unnest($1::text[], $3::bigint[]) AS r(id, caps) \
+                 ON r.id = d.device_id WHERE d.present AND d.last_agent_id = $2 AND d.capabilities = r.caps",
+            )
+            .bind(&ids)
+            .bind(self.agent_id)
+            .bind(&caps)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            n == ids.len() as i64
+        })
+        .await;
+    }
+
     pub fn close(self) {
+        self.task.abort();
+    }
+
+    /// Drops the connection (as [`TestAgent::close`]) but keeps what it recorded readable.
+    pub fn disconnect(&self) {
         self.task.abort();
     }
 }
@@ -217,16 +326,23 @@ fn handle(
             tokio::spawn(async move {
                 let result = match req.body {
                     RequestBody::PairingStart { device_id, .. } => {
-                        let reported = {
+                        let (reported, capabilities) = {
                             let mut s = seen.lock().unwrap();
                             s.pairing_starts += 1;
-                            s.reported.clone()
+                            (s.reported.clone(), s.capabilities.clone())
                         };
                         let dongles = reported
                             .iter()
-                            .map(|d| DongleReport {
-                                pairing_mode: *d == device_id,
-                                ..usb_dongle(d)
+                            .map(|d| {
+                                let base = usb_dongle(d);
+                                DongleReport {
+                                    pairing_mode: *d == device_id,
+                                    capabilities: capabilities
+                                        .get(d)
+                                        .copied()
+                                        .unwrap_or(base.capabilities),
+                                    ..base
+                                }
                             })
                             .collect();
                         let _ =
@@ -269,13 +385,92 @@ fn handle(
                             body: ReplyOk::Forgotten,
                         }
                     }
-                    _ => ReplyResult::Error(ReplyError {
-                        code: ReplyErrorCode::Unsupported,
-                        message: "not in this test".into(),
-                    }),
+                    body @ RequestBody::CanConfig { .. } => {
+                        let answer = {
+                            let mut s = seen.lock().unwrap();
+                            s.can_configs.push(body.clone());
+                            s.can_config_answer.clone()
+                        };
+                        match answer {
+                            Answer::Ok => ReplyResult::Ok {
+                                body: ReplyOk::CanConfigApplied {
+                                    effective: effective_of(&body),
+                                },
+                            },
+                            Answer::Refuse(message) => refused(message),
+                            Answer::Silent => return,
+                        }
+                    }
+                    RequestBody::Command {
+                        command_id,
+                        device_id,
+                        line,
+                        allow_dangerous,
+                        ..
+                    } => {
+                        let (answer, plan, first) = {
+                            let mut s = seen.lock().unwrap();
+                            let first = !s.commands.iter().any(|(id, ..)| *id == command_id);
+                            s.commands.push((command_id, line.clone(), allow_dangerous));
+                            (s.command_answer.clone(), s.command.clone(), first)
+                        };
+                        match answer {
+                            Answer::Ok => {
+                                // A command id seen before is not run again, as the real agent does.
+                                if first && plan.send_result {
+                                    let result = CommandResult {
+                                        command_id,
+                                        device_id,
+                                        outcome: plan.outcome,
+                                        exit_code: plan.exit_code,
+                                        output: plan
+                                            .output
+                                            .clone()
+                                            .unwrap_or_else(|| format!("ran {line}\n")),
+                                        truncated: plan.truncated,
+                                        message: plan.message.clone(),
+                                    };
+                                    tokio::spawn(send_result_until_acked(
+                                        seen.clone(),
+                                        reply.clone(),
+                                        result,
+                                        plan,
+                                    ));
+                                }
+                                ReplyResult::Ok {
+                                    body: ReplyOk::CommandAccepted,
+                                }
+                            }
+                            Answer::Refuse(message) => refused(message),
+                            Answer::Silent => return,
+                        }
+                    }
+                    RequestBody::SendFrame {
+                        can_id,
+                        extended,
+                        data,
+                        fd,
+                        ..
+                    } => {
+                        let answer = {
+                            let mut s = seen.lock().unwrap();
+                            s.frames.push((can_id, extended, data, fd));
+                            s.frame_answer.clone()
+                        };
+                        match answer {
+                            Answer::Ok => ReplyResult::Ok {
+                                body: ReplyOk::FrameSent,
+                            },
+                            Answer::Refuse(message) => refused(message),
+                            Answer::Silent => return,
+                        }
+                    }
                 };
                 let _ = reply.send(AgentMessage::Reply(Reply { id, result }));
             });
+        }
+        ServerMessage::CommandResultAck { command_id } => {
+            seen.lock().unwrap().acks.push(command_id);
         }
         ServerMessage::DongleToken(t) => {
             seen.lock()
@@ -284,8 +479,72 @@ fn handle(
                 .push((t.device_id, t.token));
         }
         ServerMessage::Error { code, .. } => seen.lock().unwrap().errors.push(code),
-        ServerMessage::Welcome(_)
-        | ServerMessage::CommandResultAck { .. }
-        | ServerMessage::Groups(_) => {}
+        ServerMessage::Welcome(_) | ServerMessage::Groups(_) => {}
+    }
+}
+
+fn refused(message: String) -> ReplyResult {
+    ReplyResult::Error(ReplyError {
+        code: ReplyErrorCode::Refused,
+        message,
+    })
+}
+
+/// The effective values a dongle reports for a CAN configuration: the request itself, with the timing a
+/// 500 kbit/s default would use when the request leaves it to the dongle.
+pub fn effective_of(body: &RequestBody) -> CanEffective {
+    let RequestBody::CanConfig {
+        bitrate,
+        sample_point_permille,
+        mode,
+        use_raw,
+        prescaler,
+        sjw,
+        tseg1,
+        tseg2,
+        auto_retx,
+        tx_pause,
+        protocol_exc,
+        ..
+    } = body
+    else {
+        panic!("not a CAN configuration: {body:?}")
+    };
+    CanEffective {
+        bitrate: *bitrate,
+        sample_point_permille: *sample_point_permille,
+        prescaler: prescaler.unwrap_or(10),
+        sjw: sjw.unwrap_or(1),
+        tseg1: tseg1.unwrap_or(13),
+        tseg2: tseg2.unwrap_or(2),
+        mode: mode.clone(),
+        use_raw: *use_raw,
+        auto_retx: *auto_retx,
+        tx_pause: *tx_pause,
+        protocol_exc: *protocol_exc,
+    }
+}
+
+/// Sends a command's result after the plan's delay, and again until the server acknowledges it, as the
+/// real agent's outbox does.
+async fn send_result_until_acked(
+    seen: Arc<Mutex<Seen>>,
+    out: mpsc::UnboundedSender<AgentMessage>,
+    result: CommandResult,
+    plan: CommandPlan,
+) {
+    tokio::time::sleep(plan.delay).await;
+    for _ in 0..50 {
+        if seen.lock().unwrap().acks.contains(&result.command_id) {
+            return;
+        }
+        seen.lock().unwrap().results_sent.push(result.command_id);
+        if out
+            .send(AgentMessage::CommandResult(result.clone()))
+            .is_err()
+        {
+            return;
+        }
+        tokio::time::sleep(plan.resend_every).await;
     }
 }

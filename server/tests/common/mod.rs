@@ -16,6 +16,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 pub mod agent;
+pub mod dongle;
 
 /// A password that passes the policy.
 pub const PASSWORD: &str = "correct horse battery staple";
@@ -166,6 +167,14 @@ impl TestClient {
 
     pub async fn post_json(&self, path: &str, body: Value) -> reqwest::Response {
         self.request(Method::POST, path)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn put_json(&self, path: &str, body: Value) -> reqwest::Response {
+        self.request(Method::PUT, path)
             .json(&body)
             .send()
             .await

@@ -1,0 +1,81 @@
+//! The demo's user: the JSON API with a session cookie and the CSRF token, as any client uses it.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+pub struct UserClient {
+    http: reqwest::Client,
+    base: String,
+    csrf: String,
+}
+
+impl UserClient {
+    pub async fn login(base: &str, email: &str, password: &str) -> anyhow::Result<Self> {
+        let mut client = Self {
+            http: reqwest::Client::builder()
+                .cookie_store(true)
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            base: base.to_string(),
+            csrf: String::new(),
+        };
+        let answer = client
+            .call(
+                Method::POST,
+                "/auth/login",
+                Some(json!({"email": email, "password": password})),
+            )
+            .await?;
+        client.csrf = answer["csrf_token"]
+            .as_str()
+            .context("the login answer has no CSRF token")?
+            .to_string();
+        Ok(client)
+    }
+
+    /// Calls `/api/v1{path}`; a status of 400 or more is an error naming the server's code and message.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}/api/v1{path}", self.base))
+            .header("x-csrf-token", &self.csrf);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("{method} {path}"))?;
+        let status = response.status();
+        let text = response.text().await?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!(
+                "{method} {path} answered {status}: {} {}",
+                value["code"].as_str().unwrap_or(""),
+                value["message"].as_str().unwrap_or(&text)
+            );
+        }
+        Ok(value)
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(Method::PUT, path, Some(body)).await
+    }
+}

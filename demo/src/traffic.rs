@@ -1,0 +1,174 @@
+//! Frames through the bridge: sent onto one virtual bus at a set rate, received from the other, with
+//! each frame's latency and order checked.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dongle_sim::{BusTap, Frame};
+use firmware_proto::ids::CanId;
+
+/// What one direction of one phase delivered.
+#[derive(Debug, Clone, Default)]
+pub struct Flow {
+    pub sent: u64,
+    pub delivered: u64,
+    /// Frames that arrived after a later one.
+    pub out_of_order: u64,
+    /// Frames that arrived twice.
+    pub duplicates: u64,
+    pub latencies: Vec<Duration>,
+}
+
+impl Flow {
+    pub fn lost(&self) -> u64 {
+        self.sent.saturating_sub(self.delivered)
+    }
+
+    /// The `q` quantile of the latencies (0.5 for the median).
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        if self.latencies.is_empty() {
+            return None;
+        }
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+        sorted.get(index).copied()
+    }
+}
+
+/// The frame carrying `seq` of stream `stream`: the sequence number in the first four data bytes.
+fn frame(id: CanId, stream: u8, seq: u32) -> Frame {
+    let s = seq.to_be_bytes();
+    Frame::classic(id, &[stream, s[0], s[1], s[2], s[3], 0, 0, 0]).expect("8 bytes fit")
+}
+
+/// One stream of numbered frames.
+#[derive(Debug, Clone, Copy)]
+pub struct Stream {
+    /// The CAN id of every frame.
+    pub id: CanId,
+    /// Tells this stream's frames from others with the same id (the first data byte).
+    pub tag: u8,
+    pub count: u32,
+    /// Frames per second.
+    pub rate: u32,
+    /// How long to wait for stragglers once the frames stop arriving.
+    pub settle: Duration,
+}
+
+/// Sends `s.count` frames onto `tx` at `s.rate` frames per second, while `rx` collects them on the far
+/// bus; waits while they keep arriving, up to `s.settle` of silence. `on_progress` sees the number
+/// delivered so far.
+pub async fn run(
+    tx: &mut BusTap,
+    rx: BusTap,
+    s: Stream,
+    on_progress: &(dyn Fn(u64) + Sync),
+) -> Flow {
+    let Stream {
+        id,
+        tag: stream,
+        count,
+        rate,
+        settle,
+    } = s;
+    let sent_at: Arc<Mutex<Vec<Option<Instant>>>> =
+        Arc::new(Mutex::new(vec![None; count as usize]));
+    let (done_tx, done_rx) = tokio::sync::watch::channel(0u64);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let receiver = {
+        let sent_at = sent_at.clone();
+        tokio::spawn(receive(rx, id, stream, count, sent_at, done_tx, stop_rx))
+    };
+    let mut flow = Flow::default();
+    // Frames go out in small bursts on a 1 ms tick, so any rate up to the bus's own is kept on average.
+    let start = Instant::now();
+    let mut next = 0u32;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while next < count {
+        tick.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * f64::from(rate)) as u32 + 1).min(count);
+        while next < due {
+            sent_at.lock().unwrap()[next as usize] = Some(Instant::now());
+            tx.send(&frame(id, stream, next)).await;
+            next += 1;
+            flow.sent += 1;
+        }
+        on_progress(*done_rx.borrow());
+    }
+    // Stragglers: wait while frames still arrive, up to `settle` of silence.
+    let mut last = *done_rx.borrow();
+    let mut quiet_since = Instant::now();
+    while last < u64::from(count) && quiet_since.elapsed() < settle {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = *done_rx.borrow();
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+            on_progress(now);
+        }
+    }
+    let _ = stop_tx.send(());
+    if let Ok(r) = receiver.await {
+        flow.delivered = r.delivered;
+        flow.out_of_order = r.out_of_order;
+        flow.duplicates = r.duplicates;
+        flow.latencies = r.latencies;
+    }
+    flow
+}
+
+#[derive(Default)]
+struct Received {
+    delivered: u64,
+    out_of_order: u64,
+    duplicates: u64,
+    latencies: Vec<Duration>,
+}
+
+async fn receive(
+    mut rx: BusTap,
+    id: CanId,
+    stream: u8,
+    count: u32,
+    sent_at: Arc<Mutex<Vec<Option<Instant>>>>,
+    progress: tokio::sync::watch::Sender<u64>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Received {
+    let mut r = Received::default();
+    let mut seen = vec![false; count as usize];
+    let mut highest: Option<u32> = None;
+    while r.delivered < u64::from(count) {
+        let frame = tokio::select! {
+            frame = rx.recv() => match frame {
+                Ok(frame) => frame,
+                Err(_) => break,
+            },
+            _ = &mut stop => break,
+        };
+        let d = frame.data();
+        if frame.id() != id || d.len() != 8 || d[0] != stream {
+            continue;
+        }
+        let seq = u32::from_be_bytes([d[1], d[2], d[3], d[4]]);
+        let Some(slot) = seen.get_mut(seq as usize) else {
+            continue;
+        };
+        if *slot {
+            r.duplicates += 1;
+            continue;
+        }
+        *slot = true;
+        if highest.is_some_and(|h| seq < h) {
+            r.out_of_order += 1;
+        }
+        highest = Some(highest.map_or(seq, |h| h.max(seq)));
+        if let Some(at) = sent_at.lock().unwrap()[seq as usize] {
+            r.latencies.push(at.elapsed());
+        }
+        r.delivered += 1;
+        progress.send_replace(r.delivered);
+    }
+    r
+}

@@ -1,0 +1,24 @@
+-- Reverses 0004_can_config_commands.up.sql.
+DROP INDEX commands_agent_id_idx;
+DROP INDEX commands_unfinished_idx;
+ALTER TABLE commands DROP CONSTRAINT commands_running_has_started_at;
+ALTER TABLE commands DROP CONSTRAINT commands_finished_at_matches_status;
+ALTER TABLE commands DROP COLUMN dispatch_attempts;
+ALTER TABLE commands DROP COLUMN next_dispatch_at;
+ALTER TABLE commands DROP COLUMN agent_id;
+ALTER TABLE commands DROP COLUMN outcome;
+ALTER TABLE commands DROP COLUMN truncated;
+ALTER TABLE commands DROP COLUMN allow_dangerous;
+ALTER TABLE commands DROP COLUMN timeout_ms;
+ALTER TABLE can_configs DROP COLUMN applied_at;
+ALTER TABLE can_configs DROP COLUMN effective_protocol_exc;
+ALTER TABLE can_configs DROP COLUMN effective_tx_pause;
+ALTER TABLE can_configs DROP COLUMN effective_auto_retx;
+ALTER TABLE can_configs DROP COLUMN effective_use_raw;
+ALTER TABLE can_configs DROP COLUMN effective_mode;
+ALTER TABLE can_configs DROP COLUMN effective_tseg2;
+ALTER TABLE can_configs DROP COLUMN effective_tseg1;
+ALTER TABLE can_configs DROP COLUMN effective_sjw;
+ALTER TABLE can_configs DROP COLUMN effective_prescaler;
+ALTER TABLE can_configs DROP COLUMN effective_sample_point_permille;
+ALTER TABLE can_configs DROP COLUMN effective_bitrate;

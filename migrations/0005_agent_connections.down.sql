@@ -1,0 +1,3 @@
+DROP TABLE agent_mailbox;
+DROP TABLE agent_connections;
+DROP TABLE server_instances;

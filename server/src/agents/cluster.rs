@@ -1,0 +1,888 @@
+//! Several server instances on one database: the transport that lets [`AgentHub`] reach an agent whose
+//! control WebSocket is held by another instance.
+//!
+//! # How it works
+//!
+//! - Every instance has an id (a v4 UUID drawn at start) and a row in `server_instances` that it beats
+//!   every [`ClusterSettings::heartbeat`]. An instance whose beat is older than
+//!   [`ClusterSettings::stale_after`] counts as dead: whatever it held is ignored at once, and the next
+//!   beat of a live instance deletes its row, which takes its connections and mailbox with it.
+//! - `agent_connections` names the instance holding each agent's connection. A connect overwrites the
+//!   row (the newest connection wins, and the instance that held the previous one is told to close it);
+//!   a disconnect deletes it only while it still names that connection. Each beat also reconciles the
+//!   instance's rows with its in-memory registry, so a write lost to a database hiccup heals itself.
+//! - A message for another instance ([`Message`]: a request, its reply, a fire-and-forget message or a
+//!   kick) is sealed, written to `agent_mailbox` and announced with `NOTIFY` on the recipient's own
+//!   channel ([`channel_of`]), in one statement. The recipient acts on a notification only after it has
+//!   claimed the message by deleting its row; a poll every [`ClusterSettings::poll_interval`] claims
+//!   whatever is left. So a notification missed while the listening connection was down (it reconnects
+//!   with backoff, and drains the mailbox each time it has) costs at most one poll interval, and no
+//!   message is ever acted on twice.
+//! - A request is answered by a reply addressed to the asking instance, which hands it to the waiter
+//!   that [`AgentHub::request`] left in its pending table; the waiter's own timeout bounds everything.
+//!   The holding instance forwards it only to its own socket, so a request is never relayed twice.
+//! - The listening connection is one of the pool's, held for the life of the instance; when the pool
+//!   closes it is given back, and the instance's work stops. A graceful stop deletes the instance's row,
+//!   so its agents count as disconnected everywhere at once instead of after the staleness window.
+//!
+//! # Limits and secrets
+//!
+//! A notification carries the whole message, and PostgreSQL refuses payloads of 8000 bytes or more:
+//! a message that would not fit is refused with [`ClusterError::TooLarge`] (the hub turns it into
+//! `RequestError::TooLarge`) rather than cut. Requests may hold a PIN and dongle tokens, so the message
+//! is sealed with AES-256-GCM under a key derived from the dongle-token master key (every instance must
+//! run with the same keys, as they already must to read `dongle_tokens`), bound by its associated data
+//! to its id, sender and recipient. Nothing here logs a message body.
+//!
+//! [`AgentHub`]: super::hub::AgentHub
+//! [`AgentHub::request`]: super::hub::AgentHub::request
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use control_proto::{ReplyError, ReplyOk, RequestBody, ServerMessage};
+use rand::RngExt;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::hub::{AgentHub, RequestError};
+use crate::dongle_tokens::KeyRing;
+
+/// The longest NOTIFY payload PostgreSQL accepts (it must be shorter than 8000 bytes).
+pub const NOTIFY_PAYLOAD_MAX: usize = 7999;
+
+/// The label of the derived sealing key, and the start of every sealed message's associated data.
+const SEAL_LABEL: &[u8] = b"bridge-server/agent-hub/v1";
+
+/// How long a message that is not a request stays deliverable. A request lives as long as its timeout.
+pub const MESSAGE_TTL: Duration = Duration::from_secs(60);
+
+/// The longest a relayed request may keep the holding instance waiting, whatever its sender asked.
+const MAX_RELAYED_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The first and the longest wait before the listening connection is opened again after a failure.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How many notifications may wait between the listening task and the one acting on them.
+const WAKE_QUEUE: usize = 256;
+
+/// How the instances of one database find each other alive.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// How often this instance beats, cleans up after dead instances and reconciles its rows.
+    pub heartbeat: Duration,
+    /// An instance whose last beat is older than this counts as dead. It must be several heartbeats.
+    pub stale_after: Duration,
+    /// How often the mailbox is polled for messages whose notification was missed.
+    pub poll_interval: Duration,
+    /// Whether to LISTEN at all. Without it messages arrive by polling alone, which is what a
+    /// connection pooler without LISTEN support (PgBouncer in transaction mode) needs.
+    pub listen: bool,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(5),
+            stale_after: Duration::from_secs(15),
+            poll_interval: Duration::from_secs(2),
+            listen: true,
+        }
+    }
+}
+
+/// Why a message could not be handed to another instance.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    #[error(
+        "the message takes {size} bytes as a notification, more than PostgreSQL's limit of {NOTIFY_PAYLOAD_MAX}"
+    )]
+    TooLarge { size: usize },
+    #[error("no dongle-token master key of version {0} to seal or open messages between instances")]
+    NoKey(i32),
+    #[error(
+        "a message between instances does not open: every instance must run with the same dongle-token master keys"
+    )]
+    Unsealable,
+    #[error("a message between instances is malformed: {0}")]
+    Malformed(String),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// What one instance asks of another. Sealed inside a [`Notice`]; deliberately without `Debug`, since
+/// requests and messages may hold a PIN or a dongle token.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(crate) enum Message {
+    /// Forward `body` to the agent and answer with a [`Message::Reply`].
+    Request {
+        request_id: u64,
+        agent_id: Uuid,
+        timeout_ms: u64,
+        body: RequestBody,
+    },
+    /// The outcome of the sender's request `request_id`.
+    Reply {
+        request_id: u64,
+        agent_id: Uuid,
+        outcome: Outcome,
+    },
+    /// Queue `message` for the agent without an answer.
+    Send {
+        agent_id: Uuid,
+        message: ServerMessage,
+    },
+    /// Close the agent's connection: any (token revoked), or only `conn_id` (superseded by a newer one).
+    Kick {
+        agent_id: Uuid,
+        conn_id: Option<u64>,
+    },
+}
+
+impl Message {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Request { .. } => "request",
+            Self::Reply { .. } => "reply",
+            Self::Send { .. } => "send",
+            Self::Kick { .. } => "kick",
+        }
+    }
+}
+
+/// A request's outcome as it travels back to the asking instance.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub(crate) enum Outcome {
+    Ok { body: ReplyOk },
+    Failed { error: ReplyError },
+    Offline,
+    Timeout,
+}
+
+impl From<Result<ReplyOk, RequestError>> for Outcome {
+    fn from(result: Result<ReplyOk, RequestError>) -> Self {
+        match result {
+            Ok(body) => Self::Ok { body },
+            Err(RequestError::Failed(error)) => Self::Failed { error },
+            Err(RequestError::Timeout) => Self::Timeout,
+            // Too large cannot happen on the holding instance (it talks to its own socket).
+            Err(RequestError::Offline | RequestError::TooLarge { .. }) => Self::Offline,
+        }
+    }
+}
+
+impl From<Outcome> for Result<ReplyOk, RequestError> {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Ok { body } => Ok(body),
+            Outcome::Failed { error } => Err(RequestError::Failed(error)),
+            Outcome::Offline => Err(RequestError::Offline),
+            Outcome::Timeout => Err(RequestError::Timeout),
+        }
+    }
+}
+
+/// The NOTIFY payload, and the columns of a mailbox row: routing in clear, the [`Message`] sealed.
+#[derive(Debug, Serialize, Deserialize)]
+struct Notice {
+    id: Uuid,
+    to: Uuid,
+    from: Uuid,
+    sealed: String,
+}
+
+/// The NOTIFY channel of an instance: each listens on its own, so no instance wakes for another's mail.
+pub fn channel_of(instance_id: Uuid) -> String {
+    format!("agent_hub_{}", instance_id.simple())
+}
+
+/// This instance in the cluster: what the hub needs to reach the others.
+pub(crate) struct Cluster {
+    pub pool: PgPool,
+    pub instance_id: Uuid,
+    pub settings: ClusterSettings,
+    keys: Arc<KeyRing>,
+    /// Serialises this instance's writes to its `agent_connections` rows with the reconciliation of a
+    /// beat, which would otherwise delete a row written between its snapshot and its delete.
+    pub rows: tokio::sync::Mutex<()>,
+}
+
+impl Cluster {
+    pub fn new(pool: PgPool, settings: ClusterSettings, keys: Arc<KeyRing>) -> Self {
+        Self {
+            pool,
+            instance_id: Uuid::new_v4(),
+            settings,
+            keys,
+            rows: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn stale_secs(&self) -> f64 {
+        self.settings.stale_after.as_secs_f64()
+    }
+
+    /// The live instance other than this one holding the agent's connection, if any.
+    pub async fn holder(&self, agent_id: Uuid) -> Result<Option<Uuid>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT c.instance_id FROM agent_connections c \
+             JOIN server_instances i ON i.instance_id = c.instance_id \
+             WHERE c.agent_id = $1 AND c.instance_id <> $2 \
+               AND i.last_beat > now() - make_interval(secs => $3)",
+        )
+        .bind(agent_id)
+        .bind(self.instance_id)
+        .bind(self.stale_secs())
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// Records that this instance holds the agent's connection `conn_id` now, and returns the
+    /// connection it replaces, if another instance held it. The caller holds [`Cluster::rows`].
+    pub async fn claim_connection(
+        &self,
+        agent_id: Uuid,
+        conn_id: u64,
+    ) -> Result<Option<(Uuid, u64)>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        // The instance's row may be gone (it was taken for dead during a long database outage), and
+        // the connection row needs it.
+        upsert_instance(&mut *tx, self.instance_id).await?;
+        let previous: Option<(Uuid, i64)> = sqlx::query_as(
+            "SELECT instance_id, conn_id FROM agent_connections WHERE agent_id = $1 FOR UPDATE",
+        )
+        .bind(agent_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO agent_connections (agent_id, instance_id, conn_id) VALUES ($1, $2, $3) \
+             ON CONFLICT (agent_id) DO UPDATE SET instance_id = EXCLUDED.instance_id, \
+               conn_id = EXCLUDED.conn_id, connected_at = now()",
+        )
+        .bind(agent_id)
+        .bind(self.instance_id)
+        .bind(conn_id as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(previous
+            .filter(|(instance, _)| *instance != self.instance_id)
+            .map(|(instance, conn)| (instance, conn as u64)))
+    }
+
+    /// Deletes the agent's row if it still names this instance (and `conn_id`, when given). The caller
+    /// holds [`Cluster::rows`].
+    pub async fn release_connection(
+        &self,
+        agent_id: Uuid,
+        conn_id: Option<u64>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "DELETE FROM agent_connections WHERE agent_id = $1 AND instance_id = $2 \
+             AND ($3::bigint IS NULL OR conn_id = $3)",
+        )
+        .bind(agent_id)
+        .bind(self.instance_id)
+        .bind(conn_id.map(|c| c as i64))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Makes this instance's rows say exactly `held` (agent, connection): rows of connections that are
+    /// gone are deleted, missing ones written back unless another instance holds the agent now. The
+    /// caller holds [`Cluster::rows`].
+    pub async fn reconcile(&self, held: &[(Uuid, u64)]) -> Result<(), sqlx::Error> {
+        let agents: Vec<Uuid> = held.iter().map(|(a, _)| *a).collect();
+        let conns: Vec<i64> = held.iter().map(|(_, c)| *c as i64).collect();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM agent_connections WHERE instance_id = $1 \
+             AND (agent_id, conn_id) NOT IN (SELECT * FROM unnest($2::uuid[], $3::bigint[]))",
+        )
+        .bind(self.instance_id)
+        .bind(&agents)
+        .bind(&conns)
+        .execute(&mut *tx)
+        .await?;
+        // An agent that vanished with its row meanwhile (deleted elsewhere) makes this insert fail its
+        // foreign key; the join on agents skips it instead.
+        sqlx::query(
+            "INSERT INTO agent_connections (agent_id, instance_id, conn_id) \
+             SELECT t.agent_id, $1, t.conn_id FROM unnest($2::uuid[], $3::bigint[]) AS t(agent_id, conn_id) \
+             JOIN agents a ON a.id = t.agent_id \
+             ON CONFLICT (agent_id) DO NOTHING",
+        )
+        .bind(self.instance_id)
+        .bind(&agents)
+        .bind(&conns)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
+    /// Seals `message` for `to`, writes it to the mailbox and notifies `to`, in one statement (the
+    /// notification leaves at commit, when the row is there to claim). A recipient that is gone fails
+    /// the mailbox's foreign key, which the caller sees as an error like any other.
+    pub async fn post(
+        &self,
+        to: Uuid,
+        message: &Message,
+        ttl: Duration,
+    ) -> Result<(), ClusterError> {
+        let id = Uuid::new_v4();
+        let (sealed, payload) = encode(&self.keys, id, self.instance_id, to, message)?;
+        sqlx::query(
+            "WITH m AS (INSERT INTO agent_mailbox (id, to_instance, from_instance, sealed, expires_at) \
+               VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) RETURNING id) \
+             SELECT pg_notify($6, $7) FROM m",
+        )
+        .bind(id)
+        .bind(to)
+        .bind(self.instance_id)
+        .bind(&sealed)
+        .bind(ttl.as_secs_f64())
+        .bind(channel_of(to))
+        .bind(&payload)
+        .execute(&self.pool)
+        .await?;
+        metrics::counter!("agent_hub_messages_posted_total", "kind" => message.kind()).increment(1);
+        Ok(())
+    }
+
+    /// Takes the message `id` out of this instance's mailbox: Some(true) when it is this caller's to
+    /// act on, Some(false) when it expired, None when someone (the poll) took it first.
+    async fn claim(&self, id: Uuid) -> Result<Option<bool>, sqlx::Error> {
+        sqlx::query_scalar(
+            "DELETE FROM agent_mailbox WHERE id = $1 AND to_instance = $2 RETURNING expires_at > now()",
+        )
+        .bind(id)
+        .bind(self.instance_id)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// Takes every message out of this instance's mailbox, dropping the expired ones.
+    async fn drain(&self) -> Result<Vec<Notice>, sqlx::Error> {
+        let rows: Vec<(Uuid, Uuid, String, bool)> = sqlx::query_as(
+            "DELETE FROM agent_mailbox WHERE to_instance = $1 \
+             RETURNING id, from_instance, sealed, expires_at > now()",
+        )
+        .bind(self.instance_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter(|(_, _, _, live)| *live)
+            .map(|(id, from, sealed, _)| Notice {
+                id,
+                to: self.instance_id,
+                from,
+                sealed,
+            })
+            .collect())
+    }
+
+    /// Marks this instance alive and deletes the instances that are not (and so their connections and
+    /// mailboxes). Returns how many dead instances were removed.
+    async fn beat(&self) -> Result<u64, sqlx::Error> {
+        upsert_instance(&self.pool, self.instance_id).await?;
+        let dead = sqlx::query(
+            "DELETE FROM server_instances WHERE instance_id <> $1 \
+             AND last_beat < now() - make_interval(secs => $2)",
+        )
+        .bind(self.instance_id)
+        .bind(self.stale_secs())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(dead)
+    }
+
+    /// Removes this instance (at shutdown): its agents count as disconnected everywhere at once.
+    async fn leave(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM server_instances WHERE instance_id = $1")
+            .bind(self.instance_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    fn open(&self, notice: &Notice) -> Result<Message, ClusterError> {
+        decode(&self.keys, notice)
+    }
+}
+
+async fn upsert_instance(
+    db: impl sqlx::PgExecutor<'_>,
+    instance_id: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO server_instances (instance_id) VALUES ($1) \
+         ON CONFLICT (instance_id) DO UPDATE SET last_beat = now()",
+    )
+    .bind(instance_id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// The associated data of a sealed message: label, key version, id, sender and recipient, so a sealed
+/// message copied into another notice does not open.
+fn aad(version: i32, id: Uuid, from: Uuid, to: Uuid) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(SEAL_LABEL.len() + 1 + 4 + 48);
+    aad.extend_from_slice(SEAL_LABEL);
+    aad.push(0);
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad.extend_from_slice(id.as_bytes());
+    aad.extend_from_slice(from.as_bytes());
+    aad.extend_from_slice(to.as_bytes());
+    aad
+}
+
+fn cipher(keys: &KeyRing, version: i32) -> Result<Aes256Gcm, ClusterError> {
+    let key = keys
+        .derive(version, SEAL_LABEL)
+        .ok_or(ClusterError::NoKey(version))?;
+    Ok(Aes256Gcm::new_from_slice(&key).expect("a 32-byte key"))
+}
+
+/// Seals `message` and builds the notification payload: (sealed, payload). Fails with
+/// [`ClusterError::TooLarge`] when the payload would not fit in a NOTIFY.
+fn encode(
+    keys: &KeyRing,
+    id: Uuid,
+    from: Uuid,
+    to: Uuid,
+    message: &Message,
+) -> Result<(String, String), ClusterError> {
+    let plain = serde_json::to_vec(message).expect("messages always serialize");
+    let version = keys.write_version();
+    let mut nonce = [0u8; 12];
+    rand::rng().fill(&mut nonce[..]);
+    let ciphertext = cipher(keys, version)?
+        .encrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: &plain,
+                aad: &aad(version, id, from, to),
+            },
+        )
+        .expect("AES-GCM encryption of a short message cannot fail");
+    let mut bytes = Vec::with_capacity(4 + 12 + ciphertext.len());
+    bytes.extend_from_slice(&version.to_be_bytes());
+    bytes.extend_from_slice(&nonce);
+    bytes.extend_from_slice(&ciphertext);
+    let sealed = B64.encode(bytes);
+    let payload = serde_json::to_string(&Notice {
+        id,
+        to,
+        from,
+        sealed: sealed.clone(),
+    })
+    .expect("a notice always serializes");
+    check_size(&payload)?;
+    Ok((sealed, payload))
+}
+
+/// Refuses a notification payload PostgreSQL would refuse.
+fn check_size(payload: &str) -> Result<(), ClusterError> {
+    if payload.len() > NOTIFY_PAYLOAD_MAX {
+        return Err(ClusterError::TooLarge {
+            size: payload.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Opens the message of a notice.
+fn decode(keys: &KeyRing, notice: &Notice) -> Result<Message, ClusterError> {
+    let bytes = B64
+        .decode(&notice.sealed)
+        .map_err(|_| ClusterError::Malformed("the sealed message is not base64".into()))?;
+    if bytes.len() < 4 + 12 + 16 {
+        return Err(ClusterError::Malformed(
+            "the sealed message is too short".into(),
+        ));
+    }
+    let (version, rest) = bytes.split_at(4);
+    let version = i32::from_be_bytes(version.try_into().expect("4 bytes"));
+    let (nonce, ciphertext) = rest.split_at(12);
+    let nonce: [u8; 12] = nonce.try_into().expect("12 bytes");
+    let plain = cipher(keys, version)?
+        .decrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: ciphertext,
+                aad: &aad(version, notice.id, notice.from, notice.to),
+            },
+        )
+        .map_err(|_| ClusterError::Unsealable)?;
+    // The error names a position and a field, never a value.
+    serde_json::from_slice(&plain).map_err(|e| ClusterError::Malformed(e.to_string()))
+}
+
+/// What wakes the task that acts on messages.
+enum Wake {
+    /// A notification's payload.
+    Notice(String),
+    /// The listening connection was (re)opened: what was posted while nobody listened is in the
+    /// mailbox.
+    Resync,
+}
+
+/// Aborts a task when dropped, so that aborting [`run`] (a crash in tests) also stops its helpers.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Registers this instance (one beat, so it is alive before any agent can connect) and starts the task
+/// that beats, listens and polls until `shutdown`, when it removes the instance. Does nothing for a
+/// hub without a cluster.
+pub async fn start(hub: Arc<AgentHub>, shutdown: CancellationToken) -> JoinHandle<()> {
+    if let Some(cluster) = hub.cluster()
+        && let Err(e) = cluster.beat().await
+    {
+        tracing::warn!(error = %e, "could not register this server instance; retrying at the next beat");
+    }
+    tokio::spawn(run(hub, shutdown))
+}
+
+/// The instance's background work: beats, the listening connection, the poll, and acting on messages.
+pub async fn run(hub: Arc<AgentHub>, shutdown: CancellationToken) {
+    let Some(cluster) = hub.cluster() else {
+        return;
+    };
+    let instance_id = cluster.instance_id;
+    tracing::info!(%instance_id, "server instance joins the cluster");
+    let settings = cluster.settings.clone();
+    let mut beats = AbortOnDrop(tokio::spawn(beat_loop(hub.clone(), shutdown.clone())));
+    let (wake_tx, mut wake_rx) = mpsc::channel(WAKE_QUEUE);
+    let _listener = settings.listen.then(|| {
+        AbortOnDrop(tokio::spawn(listen_loop(
+            cluster.pool.clone(),
+            channel_of(instance_id),
+            wake_tx,
+            shutdown.clone(),
+        )))
+    });
+    let mut poll = tokio::time::interval(settings.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let pool_closed = cluster.pool.close_event();
+    tokio::pin!(pool_closed);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            // The pool is closing (a test ended, or the process is stopping): nothing more can be done.
+            _ = &mut pool_closed => return,
+            wake = wake_rx.recv(), if settings.listen => match wake {
+                Some(Wake::Notice(payload)) => on_notice(&hub, &payload).await,
+                Some(Wake::Resync) => drain(&hub).await,
+                // The listening task ended: at shutdown, or because the pool is closing.
+                None if shutdown.is_cancelled() => break,
+                None => return,
+            },
+            _ = poll.tick() => drain(&hub).await,
+        }
+    }
+    // A beat still in flight would write the instance's row back after it left.
+    beats.0.abort();
+    let _ = (&mut beats.0).await;
+    if let Some(cluster) = hub.cluster()
+        && let Err(e) = cluster.leave().await
+    {
+        tracing::warn!(error = %e, "could not remove this server instance; others will find it stale");
+    }
+}
+
+async fn beat_loop(hub: Arc<AgentHub>, shutdown: CancellationToken) {
+    let Some(cluster) = hub.cluster() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(cluster.settings.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match cluster.beat().await {
+            Ok(0) => {}
+            Ok(dead) => tracing::info!(dead, "removed server instances that stopped beating"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not beat; other instances may take this one for dead")
+            }
+        }
+        if let Err(e) = hub.reconcile().await {
+            tracing::warn!(error = %e, "could not reconcile this instance's agent connections");
+        }
+    }
+}
+
+async fn listen(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(channel).await?;
+    Ok(listener)
+}
+
+/// Keeps a LISTEN connection open (reopening it with exponential backoff) and forwards notifications.
+async fn listen_loop(
+    pool: PgPool,
+    channel: String,
+    wake: mpsc::Sender<Wake>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let opened = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            opened = listen(&pool, &channel) => opened,
+        };
+        match opened {
+            Ok(mut listener) => {
+                backoff = BACKOFF_FIRST;
+                if wake.send(Wake::Resync).await.is_err() {
+                    return;
+                }
+                loop {
+                    let next = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        next = listener.try_recv() => next,
+                    };
+                    match next {
+                        Ok(Some(notification)) => {
+                            let payload = notification.payload().to_string();
+                            if wake.send(Wake::Notice(payload)).await.is_err() {
+                                return;
+                            }
+                        }
+                        // The connection dropped and the listener opened a new one: notifications
+                        // sent in between are lost, but their messages are in the mailbox.
+                        Ok(None) => {
+                            tracing::info!("the LISTEN connection was reopened");
+                            if wake.send(Wake::Resync).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(sqlx::Error::PoolClosed) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the LISTEN connection failed; polling until it is back");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(sqlx::Error::PoolClosed) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "could not LISTEN; polling until it works");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn on_notice(hub: &Arc<AgentHub>, payload: &str) {
+    let Some(cluster) = hub.cluster() else {
+        return;
+    };
+    let notice: Notice = match serde_json::from_str(payload) {
+        Ok(notice) => notice,
+        Err(e) => {
+            tracing::warn!(error = %e, "a malformed notification on this instance's channel");
+            return;
+        }
+    };
+    if notice.to != cluster.instance_id {
+        return;
+    }
+    match cluster.claim(notice.id).await {
+        Ok(Some(true)) => deliver(hub, &notice, "notify").await,
+        Ok(Some(false)) => tracing::debug!(from = %notice.from, "an expired message was dropped"),
+        // The poll took it first.
+        Ok(None) => {}
+        // The poll will take it.
+        Err(e) => tracing::warn!(error = %e, "could not claim a message; the poll will"),
+    }
+}
+
+async fn drain(hub: &Arc<AgentHub>) {
+    let Some(cluster) = hub.cluster() else {
+        return;
+    };
+    match cluster.drain().await {
+        Ok(notices) => {
+            for notice in notices {
+                deliver(hub, &notice, "poll").await;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not poll this instance's mailbox"),
+    }
+}
+
+/// Acts on a claimed message. A request waits for the agent in a task of its own, so one slow agent
+/// never holds up the others' messages.
+async fn deliver(hub: &Arc<AgentHub>, notice: &Notice, path: &'static str) {
+    let Some(cluster) = hub.cluster() else {
+        return;
+    };
+    let message = match cluster.open(notice) {
+        Ok(message) => message,
+        Err(e) => {
+            tracing::warn!(from = %notice.from, error = %e, "a message from another instance was dropped");
+            return;
+        }
+    };
+    metrics::counter!("agent_hub_messages_delivered_total", "kind" => message.kind(), "path" => path)
+        .increment(1);
+    match message {
+        Message::Request {
+            request_id,
+            agent_id,
+            timeout_ms,
+            body,
+        } => {
+            let hub = hub.clone();
+            let from = notice.from;
+            tokio::spawn(async move {
+                let timeout = Duration::from_millis(timeout_ms).min(MAX_RELAYED_TIMEOUT);
+                // Only this instance's own socket: a request is relayed at most once, never bounced on.
+                let outcome = hub.request_here(agent_id, body, timeout).await;
+                let reply = Message::Reply {
+                    request_id,
+                    agent_id,
+                    outcome: outcome.into(),
+                };
+                if let Some(cluster) = hub.cluster()
+                    && let Err(e) = cluster.post(from, &reply, MESSAGE_TTL).await
+                {
+                    tracing::warn!(%agent_id, to = %from, error = %e, "could not return a relayed reply");
+                }
+            });
+        }
+        Message::Reply {
+            request_id,
+            agent_id,
+            outcome,
+        } => {
+            hub.complete_relayed(agent_id, request_id, outcome.into());
+        }
+        Message::Send { agent_id, message } => {
+            if hub.send_here(agent_id, message).is_err() {
+                tracing::debug!(%agent_id, "a relayed message found the agent gone");
+            }
+        }
+        Message::Kick { agent_id, conn_id } => {
+            hub.kick_here(agent_id, conn_id).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(line_len: usize) -> Message {
+        Message::Request {
+            request_id: 7,
+            agent_id: Uuid::new_v4(),
+            timeout_ms: 5000,
+            body: RequestBody::Command {
+                command_id: Uuid::new_v4(),
+                device_id: "0123456789abcdef".into(),
+                line: "x".repeat(line_len),
+                timeout_ms: 3000,
+                allow_dangerous: false,
+            },
+        }
+    }
+
+    #[test]
+    fn a_message_too_large_for_notify_is_refused_not_cut() {
+        let keys = KeyRing::default();
+        let (id, from, to) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let (_, payload) = encode(&keys, id, from, to, &command(100)).unwrap();
+        assert!(payload.len() <= NOTIFY_PAYLOAD_MAX);
+        match encode(&keys, id, from, to, &command(8000)) {
+            Err(ClusterError::TooLarge { size }) => assert!(size > NOTIFY_PAYLOAD_MAX),
+            other => panic!("expected TooLarge, got {:?}", other.map(|_| ())),
+        }
+        // The boundary is PostgreSQL's: 7999 bytes pass, 8000 do not.
+        assert!(check_size(&"a".repeat(7999)).is_ok());
+        assert!(matches!(
+            check_size(&"a".repeat(8000)),
+            Err(ClusterError::TooLarge { size: 8000 })
+        ));
+        // Find the longest line that fits and check the next one is refused, so no message is cut.
+        let fits = (4000..8000)
+            .rev()
+            .find(|n| encode(&keys, id, from, to, &command(*n)).is_ok())
+            .unwrap();
+        assert!(encode(&keys, id, from, to, &command(fits + 1)).is_err());
+    }
+
+    #[test]
+    fn sealed_messages_open_only_for_their_notice_and_keys() {
+        let keys = KeyRing::default();
+        let (id, from, to) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let message = Message::Request {
+            request_id: 1,
+            agent_id: Uuid::new_v4(),
+            timeout_ms: 1000,
+            body: RequestBody::PairingSubmit {
+                device_id: "0123456789abcdef".into(),
+                corr_id: Uuid::nil(),
+                pin: "654321".into(),
+                pairing_nonce: "ab".repeat(16),
+                token: "c2VjcmV0dG9rZW4=".into(),
+            },
+        };
+        let (sealed, payload) = encode(&keys, id, from, to, &message).unwrap();
+        // Neither the PIN nor the token travels in clear.
+        assert!(!payload.contains("654321") && !payload.contains("c2VjcmV0dG9rZW4="));
+        let notice: Notice = serde_json::from_str(&payload).unwrap();
+        assert_eq!(notice.sealed, sealed);
+        match decode(&keys, &notice).unwrap() {
+            Message::Request {
+                request_id: 1,
+                body: RequestBody::PairingSubmit { pin, .. },
+                ..
+            } => assert_eq!(pin, "654321"),
+            _ => panic!("the same request"),
+        }
+        // Readdressed, or under other keys, it does not open.
+        let readdressed = Notice {
+            to: Uuid::new_v4(),
+            ..notice
+        };
+        assert!(matches!(
+            decode(&keys, &readdressed),
+            Err(ClusterError::Unsealable)
+        ));
+        let notice: Notice = serde_json::from_str(&payload).unwrap();
+        assert!(matches!(
+            decode(&KeyRing::default(), &notice),
+            Err(ClusterError::Unsealable)
+        ));
+    }
+}

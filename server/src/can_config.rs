@@ -1,0 +1,642 @@
+//! CAN configuration (SPEC 3.6): validation, applying a configuration through the agent that serves the
+//! dongle, and what is stored.
+//!
+//! Nothing reaches the dongle before the whole request passes the checks: bitrate and sample point
+//! ranges, and with `use_raw` the timing ranges of the dongle's controller (STM32 bxCAN, or FDCAN nominal
+//! timing when the dongle announces CAN FD). The stored configuration changes only when the dongle
+//! acknowledges it, together with the effective values it reports; a refusal (NACK), a timeout or an
+//! offline agent leaves it as it was. Applies to one dongle are serialised by a transaction-scoped
+//! advisory lock held across the round trip, so the stored configuration is always the one the dongle
+//! applied last, also with several server instances.
+
+use chrono::{DateTime, Utc};
+use control_proto::{CanEffective, ReplyOk, RequestBody};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::audit::{self, Entry, Target};
+use crate::auth::Caller;
+use crate::dongles::{self, OwnedDongle};
+use crate::http::{ApiError, ClientInfo, ErrorCode};
+
+/// The operating modes of the v0.7 `can_mode` enum.
+pub const MODES: [&str; 4] = ["normal", "listen_only", "loopback", "ext_loop"];
+
+/// Inclusive ranges of raw bit timing for one CAN controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimingLimits {
+    pub prescaler: u16,
+    pub tseg1: u16,
+    pub tseg2: u16,
+    pub sjw: u16,
+}
+
+/// STM32 bxCAN: prescaler 1..=1024, tseg1 1..=16, tseg2 1..=8, sjw 1..=4.
+pub const BXCAN: TimingLimits = TimingLimits {
+    prescaler: 1024,
+    tseg1: 16,
+    tseg2: 8,
+    sjw: 4,
+};
+
+/// STM32 FDCAN nominal timing: prescaler 1..=512, tseg1 1..=256, tseg2 1..=128, sjw 1..=128. The
+/// control protocol carries tseg1 in one byte (as REMP does), so 255 is the most that can be sent.
+pub const FDCAN: TimingLimits = TimingLimits {
+    prescaler: 512,
+    tseg1: 255,
+    tseg2: 128,
+    sjw: 128,
+};
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_mode() -> String {
+    "normal".into()
+}
+
+/// `PUT /dongles/:id/can-config`: the v0.7 fields. Numbers are read wide so that an out-of-range value
+/// (even a negative one) is answered with the field's name rather than a parse error.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct CanConfigRequest {
+    /// Nominal bitrate in bit/s, 10 000..=1 000 000.
+    pub bitrate: i64,
+    /// Sample point in permille, 500..=950.
+    pub sample_point_permille: i64,
+    /// `normal` (default), `listen_only`, `loopback` or `ext_loop`.
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Use the raw timing fields below instead of deriving them from bitrate and sample point.
+    #[serde(default)]
+    pub use_raw: bool,
+    /// With `use_raw`: 1..=1024 (bxCAN) or 1..=512 (FDCAN). Ignored without it.
+    pub prescaler: Option<i64>,
+    /// With `use_raw`: 1..=4 (bxCAN) or 1..=128 (FDCAN), and at most tseg2. Ignored without it.
+    pub sjw: Option<i64>,
+    /// With `use_raw`: 1..=16 (bxCAN) or 1..=255 (FDCAN). Ignored without it.
+    pub tseg1: Option<i64>,
+    /// With `use_raw`: 1..=8 (bxCAN) or 1..=128 (FDCAN). Ignored without it.
+    pub tseg2: Option<i64>,
+    /// Automatic retransmission (default true).
+    #[serde(default = "default_true")]
+    pub auto_retx: bool,
+    #[serde(default)]
+    pub tx_pause: bool,
+    #[serde(default)]
+    pub protocol_exc: bool,
+}
+
+/// A configuration that passed every check, as it is sent and stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct CanConfig {
+    pub bitrate: i32,
+    pub sample_point_permille: i16,
+    /// `normal`, `listen_only`, `loopback` or `ext_loop`.
+    pub mode: String,
+    pub use_raw: bool,
+    pub prescaler: Option<i32>,
+    pub sjw: Option<i16>,
+    pub tseg1: Option<i16>,
+    pub tseg2: Option<i16>,
+    pub auto_retx: bool,
+    pub tx_pause: bool,
+    pub protocol_exc: bool,
+}
+
+/// The values the dongle reported it runs with after applying a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CanEffectiveView {
+    pub bitrate: i64,
+    pub sample_point_permille: i32,
+    pub prescaler: i32,
+    pub sjw: i16,
+    pub tseg1: i16,
+    pub tseg2: i16,
+    pub mode: String,
+    pub use_raw: bool,
+    pub auto_retx: bool,
+    pub tx_pause: bool,
+    pub protocol_exc: bool,
+}
+
+impl From<&CanEffective> for CanEffectiveView {
+    fn from(e: &CanEffective) -> Self {
+        Self {
+            bitrate: e.bitrate.into(),
+            sample_point_permille: e.sample_point_permille.into(),
+            prescaler: e.prescaler.into(),
+            sjw: e.sjw.into(),
+            tseg1: e.tseg1.into(),
+            tseg2: e.tseg2.into(),
+            mode: e.mode.clone(),
+            use_raw: e.use_raw,
+            auto_retx: e.auto_retx,
+            tx_pause: e.tx_pause,
+            protocol_exc: e.protocol_exc,
+        }
+    }
+}
+
+/// `GET /dongles/:id/can-config`: what is stored, and what the dongle acknowledged last.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CanConfigState {
+    pub dongle_id: Uuid,
+    /// The configuration last applied (null when none was ever applied through the server).
+    pub config: Option<CanConfig>,
+    /// The effective values the dongle reported for it.
+    pub effective: Option<CanEffectiveView>,
+    pub applied_at: Option<DateTime<Utc>>,
+}
+
+/// The answer to a successful `PUT /dongles/:id/can-config`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CanConfigApplied {
+    pub dongle_id: Uuid,
+    /// Always true: any other outcome is an error answer.
+    pub applied: bool,
+    /// The configuration as requested (and now stored).
+    pub config: CanConfig,
+    /// The values the dongle reports it runs with.
+    pub effective: CanEffectiveView,
+    pub applied_at: DateTime<Utc>,
+}
+
+/// One failed check: the field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::validation(format!("{} {}", e.field, e.message)).with_detail("field", e.field)
+    }
+}
+
+fn in_range(field: &'static str, value: i64, min: i64, max: i64) -> Result<i64, Invalid> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(Invalid {
+            field,
+            message: format!("must be between {min} and {max}."),
+        })
+    }
+}
+
+fn raw_field(
+    field: &'static str,
+    value: Option<i64>,
+    max: u16,
+    controller: &str,
+) -> Result<i64, Invalid> {
+    let value = value.ok_or_else(|| Invalid {
+        field,
+        message: "is required with use_raw.".into(),
+    })?;
+    in_range(field, value, 1, max.into()).map_err(|_| Invalid {
+        field,
+        message: format!("must be between 1 and {max} for this dongle's {controller} controller."),
+    })
+}
+
+/// Checks a request against SPEC 3.6; `can_fd` picks the FDCAN timing ranges over bxCAN's.
+pub fn validate(req: &CanConfigRequest, can_fd: bool) -> Result<CanConfig, Invalid> {
+    let bitrate = in_range("bitrate", req.bitrate, 10_000, 1_000_000)?;
+    let sample_point = in_range("sample_point_permille", req.sample_point_permille, 500, 950)?;
+    if !MODES.contains(&req.mode.as_str()) {
+        return Err(Invalid {
+            field: "mode",
+            message: format!("must be one of {}.", MODES.join(", ")),
+        });
+    }
+    let (prescaler, sjw, tseg1, tseg2) = if req.use_raw {
+        let (limits, controller) = if can_fd {
+            (FDCAN, "FDCAN")
+        } else {
+            (BXCAN, "bxCAN")
+        };
+        let prescaler = raw_field("prescaler", req.prescaler, limits.prescaler, controller)?;
+        let tseg1 = raw_field("tseg1", req.tseg1, limits.tseg1, controller)?;
+        let tseg2 = raw_field("tseg2", req.tseg2, limits.tseg2, controller)?;
+        let sjw = raw_field("sjw", req.sjw, limits.sjw, controller)?;
+        if sjw > tseg2 {
+            return Err(Invalid {
+                field: "sjw",
+                message: "must not be greater than tseg2.".into(),
+            });
+        }
+        (
+            Some(prescaler as i32),
+            Some(sjw as i16),
+            Some(tseg1 as i16),
+            Some(tseg2 as i16),
+        )
+    } else {
+        // Without use_raw the dongle derives its timing from bitrate and sample point; raw fields a
+        // client sends along are not used, so they are neither sent nor stored.
+        (None, None, None, None)
+    };
+    Ok(CanConfig {
+        bitrate: bitrate as i32,
+        sample_point_permille: sample_point as i16,
+        mode: req.mode.clone(),
+        use_raw: req.use_raw,
+        prescaler,
+        sjw,
+        tseg1,
+        tseg2,
+        auto_retx: req.auto_retx,
+        tx_pause: req.tx_pause,
+        protocol_exc: req.protocol_exc,
+    })
+}
+
+impl CanConfig {
+    /// The control request carrying this configuration. The ranges were checked, so every value fits
+    /// its wire type.
+    fn request(&self, device_id: &str) -> RequestBody {
+        RequestBody::CanConfig {
+            device_id: device_id.to_string(),
+            bitrate: self.bitrate as u32,
+            sample_point_permille: self.sample_point_permille as u16,
+            mode: self.mode.clone(),
+            use_raw: self.use_raw,
+            prescaler: self.prescaler.map(|v| v as u16),
+            sjw: self.sjw.map(|v| v as u8),
+            tseg1: self.tseg1.map(|v| v as u8),
+            tseg2: self.tseg2.map(|v| v as u8),
+            auto_retx: self.auto_retx,
+            tx_pause: self.tx_pause,
+            protocol_exc: self.protocol_exc,
+        }
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct StoredRow {
+    bitrate: i32,
+    sample_point_permille: i16,
+    mode: String,
+    use_raw: bool,
+    prescaler: Option<i32>,
+    sjw: Option<i16>,
+    tseg1: Option<i16>,
+    tseg2: Option<i16>,
+    auto_retx: bool,
+    tx_pause: bool,
+    protocol_exc: bool,
+    effective_bitrate: Option<i64>,
+    effective_sample_point_permille: Option<i32>,
+    effective_prescaler: Option<i32>,
+    effective_sjw: Option<i16>,
+    effective_tseg1: Option<i16>,
+    effective_tseg2: Option<i16>,
+    effective_mode: Option<String>,
+    effective_use_raw: Option<bool>,
+    effective_auto_retx: Option<bool>,
+    effective_tx_pause: Option<bool>,
+    effective_protocol_exc: Option<bool>,
+    applied_at: Option<DateTime<Utc>>,
+}
+
+impl StoredRow {
+    fn config(&self) -> CanConfig {
+        CanConfig {
+            bitrate: self.bitrate,
+            sample_point_permille: self.sample_point_permille,
+            mode: self.mode.clone(),
+            use_raw: self.use_raw,
+            prescaler: self.prescaler,
+            sjw: self.sjw,
+            tseg1: self.tseg1,
+            tseg2: self.tseg2,
+            auto_retx: self.auto_retx,
+            tx_pause: self.tx_pause,
+            protocol_exc: self.protocol_exc,
+        }
+    }
+
+    /// The effective values, when the dongle acknowledged this configuration (all are written at once).
+    fn effective(&self) -> Option<CanEffectiveView> {
+        Some(CanEffectiveView {
+            bitrate: self.effective_bitrate?,
+            sample_point_permille: self.effective_sample_point_permille?,
+            prescaler: self.effective_prescaler?,
+            sjw: self.effective_sjw?,
+            tseg1: self.effective_tseg1?,
+            tseg2: self.effective_tseg2?,
+            mode: self.effective_mode.clone()?,
+            use_raw: self.effective_use_raw?,
+            auto_retx: self.effective_auto_retx?,
+            tx_pause: self.effective_tx_pause?,
+            protocol_exc: self.effective_protocol_exc?,
+        })
+    }
+}
+
+async fn load(
+    db: impl sqlx::PgExecutor<'_>,
+    dongle_id: Uuid,
+) -> Result<Option<StoredRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT bitrate, sample_point_permille, mode::text AS mode, use_raw, prescaler, sjw, tseg1, \
+           tseg2, auto_retx, tx_pause, protocol_exc, effective_bitrate, \
+           effective_sample_point_permille, effective_prescaler, effective_sjw, effective_tseg1, \
+           effective_tseg2, effective_mode::text AS effective_mode, effective_use_raw, \
+           effective_auto_retx, effective_tx_pause, effective_protocol_exc, applied_at \
+         FROM can_configs WHERE dongle_id = $1",
+    )
+    .bind(dongle_id)
+    .fetch_optional(db)
+    .await
+}
+
+/// `GET /dongles/:id/can-config` for the owner.
+pub async fn get(
+    state: &AppState,
+    caller: &Caller,
+    dongle_id: Uuid,
+) -> Result<CanConfigState, ApiError> {
+    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
+    let row = load(&state.pool, dongle.id).await?;
+    Ok(CanConfigState {
+        dongle_id,
+        config: row.as_ref().map(StoredRow::config),
+        effective: row.as_ref().and_then(StoredRow::effective),
+        applied_at: row.and_then(|r| r.applied_at),
+    })
+}
+
+fn snapshot(row: Option<&StoredRow>) -> serde_json::Value {
+    match row {
+        Some(r) => serde_json::json!({ "config": r.config(), "effective": r.effective() }),
+        None => serde_json::Value::Null,
+    }
+}
+
+/// `PUT /dongles/:id/can-config`: checks, sends through the serving agent, and stores the dongle's
+/// acknowledgement. The same configuration twice is applied twice and answered alike.
+pub async fn apply(
+    state: &AppState,
+    caller: &Caller,
+    client: &ClientInfo,
+    dongle_id: Uuid,
+    req: &CanConfigRequest,
+) -> Result<CanConfigApplied, ApiError> {
+    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
+    let config = validate(req, dongle.can_fd())?;
+    let agent_id = dongles::serving_agent(
+        &state.pool,
+        &state.hub,
+        dongle.id,
+        caller.user_id(),
+        caller.agent_id(),
+    )
+    .await?
+    .ok_or_else(|| ApiError::of(ErrorCode::AgentOffline))?;
+
+    let mut tx = state.pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("can_config:{}", dongle.id))
+        .execute(&mut *tx)
+        .await?;
+    let before = load(&mut *tx, dongle.id).await?;
+    let reply = state
+        .hub
+        .request(
+            agent_id,
+            config.request(&dongle.device_id),
+            state.config.dongle_request_timeout,
+        )
+        .await;
+    let effective = match reply {
+        Ok(ReplyOk::CanConfigApplied { effective }) if MODES.contains(&effective.mode.as_str()) => {
+            effective
+        }
+        Ok(other) => {
+            drop(tx);
+            tracing::warn!(%agent_id, reply = ?other, "an agent answered a CAN configuration oddly");
+            let error = ApiError::new(
+                ErrorCode::Conflict,
+                "The agent answered the CAN configuration with something else than the dongle's \
+                 acknowledgement; nothing was stored.",
+            );
+            audit_failure(state, caller, client, &dongle, &config, &error).await;
+            return Err(error);
+        }
+        Err(e) => {
+            drop(tx);
+            let error = dongles::dongle_request_error(e, ErrorCode::CanConfigRejected);
+            audit_failure(state, caller, client, &dongle, &config, &error).await;
+            return Err(error);
+        }
+    };
+    let effective = CanEffectiveView::from(&effective);
+    let applied_at: DateTime<Utc> = sqlx::query_scalar(
+        "INSERT INTO can_configs (dongle_id, bitrate, sample_point_permille, mode, use_raw, prescaler, \
+           sjw, tseg1, tseg2, auto_retx, tx_pause, protocol_exc, effective_bitrate, \
+           effective_sample_point_permille, effective_prescaler, effective_sjw, effective_tseg1, \
+           effective_tseg2, effective_mode, effective_use_raw, effective_auto_retx, effective_tx_pause, \
+           effective_protocol_exc, applied_at) \
+         VALUES ($1, $2, $3, $4::can_mode, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+           $18, $19::can_mode, $20, $21, $22, $23, now()) \
+         ON CONFLICT (dongle_id) DO UPDATE SET bitrate = EXCLUDED.bitrate, \
+           sample_point_permille = EXCLUDED.sample_point_permille, mode = EXCLUDED.mode, \
+           use_raw = EXCLUDED.use_raw, prescaler = EXCLUDED.prescaler, sjw = EXCLUDED.sjw, \
+           tseg1 = EXCLUDED.tseg1, tseg2 = EXCLUDED.tseg2, auto_retx = EXCLUDED.auto_retx, \
+           tx_pause = EXCLUDED.tx_pause, protocol_exc = EXCLUDED.protocol_exc, \
+           effective_bitrate = EXCLUDED.effective_bitrate, \
+           effective_sample_point_permille = EXCLUDED.effective_sample_point_permille, \
+           effective_prescaler = EXCLUDED.effective_prescaler, effective_sjw = EXCLUDED.effective_sjw, \
+           effective_tseg1 = EXCLUDED.effective_tseg1, effective_tseg2 = EXCLUDED.effective_tseg2, \
+           effective_mode = EXCLUDED.effective_mode, effective_use_raw = EXCLUDED.effective_use_raw, \
+           effective_auto_retx = EXCLUDED.effective_auto_retx, \
+           effective_tx_pause = EXCLUDED.effective_tx_pause, \
+           effective_protocol_exc = EXCLUDED.effective_protocol_exc, applied_at = EXCLUDED.applied_at \
+         RETURNING applied_at",
+    )
+    .bind(dongle.id)
+    .bind(config.bitrate)
+    .bind(config.sample_point_permille)
+    .bind(&config.mode)
+    .bind(config.use_raw)
+    .bind(config.prescaler)
+    .bind(config.sjw)
+    .bind(config.tseg1)
+    .bind(config.tseg2)
+    .bind(config.auto_retx)
+    .bind(config.tx_pause)
+    .bind(config.protocol_exc)
+    .bind(effective.bitrate)
+    .bind(effective.sample_point_permille)
+    .bind(effective.prescaler)
+    .bind(effective.sjw)
+    .bind(effective.tseg1)
+    .bind(effective.tseg2)
+    .bind(&effective.mode)
+    .bind(effective.use_raw)
+    .bind(effective.auto_retx)
+    .bind(effective.tx_pause)
+    .bind(effective.protocol_exc)
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(
+        &mut *tx,
+        Entry::new("can_config.apply", Some(caller.user_id()), client)
+            .target(dongle_target(dongle.id))
+            .details(serde_json::json!({
+                "agent_id": agent_id,
+                "via_agent": caller.agent_id().is_some(),
+                "before": snapshot(before.as_ref()),
+                "after": { "config": &config, "effective": &effective },
+            })),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(CanConfigApplied {
+        dongle_id,
+        applied: true,
+        config,
+        effective,
+        applied_at,
+    })
+}
+
+fn dongle_target(dongle_id: Uuid) -> Target {
+    Target {
+        kind: "dongle",
+        id: dongle_id.to_string(),
+    }
+}
+
+/// Records a configuration the dongle did not apply. The apply's transaction is already rolled back, so
+/// this entry is written on its own; failing to write it is logged, not answered.
+async fn audit_failure(
+    state: &AppState,
+    caller: &Caller,
+    client: &ClientInfo,
+    dongle: &OwnedDongle,
+    config: &CanConfig,
+    error: &ApiError,
+) {
+    let entry = Entry::new("can_config.apply_failed", Some(caller.user_id()), client)
+        .target(dongle_target(dongle.id))
+        .details(serde_json::json!({ "code": error.code(), "requested": config }));
+    if let Err(e) = audit::record(&state.pool, entry).await {
+        tracing::warn!(dongle_id = %dongle.id, error = %e, "could not audit a failed CAN configuration");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> CanConfigRequest {
+        CanConfigRequest {
+            bitrate: 500_000,
+            sample_point_permille: 875,
+            mode: "normal".into(),
+            use_raw: false,
+            prescaler: None,
+            sjw: None,
+            tseg1: None,
+            tseg2: None,
+            auto_retx: true,
+            tx_pause: false,
+            protocol_exc: false,
+        }
+    }
+
+    fn raw(prescaler: i64, tseg1: i64, tseg2: i64, sjw: i64) -> CanConfigRequest {
+        CanConfigRequest {
+            use_raw: true,
+            prescaler: Some(prescaler),
+            tseg1: Some(tseg1),
+            tseg2: Some(tseg2),
+            sjw: Some(sjw),
+            ..req()
+        }
+    }
+
+    fn field(r: Result<CanConfig, Invalid>) -> &'static str {
+        r.unwrap_err().field
+    }
+
+    #[test]
+    fn ranges_name_the_field() {
+        assert!(validate(&req(), false).is_ok());
+        for (bitrate, ok) in [
+            (9_999, false),
+            (10_000, true),
+            (1_000_000, true),
+            (1_000_001, false),
+            (-1, false),
+        ] {
+            let r = validate(&CanConfigRequest { bitrate, ..req() }, false);
+            assert_eq!(r.is_ok(), ok, "{bitrate}");
+        }
+        assert_eq!(
+            field(validate(
+                &CanConfigRequest {
+                    sample_point_permille: 499,
+                    ..req()
+                },
+                false
+            )),
+            "sample_point_permille"
+        );
+        assert_eq!(
+            field(validate(
+                &CanConfigRequest {
+                    sample_point_permille: 951,
+                    ..req()
+                },
+                false
+            )),
+            "sample_point_permille"
+        );
+        assert_eq!(
+            field(validate(
+                &CanConfigRequest {
+                    mode: "silent".into(),
+                    ..req()
+                },
+                false
+            )),
+            "mode"
+        );
+    }
+
+    #[test]
+    fn raw_timing_uses_the_controller_of_the_dongle() {
+        assert!(validate(&raw(1024, 16, 8, 4), false).is_ok());
+        assert_eq!(field(validate(&raw(1025, 16, 8, 4), false)), "prescaler");
+        assert_eq!(field(validate(&raw(0, 16, 8, 4), false)), "prescaler");
+        assert_eq!(field(validate(&raw(10, 17, 8, 4), false)), "tseg1");
+        assert_eq!(field(validate(&raw(10, 13, 9, 4), false)), "tseg2");
+        assert_eq!(field(validate(&raw(10, 13, 8, 5), false)), "sjw");
+        assert_eq!(field(validate(&raw(10, 13, 2, 3), false)), "sjw");
+        // FDCAN: wider timing segments, a narrower prescaler.
+        assert!(validate(&raw(512, 255, 128, 128), true).is_ok());
+        assert_eq!(field(validate(&raw(513, 13, 2, 1), true)), "prescaler");
+        assert_eq!(field(validate(&raw(10, 256, 2, 1), true)), "tseg1");
+        assert_eq!(field(validate(&raw(10, 13, 129, 1), true)), "tseg2");
+        let missing = CanConfigRequest {
+            tseg2: None,
+            ..raw(10, 13, 2, 1)
+        };
+        assert_eq!(field(validate(&missing, false)), "tseg2");
+        // Without use_raw the raw fields are not looked at.
+        let ignored = CanConfigRequest {
+            prescaler: Some(99_999),
+            ..req()
+        };
+        assert_eq!(validate(&ignored, false).unwrap().prescaler, None);
+    }
+}

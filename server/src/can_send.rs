@@ -1,0 +1,252 @@
+//! Sending one CAN frame by hand (SPEC 3.8b): the owner injects a frame (an OBD-II request, say)
+//! through the agent serving the dongle.
+//!
+//! The frame is checked before anything is sent: the id fits its format (11 or 29 bits), the data is
+//! even-length hex of at most 8 bytes, or, for an FD frame on a dongle that announces CAN FD, one of the
+//! FD data lengths up to 64. Sends are rate-limited per dongle, whoever sends, since they all land on the
+//! same bus.
+
+use control_proto::{ReplyOk, RequestBody};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::audit::{self, Entry, Target};
+use crate::auth::Caller;
+use crate::dongles;
+use crate::http::{ApiError, ClientInfo, ErrorCode};
+use crate::rate_limit::{self, Scope};
+
+/// The largest standard (11-bit) identifier.
+pub const MAX_STANDARD_ID: i64 = 0x7FF;
+/// The largest extended (29-bit) identifier.
+pub const MAX_EXTENDED_ID: i64 = 0x1FFF_FFFF;
+/// The data lengths a CAN FD frame can have (its DLC table).
+pub const FD_LENGTHS: [usize; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64];
+
+/// `POST /dongles/:id/can/send`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct SendFrameRequest {
+    /// The identifier: 0..=0x7FF, or 0..=0x1FFFFFFF with `is_extended`.
+    pub can_id: i64,
+    /// A 29-bit identifier (default false).
+    #[serde(default)]
+    pub is_extended: bool,
+    /// The data bytes as hex, e.g. `0201000000000000`: even length, at most 8 bytes (64 with `fd`).
+    pub data_hex: String,
+    /// A CAN FD frame; only for dongles that announce CAN FD (default false).
+    #[serde(default)]
+    pub fd: bool,
+}
+
+/// The answer to a frame the dongle took for transmission.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FrameSent {
+    pub sent: bool,
+}
+
+/// A frame that passed the checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub can_id: u32,
+    pub extended: bool,
+    /// Lower-case hex.
+    pub data_hex: String,
+    pub len: usize,
+    pub fd: bool,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::validation(message).with_detail("field", field)
+}
+
+/// Checks a frame for a dongle that does (`can_fd`) or does not announce CAN FD.
+pub fn validate(req: &SendFrameRequest, can_fd: bool) -> Result<Frame, ApiError> {
+    let max_id = if req.is_extended {
+        MAX_EXTENDED_ID
+    } else {
+        MAX_STANDARD_ID
+    };
+    if !(0..=max_id).contains(&req.can_id) {
+        return Err(invalid(
+            "can_id",
+            format!(
+                "can_id must be between 0 and {max_id:#X} for a{} identifier.",
+                if req.is_extended {
+                    "n extended (29-bit)"
+                } else {
+                    " standard (11-bit)"
+                }
+            ),
+        ));
+    }
+    if req.fd && !can_fd {
+        return Err(invalid(
+            "fd",
+            "This dongle does not announce CAN FD: send a classic frame (fd false).",
+        ));
+    }
+    let hex = req.data_hex.trim();
+    if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid(
+            "data_hex",
+            "data_hex must be an even number of hex digits.",
+        ));
+    }
+    let len = hex.len() / 2;
+    if req.fd {
+        if !FD_LENGTHS.contains(&len) {
+            return Err(invalid(
+                "data_hex",
+                "A CAN FD frame carries 0 to 8, 12, 16, 20, 24, 32, 48 or 64 bytes.",
+            ));
+        }
+    } else if len > 8 {
+        return Err(invalid(
+            "data_hex",
+            if can_fd {
+                "A classic frame carries at most 8 bytes; set fd for up to 64."
+            } else {
+                "A classic frame carries at most 8 bytes."
+            },
+        ));
+    }
+    Ok(Frame {
+        can_id: req.can_id as u32,
+        extended: req.is_extended,
+        data_hex: hex.to_ascii_lowercase(),
+        len,
+        fd: req.fd,
+    })
+}
+
+/// `POST /dongles/:id/can/send`: checks, counts against the dongle's limit, and sends through the
+/// serving agent; answers once the dongle took the frame.
+pub async fn send(
+    state: &AppState,
+    caller: &Caller,
+    client: &ClientInfo,
+    dongle_id: Uuid,
+    req: &SendFrameRequest,
+) -> Result<FrameSent, ApiError> {
+    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
+    let frame = validate(req, dongle.can_fd())?;
+    rate_limit::enforce(
+        &state.pool,
+        Scope::CanSendDongle,
+        &dongle.id.to_string(),
+        state.config.rate_limits.can_send_per_dongle,
+    )
+    .await?;
+    let agent_id = dongles::serving_agent(
+        &state.pool,
+        &state.hub,
+        dongle.id,
+        caller.user_id(),
+        caller.agent_id(),
+    )
+    .await?
+    .ok_or_else(|| ApiError::of(ErrorCode::AgentOffline))?;
+    let reply = state
+        .hub
+        .request(
+            agent_id,
+            RequestBody::SendFrame {
+                device_id: dongle.device_id.clone(),
+                can_id: frame.can_id,
+                extended: frame.extended,
+                rtr: false,
+                data: frame.data_hex.clone(),
+                fd: frame.fd,
+            },
+            state.config.dongle_request_timeout,
+        )
+        .await;
+    let outcome = match reply {
+        Ok(ReplyOk::FrameSent) => Ok(()),
+        Ok(other) => {
+            tracing::warn!(%agent_id, reply = ?other, "an agent answered a frame oddly");
+            Err(ApiError::new(
+                ErrorCode::Conflict,
+                "The agent answered the frame with something else than the dongle's acceptance.",
+            ))
+        }
+        Err(e) => Err(dongles::dongle_request_error(e, ErrorCode::CanSendRejected)),
+    };
+    let details = serde_json::json!({
+        "agent_id": agent_id,
+        "can_id": frame.can_id,
+        "is_extended": frame.extended,
+        "fd": frame.fd,
+        "len": frame.len,
+        "data_hex": frame.data_hex,
+        "sent": outcome.is_ok(),
+        "code": outcome.as_ref().err().map(ApiError::code),
+        "via_agent": caller.agent_id().is_some(),
+    });
+    let entry = Entry::new("can.send", Some(caller.user_id()), client)
+        .target(Target {
+            kind: "dongle",
+            id: dongle.id.to_string(),
+        })
+        .details(details);
+    match &outcome {
+        // A frame that went out is audited, or the answer says why not.
+        Ok(()) => {
+            audit::record(&state.pool, entry).await?;
+        }
+        // A frame that did not is audited when possible; the answer is the dongle's error either way.
+        Err(_) => {
+            if let Err(e) = audit::record(&state.pool, entry).await {
+                tracing::warn!(dongle_id = %dongle.id, error = %e, "could not audit a failed frame");
+            }
+        }
+    }
+    outcome?;
+    // Console hook (SPEC 3.9): the frame goes to the dongle's console as a `can_frame` event with
+    // direction tx here, when the SSE console lands.
+    Ok(FrameSent { sent: true })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(can_id: i64, is_extended: bool, data_hex: &str, fd: bool) -> SendFrameRequest {
+        SendFrameRequest {
+            can_id,
+            is_extended,
+            data_hex: data_hex.into(),
+            fd,
+        }
+    }
+
+    fn field(r: Result<Frame, ApiError>) -> String {
+        format!("{:?}", r.unwrap_err())
+    }
+
+    #[test]
+    fn identifiers_fit_their_format() {
+        assert!(validate(&req(0x7FF, false, "", false), false).is_ok());
+        assert!(field(validate(&req(0x800, false, "", false), false)).contains("can_id"));
+        assert!(validate(&req(0x1FFF_FFFF, true, "", false), false).is_ok());
+        assert!(field(validate(&req(0x2000_0000, true, "", false), false)).contains("can_id"));
+        assert!(field(validate(&req(-1, true, "", false), false)).contains("can_id"));
+    }
+
+    #[test]
+    fn data_is_even_hex_of_a_valid_length() {
+        let f = validate(&req(0x7DF, false, "02010D", false), false).unwrap();
+        assert_eq!((f.data_hex.as_str(), f.len), ("02010d", 3));
+        assert!(validate(&req(1, false, "0", false), false).is_err());
+        assert!(validate(&req(1, false, "zz", false), false).is_err());
+        assert!(validate(&req(1, false, &"00".repeat(9), false), true).is_err());
+        // FD only where announced, and only at FD lengths.
+        assert!(validate(&req(1, false, &"00".repeat(12), true), false).is_err());
+        assert!(validate(&req(1, false, &"00".repeat(12), true), true).is_ok());
+        assert!(validate(&req(1, false, &"00".repeat(64), true), true).is_ok());
+        assert!(validate(&req(1, false, &"00".repeat(9), true), true).is_err());
+        assert!(validate(&req(1, false, &"00".repeat(65), true), true).is_err());
+    }
+}

@@ -1,0 +1,426 @@
+//! Commands on dongles (SPEC 3.7): the allow-list, queueing, results, and the dispatcher that sends
+//! queued commands to agents and times out those that never end.
+//!
+//! The database is the queue. A command is a row of `commands`; its state only moves forward,
+//! queued -> running -> done | error | timeout (a queued command may also end at once, when its result
+//! overtakes the acceptance or nobody ever takes it), and every change is a conditional UPDATE on the
+//! state it moves from, so racing writers (the result, the dispatcher, the sweeper, another server
+//! instance) cannot move a command back or end it twice.
+//!
+//! Delivery to the agent is at least once: [`dispatch`] sends a queued command to an agent serving the
+//! dongle, marks it running when the agent accepts it, and sends it again (to that same agent) when the
+//! agent reconnects before its result arrived; the agent knows the command id and never runs it twice.
+//! The result comes back as a `command_result` message on the control WebSocket; it is stored once and
+//! acknowledged every time, so a duplicate or late result changes nothing but still empties the agent's
+//! outbox.
+//!
+//! - [`allow_list`]: which commands exist, their arguments and timeouts.
+//! - [`dispatch`]: the background task (dispatcher and sweeper) and the reconnect hook.
+
+pub mod allow_list;
+pub mod dispatch;
+
+use chrono::{DateTime, Utc};
+use control_proto::{CommandOutcome, CommandResult, ServerMessage};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::agents::AgentIdentity;
+use crate::app::AppState;
+use crate::audit::{self, Entry, Target};
+use crate::auth::Caller;
+use crate::dongles;
+use crate::http::page::{PageInfo, Paging};
+use crate::http::{ApiError, ClientInfo, ErrorCode};
+
+use allow_list::Refusal;
+
+/// How many unfinished commands one dongle may have; more is refused until some end.
+pub const MAX_UNFINISHED_PER_DONGLE: i64 = 16;
+
+/// `POST /dongles/:id/commands`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct InvokeRequest {
+    /// An allow-listed command, e.g. `version`, `remote status`, `echo`, `sleep`. It may carry its
+    /// arguments (`"sleep 100"`).
+    pub command: String,
+    /// The arguments, one word each.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// How long the command may run, in milliseconds (100 up to the command's maximum; default per
+    /// command, usually 5000).
+    pub timeout_ms: Option<i64>,
+}
+
+/// The answer to `POST /dongles/:id/commands`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Queued {
+    pub command_id: Uuid,
+    /// `queued`.
+    pub status: String,
+}
+
+/// A command as listed: everything but its output.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct CommandSummary {
+    pub command_id: Uuid,
+    pub dongle_id: Uuid,
+    /// The allow-listed command, e.g. `remote status`.
+    pub command: String,
+    #[schema(value_type = Vec<String>)]
+    pub args: sqlx::types::Json<Vec<String>>,
+    /// `queued`, `running`, `done`, `error` or `timeout`.
+    pub status: String,
+    /// How the command ended as reported: `done`, `denied`, `error`, `timeout`, or `server_timeout`
+    /// when the server stopped waiting; absent while it runs.
+    pub outcome: Option<String>,
+    pub timeout_ms: i32,
+    pub exit_code: Option<i32>,
+    /// The output was cut, by the dongle or at the server's cap.
+    pub truncated: bool,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// One command with its output.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct CommandView {
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub summary: CommandSummary,
+    /// What the dongle printed.
+    pub stdout: Option<String>,
+    /// Why the command did not run or end as asked, as the agent or the server tells it.
+    pub stderr: Option<String>,
+}
+
+/// A page of a dongle's commands, newest first.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CommandPage {
+    pub items: Vec<CommandSummary>,
+    #[serde(flatten)]
+    pub page: PageInfo,
+}
+
+const SUMMARY_COLUMNS: &str = "id AS command_id, dongle_id, command, args, status::text AS status, \
+     outcome, timeout_ms, exit_code, truncated, created_at, started_at, finished_at";
+
+fn refusal(e: Refusal) -> ApiError {
+    match &e {
+        Refusal::NotAllowed(_) | Refusal::Dangerous(_) => {
+            ApiError::new(ErrorCode::CommandNotAllowed, format!("{e}."))
+                .with_detail("field", "command")
+        }
+        Refusal::Args(_) => ApiError::validation(format!("{e}.")).with_detail("field", "args"),
+        Refusal::Timeout(_) => {
+            ApiError::validation(format!("{e}.")).with_detail("field", "timeout_ms")
+        }
+    }
+}
+
+fn dongle_target(dongle_id: Uuid) -> Target {
+    Target {
+        kind: "dongle",
+        id: dongle_id.to_string(),
+    }
+}
+
+/// Queues a command for the caller's dongle after the allow-list let it through, audits the invocation
+/// and wakes the dispatcher. Whether an agent is online does not matter here: a queued command waits for
+/// one until its timeout.
+pub async fn invoke(
+    state: &AppState,
+    caller: &Caller,
+    client: &ClientInfo,
+    dongle_id: Uuid,
+    req: &InvokeRequest,
+) -> Result<Queued, ApiError> {
+    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
+    let checked = allow_list::check(
+        &req.command,
+        &req.args,
+        req.timeout_ms,
+        state.config.dev_mode,
+    )
+    .map_err(refusal)?;
+    let mut tx = state.pool.begin().await?;
+    // Counted under the dongle's row lock, so that racing requests cannot both take the last slot.
+    sqlx::query("SELECT 1 FROM dongles WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(dongle.id)
+        .execute(&mut *tx)
+        .await?;
+    let unfinished: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM commands WHERE dongle_id = $1 AND status IN ('queued', 'running')",
+    )
+    .bind(dongle.id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if unfinished >= MAX_UNFINISHED_PER_DONGLE {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "This dongle already has {MAX_UNFINISHED_PER_DONGLE} commands waiting or running: \
+                 wait for some to end."
+            ),
+        ));
+    }
+    let command_id: Uuid = sqlx::query_scalar(
+        "INSERT INTO commands (dongle_id, user_id, command, args, timeout_ms, allow_dangerous) \
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+    )
+    .bind(dongle.id)
+    .bind(caller.user_id())
+    .bind(checked.spec.name)
+    .bind(sqlx::types::Json(&checked.args))
+    .bind(checked.timeout_ms as i32)
+    .bind(checked.allow_dangerous)
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(
+        &mut *tx,
+        Entry::new("command.invoke", Some(caller.user_id()), client)
+            .target(dongle_target(dongle.id))
+            .details(serde_json::json!({
+                "command_id": command_id,
+                "command": checked.spec.name,
+                "args": checked.args,
+                "timeout_ms": checked.timeout_ms,
+                "allow_dangerous": checked.allow_dangerous,
+                "via_agent": caller.agent_id().is_some(),
+            })),
+    )
+    .await?;
+    tx.commit().await?;
+    state.command_wake.notify_one();
+    Ok(Queued {
+        command_id,
+        status: "queued".into(),
+    })
+}
+
+/// One command of the caller's dongle, with its output.
+pub async fn get(
+    state: &AppState,
+    caller: &Caller,
+    dongle_id: Uuid,
+    command_id: Uuid,
+) -> Result<CommandView, ApiError> {
+    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {SUMMARY_COLUMNS}, stdout, stderr FROM commands \
+         WHERE id = $1 AND dongle_id = $2 AND user_id = $3"
+    )))
+    .bind(command_id)
+    .bind(dongle.id)
+    .bind(caller.user_id())
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "No such command on this dongle."))
+}
+
+/// The caller's commands on their dongle, newest first, without output.
+pub async fn list(
+    state: &AppState,
+    caller: &Caller,
+    dongle_id: Uuid,
+    paging: Paging,
+) -> Result<CommandPage, ApiError> {
+    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
+    let items: Vec<CommandSummary> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {SUMMARY_COLUMNS} FROM commands WHERE dongle_id = $1 AND user_id = $2 \
+         ORDER BY created_at DESC, id LIMIT $3 OFFSET $4"
+    )))
+    .bind(dongle.id)
+    .bind(caller.user_id())
+    .bind(paging.limit())
+    .bind(paging.offset())
+    .fetch_all(&state.pool)
+    .await?;
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM commands WHERE dongle_id = $1 AND user_id = $2")
+            .bind(dongle.id)
+            .bind(caller.user_id())
+            .fetch_one(&state.pool)
+            .await?;
+    Ok(CommandPage {
+        items,
+        page: paging.info(total),
+    })
+}
+
+/// Cuts `text` to at most `cap` bytes on a character boundary; NUL characters, which PostgreSQL text
+/// cannot hold, become U+FFFD first. Returns the text and whether it was cut.
+pub fn cap_output(text: &str, cap: usize) -> (String, bool) {
+    let clean = if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text.to_string()
+    };
+    if clean.len() <= cap {
+        return (clean, false);
+    }
+    let mut end = cap;
+    while !clean.is_char_boundary(end) {
+        end -= 1;
+    }
+    (clean[..end].to_string(), true)
+}
+
+/// How a command ends, for [`finish`].
+#[derive(Debug, Clone)]
+pub(crate) struct Ending<'a> {
+    /// `done`, `error` or `timeout`.
+    pub status: &'static str,
+    /// `done`, `denied`, `error`, `timeout` (the agent's word) or `server_timeout`, `refused`, ...
+    pub outcome: &'static str,
+    pub exit_code: Option<i32>,
+    pub stdout: Option<&'a str>,
+    pub stderr: Option<&'a str>,
+    pub truncated: bool,
+    /// Set for a result an agent reported: only a command of that agent's user, on the device the
+    /// result names, is ended. Any agent of the user may report it (the one the command went to may
+    /// have been replaced, or a LAN dongle served by two workstations may have run it on either).
+    pub reporter: Option<(AgentIdentity, &'a str)>,
+    /// The command ran (a result came back): a command that ends straight from queued gets a start time.
+    pub started: bool,
+    /// Who ended it, for the audit entry: `agent`, `dispatcher`.
+    pub by: &'static str,
+}
+
+/// Ends an unfinished command and audits `command.finish`, in one transaction. Returns false, changing
+/// nothing, when the command is already finished (or not the reporter's to end).
+pub(crate) async fn finish(
+    pool: &PgPool,
+    command_id: Uuid,
+    ending: Ending<'_>,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let (agent_id, user_id, device_id) = match ending.reporter {
+        Some((agent, device)) => (Some(agent.agent_id), Some(agent.user_id), Some(device)),
+        None => (None, None, None),
+    };
+    let ended: Option<(Uuid, Option<Uuid>, String, Option<Uuid>)> = sqlx::query_as(
+        "UPDATE commands c SET status = $2::command_status, outcome = $3, exit_code = $4, \
+           stdout = $5, stderr = $6, truncated = $7, \
+           started_at = CASE WHEN $10 THEN coalesce(c.started_at, now()) ELSE c.started_at END, \
+           finished_at = now(), next_dispatch_at = NULL \
+         FROM dongles d \
+         WHERE c.id = $1 AND d.id = c.dongle_id AND c.status IN ('queued', 'running') \
+           AND ($8::uuid IS NULL OR c.user_id = $8) \
+           AND ($9::text IS NULL OR d.device_id = $9) \
+         RETURNING c.dongle_id, c.user_id, c.command, c.agent_id",
+    )
+    .bind(command_id)
+    .bind(ending.status)
+    .bind(ending.outcome)
+    .bind(ending.exit_code)
+    .bind(ending.stdout)
+    .bind(ending.stderr)
+    .bind(ending.truncated)
+    .bind(user_id)
+    .bind(device_id)
+    .bind(ending.started)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((dongle_id, owner, command, pinned)) = ended else {
+        return Ok(false);
+    };
+    audit::record(
+        &mut *tx,
+        Entry {
+            actor: owner,
+            action: "command.finish",
+            target: Some(dongle_target(dongle_id)),
+            ip: None,
+            user_agent: None,
+            details: serde_json::json!({
+                "command_id": command_id,
+                "command": command,
+                "status": ending.status,
+                "outcome": ending.outcome,
+                "exit_code": ending.exit_code,
+                "truncated": ending.truncated,
+                "agent_id": agent_id.or(pinned),
+                "by": ending.by,
+            }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    // Console hook (SPEC 3.9): a `command_status` event for this dongle goes here when the SSE console
+    // lands.
+    Ok(true)
+}
+
+/// Stores a `command_result` from an agent (once: a duplicate or late one changes nothing) and always
+/// acknowledges it once the database has answered, so the agent can drop it from its outbox. A result
+/// the database could not take is not acknowledged; the agent sends it again.
+pub async fn record_result(
+    state: &AppState,
+    agent: AgentIdentity,
+    result: CommandResult,
+) -> Result<bool, sqlx::Error> {
+    let (status, outcome) = match result.outcome {
+        CommandOutcome::Done => ("done", "done"),
+        CommandOutcome::Denied => ("error", "denied"),
+        CommandOutcome::Error => ("error", "error"),
+        CommandOutcome::Timeout => ("timeout", "timeout"),
+    };
+    let (stdout, cut) = cap_output(&result.output, state.config.command_output_cap);
+    let stderr = result
+        .message
+        .as_deref()
+        .map(|m| cap_output(m, 4096).0)
+        .filter(|m| !m.is_empty());
+    let stored = if control_proto::is_device_id(&result.device_id) {
+        finish(
+            &state.pool,
+            result.command_id,
+            Ending {
+                status,
+                outcome,
+                exit_code: Some(result.exit_code),
+                stdout: Some(&stdout),
+                stderr: stderr.as_deref(),
+                truncated: result.truncated || cut,
+                reporter: Some((agent, &result.device_id)),
+                started: true,
+                by: "agent",
+            },
+        )
+        .await?
+    } else {
+        false
+    };
+    if !stored {
+        tracing::debug!(agent_id = %agent.agent_id, command_id = %result.command_id,
+            "a command result for no unfinished command of this agent's user: acknowledged, ignored");
+    }
+    let _ = state
+        .hub
+        .send(
+            agent.agent_id,
+            ServerMessage::CommandResultAck {
+                command_id: result.command_id,
+            },
+        )
+        .await;
+    Ok(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_capped_on_a_character_boundary() {
+        assert_eq!(cap_output("abc", 3), ("abc".to_string(), false));
+        assert_eq!(cap_output("abcd", 3), ("abc".to_string(), true));
+        // "é" is two bytes: a cut in its middle steps back before it.
+        assert_eq!(cap_output("aé", 2), ("a".to_string(), true));
+        assert_eq!(cap_output("a\0b", 10), ("a\u{FFFD}b".to_string(), false));
+    }
+}

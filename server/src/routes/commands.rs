@@ -1,0 +1,101 @@
+//! `/api/v1/dongles/{id}/commands` (SPEC 3.7): allow-listed commands on a dongle, queued and carried out
+//! through its agent. Only the dongle's owner (session, or one of the owner's agents by bearer token)
+//! reaches them; for anyone else the dongle does not exist.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::commands::{self, CommandPage, CommandView, InvokeRequest, Queued};
+use crate::http::error::ErrorBody;
+use crate::http::page::Paging;
+use crate::http::{ApiError, ApiJson, ApiQuery, ClientInfo, PathId, PathIds};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(invoke, list))
+        .routes(routes!(get_command))
+}
+
+/// Queues an allow-listed command. It is checked first (unknown commands, bad arguments and timeouts
+/// are refused before anything is queued), then sent to the agent serving the dongle; poll
+/// `GET .../commands/{command_id}` for its end.
+#[utoipa::path(post, path = "/dongles/{id}/commands", tag = "dongles",
+    security(("session" = [], "csrf" = []), ("agent_token" = [])),
+    params(("id" = Uuid, Path, description = "The dongle's id")),
+    request_body = InvokeRequest,
+    responses(
+        (status = 202, description = "Queued.", body = Queued),
+        (status = 400, description = "VALIDATION_ERROR: bad arguments or timeout (details.field)", body = ErrorBody),
+        (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
+        (status = 403, description = "COMMAND_NOT_ALLOWED (not on the allow-list, or dangerous outside development mode), or CSRF_INVALID", body = ErrorBody),
+        (status = 404, description = "DONGLE_NOT_FOUND", body = ErrorBody),
+        (status = 409, description = "CONFLICT: too many commands waiting on this dongle", body = ErrorBody),
+    ))]
+async fn invoke(
+    State(state): State<AppState>,
+    caller: Caller,
+    client: ClientInfo,
+    PathId(id): PathId,
+    ApiJson(body): ApiJson<InvokeRequest>,
+) -> Result<(StatusCode, Json<Queued>), ApiError> {
+    let queued = commands::invoke(&state, &caller, &client, id, &body).await?;
+    Ok((StatusCode::ACCEPTED, Json(queued)))
+}
+
+/// Paging of `GET /dongles/{id}/commands`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CommandListQuery {
+    /// From 1.
+    pub page: Option<u32>,
+    /// 1 to 200, default 50.
+    pub per_page: Option<u32>,
+}
+
+/// The caller's recent commands on the dongle, newest first, without their output.
+#[utoipa::path(get, path = "/dongles/{id}/commands", tag = "dongles",
+    security(("session" = []), ("agent_token" = [])),
+    params(("id" = Uuid, Path, description = "The dongle's id"), CommandListQuery),
+    responses(
+        (status = 200, description = "A page of commands.", body = CommandPage),
+        (status = 400, description = "VALIDATION_ERROR: a malformed page", body = ErrorBody),
+        (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
+        (status = 404, description = "DONGLE_NOT_FOUND", body = ErrorBody),
+    ))]
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathId(id): PathId,
+    ApiQuery(q): ApiQuery<CommandListQuery>,
+) -> Result<Json<CommandPage>, ApiError> {
+    let paging = Paging::new(q.page, q.per_page);
+    Ok(Json(commands::list(&state, &caller, id, paging).await?))
+}
+
+/// One command: status, times, exit code, stdout (capped at 64 KiB by default; `truncated` says so)
+/// and stderr.
+#[utoipa::path(get, path = "/dongles/{id}/commands/{command_id}", tag = "dongles",
+    security(("session" = []), ("agent_token" = [])),
+    params(
+        ("id" = Uuid, Path, description = "The dongle's id"),
+        ("command_id" = Uuid, Path, description = "The command's id"),
+    ),
+    responses(
+        (status = 200, description = "The command.", body = CommandView),
+        (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
+        (status = 404, description = "DONGLE_NOT_FOUND, or NOT_FOUND for an unknown command", body = ErrorBody),
+    ))]
+async fn get_command(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathIds(id, command_id): PathIds,
+) -> Result<Json<CommandView>, ApiError> {
+    Ok(Json(commands::get(&state, &caller, id, command_id).await?))
+}
