@@ -287,3 +287,43 @@ async fn a_frame_sent_by_hand_reaches_the_bus(pool: PgPool) {
     agent.stop().await;
     server.stop().await;
 }
+
+/// Two server instances on one database: the agent is connected to the second, the user talks to the
+/// first; pairing, configuration and commands all cross over.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn config_and_commands_cross_server_instances(pool: PgPool) {
+    let first = Server::start(pool).await;
+    let second = first.second_instance().await;
+    let alice = first.user("alice@example.com", Role::User).await;
+    let dongle = Dongle::serial().await;
+    let mut agent = Agent::new();
+    // The agent logs in to the second instance and stays connected there.
+    agent.login_as(&second.base, &alice.email, &[]).await;
+    agent.run(&dongle.agent_args());
+    let id = pair(&alice, &dongle).await;
+
+    let (status, body) = alice
+        .call(
+            Method::PUT,
+            &format!("/dongles/{id}/can-config"),
+            Some(json!({"bitrate": 125000, "sample_point_permille": 875, "mode": "normal",
+                        "use_raw": false, "auto_retx": true, "tx_pause": false, "protocol_exc": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(dongle.sim.flash().can.bitrate, 125_000);
+
+    let command = invoke(&alice, &id, json!({"command": "echo", "args": ["across"]})).await;
+    let done = finished(&alice, &id, &command).await;
+    assert_eq!(done["status"], "done", "{done}");
+    assert_eq!(done["stdout"], "across\n");
+    // Whichever instance the user asks, the answer is the same.
+    let (_, via_second) = alice
+        .via(&second.base)
+        .get(&format!("/dongles/{id}/commands/{command}"))
+        .await;
+    assert_eq!(via_second["stdout"], "across\n");
+    agent.stop().await;
+    second.stop().await;
+    first.stop().await;
+}

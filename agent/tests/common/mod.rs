@@ -37,6 +37,7 @@ pub struct Server {
     pub base: String,
     pub pool: PgPool,
     running: Option<RunningServer>,
+    running_keys: bridge_server::dongle_tokens::KeyRing,
 }
 
 impl Server {
@@ -63,6 +64,7 @@ impl Server {
             base: running.base_url.clone(),
             pool,
             running: Some(running),
+            running_keys: Default::default(),
         }
     }
 
@@ -112,8 +114,16 @@ impl Server {
         }
     }
 
+    /// A second instance on the same database with the same dongle-token keys, as a second process
+    /// behind a load balancer would run.
+    pub async fn second_instance(&self) -> Self {
+        let keys = self.running.as_ref().unwrap().state.keys.as_ref().clone();
+        Self::start_with(self.pool.clone(), |c| c.dongle_keys = keys).await
+    }
+
     /// Stops the server and starts a new one on the same address and database, as a restart would.
     pub async fn restart(mut self, down_for: Duration) -> Self {
+        self.running_keys = self.running.as_ref().unwrap().state.keys.as_ref().clone();
         let addr: std::net::SocketAddr = self
             .base
             .trim_start_matches("http://")
@@ -123,7 +133,12 @@ impl Server {
             running.shutdown().await.unwrap();
         }
         tokio::time::sleep(down_for).await;
-        Self::start_with(self.pool.clone(), |c| c.bind = addr).await
+        let keys = self.running_keys.clone();
+        Self::start_with(self.pool.clone(), |c| {
+            c.bind = addr;
+            c.dongle_keys = keys;
+        })
+        .await
     }
 
     /// Waits until the agent `agent_id` counts as connected (a heartbeat or connection recorded).
@@ -156,6 +171,19 @@ impl Server {
             .fetch_one(&self.pool)
             .await
             .unwrap()
+    }
+}
+
+impl User {
+    /// The same person, session and all, talking to another instance at `base`.
+    pub fn via(&self, base: &str) -> User {
+        User {
+            base: base.to_string(),
+            email: self.email.clone(),
+            id: self.id,
+            http: self.http.clone(),
+            csrf: self.csrf.clone(),
+        }
     }
 }
 
