@@ -19,6 +19,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::agents::hub::AgentHub;
 use crate::config::ServerConfig;
+use crate::console::Console;
 use crate::dongle_tokens::KeyRing;
 use crate::email::smtp::{MailError, SmtpMailer};
 use crate::email::worker::{self, WorkerSettings};
@@ -41,6 +42,8 @@ pub struct AppState {
     pub hub: Arc<AgentHub>,
     /// The dongle-token master keys (from the configuration).
     pub keys: Arc<KeyRing>,
+    /// The live console's streams (SPEC 3.9).
+    pub console: Arc<Console>,
 }
 
 impl AppState {
@@ -54,11 +57,23 @@ impl AppState {
             )),
             pool,
             keys,
+            console: Arc::new(Console::new(config.console_frame_rate)),
             config: Arc::new(config),
             public_url: public_url.into(),
             mail_wake: Arc::new(Notify::new()),
             command_wake: Arc::new(Notify::new()),
             metrics: telemetry::prometheus(),
+        }
+    }
+}
+
+/// Forgets console streams nobody watches, twice a minute.
+async fn sweep_console(console: Arc<Console>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => console.sweep(),
+            () = shutdown.cancelled() => return,
         }
     }
 }
@@ -207,6 +222,10 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
     // Commands: the dispatcher and sweeper (SPEC 3.7), driven by the database.
     tasks.push(tokio::spawn(commands::dispatch::run(
         state.clone(),
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(sweep_console(
+        state.console.clone(),
         shutdown.clone(),
     )));
     // The instance joins the cluster (its first beat) before it accepts any agent.

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
+use crate::console::{ConsoleEvent, StreamKey};
 use crate::dongles;
 use crate::http::{ApiError, ClientInfo, ErrorCode};
 use crate::rate_limit::{self, Scope};
@@ -204,8 +205,17 @@ pub async fn send(
         }
     }
     outcome?;
-    // Console hook (SPEC 3.9): the frame goes to the dongle's console as a `can_frame` event with
-    // direction tx here, when the SSE console lands.
+    state.console.publish(
+        StreamKey::Dongle(dongle.id),
+        ConsoleEvent::CanFrame {
+            dongle_id: dongle.id,
+            direction: "tx",
+            can_id: frame.can_id,
+            extended: frame.extended,
+            data_hex: frame.data_hex.clone(),
+            sampled: None,
+        },
+    );
     Ok(FrameSent { sent: true })
 }
 

@@ -143,6 +143,8 @@ pub struct ServerConfig {
     pub command_grace: Duration,
     /// How often the command dispatcher and sweeper look at the database when nothing wakes them.
     pub command_poll_interval: Duration,
+    /// CAN frames per second a console stream shows before it samples (SPEC 3.9).
+    pub console_frame_rate: u32,
 }
 
 impl Default for ServerConfig {
@@ -173,6 +175,7 @@ impl Default for ServerConfig {
             command_output_cap: 64 * 1024,
             command_grace: Duration::from_secs(10),
             command_poll_interval: Duration::from_secs(1),
+            console_frame_rate: 200,
         }
     }
 }

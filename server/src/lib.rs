@@ -24,6 +24,7 @@
 //! - [`commands`]: allow-listed commands: queueing, results, and the database-driven dispatcher and
 //!   sweeper ([`commands::dispatch`]).
 //! - [`can_send`]: one CAN frame sent by hand, checked and rate-limited per dongle.
+//! - [`console`]: the live console's streams: ids, the resume ring, sampling (SSE in `routes::streams`).
 //! - [`dongle_tokens`]: dongle tokens at rest (AES-256-GCM, versioned keys, row-bound AAD) and key
 //!   rotation.
 //! - [`email`]: the outbox, its worker, templates and SMTP.
@@ -40,6 +41,7 @@ pub mod can_config;
 pub mod can_send;
 pub mod commands;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod dongle_tokens;
 pub mod dongles;

@@ -80,7 +80,43 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
     drop(work_tx);
     let _ = worker.await;
     writer.abort();
+    // The dongles this agent served are offline for their consoles now, whatever the database says
+    // until the agent's presence times out.
+    if let Ok(served) = present_dongles(&state.pool, agent_id).await {
+        publish_presence(&state, &served, &[]);
+    }
     tracing::info!(%agent_id, "agent disconnected");
+}
+
+/// The dongles the agent reports present now.
+async fn present_dongles(
+    pool: &sqlx::PgPool,
+    agent_id: uuid::Uuid,
+) -> Result<Vec<uuid::Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT dongle_id FROM dongle_sightings WHERE agent_id = $1 AND present")
+        .bind(agent_id)
+        .fetch_all(pool)
+        .await
+}
+
+/// Presence events for the dongles that appeared (in `after` only) and went (in `before` only).
+fn publish_presence(state: &AppState, before: &[uuid::Uuid], after: &[uuid::Uuid]) {
+    let changes = after
+        .iter()
+        .filter(|d| !before.contains(d))
+        .map(|d| (*d, true))
+        .chain(
+            before
+                .iter()
+                .filter(|d| !after.contains(d))
+                .map(|d| (*d, false)),
+        );
+    for (dongle_id, online) in changes {
+        state.console.publish(
+            crate::console::StreamKey::Dongle(dongle_id),
+            crate::console::ConsoleEvent::Presence { dongle_id, online },
+        );
+    }
 }
 
 async fn handle(
@@ -119,8 +155,11 @@ async fn handle(
             agents::heartbeat(&state.pool, agent_id, None, None, None).await?;
         }
         AgentMessage::Devices(devices) => {
+            let before = present_dongles(&state.pool, agent_id).await?;
             match agents::report_devices(&state.pool, agent, &devices.dongles).await {
                 Ok(owned) => {
+                    let after = present_dongles(&state.pool, agent_id).await?;
+                    publish_presence(state, &before, &after);
                     dongles::hand_out_tokens(
                         &state.pool,
                         &state.keys,

@@ -150,7 +150,7 @@ async fn give_up(
     reason: &str,
 ) -> Result<(), sqlx::Error> {
     finish(
-        &state.pool,
+        state,
         id,
         Ending {
             status: "error",
@@ -248,8 +248,7 @@ async fn dispatch_one(state: &AppState, command: Claimed) -> Result<(), sqlx::Er
             .bind(command.id)
             .execute(&state.pool)
             .await?;
-            // Console hook (SPEC 3.9): a `command_status` event (running) goes here when the SSE
-            // console lands.
+            super::publish_status(state, command.dongle_id, command.id, "running", None);
             Ok(())
         }
         Ok(other) => {
@@ -338,6 +337,9 @@ pub async fn sweep(state: &AppState) -> Result<usize, sqlx::Error> {
         .await?;
     }
     tx.commit().await?;
+    for e in &expired {
+        super::publish_status(state, e.dongle_id, e.id, "timeout", None);
+    }
     if !expired.is_empty() {
         tracing::info!(count = expired.len(), "commands timed out without a result");
     }

@@ -23,7 +23,6 @@ pub mod dispatch;
 use chrono::{DateTime, Utc};
 use control_proto::{CommandOutcome, CommandResult, ServerMessage};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -31,6 +30,7 @@ use crate::agents::AgentIdentity;
 use crate::app::AppState;
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
+use crate::console::{ConsoleEvent, StreamKey};
 use crate::dongles;
 use crate::http::page::{PageInfo, Paging};
 use crate::http::{ApiError, ClientInfo, ErrorCode};
@@ -194,6 +194,7 @@ pub async fn invoke(
     )
     .await?;
     tx.commit().await?;
+    publish_status(state, dongle.id, command_id, "queued", None);
     state.command_wake.notify_one();
     Ok(Queued {
         command_id,
@@ -293,11 +294,11 @@ pub(crate) struct Ending<'a> {
 /// Ends an unfinished command and audits `command.finish`, in one transaction. Returns false, changing
 /// nothing, when the command is already finished (or not the reporter's to end).
 pub(crate) async fn finish(
-    pool: &PgPool,
+    state: &AppState,
     command_id: Uuid,
     ending: Ending<'_>,
 ) -> Result<bool, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = state.pool.begin().await?;
     let (agent_id, user_id, device_id) = match ending.reporter {
         Some((agent, device)) => (Some(agent.agent_id), Some(agent.user_id), Some(device)),
         None => (None, None, None),
@@ -350,9 +351,33 @@ pub(crate) async fn finish(
     )
     .await?;
     tx.commit().await?;
-    // Console hook (SPEC 3.9): a `command_status` event for this dongle goes here when the SSE console
-    // lands.
+    publish_status(
+        state,
+        dongle_id,
+        command_id,
+        ending.status,
+        ending.exit_code,
+    );
     Ok(true)
+}
+
+/// Tells the dongle's live console that a command changed state.
+pub(crate) fn publish_status(
+    state: &AppState,
+    dongle_id: Uuid,
+    command_id: Uuid,
+    status: &str,
+    exit_code: Option<i32>,
+) {
+    state.console.publish(
+        StreamKey::Dongle(dongle_id),
+        ConsoleEvent::CommandStatus {
+            dongle_id,
+            command_id,
+            status: status.to_string(),
+            exit_code,
+        },
+    );
 }
 
 /// Stores a `command_result` from an agent (once: a duplicate or late one changes nothing) and always
@@ -377,7 +402,7 @@ pub async fn record_result(
         .filter(|m| !m.is_empty());
     let stored = if control_proto::is_device_id(&result.device_id) {
         finish(
-            &state.pool,
+            state,
             result.command_id,
             Ending {
                 status,

@@ -12,6 +12,7 @@ pub mod can;
 pub mod commands;
 pub mod dongles;
 pub mod health;
+pub mod streams;
 pub mod ws;
 
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub fn documented() -> OpenApiRouter<AppState> {
                 .merge(admin::router())
                 .merge(agents::router())
                 .merge(dongles::router())
+                .merge(streams::router())
                 .merge(can::router())
                 .merge(commands::router()),
         )

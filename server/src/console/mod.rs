@@ -1,0 +1,374 @@
+//! The live console (SPEC 3.9): per-dongle and per-group event streams with strictly increasing ids, a
+//! ring buffer to resume from, and sampling of CAN frames above a rate.
+//!
+//! Producers (the relay, commands, presence, frames sent by hand) call [`Console::publish`]; the SSE
+//! routes (`routes::streams`) subscribe. A subscriber that comes back with `Last-Event-ID` gets every
+//! event after it from the ring (the last [`RING_EVENTS`] events or [`RING_AGE`], whichever is fewer), or
+//! a `stream_reset` when that id is older than the ring holds, and then the live events.
+//!
+//! Ids start at the stream's creation time in microseconds since the Unix epoch and count up by one, so
+//! they keep increasing across a server restart (an id from before the restart is simply too old, and
+//! its client gets `stream_reset`).
+//!
+//! The console is this instance's: events are published where they happen (the relay runs on the
+//! instance holding the data connections, a command's status where the command changes), and a client
+//! sees the events of the instance it is connected to. Behind a load balancer, console streams need
+//! sticky routing to the instance that serves the group; everything that must not be lost (frames,
+//! command results) lives in PostgreSQL, not here.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+/// The most events a stream's ring keeps.
+pub const RING_EVENTS: usize = 10_000;
+/// The oldest event a stream's ring keeps.
+pub const RING_AGE: Duration = Duration::from_secs(60);
+/// How many events may wait for a slow subscriber before it lags (and is told to reset).
+const SUBSCRIBER_QUEUE: usize = 1024;
+
+/// Which stream an event belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamKey {
+    Dongle(Uuid),
+    Group(Uuid),
+}
+
+/// An event of the console, as its `data:` line carries it (the `event:` line is its `type`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ConsoleEvent {
+    /// A dongle's agent went online or offline, or the dongle was plugged in or out.
+    Presence { dongle_id: Uuid, online: bool },
+    /// A CAN frame: `rx` from the dongle's bus, `tx` onto it. `sampled` is N when this stream shows
+    /// one frame in N.
+    CanFrame {
+        dongle_id: Uuid,
+        direction: &'static str,
+        can_id: u32,
+        extended: bool,
+        data_hex: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sampled: Option<u32>,
+    },
+    /// Something people should read.
+    Log {
+        level: &'static str,
+        message: String,
+    },
+    /// A command changed state.
+    CommandStatus {
+        dongle_id: Uuid,
+        command_id: Uuid,
+        status: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+    },
+    /// A group's state or backlog changed.
+    GroupState { group_id: Uuid, detail: Value },
+    /// The `Last-Event-ID` was older than the ring: events were missed; what follows is live.
+    StreamReset { reason: String },
+}
+
+impl ConsoleEvent {
+    /// The SSE `event:` name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Presence { .. } => "presence",
+            Self::CanFrame { .. } => "can_frame",
+            Self::Log { .. } => "log",
+            Self::CommandStatus { .. } => "command_status",
+            Self::GroupState { .. } => "group_state",
+            Self::StreamReset { .. } => "stream_reset",
+        }
+    }
+}
+
+/// An event with its id, as stored and sent.
+#[derive(Debug)]
+pub struct Stored {
+    pub id: u64,
+    at: Instant,
+    pub event: ConsoleEvent,
+}
+
+struct Stream {
+    next_id: u64,
+    ring: VecDeque<Arc<Stored>>,
+    tx: broadcast::Sender<Arc<Stored>>,
+    /// CAN frames published in the current one-second window, and when it began.
+    window_start: Instant,
+    window_frames: u32,
+    /// One frame in `sample` is shown (1: all), decided from the previous window.
+    sample: u32,
+    skipped: u32,
+}
+
+impl Stream {
+    fn new() -> Self {
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        Self {
+            next_id: now_us.max(1),
+            ring: VecDeque::new(),
+            tx: broadcast::channel(SUBSCRIBER_QUEUE).0,
+            window_start: Instant::now(),
+            window_frames: 0,
+            sample: 1,
+            skipped: 0,
+        }
+    }
+
+    fn push(&mut self, event: ConsoleEvent) {
+        let now = Instant::now();
+        let stored = Arc::new(Stored {
+            id: self.next_id,
+            at: now,
+            event,
+        });
+        self.next_id += 1;
+        self.ring.push_back(stored.clone());
+        while self.ring.len() > RING_EVENTS
+            || self
+                .ring
+                .front()
+                .is_some_and(|e| now.duration_since(e.at) > RING_AGE)
+        {
+            self.ring.pop_front();
+        }
+        // No subscriber is fine: the ring keeps the event for one that resumes.
+        let _ = self.tx.send(stored);
+    }
+}
+
+/// What a new subscriber gets: a reset notice if it asked for too old an event, the events it missed,
+/// and the live feed.
+pub struct Subscription {
+    pub reset: bool,
+    pub missed: Vec<Arc<Stored>>,
+    pub live: broadcast::Receiver<Arc<Stored>>,
+}
+
+/// The console of this instance.
+pub struct Console {
+    streams: Mutex<HashMap<StreamKey, Stream>>,
+    /// CAN frames per second per stream above which the stream samples.
+    frame_rate_limit: u32,
+}
+
+impl Console {
+    pub fn new(frame_rate_limit: u32) -> Self {
+        Self {
+            streams: Mutex::new(HashMap::new()),
+            frame_rate_limit: frame_rate_limit.max(1),
+        }
+    }
+
+    /// Publishes `event` on `key`'s stream. CAN frames above the rate limit are sampled: one in N is
+    /// kept and marked with N, and a `log` event says when the sampling changes.
+    pub fn publish(&self, key: StreamKey, mut event: ConsoleEvent) {
+        let mut streams = self.streams.lock().expect("console lock");
+        let stream = streams.entry(key).or_insert_with(Stream::new);
+        if let ConsoleEvent::CanFrame { sampled, .. } = &mut event {
+            let now = Instant::now();
+            if now.duration_since(stream.window_start) >= Duration::from_secs(1) {
+                let seen = stream.window_frames;
+                let sample = seen.div_ceil(self.frame_rate_limit).max(1);
+                stream.window_start = now;
+                stream.window_frames = 0;
+                if sample != stream.sample {
+                    stream.sample = sample;
+                    let message = if sample > 1 {
+                        format!(
+                            "{seen} frames/s is more than this console shows: 1 frame in {sample} \
+                             from now on (the data plane carries every frame)"
+                        )
+                    } else {
+                        "the console shows every frame again".to_string()
+                    };
+                    stream.push(ConsoleEvent::Log {
+                        level: "info",
+                        message,
+                    });
+                }
+            }
+            stream.window_frames = stream.window_frames.saturating_add(1);
+            if stream.sample > 1 {
+                stream.skipped += 1;
+                if stream.skipped < stream.sample {
+                    return;
+                }
+                stream.skipped = 0;
+                *sampled = Some(stream.sample);
+            }
+        }
+        stream.push(event);
+    }
+
+    /// Subscribes to `key`'s stream, resuming after `last_event_id` when given.
+    pub fn subscribe(&self, key: StreamKey, last_event_id: Option<u64>) -> Subscription {
+        let mut streams = self.streams.lock().expect("console lock");
+        let stream = streams.entry(key).or_insert_with(Stream::new);
+        let live = stream.tx.subscribe();
+        let Some(last) = last_event_id else {
+            return Subscription {
+                reset: false,
+                missed: Vec::new(),
+                live,
+            };
+        };
+        // The ring covers `last` when it holds the event right after it, or when nothing was
+        // published since `last`.
+        let oldest = stream.ring.front().map(|e| e.id).unwrap_or(stream.next_id);
+        let covered = last < stream.next_id && last + 1 >= oldest;
+        if !covered {
+            return Subscription {
+                reset: true,
+                missed: Vec::new(),
+                live,
+            };
+        }
+        let missed = stream
+            .ring
+            .iter()
+            .filter(|e| e.id > last)
+            .cloned()
+            .collect();
+        Subscription {
+            reset: false,
+            missed,
+            live,
+        }
+    }
+
+    /// Forgets streams nobody watches whose last event is older than the ring keeps.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.streams.lock().expect("console lock").retain(|_, s| {
+            s.tx.receiver_count() > 0
+                || s.ring
+                    .back()
+                    .is_some_and(|e| now.duration_since(e.at) <= RING_AGE)
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(n: u32) -> ConsoleEvent {
+        ConsoleEvent::Log {
+            level: "info",
+            message: n.to_string(),
+        }
+    }
+
+    fn frame() -> ConsoleEvent {
+        ConsoleEvent::CanFrame {
+            dongle_id: Uuid::nil(),
+            direction: "rx",
+            can_id: 0x7e8,
+            extended: false,
+            data_hex: "00".into(),
+            sampled: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn ids_increase_and_a_resume_gets_what_it_missed() {
+        let console = Console::new(1000);
+        let key = StreamKey::Dongle(Uuid::new_v4());
+        let mut first = console.subscribe(key, None);
+        console.publish(key, log(1));
+        console.publish(key, log(2));
+        console.publish(key, log(3));
+        let a = first.live.recv().await.unwrap();
+        let b = first.live.recv().await.unwrap();
+        assert_eq!(b.id, a.id + 1);
+        let resumed = console.subscribe(key, Some(a.id));
+        assert!(!resumed.reset);
+        let ids: Vec<u64> = resumed.missed.iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec![a.id + 1, a.id + 2]);
+        // Up to date: nothing missed, no reset.
+        let current = console.subscribe(key, Some(a.id + 2));
+        assert!(!current.reset && current.missed.is_empty());
+        // An id the stream never issued, or one older than the ring: reset.
+        assert!(console.subscribe(key, Some(a.id + 100)).reset);
+        assert!(console.subscribe(key, Some(a.id - 5)).reset);
+    }
+
+    #[tokio::test]
+    async fn the_ring_keeps_the_newest_ten_thousand() {
+        let console = Console::new(1000);
+        let key = StreamKey::Group(Uuid::new_v4());
+        let mut sub = console.subscribe(key, None);
+        console.publish(key, log(0));
+        let first = sub.live.recv().await.unwrap().id;
+        for n in 1..=RING_EVENTS as u32 {
+            console.publish(key, log(n));
+        }
+        assert!(console.subscribe(key, Some(first - 1)).reset);
+        let resumed = console.subscribe(key, Some(first));
+        assert!(!resumed.reset);
+        assert_eq!(resumed.missed.len(), RING_EVENTS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_ring_forgets_after_a_minute() {
+        let console = Console::new(1000);
+        let key = StreamKey::Dongle(Uuid::new_v4());
+        let mut sub = console.subscribe(key, None);
+        console.publish(key, log(0));
+        let first = sub.live.recv().await.unwrap().id;
+        tokio::time::advance(RING_AGE + Duration::from_secs(1)).await;
+        console.publish(key, log(1));
+        assert!(console.subscribe(key, Some(first - 1)).reset);
+        drop(sub);
+        tokio::time::advance(RING_AGE + Duration::from_secs(1)).await;
+        console.sweep();
+        assert!(console.streams.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_above_the_rate_are_sampled_and_the_console_says_so() {
+        let console = Console::new(10);
+        let key = StreamKey::Dongle(Uuid::new_v4());
+        let mut sub = console.subscribe(key, None);
+        for _ in 0..100 {
+            console.publish(key, frame());
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..100 {
+            console.publish(key, frame());
+        }
+        let mut frames = 0;
+        let mut sampled = None;
+        let mut logs = Vec::new();
+        while let Ok(e) = sub.live.try_recv() {
+            match &e.event {
+                ConsoleEvent::CanFrame { sampled: s, .. } => {
+                    frames += 1;
+                    if s.is_some() {
+                        sampled = *s;
+                    }
+                }
+                ConsoleEvent::Log { message, .. } => logs.push(message.clone()),
+                _ => {}
+            }
+        }
+        // The first second shows every frame; after it, one in ten (100 frames/s over a limit of 10).
+        assert_eq!(sampled, Some(10));
+        assert_eq!(frames, 100 + 10);
+        assert_eq!(logs.len(), 1);
+        assert!(logs[0].contains("1 frame in 10"), "{logs:?}");
+    }
+}
