@@ -8,6 +8,7 @@
 //! - [`session`]: [`session::DongleSession`], typed requests and answers with one dongle.
 //! - [`discovery`]: which serial ports and LAN interfaces may carry dongles, and one scan of both.
 //! - [`dongles`]: the dongles served, one session each, kept current as they come and go.
+//! - [`endpoints`]: local CAN endpoints (SocketCAN, slcan, socketcand) that stand in for dongles.
 //! - [`uplink`]: the link to the server: TLS, the JSON API, the control WebSocket, reconnect delays.
 //! - [`daemon`]: `bridge-agent run`: the dongles, the server link and the requests between them.
 //! - [`journal`]: the commands the agent accepted, until the server has their results.
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod daemon;
 pub mod discovery;
 pub mod dongles;
+pub mod endpoints;
 pub mod home;
 pub mod journal;
 pub mod session;

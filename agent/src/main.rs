@@ -36,6 +36,11 @@ enum Command {
     Status(cli::status::StatusArgs),
     /// Forget this agent's credentials, dongle tokens and command journal.
     Logout(cli::logout::LogoutArgs),
+    /// Local CAN endpoints (SocketCAN, slcan, socketcand) served as dongles of yours.
+    Endpoint {
+        #[command(subcommand)]
+        command: cli::endpoint::EndpointCommand,
+    },
     /// Work with captured dongle packets.
     Proto {
         #[command(subcommand)]
@@ -77,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Pair(args) => cli::pair::run(&home()?, args).await,
         Command::Status(args) => cli::status::run(&home()?, args).await,
         Command::Logout(args) => cli::logout::run(&home()?, args).await,
+        Command::Endpoint { command } => cli::endpoint::run(&home()?, command).await,
         Command::Proto {
             command: ProtoCommand::Decode { hex },
         } => {

@@ -715,7 +715,15 @@ impl DongleSession {
             key,
         };
         self.send(msg_type, payload).await?;
-        let answer = timeout(wait, rx).await;
+        // The reader fails every waiting request when the link closes, but only those waiting then: a
+        // request registered after that moment would wait out its whole timeout. Watching the closed
+        // flag ends it at once. `biased` lets an answer that arrived just before the close win.
+        let mut closed = self.closed.clone();
+        let answer = tokio::select! {
+            biased;
+            answer = timeout(wait, rx) => answer,
+            _ = closed.wait_for(|c| *c) => return Err(SessionError::Closed),
+        };
         drop(pending);
         match answer {
             Ok(Ok(answer)) => Ok(answer),
@@ -726,6 +734,11 @@ impl DongleSession {
 
     /// Encodes and queues one packet, with the credentials its type needs.
     async fn send(&self, msg_type: MsgType, payload: Payload<'_>) -> Result<(), SessionError> {
+        // The link's writer may outlive its reader for a moment, and would take a packet it can no longer
+        // deliver: once the link is known closed, say so instead of queueing into the void.
+        if self.is_closed() {
+            return Err(SessionError::Closed);
+        }
         // Encoded on the stack; only the packet's own length is copied to the heap for the link.
         let mut buf = [0u8; MAX_PACKET_LEN];
         let len = {

@@ -23,8 +23,9 @@ use crate::console::Console;
 use crate::dongle_tokens::KeyRing;
 use crate::email::smtp::{MailError, SmtpMailer};
 use crate::email::worker::{self, WorkerSettings};
+use crate::groups::relay::Relay;
 use crate::http::{ApiError, error, request_id};
-use crate::{agents, auth, commands, rate_limit, routes, telemetry};
+use crate::{agents, auth, commands, groups, rate_limit, routes, telemetry, web};
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -44,17 +45,22 @@ pub struct AppState {
     pub keys: Arc<KeyRing>,
     /// The live console's streams (SPEC 3.9).
     pub console: Arc<Console>,
+    /// The relay of groups' frames: data connections, pipes, and the events the console is fed from.
+    pub relay: Arc<Relay>,
 }
 
 impl AppState {
     pub fn new(pool: PgPool, config: ServerConfig, public_url: String) -> Self {
         let keys = Arc::new(config.dongle_keys.clone());
+        let hub = Arc::new(AgentHub::clustered(
+            pool.clone(),
+            config.cluster.clone(),
+            keys.clone(),
+        ));
+        let relay = Arc::new(Relay::new(pool.clone(), config.relay.clone(), hub.clone()));
         Self {
-            hub: Arc::new(AgentHub::clustered(
-                pool.clone(),
-                config.cluster.clone(),
-                keys.clone(),
-            )),
+            hub,
+            relay,
             pool,
             keys,
             console: Arc::new(Console::new(config.console_frame_rate)),
@@ -79,9 +85,16 @@ async fn sweep_console(console: Arc<Console>, shutdown: CancellationToken) {
 }
 
 /// The whole HTTP surface with its layers, outermost first: request id, error shape, panic guard,
-/// metrics, body limit, then the routes (and a 404/405 in our shape for anything else).
+/// metrics, body limit, then the routes (and a 404/405 in our shape for anything else). The dashboard's
+/// pages (`web`) have the same layers but the error shape: they answer HTML, errors included.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit;
+    let pages = web::router()
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(from_fn(telemetry::track))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("a handler panicked").into_response()
+        }));
     routes::router()
         .fallback(error::fallback)
         .method_not_allowed_fallback(error::method_not_allowed)
@@ -91,6 +104,7 @@ pub fn router(state: AppState) -> Router {
             ApiError::internal("a handler panicked").into_response()
         }))
         .layer(from_fn(error::normalize_errors))
+        .merge(pages)
         .layer(from_fn(request_id::layer))
         .with_state(state)
 }
@@ -228,6 +242,21 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
         state.console.clone(),
         shutdown.clone(),
     )));
+    // The relay's frames and group states on the console.
+    tasks.push(tokio::spawn(groups::console::feed(
+        state.relay.clone(),
+        state.console.clone(),
+        shutdown.clone(),
+    )));
+    // The relay writes what it holds to the buffer and closes the data connections at shutdown.
+    tasks.push(tokio::spawn({
+        let relay = state.relay.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            relay.shutdown().await;
+        }
+    }));
     // The instance joins the cluster (its first beat) before it accepts any agent.
     tasks.push(agents::cluster::start(state.hub.clone(), shutdown.clone()).await);
 

@@ -81,6 +81,18 @@ pub struct ServeArgs {
     /// Development mode: dangerous dongle commands (factory-reset) may be run. Never in production.
     #[arg(long, env = "BRIDGE_DEV", value_parser = clap::builder::FalseyValueParser::new())]
     pub dev: bool,
+
+    /// Frames the relay buffers per group direction while a side is offline; older ones are trimmed.
+    #[arg(long, env = "RELAY_BUFFER_MAX_FRAMES", default_value_t = 200_000)]
+    pub relay_buffer_max_frames: u64,
+
+    /// Seconds a buffered frame is kept for an offline side.
+    #[arg(long, env = "RELAY_BUFFER_MAX_AGE_SECS", default_value_t = 600)]
+    pub relay_buffer_max_age_secs: u64,
+
+    /// Frames per second at which a backlog is replayed to a side that comes back.
+    #[arg(long, env = "RELAY_REPLAY_RATE", default_value_t = 5_000)]
+    pub relay_replay_rate: u32,
 }
 
 /// PEM files of the server's certificate chain and key.
@@ -145,6 +157,8 @@ pub struct ServerConfig {
     pub command_poll_interval: Duration,
     /// CAN frames per second a console stream shows before it samples (SPEC 3.9).
     pub console_frame_rate: u32,
+    /// The relay of groups' frames: retention, replay rate, batching (SPEC 3.8 defaults).
+    pub relay: crate::groups::relay::RelaySettings,
 }
 
 impl Default for ServerConfig {
@@ -176,6 +190,7 @@ impl Default for ServerConfig {
             command_grace: Duration::from_secs(10),
             command_poll_interval: Duration::from_secs(1),
             console_frame_rate: 200,
+            relay: Default::default(),
         }
     }
 }
@@ -204,6 +219,12 @@ impl ServerConfig {
                 from: args.smtp_from.clone(),
             }),
             dev_mode: args.dev,
+            relay: crate::groups::relay::RelaySettings {
+                buffer_max_frames: args.relay_buffer_max_frames.max(1),
+                buffer_max_age: Duration::from_secs(args.relay_buffer_max_age_secs.max(1)),
+                replay_rate: args.relay_replay_rate.max(1),
+                ..Default::default()
+            },
             ..Self::default()
         }
     }

@@ -19,6 +19,7 @@ use crate::app::AppState;
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
 use crate::dongle_tokens::{self, DongleToken, KeyRing};
+use crate::groups;
 use crate::http::{ApiError, ClientInfo, ErrorCode};
 
 /// Wrong PINs allowed in one pairing window; the last one puts the dongle on hold.
@@ -763,6 +764,8 @@ pub async fn unpair(
             .collect(),
         None => Vec::new(),
     };
+    // The relay stops the group's pipes and tells the agents concerned, once this is committed.
+    let (group_ids, group_agents) = groups::of_dongle(&mut tx, dongle_id).await?;
     let groups_removed =
         sqlx::query("DELETE FROM dongle_groups WHERE dongle_a_id = $1 OR dongle_b_id = $1")
             .bind(dongle_id)
@@ -816,6 +819,9 @@ pub async fn unpair(
         .await?;
     }
     tx.commit().await?;
+    if !group_ids.is_empty() {
+        state.relay.groups_removed(&group_ids, &group_agents).await;
+    }
     // The previous owner's agents that see the dongle now make it forget its token. The answer is not
     // awaited: the dongle may be busy, and the server side is already clean.
     let mut forget_sent = false;

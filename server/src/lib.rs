@@ -1,5 +1,5 @@
-//! The remote CAN bridge server: accounts, agents, dongles and pairing, CAN configuration, commands and
-//! frames sent by hand today; groups and the relay in the issues that follow.
+//! The remote CAN bridge server: accounts, agents, dongles and pairing, CAN configuration, commands,
+//! frames sent by hand, groups and the relay of their frames, the live console.
 //!
 //! # Layout
 //!
@@ -17,7 +17,8 @@
 //! - [`agents`]: agent registration, bearer tokens, presence, device reports; [`agents::hub`], the
 //!   registry of connected agents (request/response with timeouts) across instances;
 //!   [`agents::cluster`], how instances on one database reach each other's agents (LISTEN/NOTIFY and
-//!   a polled mailbox); [`agents::ws`], the control WebSocket `/ws/agent` speaking `control_proto`.
+//!   a polled mailbox); [`agents::ws`], the control WebSocket `/ws/agent` speaking `control_proto`;
+//!   [`agents::data_ws`], the data WebSocket `/ws/data` speaking `control_proto::data`.
 //! - [`dongles`]: what a user sees of dongles, the pairing state machine, unpair and force-unpair.
 //! - [`can_config`]: a dongle's CAN configuration: checks, applying it through the agent, and the
 //!   dongle's acknowledgement with its effective values.
@@ -25,6 +26,9 @@
 //!   sweeper ([`commands::dispatch`]).
 //! - [`can_send`]: one CAN frame sent by hand, checked and rate-limited per dongle.
 //! - [`console`]: the live console's streams: ids, the resume ring, sampling (SSE in `routes::streams`).
+//! - [`groups`]: groups of two dongles and the relay of their frames: the API's operations, one pipe per
+//!   relaying group (forwarding, the durable buffer, replay, the state), the data connections, and the
+//!   events the console is fed from ([`groups::relay::Relay::subscribe`]).
 //! - [`dongle_tokens`]: dongle tokens at rest (AES-256-GCM, versioned keys, row-bound AAD) and key
 //!   rotation.
 //! - [`email`]: the outbox, its worker, templates and SMTP.
@@ -32,6 +36,7 @@
 //!   `can`, `commands`, `ws`).
 //! - [`openapi`]: the frame of the OpenAPI document the handlers fill in.
 //! - [`telemetry`]: logging, Prometheus metrics, the rustls crypto provider.
+//! - [`web`]: the technicians' dashboard: HTML pages under `/` built on the API, assets compiled in.
 
 pub mod agents;
 pub mod app;
@@ -47,9 +52,11 @@ pub mod dongle_tokens;
 pub mod dongles;
 pub mod email;
 pub mod embedded_pg;
+pub mod groups;
 pub mod http;
 pub mod openapi;
 pub mod rate_limit;
 pub mod routes;
 pub mod telemetry;
 pub mod users;
+pub mod web;

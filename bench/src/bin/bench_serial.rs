@@ -140,9 +140,10 @@ fn agent_reader(bytes: &[u8], frames_per_copy: u64, copies: u64) -> anyhow::Resu
         let mut got = 0u64;
         let mut batch = Vec::with_capacity(4096);
         while got < total {
-            let n = tokio::time::timeout(Duration::from_secs(10), frames.recv_many(&mut batch, 4096))
-                .await
-                .context("frames stopped arriving")?;
+            let n =
+                tokio::time::timeout(Duration::from_secs(10), frames.recv_many(&mut batch, 4096))
+                    .await
+                    .context("frames stopped arriving")?;
             if n == 0 {
                 bail!("the session closed after {got} frames");
             }

@@ -146,6 +146,8 @@ async fn handle(
             // Commands this agent took before and has not ended may have been lost with its last
             // connection: they go to it again (it never runs a command id twice).
             commands::dispatch::agent_connected(state, agent_id).await;
+            // The group sides it serves, with the positions to number its frames from.
+            state.relay.agent_changed(agent, true).await;
         }
         AgentMessage::Heartbeat => {
             if !agents::still_authorised(&state.pool, agent_id).await? {
@@ -170,6 +172,8 @@ async fn handle(
                     .await;
                     // Queued commands for a dongle this agent now serves can go out at once.
                     state.command_wake.notify_one();
+                    // The group sides it serves may have changed with what it sees.
+                    state.relay.agent_changed(agent, false).await;
                 }
                 Err(agents::ReportError::Db(e)) => return Err(e),
                 Err(e) => {

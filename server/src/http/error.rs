@@ -49,6 +49,8 @@ pub enum ErrorCode {
     Conflict,
     /// `/readyz`: the database is unreachable or not migrated.
     NotReady,
+    /// The database is unreachable for now (stopped, restarting, out of connections): try again.
+    ServiceUnavailable,
     InternalError,
 }
 
@@ -74,7 +76,7 @@ impl ErrorCode {
             Self::DongleTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::CanConfigRejected | Self::CanSendRejected => StatusCode::UNPROCESSABLE_ENTITY,
             Self::CommandNotAllowed => StatusCode::FORBIDDEN,
-            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady | Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -110,6 +112,9 @@ impl ErrorCode {
             Self::Conflict => "The request conflicts with the current state.",
             Self::NotReady => {
                 "The server is not ready: its database is unreachable or not migrated."
+            }
+            Self::ServiceUnavailable => {
+                "The server cannot reach its database right now: try again in a few seconds."
             }
             Self::InternalError => "Something went wrong on the server.",
         }
@@ -210,9 +215,51 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
+/// How long a client is asked to wait before trying again while the database is unreachable.
+const DATABASE_RETRY_AFTER_SECS: u64 = 5;
+
 impl From<sqlx::Error> for ApiError {
+    /// A database that cannot be reached is a passing condition, not a bug: it answers 503
+    /// SERVICE_UNAVAILABLE with `Retry-After`, and the server recovers on its own once the database is
+    /// back (the pool opens new connections). Anything else is an INTERNAL_ERROR.
     fn from(err: sqlx::Error) -> Self {
+        if database_unavailable(&err) {
+            // sqlx's messages name the failure (refused, timed out, shutting down), never a password.
+            tracing::warn!(error = %err, "database unavailable");
+            return Self::of(ErrorCode::ServiceUnavailable)
+                .with_detail("retry_after_seconds", DATABASE_RETRY_AFTER_SECS)
+                .retry_after(DATABASE_RETRY_AFTER_SECS);
+        }
+        if text_not_storable(&err) {
+            return Self::validation(
+                "Text in this request contains the NUL character (U+0000), which cannot be stored.",
+            );
+        }
         Self::internal(format_args!("database: {err}"))
+    }
+}
+
+/// Whether PostgreSQL refused a text or JSON value for holding U+0000, the one character valid UTF-8
+/// (and so a Rust string) can carry that PostgreSQL cannot store. Only a client's text gets there, so
+/// it is the client's error, not the server's (SQLSTATE 22021 for text, 22P05 for jsonb).
+fn text_not_storable(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "22021" || c == "22P05"))
+}
+
+/// Whether `err` means the database cannot be reached or is going away, rather than a failed query.
+fn database_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // SQLSTATE class 08 is "connection exception"; 57P01..57P03 are an administrator's or a
+        // crash's shutdown and "cannot connect now" (starting up); 53300 is "too many connections".
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
     }
 }
 

@@ -3,11 +3,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::app::AppState;
@@ -15,6 +17,9 @@ use crate::http::error::{ApiError, ErrorCode};
 
 /// `axum::Json`, with malformed JSON and missing fields answered as VALIDATION_ERROR (400), a wrong
 /// content type as UNSUPPORTED_MEDIA_TYPE (415) and oversized bodies as PAYLOAD_TOO_LARGE (413).
+///
+/// A number with a zero fraction (`2.0`) is accepted where an integer is expected: JSON has one number
+/// type, and to the JSON Schema of the OpenAPI document `2.0` is the integer 2, while serde refuses it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
@@ -26,10 +31,81 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        if !is_json(req.headers()) {
+            return Err(ApiError::of(ErrorCode::UnsupportedMediaType));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::of(ErrorCode::PayloadTooLarge)
+            } else {
+                ApiError::validation("The request body could not be read.")
+            }
+        })?;
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(value)) => Ok(Self(value)),
+            // Only a body that does not fit is read again, so the common path parses once and keeps
+            // axum's messages, which point at the client's own text.
+            Err(rejection @ JsonRejection::JsonDataError(_)) => {
+                let Ok(mut value) = serde_json::from_slice::<Value>(&bytes) else {
+                    return Err(json_rejection(rejection));
+                };
+                if !whole_floats_to_integers(&mut value) {
+                    return Err(json_rejection(rejection));
+                }
+                let rewritten = serde_json::to_vec(&value)
+                    .map_err(|_| ApiError::validation("The body is not valid JSON."))?;
+                axum::Json::<T>::from_bytes(&rewritten)
+                    .map(|axum::Json(value)| Self(value))
+                    .map_err(json_rejection)
+            }
             Err(rejection) => Err(json_rejection(rejection)),
         }
+    }
+}
+
+/// Whether the request says its body is JSON: `application/json` or `application/*+json`, with any
+/// parameters, as `axum::Json` checks it.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.strip_prefix("application/") {
+        Some(subtype) => subtype == "json" || subtype.ends_with("+json"),
+        None => false,
+    }
+}
+
+/// Rewrites every number with a zero fraction that an integer can hold (`2.0`, `-1e3`) as that
+/// integer; true when anything changed.
+fn whole_floats_to_integers(value: &mut Value) -> bool {
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Within +-2^53 every integer is exact in an f64, so the conversion changes no value.
+            const EXACT: f64 = 9_007_199_254_740_992.0;
+            if f.fract() == 0.0 && f.abs() <= EXACT {
+                *value = Value::from(f as i64);
+                true
+            } else {
+                false
+            }
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |changed, v| whole_floats_to_integers(v) | changed),
+        Value::Object(map) => map
+            .values_mut()
+            .fold(false, |changed, v| whole_floats_to_integers(v) | changed),
+        _ => false,
     }
 }
 
@@ -153,4 +229,37 @@ fn forwarded_for(parts: &Parts, trusted: &[IpAddr]) -> Option<IpAddr> {
         }
     }
     hops.into_iter().rev().find(|ip| !trusted.contains(ip))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn whole_floats_become_integers_and_nothing_else_changes() {
+        let mut v = json!({"a": 2.0, "b": [-1e3, 1.5, "3.0"], "c": {"d": 7, "e": 1e300}});
+        assert!(whole_floats_to_integers(&mut v));
+        assert_eq!(
+            v,
+            json!({"a": 2, "b": [-1000, 1.5, "3.0"], "c": {"d": 7, "e": 1e300}})
+        );
+        let mut v = json!({"a": 2, "b": 0.25});
+        assert!(!whole_floats_to_integers(&mut v));
+    }
+
+    #[test]
+    fn json_content_types() {
+        let with = |ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, ct.parse().unwrap());
+            is_json(&h)
+        };
+        assert!(with("application/json"));
+        assert!(with("Application/JSON; charset=utf-8"));
+        assert!(with("application/problem+json"));
+        assert!(!with("text/plain"));
+        assert!(!with("application/jsonx"));
+        assert!(!is_json(&HeaderMap::new()));
+    }
 }

@@ -57,9 +57,12 @@ pub struct UserSearch {
     pub email: Option<String>,
     pub status: Option<Status>,
     pub role: Option<Role>,
-    /// From 1.
+    /// From 1 (0 counts as 1).
+    // The bounds are those of u32, which the query accepts; utoipa would document u32 as int32.
+    #[param(value_type = Option<u64>, minimum = 0, maximum = 4294967295_u64)]
     pub page: Option<u32>,
-    /// 1 to 200, default 50.
+    /// 1 to 200, default 50 (0 counts as 1, more than 200 as 200).
+    #[param(value_type = Option<u64>, minimum = 0, maximum = 4294967295_u64)]
     pub per_page: Option<u32>,
 }
 
@@ -222,7 +225,12 @@ pub struct AuditSearch {
     pub since: Option<DateTime<Utc>>,
     /// Entries before this time (RFC 3339).
     pub until: Option<DateTime<Utc>>,
+    /// From 1 (0 counts as 1).
+    // The bounds are those of u32, which the query accepts; utoipa would document u32 as int32.
+    #[param(value_type = Option<u64>, minimum = 0, maximum = 4294967295_u64)]
     pub page: Option<u32>,
+    /// 1 to 200, default 50 (0 counts as 1, more than 200 as 200).
+    #[param(value_type = Option<u64>, minimum = 0, maximum = 4294967295_u64)]
     pub per_page: Option<u32>,
 }
 

@@ -66,6 +66,7 @@ async fn get_dongle(
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct PairingModeRequest {
     /// `start`.
+    #[schema(pattern = "^start$")]
     pub action: String,
 }
 
@@ -101,6 +102,7 @@ async fn pairing_mode(
 pub struct PairingSubmitRequest {
     pub pairing_session_id: Uuid,
     /// The 6 digits the dongle shows.
+    #[schema(pattern = "^[0-9]{6}$")]
     pub pin: String,
 }
 

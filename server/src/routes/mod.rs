@@ -1,5 +1,5 @@
 //! The routes, laid out like the URL tree: `health` and `ws` at the root; `auth`, `admin`,
-//! `agents` and `dongles` under `/api/v1`, with a dongle's `can` (configuration, frames) and `commands`
+//! `agents`, `dongles` and `groups` under `/api/v1`, with a dongle's `can` (configuration, frames) and `commands`
 //! in files of their own.
 //!
 //! Every handler is annotated for the OpenAPI document, and the router is built with utoipa-axum, so a
@@ -11,6 +11,7 @@ pub mod auth;
 pub mod can;
 pub mod commands;
 pub mod dongles;
+pub mod groups;
 pub mod health;
 pub mod streams;
 pub mod ws;
@@ -30,7 +31,7 @@ pub const API_PREFIX: &str = "/api/v1";
 
 /// Every documented route, with its OpenAPI document.
 pub fn documented() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let mut router = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest(
             API_PREFIX,
             OpenApiRouter::new()
@@ -40,10 +41,13 @@ pub fn documented() -> OpenApiRouter<AppState> {
                 .merge(dongles::router())
                 .merge(streams::router())
                 .merge(can::router())
-                .merge(commands::router()),
+                .merge(commands::router())
+                .merge(groups::router()),
         )
         .merge(health::router())
-        .merge(ws::router())
+        .merge(ws::router());
+    crate::openapi::document_common_errors(router.get_openapi_mut());
+    router
 }
 
 /// The OpenAPI document, as served at `/api/v1/openapi.json`.

@@ -1,4 +1,5 @@
-//! `/ws/agent`: the control WebSocket of agents (the protocol is `control_proto`'s module doc).
+//! `/ws/agent`: the control WebSocket of agents (the protocol is `control_proto`'s module doc); `/ws/data`:
+//! their data WebSocket (`control_proto::data`).
 
 use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
@@ -6,13 +7,15 @@ use axum::response::Response;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::agents::ws;
+use crate::agents::{data_ws, ws};
 use crate::app::AppState;
 use crate::auth::CurrentAgent;
 use crate::http::error::ErrorBody;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(agent_socket))
+    OpenApiRouter::new()
+        .routes(routes!(agent_socket))
+        .routes(routes!(data_socket))
 }
 
 /// The control WebSocket. The upgrade request carries the agent token (`Authorization: Bearer`); an
@@ -29,4 +32,24 @@ async fn agent_socket(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     upgrade.on_upgrade(move |socket| ws::serve(state, agent, socket))
+}
+
+/// The data WebSocket: binary FRAMES, ACK and DROPS messages of the group sides the agent serves (see
+/// `control_proto::data`). The same agent token as `/ws/agent`; refused with 401 before any upgrade.
+#[utoipa::path(get, path = "/ws/data", tag = "agents", security(("agent_token" = [])),
+    responses(
+        (status = 101, description = "Switching to the data WebSocket."),
+        (status = 400, description = "VALIDATION_ERROR: not a WebSocket upgrade request.", body = ErrorBody),
+        (status = 401, description = "AUTH_REQUIRED: no valid agent token.", body = ErrorBody),
+    ))]
+async fn data_socket(
+    State(state): State<AppState>,
+    CurrentAgent(agent): CurrentAgent,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    // No message of the protocol is larger; a larger one ends the connection instead of being buffered.
+    upgrade
+        .max_message_size(control_proto::data::MAX_MESSAGE_LEN)
+        .max_frame_size(control_proto::data::MAX_MESSAGE_LEN)
+        .on_upgrade(move |socket| data_ws::serve(state, agent, socket))
 }

@@ -76,6 +76,8 @@ pub struct Seen {
     pub frame_answer: Answer,
     /// Frames received: (can id, extended, data hex, fd).
     pub frames: Vec<(u32, bool, String, bool)>,
+    /// `groups` messages received, in order.
+    pub groups: Vec<control_proto::Groups>,
 }
 
 /// How the test agent answers a request.
@@ -479,7 +481,8 @@ fn handle(
                 .push((t.device_id, t.token));
         }
         ServerMessage::Error { code, .. } => seen.lock().unwrap().errors.push(code),
-        ServerMessage::Welcome(_) | ServerMessage::Groups(_) => {}
+        ServerMessage::Groups(groups) => seen.lock().unwrap().groups.push(groups),
+        ServerMessage::Welcome(_) => {}
     }
 }
 

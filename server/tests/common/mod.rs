@@ -16,6 +16,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 pub mod agent;
+pub mod data;
 pub mod dongle;
 
 /// A password that passes the policy.
@@ -125,6 +126,20 @@ impl TestApp {
     /// The registry of agents connected to the server.
     pub fn hub(&self) -> std::sync::Arc<bridge_server::agents::hub::AgentHub> {
         self.server.as_ref().unwrap().state.hub.clone()
+    }
+
+    /// The relay of groups' frames (its events are the console's hook).
+    pub fn relay(&self) -> std::sync::Arc<bridge_server::groups::relay::Relay> {
+        self.server.as_ref().unwrap().state.relay.clone()
+    }
+
+    /// Kills the server as a crash would: its pool closes first, so that nothing of it writes to the
+    /// database again, then its tasks stop with no cleanup. Start it on a pool of its own.
+    pub async fn kill(mut self) {
+        self.pool.close().await;
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
     }
 
     /// Stops the server gracefully.

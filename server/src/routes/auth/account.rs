@@ -22,6 +22,7 @@ pub struct SignupRequest {
     #[schema(example = "tech@example.com")]
     pub email: String,
     /// 8 to 128 characters, not among the most common passwords.
+    #[schema(min_length = 8, max_length = 128)]
     pub password: String,
 }
 

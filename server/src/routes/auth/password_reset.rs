@@ -87,6 +87,7 @@ pub struct ResetConfirm {
     /// The token from the mailed link.
     pub token: String,
     /// The new password: 8 to 128 characters, not among the most common ones.
+    #[schema(min_length = 8, max_length = 128)]
     pub password: String,
 }
 

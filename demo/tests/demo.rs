@@ -1,0 +1,54 @@
+//! The demo end to end with small numbers: every part starts, the dongles pair, configure and group,
+//! frames cross both ways and survive one side's absence, and the summary says so.
+
+use std::os::unix::fs::PermissionsExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // As root, the embedded PostgreSQL runs as the postgres user, which must reach its folder.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let options = bridge_demo::Options {
+        frames: 300,
+        rate: 1000,
+        progress: false,
+    };
+    let (summary, running) = bridge_demo::run(dir.path(), &options)
+        .await
+        .expect("the demo runs");
+    running.stop().await;
+    println!("{}", summary.render());
+    assert!(summary.ok(), "{}", summary.render());
+    assert_eq!(summary.live_ab.delivered, 300);
+    assert_eq!(summary.live_ba.delivered, 300);
+    assert_eq!(
+        summary.buffered.delivered, 300,
+        "every buffered frame replayed"
+    );
+    assert!(
+        summary.backlog_peak > 0,
+        "the server buffered while B was away"
+    );
+    assert!(
+        summary.states.iter().any(|s| s == "DEGRADED"),
+        "{:?}",
+        summary.states
+    );
+    assert!(
+        summary.states.iter().any(|s| s == "ACTIVE"),
+        "{:?}",
+        summary.states
+    );
+    assert_eq!(summary.configs.len(), 2);
+    assert!(
+        summary.configs[0].contains("500000"),
+        "{:?}",
+        summary.configs
+    );
+    assert!(
+        summary.command_output.contains("dongle-sim"),
+        "{}",
+        summary.command_output
+    );
+    assert!(summary.live_ab.quantile(0.99).is_some());
+}

@@ -1,0 +1,88 @@
+//! The data WebSocket `/ws/data` (the messages are `control_proto::data`'s): one task per connection
+//! reads the agent's binary messages and hands them to the relay, and a writer task drains the
+//! connection's queue in the [`Relay`](crate::groups::relay::Relay).
+//!
+//! Nothing an agent sends here can make the server panic or hold more than one message: a message that
+//! does not decode is counted and ignored, and after `max_malformed` of them the connection is closed;
+//! text frames count as malformed (the data plane is binary only); the socket refuses messages over
+//! `control_proto::data::MAX_MESSAGE_LEN`. The reader waits while a group's pipe is busy, which is the
+//! agent's backpressure: it keeps its frames until they are acknowledged.
+
+use axum::extract::ws::{Message, WebSocket};
+use control_proto::data::DataMessage;
+use futures::{SinkExt, StreamExt};
+
+use crate::agents::{self, AgentIdentity};
+use crate::app::AppState;
+use crate::groups::relay::Inbound;
+
+/// Serves one agent's data connection until either side closes it, the agent's token stops being
+/// valid, or a newer data connection of the same agent replaces it.
+pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
+    let agent_id = agent.agent_id;
+    let relay = state.relay.clone();
+    let registration = relay.connect(agent).await;
+    let conn_id = registration.conn_id;
+    let mut rx = registration.rx;
+    let (mut sink, mut stream) = socket.split();
+    let mut writer = tokio::spawn(async move {
+        while let Some(message) = rx.recv().await {
+            if sink.send(Message::Binary(message.into())).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    tracing::info!(%agent_id, conn_id, "data plane connected");
+    let max_malformed = relay.settings().max_malformed;
+    let mut malformed = 0u32;
+    let mut recheck = tokio::time::interval(relay.settings().auth_recheck);
+    recheck.tick().await;
+    loop {
+        tokio::select! {
+            frame = stream.next() => {
+                let bytes = match frame {
+                    Some(Ok(Message::Binary(bytes))) => bytes,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Text(_))) => {
+                        relay.malformed();
+                        malformed += 1;
+                        if malformed > max_malformed {
+                            tracing::warn!(%agent_id, "closing a data connection: too many malformed messages");
+                            break;
+                        }
+                        continue;
+                    }
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                };
+                match DataMessage::decode(&bytes) {
+                    Ok(message) => relay.from_agent(agent, Inbound::of(&message)).await,
+                    Err(e) => {
+                        relay.malformed();
+                        malformed += 1;
+                        tracing::debug!(%agent_id, error = %e, "ignored a malformed data message");
+                        if malformed > max_malformed {
+                            tracing::warn!(%agent_id, "closing a data connection: too many malformed messages");
+                            break;
+                        }
+                    }
+                }
+            }
+            _ = recheck.tick() => {
+                match agents::still_authorised(&state.pool, agent_id).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::info!(%agent_id, "closing a data connection: the agent's token is no longer valid");
+                        break;
+                    }
+                    Err(e) => tracing::warn!(%agent_id, error = %e, "could not check an agent's token"),
+                }
+            }
+            // The relay dropped the queue: a newer connection replaced this one, or the server stops.
+            _ = &mut writer => break,
+        }
+    }
+    relay.disconnect(agent, conn_id).await;
+    writer.abort();
+    tracing::info!(%agent_id, conn_id, "data plane disconnected");
+}

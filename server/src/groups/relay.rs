@@ -1,0 +1,667 @@
+//! The relay of this server instance: the agents' data-plane connections (`/ws/data`), one [`Pipe`] per
+//! relaying group, the `groups` lists agents are sent, and the events a live console can follow.
+//!
+//! # Who does what
+//!
+//! - A data connection registers here ([`Relay::connect`]) and gets a bounded queue of outgoing binary
+//!   messages; what it reads goes to [`Relay::from_agent`], which hands it to the group's pipe.
+//! - A pipe is a task that owns one group's streams (see [`super::pipe`]); it is started when the group
+//!   is activated here, or when a connected agent serves one of its sides, and ends when the group is
+//!   deactivated or deleted.
+//! - Which agent serves a side is the database's to say (present sightings of the dongle by the owner's
+//!   online agents, the longest-standing first: [`super::sides_served_by`]). Whenever that may change (an
+//!   agent's control connection opens, it reports its dongles, a group is activated, deactivated or
+//!   deleted, a dongle is unpaired) the agents concerned get a new `groups` list on their control
+//!   connection, and the pipes of that user look again.
+//!
+//! # Several instances
+//!
+//! A side counts as connected only when its agent's data connection is on this instance. Frames for a
+//! side whose agent is elsewhere go to the durable buffer, and the instance holding that agent's data
+//! connection delivers them: its pipe looks for new rows every `poll_interval` while the receiving side
+//! is connected to it and the sending side is not. The group shows DEGRADED meanwhile, which is what it
+//! is: relayed through the buffer.
+//!
+//! # The console's hook
+//!
+//! [`Relay::subscribe`] gives a broadcast receiver of [`RelayEvent`]s: every accepted run of frames
+//! (with its batch, so a console can show it) and every change of a group's state or backlog. A slow
+//! subscriber loses events (it sees `Lagged`), never slows the relay.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use control_proto::data::{Kind, Side};
+use control_proto::{GroupSide, Groups, ServerMessage};
+use sqlx::PgPool;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use uuid::Uuid;
+
+use super::pipe::{Pipe, PipeEvent};
+use super::{Mode, side_index};
+use crate::agents::AgentIdentity;
+use crate::agents::hub::AgentHub;
+
+/// The relay's limits and rates (SPEC 3.8 gives the defaults); tests make them small.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// Retention per direction: at most this many buffered frames...
+    pub buffer_max_frames: u64,
+    /// ...none older than this.
+    pub buffer_max_age: Duration,
+    /// Buffered frames are replayed to a side that comes back at this rate (frames per second).
+    pub replay_rate: u32,
+    /// Frames to buffer wait this long for others, so that one transaction writes many.
+    pub gather: Duration,
+    /// ...or until this many wait.
+    pub gather_max_frames: u64,
+    /// Counters and positions reach the database at least this often while they change.
+    pub flush_interval: Duration,
+    /// A pipe reads its group's sides and agents again this often, besides when told to.
+    pub refresh_interval: Duration,
+    /// Frames sent to a connected side and not acknowledged yet; past it, frames are buffered.
+    pub inflight_max_frames: u64,
+    /// Trims are audited at most this often per direction, each entry with the frames trimmed since
+    /// the previous one (a full buffer trims with every write).
+    pub trim_audit_interval: Duration,
+    /// How often a side connected here looks for frames another instance buffered for it.
+    pub poll_interval: Duration,
+    /// Outgoing messages that may wait for one data connection.
+    pub connection_queue: usize,
+    /// Events that may wait for one pipe.
+    pub pipe_queue: usize,
+    /// Malformed messages a data connection may send before it is closed.
+    pub max_malformed: u32,
+    /// How often a data connection checks that its agent's token is still valid.
+    pub auth_recheck: Duration,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            buffer_max_frames: 200_000,
+            buffer_max_age: Duration::from_secs(600),
+            replay_rate: 5_000,
+            gather: Duration::from_millis(5),
+            gather_max_frames: 4_096,
+            flush_interval: Duration::from_secs(1),
+            refresh_interval: Duration::from_secs(10),
+            inflight_max_frames: 20_000,
+            trim_audit_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_millis(500),
+            connection_queue: 1_024,
+            pipe_queue: 256,
+            max_malformed: 20,
+            auth_recheck: Duration::from_secs(15),
+        }
+    }
+}
+
+/// What the relay tells its subscribers (a live console).
+#[derive(Debug, Clone)]
+pub enum RelayEvent {
+    /// A run of frames was accepted from one side, on its way to the other.
+    Frames {
+        group_id: Uuid,
+        from: Side,
+        from_dongle_id: Uuid,
+        to_dongle_id: Uuid,
+        /// The position of the first frame in the sending side's stream.
+        first_seq: u64,
+        count: u32,
+        /// The firmware-proto CAN batch.
+        batch: Arc<[u8]>,
+    },
+    /// The group's state, pressure flag or backlog changed (coalesced to one per flush interval).
+    GroupState {
+        group_id: Uuid,
+        state: Mode,
+        buffer_pressure: bool,
+        backlog_a_to_b: u64,
+        backlog_b_to_a: u64,
+    },
+}
+
+/// Counters of this instance's relay (also exported as Prometheus metrics).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub frames_accepted: AtomicU64,
+    pub frames_forwarded: AtomicU64,
+    pub frames_buffered: AtomicU64,
+    pub frames_delivered: AtomicU64,
+    pub frames_trimmed: AtomicU64,
+    /// Frames that arrived again (a resend after a reconnect) and were skipped.
+    pub frames_duplicate: AtomicU64,
+    /// Frames refused: unknown or inactive group, another user's, or a side the agent does not serve.
+    pub frames_refused: AtomicU64,
+    /// Data messages that did not decode.
+    pub messages_malformed: AtomicU64,
+    /// Messages for a data connection whose queue was full.
+    pub messages_dropped: AtomicU64,
+}
+
+impl RelayStats {
+    pub(crate) fn add(&self, counter: &AtomicU64, name: &'static str, n: u64) {
+        if n > 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+            metrics::counter!(name).increment(n);
+        }
+    }
+}
+
+/// Why a message could not be queued for an agent's data connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("the agent has no data connection on this instance")]
+    Offline,
+    #[error("the agent's data connection queue is full")]
+    Full,
+}
+
+struct DataConn {
+    conn_id: u64,
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
+/// What pipes share with the relay: the pool, the settings, the connections, the events.
+pub(crate) struct Core {
+    pub pool: PgPool,
+    pub settings: RelaySettings,
+    pub stats: RelayStats,
+    conns: Mutex<HashMap<Uuid, DataConn>>,
+    events: broadcast::Sender<RelayEvent>,
+}
+
+impl Core {
+    /// The id of the agent's data connection here, if it has one.
+    pub fn conn_of(&self, agent_id: Uuid) -> Option<u64> {
+        self.conns
+            .lock()
+            .expect("relay lock")
+            .get(&agent_id)
+            .filter(|c| !c.tx.is_closed())
+            .map(|c| c.conn_id)
+    }
+
+    /// Queues a binary message for the agent's data connection; returns the connection's id.
+    pub fn send(&self, agent_id: Uuid, message: Vec<u8>) -> Result<u64, SendError> {
+        let conns = self.conns.lock().expect("relay lock");
+        let conn = conns.get(&agent_id).ok_or(SendError::Offline)?;
+        match conn.tx.try_send(message) {
+            Ok(()) => Ok(conn.conn_id),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(SendError::Full),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Offline),
+        }
+    }
+
+    /// Queues a message whose loss is harmless (an ACK: the next one covers it); counts a loss.
+    pub fn send_lossy(&self, agent_id: Uuid, message: Vec<u8>) {
+        if let Err(SendError::Full) = self.send(agent_id, message) {
+            self.stats.add(
+                &self.stats.messages_dropped,
+                "relay_messages_dropped_total",
+                1,
+            );
+        }
+    }
+
+    /// Closes the agent's data connection (it reconnects and sends again what was not acknowledged).
+    pub fn close(&self, agent_id: Uuid) {
+        self.conns.lock().expect("relay lock").remove(&agent_id);
+    }
+
+    pub fn emit(&self, event: RelayEvent) {
+        // No subscriber is not an error.
+        let _ = self.events.send(event);
+    }
+}
+
+/// Positions and flags a pipe publishes for the rest of the instance.
+#[derive(Debug, Default)]
+pub(crate) struct PipeShared {
+    /// Per side: the stream from that side is acknowledged up to here.
+    pub acked_in: [AtomicU64; 2],
+    /// Per side: its serving agent's data connection is on this instance.
+    pub data_connected: [AtomicBool; 2],
+}
+
+#[derive(Clone)]
+struct PipeHandle {
+    user_id: Uuid,
+    tx: mpsc::Sender<PipeEvent>,
+    shared: Arc<PipeShared>,
+}
+
+/// A data message from an agent, owned (the socket's buffer is reused).
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub kind: Kind,
+    pub group_id: Uuid,
+    pub side: Side,
+    pub n: u64,
+    /// FRAMES: the batch and its frame count.
+    pub frames: Option<(Arc<[u8]>, u32)>,
+}
+
+impl Inbound {
+    pub fn of(message: &control_proto::data::DataMessage<'_>) -> Self {
+        Self {
+            kind: message.kind,
+            group_id: message.group_id,
+            side: message.side,
+            n: message.n,
+            frames: message
+                .batch
+                .map(|b| (Arc::from(b.as_bytes()), b.len() as u32)),
+        }
+    }
+}
+
+/// A data connection's registration: its id and the queue its writer drains.
+pub struct DataRegistration {
+    pub conn_id: u64,
+    pub rx: mpsc::Receiver<Vec<u8>>,
+}
+
+/// How long a group that is not relaying (or not there) is not looked up again for frames naming it.
+const REFUSED_TTL: Duration = Duration::from_secs(2);
+/// The most group ids remembered as refused.
+const REFUSED_MAX: usize = 1_024;
+/// How long an API call waits for a pipe's first look at its group.
+const PIPE_ANSWER: Duration = Duration::from_secs(2);
+
+/// A `groups` list as sent, without positions: (group, side, device id).
+type SidesSent = Vec<(Uuid, Side, String)>;
+
+/// The relay of this instance.
+pub struct Relay {
+    core: Arc<Core>,
+    hub: Arc<AgentHub>,
+    pipes: tokio::sync::Mutex<HashMap<Uuid, PipeHandle>>,
+    /// The last `groups` list sent to each agent, without positions, to skip sending the same again.
+    sent: Mutex<HashMap<Uuid, SidesSent>>,
+    /// Groups recently found not relaying, so that frames naming them do not cost a query each.
+    refused: Mutex<HashMap<Uuid, Instant>>,
+    next_conn: AtomicU64,
+    /// Set at shutdown: no pipe starts and no connection registers any more.
+    closed: AtomicBool,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, settings: RelaySettings, hub: Arc<AgentHub>) -> Self {
+        let (events, _) = broadcast::channel(1_024);
+        Self {
+            core: Arc::new(Core {
+                pool,
+                settings,
+                stats: RelayStats::default(),
+                conns: Mutex::new(HashMap::new()),
+                events,
+            }),
+            hub,
+            pipes: tokio::sync::Mutex::new(HashMap::new()),
+            sent: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn settings(&self) -> &RelaySettings {
+        &self.core.settings
+    }
+
+    /// The hook of a live console: frames relayed and group state changes, as they happen.
+    pub fn subscribe(&self) -> broadcast::Receiver<RelayEvent> {
+        self.core.events.subscribe()
+    }
+
+    pub fn stats(&self) -> &RelayStats {
+        &self.core.stats
+    }
+
+    /// Counts a data message that did not decode.
+    pub fn malformed(&self) {
+        let stats = &self.core.stats;
+        stats.add(
+            &stats.messages_malformed,
+            "relay_messages_malformed_total",
+            1,
+        );
+    }
+
+    /// Per side: the serving agent's data connection is on this instance (false without a pipe here).
+    pub async fn data_connected(&self, group_id: Uuid) -> [bool; 2] {
+        match self.pipes.lock().await.get(&group_id) {
+            Some(p) => [0, 1].map(|i| p.shared.data_connected[i].load(Ordering::Relaxed)),
+            None => [false; 2],
+        }
+    }
+
+    /// Registers an agent's data connection, replacing (and so closing) an earlier one of the same
+    /// agent, and starts the pipes of the groups it serves.
+    pub async fn connect(&self, agent: AgentIdentity) -> DataRegistration {
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(self.core.settings.connection_queue.max(1));
+        if self.closed.load(Ordering::Relaxed) {
+            // The sender goes with this scope: the connection's writer ends at once, and so does it.
+            return DataRegistration { conn_id, rx };
+        }
+        self.core
+            .conns
+            .lock()
+            .expect("relay lock")
+            .insert(agent.agent_id, DataConn { conn_id, tx });
+        self.start_served_pipes(agent).await;
+        self.refresh_user(agent.user_id).await;
+        DataRegistration { conn_id, rx }
+    }
+
+    /// Unregisters the connection if it is still the agent's current one.
+    pub async fn disconnect(&self, agent: AgentIdentity, conn_id: u64) {
+        let removed = {
+            let mut conns = self.core.conns.lock().expect("relay lock");
+            if conns.get(&agent.agent_id).map(|c| c.conn_id) == Some(conn_id) {
+                conns.remove(&agent.agent_id);
+                true
+            } else {
+                false
+            }
+        };
+        if removed {
+            self.refresh_user(agent.user_id).await;
+        }
+    }
+
+    /// Hands a data message from an agent to its group's pipe. Frames for a group that is unknown, not
+    /// relaying or someone else's are dropped and counted; nothing is acknowledged for them.
+    pub async fn from_agent(&self, agent: AgentIdentity, message: Inbound) {
+        let event = match (message.kind, message.frames) {
+            (Kind::Frames, Some((batch, count))) => PipeEvent::Frames {
+                agent_id: agent.agent_id,
+                side: message.side,
+                n: message.n,
+                batch,
+                count,
+            },
+            (Kind::Ack, _) => PipeEvent::Ack {
+                agent_id: agent.agent_id,
+                side: message.side,
+                n: message.n,
+            },
+            (Kind::Drops, _) => PipeEvent::Drops {
+                agent_id: agent.agent_id,
+                side: message.side,
+                total: message.n,
+            },
+            (Kind::Frames, None) => return,
+        };
+        let refused_frames = match &event {
+            PipeEvent::Frames { count, .. } => u64::from(*count),
+            _ => 0,
+        };
+        let mut event = Some(event);
+        // Twice at most: a pipe that has just ended (its group stopped relaying) is looked up again.
+        for _ in 0..2 {
+            let Some(pipe) = self.pipe(message.group_id).await else {
+                break;
+            };
+            if pipe.user_id != agent.user_id {
+                break;
+            }
+            match pipe.tx.send(event.take().expect("an event")).await {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => event = Some(back),
+            }
+        }
+        let stats = &self.core.stats;
+        stats.add(
+            &stats.frames_refused,
+            "relay_frames_refused_total",
+            refused_frames,
+        );
+    }
+
+    /// An agent's control connection opened (`force`: send its `groups` list even if unchanged) or it
+    /// reported its dongles: its list may have changed, and so may the sides of its user's pipes.
+    pub async fn agent_changed(&self, agent: AgentIdentity, force: bool) {
+        self.send_groups(agent, force).await;
+        if self.core.conn_of(agent.agent_id).is_some() {
+            self.start_served_pipes(agent).await;
+        }
+        self.refresh_user(agent.user_id).await;
+    }
+
+    /// A group was activated: its pipe here starts (and takes its first look), and the agents that see
+    /// its dongles get their new lists.
+    pub async fn group_activated(&self, group_id: Uuid, user_id: Uuid, agents: &[Uuid]) {
+        self.forget_refused(group_id);
+        if let Some(pipe) = self.pipe(group_id).await {
+            let (done, answered) = oneshot::channel();
+            if pipe
+                .tx
+                .send(PipeEvent::Refresh { done: Some(done) })
+                .await
+                .is_ok()
+            {
+                let _ = tokio::time::timeout(PIPE_ANSWER, answered).await;
+            }
+        }
+        self.groups_changed(agents).await;
+        self.refresh_user(user_id).await;
+    }
+
+    /// Stops a group's pipe here: with `discard` (the group is gone) at once; otherwise after it wrote
+    /// what it holds to the buffer.
+    pub async fn stop_group(&self, group_id: Uuid, discard: bool) {
+        let pipe = self.pipes.lock().await.remove(&group_id);
+        if let Some(pipe) = pipe {
+            let (done, stopped) = oneshot::channel();
+            if pipe
+                .tx
+                .send(PipeEvent::Stop {
+                    discard,
+                    done: Some(done),
+                })
+                .await
+                .is_ok()
+            {
+                let _ = tokio::time::timeout(PIPE_ANSWER, stopped).await;
+            }
+        }
+    }
+
+    /// Groups were deleted with a dongle (unpair): their pipes stop, and the agents get new lists.
+    pub async fn groups_removed(&self, group_ids: &[Uuid], agents: &[Uuid]) {
+        for id in group_ids {
+            self.stop_group(*id, true).await;
+        }
+        self.groups_changed(agents).await;
+    }
+
+    /// Sends each agent its current `groups` list.
+    pub async fn groups_changed(&self, agents: &[Uuid]) {
+        if agents.is_empty() {
+            return;
+        }
+        let owners: Vec<(Uuid, Uuid)> =
+            match sqlx::query_as("SELECT id, user_id FROM agents WHERE id = ANY($1)")
+                .bind(agents)
+                .fetch_all(&self.core.pool)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not look up the agents of changed groups");
+                    return;
+                }
+            };
+        for (agent_id, user_id) in owners {
+            self.send_groups(AgentIdentity { agent_id, user_id }, true)
+                .await;
+        }
+    }
+
+    /// Stops every pipe (each writes what it holds to the buffer) and closes every data connection.
+    pub async fn shutdown(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        let pipes: Vec<PipeHandle> = self.pipes.lock().await.drain().map(|(_, p)| p).collect();
+        for pipe in pipes {
+            let (done, stopped) = oneshot::channel();
+            if pipe
+                .tx
+                .send(PipeEvent::Stop {
+                    discard: false,
+                    done: Some(done),
+                })
+                .await
+                .is_ok()
+            {
+                let _ = tokio::time::timeout(Duration::from_secs(5), stopped).await;
+            }
+        }
+        self.core.conns.lock().expect("relay lock").clear();
+    }
+
+    /// The agent's `groups` list, sent on its control connection when it differs from the last one
+    /// sent (or always with `force`). Positions are the relay's own when a pipe runs here.
+    async fn send_groups(&self, agent: AgentIdentity, force: bool) {
+        let served = match super::sides_served_by(&self.core.pool, agent.agent_id, agent.user_id)
+            .await
+        {
+            Ok(served) => served,
+            Err(e) => {
+                tracing::warn!(agent_id = %agent.agent_id, error = %e, "could not compute an agent's group sides");
+                return;
+            }
+        };
+        let key: SidesSent = served
+            .iter()
+            .map(|s| (s.group_id, s.side, s.device_id.clone()))
+            .collect();
+        {
+            let mut sent = self.sent.lock().expect("relay lock");
+            if !force && sent.get(&agent.agent_id) == Some(&key) {
+                return;
+            }
+            sent.insert(agent.agent_id, key);
+        }
+        let mut sides = Vec::with_capacity(served.len());
+        {
+            let pipes = self.pipes.lock().await;
+            for s in served {
+                let here = pipes
+                    .get(&s.group_id)
+                    .map(|p| p.shared.acked_in[side_index(s.side)].load(Ordering::Relaxed))
+                    .unwrap_or(0);
+                sides.push(GroupSide {
+                    group_id: s.group_id,
+                    side: s.side,
+                    device_id: s.device_id,
+                    next_seq: here.max(s.next_in),
+                });
+            }
+        }
+        let message = ServerMessage::Groups(Groups { sides });
+        if let Err(e) = self.hub.send(agent.agent_id, message).await {
+            tracing::debug!(agent_id = %agent.agent_id, error = %e, "could not send an agent its group sides");
+            // Not sent: the next change sends it whatever it is.
+            self.sent
+                .lock()
+                .expect("relay lock")
+                .remove(&agent.agent_id);
+        }
+    }
+
+    /// Starts the pipes of the groups whose sides the agent serves.
+    async fn start_served_pipes(&self, agent: AgentIdentity) {
+        match super::sides_served_by(&self.core.pool, agent.agent_id, agent.user_id).await {
+            Ok(served) => {
+                for s in served {
+                    self.forget_refused(s.group_id);
+                    let _ = self.pipe(s.group_id).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(agent_id = %agent.agent_id, error = %e, "could not look up an agent's groups")
+            }
+        }
+    }
+
+    /// Tells the pipes of a user to look at their sides again (an agent came or went).
+    async fn refresh_user(&self, user_id: Uuid) {
+        let pipes: Vec<PipeHandle> = self
+            .pipes
+            .lock()
+            .await
+            .values()
+            .filter(|p| p.user_id == user_id)
+            .cloned()
+            .collect();
+        for pipe in pipes {
+            let _ = pipe.tx.send(PipeEvent::Refresh { done: None }).await;
+        }
+    }
+
+    fn forget_refused(&self, group_id: Uuid) {
+        self.refused.lock().expect("relay lock").remove(&group_id);
+    }
+
+    fn recently_refused(&self, group_id: Uuid) -> bool {
+        let refused = self.refused.lock().expect("relay lock");
+        refused
+            .get(&group_id)
+            .is_some_and(|at| at.elapsed() < REFUSED_TTL)
+    }
+
+    fn remember_refused(&self, group_id: Uuid) {
+        let mut refused = self.refused.lock().expect("relay lock");
+        if refused.len() >= REFUSED_MAX {
+            refused.retain(|_, at| at.elapsed() < REFUSED_TTL);
+            if refused.len() >= REFUSED_MAX {
+                refused.clear();
+            }
+        }
+        refused.insert(group_id, Instant::now());
+    }
+
+    /// The group's running pipe, started when the group is relaying; None otherwise.
+    async fn pipe(&self, group_id: Uuid) -> Option<PipeHandle> {
+        if self.closed.load(Ordering::Relaxed) || self.recently_refused(group_id) {
+            return None;
+        }
+        let mut pipes = self.pipes.lock().await;
+        if let Some(pipe) = pipes.get(&group_id) {
+            if !pipe.tx.is_closed() {
+                return Some(pipe.clone());
+            }
+            pipes.remove(&group_id);
+        }
+        // Loaded under the map's lock, so two callers never start two pipes for one group; this is a
+        // few indexed reads, once per group and instance.
+        match Pipe::load(self.core.clone(), group_id).await {
+            Ok(Some(pipe)) => {
+                let (tx, rx) = mpsc::channel(self.core.settings.pipe_queue.max(1));
+                let handle = PipeHandle {
+                    user_id: pipe.user_id(),
+                    tx,
+                    shared: pipe.shared(),
+                };
+                pipes.insert(group_id, handle.clone());
+                tokio::spawn(pipe.run(rx));
+                Some(handle)
+            }
+            Ok(None) => {
+                drop(pipes);
+                self.remember_refused(group_id);
+                None
+            }
+            Err(e) => {
+                tracing::warn!(%group_id, error = %e, "could not start a group's relay");
+                None
+            }
+        }
+    }
+}

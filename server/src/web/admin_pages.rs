@@ -1,0 +1,385 @@
+//! Administration (super_admin only; for anyone else these pages do not exist, as in the API): users
+//! with disable and enable, the audit log with its filters, force-unpair.
+
+use axum::response::Response;
+use serde_json::Value;
+
+use super::api::Ctx;
+use super::html::{
+    ApiForm, Nav, api_form, esc, input, pager, select, state_badge, t, table, time, url_encode,
+};
+use super::{Session, error_page, query_pairs, signed_in};
+
+fn tabs(current: &str) -> String {
+    let items = [
+        ("/admin/users", "Users"),
+        ("/admin/audit", "Audit log"),
+        ("/admin/dongles", "Force-unpair"),
+    ];
+    let links: String = items
+        .iter()
+        .map(|(href, label)| {
+            let cur = if *href == current {
+                " aria-current=\"page\""
+            } else {
+                ""
+            };
+            format!("<li><a href=\"{href}\"{cur}>{label}</a></li>")
+        })
+        .collect();
+    format!("<nav class=\"tabs\" aria-label=\"Administration\"><ul>{links}</ul></nav>")
+}
+
+/// The page's query pairs, and the same as an API query string (empty values left out).
+fn query(ctx: &Ctx, keys: &[&str]) -> (Vec<(String, String)>, String) {
+    let pairs: Vec<(String, String)> = ctx
+        .uri
+        .split_once('?')
+        .map(|(_, q)| query_pairs(q))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, v)| keys.contains(&k.as_str()) && !v.trim().is_empty())
+        .map(|(k, v)| (k, v.trim().to_string()))
+        .collect();
+    let api = pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", url_encode(k), url_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    (pairs, api)
+}
+
+fn value<'a>(pairs: &'a [(String, String)], key: &str) -> &'a str {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("")
+}
+
+fn opts(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(v, l)| (v.to_string(), l.to_string()))
+        .collect()
+}
+
+/// `GET /admin/users`.
+pub async fn users(ctx: Ctx) -> Response {
+    let session = match signed_in(&ctx).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let (pairs, api_query) = query(&ctx, &["email", "status", "role", "page"]);
+    let reply = ctx.get(&format!("/admin/users?{api_query}")).await;
+    if !reply.ok() {
+        return error_page(&reply, Some(&session));
+    }
+    let rows: Vec<String> = reply.json["items"]
+        .as_array()
+        .map(|items| items.iter().map(|u| user_row(&session, u)).collect())
+        .unwrap_or_default();
+    let filters = format!(
+        "<form method=\"get\" action=\"/admin/users\" class=\"filters\" aria-label=\"Search users\">\
+         {}{}{}<button type=\"submit\">Search</button></form>",
+        input(
+            "users-email",
+            "email",
+            "Email contains",
+            "search",
+            value(&pairs, "email"),
+            "autocomplete=\"off\""
+        ),
+        select(
+            "users-status",
+            "status",
+            "Status",
+            &opts(&[("", "Any"), ("active", "Active"), ("disabled", "Disabled")]),
+            value(&pairs, "status")
+        ),
+        select(
+            "users-role",
+            "role",
+            "Role",
+            &opts(&[
+                ("", "Any"),
+                ("user", "User"),
+                ("super_admin", "Administrator")
+            ]),
+            value(&pairs, "role")
+        ),
+    );
+    let mut page = session.page(&ctx, "Users", Nav::Admin);
+    page.body = format!(
+        "{}{filters}<section data-region=\"users\">{}{}</section>",
+        tabs("/admin/users"),
+        table(
+            "Users",
+            &[
+                "Email",
+                "Role",
+                "Status",
+                "Email confirmed",
+                "Created",
+                "Action"
+            ],
+            &rows,
+            "No user matches."
+        ),
+        pager("/admin/users", &pairs, &reply.json),
+    );
+    page.render()
+}
+
+fn user_row(session: &Session, u: &Value) -> String {
+    let id = u["id"].as_str().unwrap_or("");
+    let email = u["email"].as_str().unwrap_or("");
+    let status = u["status"].as_str().unwrap_or("");
+    let (verb, label, notice, class, confirm) = if status == "disabled" {
+        ("enable", "Enable", "enabled", "secondary", "")
+    } else {
+        (
+            "disable",
+            "Disable",
+            "disabled",
+            "danger",
+            " data-confirm=\"Disable this user? Their sessions end and their agents' tokens are revoked.\"",
+        )
+    };
+    let action = if email == session.me.email {
+        "<span class=\"muted\">you</span>".to_string()
+    } else {
+        let path = format!("/admin/users/{id}/{verb}");
+        let name = format!("{label} {email}");
+        let next = "/admin/users";
+        api_form(
+            &session.csrf,
+            ApiForm {
+                path: &path,
+                next,
+                notice,
+                ok: "refresh",
+                class: "inline",
+                label: &name,
+                ..ApiForm::default()
+            },
+            &format!(
+                "<button type=\"submit\" class=\"{class}\" aria-label=\"{}\"{confirm}>{label}</button>",
+                esc(&name)
+            ),
+        )
+    };
+    format!(
+        "<tr data-user-id=\"{}\" data-email=\"{}\"><td>{}</td><td>{}</td><td data-user-status>{}</td>\
+         <td>{}</td><td>{}</td><td>{action}</td></tr>",
+        esc(id),
+        esc(email),
+        esc(email),
+        t(&u["role"]),
+        state_badge(status),
+        t(&u["email_verified"]),
+        time(&u["created_at"]),
+    )
+}
+
+/// `GET /admin/audit`.
+pub async fn audit(ctx: Ctx) -> Response {
+    let session = match signed_in(&ctx).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let keys = [
+        "actor",
+        "action",
+        "target_type",
+        "target_id",
+        "since",
+        "until",
+        "page",
+    ];
+    let (pairs, _) = query(&ctx, &keys);
+    // A date from the form's date-time inputs (local, no zone) is read as UTC.
+    let api_pairs: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| {
+            let v = if (k == "since" || k == "until") && v.len() == 16 {
+                format!("{v}:00Z")
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    let api_query = api_pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", url_encode(k), url_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    let reply = ctx.get(&format!("/admin/audit-logs?{api_query}")).await;
+    let filters = format!(
+        "<form method=\"get\" action=\"/admin/audit\" class=\"filters\" aria-label=\"Filter the audit log\">\
+         {}{}{}{}{}{}<button type=\"submit\">Filter</button> <a href=\"/admin/audit\">Clear</a></form>",
+        input(
+            "audit-action",
+            "action",
+            "Action (exact, e.g. auth.login_failed)",
+            "text",
+            value(&pairs, "action"),
+            "autocomplete=\"off\""
+        ),
+        input(
+            "audit-actor",
+            "actor",
+            "Actor (user id)",
+            "text",
+            value(&pairs, "actor"),
+            "autocomplete=\"off\""
+        ),
+        input(
+            "audit-target-type",
+            "target_type",
+            "Target type (user, dongle, …)",
+            "text",
+            value(&pairs, "target_type"),
+            "autocomplete=\"off\""
+        ),
+        input(
+            "audit-target-id",
+            "target_id",
+            "Target id",
+            "text",
+            value(&pairs, "target_id"),
+            "autocomplete=\"off\""
+        ),
+        input(
+            "audit-since",
+            "since",
+            "From (UTC)",
+            "datetime-local",
+            value(&pairs, "since"),
+            ""
+        ),
+        input(
+            "audit-until",
+            "until",
+            "Until (UTC)",
+            "datetime-local",
+            value(&pairs, "until"),
+            ""
+        ),
+    );
+    let listing = if reply.ok() {
+        let rows: Vec<String> = reply.json["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|e| {
+                        let target = match (e["target_type"].as_str(), e["target_id"].as_str()) {
+                            (Some(kind), Some(id)) => format!("{kind} {id}"),
+                            (Some(kind), None) => kind.to_string(),
+                            _ => "—".to_string(),
+                        };
+                        let details = match &e["details"] {
+                            Value::Object(m) if m.is_empty() => String::new(),
+                            Value::Null => String::new(),
+                            other => other.to_string(),
+                        };
+                        format!(
+                            "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td>\
+                             <td>{}</td><td class=\"details\">{}</td></tr>",
+                            time(&e["created_at"]),
+                            t(&e["action"]),
+                            t(&e["actor_user_id"]),
+                            esc(&target),
+                            t(&e["ip"]),
+                            esc(&details),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        format!(
+            "{}{}",
+            table(
+                "Audit log",
+                &["When", "Action", "Actor", "Target", "IP", "Details"],
+                &rows,
+                "No entry matches."
+            ),
+            pager("/admin/audit", &pairs, &reply.json)
+        )
+    } else if reply.status.is_client_error() && reply.code() == "VALIDATION_ERROR" {
+        format!(
+            "<p class=\"error\" role=\"alert\">{}</p>",
+            esc(&reply.message())
+        )
+    } else {
+        return error_page(&reply, Some(&session));
+    };
+    let mut page = session.page(&ctx, "Audit log", Nav::Admin);
+    page.body = format!(
+        "{}{filters}<section data-region=\"audit\">{listing}</section>",
+        tabs("/admin/audit")
+    );
+    page.render()
+}
+
+/// `GET /admin/dongles`: force-unpair a dongle by its id (also clears a security hold).
+pub async fn dongles(ctx: Ctx) -> Response {
+    let session = match signed_in(&ctx).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    // Only an administrator may see this page: ask the API something only they may read.
+    let probe = ctx.get("/admin/users?per_page=1").await;
+    if !probe.ok() {
+        return error_page(&probe, Some(&session));
+    }
+    let form = format!(
+        "<form method=\"get\" action=\"/admin/dongles\" class=\"narrow\" id=\"force-unpair-pick\" \
+         aria-label=\"Choose a dongle\">{}<button type=\"submit\">Next</button></form>",
+        input(
+            "force-dongle",
+            "dongle",
+            "Dongle id (the UUID from the audit log or the owner's page)",
+            "text",
+            "",
+            "required pattern=\"[0-9a-fA-F-]{36}\" autocomplete=\"off\" spellcheck=\"false\""
+        )
+    );
+    let chosen = ctx
+        .uri
+        .split_once('?')
+        .map(|(_, q)| query_pairs(q))
+        .unwrap_or_default()
+        .into_iter()
+        .find(|(k, _)| k == "dongle")
+        .and_then(|(_, v)| uuid::Uuid::parse_str(v.trim()).ok());
+    let confirm = match chosen {
+        Some(id) => {
+            let path = format!("/admin/dongles/{id}/force-unpair");
+            api_form(
+                &session.csrf,
+                ApiForm {
+                    path: &path,
+                    next: "/admin/dongles",
+                    notice: "force_unpaired",
+                    ok: "redirect",
+                    id: "force-unpair",
+                    label: "Force-unpair",
+                    ..ApiForm::default()
+                },
+                &format!(
+                    "<p>Force-unpair dongle <code>{id}</code>: its owner, token and group membership \
+                     are cleared, any security hold ends, and the dongle is told to forget its token \
+                     when its agent is connected.</p>\
+                     <button type=\"submit\" class=\"danger\">Force-unpair</button>"
+                ),
+            )
+        }
+        None => String::new(),
+    };
+    let mut page = session.page(&ctx, "Force-unpair a dongle", Nav::Admin);
+    page.body = format!("{}{form}{confirm}", tabs("/admin/dongles"));
+    page.render()
+}
