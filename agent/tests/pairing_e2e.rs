@@ -4,16 +4,14 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use bridge_server::db::MIGRATOR;
 use bridge_server::users::Role;
-use common::{Agent, Dongle, Server, mode};
+use common::{Agent, Dongle, Server, mode, pair};
 use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::PgPool;
-use tokio::io::AsyncWriteExt;
 
 fn online(d: Option<&serde_json::Value>) -> bool {
     d.is_some_and(|d| d["online"] == true)
@@ -49,30 +47,8 @@ async fn login_run_and_pair_a_usb_and_a_lan_dongle(pool: PgPool) {
     }
 
     // `bridge-agent pair` on the USB dongle: the technician reads the PIN off the dongle and types it.
-    let mut pins = usb.sim.events();
-    let mut pair = agent.command();
-    pair.args(["pair", &usb.device_id])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = pair.spawn().unwrap();
-    let pin = Dongle::next_pin(&mut pins).await;
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"000000\n").await.unwrap();
-    stdin
-        .write_all(format!("{pin}\n").as_bytes())
-        .await
-        .unwrap();
-    drop(stdin);
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (ok, stdout, stderr, pin) = agent.pair_with_cli(&usb, &["000000"]).await;
+    assert!(ok, "{stdout}\n{stderr}");
     assert!(stderr.contains("Wrong PIN: 4 attempts left"), "{stderr}");
     assert!(stdout.contains("Paired"), "{stdout}");
     assert!(!stderr.contains(&pin) && !stdout.contains(&pin));
@@ -85,27 +61,10 @@ async fn login_run_and_pair_a_usb_and_a_lan_dongle(pool: PgPool) {
     );
 
     // The LAN dongle, paired from the API with a user session.
-    let mut pins = lan.sim.events();
-    let lan_id = alice.dongle(&lan.device_id).await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let (status, started) = alice
-        .post(
-            &format!("/dongles/{lan_id}/pairing-mode"),
-            json!({"action": "start"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{started}");
-    let pin = Dongle::next_pin(&mut pins).await;
-    let (status, body) = alice
-        .post(
-            &format!("/dongles/{lan_id}/pairing-submit"),
-            json!({"pairing_session_id": started["pairing_session_id"], "pin": pin}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["paired"], true);
+    pair(&alice, &lan).await;
+    let paired = alice.dongle(&lan.device_id).await.unwrap();
+    assert_eq!(paired["ownership_state"], "CLAIMED_ACTIVE");
+    assert_eq!(paired["owned"], true);
 
     // The agent holds both tokens, encrypted, and says so.
     let vault = std::fs::read_to_string(agent.path("vault/vault.json")).unwrap();
@@ -177,26 +136,8 @@ async fn another_users_agent_cannot_take_a_paired_dongle(pool: PgPool) {
     alice.wait_dongle(&lan.device_id, "seen", online).await;
     bob.wait_dongle(&lan.device_id, "seen", online).await;
 
-    let mut pins = lan.sim.events();
-    let mut pair = alices.command();
-    pair.args(["pair", &lan.device_id])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = pair.spawn().unwrap();
-    let pin = Dongle::next_pin(&mut pins).await;
-    let mut stdin = child.stdin.take().unwrap();
-    stdin
-        .write_all(format!("{pin}\n").as_bytes())
-        .await
-        .unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, stderr, _) = alices.pair_with_cli(&lan, &[]).await;
+    assert!(ok, "{stderr}");
 
     // Bob's agent still sees the dongle on the LAN, but it is Alice's now.
     let (ok, _, stderr) = bobs
@@ -307,26 +248,7 @@ async fn a_factory_reset_is_detected(pool: PgPool) {
     let mut agent = Agent::new();
     agent.login(&server, &alice).await;
     agent.run(&usb.agent_args());
-    let listed = alice
-        .wait_dongle(&usb.device_id, "seen", online)
-        .await
-        .unwrap();
-    let id = listed["id"].as_str().unwrap().to_string();
-    let mut pins = usb.sim.events();
-    let (_, started) = alice
-        .post(
-            &format!("/dongles/{id}/pairing-mode"),
-            json!({"action": "start"}),
-        )
-        .await;
-    let pin = Dongle::next_pin(&mut pins).await;
-    let (status, body) = alice
-        .post(
-            &format!("/dongles/{id}/pairing-submit"),
-            json!({"pairing_session_id": started["pairing_session_id"], "pin": pin}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    pair(&alice, &usb).await;
 
     usb.sim.factory_reset();
     usb.sim.unplug().await;

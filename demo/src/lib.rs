@@ -188,11 +188,7 @@ async fn pair(user: &UserClient, dongle: &DonglePart) -> anyhow::Result<String> 
 /// The group's state as `GET /groups/:id` tells it.
 async fn group_state(user: &UserClient, group: &str) -> anyhow::Result<(String, u64)> {
     let g = user.get(&format!("/groups/{group}")).await?;
-    let state = g["state"]
-        .as_str()
-        .or_else(|| g["mode"].as_str())
-        .unwrap_or("?")
-        .to_string();
+    let state = g["state"].as_str().unwrap_or("?").to_string();
     let backlog =
         g["backlog"]["a_to_b"].as_u64().unwrap_or(0) + g["backlog"]["b_to_a"].as_u64().unwrap_or(0);
     Ok((state, backlog))

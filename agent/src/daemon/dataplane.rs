@@ -54,6 +54,9 @@ struct SideState {
     unacked: VecDeque<Frame>,
     /// Frames of `unacked` already sent on the current connection.
     sent: usize,
+    /// The position after the last frame ever sent, so that resends after a reconnect are not
+    /// counted as frames sent.
+    sent_end: u64,
     /// The position of the next frame expected from the server.
     inbound_next: u64,
     dropped: u64,
@@ -88,6 +91,7 @@ impl DataPlane {
                 acked: g.next_seq,
                 unacked: VecDeque::new(),
                 sent: 0,
+                sent_end: g.next_seq,
                 inbound_next: 0,
                 dropped: 0,
                 dropped_reported: 0,
@@ -142,16 +146,19 @@ impl DataPlane {
     fn outgoing(&self) -> Vec<Vec<u8>> {
         let mut messages = Vec::new();
         let mut first_sends = 0u64;
+        // One scratch buffer for every batch of this call: `encode_frames` copies what it needs.
+        let mut buf = Vec::new();
         let mut sides = self.sides.lock().unwrap();
         for ((group_id, side), state) in sides.iter_mut() {
             while state.sent < state.unacked.len() {
                 let start = state.sent;
-                let mut buf = vec![0u8; data::MAX_MESSAGE_LEN - data::HEADER_LEN];
+                buf.resize(data::MAX_MESSAGE_LEN - data::HEADER_LEN, 0);
                 let Ok(mut writer) = BatchWriter::new(&mut buf) else {
                     break;
                 };
                 let mut count = 0;
-                for frame in state.unacked.iter().skip(start).take(FRAMES_PER_MESSAGE) {
+                // `range` starts at `start` directly; `skip` would walk the whole queue each time.
+                for frame in state.unacked.range(start..).take(FRAMES_PER_MESSAGE) {
                     if writer.push(&frame.record()).is_err() {
                         break;
                     }
@@ -164,7 +171,9 @@ impl DataPlane {
                 let position = state.acked + start as u64;
                 messages.push(data::encode_frames(*group_id, *side, position, &buf[..len]));
                 state.sent += count;
-                first_sends += count as u64;
+                let end = position + count as u64;
+                first_sends += end.saturating_sub(state.sent_end.max(position));
+                state.sent_end = state.sent_end.max(end);
             }
             if state.dropped != state.dropped_reported {
                 messages.push(data::encode_drops(*group_id, *side, state.dropped));
@@ -172,7 +181,6 @@ impl DataPlane {
             }
         }
         drop(sides);
-        // Resends after a reconnect count again here; the figure is "frames sent", for status only.
         self.stats.lock().unwrap().frames_up += first_sends;
         messages
     }
@@ -393,6 +401,11 @@ mod tests {
         plane.acknowledged(g, Side::A, 12);
         plane.rewind();
         let resent = plane.outgoing();
+        assert_eq!(
+            plane.stats().frames_up,
+            3,
+            "a resend is not a new frame sent"
+        );
         let m = DataMessage::decode(&resent[0]).unwrap();
         assert_eq!(
             (m.n, m.frame_count()),

@@ -37,7 +37,6 @@ pub struct Server {
     pub base: String,
     pub pool: PgPool,
     running: Option<RunningServer>,
-    running_keys: bridge_server::dongle_tokens::KeyRing,
 }
 
 impl Server {
@@ -64,7 +63,6 @@ impl Server {
             base: running.base_url.clone(),
             pool,
             running: Some(running),
-            running_keys: Default::default(),
         }
     }
 
@@ -114,16 +112,21 @@ impl Server {
         }
     }
 
+    /// The dongle-token keys the server runs with; another instance or a restart needs the same.
+    fn keys(&self) -> bridge_server::dongle_tokens::KeyRing {
+        self.running.as_ref().unwrap().state.keys.as_ref().clone()
+    }
+
     /// A second instance on the same database with the same dongle-token keys, as a second process
     /// behind a load balancer would run.
     pub async fn second_instance(&self) -> Self {
-        let keys = self.running.as_ref().unwrap().state.keys.as_ref().clone();
+        let keys = self.keys();
         Self::start_with(self.pool.clone(), |c| c.dongle_keys = keys).await
     }
 
     /// Stops the server and starts a new one on the same address and database, as a restart would.
     pub async fn restart(mut self, down_for: Duration) -> Self {
-        self.running_keys = self.running.as_ref().unwrap().state.keys.as_ref().clone();
+        let keys = self.keys();
         let addr: std::net::SocketAddr = self
             .base
             .trim_start_matches("http://")
@@ -133,7 +136,6 @@ impl Server {
             running.shutdown().await.unwrap();
         }
         tokio::time::sleep(down_for).await;
-        let keys = self.running_keys.clone();
         Self::start_with(self.pool.clone(), |c| {
             c.bind = addr;
             c.dongle_keys = keys;
@@ -365,6 +367,42 @@ impl Agent {
             eprintln!("bridge-agent {args:?}\n--- stdout\n{stdout}--- stderr\n{stderr}");
         }
         (out.status.success(), stdout, stderr)
+    }
+
+    /// `bridge-agent pair DEVICE` as a technician runs it: waits for the PIN the dongle shows, and types
+    /// `wrong` PINs first, then the right one. Answers (success, stdout, stderr) and the PIN.
+    pub async fn pair_with_cli(
+        &self,
+        dongle: &Dongle,
+        wrong: &[&str],
+    ) -> (bool, String, String, String) {
+        let mut pins = dongle.sim.events();
+        let mut command = self.command();
+        command
+            .args(["pair", &dongle.device_id])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("bridge-agent pair starts");
+        let pin = Dongle::next_pin(&mut pins).await;
+        let mut stdin = child.stdin.take().unwrap();
+        for line in wrong.iter().copied().chain([pin.as_str()]) {
+            stdin
+                .write_all(format!("{line}\n").as_bytes())
+                .await
+                .unwrap();
+        }
+        drop(stdin);
+        let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .expect("bridge-agent pair finishes within 30 s")
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+            pin,
+        )
     }
 
     /// `bridge-agent login` as `user`, with the password from the environment.

@@ -2,12 +2,11 @@
 //! a user, their connected test agent that serves the dongle, and the pairing done through the API.
 
 use bridge_server::users::Role;
-use reqwest::StatusCode;
-use serde_json::json;
+
 use uuid::Uuid;
 
-use super::agent::{self, PIN, TestAgent};
-use super::{TestApp, TestClient, read};
+use super::agent::{self, TestAgent};
+use super::{TestApp, TestClient};
 
 /// The capability bit of CAN FD.
 pub const CAN_FD: u32 = 1;
@@ -29,31 +28,7 @@ pub async fn paired(app: &TestApp, email: &str, device_id: &str, caps: u32) -> O
     let (_, token) = agent::register(&client).await;
     let agent = TestAgent::connect(&app.base, &token).await;
     agent.report_caps(&app.pool, &[(device_id, caps)]).await;
-    let dongle_id: Uuid = sqlx::query_scalar("SELECT id FROM dongles WHERE device_id = $1")
-        .bind(device_id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    let started = read(
-        client
-            .post_json(
-                &format!("/dongles/{dongle_id}/pairing-mode"),
-                json!({"action": "start"}),
-            )
-            .await,
-    )
-    .await;
-    assert_eq!(started.status, StatusCode::OK, "{}", started.text);
-    let paired = read(
-        client
-            .post_json(
-                &format!("/dongles/{dongle_id}/pairing-submit"),
-                json!({"pairing_session_id": started.json["pairing_session_id"], "pin": PIN}),
-            )
-            .await,
-    )
-    .await;
-    assert_eq!(paired.status, StatusCode::OK, "{}", paired.text);
+    let dongle_id = super::data::pair(app, &client, device_id).await;
     Owner {
         client,
         user_id,
