@@ -285,8 +285,10 @@ async fn simulated_garbage_and_corrupted_packets_are_counted_and_skipped() {
     let bursts = link_after.tx_garbage_bursts - link_before.tx_garbage_bursts;
     let rejected = LinkStats::get(&link_stats.packets_rejected) - rejected_before;
     eprintln!(
-        "delivered {}, corrupted {corrupted}, garbage bursts {bursts}, rejected {rejected}",
-        seqs.len()
+        "delivered {}, corrupted {corrupted}, garbage bursts {bursts}, rejected {rejected}, packets {}, write failures {}",
+        seqs.len(),
+        link_after.tx_packets - link_before.tx_packets,
+        link_after.tx_write_failures - link_before.tx_write_failures,
     );
     assert_eq!(frames_sent(&sim), 1000);
     assert!(corrupted > 0 && bursts >= 1000);

@@ -354,3 +354,29 @@ fn stream_edge_cases() {
     dec.count_rejected();
     assert_eq!(dec.stats().rejected, 1);
 }
+
+/// A single damaged byte anywhere in a stream frame (its terminator aside, as a noisy line that
+/// keeps framing would leave it) never hands on a packet: not the original, not another one.
+#[test]
+fn every_single_byte_corruption_of_a_stream_frame_is_rejected() {
+    for packet_len in [1usize, 13, 60, 253, 254, 255, 300] {
+        let packet: Vec<u8> = (0..packet_len).map(|i| (i % 7) as u8).collect();
+        let mut frame = vec![0u8; max_frame_len(packet.len())];
+        let n = encode_frame(&packet, &mut frame).unwrap();
+        frame.truncate(n);
+        for index in 0..n - 1 {
+            for mask in 1..=255u8 {
+                let mut damaged = frame.clone();
+                damaged[index] ^= mask;
+                let mut decoder = StreamDecoder::<1024>::new();
+                let mut got = Vec::new();
+                decoder.push(&damaged, |p| got.push(p.to_vec()));
+                assert!(
+                    got.is_empty(),
+                    "len {packet_len}: byte {index} ^ {mask:#04x} passed as {:?}",
+                    got.iter().map(|p| p.len()).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+}

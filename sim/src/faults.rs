@@ -74,8 +74,8 @@ pub fn datagram_garbage(rng: &mut impl Rng) -> Vec<u8> {
     out
 }
 
-/// Flips bits of one byte of an encoded stream frame, never producing 0x00 and never touching
-/// the final terminator, so the frame stays one frame and fails its CRC or COBS check.
+/// Replaces one byte of an encoded stream frame with another non-zero value, never touching the
+/// final terminator, so the frame stays one frame and fails its CRC or COBS check.
 pub fn corrupt_stream_frame(frame: &mut [u8], rng: &mut impl Rng) {
     let body = frame.len().saturating_sub(1);
     if body == 0 {
@@ -83,14 +83,18 @@ pub fn corrupt_stream_frame(frame: &mut [u8], rng: &mut impl Rng) {
     }
     let index = rng.random_range(0..body);
     if let Some(byte) = frame.get_mut(index) {
-        let mut mask = rng.random_range(1..=255u8);
-        if *byte ^ mask == 0 {
-            mask ^= 0x01;
-            if *byte ^ mask == 0 {
-                mask = 0x80;
-            }
-        }
-        *byte ^= mask;
+        *byte = other_nonzero_byte(*byte, rng);
+    }
+}
+
+/// A value in 1..=255 that differs from `byte`, uniformly: drawing from 254 values and stepping
+/// over `byte` means the damage is certain (an XOR with a random mask could cancel itself out).
+fn other_nonzero_byte(byte: u8, rng: &mut impl Rng) -> u8 {
+    let value = rng.random_range(1..=254u8);
+    if byte != 0 && value >= byte {
+        value + 1
+    } else {
+        value
     }
 }
 
@@ -108,6 +112,20 @@ pub fn corrupt_datagram(datagram: &mut [u8], rng: &mut impl Rng) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_corrupted_byte_always_changes_and_never_becomes_a_delimiter() {
+        let mut rng = rand::rng();
+        for byte in 0..=255u8 {
+            for _ in 0..200 {
+                let damaged = other_nonzero_byte(byte, &mut rng);
+                assert!(
+                    damaged != byte && damaged != 0,
+                    "{byte:#04x} -> {damaged:#04x}"
+                );
+            }
+        }
+    }
     use firmware_proto::stream::{StreamDecoder, encode_frame};
 
     #[test]
