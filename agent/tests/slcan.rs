@@ -1,7 +1,10 @@
 //! slcan endpoints against a pseudo-terminal peer that behaves as a CANable adapter: the opening
 //! handshake, frames both ways (classic, FD, with timestamps), configuration, status, malformed lines,
 //! refused frames, an adapter that never answers, a device that speaks something else, and unplugging
-//! and plugging back in under an `EndpointSet`.
+//! and plugging back in under an `EndpointSet`; and, end to end, an adapter served by `bridge-agent` as
+//! a dongle of its user, configured and sent to through the real server.
+
+mod common;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -804,4 +807,75 @@ async fn the_set_serves_an_adapter_again_after_it_is_plugged_back_in() {
     }
     assert!(set.list().is_empty());
     drop(again);
+}
+
+/// An slcan adapter served by the agent daemon is a dongle of the user's: the server's CAN
+/// configuration reaches the adapter as its S and O/L commands and its effective values are stored,
+/// a bitrate slcan cannot set is refused with the list it can, and a frame sent by hand goes out as a
+/// `t` line.
+#[sqlx::test(migrator = "bridge_server::db::MIGRATOR")]
+async fn the_agent_serves_an_adapter_that_the_server_configures(pool: sqlx::PgPool) {
+    use reqwest::{Method, StatusCode};
+    use serde_json::json;
+
+    let mut adapter = FakeAdapter::start(Behaviour::default());
+    let server = common::Server::start(pool).await;
+    let user = server
+        .user("alice@example.com", bridge_server::users::Role::User)
+        .await;
+    let mut agent = common::Agent::new();
+    agent.login(&server, &user).await;
+    let spec = format!("slcan:{}@500000", adapter.path.display());
+    let (added, out, err) = agent.exec(&["endpoint", "add", &spec], None).await;
+    assert!(added, "{out}{err}");
+    agent.run(&["--usb-id".into(), "ffff:ffff".into()]);
+    adapter.expect(&["C", "V", "S6", "O", "F"]).await;
+    let identity = format!("slcan:{}", adapter.path.display());
+    let local = control_proto::local_device_id_text(agent.agent_id(), &identity);
+    let view = user
+        .wait_dongle(&local, "served as a local dongle", |d| {
+            d.is_some_and(|d| d["online"] == true && d["owned"] == true)
+        })
+        .await
+        .unwrap();
+    assert_eq!(view["transport"]["can_set_timing"], true, "{view}");
+    let id = view["id"].as_str().unwrap().to_string();
+
+    let (status, body) = user
+        .call(
+            Method::PUT,
+            &format!("/dongles/{id}/can-config"),
+            Some(json!({"bitrate": 250000, "sample_point_permille": 875, "mode": "normal"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    adapter.expect(&["C", "S5", "O"]).await;
+    let (_, stored) = user.get(&format!("/dongles/{id}/can-config")).await;
+    assert_eq!(stored["effective"]["bitrate"], 250000, "{stored}");
+    // The new bitrate is kept for the agent's next start.
+    let kept = std::fs::read_to_string(agent.path("endpoints.json")).unwrap();
+    assert!(kept.contains("@250000"), "{kept}");
+
+    // 33 333 bit/s is no S code: refused with what slcan can do, and nothing reaches the adapter.
+    let (status, body) = user
+        .call(
+            Method::PUT,
+            &format!("/dongles/{id}/can-config"),
+            Some(json!({"bitrate": 33333, "sample_point_permille": 875, "mode": "normal"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let reason = body["details"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("slcan sets only"), "{body}");
+
+    let (status, body) = user
+        .post(
+            &format!("/dongles/{id}/can/send"),
+            json!({"can_id": 0x123, "is_extended": false, "data_hex": "beef"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(adapter.command().await, "t1232BEEF");
+    agent.stop().await;
+    server.stop().await;
 }

@@ -2,14 +2,21 @@
 //! mode (as python-can's `socketcand` interface does) send frames to the group side and receive the
 //! group's frames; several tools share the bus; malformed and unsupported commands get errors and the
 //! connection survives; slow clients lose frames, counted; and an `EndpointSet` serves the port from
-//! `endpoints.json`.
-//!
-//! The leg through a server group to a simulated dongle on the other side needs the server's group
-//! relay; these tests stop at the endpoint's frame queue and `send_frames`, which is what the data plane
-//! connects.
+//! `endpoints.json`; and, end to end, a socketcand tool reaches a simulated dongle on the other side of a
+//! group through two `bridge-agent` processes and the real server.
+
+mod common;
 
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use bridge_server::db::MIGRATOR;
+use bridge_server::users::Role;
+use common::{Agent, Dongle, Server, pair};
+use dongle_sim::{BusTap, SimConfig};
+use reqwest::StatusCode;
+use serde_json::json;
+use sqlx::PgPool;
 
 use bridge_agent::endpoints::socketcand::MAX_CLIENTS;
 use bridge_agent::endpoints::{
@@ -488,4 +495,163 @@ bus.shutdown()
         String::from_utf8_lossy(&out.stdout),
         "7E8 False 03410d32\n18DAF110 True \n"
     );
+}
+
+/// The whole path: a tool speaking socketcand to agent A's local endpoint, the server's group relay,
+/// agent B and its simulated dongle's bus, both ways; and the endpoint as the server shows it: owned
+/// without pairing, marked local, its bit timing refused with the reason, no command console.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_socketcand_tool_reaches_a_simulated_dongle_through_a_group(pool: PgPool) {
+    let server = Server::start(pool).await;
+    let user = server.user("alice@example.com", Role::User).await;
+
+    // Side B: a simulated dongle on the bus "vehicle", served and paired through agent B.
+    let bus_root = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("ttyDONGLE");
+    let mut config = SimConfig::serial(dir.path().join("flash.json")).with_bus("vehicle");
+    config.bus_root = Some(bus_root.path().to_path_buf());
+    config.link = dongle_sim::LinkConfig::Serial {
+        link: Some(link.clone()),
+    };
+    let dongle = Dongle::start(config, dir, Some(link)).await;
+    let mut vehicle = BusTap::join_at(bus_root.path(), "vehicle").unwrap();
+    let mut agent_b = Agent::new();
+    agent_b.login(&server, &user).await;
+    agent_b.run(&dongle.agent_args());
+    let b_id = pair(&user, &dongle).await;
+
+    // Side A: agent A serves a socketcand port and no dongle at all.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spec = format!("socketcand:127.0.0.1:{port}");
+    let mut agent_a = Agent::new();
+    agent_a.login(&server, &user).await;
+    let (added, out, err) = agent_a.exec(&["endpoint", "add", &spec], None).await;
+    assert!(added, "{out}{err}");
+    agent_a.run(&["--usb-id".into(), "ffff:ffff".into()]);
+    let local = control_proto::local_device_id_text(agent_a.agent_id(), &spec);
+    assert!(
+        out.contains(&local),
+        "endpoint add names the device id: {out}"
+    );
+    let view = user
+        .wait_dongle(&local, "served as a local dongle", |d| {
+            d.is_some_and(|d| d["online"] == true && d["owned"] == true)
+        })
+        .await
+        .unwrap();
+    assert_eq!(view["local"], true);
+    assert_eq!(view["ownership_state"], "CLAIMED_ACTIVE");
+    assert_eq!(view["transport"]["kind"], "local");
+    assert_eq!(view["transport"]["location"], format!("127.0.0.1:{port}"));
+    let a_id = view["id"].as_str().unwrap().to_string();
+
+    // A socketcand port has no bit timing: the server says so and why, and stores nothing.
+    let (status, body) = user
+        .call(
+            reqwest::Method::PUT,
+            &format!("/dongles/{a_id}/can-config"),
+            Some(json!({"bitrate": 500000, "sample_point_permille": 875, "mode": "normal"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let reason = body["details"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("cannot set the bit timing"), "{body}");
+    let (status, stored) = user.get(&format!("/dongles/{a_id}/can-config")).await;
+    assert_eq!(status, StatusCode::OK, "{stored}");
+    assert!(
+        stored["config"].is_null() && stored["effective"].is_null(),
+        "{stored}"
+    );
+    // Nor does it pair: it is the user's already.
+    let (status, body) = user
+        .post(&format!("/dongles/{a_id}/pairing-mode"), json!({}))
+        .await;
+    assert!(!status.is_success(), "{status} {body}");
+
+    let (status, group) = user
+        .post("/groups", json!({"dongle_a_id": a_id, "dongle_b_id": b_id}))
+        .await;
+    assert!(status.is_success(), "{status} {group}");
+    let gid = group["id"].as_str().unwrap().to_string();
+    let (status, body) = user
+        .post(&format!("/groups/{gid}/activate"), json!({}))
+        .await;
+    assert!(status.is_success(), "{status} {body}");
+    let mut active = false;
+    for _ in 0..100 {
+        let (_, g) = user.get(&format!("/groups/{gid}")).await;
+        if g["state"] == "ACTIVE" {
+            active = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(active, "the group became ACTIVE");
+    assert!(vehicle.wait_for_peers(1, Duration::from_secs(5)).await);
+
+    // The tool's frames reach the vehicle's bus, in order.
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut tool = Client::raw(addr).await;
+    for i in 0..20u8 {
+        tool.send(&format!("< send 7DF 3 2 1 {i:x} >")).await;
+    }
+    for i in 0..20u8 {
+        let f = timeout(Duration::from_secs(10), vehicle.recv())
+            .await
+            .expect("the tool's frame reaches the vehicle")
+            .unwrap();
+        assert_eq!((f.id().raw(), f.data()), (0x7df, &[2, 1, i][..]));
+    }
+
+    // The vehicle's answers reach the tool, in order.
+    for i in 0..20u8 {
+        vehicle
+            .send(&dongle_sim::frame::Frame::classic(std_id(0x7e8), &[3, 0x41, 0x0d, i]).unwrap())
+            .await;
+    }
+    for i in 0..20u8 {
+        let (id, _, data) = frame_parts(&tool.message().await);
+        assert_eq!((id.as_str(), data), ("7E8", format!("03410D{i:02X}")));
+    }
+
+    // A frame sent by hand to the local dongle reaches the tool.
+    let (status, body) = user
+        .post(
+            &format!("/dongles/{a_id}/can/send"),
+            json!({"can_id": 0x123, "is_extended": false, "data_hex": "beef"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (id, _, data) = frame_parts(&tool.message().await);
+    assert_eq!((id.as_str(), data.as_str()), ("123", "BEEF"));
+
+    // A command has nowhere to run: it ends refused with the reason, never done.
+    let (status, cmd) = user
+        .post(
+            &format!("/dongles/{a_id}/commands"),
+            json!({"command": "version", "args": []}),
+        )
+        .await;
+    assert!(status.is_success(), "{status} {cmd}");
+    let cid = cmd["command_id"].as_str().unwrap().to_string();
+    let mut last = json!(null);
+    for _ in 0..100 {
+        let (_, c) = user.get(&format!("/dongles/{a_id}/commands/{cid}")).await;
+        if c["status"] != "queued" && c["status"] != "running" {
+            last = c;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(last["status"], "done", "{last}");
+    assert!(last.to_string().contains("command console"), "{last}");
+
+    agent_a.stop().await;
+    agent_b.stop().await;
+    server.stop().await;
 }

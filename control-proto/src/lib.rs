@@ -16,7 +16,7 @@
 //! |---|---|---|
 //! | `hello` | first message, once | `protocol` version, `agent_version`, `hostname`, `os` |
 //! | `heartbeat` | every 10 s | nothing; keeps the agent online (offline after 30 s of silence) |
-//! | `devices` | after `welcome`, and whenever the set or a state changes | the full snapshot of the dongles the agent sees: anything not listed is no longer seen |
+//! | `devices` | after `welcome`, and whenever the set or a state changes | the full snapshot of the dongles the agent sees: anything not listed is no longer seen; from protocol 2 also its local CAN endpoints (`transport.kind = "local"`) |
 //! | `reply` | answer to a server `request` | the request's `id` and `result` (`ok` with a body, or `error {code, message}`) |
 //! | `event` | unsolicited | e.g. `token_rejected` for a claimed dongle that no longer accepts its token (the server marks it RESET_DETECTED) |
 //! | `command_result` | when a command the agent accepted has ended, and again after every reconnect until acknowledged | the [`CommandResult`]: command id, outcome, exit code, output, truncated flag |
@@ -58,7 +58,14 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// The version of this message set; sent in `hello` and `welcome`.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// Version 2 added local CAN endpoints: [`Transport::Local`] in device reports and
+/// [`ReplyErrorCode::NotSettable`] in replies. An agent lists its local endpoints only to a server
+/// whose `welcome` says 2 or more, so that an older server never meets a transport it cannot read.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The first protocol version that carries local endpoints.
+pub const LOCAL_ENDPOINTS_SINCE: u32 = 2;
 
 /// The heartbeat period the server asks for, in seconds.
 pub const DEFAULT_HEARTBEAT_SECS: u32 = 10;
@@ -69,6 +76,34 @@ pub type DeviceId = String;
 /// True when `s` is a well-formed device id (16 lower-case hex characters).
 pub fn is_device_id(s: &str) -> bool {
     s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The device id of the local endpoint `identity` (for example `socketcand:127.0.0.1:29536`) of agent
+/// `agent_id`: `10 ca` followed by the first 6 bytes of
+/// `SHA-256("local:" || agent_id as 36 lower-case hyphenated characters || ":" || identity)`.
+///
+/// Both sides compute it: the agent to name its endpoint, the server to check a report. Since the
+/// agent's id is part of the input, an agent cannot claim as "local" the id of a real dongle or of
+/// another agent's endpoint, and so cannot obtain either without pairing.
+pub fn local_device_id(agent_id: Uuid, identity: &str) -> [u8; 8] {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(b"local:");
+    hash.update(agent_id.hyphenated().to_string().as_bytes());
+    hash.update(b":");
+    hash.update(identity.as_bytes());
+    let digest = hash.finalize();
+    let mut id = [0x10, 0xca, 0, 0, 0, 0, 0, 0];
+    id[2..].copy_from_slice(&digest[..6]);
+    id
+}
+
+/// [`local_device_id`] in its wire form, 16 lower-case hex characters.
+pub fn local_device_id_text(agent_id: Uuid, identity: &str) -> DeviceId {
+    local_device_id(agent_id, identity)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A message from the agent to the server.
@@ -130,6 +165,34 @@ pub enum Transport {
         /// `IP:PORT` of the dongle.
         addr: String,
     },
+    /// A CAN endpoint of the agent's workstation standing in for a dongle (protocol 2): its device id
+    /// is [`local_device_id`] of the agent and `identity`, and the server gives it to the agent's
+    /// user without pairing.
+    Local {
+        /// `socketcan`, `slcan` or `socketcand`.
+        endpoint: String,
+        /// The endpoint's identity, the input of its device id: `slcan:/dev/ttyACM0`.
+        identity: String,
+        /// Where it is: the interface, the serial port, or the address a socketcand port listens on.
+        location: String,
+        /// Whether the agent can set its bit timing (an slcan adapter can; SocketCAN takes it from
+        /// the kernel, and a socketcand port has no bus of its own).
+        can_set_timing: bool,
+    },
+}
+
+impl fmt::Display for Transport {
+    /// The link in a few words, as the agent's `list` and `status` show it: `usb /dev/ttyACM0`,
+    /// `lan 192.168.1.20:50000`, `local socketcand 127.0.0.1:29536`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Usb { path, .. } => write!(f, "usb {path}"),
+            Self::Lan { addr } => write!(f, "lan {addr}"),
+            Self::Local {
+                endpoint, location, ..
+            } => write!(f, "local {endpoint} {location}"),
+        }
+    }
 }
 
 /// The agent's answer to a [`Request`].
@@ -243,6 +306,9 @@ pub enum ReplyErrorCode {
     Refused,
     /// The agent does not know this request (older agent).
     Unsupported,
+    /// The dongle is a local endpoint that cannot apply this setting (its bit timing is set
+    /// elsewhere); the message says where (protocol 2).
+    NotSettable,
     /// Anything else.
     Internal,
 }
@@ -525,6 +591,62 @@ mod tests {
                  "pairing_mode": true, "present": true, "claimed": true},
             ]}),
         );
+    }
+
+    #[test]
+    fn local_endpoints_and_their_ids() {
+        let agent: Uuid = "6f1c2a9e-0b7d-4c38-9a51-3e2f8d4b7c10".parse().unwrap();
+        let id = local_device_id_text(agent, "socketcand:127.0.0.1:29536");
+        assert!(is_device_id(&id) && id.starts_with("10ca"), "{id}");
+        assert_eq!(
+            id,
+            local_device_id_text(agent, "socketcand:127.0.0.1:29536")
+        );
+        assert_ne!(
+            id,
+            local_device_id_text(agent, "socketcand:127.0.0.1:29537")
+        );
+        assert_ne!(
+            id,
+            local_device_id_text(Uuid::nil(), "socketcand:127.0.0.1:29536")
+        );
+        agent_round_trip(
+            AgentMessage::Devices(Devices {
+                dongles: vec![DongleReport {
+                    device_id: id.clone(),
+                    fw_build: "local".into(),
+                    proto_ver: 1,
+                    capabilities: 2,
+                    transport: Transport::Local {
+                        endpoint: "socketcand".into(),
+                        identity: "socketcand:127.0.0.1:29536".into(),
+                        location: "127.0.0.1:29536".into(),
+                        can_set_timing: false,
+                    },
+                    pairing_mode: false,
+                    present: true,
+                    claimed: true,
+                }],
+            }),
+            json!({"type": "devices", "dongles": [
+                {"device_id": id, "fw_build": "local", "proto_ver": 1, "capabilities": 2,
+                 "transport": {"kind": "local", "endpoint": "socketcand",
+                   "identity": "socketcand:127.0.0.1:29536", "location": "127.0.0.1:29536",
+                   "can_set_timing": false},
+                 "pairing_mode": false, "present": true, "claimed": true},
+            ]}),
+        );
+        let reply: Reply = serde_json::from_value(
+            json!({"id": 3, "result": {"status": "error", "code": "not_settable", "message": "m"}}),
+        )
+        .unwrap();
+        assert!(matches!(
+            reply.result,
+            ReplyResult::Error(ReplyError {
+                code: ReplyErrorCode::NotSettable,
+                ..
+            })
+        ));
     }
 
     #[test]

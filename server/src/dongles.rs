@@ -40,9 +40,14 @@ pub struct DongleView {
     pub fw_build: Option<String>,
     pub proto_ver: Option<i16>,
     pub capabilities: Option<i64>,
-    /// `{"kind": "usb", "path", "serial_number"}` or `{"kind": "lan", "addr"}`, as last reported.
+    /// `{"kind": "usb", "path", "serial_number"}`, `{"kind": "lan", "addr"}` or, for a local CAN
+    /// endpoint, `{"kind": "local", "endpoint", "identity", "location", "can_set_timing"}`, as last
+    /// reported.
     #[schema(value_type = Option<Object>)]
     pub transport: Option<serde_json::Value>,
+    /// A local CAN endpoint of one of the owner's agents (SocketCAN, slcan or socketcand), owned
+    /// without pairing; its device id derives from that agent's id.
+    pub local: bool,
     pub pairing_mode: bool,
     /// An online agent of the caller sees it now.
     pub online: bool,
@@ -70,7 +75,7 @@ fn view_columns() -> String {
     format!(
         "d.id, d.device_id, d.ownership_state::text AS ownership_state, \
          (d.owner_user_id IS NOT DISTINCT FROM $1) AS owned, d.fw_build, d.proto_ver, d.capabilities, \
-         d.transport, d.pairing_mode, {} AS online, \
+         d.transport, (d.local_agent_id IS NOT NULL) AS local, d.pairing_mode, {} AS online, \
          (SELECT s.agent_id FROM dongle_sightings s JOIN agents a ON a.id = s.agent_id \
            WHERE s.dongle_id = d.id AND a.user_id = $1 \
            ORDER BY s.present DESC, s.last_seen_at DESC LIMIT 1) AS agent_id, \
@@ -1016,6 +1021,12 @@ pub fn dongle_request_error(e: RequestError, refused: ErrorCode) -> ApiError {
             ReplyErrorCode::Refused => {
                 ApiError::of(refused).with_detail("reason", reply_reason(&e.message))
             }
+            ReplyErrorCode::NotSettable => ApiError::new(
+                refused,
+                "This dongle is a local CAN endpoint that cannot apply this setting; nothing was \
+                 changed. The reason says where it is set instead.",
+            )
+            .with_detail("reason", reply_reason(&e.message)),
             ReplyErrorCode::Unsupported => ApiError::new(
                 ErrorCode::Conflict,
                 "The agent serving this dongle does not support this request: update the agent.",
@@ -1033,11 +1044,11 @@ pub fn dongle_request_error(e: RequestError, refused: ErrorCode) -> ApiError {
     }
 }
 
-/// A reason an agent or dongle gave, made safe to echo: printable characters only, at most 200.
+/// A reason an agent or dongle gave, made safe to echo: printable characters only, at most 400.
 pub fn reply_reason(message: &str) -> String {
     message
         .chars()
         .filter(|c| !c.is_control())
-        .take(200)
+        .take(400)
         .collect()
 }

@@ -236,3 +236,145 @@ async fn a_device_report_upserts_dongles_and_never_makes_an_owner(pool: PgPool) 
     let list = read(alice.get("/dongles").await).await;
     assert_eq!(list.json["items"].as_array().unwrap().len(), 0);
 }
+
+/// A local endpoint in a report (SPEC 3.11: an agent gains nothing by what it claims): its id must be
+/// the one derived from the reporting agent's id, or the report is refused; the agent's user owns it
+/// without pairing (audited once); another agent that reports the same id, as local or as a USB
+/// dongle, gains nothing; and an id that is already a real dongle's is never served as local.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn local_endpoints_belong_to_their_agents_user_and_nobody_else(pool: PgPool) {
+    use control_proto::{DongleReport, Transport};
+
+    let app = spawn_app(pool.clone()).await;
+    let (alice, _) = app.logged_in("alice@example.com", Role::User).await;
+    let (mallory, _) = app.logged_in("mallory@example.com", Role::User).await;
+    let (alice_agent, alice_token) = agent::register(&alice).await;
+    let (_, mallory_token) = agent::register(&mallory).await;
+    let http = reqwest::Client::new();
+    let report = |token: &str, dongles: Vec<DongleReport>| {
+        http.post(alice.api("/agents/devices/report"))
+            .bearer_auth(token)
+            .json(&json!({ "dongles": dongles }))
+            .send()
+    };
+    let local = |device_id: &str, identity: &str| DongleReport {
+        device_id: device_id.into(),
+        fw_build: "local socketcand".into(),
+        proto_ver: 1,
+        capabilities: 2,
+        transport: Transport::Local {
+            endpoint: "socketcand".into(),
+            identity: identity.into(),
+            location: "127.0.0.1:29536".into(),
+            can_set_timing: false,
+        },
+        pairing_mode: false,
+        present: true,
+        claimed: true,
+    };
+    let identity = "socketcand:127.0.0.1:29536";
+    let id = control_proto::local_device_id_text(alice_agent, identity);
+
+    // Mallory's agent cannot report Alice's endpoint as its own local one: the id is not its.
+    read(
+        report(&mallory_token, vec![local(&id, identity)])
+            .await
+            .unwrap(),
+    )
+    .await
+    .assert_error(StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
+    // Nor any made-up id.
+    read(
+        report(&alice_token, vec![local(DEV_A, identity)])
+            .await
+            .unwrap(),
+    )
+    .await
+    .assert_error(StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
+    assert_eq!(app.count("SELECT count(*) FROM dongles").await, 0);
+
+    // Alice's agent reports it: Alice owns it, marked local, audited once however often reported.
+    for _ in 0..2 {
+        let answer = read(
+            report(&alice_token, vec![local(&id, identity)])
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    }
+    let list = read(alice.get("/dongles").await).await;
+    let items = list.json["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{}", list.text);
+    assert_eq!(items[0]["device_id"], id.as_str());
+    assert_eq!(items[0]["owned"], true);
+    assert_eq!(items[0]["local"], true);
+    assert_eq!(items[0]["ownership_state"], "CLAIMED_ACTIVE");
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_logs WHERE action = 'dongle.local_claimed'")
+            .await,
+        1
+    );
+
+    // Mallory's agent reports the same id as a USB dongle it sees: ignored, nothing changes hands,
+    // and Alice's endpoint stays served by Alice's agent.
+    let answer = read(
+        report(&mallory_token, vec![agent::usb_dongle(&id)])
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    assert_eq!(
+        read(mallory.get("/dongles").await).await.json["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM dongle_sightings s JOIN dongles d ON d.id = s.dongle_id \
+             WHERE d.device_id = '{id}'"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM dongles WHERE device_id = '{id}' AND transport->>'kind' = 'local'"
+        ))
+        .await,
+        1
+    );
+
+    // A real dongle already known under an id is never served as a local endpoint: the report is
+    // taken, the entry skipped, and the dongle stays unclaimed.
+    sqlx::query("INSERT INTO dongles (device_id) VALUES ($1)")
+        .bind(control_proto::local_device_id_text(
+            alice_agent,
+            "socketcan:can0",
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let real = control_proto::local_device_id_text(alice_agent, "socketcan:can0");
+    let answer = read(
+        report(
+            &alice_token,
+            vec![local(&id, identity), local(&real, "socketcan:can0")],
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM dongles WHERE device_id = '{real}' AND owner_user_id IS NULL \
+             AND local_agent_id IS NULL"
+        ))
+        .await,
+        1
+    );
+}

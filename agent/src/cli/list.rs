@@ -93,16 +93,18 @@ pub fn render_reports(dongles: &[control_proto::DongleReport]) -> String {
         "DEVICE ID", "PAIRING", "FIRMWARE", "TOKEN", "WHERE"
     );
     for d in dongles {
-        let place = match &d.transport {
-            control_proto::Transport::Usb { path, .. } => format!("usb {path}"),
-            control_proto::Transport::Lan { addr } => format!("lan {addr}"),
-        };
+        let place = d.transport.to_string();
         out.push_str(&format!(
             "{:<16}  {:<8}  {:<12}  {:<10}  {}\n",
             d.device_id,
             if d.pairing_mode { "open" } else { "-" },
             d.fw_build,
-            if d.claimed { "held" } else { "-" },
+            match (&d.transport, d.claimed) {
+                (control_proto::Transport::Local { .. }, _) if !d.present => "local, closed",
+                (control_proto::Transport::Local { .. }, _) => "local",
+                (_, true) => "held",
+                (_, false) => "-",
+            },
             place
         ));
     }

@@ -65,15 +65,19 @@ pub async fn run(home: &Home, args: StatusArgs) -> anyhow::Result<()> {
                 println!("dongles: none seen");
             }
             for d in &status.dongles {
-                let place = match &d.transport {
-                    control_proto::Transport::Usb { path, .. } => format!("usb {path}"),
-                    control_proto::Transport::Lan { addr } => format!("lan {addr}"),
-                };
+                let place = d.transport.to_string();
                 println!(
                     "dongle:  {}  {}  {}{}",
                     d.device_id,
                     place,
-                    if d.claimed { "token held" } else { "no token" },
+                    match (&d.transport, d.claimed) {
+                        (control_proto::Transport::Local { .. }, _) if !d.present => {
+                            "local endpoint, not open"
+                        }
+                        (control_proto::Transport::Local { .. }, _) => "local endpoint",
+                        (_, true) => "token held",
+                        (_, false) => "no token",
+                    },
                     if d.pairing_mode {
                         ", pairing window open"
                     } else {

@@ -77,10 +77,10 @@ async fn serve(
 ) -> Result<(), String> {
     let (mut sink, mut stream) = socket.split();
     send(&mut sink, &hello()).await?;
-    let heartbeat_secs = tokio::time::timeout(WELCOME_WAIT, async {
+    let welcome = tokio::time::timeout(WELCOME_WAIT, async {
         while let Some(frame) = stream.next().await {
             if let Some(ServerMessage::Welcome(w)) = parse(frame.map_err(|e| e.to_string())?)? {
-                return Ok(w.heartbeat_secs);
+                return Ok(w);
             }
         }
         Err("the server closed the connection before its welcome".to_string())
@@ -88,6 +88,8 @@ async fn serve(
     .await
     .map_err(|_| "the server did not answer hello in time".to_string())??;
     backoff.reset();
+    shared.server_speaks(welcome.protocol);
+    let heartbeat_secs = welcome.heartbeat_secs;
     let (tx, mut rx) = mpsc::channel::<AgentMessage>(1024);
     *shared.outbound.lock().unwrap() = Some(tx.clone());
     shared.status.update(|s| {

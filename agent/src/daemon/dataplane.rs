@@ -311,9 +311,12 @@ impl Shared {
         let fresh = frames.get(skip..).unwrap_or(&[]);
         let next = first + frames.len() as u64;
         if !fresh.is_empty() {
-            let delivered = match self.manager.session(&device_id) {
-                Some(session) => session.send_frames(fresh).await.is_ok(),
-                None => false,
+            let delivered = if let Some(session) = self.manager.session(&device_id) {
+                session.send_frames(fresh).await.is_ok()
+            } else if let Some(endpoint) = self.endpoints.endpoint(&device_id) {
+                endpoint.send_frames(fresh).await.is_ok()
+            } else {
+                false
             };
             let mut stats = self.data.stats.lock().unwrap();
             if delivered {

@@ -1,7 +1,9 @@
-//! `bridge-agent run`: the daemon. It serves the dongles the [`DongleManager`] finds, keeps the control
-//! WebSocket to the server open, and answers the server's requests through the dongles' sessions.
+//! `bridge-agent run`: the daemon. It serves the dongles the [`DongleManager`] finds and the local CAN
+//! endpoints of the [`EndpointSet`], keeps the control WebSocket to the server open, and answers the
+//! server's requests through the dongles' sessions or the endpoints.
 //!
-//! Data flows one way: the manager's [`DongleEvent`]s and the server's messages come in; device
+//! Data flows one way: the manager's [`DongleEvent`]s, the set's [`EndpointEvent`]s and the server's
+//! messages come in; device
 //! reports, replies and command results go out through the one sender of the current connection
 //! ([`Shared::outbound`]). Dongle tokens go from the server into the [`Vault`], and from there into the
 //! dongle's session. Command results go through the [`Journal`] first, so that none is lost when the
@@ -9,11 +11,13 @@
 
 mod connection;
 mod dataplane;
+mod local;
 mod requests;
 mod status;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::discovery::scan::Location;
 use crate::dongles::{DongleEvent, DongleManager, ManagerConfig};
+use crate::endpoints::{EndpointEvent, EndpointSet, LocalEndpoint};
 use crate::home::{Credentials, Home};
 use crate::journal::{Journal, JournalError};
 use crate::session::SessionError;
@@ -67,6 +72,10 @@ pub enum DaemonError {
 /// What every part of the daemon shares.
 pub(crate) struct Shared {
     manager: DongleManager,
+    endpoints: EndpointSet,
+    /// The protocol version of the server's last `welcome` (0 before the first): local endpoints are
+    /// reported only to servers that know them.
+    server_protocol: AtomicU32,
     vault: Mutex<Vault>,
     journal: Journal,
     /// The sender of the current control connection; `None` while disconnected.
@@ -101,8 +110,12 @@ pub async fn run(
         })?;
     let manager = DongleManager::start(config.manager.clone(), hub);
     let events = manager.events();
+    let endpoints = EndpointSet::start(&config.home, config.credentials.agent_id);
+    let endpoint_events = endpoints.events();
     let shared = Arc::new(Shared {
         manager,
+        endpoints,
+        server_protocol: AtomicU32::new(0),
         vault: Mutex::new(vault),
         journal,
         outbound: Mutex::new(None),
@@ -113,6 +126,11 @@ pub async fn run(
     });
     shared.status.update(|s| s.dongles = shared.reports());
     let watcher = tokio::spawn(watch_dongles(shared.clone(), events));
+    let endpoint_watcher = tokio::spawn(watch_endpoints(shared.clone(), endpoint_events));
+    // Endpoints that opened before the watcher subscribed are pumped here.
+    for endpoint in shared.endpoints.list() {
+        start_endpoint_pump(&shared, endpoint.device_id);
+    }
     let data_plane = tokio::spawn(dataplane::run(
         shared.clone(),
         config.credentials.clone(),
@@ -124,6 +142,7 @@ pub async fn run(
         () = shutdown => Ok(()),
     };
     watcher.abort();
+    endpoint_watcher.abort();
     data_plane.abort();
     stats.abort();
     shared.status.remove();
@@ -171,6 +190,34 @@ async fn watch_dongles(shared: Arc<Shared>, mut events: broadcast::Receiver<Dong
     }
 }
 
+/// Follows the local endpoints as they open and close: their frames go to the data plane, and the
+/// server learns of them as it does of dongles.
+async fn watch_endpoints(shared: Arc<Shared>, mut events: broadcast::Receiver<EndpointEvent>) {
+    loop {
+        match events.recv().await {
+            Ok(EndpointEvent::Appeared { device_id, .. }) => {
+                start_endpoint_pump(&shared, device_id);
+            }
+            Ok(EndpointEvent::Gone { .. }) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+        shared.devices_changed();
+    }
+}
+
+/// Moves the frames of the open endpoint `device_id` into the data plane; nothing when the endpoint is
+/// not open or its frames are already taken (each endpoint hands its queue out once per opening).
+fn start_endpoint_pump(shared: &Arc<Shared>, device_id: DeviceId) {
+    if let Some(frames) = shared
+        .endpoints
+        .endpoint(&device_id)
+        .and_then(|e| e.take_frames())
+    {
+        tokio::spawn(dataplane::pump(shared.clone(), device_id, frames));
+    }
+}
+
 impl Shared {
     /// Queues a message on the current connection; dropped while disconnected (device reports are
     /// re-sent in full on connect, and command results live in the journal).
@@ -194,7 +241,8 @@ impl Shared {
         };
         self.manager.set_pairing_active(!pairing.is_empty());
         let vault = self.vault.lock().unwrap();
-        self.manager
+        let mut reports: Vec<DongleReport> = self
+            .manager
             .list()
             .into_iter()
             .map(|(info, location)| DongleReport {
@@ -215,7 +263,16 @@ impl Shared {
                 present: true,
                 claimed: vault.get(&info.device_id).ok().flatten().is_some(),
             })
-            .collect()
+            .collect();
+        if self.server_protocol.load(Ordering::Relaxed) >= control_proto::LOCAL_ENDPOINTS_SINCE {
+            reports.extend(self.endpoints.list().iter().map(local_report));
+        }
+        reports
+    }
+
+    /// Notes the server's protocol version from its `welcome`.
+    fn server_speaks(&self, protocol: u32) {
+        self.server_protocol.store(protocol, Ordering::Relaxed);
     }
 
     /// Sends the full device report and records it in the status file.
@@ -314,6 +371,29 @@ impl Shared {
 
     fn send_result(&self, result: CommandResult) {
         self.send(AgentMessage::CommandResult(result));
+    }
+}
+
+/// A local endpoint as the device report lists it: present while open, with the capabilities of its
+/// kind, and "claimed", since it belongs to the agent's user without pairing.
+fn local_report(endpoint: &LocalEndpoint) -> DongleReport {
+    let info = endpoint.info.as_ref();
+    DongleReport {
+        device_id: endpoint.device_id.to_string(),
+        fw_build: info
+            .and_then(|i| i.version.clone())
+            .unwrap_or_else(|| format!("local {}", endpoint.spec.kind())),
+        proto_ver: 1,
+        capabilities: info.map_or(firmware_proto::caps::CAN_BATCH, |i| i.capabilities()),
+        transport: Transport::Local {
+            endpoint: endpoint.spec.kind().to_string(),
+            identity: endpoint.spec.identity(),
+            location: info.map_or_else(|| endpoint.spec.to_string(), |i| i.location.clone()),
+            can_set_timing: info.is_some_and(|i| i.can_set_timing),
+        },
+        pairing_mode: false,
+        present: endpoint.present(),
+        claimed: true,
     }
 }
 

@@ -21,14 +21,14 @@ use super::Shared;
 use crate::journal::Admission;
 use crate::session::{DongleSession, Frame, SessionError};
 
-fn error(code: ReplyErrorCode, message: impl Into<String>) -> ReplyResult {
+pub(super) fn error(code: ReplyErrorCode, message: impl Into<String>) -> ReplyResult {
     ReplyResult::Error(ReplyError {
         code,
         message: message.into(),
     })
 }
 
-fn ok(body: ReplyOk) -> ReplyResult {
+pub(super) fn ok(body: ReplyOk) -> ReplyResult {
     ReplyResult::Ok { body }
 }
 
@@ -64,6 +64,9 @@ impl Shared {
 
     /// Answers one request. Commands answer at once and end later through [`Shared::run_command`].
     pub(super) async fn handle_request(self: &Arc<Self>, body: RequestBody) -> ReplyResult {
+        if let Some(reply) = self.local_request(&body).await {
+            return reply;
+        }
         match body {
             RequestBody::PairingStart { device_id, corr_id } => {
                 self.pairing_start(&device_id, corr_id).await
@@ -301,28 +304,9 @@ impl Shared {
             Ok(s) => s,
             Err(reply) => return reply,
         };
-        if rtr {
-            return error(
-                ReplyErrorCode::Unsupported,
-                "remote frames cannot be sent through REMP",
-            );
-        }
-        let Ok(id) = CanId::new(can_id, extended) else {
-            return error(
-                ReplyErrorCode::Refused,
-                "the CAN id does not fit its format",
-            );
-        };
-        let Ok(data) = hex::decode(data) else {
-            return error(ReplyErrorCode::Refused, "the data is not hex");
-        };
-        let frame = if fd {
-            Frame::with_flags(id, firmware_proto::ext::batch::flags::FD, &data)
-        } else {
-            Frame::classic(id, &data)
-        };
-        let Some(frame) = frame else {
-            return error(ReplyErrorCode::Refused, "too many data bytes for the frame");
+        let frame = match build_frame(can_id, extended, rtr, data, fd) {
+            Ok(frame) => frame,
+            Err(reply) => return reply,
         };
         match session.send_frames(&[frame]).await {
             Ok(()) => ok(ReplyOk::FrameSent),
@@ -410,6 +394,37 @@ impl Shared {
             Err(e) => failed(e.to_string()),
         }
     }
+}
+
+/// The frame a `send_frame` request asks for, or the reply that says why there is none.
+pub(super) fn build_frame(
+    can_id: u32,
+    extended: bool,
+    rtr: bool,
+    data: &str,
+    fd: bool,
+) -> Result<Frame, ReplyResult> {
+    if rtr {
+        return Err(error(
+            ReplyErrorCode::Unsupported,
+            "remote frames cannot be sent through REMP",
+        ));
+    }
+    let Ok(id) = CanId::new(can_id, extended) else {
+        return Err(error(
+            ReplyErrorCode::Refused,
+            "the CAN id does not fit its format",
+        ));
+    };
+    let Ok(data) = hex::decode(data) else {
+        return Err(error(ReplyErrorCode::Refused, "the data is not hex"));
+    };
+    let frame = if fd {
+        Frame::with_flags(id, firmware_proto::ext::batch::flags::FD, &data)
+    } else {
+        Frame::classic(id, &data)
+    };
+    frame.ok_or_else(|| error(ReplyErrorCode::Refused, "too many data bytes for the frame"))
 }
 
 fn parse_mode(mode: &str) -> Option<CanMode> {

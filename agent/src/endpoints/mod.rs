@@ -43,7 +43,6 @@ use firmware_proto::ext::batch;
 use firmware_proto::ids::DeviceId;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -58,28 +57,16 @@ pub use store::{EndpointStore, StoreError};
 /// reading ids can tell them from dongles'. The server must not rely on it: see [`local_device_id`].
 pub const LOCAL_ID_MARKER: [u8; 2] = [0x10, 0xca];
 
-/// The device id of the local endpoint `identity` (see [`EndpointSpec::identity`]) of agent `agent_id`.
+/// The device id of the local endpoint `identity` (see [`EndpointSpec::identity`]) of agent `agent_id`:
+/// [`control_proto::local_device_id`], the scheme the server checks reports against.
 ///
-/// The scheme: `10 ca` followed by the first 6 bytes of
-/// `SHA-256("local:" || agent_id as 36 lower-case hyphenated characters || ":" || identity)`.
 /// The id is stable for as long as the agent keeps its registration and the endpoint its identity
 /// (kind and place, not its bitrate), and differs between agents, so two workstations with a `can0`
-/// each get two dongles. Since the agent id is part of the input, the server can recompute the id from
-/// the agent's own id and the reported identity and so refuse a report that claims a "local" id which
-/// is not this agent's: an agent must never obtain a real dongle without pairing by calling it local.
-/// 48 bits of hash keep the chance of two endpoints colliding negligible at any realistic number of
-/// them, and the marker keeps them out of the way of dongle ids in practice.
+/// each get two dongles. 48 bits of hash keep the chance of two endpoints colliding negligible at any
+/// realistic number of them, and the marker keeps them out of the way of dongle ids in practice; the
+/// server refuses a local id that is already a real dongle's.
 pub fn local_device_id(agent_id: Uuid, identity: &str) -> DeviceId {
-    let mut hash = Sha256::new();
-    hash.update(b"local:");
-    hash.update(agent_id.hyphenated().to_string().as_bytes());
-    hash.update(b":");
-    hash.update(identity.as_bytes());
-    let digest = hash.finalize();
-    let mut id = [0u8; 8];
-    id[..2].copy_from_slice(&LOCAL_ID_MARKER);
-    id[2..].copy_from_slice(&digest[..6]);
-    DeviceId::from_bytes(id)
+    DeviceId::from_bytes(control_proto::local_device_id(agent_id, identity))
 }
 
 /// Whether `device_id` carries the local-endpoint marker. A hint for people and logs only.
@@ -646,6 +633,7 @@ mod tests {
         assert_ne!(a, local_device_id(other, "socketcan:can0"));
         assert_ne!(a, local_device_id(agent, "socketcan:can1"));
         // The scheme written out, so that the server can recompute it byte for byte.
+        use sha2::{Digest, Sha256};
         let digest = Sha256::digest(format!("local:{agent}:socketcan:can0").as_bytes());
         assert_eq!(&a.as_bytes()[2..], &digest[..6]);
     }

@@ -11,7 +11,7 @@ pub mod hub;
 pub mod ws;
 
 use chrono::{DateTime, Utc};
-use control_proto::DongleReport;
+use control_proto::{DongleReport, Transport};
 use serde::Serialize;
 use sqlx::{PgExecutor, PgPool};
 use utoipa::ToSchema;
@@ -176,6 +176,10 @@ pub enum ReportError {
     BadDeviceId(String),
     #[error("a report lists at most 256 dongles")]
     TooMany,
+    #[error(
+        "device_id {0} is not the local device id of this agent for its endpoint: local ids derive from the agent's id and the endpoint's identity"
+    )]
+    ForgedLocalId(String),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -187,10 +191,50 @@ pub struct OwnedSighting {
     pub device_id: String,
 }
 
+/// Makes the local endpoint `dongle_id` the agent's user's, without pairing: the first report claims
+/// it (audited), and later ones claim it again after an unpair, since the agent still serves it.
+async fn claim_local(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    agent: AgentIdentity,
+    dongle_id: Uuid,
+    device_id: &str,
+) -> Result<(), sqlx::Error> {
+    let claimed = sqlx::query(
+        "UPDATE dongles SET local_agent_id = $2, owner_user_id = $3,            ownership_state = 'CLAIMED_ACTIVE', updated_at = now()          WHERE id = $1 AND (local_agent_id IS DISTINCT FROM $2 OR owner_user_id IS DISTINCT FROM $3            OR ownership_state <> 'CLAIMED_ACTIVE')",
+    )
+    .bind(dongle_id)
+    .bind(agent.agent_id)
+    .bind(agent.user_id)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if claimed > 0 {
+        crate::audit::record(
+            &mut **tx,
+            crate::audit::Entry {
+                actor: Some(agent.user_id),
+                action: "dongle.local_claimed",
+                target: Some(crate::audit::Target {
+                    kind: "dongle",
+                    id: dongle_id.to_string(),
+                }),
+                ip: None,
+                user_agent: None,
+                details: serde_json::json!({
+                    "device_id": device_id,
+                    "agent_id": agent.agent_id,
+                }),
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Applies a full snapshot of the dongles an agent sees: upserts each by device id (identity, and the
 /// latest sighting: transport, pairing mode, presence, agent) and this agent's sighting of it, and marks
 /// the agent's sightings of other dongles as no longer present.
-/// Ownership is never touched here. Returns the present, CLAIMED_ACTIVE dongles owned by the agent's user.
+/// Ownership is never touched here, except for the agent's own local endpoints (see [`claim_local`]). Returns the present, CLAIMED_ACTIVE dongles owned by the agent's user.
 pub async fn report_devices(
     pool: &PgPool,
     agent: AgentIdentity,
@@ -203,11 +247,38 @@ pub async fn report_devices(
         if !control_proto::is_device_id(&d.device_id) {
             return Err(ReportError::BadDeviceId(clip(&d.device_id, 32)));
         }
+        if let Transport::Local { identity, .. } = &d.transport
+            && control_proto::local_device_id_text(agent.agent_id, identity) != d.device_id
+        {
+            return Err(ReportError::ForgedLocalId(d.device_id.clone()));
+        }
     }
     let mut tx = pool.begin().await?;
     let mut seen = Vec::with_capacity(dongles.len());
     for d in dongles {
-        // Stored in its wire form: {"kind": "usb", ...} or {"kind": "lan", ...}.
+        let local = matches!(d.transport, Transport::Local { .. });
+        // Which agent's local endpoint the id already is, if any: NULL for a real dongle.
+        let existing: Option<Option<Uuid>> = sqlx::query_scalar(
+            "SELECT local_agent_id FROM dongles WHERE device_id = $1 FOR UPDATE",
+        )
+        .bind(&d.device_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match (local, existing) {
+            (true, Some(None)) => {
+                tracing::warn!(agent_id = %agent.agent_id, device_id = %d.device_id,
+                    "a local endpoint's id is a real dongle's; the endpoint is not served");
+                continue;
+            }
+            (_, Some(Some(owner))) if owner != agent.agent_id || !local => {
+                // Another agent's endpoint, or an endpoint reported as a dongle: no one gains it.
+                tracing::warn!(agent_id = %agent.agent_id, device_id = %d.device_id,
+                    "an agent reported another agent's local endpoint; ignored");
+                continue;
+            }
+            _ => {}
+        }
+        // Stored in its wire form: {"kind": "usb", ...}, {"kind": "lan", ...} or {"kind": "local", ...}.
         let transport = serde_json::to_value(&d.transport).expect("a transport always serializes");
         let dongle_id: Uuid = sqlx::query_scalar(
             "INSERT INTO dongles (device_id, fw_build, proto_ver, capabilities, transport, pairing_mode, \
@@ -230,6 +301,9 @@ pub async fn report_devices(
         .bind(agent.agent_id)
         .fetch_one(&mut *tx)
         .await?;
+        if local {
+            claim_local(&mut tx, agent, dongle_id, &d.device_id).await?;
+        }
         sqlx::query(
             "INSERT INTO dongle_sightings (dongle_id, agent_id, present, pairing_mode, transport) \
              VALUES ($1, $2, $3, $4, $5) \

@@ -246,6 +246,15 @@ pub enum TransportSchema {
         /// `IP:PORT` of the dongle.
         addr: String,
     },
+    /// A local CAN endpoint of the agent; its device id must be `control_proto::local_device_id`
+    /// of the agent's id and `identity`.
+    Local {
+        /// `socketcan`, `slcan` or `socketcand`.
+        endpoint: String,
+        identity: String,
+        location: String,
+        can_set_timing: bool,
+    },
 }
 
 #[derive(Serialize, ToSchema)]
@@ -253,12 +262,14 @@ pub struct ReportAck {
     pub accepted: usize,
 }
 
-/// A full snapshot of the dongles an agent sees. It never makes anyone an owner.
+/// A full snapshot of the dongles an agent sees. It never makes anyone an owner of a dongle; the
+/// agent's own local CAN endpoints (transport `local`, device ids derived from the agent's id) become
+/// its user's.
 #[utoipa::path(post, path = "/agents/devices/report", tag = "agents", security(("agent_token" = [])),
     request_body = DevicesReport,
     responses(
         (status = 200, description = "Recorded.", body = ReportAck),
-        (status = 400, description = "VALIDATION_ERROR: a malformed device id or report.", body = ErrorBody),
+        (status = 400, description = "VALIDATION_ERROR: a malformed device id or report, or a local endpoint whose id is not this agent's.", body = ErrorBody),
         (status = 401, description = "AUTH_REQUIRED: no valid agent token.", body = ErrorBody),
     ))]
 async fn report_devices(

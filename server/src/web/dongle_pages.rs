@@ -26,6 +26,11 @@ pub fn link_text(transport: &Value) -> String {
                 .unwrap_or("")
         ),
         Some("lan") => format!("LAN {}", transport["addr"].as_str().unwrap_or("")),
+        Some("local") => format!(
+            "Local {} {}",
+            transport["endpoint"].as_str().unwrap_or(""),
+            transport["location"].as_str().unwrap_or("")
+        ),
         Some(other) => other.to_string(),
         None => "—".to_string(),
     }
