@@ -394,7 +394,10 @@ mod tests {
 
     /// Both directions through a vcan interface: `ip link add dev vcan0 type vcan && ip link set vcan0 up`.
     #[tokio::test]
-    #[ignore = "needs a vcan interface (no SocketCAN in this kernel)"]
+    #[cfg_attr(
+        not(feature = "vcan-tests"),
+        ignore = "needs a vcan interface: scripts/test turns these on (feature vcan-tests) where it can create vcan0"
+    )]
     async fn frames_cross_a_vcan_interface_both_ways() {
         use crate::endpoints::{CanEndpoint, EndpointOptions, EndpointSpec};
         let spec: EndpointSpec = "socketcan:vcan0".parse().unwrap();
@@ -439,7 +442,10 @@ mod tests {
 
     /// An error frame injected on a vcan interface reaches the bus status.
     #[tokio::test]
-    #[ignore = "needs a vcan interface (no SocketCAN in this kernel)"]
+    #[cfg_attr(
+        not(feature = "vcan-tests"),
+        ignore = "needs a vcan interface: scripts/test turns these on (feature vcan-tests) where it can create vcan0"
+    )]
     async fn error_frames_on_vcan_reach_the_bus_status() {
         use crate::endpoints::{CanEndpoint, EndpointOptions, EndpointSpec};
         let spec: EndpointSpec = "socketcan:vcan0".parse().unwrap();
