@@ -246,6 +246,41 @@ async fn a_result_waits_in_the_outbox_while_the_server_restarts(pool: PgPool) {
     server.stop().await;
 }
 
+/// The server is killed (no shutdown, its database connections cut) while a command runs: the agent
+/// finishes it meanwhile, keeps the result in its outbox, and hands it to the new server once; the
+/// command ends `done`, with one finish in the audit log.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_server_killed_mid_command_gets_the_result_once_from_the_outbox(pool: PgPool) {
+    let server = Server::start_crashable(&pool).await;
+    let (user, _dongle, mut agent, id) = setup(&server, None).await;
+    let command = invoke(
+        &user,
+        &id,
+        json!({"command": "sleep", "args": ["800"], "timeout_ms": 20000}),
+    )
+    .await;
+    wait_status(&user, &id, &command, "running").await;
+    let server = server
+        .crash_and_restart(Duration::from_millis(1500), pool.clone())
+        .await;
+    let done = finished(&user, &id, &command).await;
+    assert_eq!(done["status"], "done", "{done}");
+    assert!(
+        done["stdout"].as_str().unwrap().contains("slept 800 ms"),
+        "{done}"
+    );
+    let finishes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_logs WHERE action = 'command.finish' AND details->>'command_id' = $1",
+    )
+    .bind(&command)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(finishes, 1);
+    agent.stop().await;
+    server.stop().await;
+}
+
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn a_frame_sent_by_hand_reaches_the_bus(pool: PgPool) {
     let bus_root = tempfile::tempdir().unwrap();

@@ -143,6 +143,39 @@ impl Server {
         .await
     }
 
+    /// A server on a connection pool of its own, so that [`Server::crash_and_restart`] can cut it off
+    /// from the database as a killed process would be.
+    pub async fn start_crashable(pool: &PgPool) -> Self {
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(10)
+            .connect_with((*pool.connect_options()).clone())
+            .await
+            .expect("a second pool on the test database");
+        Self::start(own).await
+    }
+
+    /// Kills the server as SIGKILL would (its pool closes first, so nothing it held in memory reaches
+    /// the database afterwards; no shutdown runs), waits, and starts a new one on the same address over
+    /// `pool`. Only for a server from [`Server::start_crashable`].
+    pub async fn crash_and_restart(mut self, down_for: Duration, pool: PgPool) -> Self {
+        let keys = self.keys();
+        let addr: std::net::SocketAddr = self
+            .base
+            .trim_start_matches("http://")
+            .parse()
+            .expect("an http://IP:PORT base");
+        self.pool.close().await;
+        if let Some(running) = self.running.take() {
+            running.abort();
+        }
+        tokio::time::sleep(down_for).await;
+        Self::start_with(pool, |c| {
+            c.bind = addr;
+            c.dongle_keys = keys;
+        })
+        .await
+    }
+
     /// Waits until the agent `agent_id` counts as connected (a heartbeat or connection recorded).
     pub async fn wait_agent_seen_after(
         &self,

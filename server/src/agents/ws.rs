@@ -1,6 +1,8 @@
 //! The control WebSocket `/ws/agent` (the messages are `control_proto`'s): one task per connection
 //! reads the agent's messages, and a writer task drains the connection's queue in the [`AgentHub`].
 
+use std::sync::Arc;
+
 use axum::extract::ws::{Message, WebSocket};
 use control_proto::{AgentMessage, PROTOCOL_VERSION, ServerMessage, Welcome};
 use futures::{SinkExt, StreamExt};
@@ -38,14 +40,26 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
     // and a device report queued before that reply would otherwise block the reply behind the lock.
     let (work_tx, mut work_rx) = tokio::sync::mpsc::channel::<AgentMessage>(64);
     let worker_state = state.clone();
+    // A message the database could not take (a command result, a device report) is lost unless the
+    // agent says it again, and the agent says everything again on connecting: so a failed message ends
+    // the connection, and the agent reconnects (with backoff) once the database answers.
+    let failed = Arc::new(tokio::sync::Notify::new());
+    let worker_failed = failed.clone();
     let worker = tokio::spawn(async move {
         while let Some(message) = work_rx.recv().await {
             if let Err(e) = handle(&worker_state, agent, message).await {
-                tracing::warn!(%agent_id, error = %e, "a control message failed");
+                tracing::warn!(%agent_id, error = %e, "a control message failed; closing the connection so that the agent says it again");
+                worker_failed.notify_one();
+                return;
             }
         }
     });
-    while let Some(frame) = stream.next().await {
+    loop {
+        let frame = tokio::select! {
+            frame = stream.next() => frame,
+            () = failed.notified() => break,
+        };
+        let Some(frame) = frame else { break };
         let text = match frame {
             Ok(Message::Text(text)) => text,
             Ok(Message::Close(_)) | Err(_) => break,
@@ -70,6 +84,7 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
                 state.hub.complete(agent_id, reply.id, reply.result);
             }
             other => {
+                // The worker is gone only after a failure, which ends the connection.
                 if work_tx.send(other).await.is_err() {
                     break;
                 }
