@@ -262,17 +262,35 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
 
     let make_service = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let handle = axum_server::Handle::new();
+    // hyper enforces its header read timeout only when it has a timer; without one a client could hold
+    // a connection open for ever by sending its headers a byte at a time.
+    let header_read_timeout = state.config.header_read_timeout;
     let server = match tls {
         Some(tls) => {
-            let server = axum_server::from_tcp_rustls(listener, tls)
+            let mut server = axum_server::from_tcp_rustls(listener, tls)
                 .map_err(|source| StartError::Bind { addr, source })?
                 .handle(handle.clone());
+            server
+                .http_builder()
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
             tokio::spawn(server.serve(make_service))
         }
         None => {
-            let server = axum_server::from_tcp(listener)
+            // Over TLS the handshake has a timeout of its own; in plain HTTP nothing would time out a
+            // connection that never sends its first byte, so `http::first_byte` does.
+            let mut server = axum_server::from_tcp(listener)
                 .map_err(|source| StartError::Bind { addr, source })?
+                .acceptor(crate::http::first_byte::FirstByteAcceptor(
+                    header_read_timeout,
+                ))
                 .handle(handle.clone());
+            server
+                .http_builder()
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
             tokio::spawn(server.serve(make_service))
         }
     };

@@ -131,6 +131,9 @@ pub struct ServerConfig {
     pub mail_retry_base: Duration,
     /// The largest request body accepted, in bytes.
     pub body_limit: usize,
+    /// How long a client may take to send a request's line and headers; a slower one (a slowloris
+    /// client trickling bytes to hold a connection open) is disconnected.
+    pub header_read_timeout: Duration,
     /// Argon2id cost of new password hashes. Production always uses the OWASP default.
     pub password_cost: PasswordCost,
     /// The dongle-token master keys; new tokens are sealed with the ring's write version.
@@ -178,6 +181,7 @@ impl Default for ServerConfig {
             mail_max_attempts: 8,
             mail_retry_base: Duration::from_secs(30),
             body_limit: 64 * 1024,
+            header_read_timeout: Duration::from_secs(30),
             password_cost: PasswordCost::default(),
             dongle_keys: KeyRing::default(),
             agent_token_ttl: None,

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod first_byte;
 pub mod page;
 pub mod request_id;
 

@@ -12,6 +12,11 @@ use crate::app::AppState;
 use crate::auth::CurrentAgent;
 use crate::http::error::ErrorBody;
 
+/// The largest control message accepted, in bytes. The largest real ones (a device report of every
+/// dongle a workstation sees, a command result whose output the server caps at 64 KiB anyway) are far
+/// smaller; a larger message ends the connection instead of being buffered (the default is 64 MiB).
+pub const CONTROL_MAX_MESSAGE_LEN: usize = 1 << 20;
+
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(agent_socket))
@@ -31,7 +36,10 @@ async fn agent_socket(
     CurrentAgent(agent): CurrentAgent,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    upgrade.on_upgrade(move |socket| ws::serve(state, agent, socket))
+    upgrade
+        .max_message_size(CONTROL_MAX_MESSAGE_LEN)
+        .max_frame_size(CONTROL_MAX_MESSAGE_LEN)
+        .on_upgrade(move |socket| ws::serve(state, agent, socket))
 }
 
 /// The data WebSocket: binary FRAMES, ACK and DROPS messages of the group sides the agent serves (see
