@@ -144,6 +144,10 @@ pub struct ServerConfig {
     pub pairing_window: Duration,
     /// How long the server waits for an agent to answer a control request.
     pub agent_request_timeout: Duration,
+    /// How many control messages per second the server reads from one agent; past that it reads the
+    /// next ones later (the agent's socket fills and it waits), so a runaway agent costs its own
+    /// throughput and nobody else's.
+    pub agent_messages_per_sec: u32,
     /// How the instances sharing the database find each other alive and hand each other agent
     /// messages (heartbeat, staleness window, mailbox poll).
     pub cluster: crate::agents::cluster::ClusterSettings,
@@ -187,6 +191,7 @@ impl Default for ServerConfig {
             agent_token_ttl: None,
             pairing_window: Duration::from_secs(120),
             agent_request_timeout: Duration::from_secs(10),
+            agent_messages_per_sec: 100,
             cluster: Default::default(),
             dongle_request_timeout: Duration::from_secs(5),
             dev_mode: false,

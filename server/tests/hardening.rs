@@ -330,3 +330,46 @@ async fn an_oversized_control_message_ends_the_agents_connection(pool: PgPool) {
     let again = TestAgent::connect(&app.base, &token).await;
     assert!(app.hub().is_connected(again.agent_id).await);
 }
+
+/// Too many control messages per second from one agent are throttled, not dropped: the server reads
+/// them later (counted in /metrics), answers every one, and keeps the connection.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_flood_of_control_messages_is_throttled_and_nothing_is_dropped(pool: PgPool) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let app = spawn_app_with(pool, |c| c.agent_messages_per_sec = 10).await;
+    let (client, _) = app.logged_in("alice@example.com", Role::User).await;
+    let (agent_id, token) = agent::register(&client).await;
+    let mut ws = agent::try_connect(&app.base, &token).await.unwrap();
+    // 25 messages at once: each is answered (as no control message), 10 per second.
+    for n in 0..25 {
+        ws.send(Message::text(format!("not json {n}")))
+            .await
+            .unwrap();
+    }
+    let mut answered = 0;
+    while answered < 25 {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                assert!(text.contains("bad_message"), "{text}");
+                answered += 1;
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("after {answered} answers: {other:?}"),
+        }
+    }
+    assert!(app.hub().is_connected(agent_id).await);
+    let metrics = reqwest::get(format!("{}/metrics", app.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let throttled: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("agent_control_messages_throttled_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(throttled >= 2.0, "throttled {throttled}:\n{metrics}");
+}

@@ -54,11 +54,17 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
             }
         }
     });
+    let mut budget = MessageBudget::new(state.config.agent_messages_per_sec);
     loop {
         let frame = tokio::select! {
             frame = stream.next() => frame,
             () = failed.notified() => break,
         };
+        // Over its budget, the agent waits: nothing it sent is dropped, it only arrives later.
+        if let Some(until) = budget.take(tokio::time::Instant::now()) {
+            metrics::counter!("agent_control_messages_throttled_total").increment(1);
+            tokio::time::sleep_until(until).await;
+        }
         let Some(frame) = frame else { break };
         let text = match frame {
             Ok(Message::Text(text)) => text,
@@ -101,6 +107,41 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
         publish_presence(&state, &served, &[]);
     }
     tracing::info!(%agent_id, "agent disconnected");
+}
+
+/// A fixed one-second window of at most `per_sec` messages.
+struct MessageBudget {
+    per_sec: u32,
+    window_start: tokio::time::Instant,
+    used: u32,
+}
+
+impl MessageBudget {
+    fn new(per_sec: u32) -> Self {
+        Self {
+            per_sec: per_sec.max(1),
+            window_start: tokio::time::Instant::now(),
+            used: 0,
+        }
+    }
+
+    /// Counts one message read at `now`; answers when to handle it if this window is spent.
+    fn take(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let window = std::time::Duration::from_secs(1);
+        if now >= self.window_start + window {
+            self.window_start = now;
+            self.used = 0;
+        }
+        self.used += 1;
+        if self.used <= self.per_sec {
+            return None;
+        }
+        // This message opens the next window.
+        let next = self.window_start + window;
+        self.window_start = next;
+        self.used = 1;
+        Some(next)
+    }
 }
 
 /// The dongles the agent reports present now.
@@ -216,4 +257,32 @@ async fn handle(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_budget_lets_a_window_through_and_defers_the_rest() {
+        let start = tokio::time::Instant::now();
+        let mut budget = MessageBudget {
+            per_sec: 3,
+            window_start: start,
+            used: 0,
+        };
+        assert_eq!(budget.take(start), None);
+        assert_eq!(budget.take(start), None);
+        assert_eq!(budget.take(start + Duration::from_millis(10)), None);
+        // The fourth in the first second waits for the second window, and counts in it.
+        let second = start + Duration::from_secs(1);
+        assert_eq!(budget.take(start + Duration::from_millis(20)), Some(second));
+        assert_eq!(budget.take(second), None);
+        assert_eq!(budget.take(second), None);
+        assert_eq!(budget.take(second), Some(second + Duration::from_secs(1)));
+        // A quiet agent starts a fresh window.
+        let later = start + Duration::from_secs(10);
+        assert_eq!(budget.take(later), None);
+    }
 }
