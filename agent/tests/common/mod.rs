@@ -127,16 +127,25 @@ impl Server {
     /// Stops the server and starts a new one on the same address and database, as a restart would.
     pub async fn restart(mut self, down_for: Duration) -> Self {
         let keys = self.keys();
-        let addr: std::net::SocketAddr = self
-            .base
-            .trim_start_matches("http://")
-            .parse()
-            .expect("an http://IP:PORT base");
         if let Some(running) = self.running.take() {
             running.shutdown().await.unwrap();
         }
+        Self::start_again(&self.base, keys, down_for, self.pool.clone()).await
+    }
+
+    /// After `down_for`, a new server on the address of `base` with `keys`, over `pool`.
+    async fn start_again(
+        base: &str,
+        keys: bridge_server::dongle_tokens::KeyRing,
+        down_for: Duration,
+        pool: PgPool,
+    ) -> Self {
+        let addr: std::net::SocketAddr = base
+            .trim_start_matches("http://")
+            .parse()
+            .expect("an http://IP:PORT base");
         tokio::time::sleep(down_for).await;
-        Self::start_with(self.pool.clone(), |c| {
+        Self::start_with(pool, |c| {
             c.bind = addr;
             c.dongle_keys = keys;
         })
@@ -159,21 +168,11 @@ impl Server {
     /// `pool`. Only for a server from [`Server::start_crashable`].
     pub async fn crash_and_restart(mut self, down_for: Duration, pool: PgPool) -> Self {
         let keys = self.keys();
-        let addr: std::net::SocketAddr = self
-            .base
-            .trim_start_matches("http://")
-            .parse()
-            .expect("an http://IP:PORT base");
         self.pool.close().await;
         if let Some(running) = self.running.take() {
             running.abort();
         }
-        tokio::time::sleep(down_for).await;
-        Self::start_with(pool, |c| {
-            c.bind = addr;
-            c.dongle_keys = keys;
-        })
-        .await
+        Self::start_again(&self.base, keys, down_for, pool).await
     }
 
     /// Waits until the agent `agent_id` counts as connected (a heartbeat or connection recorded).
