@@ -630,7 +630,9 @@ impl DongleSession {
     /// otherwise one REMP CAN packet per classic frame. FD frames need the batch extension.
     pub async fn send_frames(&self, frames: &[Frame]) -> Result<(), SessionError> {
         if self.info.has(caps::CAN_BATCH) {
-            let mut buf = vec![0u8; MAX_PACKET_LEN];
+            // A batch fills a packet's payload, which leaves room for the header and the token or
+            // MAC; a buffer of a whole packet would make batches the encoder must refuse.
+            let mut buf = vec![0u8; firmware_proto::remp::MAX_PAYLOAD_LEN];
             let mut rest = frames;
             while !rest.is_empty() {
                 let mut writer = batch::BatchWriter::new(&mut buf).map_err(SessionError::Encode)?;
@@ -644,7 +646,7 @@ impl DongleSession {
                 if taken == 0 {
                     return Err(SessionError::Encode(firmware_proto::Error::TooLarge {
                         field: "frame",
-                        max: MAX_PACKET_LEN,
+                        max: firmware_proto::remp::MAX_PAYLOAD_LEN,
                     }));
                 }
                 let len = writer.finish().map_err(SessionError::Encode)?;

@@ -166,7 +166,9 @@ async fn wait_dongle(
     bail!("dongle {device_id} did not reach the expected state within 30 s")
 }
 
-async fn pair(user: &UserClient, dongle: &DonglePart) -> anyhow::Result<String> {
+/// Pairs `dongle` to the user with the PIN it shows, as a technician would; answers the dongle's id.
+/// Public for the benchmarks (`bridge-bench`), which build larger systems from the same parts.
+pub async fn pair(user: &UserClient, dongle: &DonglePart) -> anyhow::Result<String> {
     let listed = wait_dongle(user, &dongle.device_id, |d| d["online"] == true).await?;
     let id = listed["id"].as_str().context("a dongle id")?.to_string();
     let mut events = dongle.sim.events();
@@ -316,17 +318,19 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
         // Live traffic, both directions at once.
         let id_ab = CanId::standard(0x123).expect("an 11-bit id");
         let id_ba = CanId::standard(0x321).expect("an 11-bit id");
-        let mut tx_a = BusTap::join_at(&a.bus_root, &a.bus)?;
-        let mut tx_b = BusTap::join_at(&b.bus_root, &b.bus)?;
+        // Frames enter through the dongles themselves (see `traffic`); taps only listen on the far buses.
         let (rx_a, rx_b) = (BusTap::join_at(&a.bus_root, &a.bus)?, BusTap::join_at(&b.bus_root, &b.bus)?);
+        // A dongle looks for new members of its bus every REFRESH_INTERVAL: until it has seen a tap, the
+        // frames it transmits would not reach it.
+        tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;
         let bar_ab = steps.bar("A -> B live", u64::from(options.frames));
         let bar_ba = steps.bar("B -> A live", u64::from(options.frames));
         let settle = Duration::from_secs(5);
         let progress_ab = |n| bar_ab.set_position(n);
         let progress_ba = |n| bar_ba.set_position(n);
         let (ab, ba) = tokio::join!(
-            traffic::run(&mut tx_a, rx_b, traffic::Stream { id: id_ab, tag: 1, count: options.frames, rate: options.rate, settle }, &progress_ab),
-            traffic::run(&mut tx_b, rx_a, traffic::Stream { id: id_ba, tag: 2, count: options.frames, rate: options.rate, settle }, &progress_ba),
+            traffic::run(&a.sim, rx_b, traffic::Stream { id: id_ab, tag: 1, count: options.frames, rate: options.rate, settle }, &progress_ab),
+            traffic::run(&b.sim, rx_a, traffic::Stream { id: id_ba, tag: 2, count: options.frames, rate: options.rate, settle }, &progress_ba),
         );
         bar_ab.finish();
         bar_ba.finish();
@@ -340,11 +344,12 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
         // Side B's agent goes away; frames towards B are buffered, then replayed when it is back.
         steps.run("stop agent B", agent_b.stop()).await?;
         let rx_b = BusTap::join_at(&b.bus_root, &b.bus)?;
+        tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;
         let bar = steps.bar("A -> B while B is away", u64::from(options.frames));
         let progress = |n| bar.set_position(n);
         let buffered_phase = async {
             // Frames sent while B is away arrive only after it is back: allow for that in the settle time.
-            traffic::run(&mut tx_a, rx_b, traffic::Stream { id: id_ab, tag: 3, count: options.frames, rate: options.rate, settle: Duration::from_secs(30) }, &progress).await
+            traffic::run(&a.sim, rx_b, traffic::Stream { id: id_ab, tag: 3, count: options.frames, rate: options.rate, settle: Duration::from_secs(30) }, &progress).await
         };
         let restart = async {
             // Watch the group fall back to DEGRADED and its backlog grow, then bring agent B back.

@@ -219,28 +219,40 @@ pub(super) async fn run(shared: Arc<Shared>, creds: Credentials, mut backoff: Ba
     }
 }
 
+/// The newest encoded ACK of each group side, waiting to be sent.
+type LatestAcks = HashMap<(Uuid, Side), Vec<u8>>;
+
 async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(), String> {
     let (mut sink, mut stream) = socket.split();
     // Frames for dongles go through a queue to their own task, so that a slow dongle never holds up
-    // the acknowledgements this task reads.
+    // the acknowledgements this task reads. Acknowledgements are cumulative, so the task keeps only
+    // the latest per side for this one to send: a bounded map, however far behind the sending is.
     let (down_tx, mut down_rx) = mpsc::channel::<(Uuid, Side, u64, Vec<Frame>)>(256);
-    let (ack_tx, mut ack_rx) = mpsc::channel::<Vec<u8>>(256);
+    let acks: Arc<Mutex<LatestAcks>> = Arc::default();
+    let acks_ready = Arc::new(Notify::new());
     let downstream = {
         let shared = shared.clone();
+        let (acks, acks_ready) = (acks.clone(), acks_ready.clone());
         tokio::spawn(async move {
             while let Some((group_id, side, first, frames)) = down_rx.recv().await {
                 if let Some(ack) = shared.to_dongle(group_id, side, first, frames).await {
-                    let _ = ack_tx.send(ack).await;
+                    acks.lock().unwrap().insert((group_id, side), ack);
+                    acks_ready.notify_one();
                 }
             }
         })
     };
+    // When the frames that woke this task go out: a little later, so that a busy bus fills a batch
+    // instead of sending one frame per message, while the socket goes on being read meanwhile.
+    let mut flush_at: Option<tokio::time::Instant> = None;
     let result = async {
         loop {
-            for message in shared.data.outgoing() {
-                sink.send(Message::Binary(message.into()))
-                    .await
-                    .map_err(|e| e.to_string())?;
+            if flush_at.is_none() {
+                for message in shared.data.outgoing() {
+                    sink.send(Message::Binary(message.into()))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
             }
             tokio::select! {
                 frame = stream.next() => {
@@ -266,23 +278,30 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
                                 .flat_map(|b| b.iter())
                                 .filter_map(|r| Frame::from_record(&r))
                                 .collect();
+                            // A full queue means a dongle far behind: the socket waits for it (the
+                            // server holds the rest), rather than skip frames and deliver later ones.
                             if down_tx
-                                .try_send((message.group_id, message.side, message.n, frames))
+                                .send((message.group_id, message.side, message.n, frames))
+                                .await
                                 .is_err()
                             {
-                                // Not acknowledged, so the server sends these again on the next connection.
-                                tracing::warn!("frames for a dongle arrive faster than it takes them");
+                                return Err("the dongle task ended".to_string());
                             }
                         }
                         Kind::Drops => {}
                     }
                 }
-                Some(ack) = ack_rx.recv() => {
-                    sink.send(Message::Binary(ack.into())).await.map_err(|e| e.to_string())?;
+                () = acks_ready.notified() => {
+                    let ready: Vec<Vec<u8>> = acks.lock().unwrap().drain().map(|(_, ack)| ack).collect();
+                    for ack in ready {
+                        sink.send(Message::Binary(ack.into())).await.map_err(|e| e.to_string())?;
+                    }
                 }
-                () = shared.data.wake.notified() => {
-                    // Let a busy bus gather a batch instead of sending one frame per message.
-                    tokio::time::sleep(GATHER).await;
+                () = shared.data.wake.notified(), if flush_at.is_none() => {
+                    flush_at = Some(tokio::time::Instant::now() + GATHER);
+                }
+                () = sleep_until_flush(flush_at) => {
+                    flush_at = None;
                 }
             }
         }
@@ -290,6 +309,14 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
     .await;
     downstream.abort();
     result
+}
+
+/// Resolves at `at`, or never when there is nothing to flush.
+async fn sleep_until_flush(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Shared {
