@@ -4,6 +4,16 @@
 //! Every benchmark prints its figures with the machine description first, bounds its own running time,
 //! and leaves nothing running. Results go into `docs/BENCHMARKS.md` by hand, with the command that
 //! produced them.
+//!
+//! - [`system`]: the whole system for the relay and buffering benchmarks (from `bridge-demo`'s parts).
+//! - [`flow`]: numbered frames through it, with latency, loss and order.
+//! - [`server_process`]: `bridge-server serve` as a child process, for the scale benchmark.
+//! - [`run_in_temp_dir`]: the frame every system benchmark runs in, which cleans up on success,
+//!   failure and Ctrl-C.
+
+pub mod flow;
+pub mod server_process;
+pub mod system;
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -42,6 +52,62 @@ pub fn machine() -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     format!("machine: {cores} cores, {model}, load average {load} at start, {rustc}")
+}
+
+/// The load average over the last minute, five minutes and fifteen minutes, as /proc/loadavg has it.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Runs `bench` on a multi-threaded runtime with a fresh temporary folder, and cleans up whatever the
+/// outcome: on Ctrl-C the benchmark's future is dropped (which stops PostgreSQL, simulators and child
+/// processes through their `Drop`), then the runtime is shut down (which ends every task it spawned,
+/// the agents and the server among them), and only then is the folder removed, so that nothing still
+/// writes into it. Prints the machine first and the load average last.
+pub fn run_in_temp_dir<F, Fut>(name: &str, bench: F) -> anyhow::Result<()>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+
+    // Logs of the parts (server, agents, simulators) only when asked for: BENCH_LOG=warn, say.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("BENCH_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    println!("{name}: {}", machine());
+    println!("load average before: {}", load_average());
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{name}-"))
+        .tempdir()
+        .context("could not make a temporary folder")?;
+    // As root, PostgreSQL runs as the postgres user, which must reach its data folder in here.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")?;
+    let path = dir.path().to_path_buf();
+    let outcome = runtime.block_on(async move {
+        tokio::select! {
+            outcome = bench(path) => Some(outcome),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(10));
+    drop(dir);
+    println!("load average after: {}", load_average());
+    match outcome {
+        Some(outcome) => outcome,
+        None => anyhow::bail!("interrupted: everything was stopped and removed"),
+    }
 }
 
 /// The CPU time this thread has used.

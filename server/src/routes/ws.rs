@@ -36,7 +36,11 @@ async fn agent_socket(
     CurrentAgent(agent): CurrentAgent,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    // Control messages are small JSON, and a server holds thousands of these sockets: tungstenite's
+    // default 128 KiB read buffer per connection was most of a connection's memory.
     upgrade
+        .read_buffer_size(4096)
+        .write_buffer_size(4096)
         .max_message_size(CONTROL_MAX_MESSAGE_LEN)
         .max_frame_size(CONTROL_MAX_MESSAGE_LEN)
         .on_upgrade(move |socket| ws::serve(state, agent, socket))

@@ -1,0 +1,385 @@
+//! `bench-relay`: CAN frames through the whole bridge, simulator -> agent A -> server -> agent B ->
+//! simulator, with the system `bridge-demo` runs (embedded PostgreSQL, the server, simulated dongles on
+//! virtual buses, two agents) and up to `--max-groups` groups.
+//!
+//! Three measurements, one after the other:
+//! 1. latency (p50, p99, max) of one group at each of `--rates` (default 1 000 and 9 000 frames/s: a
+//!    lightly loaded and a saturated 1 Mbit/s bus);
+//! 2. the highest rate one group carries cleanly, searching upward by doubling from `--search-from`
+//!    and then halving the last interval twice;
+//! 3. how many groups carry 9 000 frames/s each at the same time, trying 1, 2, 4, ... `--max-groups`.
+//!
+//! A step is clean when every frame arrived once and in order and the p99 latency stayed under
+//! `--max-p99-ms`: the relay never loses a frame (past its in-flight limit it buffers them in
+//! PostgreSQL and replays them), so "nothing lost" alone would pass any rate the buffer can hold; the
+//! latency bound says the system kept up instead of falling behind.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bridge_bench::flow::{self, FlowResult, Pace, Stream, ms};
+use bridge_bench::system::Rig;
+use bridge_server::groups::relay::RelaySettings;
+use clap::Parser;
+use dongle_sim::BusTap;
+
+/// Relay latency, highest clean rate, and groups held at 9 000 frames/s each.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "bench-relay", version, about, long_about)]
+struct Args {
+    /// Rates (frames/s, one direction, one group) at which latency is measured.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000u32, 9_000])]
+    rates: Vec<u32>,
+    /// Seconds each step sends frames.
+    #[arg(long, default_value_t = 3.0)]
+    step_secs: f64,
+    /// Once a step stops sending, seconds to wait for the rest while nothing arrives.
+    #[arg(long, default_value_t = 3.0)]
+    settle_secs: f64,
+    /// A step is clean only if its p99 latency is under this many milliseconds.
+    #[arg(long, default_value_t = 50.0)]
+    max_p99_ms: f64,
+    /// The rate the upward search starts from (frames/s).
+    #[arg(long, default_value_t = 9_000)]
+    search_from: u32,
+    /// The rate the upward search stops at (frames/s).
+    #[arg(long, default_value_t = 200_000)]
+    search_max: u32,
+    /// The most groups tried at 9 000 frames/s each (also the number of groups set up).
+    #[arg(long, default_value_t = 20)]
+    max_groups: usize,
+    /// Frames per second per group in the groups measurement.
+    #[arg(long, default_value_t = 9_000)]
+    group_rate: u32,
+    /// Skip the upward search for the highest clean rate.
+    #[arg(long)]
+    skip_search: bool,
+    /// Skip the groups measurement (only one group is set up).
+    #[arg(long)]
+    skip_groups: bool,
+}
+
+/// The server's relay counters at one moment: where frames went.
+#[derive(Debug, Clone, Copy)]
+struct Relayed {
+    buffered: u64,
+    accepted: u64,
+    forwarded: u64,
+    delivered: u64,
+    /// The agents' data-plane counters from their status files: A's frames up, B's frames down,
+    /// and both agents' drops.
+    a_up: u64,
+    b_down: u64,
+    dropped: u64,
+}
+
+/// One agent's data-plane counters, as its `daemon.json` status file shows them.
+fn agent_data(agent: &bridge_demo::system::AgentPart) -> serde_json::Value {
+    std::fs::read_to_string(agent.home.dir().join("daemon.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .map(|v| v["data"].clone())
+        .unwrap_or_default()
+}
+
+fn relayed(rig: &Rig) -> Relayed {
+    let stats = rig.server.server.state.relay.stats();
+    let (a, b) = (agent_data(&rig.agent_a), agent_data(&rig.agent_b));
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    Relayed {
+        buffered: stats.frames_buffered.load(Ordering::Relaxed),
+        accepted: stats.frames_accepted.load(Ordering::Relaxed),
+        forwarded: stats.frames_forwarded.load(Ordering::Relaxed),
+        delivered: stats.frames_delivered.load(Ordering::Relaxed),
+        a_up: n(&a["frames_up"]),
+        b_down: n(&b["frames_down"]),
+        dropped: n(&a["dropped"]) + n(&b["dropped"]),
+    }
+}
+
+/// The CPU time of this process (server, agents and simulators; PostgreSQL runs apart).
+fn process_cpu() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
+        .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+        .unwrap_or_default()
+}
+
+/// The simulators' counters that tell where frames were lost: summed over the step's groups.
+#[derive(Debug, Clone, Copy, Default)]
+struct SimCounters {
+    a_to_host: u64,
+    a_lost_to_host: u64,
+    b_from_host: u64,
+    b_to_bus: u64,
+    b_bus_lost_datagrams: u64,
+    b_bus_queue_full: u64,
+    b_refused: u64,
+}
+
+fn sim_counters(rig: &Rig, groups: usize) -> SimCounters {
+    let mut c = SimCounters::default();
+    for g in &rig.groups[..groups] {
+        let a = g.a.sim.stats();
+        let b = g.b.sim.stats();
+        c.a_to_host += a.dongle.frames_to_host;
+        c.a_lost_to_host += a.dongle.lost_to_host;
+        c.b_from_host += b.dongle.frames_from_host;
+        c.b_to_bus += b.dongle.frames_to_bus;
+        c.b_bus_lost_datagrams += b.bus.lost;
+        c.b_bus_queue_full += b.bus.queue_full;
+        c.b_refused += b.dongle.replays_refused + b.dongle.auth_failures + b.dongle.malformed;
+    }
+    c
+}
+
+impl SimCounters {
+    fn since(self, before: SimCounters) -> SimCounters {
+        SimCounters {
+            a_to_host: self.a_to_host - before.a_to_host,
+            a_lost_to_host: self.a_lost_to_host - before.a_lost_to_host,
+            b_from_host: self.b_from_host - before.b_from_host,
+            b_to_bus: self.b_to_bus - before.b_to_bus,
+            b_bus_lost_datagrams: self.b_bus_lost_datagrams - before.b_bus_lost_datagrams,
+            b_bus_queue_full: self.b_bus_queue_full - before.b_bus_queue_full,
+            b_refused: self.b_refused - before.b_refused,
+        }
+    }
+}
+
+/// One step's outcome over all its streams.
+struct Step {
+    sims: SimCounters,
+    results: Vec<FlowResult>,
+    /// Frames the relay could not forward at once and wrote to PostgreSQL instead.
+    relayed_buffered: u64,
+    /// The relay's and the agents' counters over the step.
+    relayed: [u64; 6],
+    cpu: Duration,
+    wall: Duration,
+}
+
+impl Step {
+    fn all_latencies(&self) -> Vec<Duration> {
+        self.results
+            .iter()
+            .flat_map(|r| r.latencies.iter().copied())
+            .collect()
+    }
+
+    fn sent(&self) -> u64 {
+        self.results.iter().map(|r| r.sent).sum()
+    }
+
+    fn lost(&self) -> u64 {
+        self.results.iter().map(FlowResult::lost).sum()
+    }
+
+    fn faults(&self) -> u64 {
+        self.results
+            .iter()
+            .map(|r| r.lost() + r.duplicates + r.out_of_order)
+            .sum()
+    }
+
+    fn clean(&self, max_p99: Duration) -> bool {
+        self.faults() == 0 && flow::quantile(&self.all_latencies(), 0.99) < max_p99
+    }
+
+    fn line(&self, label: &str) -> String {
+        let l = self.all_latencies();
+        let mut line = format!(
+            "{label:<28} sent {:>8}  lost {:>6}  dup {:>3}  reordered {:>3}  p50 {:>8} ms  p99 {:>8} ms  max {:>8} ms  buffered {:>7}  CPU {:>5.0} %",
+            self.sent(),
+            self.lost(),
+            self.results.iter().map(|r| r.duplicates).sum::<u64>(),
+            self.results.iter().map(|r| r.out_of_order).sum::<u64>(),
+            ms(flow::quantile(&l, 0.5)),
+            ms(flow::quantile(&l, 0.99)),
+            ms(l.iter().max().copied().unwrap_or_default()),
+            self.relayed_buffered,
+            100.0 * self.cpu.as_secs_f64() / self.wall.as_secs_f64().max(1e-9),
+        );
+        if self.faults() > 0 {
+            // Where the frames went missing, from the simulators' own counters.
+            let c = self.sims;
+            let [up, accepted, forwarded, delivered, down, dropped] = self.relayed;
+            line.push_str(&format!(
+                "\n    agent A sent {up} frames up; the server accepted {accepted}, forwarded {forwarded}, had {delivered} acknowledged by agent B; agent B handed {down} to dongle B; the agents dropped {dropped}"
+            ));
+            line.push_str(&format!(
+                "\n    where: dongle A sent {} frames to agent A (lost {} packets to a full host queue); dongle B got {} from agent B, put {} on its bus ({} datagrams lost to a full tap, {} frames to a full bus queue); dongle B refused {} packets (replay, authentication, malformed)",
+                c.a_to_host, c.a_lost_to_host, c.b_from_host, c.b_to_bus, c.b_bus_lost_datagrams, c.b_bus_queue_full, c.b_refused
+            ));
+        }
+        line
+    }
+}
+
+/// Sends `rate` frames/s through each of the first `groups` groups for the step's time.
+async fn step(rig: &Rig, args: &Args, groups: usize, rate: u32) -> anyhow::Result<Step> {
+    // A previous step that fell behind may still be replaying: start from a quiet, ACTIVE relay.
+    for g in &rig.groups[..groups] {
+        rig.wait_state(&g.group_id, "ACTIVE", Duration::from_secs(60))
+            .await
+            .context("the relay did not recover from the previous step")?;
+    }
+    let mut streams = Vec::with_capacity(groups);
+    for g in &rig.groups[..groups] {
+        let mut rx = BusTap::join_at(&g.b.bus_root, &g.b.bus)?;
+        rx.wait_for_peers(1, Duration::from_secs(5)).await;
+        streams.push(Stream {
+            inject: &g.a.sim,
+            rx,
+        });
+    }
+    // The tap joins the bus by its socket file; the simulator notices it within its refresh interval.
+    tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;
+    let before = relayed(rig);
+    let sims_before = sim_counters(rig, groups);
+    let cpu = process_cpu();
+    let started = Instant::now();
+    let results = flow::run(
+        streams,
+        Pace {
+            rate,
+            duration: Duration::from_secs_f64(args.step_secs),
+            settle: Duration::from_secs_f64(args.settle_secs),
+            burst: 64,
+        },
+    )
+    .await;
+    let after = relayed(rig);
+    Ok(Step {
+        sims: sim_counters(rig, groups).since(sims_before),
+        results,
+        relayed_buffered: after.buffered - before.buffered,
+        relayed: [
+            after.a_up - before.a_up,
+            after.accepted - before.accepted,
+            after.forwarded - before.forwarded,
+            after.delivered - before.delivered,
+            after.b_down - before.b_down,
+            after.dropped - before.dropped,
+        ],
+        cpu: process_cpu() - cpu,
+        wall: started.elapsed(),
+    })
+}
+
+async fn bench(dir: std::path::PathBuf, args: Args) -> anyhow::Result<()> {
+    let groups = if args.skip_groups {
+        1
+    } else {
+        args.max_groups.max(1)
+    };
+    let max_p99 = Duration::from_secs_f64(args.max_p99_ms / 1000.0);
+    println!(
+        "setting up {groups} group(s): {} simulated dongles, two agents",
+        groups * 2
+    );
+    let setup = Instant::now();
+    let rig = Rig::start(&dir, groups, RelaySettings::default()).await?;
+    println!("set up in {:.1} s", setup.elapsed().as_secs_f64());
+    let outcome = measure(&rig, &args, groups, max_p99).await;
+    rig.stop().await;
+    outcome
+}
+
+async fn measure(rig: &Rig, args: &Args, groups: usize, max_p99: Duration) -> anyhow::Result<()> {
+    println!("\n1. latency, one group, one direction (A -> B)");
+    for &rate in &args.rates {
+        let s = step(rig, args, 1, rate).await?;
+        println!("{}", s.line(&format!("{rate} frames/s")));
+    }
+
+    if !args.skip_search {
+        println!(
+            "\n2. highest clean rate of one group (nothing lost, p99 under {} ms)",
+            args.max_p99_ms
+        );
+        let mut good: Option<u32> = None;
+        let mut bad: Option<u32> = None;
+        let mut rate = args.search_from.max(1);
+        while rate <= args.search_max {
+            let s = step(rig, args, 1, rate).await?;
+            let clean = s.clean(max_p99);
+            println!(
+                "{} {}",
+                s.line(&format!("{rate} frames/s")),
+                if clean { "clean" } else { "NOT clean" }
+            );
+            if clean {
+                good = Some(rate);
+                // The last step is the ceiling itself when doubling would overshoot it.
+                rate = if rate < args.search_max {
+                    rate.saturating_mul(2).min(args.search_max)
+                } else {
+                    rate.saturating_mul(2)
+                };
+            } else {
+                bad = Some(rate);
+                break;
+            }
+        }
+        // Two halvings of the interval between the last clean rate and the first that was not.
+        if let (Some(mut lo), Some(mut hi)) = (good, bad) {
+            for _ in 0..2 {
+                let mid = lo + (hi - lo) / 2;
+                let s = step(rig, args, 1, mid).await?;
+                let clean = s.clean(max_p99);
+                println!(
+                    "{} {}",
+                    s.line(&format!("{mid} frames/s")),
+                    if clean { "clean" } else { "NOT clean" }
+                );
+                if clean {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            good = Some(lo);
+        }
+        match good {
+            Some(r) => println!("highest clean rate found: {r} frames/s"),
+            None => println!("no clean rate at or above {} frames/s", args.search_from),
+        }
+    }
+
+    if !args.skip_groups {
+        println!(
+            "\n3. groups at {} frames/s each (A -> B), all at once",
+            args.group_rate
+        );
+        let mut n = 1usize;
+        let mut held = 0usize;
+        loop {
+            let s = step(rig, args, n, args.group_rate).await?;
+            let clean = s.clean(max_p99);
+            println!(
+                "{} {}",
+                s.line(&format!(
+                    "{n} group(s), {} frames/s",
+                    n as u64 * u64::from(args.group_rate)
+                )),
+                if clean { "clean" } else { "NOT clean" }
+            );
+            if !clean {
+                break;
+            }
+            held = n;
+            if n >= groups {
+                break;
+            }
+            n = (n * 2).min(groups);
+        }
+        println!("groups held at {} frames/s each: {held}", args.group_rate);
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    bridge_bench::run_in_temp_dir("bench-relay", |dir| bench(dir, args))
+}
