@@ -3,7 +3,8 @@
 //! # A direction
 //!
 //! Frames from side A's agent are accepted in stream order (duplicates of a resend are skipped by
-//! position, a gap is logged and accepted) and go towards side B along one of two paths:
+//! position; a gap closes the sender's connection, so that it sends again from the gap) and go towards
+//! side B along one of two paths:
 //!
 //! - **forwarded**: B's agent has its data connection here, nothing of this direction waits in the
 //!   buffer, and not too much is in flight: the frames are queued to B's socket, kept in memory until B
@@ -374,11 +375,22 @@ impl Pipe {
             }
             return;
         }
-        let skip = source.next_in.saturating_sub(n) as u32;
         if n > source.next_in {
+            // Frames before these never reached the pipe (refused while it did not yet count the agent
+            // as serving the side, say), and the agent still holds them, unacknowledged. Accepting these
+            // would lose those for good: closing the connection makes the agent send again from its
+            // first unacknowledged frame.
             tracing::info!(group_id = %self.group_id, ?side, expected = source.next_in, got = n,
-                "a gap in a side's stream: frames before it never reached the server");
+                "a gap in a side's stream: closing the sender's data connection so that it sends again");
+            stats.add(
+                &stats.frames_refused,
+                "relay_frames_refused_total",
+                u64::from(count),
+            );
+            self.core.close(agent_id);
+            return;
         }
+        let skip = source.next_in.saturating_sub(n) as u32;
         let Some(chunk) = chunk.skip(skip) else {
             return;
         };
