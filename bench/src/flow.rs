@@ -182,8 +182,8 @@ async fn receive(
         arrived_at: vec![None; count],
         ..FlowResult::default()
     };
-    let mut seen = vec![false; count];
-    let mut highest: Option<u32> = None;
+    let mut arrivals =
+        bridge_demo::traffic::Arrivals::new(u32::try_from(count).unwrap_or(u32::MAX));
     let mut first: Option<Instant> = None;
     let mut last = Instant::now();
     while r.delivered < count as u64 {
@@ -200,18 +200,9 @@ async fn receive(
             continue;
         }
         let seq = u32::from_be_bytes([d[1], d[2], d[3], d[4]]);
-        let Some(slot) = seen.get_mut(seq as usize) else {
-            continue;
-        };
-        if *slot {
-            r.duplicates += 1;
+        if !arrivals.arrive(seq) {
             continue;
         }
-        *slot = true;
-        if highest.is_some_and(|h| seq < h) {
-            r.out_of_order += 1;
-        }
-        highest = Some(highest.map_or(seq, |h| h.max(seq)));
         let at = sent_at[seq as usize].load(Ordering::Relaxed);
         if at > 0 {
             let sent = base + Duration::from_nanos(at - 1);
@@ -224,6 +215,8 @@ async fn receive(
         progress.store(r.delivered, Ordering::Relaxed);
     }
     r.receive_span = first.map_or(Duration::ZERO, |f| last.saturating_duration_since(f));
+    r.duplicates = arrivals.duplicates;
+    r.out_of_order = arrivals.out_of_order;
     r
 }
 

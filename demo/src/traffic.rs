@@ -147,8 +147,7 @@ async fn receive(
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Received {
     let mut r = Received::default();
-    let mut seen = vec![false; count as usize];
-    let mut highest: Option<u32> = None;
+    let mut arrivals = Arrivals::new(count);
     while r.delivered < u64::from(count) {
         let frame = tokio::select! {
             frame = rx.recv() => match frame {
@@ -162,23 +161,71 @@ async fn receive(
             continue;
         }
         let seq = u32::from_be_bytes([d[1], d[2], d[3], d[4]]);
-        let Some(slot) = seen.get_mut(seq as usize) else {
-            continue;
-        };
-        if *slot {
-            r.duplicates += 1;
+        if !arrivals.arrive(seq) {
             continue;
         }
-        *slot = true;
-        if highest.is_some_and(|h| seq < h) {
-            r.out_of_order += 1;
-        }
-        highest = Some(highest.map_or(seq, |h| h.max(seq)));
         if let Some(at) = sent_at.lock().unwrap()[seq as usize] {
             r.latencies.push(at.elapsed());
         }
         r.delivered += 1;
         progress.send_replace(r.delivered);
     }
+    r.duplicates = arrivals.duplicates;
+    r.out_of_order = arrivals.out_of_order;
     r
+}
+
+/// The sequence numbers of one numbered stream as they arrive: which came, which came twice, which
+/// came after a higher one. Shared with the benchmarks, which number their frames the same way.
+#[derive(Debug)]
+pub struct Arrivals {
+    seen: Vec<bool>,
+    highest: Option<u32>,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+}
+
+impl Arrivals {
+    /// For a stream of `count` frames numbered from 0.
+    pub fn new(count: u32) -> Self {
+        Self {
+            seen: vec![false; count as usize],
+            highest: None,
+            duplicates: 0,
+            out_of_order: 0,
+        }
+    }
+
+    /// Counts the arrival of `seq`; true the first time it arrives, false for a duplicate or a number
+    /// outside the stream.
+    pub fn arrive(&mut self, seq: u32) -> bool {
+        let Some(slot) = self.seen.get_mut(seq as usize) else {
+            return false;
+        };
+        if *slot {
+            self.duplicates += 1;
+            return false;
+        }
+        *slot = true;
+        if self.highest.is_some_and(|h| seq < h) {
+            self.out_of_order += 1;
+        }
+        self.highest = Some(self.highest.map_or(seq, |h| h.max(seq)));
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Arrivals;
+
+    #[test]
+    fn arrivals_count_duplicates_and_frames_out_of_order() {
+        let mut a = Arrivals::new(4);
+        assert!(a.arrive(0) && a.arrive(2) && a.arrive(1));
+        assert!(!a.arrive(2), "a duplicate");
+        assert!(!a.arrive(9), "outside the stream");
+        assert!(a.arrive(3));
+        assert_eq!((a.duplicates, a.out_of_order), (1, 1));
+    }
 }
