@@ -8,6 +8,7 @@
 //! This file is a test binary of its own, so the process-wide log subscriber it installs sees only its
 //! own server.
 
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::io::Write;

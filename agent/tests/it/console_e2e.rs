@@ -1,0 +1,364 @@
+//! CAN configuration, commands and frames sent by hand, end to end: the real server, `bridge-agent` as a
+//! process, and simulated dongles on pseudo-terminals, across agent kills and server restarts.
+
+use crate::common;
+
+use std::time::Duration;
+
+use bridge_server::db::MIGRATOR;
+use bridge_server::users::Role;
+use common::{Agent, Dongle, Server, User, pair};
+use dongle_sim::SimConfig;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+/// Polls a command until it has finished.
+async fn finished(user: &User, dongle: &str, command: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        let (status, body) = user
+            .get(&format!("/dongles/{dongle}/commands/{command}"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if ["done", "error", "timeout"].contains(&body["status"].as_str().unwrap_or("")) {
+            return body;
+        }
+        last = body;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("command {command} never finished: {last}");
+}
+
+async fn wait_status(user: &User, dongle: &str, command: &str, wanted: &str) {
+    for _ in 0..100 {
+        let (_, body) = user
+            .get(&format!("/dongles/{dongle}/commands/{command}"))
+            .await;
+        if body["status"] == wanted {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("command {command} never reached {wanted}");
+}
+
+async fn invoke(user: &User, dongle: &str, body: Value) -> String {
+    let (status, answer) = user
+        .post(&format!("/dongles/{dongle}/commands"), body)
+        .await;
+    assert!(status.is_success(), "{status} {answer}");
+    assert_eq!(answer["status"], "queued");
+    answer["command_id"].as_str().unwrap().to_string()
+}
+
+/// A paired USB dongle served by a running agent.
+async fn setup(server: &Server, config: Option<SimConfig>) -> (User, Dongle, Agent, String) {
+    let user = server.user("alice@example.com", Role::User).await;
+    let dongle = match config {
+        Some(config) => {
+            let dir = tempfile::tempdir().unwrap();
+            let link = dir.path().join("ttyDONGLE");
+            let mut config = config;
+            config.state_path = dir.path().join("flash.json");
+            config.link = dongle_sim::LinkConfig::Serial {
+                link: Some(link.clone()),
+            };
+            Dongle::start(config, dir, Some(link)).await
+        }
+        None => Dongle::serial().await,
+    };
+    let mut agent = Agent::new();
+    agent.login(server, &user).await;
+    agent.run(&dongle.agent_args());
+    let id = pair(&user, &dongle).await;
+    (user, dongle, agent, id)
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn can_config_reaches_the_dongle_and_invalid_ones_do_not(pool: PgPool) {
+    let server = Server::start(pool).await;
+    let (user, dongle, mut agent, id) = setup(&server, None).await;
+    let config = json!({
+        "bitrate": 250000, "sample_point_permille": 875, "mode": "normal", "use_raw": false,
+        "auto_retx": true, "tx_pause": false, "protocol_exc": false
+    });
+    let (status, body) = user
+        .call(
+            Method::PUT,
+            &format!("/dongles/{id}/can-config"),
+            Some(config.clone()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["applied"], true);
+    assert_eq!(body["effective"]["bitrate"], 250000);
+    // 80 MHz / (prescaler * (1 + tseg1 + tseg2)) is the bitrate the dongle really uses.
+    let e = &body["effective"];
+    let quanta = 1 + e["tseg1"].as_u64().unwrap() + e["tseg2"].as_u64().unwrap();
+    assert_eq!(
+        80_000_000 / (e["prescaler"].as_u64().unwrap() * quanta),
+        250_000
+    );
+    assert_eq!(dongle.sim.flash().can.bitrate, 250_000);
+    // The same config again: the same answer.
+    let (status, again) = user
+        .call(
+            Method::PUT,
+            &format!("/dongles/{id}/can-config"),
+            Some(config),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["effective"], body["effective"]);
+
+    // Out of range: refused by the server, and nothing reaches the dongle.
+    let before = dongle.sim.stats();
+    let (status, body) = user
+        .call(
+            Method::PUT,
+            &format!("/dongles/{id}/can-config"),
+            Some(json!({"bitrate": 5000, "sample_point_permille": 875, "mode": "normal",
+                        "use_raw": false, "auto_retx": true, "tx_pause": false, "protocol_exc": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["code"], "VALIDATION_ERROR");
+    assert_eq!(dongle.sim.flash().can.bitrate, 250_000);
+    let after = dongle.sim.stats();
+    assert_eq!(before.dongle.packets_in, after.dongle.packets_in);
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn commands_run_on_the_dongle_with_their_output(pool: PgPool) {
+    let server = Server::start(pool).await;
+    let mut config = SimConfig::serial("unused");
+    config.cli_output_limit = 48;
+    let (user, _dongle, mut agent, id) = setup(&server, Some(config)).await;
+
+    let command = invoke(&user, &id, json!({"command": "version", "args": []})).await;
+    let done = finished(&user, &id, &command).await;
+    assert_eq!(done["status"], "done", "{done}");
+    assert_eq!(done["exit_code"], 0);
+    assert!(
+        done["stdout"].as_str().unwrap().contains("dongle-sim"),
+        "{done}"
+    );
+    assert_eq!(done["truncated"], false);
+
+    let long = invoke(
+        &user,
+        &id,
+        json!({"command": "echo", "args": ["a-rather-long-line", "that-the-dongle-cuts", "at-48-bytes"]}),
+    )
+    .await;
+    let done = finished(&user, &id, &long).await;
+    assert_eq!(done["status"], "done", "{done}");
+    assert_eq!(done["truncated"], true, "{done}");
+    assert_eq!(done["stdout"].as_str().unwrap().len(), 48);
+
+    // Not on the allow-list: refused before anything is queued.
+    let (status, body) = user
+        .post(
+            &format!("/dongles/{id}/commands"),
+            json!({"command": "rm", "args": ["-rf", "/"]}),
+        )
+        .await;
+    assert!(status.is_client_error(), "{status} {body}");
+    agent.stop().await;
+    server.stop().await;
+}
+
+/// The agent is killed while the dongle runs a command: after its restart the command ends, once, in a
+/// definite state, and is not run a second time.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_agent_killed_mid_command_reports_it_once_after_restart(pool: PgPool) {
+    let server = Server::start(pool).await;
+    let (user, dongle, mut agent, id) = setup(&server, None).await;
+    let command = invoke(
+        &user,
+        &id,
+        json!({"command": "sleep", "args": ["1500"], "timeout_ms": 10000}),
+    )
+    .await;
+    wait_status(&user, &id, &command, "running").await;
+    agent.kill().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.run(&dongle.agent_args());
+    let done = finished(&user, &id, &command).await;
+    assert_eq!(done["status"], "error", "{done}");
+    assert!(
+        done["stderr"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not run again"),
+        "{done}"
+    );
+    // The journal holds the command as delivered, so a re-sent command is not run again.
+    for _ in 0..50 {
+        if agent
+            .exec(&["status", "--offline"], None)
+            .await
+            .1
+            .contains("0 running, 0 results waiting")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, out, _) = agent.exec(&["status", "--offline"], None).await;
+    assert!(out.contains("0 running, 0 results waiting"), "{out}");
+    let runs: i64 = server
+        .scalar(
+            "SELECT count(*) FROM audit_logs WHERE action = 'command.finish' AND details->>'command_id' = $1",
+            &command,
+        )
+        .await;
+    assert_eq!(runs, 1, "one outcome recorded");
+    agent.stop().await;
+    server.stop().await;
+}
+
+/// The server restarts while the dongle runs a command: the agent keeps the result and delivers it
+/// when the server is back.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_result_waits_in_the_outbox_while_the_server_restarts(pool: PgPool) {
+    let server = Server::start(pool).await;
+    let (user, _dongle, mut agent, id) = setup(&server, None).await;
+    let command = invoke(
+        &user,
+        &id,
+        json!({"command": "sleep", "args": ["1000"], "timeout_ms": 20000}),
+    )
+    .await;
+    wait_status(&user, &id, &command, "running").await;
+    let server = server.restart(Duration::from_millis(1500)).await;
+    // Alice's session lives in PostgreSQL, so it outlives the restart.
+    let done = finished(&user, &id, &command).await;
+    assert_eq!(done["status"], "done", "{done}");
+    assert!(
+        done["stdout"].as_str().unwrap().contains("slept 1000 ms"),
+        "{done}"
+    );
+    agent.stop().await;
+    server.stop().await;
+}
+
+/// The server is killed (no shutdown, its database connections cut) while a command runs: the agent
+/// finishes it meanwhile, keeps the result in its outbox, and hands it to the new server once; the
+/// command ends `done`, with one finish in the audit log.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_server_killed_mid_command_gets_the_result_once_from_the_outbox(pool: PgPool) {
+    let server = Server::start_crashable(&pool).await;
+    let (user, _dongle, mut agent, id) = setup(&server, None).await;
+    let command = invoke(
+        &user,
+        &id,
+        json!({"command": "sleep", "args": ["800"], "timeout_ms": 20000}),
+    )
+    .await;
+    wait_status(&user, &id, &command, "running").await;
+    let server = server
+        .crash_and_restart(Duration::from_millis(1500), pool.clone())
+        .await;
+    let done = finished(&user, &id, &command).await;
+    assert_eq!(done["status"], "done", "{done}");
+    assert!(
+        done["stdout"].as_str().unwrap().contains("slept 800 ms"),
+        "{done}"
+    );
+    let finishes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_logs WHERE action = 'command.finish' AND details->>'command_id' = $1",
+    )
+    .bind(&command)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(finishes, 1);
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_frame_sent_by_hand_reaches_the_bus(pool: PgPool) {
+    let bus_root = tempfile::tempdir().unwrap();
+    let server = Server::start(pool).await;
+    let mut config = SimConfig::serial("unused").with_bus("bench");
+    config.bus_root = Some(bus_root.path().to_path_buf());
+    let mut tap = dongle_sim::BusTap::join_at(bus_root.path(), "bench").unwrap();
+    let (user, _dongle, mut agent, id) = setup(&server, Some(config)).await;
+    assert!(tap.wait_for_peers(1, Duration::from_secs(5)).await);
+
+    let (status, body) = user
+        .post(
+            &format!("/dongles/{id}/can/send"),
+            json!({"can_id": 0x7df, "is_extended": false, "data_hex": "02010c"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let frame = tokio::time::timeout(Duration::from_secs(5), tap.recv())
+        .await
+        .expect("the frame reaches the bus")
+        .unwrap();
+    assert_eq!(frame.id().raw(), 0x7df);
+    assert_eq!(frame.data(), &[0x02, 0x01, 0x0c]);
+
+    // Too long for classic CAN, or an id too large for 11 bits: refused before anything is sent.
+    for bad in [
+        json!({"can_id": 0x7df, "is_extended": false, "data_hex": "000102030405060708"}),
+        json!({"can_id": 0x800, "is_extended": false, "data_hex": "00"}),
+    ] {
+        let (status, body) = user.post(&format!("/dongles/{id}/can/send"), bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), tap.recv())
+            .await
+            .is_err(),
+        "nothing else reached the bus"
+    );
+    agent.stop().await;
+    server.stop().await;
+}
+
+/// Two server instances on one database: the agent is connected to the second, the user talks to the
+/// first; pairing, configuration and commands all cross over.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn config_and_commands_cross_server_instances(pool: PgPool) {
+    let first = Server::start(pool).await;
+    let second = first.second_instance().await;
+    let alice = first.user("alice@example.com", Role::User).await;
+    let dongle = Dongle::serial().await;
+    let mut agent = Agent::new();
+    // The agent logs in to the second instance and stays connected there.
+    agent.login_as(&second.base, &alice.email, &[]).await;
+    agent.run(&dongle.agent_args());
+    let id = pair(&alice, &dongle).await;
+
+    let (status, body) = alice
+        .call(
+            Method::PUT,
+            &format!("/dongles/{id}/can-config"),
+            Some(json!({"bitrate": 125000, "sample_point_permille": 875, "mode": "normal",
+                        "use_raw": false, "auto_retx": true, "tx_pause": false, "protocol_exc": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(dongle.sim.flash().can.bitrate, 125_000);
+
+    let command = invoke(&alice, &id, json!({"command": "echo", "args": ["across"]})).await;
+    let done = finished(&alice, &id, &command).await;
+    assert_eq!(done["status"], "done", "{done}");
+    assert_eq!(done["stdout"], "across\n");
+    // Whichever instance the user asks, the answer is the same.
+    let (_, via_second) = alice
+        .via(&second.base)
+        .get(&format!("/dongles/{id}/commands/{command}"))
+        .await;
+    assert_eq!(via_second["stdout"], "across\n");
+    agent.stop().await;
+    second.stop().await;
+    first.stop().await;
+}

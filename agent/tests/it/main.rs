@@ -1,0 +1,13 @@
+//! The integration tests of `bridge-agent`, linked into one test binary: one link instead of one per
+//! file keeps the test build fast and small. Each module is one area of behaviour.
+
+mod common;
+
+mod cli;
+mod console_e2e;
+mod dongle_manager;
+mod faults_link;
+mod pairing_e2e;
+mod slcan;
+mod socketcand;
+mod uplink_e2e;

@@ -1,0 +1,185 @@
+//! The live console over SSE (SPEC 3.9): headers at once, events with increasing ids, resume with
+//! Last-Event-ID, stream_reset when too old, and the same authorization as the dongle.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::dongle::paired;
+use common::{TestClient, spawn_app};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use bridge_server::db::MIGRATOR;
+use bridge_server::users::Role;
+
+const DEV: &str = "00000000000000c1";
+
+/// An open SSE stream and the text read so far.
+struct Sse {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+/// One event: its id (if any), name and JSON data.
+#[derive(Debug)]
+struct Event {
+    id: Option<u64>,
+    name: String,
+    data: Value,
+}
+
+impl Sse {
+    async fn open(
+        client: &TestClient,
+        path: &str,
+        last_event_id: Option<u64>,
+    ) -> (StatusCode, Option<Self>, Option<String>) {
+        let mut request = client.request(reqwest::Method::GET, path);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        let response = tokio::time::timeout(Duration::from_secs(5), request.send())
+            .await
+            .expect("the headers come at once")
+            .unwrap();
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string());
+        if !status.is_success() {
+            return (status, None, content_type);
+        }
+        (
+            status,
+            Some(Self {
+                response,
+                buffer: String::new(),
+            }),
+            content_type,
+        )
+    }
+
+    /// The next event (comments such as keep-alives are skipped).
+    async fn next(&mut self) -> Event {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = Event {
+                    id: None,
+                    name: "message".into(),
+                    data: Value::Null,
+                };
+                let mut any = false;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        event.id = v.trim().parse().ok();
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event.name = v.trim().to_string();
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        event.data = serde_json::from_str(v.trim()).unwrap();
+                        any = true;
+                    }
+                }
+                if any {
+                    return event;
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(5), self.response.chunk())
+                .await
+                .expect("an event within 5 s")
+                .unwrap()
+                .expect("the stream stays open");
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+async fn send_frame(client: &TestClient, dongle: uuid::Uuid, data_hex: &str) {
+    let res = client
+        .post_json(
+            &format!("/dongles/{dongle}/can/send"),
+            json!({"can_id": 0x7df, "is_extended": false, "data_hex": data_hex}),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn events_resume_and_reset(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let owner = paired(&app, "alice@example.com", DEV, 0).await;
+    let path = format!("/streams/dongles/{}/console", owner.dongle_id);
+    let (status, stream, content_type) = Sse::open(&owner.client, &path, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type.as_deref(), Some("text/event-stream"));
+    let mut stream = stream.unwrap();
+
+    send_frame(&owner.client, owner.dongle_id, "0201").await;
+    let first = stream.next().await;
+    assert_eq!(first.name, "can_frame");
+    assert_eq!(first.data["direction"], "tx");
+    assert_eq!(first.data["data_hex"], "0201");
+    let first_id = first.id.unwrap();
+
+    let queued = owner
+        .client
+        .post_json(
+            &format!("/dongles/{}/commands", owner.dongle_id),
+            json!({"command": "version"}),
+        )
+        .await;
+    assert!(queued.status().is_success());
+    let command = stream.next().await;
+    assert_eq!(command.name, "command_status");
+    assert_eq!(command.data["status"], "queued");
+    assert!(command.id.unwrap() > first_id, "ids strictly increase");
+    drop(stream);
+
+    // Back with the first id: everything after it again, in order.
+    send_frame(&owner.client, owner.dongle_id, "0202").await;
+    let (_, resumed, _) = Sse::open(&owner.client, &path, Some(first_id)).await;
+    let mut resumed = resumed.unwrap();
+    let again = resumed.next().await;
+    assert_eq!(again.name, "command_status");
+    let mut later = resumed.next().await;
+    while later.name == "command_status" {
+        later = resumed.next().await;
+    }
+    assert_eq!(later.name, "can_frame");
+    assert_eq!(later.data["data_hex"], "0202");
+    assert!(later.id.unwrap() > again.id.unwrap());
+
+    // Back with an id older than the ring keeps: told so, and then live.
+    let (_, reset, _) = Sse::open(&owner.client, &path, Some(first_id - 1_000_000)).await;
+    let mut reset = reset.unwrap();
+    let notice = reset.next().await;
+    assert_eq!(notice.name, "stream_reset");
+    assert_eq!(notice.id, None);
+    send_frame(&owner.client, owner.dongle_id, "0203").await;
+    let mut live = reset.next().await;
+    while live.name != "can_frame" {
+        live = reset.next().await;
+    }
+    assert_eq!(live.data["data_hex"], "0203");
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn only_the_owner_watches(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let owner = paired(&app, "alice@example.com", DEV, 0).await;
+    let (bob, _) = app.logged_in("bob@example.com", Role::User).await;
+    let path = format!("/streams/dongles/{}/console", owner.dongle_id);
+    let (status, _, _) = Sse::open(&bob, &path, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = Sse::open(&app.client(), &path, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let group = format!("/streams/groups/{}/console", uuid::Uuid::new_v4());
+    let (status, _, _) = Sse::open(&owner.client, &group, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

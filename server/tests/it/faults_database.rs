@@ -1,0 +1,242 @@
+//! PostgreSQL goes away under a running server and comes back: while it is down, `/readyz` says not
+//! ready and API calls answer 503 SERVICE_UNAVAILABLE in the standard error shape, promptly and without
+//! a panic or a 500; once it is back, the same server serves the same session again, unrestarted.
+//!
+//! The test runs a private cluster (`EmbeddedPostgres`), since stopping the shared one would break every
+//! other test, and stops and starts it with `pg_ctl` on the same port and socket, as an administrator's
+//! restart would.
+
+use crate::common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use bridge_server::embedded_pg::{BinSearch, EmbeddedPostgres};
+use bridge_server::users::Role;
+use common::{Answer, TestClient, spawn_app};
+use reqwest::StatusCode;
+use serde_json::json;
+
+/// Far below the pool's 10 s acquire timeout: an answer this quick comes from noticing the outage, not
+/// from waiting it out.
+const PROMPT: Duration = Duration::from_secs(5);
+
+/// `pg_ctl` on the embedded cluster, as the user that owns it.
+struct PgCtl {
+    bin: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    options: String,
+}
+
+impl PgCtl {
+    /// The cluster that `EmbeddedPostgres::start(dir)` runs: data in `dir/postgres`, log in
+    /// `dir/postgres.log`, the port and socket folder of its URL.
+    fn for_cluster(dir: &Path, pg: &EmbeddedPostgres) -> Self {
+        let url = pg.url();
+        let socket = percent_decode(
+            url.split("host=")
+                .nth(1)
+                .expect("the URL names the socket folder"),
+        );
+        Self {
+            bin: BinSearch::default()
+                .find()
+                .expect("PostgreSQL is installed"),
+            data: dir.join("postgres"),
+            log: dir.join("postgres.log"),
+            options: format!(
+                "-c listen_addresses=127.0.0.1 -p {} -k {socket} -c unix_socket_permissions=0700",
+                pg.port()
+            ),
+        }
+    }
+
+    fn run(&self, args: &[&std::ffi::OsStr]) -> Output {
+        let exe = self.bin.join("pg_ctl");
+        // initdb and pg_ctl refuse to run as root: as root, the cluster belongs to `postgres`.
+        let mut cmd = if nix::unistd::geteuid().is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = cmd.args(args).current_dir("/").output().unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn stop(&self) {
+        self.run(&[
+            "-D".as_ref(),
+            self.data.as_os_str(),
+            "-m".as_ref(),
+            "fast".as_ref(),
+            "-w".as_ref(),
+            "stop".as_ref(),
+        ]);
+    }
+
+    fn start(&self) {
+        self.run(&[
+            "-D".as_ref(),
+            self.data.as_os_str(),
+            "-l".as_ref(),
+            self.log.as_os_str(),
+            "-w".as_ref(),
+            "-t".as_ref(),
+            "30".as_ref(),
+            "-o".as_ref(),
+            self.options.as_ref(),
+            "start".as_ref(),
+        ]);
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 3 <= bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Sends a request and reads its answer, failing when it takes longer than [`PROMPT`].
+async fn timed(what: &str, request: reqwest::RequestBuilder) -> Answer {
+    let started = Instant::now();
+    let answer = Answer::read(request.send().await.unwrap()).await;
+    let took = started.elapsed();
+    assert!(took < PROMPT, "{what} took {took:?}");
+    answer
+}
+
+/// Asserts the 503 of an unreachable database, in the standard shape with a request id and a
+/// `Retry-After`.
+fn assert_unavailable(what: &str, answer: &Answer) {
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{what}: {}",
+        answer.text
+    );
+    answer.assert_error(StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE");
+    assert!(
+        answer.headers.contains_key("retry-after"),
+        "{what}: no Retry-After"
+    );
+}
+
+fn register(user: &TestClient, name: &str) -> reqwest::RequestBuilder {
+    user.request(reqwest::Method::POST, "/agents/register")
+        .json(&json!({ "agent_name": name }))
+}
+
+#[tokio::test]
+async fn while_postgresql_is_down_the_api_answers_503_and_it_recovers_without_a_restart() {
+    // A folder the postgres user can enter (the tests run as root in CI).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cluster = dir.path().join("cluster");
+    let pg = EmbeddedPostgres::start(&cluster)
+        .await
+        .expect("PostgreSQL starts");
+    let ctl = PgCtl::for_cluster(&cluster, &pg);
+    // The pool the server runs on in production, on the cluster's socket.
+    let pool = bridge_server::db::connect(&pg.url(), 5).await.unwrap();
+    bridge_server::db::migrate(&pool).await.unwrap();
+
+    let app = spawn_app(pool).await;
+    let (user, _) = app.logged_in("tech@example.com", Role::User).await;
+    let http = &user.http;
+    assert_eq!(
+        timed("readyz", http.get(user.url("/readyz"))).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        timed("register", register(&user, "before")).await.status,
+        StatusCode::CREATED
+    );
+
+    ctl.stop();
+
+    // The process is up; it is not ready; every call that needs the database says so at once.
+    assert_eq!(
+        timed("healthz", http.get(user.url("/healthz")))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let ready = timed("readyz", http.get(user.url("/readyz"))).await;
+    ready.assert_error(StatusCode::SERVICE_UNAVAILABLE, "NOT_READY");
+    for _ in 0..3 {
+        assert_unavailable(
+            "GET /auth/me",
+            &timed("me", user.request(reqwest::Method::GET, "/auth/me")).await,
+        );
+        assert_unavailable(
+            "POST /agents/register",
+            &timed("register", register(&user, "during")).await,
+        );
+        assert_unavailable(
+            "POST /auth/login",
+            &timed(
+                "login",
+                app.client()
+                    .request(reqwest::Method::POST, "/auth/login")
+                    .json(&json!({"email": "tech@example.com", "password": common::PASSWORD})),
+            )
+            .await,
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    ctl.start();
+
+    // Back without restarting the server: ready again, and the session from before still works.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = timed("readyz", http.get(user.url("/readyz"))).await.status;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready again: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let me = timed("me", user.request(reqwest::Method::GET, "/auth/me")).await;
+    assert_eq!(me.status, StatusCode::OK, "{}", me.text);
+    assert_eq!(me.json["email"], "tech@example.com");
+    assert_eq!(
+        timed("register", register(&user, "after")).await.status,
+        StatusCode::CREATED
+    );
+    // Nothing the outage left half-done: exactly the agents registered while it was up exist.
+    assert_eq!(
+        app.count("SELECT count(*) FROM agents WHERE agent_name IN ('before', 'after')")
+            .await,
+        2
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM agents WHERE agent_name = 'during'")
+            .await,
+        0
+    );
+
+    app.stop().await;
+    pg.stop().await.expect("PostgreSQL stops");
+}

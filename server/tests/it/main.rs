@@ -1,0 +1,36 @@
+//! The integration tests of `bridge-server`, linked into one test binary: one link instead of one per
+//! file keeps the test build fast and small. Each module is one area of behaviour.
+
+mod common;
+mod web_support;
+
+mod admin;
+mod agents;
+mod api_errors;
+mod auth_lifecycle;
+mod authz_matrix;
+mod can_config;
+mod cli;
+mod commands;
+mod console;
+mod dongle_tokens;
+mod email;
+mod embedded_pg;
+mod faults_database;
+mod faults_input;
+mod groups;
+mod hardening;
+mod keys_cli;
+mod migrate_cli;
+mod multi_instance;
+mod openapi;
+mod pairing;
+mod password_reset;
+mod rate_limits;
+mod relay;
+mod schema;
+mod send_frame;
+mod tls;
+mod web_auth;
+mod web_dongles;
+mod web_groups;

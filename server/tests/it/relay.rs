@@ -1,0 +1,679 @@
+//! The relay (SPEC 3.8) over real `/ws/data` connections: frames in order both ways, the durable buffer
+//! while a side is offline and its replay, a crash and a restart, retention and BUFFER_PRESSURE,
+//! duplicates after a reconnect, malformed messages, and sides an agent does not serve.
+
+use crate::common;
+
+use std::time::Duration;
+
+use bridge_server::config::ServerConfig;
+use bridge_server::db::MIGRATOR;
+use bridge_server::groups::relay::RelayEvent;
+use bridge_server::users::Role;
+use common::agent::{self, TestAgent};
+use common::data::{DataClient, TwoDongles, active_group, group, group_until, pair, two_dongles};
+use common::{TestApp, database_url_of, read, spawn_app_with};
+use control_proto::data::{self, Side};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+const DEV_A: &str = "0000000000000aaa";
+const DEV_B: &str = "0000000000000bbb";
+
+/// Small, quick settings: a short gather, frequent counter writes.
+fn fast(config: &mut ServerConfig) {
+    config.relay.flush_interval = Duration::from_millis(50);
+    config.relay.gather = Duration::from_millis(2);
+    config.relay.poll_interval = Duration::from_millis(100);
+}
+
+async fn app_with(pool: PgPool, adjust: impl FnOnce(&mut ServerConfig)) -> TestApp {
+    spawn_app_with(pool, |c| {
+        fast(c);
+        adjust(c);
+    })
+    .await
+}
+
+/// Two dongles on two agents, grouped and activated, both agents' data planes connected, ACTIVE.
+async fn relaying(app: &TestApp) -> (TwoDongles, Uuid, DataClient, DataClient) {
+    let users = two_dongles(app, "alice@example.com", DEV_A, DEV_B).await;
+    let id = active_group(&users.client, users.dongle_a, users.dongle_b).await;
+    let data_a = DataClient::connect(&app.base, &users.token_a).await;
+    let data_b = DataClient::connect(&app.base, &users.token_b).await;
+    group_until(&users.client, id, |g| g["state"] == "ACTIVE").await;
+    (users, id, data_a, data_b)
+}
+
+fn numbers(received: &[(u64, u32)]) -> Vec<u32> {
+    received.iter().map(|(_, n)| *n).collect()
+}
+
+fn positions(received: &[(u64, u32)]) -> Vec<u64> {
+    received.iter().map(|(p, _)| *p).collect()
+}
+
+async fn buffered_rows(app: &TestApp, id: Uuid, direction: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(frame_count), 0)::bigint FROM relay_buffer WHERE group_id = $1 AND direction = $2",
+    )
+    .bind(id)
+    .bind(direction)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn frames_go_from_a_to_b_and_back_in_order(pool: PgPool) {
+    let app = app_with(pool, |_| {}).await;
+    let mut events = app.relay().subscribe();
+    let (users, id, mut data_a, mut data_b) = relaying(&app).await;
+    let view = group(&users.client, id).await;
+    assert_eq!(view["dongle_a"]["data_connected"], true);
+    assert_eq!(view["dongle_b"]["data_connected"], true);
+
+    // Both agents were told their side, numbered from 0.
+    for (agent, side, dev) in [
+        (&users.agent_a, Side::A, DEV_A),
+        (&users.agent_b, Side::B, DEV_B),
+    ] {
+        let groups = agent.seen.lock().unwrap().groups.last().cloned().unwrap();
+        assert_eq!(groups.sides.len(), 1);
+        assert_eq!(
+            (
+                groups.sides[0].group_id,
+                groups.sides[0].side,
+                groups.sides[0].device_id.as_str(),
+                groups.sides[0].next_seq
+            ),
+            (id, side, dev, 0)
+        );
+    }
+
+    data_a.send_frames(id, Side::A, 0, 0..5).await;
+    data_a.send_frames(id, Side::A, 5, 5..10).await;
+    data_a.send_frames(id, Side::A, 10, 10..12).await;
+    assert_eq!(data_a.wait_ack(id, Side::A, 12).await, 12);
+    let got = data_b.receive(id, Side::B, 12, true).await;
+    assert_eq!(numbers(&got), (0..12).collect::<Vec<_>>());
+    assert_eq!(positions(&got), (0..12).collect::<Vec<_>>());
+
+    data_b.send_frames(id, Side::B, 0, 100..107).await;
+    data_b.wait_ack(id, Side::B, 7).await;
+    let back = data_a.receive(id, Side::A, 7, true).await;
+    assert_eq!(numbers(&back), (100..107).collect::<Vec<_>>());
+
+    let view = group_until(&users.client, id, |g| {
+        g["frames_relayed"] == json!({"a_to_b": 12, "b_to_a": 7})
+    })
+    .await;
+    assert_eq!(view["frames_received"], json!({"a": 12, "b": 7}));
+    assert_eq!(view["backlog"], json!({"a_to_b": 0, "b_to_a": 0}));
+    assert_eq!(view["state"], "ACTIVE");
+    // Nothing touched the buffer on the way.
+    assert_eq!(app.count("SELECT count(*) FROM relay_buffer").await, 0);
+
+    // The console's hook saw the frames, with their dongles.
+    let mut seen = 0u32;
+    while let Ok(event) = events.try_recv() {
+        if let RelayEvent::Frames {
+            group_id,
+            from,
+            from_dongle_id,
+            count,
+            ..
+        } = event
+        {
+            assert_eq!(group_id, id);
+            let expected = if from == Side::A {
+                users.dongle_a
+            } else {
+                users.dongle_b
+            };
+            assert_eq!(from_dongle_id, expected);
+            seen += count;
+        }
+    }
+    assert_eq!(seen, 19);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_offline_side_gets_its_frames_from_the_buffer_in_order(pool: PgPool) {
+    // A slow replay, so that new frames arrive while the backlog is still going out.
+    let app = app_with(pool, |c| c.relay.replay_rate = 100).await;
+    let (users, id, mut data_a, data_b) = relaying(&app).await;
+
+    data_b.cut();
+    let view = group_until(&users.client, id, |g| g["state"] == "DEGRADED").await;
+    assert_eq!(view["dongle_b"]["data_connected"], false);
+
+    for first in (0..20).step_by(5) {
+        data_a
+            .send_frames(id, Side::A, first as u64, first..first + 5)
+            .await;
+    }
+    assert_eq!(data_a.wait_ack(id, Side::A, 20).await, 20);
+    // Acknowledged means written: the rows are there the moment the ACK is.
+    assert_eq!(buffered_rows(&app, id, "a_to_b").await, 20);
+    let view = group(&users.client, id).await;
+    assert_eq!(view["backlog"]["a_to_b"], 20);
+    assert_eq!(view["state"], "DEGRADED");
+
+    let started = std::time::Instant::now();
+    let mut data_b = DataClient::connect(&app.base, &users.token_b).await;
+    // New frames from A while the backlog replays queue behind it.
+    data_a.send_frames(id, Side::A, 20, 20..25).await;
+    data_a.wait_ack(id, Side::A, 25).await;
+    let got = data_b.receive(id, Side::B, 25, true).await;
+    assert_eq!(
+        numbers(&got),
+        (0..25).collect::<Vec<_>>(),
+        "in order, none twice"
+    );
+    // 20 buffered frames at 100 frames/s, five per step: the steps are paced.
+    assert!(
+        started.elapsed() >= Duration::from_millis(120),
+        "replayed in {:?}",
+        started.elapsed()
+    );
+
+    let view = group_until(&users.client, id, |g| {
+        g["state"] == "ACTIVE" && g["backlog"]["a_to_b"] == 0
+    })
+    .await;
+    assert_eq!(view["frames_relayed"]["a_to_b"], 25);
+    assert_eq!(buffered_rows(&app, id, "a_to_b").await, 0);
+    assert_eq!(view["buffer_pressure"], false);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn frames_in_flight_to_a_side_that_drops_are_sent_again(pool: PgPool) {
+    let app = app_with(pool, |_| {}).await;
+    let (users, id, mut data_a, mut data_b) = relaying(&app).await;
+    data_a.send_frames(id, Side::A, 0, 0..8).await;
+    data_a.wait_ack(id, Side::A, 8).await;
+    // B gets them but its connection drops before it acknowledges.
+    let got = data_b.receive(id, Side::B, 8, false).await;
+    assert_eq!(numbers(&got), (0..8).collect::<Vec<_>>());
+    data_b.cut();
+    group_until(&users.client, id, |g| g["backlog"]["a_to_b"] == 8).await;
+
+    let mut data_b = DataClient::connect(&app.base, &users.token_b).await;
+    let again = data_b.receive(id, Side::B, 8, true).await;
+    assert_eq!(positions(&again), (0..8).collect::<Vec<_>>());
+    group_until(&users.client, id, |g| {
+        g["state"] == "ACTIVE" && g["frames_relayed"]["a_to_b"] == 8
+    })
+    .await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_killed_server_loses_no_acknowledged_frame(pool: PgPool) {
+    // The first server has a pool of its own, closed before it is killed: nothing it held in memory
+    // reaches the database afterwards, as with SIGKILL.
+    let own = PgPoolOptions::new()
+        .max_connections(5)
+        .connect(&database_url_of(&pool))
+        .await
+        .unwrap();
+    let first = app_with(own, |_| {}).await;
+    let (users, id, mut data_a, data_b) = relaying(&first).await;
+    data_b.cut();
+    group_until(&users.client, id, |g| g["state"] == "DEGRADED").await;
+    for first_pos in (0..30).step_by(10) {
+        data_a
+            .send_frames(id, Side::A, first_pos as u64, first_pos..first_pos + 10)
+            .await;
+    }
+    data_a.wait_ack(id, Side::A, 30).await;
+    first.kill().await;
+    data_a.cut();
+
+    let app = app_with(pool, |_| {}).await;
+    let client = common::TestClient {
+        base: app.base.clone(),
+        ..users.client
+    };
+    // A's agent comes back first: it is told to number its frames from 30, where the server is.
+    let agent_a = TestAgent::connect(&app.base, &users.token_a).await;
+    agent_a.report(&app.pool, &[DEV_A]).await;
+    agent::wait_until(|| {
+        let next = agent_a
+            .seen
+            .lock()
+            .unwrap()
+            .groups
+            .last()
+            .and_then(|g| g.sides.first().map(|s| s.next_seq));
+        async move { next == Some(30) }
+    })
+    .await;
+    let agent_b = TestAgent::connect(&app.base, &users.token_b).await;
+    agent_b.report(&app.pool, &[DEV_B]).await;
+    let mut data_b = DataClient::connect(&app.base, &users.token_b).await;
+    let got = data_b.receive(id, Side::B, 30, true).await;
+    assert_eq!(numbers(&got), (0..30).collect::<Vec<_>>());
+    let mut data_a = DataClient::connect(&app.base, &users.token_a).await;
+    data_a.send_frames(id, Side::A, 30, 30..32).await;
+    data_a.wait_ack(id, Side::A, 32).await;
+    let more = data_b.receive(id, Side::B, 2, true).await;
+    assert_eq!(numbers(&more), vec![30, 31]);
+    group_until(&client, id, |g| {
+        g["state"] == "ACTIVE" && g["backlog"]["a_to_b"] == 0
+    })
+    .await;
+    drop((agent_a, agent_b));
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_stopped_server_keeps_what_was_in_flight(pool: PgPool) {
+    let first = app_with(pool.clone(), |_| {}).await;
+    let (users, id, mut data_a, mut data_b) = relaying(&first).await;
+    data_a.send_frames(id, Side::A, 0, 0..6).await;
+    data_a.wait_ack(id, Side::A, 6).await;
+    // Forwarded to B, never acknowledged by it: a graceful stop writes them to the buffer.
+    data_b.receive(id, Side::B, 6, false).await;
+    first.stop().await;
+    assert_eq!(buffered_rows_of(&pool, id).await, 6);
+    data_a.cut();
+    data_b.cut();
+
+    let app = app_with(pool, |_| {}).await;
+    let _agent_b = TestAgent::connect(&app.base, &users.token_b).await;
+    _agent_b.report(&app.pool, &[DEV_B]).await;
+    let mut data_b = DataClient::connect(&app.base, &users.token_b).await;
+    let got = data_b.receive(id, Side::B, 6, true).await;
+    assert_eq!(numbers(&got), (0..6).collect::<Vec<_>>());
+}
+
+async fn buffered_rows_of(pool: &PgPool, id: Uuid) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(frame_count), 0)::bigint FROM relay_buffer WHERE group_id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_full_buffer_trims_the_oldest_frames_and_says_so(pool: PgPool) {
+    let app = app_with(pool, |c| {
+        c.relay.buffer_max_frames = 10;
+        c.relay.trim_audit_interval = Duration::ZERO;
+    })
+    .await;
+    let (users, id, mut data_a, data_b) = relaying(&app).await;
+    data_b.cut();
+    group_until(&users.client, id, |g| g["state"] == "DEGRADED").await;
+    for first in (0..25).step_by(5) {
+        data_a
+            .send_frames(id, Side::A, first as u64, first..first + 5)
+            .await;
+        data_a.wait_ack(id, Side::A, first as u64 + 5).await;
+    }
+    let view = group(&users.client, id).await;
+    assert_eq!(view["backlog"]["a_to_b"], 10);
+    assert_eq!(view["frames_trimmed"]["a_to_b"], 15);
+    assert_eq!(view["buffer_pressure"], true);
+    assert_eq!(buffered_rows(&app, id, "a_to_b").await, 10);
+    let audited: Vec<Value> = sqlx::query_scalar(
+        "SELECT details FROM audit_logs WHERE action = 'group.buffer_trim' AND target_id = $1",
+    )
+    .bind(id.to_string())
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert!(!audited.is_empty());
+    let total: u64 = audited.iter().map(|d| d["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, 15, "{audited:?}");
+    assert!(audited.iter().all(|d| d["direction"] == "a_to_b"));
+
+    // B comes back to the newest ten, in order; the pressure ends with the backlog.
+    let mut data_b = DataClient::connect(&app.base, &users.token_b).await;
+    let got = data_b.receive(id, Side::B, 10, true).await;
+    assert_eq!(numbers(&got), (15..25).collect::<Vec<_>>());
+    assert_eq!(positions(&got), (15..25).collect::<Vec<_>>());
+    group_until(&users.client, id, |g| {
+        g["state"] == "ACTIVE" && g["buffer_pressure"] == false
+    })
+    .await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn old_frames_leave_the_buffer_with_age(pool: PgPool) {
+    let app = app_with(pool, |c| {
+        c.relay.buffer_max_age = Duration::from_millis(300);
+        c.relay.trim_audit_interval = Duration::ZERO;
+    })
+    .await;
+    let (users, id, mut data_a, data_b) = relaying(&app).await;
+    data_b.cut();
+    group_until(&users.client, id, |g| g["state"] == "DEGRADED").await;
+    data_a.send_frames(id, Side::A, 0, 0..4).await;
+    data_a.wait_ack(id, Side::A, 4).await;
+    let view = group_until(&users.client, id, |g| g["backlog"]["a_to_b"] == 0).await;
+    assert_eq!(view["frames_trimmed"]["a_to_b"], 4);
+    assert_eq!(view["buffer_pressure"], true);
+    let audited: i64 = app
+        .count("SELECT count(*) FROM audit_logs WHERE action = 'group.buffer_trim'")
+        .await;
+    assert!(audited >= 1);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn frames_sent_again_after_a_reconnect_are_delivered_once(pool: PgPool) {
+    let app = app_with(pool, |_| {}).await;
+    let (users, id, mut data_a, mut data_b) = relaying(&app).await;
+    data_a.send_frames(id, Side::A, 0, 0..10).await;
+    data_a.wait_ack(id, Side::A, 10).await;
+    data_a.cut();
+    // The agent lost the ACK with its connection: it sends 5..10 again, then new ones.
+    let mut data_a = DataClient::connect(&app.base, &users.token_a).await;
+    data_a.send_frames(id, Side::A, 5, 5..15).await;
+    assert_eq!(data_a.wait_ack(id, Side::A, 15).await, 15);
+    // All of it again: nothing new, and the ACK says so.
+    data_a.send_frames(id, Side::A, 0, 0..10).await;
+    assert_eq!(data_a.wait_ack(id, Side::A, 15).await, 15);
+
+    let got = data_b.receive(id, Side::B, 15, true).await;
+    assert_eq!(
+        positions(&got),
+        (0..15).collect::<Vec<_>>(),
+        "each position once"
+    );
+    assert_eq!(numbers(&got), (0..15).collect::<Vec<_>>());
+    data_b.no_frames(Duration::from_millis(300)).await;
+    let stats = app.relay();
+    assert_eq!(
+        stats
+            .stats()
+            .frames_duplicate
+            .load(std::sync::atomic::Ordering::Relaxed),
+        15
+    );
+    group_until(&users.client, id, |g| g["frames_received"]["a"] == 15).await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn malformed_data_messages_are_ignored_then_the_connection_closes(pool: PgPool) {
+    let app = app_with(pool, |c| c.relay.max_malformed = 5).await;
+    let (users, id, mut data_a, mut data_b) = relaying(&app).await;
+    let good = data::encode_frames(id, Side::A, 0, &common::data::batch(0..3));
+    let mut bad_version = good.clone();
+    bad_version[0] = 9;
+    let mut bad_side = good.clone();
+    bad_side[18] = 7;
+    let mut cut_batch = good.clone();
+    cut_batch.pop();
+    for bad in [vec![], vec![1, 1, 0], bad_version, bad_side, cut_batch] {
+        data_a.send_raw(bad).await;
+    }
+    // Five malformed messages are tolerated; valid ones still work.
+    data_a.send_raw(good).await;
+    data_a.wait_ack(id, Side::A, 3).await;
+    let got = data_b.receive(id, Side::B, 3, true).await;
+    assert_eq!(numbers(&got), vec![0, 1, 2]);
+    // The sixth closes the connection; the server carries on.
+    data_a.send_text("not binary").await;
+    assert!(data_a.closed_within(Duration::from_secs(5)).await);
+    let health = read(
+        users
+            .client
+            .http
+            .get(users.client.url("/healthz"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(health.status, reqwest::StatusCode::OK);
+    assert!(
+        app.relay()
+            .stats()
+            .messages_malformed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 6
+    );
+    let mut data_a = DataClient::connect(&app.base, &users.token_a).await;
+    data_a.send_frames(id, Side::A, 3, 3..5).await;
+    data_a.wait_ack(id, Side::A, 5).await;
+    assert_eq!(
+        numbers(&data_b.receive(id, Side::B, 2, true).await),
+        vec![3, 4]
+    );
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_agent_cannot_send_for_a_side_it_does_not_serve(pool: PgPool) {
+    let app = app_with(pool, |_| {}).await;
+    let (users, id, mut data_a, mut data_b) = relaying(&app).await;
+
+    // B's agent sends as side A: refused, never acknowledged, never delivered.
+    data_b.send_frames(id, Side::A, 0, 0..3).await;
+    let seen = data_b.no_frames(Duration::from_millis(300)).await;
+    assert!(seen.is_empty(), "{seen:?}");
+    data_a.no_frames(Duration::from_millis(100)).await;
+
+    // Another user's agent knows the group id: refused too.
+    let (mallory, _) = app.logged_in("mallory@example.com", Role::User).await;
+    let (_, token) = agent::register(&mallory).await;
+    let mallory_agent = TestAgent::connect(&app.base, &token).await;
+    mallory_agent.report(&app.pool, &["00000000000000ee"]).await;
+    pair(&app, &mallory, "00000000000000ee").await;
+    let mut data_m = DataClient::connect(&app.base, &token).await;
+    data_m.send_frames(id, Side::A, 0, 0..3).await;
+    data_m.send_frames(id, Side::B, 0, 0..3).await;
+    data_m.send_frames(Uuid::new_v4(), Side::A, 0, 0..3).await;
+    data_m.ack(id, Side::B, 1000).await;
+    assert!(
+        data_m
+            .no_frames(Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    data_b.no_frames(Duration::from_millis(100)).await;
+    data_a.no_frames(Duration::from_millis(100)).await;
+    assert!(
+        app.relay()
+            .stats()
+            .frames_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 12
+    );
+
+    // An inactive group relays nothing.
+    let deactivated = read(
+        users
+            .client
+            .post_json(&format!("/groups/{id}/deactivate"), json!({}))
+            .await,
+    )
+    .await;
+    assert_eq!(deactivated.json["state"], "INACTIVE");
+    data_a.send_frames(id, Side::A, 0, 0..3).await;
+    assert!(
+        data_a
+            .no_frames(Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    data_b.no_frames(Duration::from_millis(100)).await;
+    assert_eq!(group(&users.client, id).await["frames_received"]["a"], 0);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn drops_reported_by_agents_are_counted_once(pool: PgPool) {
+    let app = app_with(pool, |_| {}).await;
+    let (users, id, mut data_a, _data_b) = relaying(&app).await;
+    data_a.drops(id, Side::A, 7).await;
+    data_a.drops(id, Side::A, 9).await;
+    group_until(&users.client, id, |g| g["agent_drops"]["a"] == 9).await;
+    // After a reconnect the agent reports its total again: no double count.
+    data_a.cut();
+    let mut data_a = DataClient::connect(&app.base, &users.token_a).await;
+    data_a.drops(id, Side::A, 9).await;
+    data_a.drops(id, Side::A, 11).await;
+    group_until(&users.client, id, |g| g["agent_drops"]["a"] == 11).await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn the_console_hook_sees_state_changes(pool: PgPool) {
+    let app = app_with(pool, |_| {}).await;
+    let mut events = app.relay().subscribe();
+    let (users, id, _data_a, data_b) = relaying(&app).await;
+    data_b.cut();
+    group_until(&users.client, id, |g| g["state"] == "DEGRADED").await;
+    let mut states = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let RelayEvent::GroupState {
+            group_id, state, ..
+        } = event
+        {
+            assert_eq!(group_id, id);
+            states.push(state.as_str());
+        }
+    }
+    assert!(states.ends_with(&["ACTIVE", "DEGRADED"]), "{states:?}");
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn the_data_plane_needs_a_valid_agent_token(pool: PgPool) {
+    let app = app_with(pool, |_| {}).await;
+    assert_eq!(
+        common::data::try_connect(&app.base, "not-a-token")
+            .await
+            .err(),
+        Some(401)
+    );
+    // A good token is enough to connect, even with no group to serve yet.
+    let (client, _) = app.logged_in("carol@example.com", Role::User).await;
+    let (_, token) = agent::register(&client).await;
+    let mut conn = DataClient::connect(&app.base, &token).await;
+    assert!(!conn.closed_within(Duration::from_millis(200)).await);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn one_agent_can_serve_both_sides(pool: PgPool) {
+    let app = app_with(pool, |_| {}).await;
+    let (client, _) = app.logged_in("dave@example.com", Role::User).await;
+    let (_, token) = agent::register(&client).await;
+    let bench = TestAgent::connect(&app.base, &token).await;
+    bench.report(&app.pool, &[DEV_A, DEV_B]).await;
+    let a = pair(&app, &client, DEV_A).await;
+    let b = pair(&app, &client, DEV_B).await;
+    let id = active_group(&client, a, b).await;
+    let mut data = DataClient::connect(&app.base, &token).await;
+    group_until(&client, id, |g| g["state"] == "ACTIVE").await;
+    data.send_frames(id, Side::A, 0, 0..4).await;
+    data.wait_ack(id, Side::A, 4).await;
+    let got = data.receive(id, Side::B, 4, true).await;
+    assert_eq!(numbers(&got), vec![0, 1, 2, 3]);
+    group_until(&client, id, |g| g["frames_relayed"]["a_to_b"] == 4).await;
+}
+
+/// Reads an SSE response until its text contains every one of `wanted` (up to 10 s).
+async fn sse_until(response: &mut reqwest::Response, wanted: &[String]) -> String {
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !wanted.iter().all(|w| text.contains(w.as_str())) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let chunk = tokio::time::timeout(left, response.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("not all of {wanted:?} in: {text}"))
+            .unwrap()
+            .expect("the stream stays open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn the_group_console_shows_relayed_frames_and_state(pool: PgPool) {
+    let app = app_with(pool, |_| {}).await;
+    let (users, id, mut data_a, data_b) = relaying(&app).await;
+    let mut stream = users
+        .client
+        .get(&format!("/streams/groups/{id}/console"))
+        .await;
+    assert_eq!(stream.status(), reqwest::StatusCode::OK);
+    data_a.send_frames(id, Side::A, 0, [7, 8]).await;
+    data_a.wait_ack(id, Side::A, 2).await;
+    let a = users.dongle_a;
+    sse_until(
+        &mut stream,
+        &[
+            "can_frame".to_string(),
+            format!("\"dongle_id\":\"{a}\""),
+            "\"direction\":\"rx\"".to_string(),
+            "\"data_hex\":\"00000008\"".to_string(),
+        ],
+    )
+    .await;
+    data_b.cut();
+    sse_until(
+        &mut stream,
+        &["group_state".to_string(), "DEGRADED".to_string()],
+    )
+    .await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn sides_on_two_server_instances_relay_through_the_buffer(pool: PgPool) {
+    let first = app_with(pool.clone(), |_| {}).await;
+    let own = PgPoolOptions::new()
+        .max_connections(5)
+        .connect(&database_url_of(&pool))
+        .await
+        .unwrap();
+    let second = app_with(own, |_| {}).await;
+    let users = two_dongles(&first, "erin@example.com", DEV_A, DEV_B).await;
+    let id = active_group(&users.client, users.dongle_a, users.dongle_b).await;
+    // A's data connection on one instance, B's on the other.
+    let mut data_a = DataClient::connect(&first.base, &users.token_a).await;
+    let mut data_b = DataClient::connect(&second.base, &users.token_b).await;
+    data_a.send_frames(id, Side::A, 0, 0..6).await;
+    data_a.send_frames(id, Side::A, 6, 6..10).await;
+    data_a.wait_ack(id, Side::A, 10).await;
+    let got = data_b.receive(id, Side::B, 10, true).await;
+    assert_eq!(numbers(&got), (0..10).collect::<Vec<_>>());
+    // Relayed through the buffer, which drains as B acknowledges; each instance sees one side: DEGRADED.
+    let view = group_until(&users.client, id, |g| {
+        g["backlog"]["a_to_b"] == 0 && g["frames_relayed"]["a_to_b"] == 10
+    })
+    .await;
+    assert_eq!(view["state"], "DEGRADED");
+    second.stop().await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_slow_side_gets_the_overflow_through_the_buffer(pool: PgPool) {
+    let app = app_with(pool, |c| {
+        c.relay.inflight_max_frames = 2_000;
+        c.relay.gather_max_frames = 1_000;
+        c.relay.replay_rate = 100_000;
+    })
+    .await;
+    let (users, id, mut data_a, mut data_b) = relaying(&app).await;
+    for i in 0..10u32 {
+        data_a
+            .send_frames(id, Side::A, u64::from(i * 500), i * 500..(i + 1) * 500)
+            .await;
+    }
+    data_a.wait_ack(id, Side::A, 5_000).await;
+    // B takes everything but acknowledges nothing: past 2 000 frames in flight the rest is buffered,
+    // and reaches B from the buffer, in order.
+    let got = data_b.receive(id, Side::B, 5_000, false).await;
+    assert_eq!(numbers(&got), (0..5_000).collect::<Vec<_>>());
+    assert_eq!(buffered_rows(&app, id, "a_to_b").await, 3_000);
+    data_b.ack(id, Side::B, 5_000).await;
+    group_until(&users.client, id, |g| {
+        g["state"] == "ACTIVE"
+            && g["backlog"]["a_to_b"] == 0
+            && g["frames_relayed"]["a_to_b"] == 5_000
+    })
+    .await;
+}
