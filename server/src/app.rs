@@ -9,6 +9,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware::from_fn;
 use axum::response::IntoResponse;
+use axum_server::accept::NoDelayAcceptor;
 use axum_server::tls_rustls::RustlsConfig;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
@@ -260,6 +261,10 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
     // The instance joins the cluster (its first beat) before it accepts any agent.
     tasks.push(agents::cluster::start(state.hub.clone(), shutdown.clone()).await);
 
+    // Every accepted connection turns Nagle's algorithm off. Control and data messages are small and
+    // each must go out at once: with Nagle on, a message written while the previous small one is not
+    // yet acknowledged waits for that acknowledgement, which the agent's kernel delays by up to 40 ms
+    // (a command's request to its agent took 40 ms that way).
     let make_service = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let handle = axum_server::Handle::new();
     // hyper enforces its header read timeout only when it has a timer; without one a client could hold
@@ -269,6 +274,7 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
         Some(tls) => {
             let mut server = axum_server::from_tcp_rustls(listener, tls)
                 .map_err(|source| StartError::Bind { addr, source })?
+                .map(|tls| tls.acceptor(NoDelayAcceptor))
                 .handle(handle.clone());
             server
                 .http_builder()
@@ -284,6 +290,7 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
                 .map_err(|source| StartError::Bind { addr, source })?
                 .acceptor(crate::http::first_byte::FirstByteAcceptor(
                     header_read_timeout,
+                    NoDelayAcceptor,
                 ))
                 .handle(handle.clone());
             server

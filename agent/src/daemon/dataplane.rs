@@ -10,7 +10,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use control_proto::data::{self, DataMessage, Kind, Side};
 use control_proto::{GroupSide, Groups};
@@ -22,6 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 use super::Shared;
+use super::pace::Pace;
 use crate::home::Credentials;
 use crate::session::Frame;
 use crate::uplink::backoff::Backoff;
@@ -31,8 +31,6 @@ use crate::uplink::{control, ws_url};
 pub const MAX_UNACKED: usize = 200_000;
 /// The most frames in one FRAMES message.
 const FRAMES_PER_MESSAGE: usize = 1024;
-/// How long frames may gather before they are sent, so that a busy bus costs few messages.
-const GATHER: Duration = Duration::from_millis(5);
 
 /// Counters of the data plane, for `status` and the tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -242,13 +240,19 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
             }
         })
     };
-    // When the frames that woke this task go out: a little later, so that a busy bus fills a batch
-    // instead of sending one frame per message, while the socket goes on being read meanwhile.
+    // When the frames that woke this task go out: at once on a quiet connection, a little later on a
+    // busy one so that frames share messages (see `pace`), while the socket goes on being read meanwhile.
+    let mut pace = Pace::default();
     let mut flush_at: Option<tokio::time::Instant> = None;
     let result = async {
         loop {
-            if flush_at.is_none() {
-                for message in shared.data.outgoing() {
+            // Only when the pace allows: this loop also turns for every acknowledgement and every frame
+            // from the server, and flushing on each of those would send a small message per turn.
+            let now = tokio::time::Instant::now();
+            if flush_at.is_none() && pace.flush_at(now) <= now {
+                let messages = shared.data.outgoing();
+                pace.flushed(now, messages.len());
+                for message in messages {
                     sink.send(Message::Binary(message.into()))
                         .await
                         .map_err(|e| e.to_string())?;
@@ -298,7 +302,9 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
                     }
                 }
                 () = shared.data.wake.notified(), if flush_at.is_none() => {
-                    flush_at = Some(tokio::time::Instant::now() + GATHER);
+                    // A flush due now happens at the top of the loop.
+                    let now = tokio::time::Instant::now();
+                    flush_at = Some(pace.flush_at(now)).filter(|at| *at > now);
                 }
                 () = sleep_until_flush(flush_at) => {
                     flush_at = None;

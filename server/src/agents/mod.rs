@@ -111,6 +111,25 @@ pub async fn still_authorised(
     .await
 }
 
+/// A heartbeat on the control connection: marks the agent alive now if it is [`still_authorised`], in
+/// one statement (a heartbeat is the most frequent message of all); false when it is not, and then
+/// nothing changes.
+pub async fn heartbeat_if_authorised(
+    db: impl PgExecutor<'_>,
+    agent_id: Uuid,
+) -> Result<bool, sqlx::Error> {
+    let updated = sqlx::query(
+        "UPDATE agents a SET last_seen_at = now() WHERE a.id = $1 AND EXISTS ( \
+           SELECT 1 FROM agent_tokens t JOIN users u ON u.id = a.user_id WHERE t.agent_id = a.id \
+           AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > now()) \
+           AND u.status = 'active')",
+    )
+    .bind(agent_id)
+    .execute(db)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
 pub async fn list(pool: &PgPool, user_id: Uuid) -> Result<Vec<AgentView>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT a.id, a.agent_name, a.hostname, a.os, a.version, a.last_seen_at, \

@@ -206,11 +206,10 @@ async fn handle(
             state.relay.agent_changed(agent, true).await;
         }
         AgentMessage::Heartbeat => {
-            if !agents::still_authorised(&state.pool, agent_id).await? {
+            if !agents::heartbeat_if_authorised(&state.pool, agent_id).await? {
                 state.hub.kick(agent_id).await;
                 return Ok(());
             }
-            agents::heartbeat(&state.pool, agent_id, None, None, None).await?;
         }
         AgentMessage::Devices(devices) => {
             let before = present_dongles(&state.pool, agent_id).await?;

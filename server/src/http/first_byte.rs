@@ -5,23 +5,37 @@
 
 use std::time::Duration;
 
-/// Gives each accepted connection the header read timeout to send its first byte (see [`FirstByteDeadline`]).
+/// Gives each connection that the inner acceptor (`.1`) accepted the header read timeout (`.0`) to send
+/// its first byte (see [`FirstByteDeadline`]).
 #[derive(Debug, Clone, Copy)]
-pub struct FirstByteAcceptor(pub Duration);
+pub struct FirstByteAcceptor<A>(pub Duration, pub A);
 
-impl<I, S> axum_server::accept::Accept<I, S> for FirstByteAcceptor {
-    type Stream = FirstByteDeadline<I>;
-    type Service = S;
+// The inner acceptor must answer at once (`Ready`), as axum-server's own do, so that this one can too.
+impl<I, S, A, T, U> axum_server::accept::Accept<I, S> for FirstByteAcceptor<A>
+where
+    A: axum_server::accept::Accept<
+            I,
+            S,
+            Stream = T,
+            Service = U,
+            Future = std::future::Ready<std::io::Result<(T, U)>>,
+        >,
+{
+    type Stream = FirstByteDeadline<T>;
+    type Service = U;
     type Future = std::future::Ready<std::io::Result<(Self::Stream, Self::Service)>>;
 
     fn accept(&self, stream: I, service: S) -> Self::Future {
-        std::future::ready(Ok((
-            FirstByteDeadline {
-                inner: stream,
-                deadline: Some(Box::pin(tokio::time::sleep(self.0))),
-            },
-            service,
-        )))
+        let accepted = self.1.accept(stream, service).into_inner();
+        std::future::ready(accepted.map(|(stream, service)| {
+            (
+                FirstByteDeadline {
+                    inner: stream,
+                    deadline: Some(Box::pin(tokio::time::sleep(self.0))),
+                },
+                service,
+            )
+        }))
     }
 }
 
