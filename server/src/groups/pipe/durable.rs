@@ -270,7 +270,15 @@ impl Pipe {
             }
         }
         let pace = Duration::from_secs_f64(sent as f64 / rate as f64);
-        towards.replay_at = Some(next_at.unwrap_or(now + pace));
+        // Paced from when this step was due rather than from when it ran: the timer wakes the pipe a
+        // little late every time, and counting from `now` would add that up into a rate about 2 %
+        // under the set one. A step that ran far behind its time (a busy pipe) starts afresh instead
+        // of sending a burst to catch up.
+        let due = towards
+            .replay_at
+            .filter(|at| *at <= now && now - *at < pace)
+            .unwrap_or(now);
+        towards.replay_at = Some(next_at.unwrap_or(due + pace));
         towards.poll_every = None;
         towards.poll_at = Some(now + settings.poll_interval);
         if self.core.conn_of(agent) != Some(conn) {
