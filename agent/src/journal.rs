@@ -43,6 +43,11 @@ pub enum JournalError {
          connect the agent to its server so they can be delivered"
     )]
     Full,
+    /// The blocking task that wrote the journal did not finish (the runtime is shutting down).
+    #[error(
+        "the command journal's write did not finish ({0}); the agent is probably shutting down"
+    )]
+    Interrupted(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -175,9 +175,13 @@ fn handle(shared: &Arc<Shared>, message: ServerMessage, tx: &mpsc::Sender<AgentM
             tokio::spawn(async move { shared.store_token(device_id, token).await });
         }
         ServerMessage::CommandResultAck { command_id } => {
-            if let Err(e) = shared.journal.acknowledge(command_id) {
-                tracing::error!(%command_id, error = %e, "could not record the server's acknowledgement");
-            }
+            // The journal syncs to disk: on a blocking thread, so that this loop goes on reading.
+            let shared = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = shared.journal.acknowledge(command_id) {
+                    tracing::error!(%command_id, error = %e, "could not record the server's acknowledgement");
+                }
+            });
         }
         ServerMessage::Error { code, message } => {
             tracing::warn!(%code, %message, "the server reported an error");

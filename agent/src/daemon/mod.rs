@@ -362,9 +362,16 @@ impl Shared {
         }
     }
 
-    /// A command ended: journal it first, then send it if connected.
-    fn command_finished(&self, result: CommandResult) {
-        if let Err(e) = self.journal.finish(result.clone()) {
+    /// A command ended: journal it first (on a blocking thread: the journal syncs to disk), then send
+    /// it if connected.
+    async fn command_finished(self: Arc<Self>, result: CommandResult) {
+        let journaled = {
+            let (shared, result) = (self.clone(), result.clone());
+            tokio::task::spawn_blocking(move || shared.journal.finish(result))
+                .await
+                .unwrap_or_else(|e| Err(JournalError::Interrupted(e.to_string())))
+        };
+        if let Err(e) = journaled {
             tracing::error!(command_id = %result.command_id, error = %e, "could not journal a command result");
         }
         self.send_result(result);

@@ -18,7 +18,7 @@ use firmware_proto::remp::{self, CanMode, CliStatus, ConfigStatus, PairingStatus
 use uuid::Uuid;
 
 use super::Shared;
-use crate::journal::Admission;
+use crate::journal::{Admission, JournalError};
 use crate::session::{DongleSession, Frame, SessionError};
 
 pub(super) fn error(code: ReplyErrorCode, message: impl Into<String>) -> ReplyResult {
@@ -323,14 +323,22 @@ impl Shared {
         timeout_ms: u64,
         allow_dangerous: bool,
     ) -> ReplyResult {
-        match self.journal.admit(command_id, &device_id) {
+        // The journal syncs its file to disk: on a blocking thread, so that a slow disk holds up
+        // neither the data plane nor the other requests on this runtime's workers.
+        let admission = {
+            let (shared, device_id) = (self.clone(), device_id.clone());
+            tokio::task::spawn_blocking(move || shared.journal.admit(command_id, &device_id))
+                .await
+                .unwrap_or_else(|e| Err(JournalError::Interrupted(e.to_string())))
+        };
+        match admission {
             Ok(Admission::Run) => {
                 let shared = self.clone();
                 tokio::spawn(async move {
                     let result = shared
                         .run_command(command_id, &device_id, &line, timeout_ms, allow_dangerous)
                         .await;
-                    shared.command_finished(result);
+                    shared.command_finished(result).await;
                 });
                 ok(ReplyOk::CommandAccepted)
             }
