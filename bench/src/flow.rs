@@ -11,20 +11,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bridge_demo::traffic;
 use dongle_sim::{BusTap, Frame, SimHandle};
 use firmware_proto::ids::CanId;
 
 /// The CAN id of every benchmark frame.
 const ID: u16 = 0x123;
 
-/// The frame carrying `seq` of stream `tag`.
+/// The frame carrying `seq` of stream `tag`, numbered as `bridge-demo` numbers its frames.
 pub fn frame(tag: u8, seq: u32) -> Frame {
-    let s = seq.to_be_bytes();
-    Frame::classic(
-        CanId::standard(ID).expect("an 11-bit id"),
-        &[tag, s[0], s[1], s[2], s[3], 0, 0, 0],
-    )
-    .expect("8 bytes fit")
+    traffic::numbered_frame(CanId::standard(ID).expect("an 11-bit id"), tag, seq)
 }
 
 /// What one stream delivered.
@@ -57,15 +53,9 @@ impl FlowResult {
     }
 }
 
-/// The `q` quantile of `values` (nearest rank); sorts a copy.
+/// The `q` quantile of `values` (nearest rank), or zero without any.
 pub fn quantile(values: &[Duration], q: f64) -> Duration {
-    if values.is_empty() {
-        return Duration::ZERO;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
+    traffic::quantile(values, q).unwrap_or_default()
 }
 
 /// Milliseconds with two decimals, for tables.
@@ -182,8 +172,7 @@ async fn receive(
         arrived_at: vec![None; count],
         ..FlowResult::default()
     };
-    let mut arrivals =
-        bridge_demo::traffic::Arrivals::new(u32::try_from(count).unwrap_or(u32::MAX));
+    let mut arrivals = traffic::Arrivals::new(u32::try_from(count).unwrap_or(u32::MAX));
     let mut first: Option<Instant> = None;
     let mut last = Instant::now();
     while r.delivered < count as u64 {
@@ -195,11 +184,9 @@ async fn receive(
             _ = stop.changed() => break,
         };
         let now = Instant::now();
-        let d = frame.data();
-        if d.len() != 8 || d[0] != tag {
+        let Some(seq) = traffic::sequence_of(&frame, tag) else {
             continue;
-        }
-        let seq = u32::from_be_bytes([d[1], d[2], d[3], d[4]]);
+        };
         if !arrivals.arrive(seq) {
             continue;
         }

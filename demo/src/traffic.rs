@@ -33,20 +33,31 @@ impl Flow {
 
     /// The `q` quantile of the latencies (0.5 for the median).
     pub fn quantile(&self, q: f64) -> Option<Duration> {
-        if self.latencies.is_empty() {
-            return None;
-        }
-        let mut sorted = self.latencies.clone();
-        sorted.sort();
-        let index = ((sorted.len() - 1) as f64 * q).round() as usize;
-        sorted.get(index).copied()
+        quantile(&self.latencies, q)
     }
 }
 
-/// The frame carrying `seq` of stream `stream`: the sequence number in the first four data bytes.
-fn frame(id: CanId, stream: u8, seq: u32) -> Frame {
+/// The `q` quantile of `values` (nearest rank; 0.5 for the median), or None without any; sorts a copy.
+pub fn quantile(values: &[Duration], q: f64) -> Option<Duration> {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let index = ((sorted.len().checked_sub(1)?) as f64 * q).round() as usize;
+    sorted.get(index.min(sorted.len() - 1)).copied()
+}
+
+/// The frame carrying `seq` of stream `stream`: the stream's tag in the first data byte, the sequence
+/// number in the next four. The benchmarks number their frames the same way.
+pub fn numbered_frame(id: CanId, stream: u8, seq: u32) -> Frame {
     let s = seq.to_be_bytes();
     Frame::classic(id, &[stream, s[0], s[1], s[2], s[3], 0, 0, 0]).expect("8 bytes fit")
+}
+
+/// The sequence number of a [`numbered_frame`] of stream `stream`, or None for any other frame.
+pub fn sequence_of(frame: &Frame, stream: u8) -> Option<u32> {
+    match *frame.data() {
+        [tag, a, b, c, d, _, _, _] if tag == stream => Some(u32::from_be_bytes([a, b, c, d])),
+        _ => None,
+    }
 }
 
 /// One stream of numbered frames.
@@ -98,7 +109,9 @@ pub async fn run(
         let due = ((start.elapsed().as_secs_f64() * f64::from(rate)) as u32 + 1).min(count);
         if next < due {
             // The frames due in this tick arrive together, as on a busy bus.
-            let burst: Vec<Frame> = (next..due).map(|seq| frame(id, stream, seq)).collect();
+            let burst: Vec<Frame> = (next..due)
+                .map(|seq| numbered_frame(id, stream, seq))
+                .collect();
             let now = Instant::now();
             sent_at.lock().unwrap()[next as usize..due as usize].fill(Some(now));
             tx.inject_bus_frames(&burst);
@@ -156,11 +169,9 @@ async fn receive(
             },
             _ = &mut stop => break,
         };
-        let d = frame.data();
-        if frame.id() != id || d.len() != 8 || d[0] != stream {
+        let Some(seq) = sequence_of(&frame, stream).filter(|_| frame.id() == id) else {
             continue;
-        }
-        let seq = u32::from_be_bytes([d[1], d[2], d[3], d[4]]);
+        };
         if !arrivals.arrive(seq) {
             continue;
         }
@@ -217,7 +228,11 @@ impl Arrivals {
 
 #[cfg(test)]
 mod tests {
-    use super::Arrivals;
+    use std::time::Duration;
+
+    use firmware_proto::ids::CanId;
+
+    use super::{Arrivals, numbered_frame, quantile, sequence_of};
 
     #[test]
     fn arrivals_count_duplicates_and_frames_out_of_order() {
@@ -227,5 +242,25 @@ mod tests {
         assert!(!a.arrive(9), "outside the stream");
         assert!(a.arrive(3));
         assert_eq!((a.duplicates, a.out_of_order), (1, 1));
+    }
+
+    #[test]
+    fn a_numbered_frame_gives_back_its_sequence_number_for_its_stream_only() {
+        let f = numbered_frame(CanId::standard(0x123).unwrap(), 7, 0x0102_0304);
+        assert_eq!(sequence_of(&f, 7), Some(0x0102_0304));
+        assert_eq!(sequence_of(&f, 8), None, "another stream's frame");
+        let short =
+            dongle_sim::Frame::classic(CanId::standard(0x123).unwrap(), &[7, 1, 2]).unwrap();
+        assert_eq!(sequence_of(&short, 7), None, "not a numbered frame");
+    }
+
+    #[test]
+    fn quantiles_take_the_nearest_rank() {
+        let ms = |n: u64| Duration::from_millis(n);
+        let values: Vec<Duration> = (1..=100).rev().map(ms).collect();
+        assert_eq!(quantile(&values, 0.5), Some(ms(51)));
+        assert_eq!(quantile(&values, 0.99), Some(ms(99)));
+        assert_eq!(quantile(&values, 1.0), Some(ms(100)));
+        assert_eq!(quantile(&[], 0.5), None);
     }
 }
