@@ -629,6 +629,29 @@ impl DongleSession {
     /// Sends frames for the dongle to transmit on its bus: in batches where the dongle offers them,
     /// otherwise one REMP CAN packet per classic frame. FD frames need the batch extension.
     pub async fn send_frames(&self, frames: &[Frame]) -> Result<(), SessionError> {
+        self.send_frames_counting(frames).await.1
+    }
+
+    /// [`DongleSession::send_frames`], also saying how many of the frames, from the first, went onto the
+    /// link before an error: those must not be sent again, and the rest must not count as delivered.
+    pub async fn send_frames_counting(
+        &self,
+        frames: &[Frame],
+    ) -> (usize, Result<(), SessionError>) {
+        let mut sent = 0;
+        let result = self.send_frames_into(frames, &mut sent).await;
+        self.shared
+            .stats
+            .frames_out
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        (sent, result)
+    }
+
+    async fn send_frames_into(
+        &self,
+        frames: &[Frame],
+        sent: &mut usize,
+    ) -> Result<(), SessionError> {
         if self.info.has(caps::CAN_BATCH) {
             // A batch fills a packet's payload, which leaves room for the header and the token or
             // MAC; a buffer of a whole packet would make batches the encoder must refuse.
@@ -653,6 +676,7 @@ impl DongleSession {
                 let batch = batch::Batch::parse(&buf[..len]).map_err(SessionError::Encode)?;
                 self.send(MsgType::CanBatch, Payload::CanBatch(batch))
                     .await?;
+                *sent += taken;
                 rest = &rest[taken..];
             }
         } else {
@@ -664,12 +688,9 @@ impl DongleSession {
                 }
                 let can = CanFrame::new(frame.id, frame.data()).map_err(SessionError::Encode)?;
                 self.send(MsgType::Can, Payload::Can(can)).await?;
+                *sent += 1;
             }
         }
-        self.shared
-            .stats
-            .frames_out
-            .fetch_add(frames.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 

@@ -37,7 +37,8 @@ pub struct ServeArgs {
     #[arg(long, env = "BIND", default_value = "127.0.0.1:8080")]
     pub bind: SocketAddr,
 
-    /// The URL users reach this server at, for links in mail (default: derived from --bind).
+    /// The URL users reach this server at, for links in mail (default: derived from --bind). An https
+    /// URL makes the session cookies Secure, as when the server speaks TLS itself.
     #[arg(long, env = "PUBLIC_URL")]
     pub public_url: Option<String>,
 
@@ -49,7 +50,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
-    /// A reverse proxy whose X-Forwarded-For is believed (repeat for several).
+    /// A reverse proxy whose X-Forwarded-For is believed (repeat for several). Such a proxy is taken to
+    /// terminate TLS: cookies are Secure unless --public-url is an http:// URL.
     #[arg(long = "trusted-proxy", env = "TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<IpAddr>,
 
@@ -238,9 +240,20 @@ impl ServerConfig {
         }
     }
 
-    /// Cookies are Secure exactly when the server itself speaks TLS.
+    /// Cookies are Secure when browsers reach the server over TLS: it speaks TLS itself, its public URL
+    /// is https, or it sits behind a trusted proxy (which terminates TLS) and no public URL says
+    /// otherwise. Over plain http a Secure cookie would never come back, so an http public URL wins.
     pub fn secure_cookies(&self) -> bool {
-        self.tls.is_some()
+        let public_scheme = self
+            .public_url
+            .as_deref()
+            .and_then(|url| url.split_once("://"))
+            .map(|(scheme, _)| scheme.to_ascii_lowercase());
+        match public_scheme.as_deref() {
+            Some("https") => true,
+            Some(_) => self.tls.is_some(),
+            None => self.tls.is_some() || !self.trusted_proxies.is_empty(),
+        }
     }
 }
 
@@ -283,5 +296,29 @@ mod tests {
         assert!(!ServerConfig::default().dev_mode);
         let on = Cli::try_parse_from(["bridge-server", "--dev"]).unwrap();
         assert!(ServerConfig::from_args(&on.serve).dev_mode);
+    }
+
+    #[test]
+    fn cookies_are_secure_behind_a_tls_terminating_proxy_or_an_https_public_url() {
+        let with = |public_url: Option<&str>, proxy: bool| ServerConfig {
+            public_url: public_url.map(str::to_string),
+            trusted_proxies: if proxy {
+                vec!["10.0.0.1".parse().unwrap()]
+            } else {
+                Vec::new()
+            },
+            ..ServerConfig::default()
+        };
+        assert!(!with(None, false).secure_cookies(), "plain http, no proxy");
+        assert!(with(Some("https://bridge.example.com"), false).secure_cookies());
+        assert!(with(Some("HTTPS://bridge.example.com"), true).secure_cookies());
+        assert!(
+            with(None, true).secure_cookies(),
+            "a trusted proxy terminates TLS"
+        );
+        assert!(
+            !with(Some("http://10.1.2.3:8080"), true).secure_cookies(),
+            "an http public URL says the proxy does not"
+        );
     }
 }

@@ -375,8 +375,11 @@ pub struct RotateReport {
     /// Rows re-encrypted (or, in a dry run, that would be).
     pub rows: u64,
     pub batches: u32,
-    /// Rows still on another version when it stopped.
+    /// Rows still on another version when it stopped (the skipped ones included).
     pub remaining: i64,
+    /// Rows that decrypt with no key of the ring (damaged, or sealed under a key that is gone), by
+    /// dongle id: reported and left as they are, so that one bad row does not stop the rest.
+    pub skipped: Vec<Uuid>,
 }
 
 /// Re-encrypts every row not on key `to` with key `to`, one committed batch at a time, each batch with
@@ -391,24 +394,25 @@ pub async fn rotate(
     let mut report = RotateReport::default();
     if options.dry_run {
         let rows: Vec<(Uuid, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
-            "SELECT dongle_id, key_version, nonce, ciphertext FROM dongle_tokens WHERE key_version <> $1",
+            "SELECT dongle_id, key_version, nonce, ciphertext FROM dongle_tokens WHERE key_version <> $1 \
+             ORDER BY dongle_id",
         )
         .bind(options.to)
         .fetch_all(pool)
         .await?;
         for (dongle_id, key_version, nonce, ciphertext) in rows {
-            // A dry run proves that every row would decrypt, without writing anything.
-            keys.open(
-                dongle_id,
-                &Sealed {
-                    key_version,
-                    nonce,
-                    ciphertext,
-                },
-            )?;
-            report.rows += 1;
+            // A dry run proves which rows would decrypt, without writing anything.
+            let sealed = Sealed {
+                key_version,
+                nonce,
+                ciphertext,
+            };
+            match keys.open(dongle_id, &sealed) {
+                Ok(_) => report.rows += 1,
+                Err(e) => skip(&mut report, dongle_id, key_version, &e),
+            }
         }
-        report.remaining = report.rows as i64;
+        report.remaining = report.rows as i64 + report.skipped.len() as i64;
         return Ok(report);
     }
     loop {
@@ -416,28 +420,38 @@ pub async fn rotate(
             break;
         }
         let mut tx = pool.begin().await?;
-        // SKIP LOCKED lets two rotations run at once without waiting on each other's rows.
+        // SKIP LOCKED lets two rotations run at once without waiting on each other's rows; rows that
+        // did not decrypt are not asked for again.
         let rows: Vec<(Uuid, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
             "SELECT dongle_id, key_version, nonce, ciphertext FROM dongle_tokens \
-             WHERE key_version <> $1 ORDER BY dongle_id LIMIT $2 FOR UPDATE SKIP LOCKED",
+             WHERE key_version <> $1 AND NOT (dongle_id = ANY($3)) \
+             ORDER BY dongle_id LIMIT $2 FOR UPDATE SKIP LOCKED",
         )
         .bind(options.to)
         .bind(options.batch_size.max(1))
+        .bind(&report.skipped)
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
             break;
         }
         let mut from_versions = BTreeMap::<i32, u64>::new();
+        let mut rotated = 0u64;
+        let mut skipped = Vec::new();
         for (dongle_id, key_version, nonce, ciphertext) in &rows {
-            let token = keys.open(
-                *dongle_id,
-                &Sealed {
-                    key_version: *key_version,
-                    nonce: nonce.clone(),
-                    ciphertext: ciphertext.clone(),
-                },
-            )?;
+            let sealed = Sealed {
+                key_version: *key_version,
+                nonce: nonce.clone(),
+                ciphertext: ciphertext.clone(),
+            };
+            let token = match keys.open(*dongle_id, &sealed) {
+                Ok(token) => token,
+                Err(e) => {
+                    skip(&mut report, *dongle_id, *key_version, &e);
+                    skipped.push(*dongle_id);
+                    continue;
+                }
+            };
             let sealed = keys.seal_with(options.to, *dongle_id, &token)?;
             sqlx::query(
                 "UPDATE dongle_tokens SET key_version = $2, nonce = $3, ciphertext = $4 \
@@ -451,6 +465,7 @@ pub async fn rotate(
             .execute(&mut *tx)
             .await?;
             *from_versions.entry(*key_version).or_default() += 1;
+            rotated += 1;
         }
         audit::record(
             &mut *tx,
@@ -465,14 +480,15 @@ pub async fn rotate(
                 user_agent: None,
                 details: serde_json::json!({
                     "to": options.to,
-                    "rows": rows.len(),
+                    "rows": rotated,
                     "from_versions": from_versions,
+                    "skipped": skipped,
                 }),
             },
         )
         .await?;
         tx.commit().await?;
-        report.rows += rows.len() as u64;
+        report.rows += rotated;
         report.batches += 1;
     }
     report.remaining =
@@ -481,6 +497,13 @@ pub async fn rotate(
             .fetch_one(pool)
             .await?;
     Ok(report)
+}
+
+/// Notes a row that `rotate` could not decrypt. Only the id and the key version are logged: the error
+/// says no more than "does not decrypt" on purpose.
+fn skip(report: &mut RotateReport, dongle_id: Uuid, key_version: i32, error: &TokenError) {
+    tracing::warn!(%dongle_id, key_version, %error, "a dongle token does not decrypt: left as it is");
+    report.skipped.push(dongle_id);
 }
 
 #[cfg(test)]

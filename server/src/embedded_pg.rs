@@ -8,6 +8,15 @@
 //!
 //! Connections come through the socket, which only the cluster's owner (and root) can reach; TCP needs
 //! the superuser password, kept in `<data dir>/postgres.password` for a developer's `psql`.
+//!
+//! # One server per folder, and the cluster a crashed server left behind
+//!
+//! A server holds an exclusive lock on `<data dir>/bridge-server.lock` for as long as its cluster runs.
+//! The kernel releases it when the process ends, however it ends, so the lock tells a live server from a
+//! dead one: a second server on the same folder is refused (it would share the cluster and stop it under
+//! the first), while a cluster found running in a folder whose lock is free was left behind by a server
+//! that was killed (SIGKILL, the OOM killer) before it could stop it. That orphan is stopped and the
+//! cluster started again, so a crash never needs someone to find and kill a postmaster by hand.
 
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
@@ -33,6 +42,13 @@ pub enum EmbeddedPgError {
          enter (not under /root, for example)"
     )]
     Unreachable(PathBuf),
+    #[error(
+        "another bridge-server{} is using the data folder {}: stop it first, or give this one another \
+         --data-dir (or a DATABASE_URL)",
+        .pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+        .dir.display()
+    )]
+    InUse { dir: PathBuf, pid: Option<u32> },
     #[error("{what} failed: {detail}")]
     Command { what: &'static str, detail: String },
     #[error("{what}: {source}")]
@@ -92,9 +108,14 @@ impl BinSearch {
     }
 }
 
+/// The name of the lock file a server holds in its data folder.
+const LOCK_FILE: &str = "bridge-server.lock";
+
 /// A running private cluster. Dropping it stops the cluster.
 #[derive(Debug)]
 pub struct EmbeddedPostgres {
+    /// The data folder's lock, held for as long as this value lives (see the module's documentation).
+    _lock: std::fs::File,
     bin: PathBuf,
     data: PathBuf,
     socket_dir: tempfile::TempDir,
@@ -156,6 +177,7 @@ impl EmbeddedPostgres {
             reachable_by_others(&dir)?;
         }
         private(&dir)?;
+        let lock = lock_folder(&dir)?;
         let socket_dir = tempfile::Builder::new()
             .prefix("bridge-pg-")
             .tempdir()
@@ -163,6 +185,7 @@ impl EmbeddedPostgres {
         private(socket_dir.path())?;
 
         let mut pg = Self {
+            _lock: lock,
             bin,
             data: dir.join("postgres"),
             socket_dir,
@@ -172,6 +195,8 @@ impl EmbeddedPostgres {
         };
         if !pg.data.join("PG_VERSION").is_file() {
             pg.initdb(&dir)?;
+        } else {
+            pg.stop_orphan();
         }
         let log = dir.join("postgres.log");
         let options = format!(
@@ -206,6 +231,43 @@ impl EmbeddedPostgres {
         pg.running = true;
         tracing::info!(port = pg.port, data = %pg.data.display(), "embedded PostgreSQL started");
         Ok(pg)
+    }
+
+    /// Stops a cluster left running in this folder by a server that was killed. Only called with the
+    /// folder's lock held, so no live server owns that cluster.
+    fn stop_orphan(&self) {
+        let pid_file = self.data.join("postmaster.pid");
+        let Ok(contents) = std::fs::read_to_string(&pid_file) else {
+            return;
+        };
+        let running = self
+            .run(
+                "pg_ctl",
+                &["-D".as_ref(), self.data.as_os_str(), "status".as_ref()],
+            )
+            .is_ok_and(|out| out.status.success());
+        if !running {
+            // A stale pid file: PostgreSQL removes it itself when it starts.
+            return;
+        }
+        let pid = contents.lines().next().unwrap_or("?").trim().to_string();
+        tracing::warn!(%pid, data = %self.data.display(),
+            "stopping the PostgreSQL left running by a server that did not stop cleanly");
+        if let Err(e) = stop_cluster(&self.bin, &self.data, self.as_postgres) {
+            // pg_ctl start below then fails with PostgreSQL's own words, which say what is wrong.
+            tracing::warn!(error = %e, "could not stop the orphaned PostgreSQL");
+            return;
+        }
+        // Its socket folder (the fifth line of the pid file) was a temporary folder of the dead server.
+        if let Some(socket_dir) = contents.lines().nth(4).map(|l| PathBuf::from(l.trim()))
+            && socket_dir.parent() == Some(std::env::temp_dir().as_path())
+            && socket_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("bridge-pg-"))
+        {
+            let _ = std::fs::remove_dir_all(&socket_dir);
+        }
     }
 
     fn initdb(&self, dir: &Path) -> Result<(), EmbeddedPgError> {
@@ -344,6 +406,40 @@ impl Drop for EmbeddedPostgres {
             }
         }
     }
+}
+
+/// Takes the data folder's lock, or says which server holds it.
+fn lock_folder(dir: &Path) -> Result<std::fs::File, EmbeddedPgError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(EmbeddedPgError::InUse {
+                dir: dir.to_path_buf(),
+                pid: text.trim().parse().ok(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(io(format!("locking {}", path.display()))(e));
+        }
+    }
+    // The holder's pid, for the message a second server prints.
+    let written = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()));
+    written.map_err(io(format!("writing {}", path.display())))?;
+    Ok(file)
 }
 
 /// Checks that every parent folder of `dir` lets other users pass, as the postgres user must.

@@ -181,13 +181,24 @@ async fn keys_rotate(
     database.close().await?;
     if dry_run {
         println!(
-            "dry run: {} token(s) would be re-encrypted with key version {to}; all of them decrypt",
+            "dry run: {} token(s) would be re-encrypted with key version {to}",
             report.rows
         );
     } else {
         println!(
             "re-encrypted {} token(s) with key version {to} in {} batch(es); {} left on other versions",
             report.rows, report.batches, report.remaining
+        );
+    }
+    if !report.skipped.is_empty() {
+        for id in &report.skipped {
+            println!("does not decrypt with any key given: dongle {id}");
+        }
+        anyhow::bail!(
+            "{} token(s) do not decrypt with any key given (listed above) and were left as they are: \
+             give the key they were sealed with (DONGLE_TOKEN_MASTER_KEY_V<n>) and run again, or \
+             force-unpair those dongles so that they pair anew",
+            report.skipped.len()
         );
     }
     Ok(())

@@ -7,9 +7,18 @@
 //! so a dropped connection loses none: the next connection sends again from the first unacknowledged
 //! one. The queue is bounded ([`MAX_UNACKED`]); past it new frames are dropped, counted, and the count is
 //! reported to the server (DROPS), never silently.
+//!
+//! Frames from the server are acknowledged only once they are on the dongle's link (or handed to the
+//! local endpoint). When a side's dongle cannot take them (unplugged, replugged and not yet
+//! authenticated, its link closing), the side *stalls* on this connection: nothing more of it is
+//! acknowledged or delivered, so that order holds, and the server keeps what it sent (in flight, then
+//! in its durable buffer). Once the dongle is ready again the connection is opened anew, and the server
+//! sends everything unacknowledged again from its oldest frame; frames below the position already
+//! delivered are skipped, so each reaches the bus once.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use control_proto::data::{self, DataMessage, Kind, Side};
 use control_proto::{GroupSide, Groups};
@@ -23,7 +32,7 @@ use uuid::Uuid;
 use super::Shared;
 use super::pace::Pace;
 use crate::home::Credentials;
-use crate::session::Frame;
+use crate::session::{Frame, SessionError};
 use crate::uplink::backoff::Backoff;
 use crate::uplink::{control, ws_url};
 
@@ -228,18 +237,39 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
     let (down_tx, mut down_rx) = mpsc::channel::<(Uuid, Side, u64, Vec<Frame>)>(256);
     let acks: Arc<Mutex<LatestAcks>> = Arc::default();
     let acks_ready = Arc::new(Notify::new());
+    let stalled: Arc<Mutex<Stalled>> = Arc::default();
     let downstream = {
         let shared = shared.clone();
-        let (acks, acks_ready) = (acks.clone(), acks_ready.clone());
+        let (acks, acks_ready, stalled) = (acks.clone(), acks_ready.clone(), stalled.clone());
         tokio::spawn(async move {
             while let Some((group_id, side, first, frames)) = down_rx.recv().await {
-                if let Some(ack) = shared.to_dongle(group_id, side, first, frames).await {
-                    acks.lock().unwrap().insert((group_id, side), ack);
-                    acks_ready.notify_one();
+                if stalled.lock().unwrap().contains_key(&(group_id, side)) {
+                    // Not acknowledged: the server sends these again on the next connection.
+                    continue;
+                }
+                match shared.to_dongle(group_id, side, first, frames).await {
+                    Delivery::Ack(ack) => {
+                        acks.lock().unwrap().insert((group_id, side), ack);
+                        acks_ready.notify_one();
+                    }
+                    Delivery::Stalled(ack) => {
+                        tracing::info!(%group_id, ?side, "the side's dongle cannot take frames now: they stay with the server until it can");
+                        stalled
+                            .lock()
+                            .unwrap()
+                            .insert((group_id, side), tokio::time::Instant::now());
+                        if let Some(ack) = ack {
+                            acks.lock().unwrap().insert((group_id, side), ack);
+                            acks_ready.notify_one();
+                        }
+                    }
+                    Delivery::UnknownSide => {}
                 }
             }
         })
     };
+    let mut stall_check = tokio::time::interval(STALL_CHECK);
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // When the frames that woke this task go out: at once on a quiet connection, a little later on a
     // busy one so that frames share messages (see `pace`), while the socket goes on being read meanwhile.
     let mut pace = Pace::default();
@@ -309,12 +339,55 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
                 () = sleep_until_flush(flush_at) => {
                     flush_at = None;
                 }
+                _ = stall_check.tick() => {
+                    if shared.stall_over(&stalled.lock().unwrap()) {
+                        // Acknowledgements of other sides go out first, so they are not sent again.
+                        let ready: Vec<Vec<u8>> = acks.lock().unwrap().drain().map(|(_, ack)| ack).collect();
+                        for ack in ready {
+                            sink.send(Message::Binary(ack.into())).await.map_err(|e| e.to_string())?;
+                        }
+                        tracing::info!("a stalled side's dongle is ready: reconnecting the data plane so that the server sends its frames again");
+                        let _ = sink.close().await;
+                        return Ok(());
+                    }
+                }
             }
         }
     }
     .await;
-    downstream.abort();
+    // What is queued for dongles is still handed over (a send cut in half would put part of a batch on
+    // the bus without its acknowledgement); only a dongle that does not take it for long is cut off.
+    drop(down_tx);
+    let mut downstream = downstream;
+    if tokio::time::timeout(DRAIN_TIMEOUT, &mut downstream)
+        .await
+        .is_err()
+    {
+        downstream.abort();
+    }
     result
+}
+
+/// How often a connection looks whether a stalled side's dongle can take frames again.
+const STALL_CHECK: Duration = Duration::from_millis(200);
+/// The least time a side stays stalled before the connection is opened anew for it, so that a dongle
+/// whose link fails and recovers at once cannot make the connection turn over and over.
+const STALL_MIN: Duration = Duration::from_millis(300);
+/// How long a closing connection waits for the frames queued for dongles to be handed over.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The sides stalled on the current connection, and since when.
+type Stalled = HashMap<(Uuid, Side), tokio::time::Instant>;
+
+/// What became of frames from the server for a side.
+enum Delivery {
+    /// All of them are on the dongle's link (or skipped as already delivered, or refused for good and
+    /// counted as dropped): acknowledge with this message.
+    Ack(Vec<u8>),
+    /// The dongle could not take them (all, or those after the acknowledged part): the side stalls.
+    Stalled(Option<Vec<u8>>),
+    /// No such side here (the group list has not arrived yet, or it left).
+    UnknownSide,
 }
 
 /// Resolves at `at`, or never when there is nothing to flush.
@@ -326,48 +399,93 @@ async fn sleep_until_flush(at: Option<tokio::time::Instant>) {
 }
 
 impl Shared {
-    /// Hands frames from the server to the dongle of `side`; answers the ACK to send, if any.
+    /// Hands frames from the server to the dongle of `side`, and says what to acknowledge: only frames
+    /// that are on the dongle's link (or the endpoint) are, and everything after a frame the dongle
+    /// could not take waits for the next connection.
     async fn to_dongle(
         &self,
         group_id: Uuid,
         side: Side,
         first: u64,
         frames: Vec<Frame>,
-    ) -> Option<Vec<u8>> {
+    ) -> Delivery {
         let (device_id, skip) = {
             let sides = self.data.sides.lock().unwrap();
-            let state = sides.get(&(group_id, side))?;
+            let Some(state) = sides.get(&(group_id, side)) else {
+                return Delivery::UnknownSide;
+            };
             // Frames below the expected position arrived before (a resend after a reconnect).
             let skip = state.inbound_next.saturating_sub(first) as usize;
             (state.device_id, skip)
         };
         let fresh = frames.get(skip..).unwrap_or(&[]);
-        let next = first + frames.len() as u64;
-        if !fresh.is_empty() {
-            let delivered = if let Some(session) = self.manager.session(&device_id) {
-                session.send_frames(fresh).await.is_ok()
-            } else if let Some(endpoint) = self.endpoints.endpoint(&device_id) {
-                endpoint.send_frames(fresh).await.is_ok()
-            } else {
-                false
-            };
-            let mut stats = self.data.stats.lock().unwrap();
-            if delivered {
-                stats.frames_down += fresh.len() as u64;
-            } else {
-                // The dongle is gone or refused them: counted and reported, and acknowledged all the
-                // same, since sending them again cannot help a dongle that is not there.
-                stats.dropped += fresh.len() as u64;
-                drop(stats);
-                if let Some(state) = self.data.sides.lock().unwrap().get_mut(&(group_id, side)) {
-                    state.dropped += fresh.len() as u64;
-                }
+        let skipped_to = first + skip.min(frames.len()) as u64;
+        let (delivered, refused) = if fresh.is_empty() {
+            (0, 0)
+        } else if let Some(endpoint) = self.endpoints.endpoint(&device_id) {
+            match endpoint.send_frames(fresh).await {
+                Ok(()) => (fresh.len(), 0),
+                // The endpoint closed: it may open again.
+                Err(crate::endpoints::EndpointError::Closed { .. }) => (0, usize::MAX),
+                // A frame the endpoint can never carry (checked before any is sent): dropped and
+                // counted, since sending it again cannot help.
+                Err(_) => (0, fresh.len()),
             }
+        } else {
+            match self.manager.session(&device_id) {
+                Some(session) if self.ready.lock().unwrap().contains(&device_id) => {
+                    match session.send_frames_counting(fresh).await {
+                        (n, Ok(())) => (n, 0),
+                        // Refused for good (too large, FD on a classic dongle): dropped and counted.
+                        (n, Err(SessionError::Encode(_) | SessionError::Unsupported(_))) => {
+                            (n, fresh.len() - n)
+                        }
+                        // The link closed or the token went: the rest waits.
+                        (n, Err(_)) => (n, usize::MAX),
+                    }
+                }
+                _ => (0, usize::MAX),
+            }
+        };
+        let stalled = refused == usize::MAX;
+        let refused = if stalled { 0 } else { refused };
+        // The position after what this call disposed of: delivered frames, and refused ones after them.
+        let next = skipped_to + (delivered + refused) as u64;
+        {
+            let mut stats = self.data.stats.lock().unwrap();
+            stats.frames_down += delivered as u64;
+            stats.dropped += refused as u64;
         }
         if let Some(state) = self.data.sides.lock().unwrap().get_mut(&(group_id, side)) {
+            state.dropped += refused as u64;
             state.inbound_next = state.inbound_next.max(next);
         }
-        Some(data::encode_ack(group_id, side, next))
+        let ack = data::encode_ack(group_id, side, next);
+        if stalled {
+            Delivery::Stalled((next > first).then_some(ack))
+        } else {
+            Delivery::Ack(ack)
+        }
+    }
+
+    /// Whether a side stalled on this connection (for long enough) has a dongle that can take frames
+    /// again, so that a new connection would get them delivered.
+    fn stall_over(&self, stalled: &Stalled) -> bool {
+        let sides = self.data.sides.lock().unwrap();
+        stalled.iter().any(|(key, since)| {
+            since.elapsed() >= STALL_MIN
+                && sides
+                    .get(key)
+                    .is_some_and(|state| self.can_deliver(&state.device_id))
+        })
+    }
+
+    /// Whether frames for `device_id` can go onto its link now: a local endpoint that is open, or a
+    /// dongle whose session is authenticated.
+    fn can_deliver(&self, device_id: &DeviceId) -> bool {
+        self.endpoints.endpoint(device_id).is_some()
+            || (self.manager.session(device_id).is_some()
+                && self.ready.lock().unwrap().contains(device_id))
     }
 
     pub(super) fn groups_changed(&self, groups: Groups) {

@@ -83,8 +83,11 @@ pub(crate) struct Shared {
     outbound: Mutex<Option<mpsc::Sender<AgentMessage>>>,
     /// Dongles whose pairing window this agent opened, and when it closes.
     pairing: Mutex<HashMap<DeviceId, Instant>>,
-    /// Dongles whose session holds their token now.
+    /// Dongles whose session holds their token now (or is being given it).
     authorized: Mutex<HashSet<DeviceId>>,
+    /// Dongles whose session authenticated and whose dongle took the token: group frames from the
+    /// server are handed only to these (a dongle drops packets without a valid token, unanswered).
+    ready: Mutex<HashSet<DeviceId>>,
     status: status::StatusFile,
     data: dataplane::DataPlane,
 }
@@ -122,6 +125,7 @@ pub async fn run(
         outbound: Mutex::new(None),
         pairing: Mutex::new(HashMap::new()),
         authorized: Mutex::new(HashSet::new()),
+        ready: Mutex::new(HashSet::new()),
         status: status::StatusFile::new(&config.home, &config.credentials.server_url),
         data: dataplane::DataPlane::default(),
     });
@@ -182,6 +186,7 @@ async fn watch_dongles(shared: Arc<Shared>, mut events: broadcast::Receiver<Dong
             }
             Ok(DongleEvent::Gone { device_id }) => {
                 shared.authorized.lock().unwrap().remove(&device_id);
+                shared.ready.lock().unwrap().remove(&device_id);
                 shared.pairing.lock().unwrap().remove(&device_id);
             }
             Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -317,6 +322,7 @@ impl Shared {
         };
         if changed {
             self.authorized.lock().unwrap().remove(&device_id);
+            self.ready.lock().unwrap().remove(&device_id);
             self.devices_changed();
         }
         self.authorize(device_id).await;
@@ -344,13 +350,17 @@ impl Shared {
             Err(e) => Err(e),
         };
         match verdict {
-            Ok(()) => tracing::info!(%device_id, "authenticated to the dongle"),
+            Ok(()) => {
+                tracing::info!(%device_id, "authenticated to the dongle");
+                self.ready.lock().unwrap().insert(device_id);
+            }
             Err(SessionError::AuthRefused(_)) | Err(SessionError::Timeout { .. })
                 if !session.is_closed() =>
             {
                 tracing::warn!(%device_id, "the dongle turned down its token (reset or re-paired elsewhere)");
                 session.deauthenticate();
                 self.authorized.lock().unwrap().remove(&device_id);
+                self.ready.lock().unwrap().remove(&device_id);
                 self.send(AgentMessage::Event(Event::TokenRejected {
                     device_id: device_id.to_string(),
                 }));
@@ -358,6 +368,7 @@ impl Shared {
             Err(e) => {
                 tracing::warn!(%device_id, error = %e, "could not authenticate to the dongle");
                 self.authorized.lock().unwrap().remove(&device_id);
+                self.ready.lock().unwrap().remove(&device_id);
             }
         }
     }

@@ -259,6 +259,7 @@ impl Shared {
         if let Some(session) = &session {
             session.deauthenticate();
         }
+        self.ready.lock().unwrap().remove(&id);
         if let Err(e) = self.vault.lock().unwrap().remove(&id) {
             tracing::warn!(device_id = %id, error = %e, "could not drop the token from the vault");
         }

@@ -166,6 +166,14 @@ impl Api {
             .map(|_| ())
     }
 
+    /// Revokes every token of the calling agent (`bridge-agent logout`); after it, the agent's token
+    /// opens nothing.
+    pub async fn revoke_own_token(&self) -> Result<(), ApiError> {
+        self.call::<Value>(Method::POST, "/agents/logout", None)
+            .await
+            .map(|_| ())
+    }
+
     /// The dongles this agent's user owns, and the unclaimed ones their online agents see.
     pub async fn dongles(&self) -> Result<Vec<DongleSummary>, ApiError> {
         Ok(self

@@ -7,6 +7,7 @@ mod cli;
 mod console_e2e;
 mod dongle_manager;
 mod faults_link;
+mod group_unplug;
 mod pairing_e2e;
 mod slcan;
 mod socketcand;

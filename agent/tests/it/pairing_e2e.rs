@@ -238,6 +238,54 @@ async fn logout_and_damaged_credentials(pool: PgPool) {
     server.stop().await;
 }
 
+/// `logout` revokes the agent's token on the server before it forgets it: a copy of the credentials file
+/// (a backup, a disk image) opens nothing afterwards. A server that cannot be reached does not keep the
+/// workstation logged in: the token is forgotten, and the output says how to revoke it by hand.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn logout_revokes_the_agents_token_on_the_server_before_forgetting_it(pool: PgPool) {
+    let server = Server::start(pool).await;
+    let alice = server.user("alice@example.com", Role::User).await;
+    let agent = Agent::new();
+    agent.login(&server, &alice).await;
+    let credentials: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(agent.path("agent.json")).unwrap()).unwrap();
+    let token = credentials["agent_token"].as_str().unwrap().to_string();
+    let heartbeat = || async {
+        reqwest::Client::new()
+            .post(format!("{}/api/v1/agents/heartbeat", server.base))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(heartbeat().await, reqwest::StatusCode::OK);
+    let (ok, out, stderr) = agent.exec(&["logout"], None).await;
+    assert!(ok, "{stderr}");
+    assert!(out.contains("the server revoked"), "{out}");
+    assert!(!agent.path("agent.json").exists());
+    assert_eq!(heartbeat().await, reqwest::StatusCode::UNAUTHORIZED);
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_logs WHERE action = 'agent.logged_out'")
+            .fetch_one(&server.pool)
+            .await
+            .unwrap();
+    assert_eq!(audited, 1);
+
+    // Logged in again, then the server goes away: logout still forgets, and says what is left to do.
+    agent.login(&server, &alice).await;
+    let agent_id = agent.agent_id();
+    server.stop().await;
+    let (ok, out, stderr) = agent.exec(&["logout"], None).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        out.contains("could not revoke") && out.contains(&agent_id.to_string()),
+        "{out}"
+    );
+    assert!(!agent.path("agent.json").exists());
+}
+
 /// A paired dongle reset to factory state no longer takes its token: the agent notices when it serves
 /// the dongle again, and the server marks it RESET_DETECTED.
 #[sqlx::test(migrator = "MIGRATOR")]

@@ -220,21 +220,58 @@ impl FromRequestParts<AppState> for ClientInfo {
     }
 }
 
+/// The client's address from `X-Forwarded-For`, read from the right: each trusted proxy appends the
+/// address it heard from, so the right-most entry that is not a trusted proxy is the one our proxies
+/// vouch for. Entries to its left were written by the client and are never read, so a client can put
+/// nothing there (an unparsable entry included) that changes the address recorded. None when the
+/// header is missing, or an entry our own proxies wrote is unparsable.
 fn forwarded_for(parts: &Parts, trusted: &[IpAddr]) -> Option<IpAddr> {
-    let mut hops: Vec<IpAddr> = Vec::new();
-    for value in parts.headers.get_all("x-forwarded-for") {
-        let text = value.to_str().ok()?;
-        for hop in text.split(',') {
-            hops.push(hop.trim().parse().ok()?);
+    let values: Vec<&str> = parts
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.to_str().ok())
+        .collect::<Option<_>>()?;
+    client_of(&values, trusted)
+}
+
+fn client_of(values: &[&str], trusted: &[IpAddr]) -> Option<IpAddr> {
+    for hop in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+        let ip: IpAddr = hop.trim().parse().ok()?;
+        if !trusted.contains(&ip) {
+            return Some(ip);
         }
     }
-    hops.into_iter().rev().find(|ip| !trusted.contains(ip))
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_unparsable_forwarded_for_entry_does_not_let_a_client_choose_the_ip_recorded() {
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let trusted = [proxy];
+        // The client wrote "1.2.3.4, garbage"; our proxy appended the address it heard from.
+        assert_eq!(
+            client_of(&["1.2.3.4, garbage, 9.9.9.9"], &trusted),
+            Some("9.9.9.9".parse().unwrap())
+        );
+        assert_eq!(
+            client_of(&["garbage", "9.9.9.9"], &trusted),
+            Some("9.9.9.9".parse().unwrap())
+        );
+        // Through two trusted proxies: the first address neither of them is.
+        assert_eq!(
+            client_of(&["1.2.3.4, 9.9.9.9, 10.0.0.1"], &trusted),
+            Some("9.9.9.9".parse().unwrap())
+        );
+        // What our own proxies wrote is unreadable: nothing is believed (the peer is recorded).
+        assert_eq!(client_of(&["1.2.3.4, garbage"], &trusted), None);
+        assert_eq!(client_of(&["10.0.0.1"], &trusted), None);
+    }
 
     #[test]
     fn whole_floats_become_integers_and_nothing_else_changes() {

@@ -1,6 +1,7 @@
 //! HTTP plumbing shared by every route: the error type and shape, the request id, and extractors whose
 //! rejections keep that shape.
 
+pub mod bounded;
 pub mod error;
 pub mod extract;
 pub mod first_byte;

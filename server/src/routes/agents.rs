@@ -24,6 +24,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(register))
         .routes(routes!(list_agents))
         .routes(routes!(revoke_tokens))
+        .routes(routes!(logout))
         .routes(routes!(heartbeat))
         .routes(routes!(report_devices))
 }
@@ -156,6 +157,40 @@ async fn revoke_tokens(
     state.hub.kick(id).await;
     Ok(Json(Revoked {
         agent_id: id,
+        tokens_revoked: revoked,
+    }))
+}
+
+/// An agent logs itself out (`bridge-agent logout`): every token of the calling agent is revoked, so a
+/// copy of its credentials file left behind can never be used again, and its connections end.
+#[utoipa::path(post, path = "/agents/logout", tag = "agents", security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "The agent's tokens are revoked.", body = Revoked),
+        (status = 401, description = "AUTH_REQUIRED: no valid agent token.", body = ErrorBody),
+    ))]
+async fn logout(
+    State(state): State<AppState>,
+    CurrentAgent(agent): CurrentAgent,
+    client: ClientInfo,
+) -> Result<Json<Revoked>, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let revoked = agents::revoke_tokens(&mut *tx, agent.user_id, agent.agent_id)
+        .await?
+        .unwrap_or(0);
+    audit::record(
+        &mut *tx,
+        Entry::new("agent.logged_out", Some(agent.user_id), &client)
+            .target(Target {
+                kind: "agent",
+                id: agent.agent_id.to_string(),
+            })
+            .details(serde_json::json!({ "tokens_revoked": revoked })),
+    )
+    .await?;
+    tx.commit().await?;
+    state.hub.kick(agent.agent_id).await;
+    Ok(Json(Revoked {
+        agent_id: agent.agent_id,
         tokens_revoked: revoked,
     }))
 }

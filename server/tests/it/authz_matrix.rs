@@ -544,6 +544,14 @@ fn table() -> Vec<Row> {
         // connection (the newest wins), so these come after everything that needs it.
         row(get.clone(), "/ws/data", "/ws/data", Agent(101)),
         row(get.clone(), "/ws/agent", "/ws/agent", Agent(101)),
+        // An agent logging itself out revokes its own tokens: at the end, since A's and B's agents
+        // are of no use to any row after it (but before A's session logs out).
+        row(
+            post.clone(),
+            "/api/v1/agents/logout",
+            "/api/v1/agents/logout",
+            Agent(200),
+        ),
         row(post, "/api/v1/auth/logout", "/api/v1/auth/logout", Logout).body(json!({})),
     ]
 }

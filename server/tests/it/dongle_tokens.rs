@@ -148,3 +148,59 @@ async fn rotation_keeps_every_token_usable_is_idempotent_and_resumes(pool: PgPoo
             .unwrap();
     assert_eq!(audited, 3);
 }
+
+/// One damaged row (or one sealed under a key nobody has any more) must not stop a rotation: the rows
+/// around it are re-encrypted, and the damaged one is reported by id, left as it is, and counted as
+/// remaining. Before, the first such row ended the whole rotation.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn keys_rotate_reports_and_skips_rows_it_cannot_decrypt(pool: PgPool) {
+    let old = ring(&[1]);
+    let rows = dongles_with_tokens(&pool, &old, 5).await;
+    let mut ids: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
+    ids.sort();
+    // The second row in rotation order is damaged.
+    let damaged = ids[1];
+    sqlx::query("UPDATE dongle_tokens SET ciphertext = set_byte(ciphertext, 0, get_byte(ciphertext, 0) # 255) \
+         WHERE dongle_id = $1")
+        .bind(damaged)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let keys = ring(&[1, 2]);
+    let options = RotateOptions {
+        to: 2,
+        dry_run: true,
+        batch_size: 2,
+        max_batches: None,
+    };
+    let dry = dongle_tokens::rotate(&pool, &keys, options).await.unwrap();
+    assert_eq!(dry.rows, 4);
+    assert_eq!(dry.skipped, vec![damaged]);
+
+    let done = dongle_tokens::rotate(
+        &pool,
+        &keys,
+        RotateOptions {
+            dry_run: false,
+            ..options
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.rows, 4);
+    assert_eq!(done.skipped, vec![damaged]);
+    assert_eq!(done.remaining, 1);
+    assert_eq!(
+        dongle_tokens::status(&pool).await.unwrap(),
+        vec![(1, 1), (2, 4)]
+    );
+    for (id, token) in rows.iter().filter(|(id, _)| *id != damaged) {
+        assert_eq!(
+            &dongle_tokens::load(&pool, &keys, *id)
+                .await
+                .unwrap()
+                .unwrap(),
+            token
+        );
+    }
+}

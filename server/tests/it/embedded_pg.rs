@@ -69,13 +69,11 @@ async fn without_postgresql_the_error_says_what_to_install() {
     assert!(!text.contains('\n'), "one line: {text}");
 }
 
-#[test]
-fn serve_runs_on_its_own_database_and_stops_it_on_sigterm() {
-    let dir = workdir();
-    let data = dir.path().join("data");
+/// `bridge-server serve` on its own database in `data`, and the address it listens on once it does.
+fn start_serve(data: &std::path::Path) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_bridge-server"))
         .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
+        .arg(data)
         .env_remove("DATABASE_URL")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -91,33 +89,129 @@ fn serve_runs_on_its_own_database_and_stops_it_on_sigterm() {
     };
     // Drain the rest of the log so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
 
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let status = runtime.block_on(async {
-        reqwest::get(format!("http://{addr}/readyz"))
-            .await
-            .unwrap()
-            .status()
-    });
-    assert_eq!(status, reqwest::StatusCode::OK);
-
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+/// Waits (at most 30 s) for `child` to end.
+fn wait_for_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
     let mut waited = Duration::ZERO;
-    let exit = loop {
+    loop {
         if let Some(status) = child.try_wait().unwrap() {
-            break status;
+            return status;
         }
         assert!(waited < Duration::from_secs(30), "serve did not stop");
         std::thread::sleep(Duration::from_millis(50));
         waited += Duration::from_millis(50);
-    };
+    }
+}
+
+fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+}
+
+fn ready(addr: &str) -> reqwest::StatusCode {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .unwrap()
+            .status()
+    })
+}
+
+#[test]
+fn serve_runs_on_its_own_database_and_stops_it_on_sigterm() {
+    let dir = workdir();
+    let data = dir.path().join("data");
+    let (mut child, addr) = start_serve(&data);
+    assert_eq!(ready(&addr), reqwest::StatusCode::OK);
+
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let exit = wait_for_exit(&mut child);
     assert!(exit.success(), "{exit:?}");
     assert!(
         !data.join("postgres/postmaster.pid").exists(),
         "the cluster stopped with the server"
     );
+}
+
+/// A server killed with SIGKILL (or by the OOM killer) leaves its PostgreSQL running. The next `serve` on
+/// the same folder stops that orphan and starts, with the data the first one wrote.
+#[test]
+fn a_server_killed_with_sigkill_starts_again_on_the_same_folder_with_its_data() {
+    let dir = workdir();
+    let data = dir.path().join("data");
+    let (mut first, addr) = start_serve(&data);
+    assert_eq!(ready(&addr), reqwest::StatusCode::OK);
+    // Something the next server must still find: an account made through the first one's database.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let signup = runtime.block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://{addr}/api/v1/auth/signup"))
+            .json(&serde_json::json!({"email": "kept@example.com", "password": "correct horse battery staple"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert!(signup.is_success(), "{signup}");
+    signal(&first, nix::sys::signal::Signal::SIGKILL);
+    wait_for_exit(&mut first);
+    assert!(
+        data.join("postgres/postmaster.pid").exists(),
+        "the orphaned cluster is still running"
+    );
+
+    let (mut second, addr) = start_serve(&data);
+    assert_eq!(ready(&addr), reqwest::StatusCode::OK);
+    // The account the first server wrote is there: its password logs in.
+    let login = runtime.block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://{addr}/api/v1/auth/login"))
+            .json(&serde_json::json!({"email": "kept@example.com", "password": "correct horse battery staple"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(login, reqwest::StatusCode::OK);
+    signal(&second, nix::sys::signal::Signal::SIGTERM);
+    assert!(wait_for_exit(&mut second).success());
+    assert!(
+        !data.join("postgres/postmaster.pid").exists(),
+        "the cluster stopped with the second server"
+    );
+}
+
+/// Two servers on one data folder would share one cluster and stop it under each other: the second is
+/// refused at once, says why, and leaves the first one's cluster running.
+#[test]
+fn a_second_server_on_the_same_folder_is_refused_and_the_first_keeps_running() {
+    let dir = workdir();
+    let data = dir.path().join("data");
+    let (mut first, addr) = start_serve(&data);
+    assert_eq!(ready(&addr), reqwest::StatusCode::OK);
+
+    let second = Command::new(env!("CARGO_BIN_EXE_bridge-server"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let text = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        text.contains("another bridge-server") && text.contains("--data-dir"),
+        "{text}"
+    );
+    assert_eq!(
+        ready(&addr),
+        reqwest::StatusCode::OK,
+        "the first still answers"
+    );
+
+    signal(&first, nix::sys::signal::Signal::SIGTERM);
+    assert!(wait_for_exit(&mut first).success());
 }

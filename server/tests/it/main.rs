@@ -31,6 +31,7 @@ mod relay;
 mod schema;
 mod send_frame;
 mod tls;
+mod trust_boundaries;
 mod web_auth;
 mod web_dongles;
 mod web_groups;

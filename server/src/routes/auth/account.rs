@@ -20,9 +20,11 @@ use crate::users::{self, Email, Role, UserView};
 #[derive(Deserialize, ToSchema)]
 pub struct SignupRequest {
     #[schema(example = "tech@example.com")]
+    #[serde(deserialize_with = "crate::http::bounded::email")]
     pub email: String,
     /// 8 to 128 characters, not among the most common passwords.
     #[schema(min_length = 8, max_length = 128)]
+    #[serde(deserialize_with = "crate::http::bounded::password")]
     pub password: String,
 }
 
@@ -100,6 +102,7 @@ pub async fn signup(
 #[derive(Deserialize, ToSchema)]
 pub struct TokenRequest {
     /// The token from the mailed link.
+    #[serde(deserialize_with = "crate::http::bounded::token")]
     pub token: String,
 }
 

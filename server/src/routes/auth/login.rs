@@ -19,7 +19,9 @@ use crate::users::{self, Email, Status, UserView};
 /// `POST /auth/login`. No Debug: it holds a password.
 #[derive(Deserialize, ToSchema)]
 pub struct LoginRequest {
+    #[serde(deserialize_with = "crate::http::bounded::email")]
     pub email: String,
+    #[serde(deserialize_with = "crate::http::bounded::password")]
     pub password: String,
 }
 

@@ -18,6 +18,7 @@ use crate::users::{self, Email, Status};
 
 #[derive(Deserialize, ToSchema)]
 pub struct ResetRequest {
+    #[serde(deserialize_with = "crate::http::bounded::email")]
     pub email: String,
 }
 
@@ -85,9 +86,11 @@ pub async fn request(
 #[derive(Deserialize, ToSchema)]
 pub struct ResetConfirm {
     /// The token from the mailed link.
+    #[serde(deserialize_with = "crate::http::bounded::token")]
     pub token: String,
     /// The new password: 8 to 128 characters, not among the most common ones.
     #[schema(min_length = 8, max_length = 128)]
+    #[serde(deserialize_with = "crate::http::bounded::password")]
     pub password: String,
 }
 

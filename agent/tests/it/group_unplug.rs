@@ -1,0 +1,150 @@
+//! A group side whose dongle is unplugged, replugged, or not yet authenticated: the agent acknowledges a
+//! frame to the server only once it is on the dongle's link, so the server keeps (and buffers) what the
+//! dongle did not get, and every frame reaches the far bus once and in order.
+
+use crate::common;
+
+use std::time::Duration;
+
+use bridge_server::db::MIGRATOR;
+use bridge_server::users::Role;
+use common::{Agent, Dongle, Server, User, pair};
+use dongle_sim::frame::Frame as SimFrame;
+use dongle_sim::{BusTap, SimConfig};
+use firmware_proto::ids::CanId;
+use serde_json::json;
+use sqlx::PgPool;
+
+/// Frame `n` of the numbered stream: id 0x321, its number in the first two data bytes.
+fn numbered(n: u16) -> SimFrame {
+    let id = CanId::standard(0x321).unwrap();
+    SimFrame::classic(id, &n.to_be_bytes()).unwrap()
+}
+
+/// A serial simulator, optionally on a named bus under `bus_root`.
+async fn serial_dongle(bus: Option<(&std::path::Path, &str)>) -> Dongle {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("ttyDONGLE");
+    let mut config = SimConfig::serial(dir.path().join("flash.json"));
+    if let Some((root, name)) = bus {
+        config = config.with_bus(name);
+        config.bus_root = Some(root.to_path_buf());
+    }
+    config.link = dongle_sim::LinkConfig::Serial {
+        link: Some(link.clone()),
+    };
+    Dongle::start(config, dir, Some(link)).await
+}
+
+/// Makes a group of `a` and `b`, activates it and waits until it relays.
+async fn active_group(user: &User, a: &str, b: &str) -> String {
+    let (status, group) = user
+        .post("/groups", json!({"dongle_a_id": a, "dongle_b_id": b}))
+        .await;
+    assert!(status.is_success(), "{status} {group}");
+    let gid = group["id"].as_str().unwrap().to_string();
+    let (status, body) = user
+        .post(&format!("/groups/{gid}/activate"), json!({}))
+        .await;
+    assert!(status.is_success(), "{status} {body}");
+    for _ in 0..100 {
+        let (_, g) = user.get(&format!("/groups/{gid}")).await;
+        if g["state"] == "ACTIVE" {
+            return gid;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the group did not become ACTIVE");
+}
+
+/// Reads numbered frames from `tap` until `total` have arrived or nothing comes for `quiet`.
+async fn collect(tap: &mut BusTap, total: usize, quiet: Duration) -> Vec<u16> {
+    let mut seen = Vec::new();
+    while seen.len() < total {
+        match tokio::time::timeout(quiet, tap.recv()).await {
+            Ok(Ok(frame)) if frame.id().raw() == 0x321 && frame.data().len() == 2 => {
+                seen.push(u16::from_be_bytes([frame.data()[0], frame.data()[1]]));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("the bus tap failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+/// The issue's own trial: B unplugged in the middle of a stream A -> B lost every frame sent while it was
+/// away (the agent acknowledged them as "dropped"), and frames replayed before the agent had
+/// authenticated to the replugged dongle were lost the same way. Now every frame arrives once, in order.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn frames_to_an_unplugged_and_replugged_dongle_arrive_once_and_in_order(pool: PgPool) {
+    let server = Server::start(pool).await;
+    let user = server.user("alice@example.com", Role::User).await;
+    let bus_root = tempfile::tempdir().unwrap();
+    let a = serial_dongle(None).await;
+    let b = serial_dongle(Some((bus_root.path(), "vehicle"))).await;
+    let mut vehicle = BusTap::join_at(bus_root.path(), "vehicle").unwrap();
+    let mut agent = Agent::new();
+    agent.login(&server, &user).await;
+    let mut args = a.agent_args();
+    args.extend(b.agent_args());
+    agent.run(&args);
+    let a_id = pair(&user, &a).await;
+    let b_id = pair(&user, &b).await;
+    active_group(&user, &a_id, &b_id).await;
+    assert!(vehicle.wait_for_peers(1, Duration::from_secs(5)).await);
+
+    const PER_PHASE: u16 = 300;
+    let send = |from: u16| {
+        let frames: Vec<SimFrame> = (from..from + PER_PHASE).map(numbered).collect();
+        let a = &a.sim;
+        async move {
+            // A stream, not one burst: 30 frames every 10 ms.
+            for chunk in frames.chunks(30) {
+                a.inject_bus_frames(chunk);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // Live, then B unplugged while frames keep coming, then back.
+    send(0).await;
+    b.sim.unplug().await;
+    send(PER_PHASE).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.sim.replug().await;
+    send(2 * PER_PHASE).await;
+
+    let total = 3 * PER_PHASE as usize;
+    let seen = collect(&mut vehicle, total, Duration::from_secs(10)).await;
+    // Once and in order: strictly increasing.
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "duplicated or out of order: {seen:?}"
+    );
+    // Every frame sent while B was away, and after it came back, arrives: the agent acknowledged none
+    // that did not reach B's link, so the server kept and replayed them.
+    let missing: Vec<u16> = (0..3 * PER_PHASE).filter(|n| !seen.contains(n)).collect();
+    assert!(
+        missing.iter().all(|&n| n < PER_PHASE),
+        "{} of {total} arrived; frames sent while B was unplugged or after its return are missing: {missing:?}",
+        seen.len()
+    );
+    // What may be lost is what was inside the link itself (the agent's link queue and the serial
+    // buffers) at the instant of the unplug: REMP v1 has no acknowledgement of frames by the dongle, so
+    // nobody can know whether those reached it (docs/SECURITY.md, residual risks). They are the frames
+    // just before the unplug, one run, never more than the link holds.
+    eprintln!(
+        "lost inside the link at the unplug: {} frames",
+        missing.len()
+    );
+    if let (Some(first), Some(last)) = (missing.first(), missing.last()) {
+        assert_eq!(
+            usize::from(last - first) + 1,
+            missing.len(),
+            "one run: {missing:?}"
+        );
+        assert!(missing.len() <= 256, "{} lost in the link", missing.len());
+    }
+    agent.stop().await;
+    server.stop().await;
+}
