@@ -26,7 +26,7 @@ use crate::email::smtp::{MailError, SmtpMailer};
 use crate::email::worker::{self, WorkerSettings};
 use crate::groups::relay::Relay;
 use crate::http::{ApiError, error, request_id};
-use crate::{agents, auth, commands, groups, rate_limit, routes, telemetry, web};
+use crate::{agents, auth, commands, email, groups, rate_limit, routes, telemetry, web};
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -232,6 +232,7 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
     }
     tasks.push(tokio::spawn(housekeeping(
         state.pool.clone(),
+        (state.config.verification_ttl, state.config.reset_ttl),
         shutdown.clone(),
     )));
     // Commands: the dispatcher and sweeper (SPEC 3.7), driven by the database.
@@ -328,9 +329,13 @@ pub async fn serve(
     Ok(())
 }
 
-/// Deletes expired sessions and stale rate-limit counters every few minutes. Several instances may do
-/// this at once; the deletes are idempotent.
-async fn housekeeping(pool: PgPool, shutdown: CancellationToken) {
+/// Deletes expired sessions and stale rate-limit counters, and gives up unsent mail whose link expired,
+/// every few minutes. Several instances may do this at once; each step is idempotent.
+async fn housekeeping(
+    pool: PgPool,
+    (verification_ttl, reset_ttl): (Duration, Duration),
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(300));
     loop {
         tokio::select! {
@@ -342,6 +347,11 @@ async fn housekeeping(pool: PgPool, shutdown: CancellationToken) {
         }
         if let Err(e) = rate_limit::purge_stale(&pool).await {
             tracing::warn!(error = %e, "could not purge rate-limit counters");
+        }
+        match email::outbox::give_up_expired(&pool, verification_ttl, reset_ttl).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(mails = n, "gave up unsent mail whose link expired"),
+            Err(e) => tracing::warn!(error = %e, "could not scrub expired mail"),
         }
     }
 }

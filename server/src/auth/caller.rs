@@ -29,6 +29,15 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// [`CurrentUser::require_verified_email`] for a person; an agent was registered by a confirmed
+    /// account, so it passes.
+    pub fn require_verified_email(&self) -> Result<(), ApiError> {
+        match self {
+            Self::User(user) => user.require_verified_email(),
+            Self::Agent { .. } => Ok(()),
+        }
+    }
+
     /// The user on whose behalf the request runs.
     pub fn user_id(&self) -> Uuid {
         match self {
@@ -73,6 +82,8 @@ pub struct CurrentUser {
     pub id: Uuid,
     pub email: String,
     pub role: Role,
+    /// Whether the account's email address is confirmed.
+    pub email_verified: bool,
     /// The public id of the session (what `GET /auth/sessions` shows).
     pub session_id: Uuid,
     /// The cookie's secret, kept to derive the CSRF token and to end the session at logout.
@@ -82,6 +93,17 @@ pub struct CurrentUser {
 impl CurrentUser {
     pub fn is_super_admin(&self) -> bool {
         self.role == Role::SuperAdmin
+    }
+
+    /// Refuses (403 EMAIL_NOT_VERIFIED) an account whose email address is not confirmed yet: it may
+    /// sign in and look around, but registering agents and pairing dongles wait for the confirmation,
+    /// so that nobody acts on hardware from an address they do not hold.
+    pub fn require_verified_email(&self) -> Result<(), ApiError> {
+        if self.email_verified {
+            Ok(())
+        } else {
+            Err(ApiError::of(ErrorCode::EmailNotVerified))
+        }
     }
 
     /// The CSRF token of this session.
@@ -151,6 +173,7 @@ impl FromRequestParts<AppState> for Caller {
             id: user.user_id,
             email: user.email,
             role: user.role,
+            email_verified: user.email_verified,
             session_id: user.session_public_id,
             session_secret: secret,
         });

@@ -63,6 +63,7 @@ pub struct SessionUser {
     pub email: String,
     pub role: Role,
     pub status: Status,
+    pub email_verified: bool,
 }
 
 /// What a cookie's session turned out to be.
@@ -113,6 +114,7 @@ pub async fn lookup(
     let digest = secret.digest();
     let found: Option<(SessionUser, bool)> = sqlx::query_as::<_, SessionRow>(
         "SELECT s.public_id AS session_public_id, u.id AS user_id, u.email, u.role, u.status, \
+                (u.email_verified_at IS NOT NULL) AS email_verified, \
                 (s.expires_at <= now() OR s.absolute_expires_at <= now()) AS expired \
          FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1",
     )

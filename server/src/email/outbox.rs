@@ -76,6 +76,32 @@ fn scrub_sql() -> String {
     })
 }
 
+/// Gives up queued messages whose token has expired (verification links after `verification_ttl`,
+/// reset links after `reset_ttl`): they are marked failed and their token and link scrubbed, so that a
+/// mail never sent (no SMTP server, or one that never answered) keeps no token in clear past its
+/// expiry. Returns how many were given up.
+pub async fn give_up_expired(
+    pool: &PgPool,
+    verification_ttl: std::time::Duration,
+    reset_ttl: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(AssertSqlSafe(format!(
+        "UPDATE email_outbox SET status = 'failed', \
+           last_error = 'the link expired before the mail could be sent', payload = {} \
+         WHERE status = 'queued' AND ( \
+           (template = $1 AND created_at < now() - make_interval(secs => $2)) OR \
+           (template = $3 AND created_at < now() - make_interval(secs => $4)))",
+        scrub_sql()
+    )))
+    .bind(Template::VerifyEmail.name())
+    .bind(verification_ttl.as_secs_f64())
+    .bind(Template::PasswordReset.name())
+    .bind(reset_ttl.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Records a delivery and scrubs the token from the payload.
 pub async fn mark_sent(pool: &PgPool, id: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query(AssertSqlSafe(format!(

@@ -12,6 +12,9 @@ pub enum Template {
     /// Sent instead of a verification mail when someone signs up with a known address, so that signing
     /// up answers the same either way while the owner still learns of it.
     AccountExists,
+    /// "Your password was changed": sent after a reset, saying that every session ended and every
+    /// agent must log in again (payload: `agent_tokens_revoked`).
+    PasswordChanged,
 }
 
 impl Template {
@@ -20,6 +23,7 @@ impl Template {
             Self::VerifyEmail => "verify_email",
             Self::PasswordReset => "password_reset",
             Self::AccountExists => "account_exists",
+            Self::PasswordChanged => "password_changed",
         }
     }
 
@@ -28,6 +32,7 @@ impl Template {
             "verify_email" => Some(Self::VerifyEmail),
             "password_reset" => Some(Self::PasswordReset),
             "account_exists" => Some(Self::AccountExists),
+            "password_changed" => Some(Self::PasswordChanged),
             _ => None,
         }
     }
@@ -69,5 +74,27 @@ pub fn render(template: Template, payload: &Value) -> (String, String) {
              If it was not you, ignore this message.\n"
                 .to_string(),
         ),
+        Template::PasswordChanged => {
+            let agents = payload
+                .get("agent_tokens_revoked")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            let agents = if agents == 0 {
+                String::new()
+            } else {
+                format!(
+                    "Your agents were logged out as well ({agents} token(s) revoked): on each workstation, run \
+                     `bridge-agent login --force` to connect it again.\n\n"
+                )
+            };
+            (
+                "Your password was changed".to_string(),
+                format!(
+                    "The password of your CAN Bridge account was changed with a reset link, and every session \
+                     of the account was ended.\n\n{agents}If it was not you, reset your password again at once \
+                     and tell your administrator.\n"
+                ),
+            )
+        }
     }
 }

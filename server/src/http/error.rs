@@ -27,6 +27,9 @@ pub enum ErrorCode {
     AuthRequired,
     Forbidden,
     CsrfInvalid,
+    /// The account's email address is not confirmed yet: it may look around, but not register agents
+    /// or pair dongles.
+    EmailNotVerified,
     RateLimited,
     ValidationError,
     NotFound,
@@ -61,7 +64,7 @@ impl ErrorCode {
             Self::AuthInvalidCredentials | Self::AuthSessionExpired | Self::AuthRequired => {
                 StatusCode::UNAUTHORIZED
             }
-            Self::Forbidden | Self::CsrfInvalid => StatusCode::FORBIDDEN,
+            Self::Forbidden | Self::CsrfInvalid | Self::EmailNotVerified => StatusCode::FORBIDDEN,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::ValidationError | Self::PairingPinInvalid => StatusCode::BAD_REQUEST,
             Self::NotFound | Self::DongleNotFound => StatusCode::NOT_FOUND,
@@ -90,6 +93,10 @@ impl ErrorCode {
             Self::Forbidden => "This action is not allowed.",
             Self::CsrfInvalid => {
                 "The X-CSRF-Token header is missing or does not match the session."
+            }
+            Self::EmailNotVerified => {
+                "Confirm your email address first, with the link mailed to you at signup; if it has \
+                 expired, ask for a password reset: its link confirms the address too."
             }
             Self::RateLimited => "Too many attempts: wait before trying again.",
             Self::ValidationError => "The request is not valid.",

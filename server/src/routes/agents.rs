@@ -51,7 +51,7 @@ pub struct Registered {
         (status = 201, description = "The agent and its token (shown once).", body = Registered),
         (status = 400, description = "VALIDATION_ERROR", body = ErrorBody),
         (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
-        (status = 403, description = "CSRF_INVALID", body = ErrorBody),
+        (status = 403, description = "CSRF_INVALID, or EMAIL_NOT_VERIFIED: the account's address is not confirmed yet.", body = ErrorBody),
     ))]
 async fn register(
     State(state): State<AppState>,
@@ -59,6 +59,7 @@ async fn register(
     client: ClientInfo,
     ApiJson(body): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<Registered>), ApiError> {
+    user.require_verified_email()?;
     let name = body
         .agent_name
         .as_deref()

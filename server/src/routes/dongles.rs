@@ -79,7 +79,7 @@ pub struct PairingModeRequest {
         (status = 200, description = "Pairing mode started (or the dongle is already the caller's).", body = PairingStarted),
         (status = 400, description = "VALIDATION_ERROR", body = ErrorBody),
         (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
-        (status = 403, description = "CSRF_INVALID", body = ErrorBody),
+        (status = 403, description = "CSRF_INVALID, or EMAIL_NOT_VERIFIED: the account's address is not confirmed yet.", body = ErrorBody),
         (status = 404, description = "DONGLE_NOT_FOUND", body = ErrorBody),
         (status = 409, description = "DONGLE_OWNED_BY_OTHER, PAIRING_SECURITY_HOLD or CONFLICT", body = ErrorBody),
         (status = 410, description = "PAIRING_EXPIRED", body = ErrorBody),
@@ -92,6 +92,7 @@ async fn pairing_mode(
     PathId(id): PathId,
     ApiJson(body): ApiJson<PairingModeRequest>,
 ) -> Result<Json<PairingStarted>, ApiError> {
+    caller.require_verified_email()?;
     if body.action != "start" {
         return Err(ApiError::validation("action must be \"start\"."));
     }
@@ -115,7 +116,7 @@ pub struct PairingSubmitRequest {
         (status = 200, description = "Paired (or already the caller's).", body = Paired),
         (status = 400, description = "PAIRING_PIN_INVALID (details.attempts_left) or VALIDATION_ERROR", body = ErrorBody),
         (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
-        (status = 403, description = "CSRF_INVALID", body = ErrorBody),
+        (status = 403, description = "CSRF_INVALID, or EMAIL_NOT_VERIFIED: the account's address is not confirmed yet.", body = ErrorBody),
         (status = 404, description = "DONGLE_NOT_FOUND, or NOT_FOUND for an unknown pairing session", body = ErrorBody),
         (status = 409, description = "DONGLE_OWNED_BY_OTHER, PAIRING_SECURITY_HOLD or CONFLICT", body = ErrorBody),
         (status = 410, description = "PAIRING_EXPIRED", body = ErrorBody),
@@ -128,6 +129,7 @@ async fn pairing_submit(
     PathId(id): PathId,
     ApiJson(body): ApiJson<PairingSubmitRequest>,
 ) -> Result<Json<Paired>, ApiError> {
+    caller.require_verified_email()?;
     Ok(Json(
         dongles::submit(
             &state,

@@ -120,3 +120,189 @@ async fn cookies_are_secure_behind_a_tls_terminating_proxy(pool: PgPool) {
     assert!(cookie.contains("Secure"), "{cookie}");
     app.stop().await;
 }
+
+/// A mail that was never sent (no SMTP configured, or a mail server that never answered) kept its token
+/// in clear in the outbox for ever. Once the token has expired the message is given up and the token and
+/// link are scrubbed; a mail whose token is still valid keeps them.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn unsent_mailed_tokens_are_scrubbed_from_the_outbox_after_their_expiry(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let client = app.client();
+    for email in ["old@example.com", "new@example.com"] {
+        let answer = read(client.signup(email, PASSWORD).await).await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text);
+    }
+    // The first one was queued 25 hours ago: its 24-hour verification link has expired.
+    sqlx::query(
+        "UPDATE email_outbox SET created_at = now() - interval '25 hours' \
+         WHERE to_email = 'old@example.com'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let config = bridge_server::config::ServerConfig::default();
+    let expired = bridge_server::email::outbox::give_up_expired(
+        &pool,
+        config.verification_ttl,
+        config.reset_ttl,
+    )
+    .await
+    .unwrap();
+    assert_eq!(expired, 1);
+    let rows: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT to_email, status::text, payload FROM email_outbox ORDER BY to_email",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let (_, status, payload) = rows.iter().find(|r| r.0 == "new@example.com").unwrap();
+    assert_eq!(status, "queued");
+    assert!(
+        payload["token"].is_string(),
+        "a valid link stays: {payload}"
+    );
+    let (_, status, payload) = rows.iter().find(|r| r.0 == "old@example.com").unwrap();
+    assert_eq!(status, "failed");
+    assert!(
+        payload.get("token").is_none() && payload.get("link").is_none(),
+        "{payload}"
+    );
+    app.stop().await;
+}
+
+/// Whoever knew the old password may have registered an agent with it, and that agent outlived the
+/// reset. A reset now ends every session and revokes every agent token of the account; the mail
+/// confirming the change and the audit log say so.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_password_reset_revokes_every_agent_token_and_the_mail_says_so(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let (client, _) = app.logged_in("tech@example.com", Role::User).await;
+    let (_, token) = common::agent::register(&client).await;
+    let heartbeat = || async {
+        client
+            .http
+            .post(client.api("/agents/heartbeat"))
+            .bearer_auth(&token)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(heartbeat().await, StatusCode::OK);
+
+    let anonymous = app.client();
+    let answer = read(
+        anonymous
+            .post_json(
+                "/auth/password-reset/request",
+                json!({"email": "tech@example.com"}),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text);
+    let reset = app.mailed_token("tech@example.com", "password_reset").await;
+    let answer = read(
+        anonymous
+            .post_json(
+                "/auth/password-reset/confirm",
+                json!({"token": reset, "password": "an entirely new passphrase"}),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+
+    assert_eq!(heartbeat().await, StatusCode::UNAUTHORIZED);
+    let payload: serde_json::Value = sqlx::query_scalar(
+        "SELECT payload FROM email_outbox WHERE to_email = 'tech@example.com' \
+         AND template = 'password_changed'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("a confirmation mail");
+    assert_eq!(payload["agent_tokens_revoked"], 1);
+    let details: serde_json::Value =
+        sqlx::query_scalar("SELECT details FROM audit_logs WHERE action = 'auth.password_reset'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(details["agent_tokens_revoked"], 1, "{details}");
+    app.stop().await;
+}
+
+/// An account whose address is not confirmed may sign in and look around, but may not register an agent
+/// or pair a dongle: 403 EMAIL_NOT_VERIFIED, whose message says what to do. Confirming the address lifts
+/// it.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_unverified_account_may_sign_in_but_not_register_agents_or_pair(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let mut client = app.client();
+    let answer = read(client.signup("new@example.com", PASSWORD).await).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text);
+    let login = client.login("new@example.com", PASSWORD).await;
+    assert_eq!(login.status, StatusCode::OK, "{}", login.text);
+    let me = read(client.get("/auth/me").await).await;
+    assert_eq!(me.status, StatusCode::OK);
+    assert_eq!(me.json["email_verified"], false, "{}", me.text);
+
+    let refused = read(
+        client
+            .post_json("/agents/register", json!({"agent_name": "bench"}))
+            .await,
+    )
+    .await;
+    refused.assert_error(StatusCode::FORBIDDEN, "EMAIL_NOT_VERIFIED");
+    assert!(
+        refused.json["message"]
+            .as_str()
+            .unwrap()
+            .contains("Confirm your email address"),
+        "{}",
+        refused.text
+    );
+    let dongle = uuid::Uuid::new_v4();
+    read(
+        client
+            .post_json(
+                &format!("/dongles/{dongle}/pairing-mode"),
+                json!({"action": "start"}),
+            )
+            .await,
+    )
+    .await
+    .assert_error(StatusCode::FORBIDDEN, "EMAIL_NOT_VERIFIED");
+    read(
+        client
+            .post_json(
+                &format!("/dongles/{dongle}/pairing-submit"),
+                json!({"pairing_session_id": uuid::Uuid::new_v4(), "pin": "123456"}),
+            )
+            .await,
+    )
+    .await
+    .assert_error(StatusCode::FORBIDDEN, "EMAIL_NOT_VERIFIED");
+
+    let token = app.mailed_token("new@example.com", "verify_email").await;
+    let answer = read(
+        client
+            .post_json("/auth/verify-email", json!({"token": token}))
+            .await,
+    )
+    .await;
+    assert!(answer.status.is_success(), "{}", answer.text);
+    let registered = read(
+        client
+            .post_json("/agents/register", json!({"agent_name": "bench"}))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        registered.status,
+        StatusCode::CREATED,
+        "{}",
+        registered.text
+    );
+    app.stop().await;
+}

@@ -15,6 +15,7 @@ use crate::http::error::ErrorBody;
 use crate::http::{ApiError, ApiJson, ClientInfo};
 use crate::rate_limit::{self, Scope};
 use crate::users::{self, Email, Status};
+use uuid::Uuid;
 
 #[derive(Deserialize, ToSchema)]
 pub struct ResetRequest {
@@ -130,14 +131,42 @@ pub async fn confirm(
     // Following the mailed link proves the mailbox is the user's.
     users::mark_email_verified(&mut *tx, user_id).await?;
     let ended = session::end_all_for_user(&mut *tx, user_id).await?;
+    // Whoever knew the old password may have registered an agent with it: every agent of the account
+    // must log in again with the new one.
+    let tokens_revoked = users::revoke_agent_tokens_of_user(&mut *tx, user_id).await?;
+    let agent_ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM agents WHERE user_id = $1")
+        .bind(user_id)
+        .fetch_all(&mut *tx)
+        .await?;
+    let email: Option<String> = sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some(email) = email {
+        outbox::enqueue(
+            &mut *tx,
+            &email,
+            Template::PasswordChanged,
+            serde_json::json!({ "agent_tokens_revoked": tokens_revoked }),
+        )
+        .await?;
+    }
     audit::record(
         &mut *tx,
         Entry::new("auth.password_reset", Some(user_id), &client)
             .target(Target::user(user_id))
-            .details(serde_json::json!({ "sessions_ended": ended })),
+            .details(serde_json::json!({
+                "sessions_ended": ended,
+                "agent_tokens_revoked": tokens_revoked,
+            })),
     )
     .await?;
     tx.commit().await?;
+    state.mail_wake.notify_one();
+    // Connected agents lose their control channels now, not at their next reconnect.
+    for agent_id in agent_ids {
+        state.hub.kick(agent_id).await;
+    }
     Ok(Json(Message {
         message: "Your password is changed. Log in with the new one.",
     }))
