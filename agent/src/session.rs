@@ -419,6 +419,11 @@ impl DongleSession {
         let _ = closed.wait_for(|c| *c).await;
     }
 
+    /// Whether the session holds credentials (a token or a session MAC) to send what needs them.
+    pub fn is_authenticated(&self) -> bool {
+        !matches!(*self.shared.auth.lock().unwrap(), Auth::None)
+    }
+
     pub fn is_closed(&self) -> bool {
         *self.closed.borrow()
     }

@@ -211,6 +211,12 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
         None => None,
     };
 
+    if !config.trusted_proxies.is_empty() && config.public_url.is_none() {
+        tracing::info!(
+            "behind a trusted proxy, session cookies are Secure (the proxy is taken to speak HTTPS); \
+             if it serves plain HTTP, set --public-url http://... or browsers will drop the cookie"
+        );
+    }
     let state = AppState::new(pool, config, public_url);
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();

@@ -415,26 +415,29 @@ pub async fn rotate(
         report.remaining = report.rows as i64 + report.skipped.len() as i64;
         return Ok(report);
     }
+    let mut after: Option<Uuid> = None;
     loop {
         if options.max_batches.is_some_and(|m| report.batches >= m) {
             break;
         }
         let mut tx = pool.begin().await?;
-        // SKIP LOCKED lets two rotations run at once without waiting on each other's rows; rows that
-        // did not decrypt are not asked for again.
+        // SKIP LOCKED lets two rotations run at once without waiting on each other's rows. Rows come
+        // in id order after the last one looked at, so a row that did not decrypt is not asked for
+        // again, and however many are skipped each is read once.
         let rows: Vec<(Uuid, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
             "SELECT dongle_id, key_version, nonce, ciphertext FROM dongle_tokens \
-             WHERE key_version <> $1 AND NOT (dongle_id = ANY($3)) \
+             WHERE key_version <> $1 AND ($3::uuid IS NULL OR dongle_id > $3) \
              ORDER BY dongle_id LIMIT $2 FOR UPDATE SKIP LOCKED",
         )
         .bind(options.to)
         .bind(options.batch_size.max(1))
-        .bind(&report.skipped)
+        .bind(after)
         .fetch_all(&mut *tx)
         .await?;
-        if rows.is_empty() {
+        let Some(last) = rows.last().map(|r| r.0) else {
             break;
-        }
+        };
+        after = Some(last);
         let mut from_versions = BTreeMap::<i32, u64>::new();
         let mut rotated = 0u64;
         let mut skipped = Vec::new();

@@ -240,6 +240,27 @@ impl EmbeddedPostgres {
         let Ok(contents) = std::fs::read_to_string(&pid_file) else {
             return;
         };
+        let pid = contents.lines().next().unwrap_or("").trim().to_string();
+        // A postmaster runs in its data folder. A pid file whose process works elsewhere is stale (the
+        // machine lost power, and the pid now names another process): that process is not ours to
+        // stop, and the stale file would make PostgreSQL refuse to start, so it goes.
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        let alive = !pid.is_empty() && proc_dir.is_dir();
+        let ours = match std::fs::read_link(proc_dir.join("cwd")) {
+            Ok(cwd) => cwd == self.data || self.data.canonicalize().is_ok_and(|d| d == cwd),
+            // Where another user's working folder cannot be read, its name has to do.
+            Err(_) => std::fs::read_to_string(proc_dir.join("comm"))
+                .is_ok_and(|comm| comm.trim() == "postgres"),
+        };
+        if !ours {
+            if alive {
+                tracing::warn!(%pid, data = %self.data.display(),
+                    "a stale postmaster.pid names a process that is not this cluster's: removing the file");
+                let _ = std::fs::remove_file(&pid_file);
+            }
+            // Otherwise no such process: PostgreSQL removes the stale file itself when it starts.
+            return;
+        }
         let running = self
             .run(
                 "pg_ctl",
@@ -247,10 +268,8 @@ impl EmbeddedPostgres {
             )
             .is_ok_and(|out| out.status.success());
         if !running {
-            // A stale pid file: PostgreSQL removes it itself when it starts.
             return;
         }
-        let pid = contents.lines().next().unwrap_or("?").trim().to_string();
         tracing::warn!(%pid, data = %self.data.display(),
             "stopping the PostgreSQL left running by a server that did not stop cleanly");
         if let Err(e) = stop_cluster(&self.bin, &self.data, self.as_postgres) {

@@ -38,6 +38,9 @@ use crate::uplink::{control, ws_url};
 
 /// The most frames of one side that may wait for the server's acknowledgement.
 pub const MAX_UNACKED: usize = 200_000;
+/// The most positions of sides that left the list kept at once (far more groups than one workstation
+/// serves); past it they are forgotten together.
+const MAX_REMEMBERED: usize = 4096;
 /// The most frames in one FRAMES message.
 const FRAMES_PER_MESSAGE: usize = 1024;
 
@@ -74,6 +77,10 @@ struct SideState {
 #[derive(Default)]
 pub(super) struct DataPlane {
     sides: Mutex<HashMap<(Uuid, Side), SideState>>,
+    /// The position of the next frame expected from the server for sides that left the list (the
+    /// dongle was unplugged, say), so that a side coming back skips what its dongle already got
+    /// instead of putting it on the bus twice. At most [`MAX_REMEMBERED`] entries.
+    remembered: Mutex<HashMap<(Uuid, Side), u64>>,
     stats: Mutex<DataStats>,
     /// Wakes the connection task: frames to send, or the sides changed.
     wake: Notify,
@@ -88,7 +95,19 @@ impl DataPlane {
             .iter()
             .map(|g| ((g.group_id, g.side), g))
             .collect();
-        sides.retain(|key, _| wanted.contains_key(key));
+        {
+            let mut remembered = self.remembered.lock().unwrap();
+            sides.retain(|key, state| {
+                let keep = wanted.contains_key(key);
+                if !keep && state.inbound_next > 0 {
+                    if remembered.len() >= MAX_REMEMBERED {
+                        remembered.clear();
+                    }
+                    remembered.insert(*key, state.inbound_next);
+                }
+                keep
+            });
+        }
         for (key, g) in wanted {
             let Ok(device_id) = g.device_id.parse::<DeviceId>() else {
                 continue;
@@ -99,7 +118,7 @@ impl DataPlane {
                 unacked: VecDeque::new(),
                 sent: 0,
                 sent_end: g.next_seq,
-                inbound_next: 0,
+                inbound_next: self.remembered.lock().unwrap().remove(&key).unwrap_or(0),
                 dropped: 0,
                 dropped_reported: 0,
             });
@@ -213,11 +232,16 @@ pub(super) async fn run(shared: Arc<Shared>, creds: Credentials, mut backoff: Ba
         }
         match control::connect(&url, &creds.agent_token, creds.ca_file.as_deref()).await {
             Ok(socket) => {
-                backoff.reset();
                 tracing::info!("data plane connected");
                 shared.data.rewind();
+                let started = tokio::time::Instant::now();
                 if let Err(reason) = serve(&shared, socket).await {
                     tracing::warn!(%reason, "the data plane connection failed");
+                }
+                // Only a connection that lasted resets the backoff: one that ends at once (a side that
+                // stalls again and again) must not make the agent reconnect in a tight loop.
+                if started.elapsed() >= STEADY_CONNECTION {
+                    backoff.reset();
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not open the data plane"),
@@ -238,13 +262,17 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
     let acks: Arc<Mutex<LatestAcks>> = Arc::default();
     let acks_ready = Arc::new(Notify::new());
     let stalled: Arc<Mutex<Stalled>> = Arc::default();
+    let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let downstream = {
         let shared = shared.clone();
         let (acks, acks_ready, stalled) = (acks.clone(), acks_ready.clone(), stalled.clone());
+        let closing = closing.clone();
         tokio::spawn(async move {
             while let Some((group_id, side, first, frames)) = down_rx.recv().await {
-                if stalled.lock().unwrap().contains_key(&(group_id, side)) {
-                    // Not acknowledged: the server sends these again on the next connection.
+                // Not acknowledged: the server sends these again on the next connection.
+                if closing.load(std::sync::atomic::Ordering::Relaxed)
+                    || stalled.lock().unwrap().contains_key(&(group_id, side))
+                {
                     continue;
                 }
                 match shared.to_dongle(group_id, side, first, frames).await {
@@ -263,7 +291,15 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
                             acks_ready.notify_one();
                         }
                     }
-                    Delivery::UnknownSide => {}
+                    // Frames for a side whose `groups` list has not arrived yet (it comes over the
+                    // control connection, they over this one): delivering later ones would let their
+                    // acknowledgement cover these, so the side stalls until the list is here.
+                    Delivery::UnknownSide => {
+                        stalled
+                            .lock()
+                            .unwrap()
+                            .insert((group_id, side), tokio::time::Instant::now());
+                    }
                 }
             }
         })
@@ -373,8 +409,10 @@ const STALL_CHECK: Duration = Duration::from_millis(200);
 /// The least time a side stays stalled before the connection is opened anew for it, so that a dongle
 /// whose link fails and recovers at once cannot make the connection turn over and over.
 const STALL_MIN: Duration = Duration::from_millis(300);
-/// How long a closing connection waits for the frames queued for dongles to be handed over.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a closing connection waits for the message being handed to a dongle.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A data connection that lasted this long resets the reconnect backoff.
+const STEADY_CONNECTION: Duration = Duration::from_secs(5);
 
 /// The sides stalled on the current connection, and since when.
 type Stalled = HashMap<(Uuid, Side), tokio::time::Instant>;
@@ -433,7 +471,10 @@ impl Shared {
             }
         } else {
             match self.manager.session(&device_id) {
-                Some(session) if self.ready.lock().unwrap().contains(&device_id) => {
+                Some(session)
+                    if session.is_authenticated()
+                        && self.ready.lock().unwrap().contains(&device_id) =>
+                {
                     match session.send_frames_counting(fresh).await {
                         (n, Ok(())) => (n, 0),
                         // Refused for good (too large, FD on a classic dongle): dropped and counted.
@@ -484,7 +525,10 @@ impl Shared {
     /// dongle whose session is authenticated.
     fn can_deliver(&self, device_id: &DeviceId) -> bool {
         self.endpoints.endpoint(device_id).is_some()
-            || (self.manager.session(device_id).is_some()
+            || (self
+                .manager
+                .session(device_id)
+                .is_some_and(|s| !s.is_closed() && s.is_authenticated())
                 && self.ready.lock().unwrap().contains(device_id))
     }
 

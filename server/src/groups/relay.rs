@@ -196,6 +196,22 @@ impl Core {
         }
     }
 
+    /// Queues a binary message for one data connection of the agent: when the agent has another
+    /// connection here now, nothing is sent (`Offline`), so that frames never reach a newer connection
+    /// ahead of older ones still in flight on the previous one.
+    pub fn send_on(&self, agent_id: Uuid, conn_id: u64, message: Vec<u8>) -> Result<(), SendError> {
+        let conns = self.conns.lock().expect("relay lock");
+        let conn = conns
+            .get(&agent_id)
+            .filter(|c| c.conn_id == conn_id)
+            .ok_or(SendError::Offline)?;
+        match conn.tx.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(SendError::Full),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Offline),
+        }
+    }
+
     /// Queues a message whose loss is harmless (an ACK: the next one covers it); counts a loss.
     pub fn send_lossy(&self, agent_id: Uuid, message: Vec<u8>) {
         if let Err(SendError::Full) = self.send(agent_id, message) {

@@ -226,18 +226,20 @@ impl FromRequestParts<AppState> for ClientInfo {
 /// nothing there (an unparsable entry included) that changes the address recorded. None when the
 /// header is missing, or an entry our own proxies wrote is unparsable.
 fn forwarded_for(parts: &Parts, trusted: &[IpAddr]) -> Option<IpAddr> {
-    let values: Vec<&str> = parts
+    let values: Vec<&[u8]> = parts
         .headers
         .get_all("x-forwarded-for")
         .iter()
-        .map(|v| v.to_str().ok())
-        .collect::<Option<_>>()?;
+        .map(|v| v.as_bytes())
+        .collect();
     client_of(&values, trusted)
 }
 
-fn client_of(values: &[&str], trusted: &[IpAddr]) -> Option<IpAddr> {
-    for hop in values.iter().rev().flat_map(|v| v.rsplit(',')) {
-        let ip: IpAddr = hop.trim().parse().ok()?;
+/// Works on bytes, and decodes only the hops it looks at: a client's non-ASCII byte to the left of them
+/// (in the same header line, once a proxy has merged it) must not spoil the line.
+fn client_of(values: &[&[u8]], trusted: &[IpAddr]) -> Option<IpAddr> {
+    for hop in values.iter().rev().flat_map(|v| v.rsplit(|b| *b == b',')) {
+        let ip: IpAddr = std::str::from_utf8(hop).ok()?.trim().parse().ok()?;
         if !trusted.contains(&ip) {
             return Some(ip);
         }
@@ -255,22 +257,22 @@ mod tests {
         let proxy: IpAddr = "10.0.0.1".parse().unwrap();
         let trusted = [proxy];
         // The client wrote "1.2.3.4, garbage"; our proxy appended the address it heard from.
+        let client = Some("9.9.9.9".parse().unwrap());
+        assert_eq!(client_of(&[b"1.2.3.4, garbage, 9.9.9.9"], &trusted), client);
+        assert_eq!(client_of(&[b"garbage", b"9.9.9.9"], &trusted), client);
+        // A byte that is not ASCII, written by the client into the line a proxy then appended to.
         assert_eq!(
-            client_of(&["1.2.3.4, garbage, 9.9.9.9"], &trusted),
-            Some("9.9.9.9".parse().unwrap())
-        );
-        assert_eq!(
-            client_of(&["garbage", "9.9.9.9"], &trusted),
-            Some("9.9.9.9".parse().unwrap())
+            client_of(&[b"1.2.3.4, \xff\xfe, 9.9.9.9"], &trusted),
+            client
         );
         // Through two trusted proxies: the first address neither of them is.
         assert_eq!(
-            client_of(&["1.2.3.4, 9.9.9.9, 10.0.0.1"], &trusted),
-            Some("9.9.9.9".parse().unwrap())
+            client_of(&[b"1.2.3.4, 9.9.9.9, 10.0.0.1"], &trusted),
+            client
         );
         // What our own proxies wrote is unreadable: nothing is believed (the peer is recorded).
-        assert_eq!(client_of(&["1.2.3.4, garbage"], &trusted), None);
-        assert_eq!(client_of(&["10.0.0.1"], &trusted), None);
+        assert_eq!(client_of(&[b"1.2.3.4, garbage"], &trusted), None);
+        assert_eq!(client_of(&[b"10.0.0.1"], &trusted), None);
     }
 
     #[test]

@@ -215,3 +215,43 @@ fn a_second_server_on_the_same_folder_is_refused_and_the_first_keeps_running() {
     signal(&first, nix::sys::signal::Signal::SIGTERM);
     assert!(wait_for_exit(&mut first).success());
 }
+
+/// After a power loss the pid in a left-over `postmaster.pid` may name another, unrelated process. That
+/// process must not be signalled, and the cluster must start.
+#[tokio::test]
+async fn a_stale_pid_file_naming_another_process_is_not_obeyed() {
+    let dir = workdir();
+    let data = dir.path().join("data");
+    let pg = EmbeddedPostgres::start(&data)
+        .await
+        .expect("PostgreSQL starts");
+    pg.stop().await.expect("PostgreSQL stops");
+    let mut bystander = Command::new("sleep").arg("30").spawn().unwrap();
+    let pid_file = data.join("postgres/postmaster.pid");
+    std::fs::write(
+        &pid_file,
+        format!(
+            "{}\n{}\n0\n5432\n/tmp\n",
+            bystander.id(),
+            data.join("postgres").display()
+        ),
+    )
+    .unwrap();
+    let pg = EmbeddedPostgres::start(&data)
+        .await
+        .expect("PostgreSQL starts despite the stale pid file");
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the process the stale file named was left alone"
+    );
+    let pool = bridge_server::db::connect(&pg.url(), 1).await.unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    pool.close().await;
+    pg.stop().await.unwrap();
+    bystander.kill().unwrap();
+    let _ = bystander.wait();
+}

@@ -252,15 +252,16 @@ impl Pipe {
                 break;
             }
             let message = data::encode_frames(self.group_id, SIDES[t], chunk.seq, &chunk.batch);
-            match self.core.send(agent, message) {
-                Ok(id) if id == conn => {
+            match self.core.send_on(agent, conn, message) {
+                Ok(()) => {
                     towards.cursor = chunk.end();
                     towards.sent_upto = towards.sent_upto.max(chunk.end());
                     towards.tail = towards.tail.max(chunk.end());
                     sent += u64::from(chunk.count);
                 }
-                Ok(_) | Err(SendError::Offline) => {
-                    // The connection changed under us: the next look starts over.
+                Err(SendError::Offline) => {
+                    // The connection changed under us (nothing went to the new one): the next look
+                    // starts over.
                     break;
                 }
                 Err(SendError::Full) => {

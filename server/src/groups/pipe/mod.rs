@@ -447,8 +447,8 @@ impl Pipe {
             return false;
         }
         let message = data::encode_frames(self.group_id, SIDES[t], chunk.seq, &chunk.batch);
-        match self.core.send(agent, message) {
-            Ok(id) if id == conn => {
+        match self.core.send_on(agent, conn, message) {
+            Ok(()) => {
                 towards.inflight_frames += u64::from(chunk.count);
                 towards.sent_upto = towards.sent_upto.max(chunk.end());
                 towards.inflight.push_back(chunk.clone());
@@ -460,15 +460,9 @@ impl Pipe {
                 );
                 true
             }
-            // A newer connection of the agent: it went out there, so it is in flight there.
-            Ok(_) => {
-                towards.inflight_frames += u64::from(chunk.count);
-                towards.sent_upto = towards.sent_upto.max(chunk.end());
-                towards.inflight.push_back(chunk.clone());
-                self.look_at_connections();
-                true
-            }
             Err(SendError::Full) => false,
+            // Gone, or a newer connection of the agent: what was in flight on the old one must reach
+            // the new one first, so this chunk is buffered behind it.
             Err(SendError::Offline) => {
                 self.look_at_connections();
                 false
