@@ -250,6 +250,12 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
         state.console.clone(),
         shutdown.clone(),
     )));
+    // Agents whose group sides moved to or from them get their new lists.
+    tasks.push(tokio::spawn({
+        let relay = state.relay.clone();
+        let shutdown = shutdown.clone();
+        async move { relay.send_moved_lists(shutdown).await }
+    }));
     // The relay's frames and group states on the console.
     tasks.push(tokio::spawn(groups::console::feed(
         state.relay.clone(),

@@ -172,6 +172,10 @@ pub(crate) struct Core {
     pub stats: RelayStats,
     conns: Mutex<HashMap<Uuid, DataConn>>,
     events: broadcast::Sender<RelayEvent>,
+    /// Agents whose `groups` list a pipe found out of date (a side's serving agent changed), for
+    /// [`Relay::send_moved_lists`]; a set, so it holds each agent once however often it is named.
+    moved: Mutex<std::collections::HashSet<Uuid>>,
+    moved_wake: tokio::sync::Notify,
 }
 
 impl Core {
@@ -194,6 +198,16 @@ impl Core {
             Err(mpsc::error::TrySendError::Full(_)) => Err(SendError::Full),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Offline),
         }
+    }
+
+    /// A side's serving agent changed from `before` to `after` (one logged in anew, went offline, or
+    /// the dongle moved): both need a new `groups` list, which no event of their own would send.
+    pub fn serving_changed(&self, before: Option<Uuid>, after: Option<Uuid>) {
+        let mut moved = self.moved.lock().expect("relay lock");
+        moved.extend(before);
+        moved.extend(after);
+        drop(moved);
+        self.moved_wake.notify_one();
     }
 
     /// Queues a binary message for one data connection of the agent: when the agent has another
@@ -315,6 +329,8 @@ impl Relay {
                 stats: RelayStats::default(),
                 conns: Mutex::new(HashMap::new()),
                 events,
+                moved: Mutex::new(std::collections::HashSet::new()),
+                moved_wake: tokio::sync::Notify::new(),
             }),
             hub,
             pipes: tokio::sync::Mutex::new(HashMap::new()),
@@ -495,6 +511,25 @@ impl Relay {
             self.stop_group(*id, true).await;
         }
         self.groups_changed(agents).await;
+    }
+
+    /// Sends the agents whose side a pipe saw move their new `groups` lists, as they are named, until
+    /// `shutdown`. One task per server runs this.
+    pub async fn send_moved_lists(&self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.core.moved_wake.notified() => {}
+            }
+            let agents: Vec<Uuid> = self
+                .core
+                .moved
+                .lock()
+                .expect("relay lock")
+                .drain()
+                .collect();
+            self.groups_changed(&agents).await;
+        }
     }
 
     /// Sends each agent its current `groups` list.

@@ -677,3 +677,55 @@ async fn a_slow_side_gets_the_overflow_through_the_buffer(pool: PgPool) {
     })
     .await;
 }
+
+/// A group side follows its dongle. Agent B logs in again (`bridge-agent login --force`: a new agent)
+/// while the old one still counts as online; once the old one is gone the new one must be told the side
+/// and get the frames. Before, nothing told it: the group stayed DEGRADED and every frame for B stayed
+/// in the buffer (the trial: 15 of 15 never delivered).
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_group_side_follows_its_dongle_to_another_agent(pool: PgPool) {
+    let app = app_with(pool, |c| {
+        c.relay.refresh_interval = Duration::from_millis(200);
+    })
+    .await;
+    let (users, id, mut data_a, data_b) = relaying(&app).await;
+    data_a.send_frames(id, Side::A, 0, 0..5).await;
+    data_a.wait_ack(id, Side::A, 5).await;
+
+    // B's workstation logs in anew: a new agent sees the dongle; the old one is still "online".
+    let (_, token_b2) = agent::register(&users.client).await;
+    let agent_b2 = TestAgent::connect(&app.base, &token_b2).await;
+    agent_b2.report(&app.pool, &[DEV_B]).await;
+    users.agent_b.disconnect();
+    data_b.cut();
+    data_a.send_frames(id, Side::A, 5, 5..15).await;
+    data_a.wait_ack(id, Side::A, 15).await;
+    // The old agent's last sign of life grows old, as it does 30 s after it stopped.
+    sqlx::query("UPDATE agents SET last_seen_at = now() - interval '1 minute' WHERE id = $1")
+        .bind(users.agent_b.agent_id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    // The new agent is told the side, connects its data plane, and gets every frame.
+    agent::wait_until(|| async {
+        agent_b2
+            .seen
+            .lock()
+            .unwrap()
+            .groups
+            .last()
+            .is_some_and(|g| {
+                g.sides
+                    .iter()
+                    .any(|s| s.group_id == id && s.side == Side::B)
+            })
+    })
+    .await;
+    let mut data_b2 = DataClient::connect(&app.base, &token_b2).await;
+    let got = data_b2.receive(id, Side::B, 15, true).await;
+    let mut numbers: Vec<u32> = got.iter().map(|(_, n)| *n).collect();
+    numbers.dedup();
+    assert_eq!(numbers, (0..15).collect::<Vec<u32>>());
+    group_until(&users.client, id, |g| g["state"] == "ACTIVE").await;
+}

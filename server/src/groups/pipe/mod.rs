@@ -533,7 +533,14 @@ impl Pipe {
         match super::sides_of(&self.core.pool, self.group_id).await {
             Ok(Some(group)) if group.mode.relaying() => {
                 for i in 0..2 {
+                    let before = self.from[i].agents.first().copied();
                     self.from[i].agents = group.sides[i].agents.clone();
+                    let after = self.from[i].agents.first().copied();
+                    if before != after {
+                        // Nothing else tells the new serving agent (the old one timing out is no
+                        // event), and a side nobody is told of stays in the buffer for ever.
+                        self.core.serving_changed(before, after);
+                    }
                 }
                 self.mode = group.mode;
             }
