@@ -166,6 +166,8 @@ pub struct ServerConfig {
     pub command_poll_interval: Duration,
     /// CAN frames per second a console stream shows before it samples (SPEC 3.9).
     pub console_frame_rate: u32,
+    /// How often an open console stream checks that its caller may still watch it.
+    pub stream_recheck: Duration,
     /// The relay of groups' frames: retention, replay rate, batching (SPEC 3.8 defaults).
     pub relay: crate::groups::relay::RelaySettings,
 }
@@ -201,6 +203,7 @@ impl Default for ServerConfig {
             command_grace: Duration::from_secs(10),
             command_poll_interval: Duration::from_secs(1),
             console_frame_rate: 200,
+            stream_recheck: Duration::from_secs(2),
             relay: Default::default(),
         }
     }

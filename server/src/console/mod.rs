@@ -74,6 +74,8 @@ pub enum ConsoleEvent {
     GroupState { group_id: Uuid, detail: Value },
     /// The `Last-Event-ID` was older than the ring: events were missed; what follows is live.
     StreamReset { reason: String },
+    /// The last event of a stream whose caller lost access (signed out, unpaired, token revoked...).
+    AccessEnded { reason: String },
 }
 
 impl ConsoleEvent {
@@ -86,6 +88,7 @@ impl ConsoleEvent {
             Self::CommandStatus { .. } => "command_status",
             Self::GroupState { .. } => "group_state",
             Self::StreamReset { .. } => "stream_reset",
+            Self::AccessEnded { .. } => "access_ended",
         }
     }
 }

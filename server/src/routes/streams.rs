@@ -1,5 +1,11 @@
 //! `/api/v1/streams/...`: the live console as server-sent events (SPEC 3.9). The events and the ring are
 //! `console`'s; this module authorizes, resumes from `Last-Event-ID`, and writes the SSE wire format.
+//!
+//! Access is checked when a stream opens and again every `stream_recheck` (2 s) while it is open: the
+//! session or agent token must still be valid and its user active, and the dongle (or both dongles of
+//! the group) still the caller's. A stream whose caller lost access sends one `access_ended` event
+//! saying why, and ends. Only a dongle's owner (or a super_admin) opens its console, so an unclaimed
+//! dongle's stream has no watcher left when somebody pairs it.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -12,13 +18,16 @@ use futures::stream::{self, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+use uuid::Uuid;
 
+use crate::agents;
 use crate::app::AppState;
 use crate::auth::Caller;
+use crate::auth::session::{self, Lookup, SessionSecret};
 use crate::console::{ConsoleEvent, Stored, StreamKey};
-use crate::dongles;
 use crate::http::error::ErrorBody;
 use crate::http::{ApiError, ErrorCode, PathId};
+use crate::users::{Role, Status};
 
 /// How often an idle stream sends a comment, so proxies keep it open.
 const HEARTBEAT: Duration = Duration::from_secs(15);
@@ -48,10 +57,11 @@ async fn dongle_console(
     PathId(id): PathId,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    dongles::find(&state.pool, caller.user_id(), id)
-        .await?
-        .ok_or_else(|| ApiError::of(ErrorCode::DongleNotFound))?;
-    Ok(sse(&state, StreamKey::Dongle(id), &headers))
+    let access = Access::of(&state, &caller, StreamKey::Dongle(id));
+    if !access.may_watch().await? {
+        return Err(ApiError::of(ErrorCode::DongleNotFound));
+    }
+    Ok(sse(&state, access, &headers))
 }
 
 /// A group's live console: the frames of both sides, group state and backlog, presence.
@@ -70,17 +80,110 @@ async fn group_console(
     PathId(id): PathId,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let owned: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM dongle_groups WHERE id = $1 AND user_id = $2)",
-    )
-    .bind(id)
-    .bind(caller.user_id())
-    .fetch_one(&state.pool)
-    .await?;
-    if !owned {
+    let access = Access::of(&state, &caller, StreamKey::Group(id));
+    if !access.may_watch().await? {
         return Err(ApiError::new(ErrorCode::NotFound, "No such group."));
     }
-    Ok(sse(&state, StreamKey::Group(id), &headers))
+    Ok(sse(&state, access, &headers))
+}
+
+/// Who watches a stream, and what: enough to ask again, while the stream is open, whether they still
+/// may.
+#[derive(Clone)]
+struct Access {
+    state: AppState,
+    who: Watcher,
+    key: StreamKey,
+}
+
+#[derive(Clone)]
+enum Watcher {
+    Session(SessionSecret),
+    Agent { agent_id: Uuid, user_id: Uuid },
+}
+
+impl Access {
+    fn of(state: &AppState, caller: &Caller, key: StreamKey) -> Self {
+        let who = match caller {
+            Caller::User(user) => Watcher::Session(user.session_secret.clone()),
+            Caller::Agent { agent_id, user_id } => Watcher::Agent {
+                agent_id: *agent_id,
+                user_id: *user_id,
+            },
+        };
+        Self {
+            state: state.clone(),
+            who,
+            key,
+        }
+    }
+
+    /// Why the caller may no longer watch, or None while it may. A database that cannot answer now
+    /// ends nothing: the next check asks again.
+    async fn lost(&self) -> Option<&'static str> {
+        match self.check().await {
+            Ok(None) => None,
+            Ok(Some(reason)) => Some(reason),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check a console stream's access");
+                None
+            }
+        }
+    }
+
+    async fn may_watch(&self) -> Result<bool, sqlx::Error> {
+        Ok(self.check().await?.is_none())
+    }
+
+    async fn check(&self) -> Result<Option<&'static str>, sqlx::Error> {
+        let pool = &self.state.pool;
+        let (user_id, admin) = match &self.who {
+            Watcher::Session(secret) => {
+                match session::lookup(pool, secret, self.state.config.session_idle).await? {
+                    Lookup::Valid(user) if user.status == Status::Active => {
+                        (user.user_id, user.role == Role::SuperAdmin)
+                    }
+                    Lookup::Valid(_) => return Ok(Some("the account is disabled")),
+                    Lookup::Expired => return Ok(Some("the session has expired")),
+                    Lookup::Unknown => return Ok(Some("the session has ended")),
+                }
+            }
+            Watcher::Agent { agent_id, user_id } => {
+                if !agents::still_authorised(pool, *agent_id).await? {
+                    return Ok(Some("the agent token is revoked or expired"));
+                }
+                (*user_id, false)
+            }
+        };
+        let allowed: bool = match self.key {
+            StreamKey::Dongle(id) => {
+                sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM dongles WHERE id = $1 AND (owner_user_id = $2 OR $3))",
+                )
+                .bind(id)
+                .bind(user_id)
+                .bind(admin)
+                .fetch_one(pool)
+                .await?
+            }
+            StreamKey::Group(id) => {
+                sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM dongle_groups g \
+                       JOIN dongles a ON a.id = g.dongle_a_id JOIN dongles b ON b.id = g.dongle_b_id \
+                       WHERE g.id = $1 AND g.user_id = $2 \
+                         AND a.owner_user_id = $2 AND b.owner_user_id = $2)",
+                )
+                .bind(id)
+                .bind(user_id)
+                .fetch_one(pool)
+                .await?
+            }
+        };
+        Ok((!allowed).then_some(match self.key {
+            StreamKey::Dongle(_) => "the dongle is no longer the caller's",
+            StreamKey::Group(_) => "the group is gone or no longer the caller's",
+        }))
+    }
 }
 
 fn to_event(stored: &Stored) -> Event {
@@ -102,16 +205,35 @@ fn reset(reason: &str) -> Event {
         .data(serde_json::to_string(&event).expect("console events serialize"))
 }
 
+/// The last event of a stream whose caller lost access.
+fn access_ended(reason: &str) -> Event {
+    let event = ConsoleEvent::AccessEnded {
+        reason: reason.to_string(),
+    };
+    Event::default()
+        .event(event.name())
+        .data(serde_json::to_string(&event).expect("console events serialize"))
+}
+
+/// Where a live stream is: reading events, or done after its last one.
+struct Live {
+    rx: tokio::sync::broadcast::Receiver<std::sync::Arc<Stored>>,
+    newest: u64,
+    recheck: tokio::time::Interval,
+    access: Access,
+    ended: bool,
+}
+
 fn sse(
     state: &AppState,
-    key: StreamKey,
+    access: Access,
     headers: &HeaderMap,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
     let last = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let subscription = state.console.subscribe(key, last);
+    let subscription = state.console.subscribe(access.key, last);
     let head = subscription
         .reset
         .then(|| reset("the events after Last-Event-ID are no longer kept; what follows is live"));
@@ -122,18 +244,42 @@ fn sse(
         .or(last)
         .unwrap_or(0);
     let missed: Vec<Event> = subscription.missed.iter().map(|e| to_event(e)).collect();
-    let live = stream::unfold((subscription.live, newest), |(mut rx, newest)| async move {
+    let every = state.config.stream_recheck;
+    let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let live = Live {
+        rx: subscription.live,
+        newest,
+        recheck,
+        access,
+        ended: false,
+    };
+    let live = stream::unfold(live, |mut live| async move {
+        if live.ended {
+            return None;
+        }
         loop {
-            match rx.recv().await {
-                // Events already sent from the ring are skipped.
-                Ok(stored) if stored.id <= newest => continue,
-                Ok(stored) => return Some((to_event(&stored), (rx, stored.id))),
-                Err(RecvError::Lagged(_)) => {
-                    let notice =
-                        reset("this client fell behind; resume with Last-Event-ID to catch up");
-                    return Some((notice, (rx, newest)));
+            tokio::select! {
+                received = live.rx.recv() => match received {
+                    // Events already sent from the ring are skipped.
+                    Ok(stored) if stored.id <= live.newest => continue,
+                    Ok(stored) => {
+                        live.newest = stored.id;
+                        return Some((to_event(&stored), live));
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        let notice =
+                            reset("this client fell behind; resume with Last-Event-ID to catch up");
+                        return Some((notice, live));
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
+                _ = live.recheck.tick() => {
+                    if let Some(reason) = live.access.lost().await {
+                        live.ended = true;
+                        return Some((access_ended(reason), live));
+                    }
                 }
-                Err(RecvError::Closed) => return None,
             }
         }
     });

@@ -6,7 +6,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::dongle::paired;
-use common::{TestClient, spawn_app};
+use common::{TestClient, spawn_app, spawn_app_with};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -59,6 +59,27 @@ impl Sse {
                 buffer: String::new(),
             }),
             content_type,
+        )
+    }
+
+    /// Reads until the server ends the stream, at most `within`; the names of the events read, or None
+    /// when the stream was still open.
+    async fn until_closed(&mut self, within: Duration) -> Option<Vec<String>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.response.chunk()).await {
+                Err(_) => return None,
+                Ok(Err(_)) | Ok(Ok(None)) => break,
+                Ok(Ok(Some(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+            }
+        }
+        Some(
+            self.buffer
+                .lines()
+                .filter_map(|l| l.strip_prefix("event:"))
+                .map(|n| n.trim().to_string())
+                .collect(),
         )
     }
 
@@ -182,4 +203,102 @@ async fn only_the_owner_watches(pool: PgPool) {
     let group = format!("/streams/groups/{}/console", uuid::Uuid::new_v4());
     let (status, _, _) = Sse::open(&owner.client, &group, None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// A stream checked access only when it opened, then streamed for ever. Now it ends, after one
+/// `access_ended` event, within a few seconds of its caller losing access: the dongle unpaired, the
+/// session logged out, the agent token revoked, the group deleted.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_console_stream_ends_when_its_caller_loses_access(pool: PgPool) {
+    let app = spawn_app_with(pool, |c| c.stream_recheck = Duration::from_millis(200)).await;
+    let owner = paired(&app, "alice@example.com", DEV, 0).await;
+    let dongle = format!("/streams/dongles/{}/console", owner.dongle_id);
+    let ended = |events: Option<Vec<String>>, what: &str| {
+        let events = events.unwrap_or_else(|| panic!("{what}: the stream is still open"));
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("access_ended"),
+            "{what}: {events:?}"
+        );
+    };
+
+    // An agent token that is revoked.
+    let mut by_agent = owner
+        .client
+        .http
+        .get(owner.client.api(&dongle))
+        .bearer_auth(&owner.token);
+    by_agent = by_agent.header("accept", "text/event-stream");
+    let response = by_agent.send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut agent_stream = Sse {
+        response,
+        buffer: String::new(),
+    };
+    let agents = common::read(owner.client.get("/agents").await).await;
+    let agent_id = agents.json["items"][0]["id"].as_str().unwrap().to_string();
+    let res = owner
+        .client
+        .delete(&format!("/agents/{agent_id}/tokens"))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    ended(
+        agent_stream.until_closed(Duration::from_secs(5)).await,
+        "revoked agent token",
+    );
+
+    // The dongle unpaired.
+    let (_, stream, _) = Sse::open(&owner.client, &dongle, None).await;
+    let mut stream = stream.unwrap();
+    let res = owner
+        .client
+        .post_json(&format!("/dongles/{}/unpair", owner.dongle_id), json!({}))
+        .await;
+    assert!(res.status().is_success(), "{}", res.status());
+    ended(
+        stream.until_closed(Duration::from_secs(5)).await,
+        "unpaired",
+    );
+
+    // A group deleted, and a session logged out.
+    let mut bob = paired(&app, "bob@example.com", "00000000000000c2", 0).await;
+    let (_, token) = common::agent::register(&bob.client).await;
+    let agent = common::agent::TestAgent::connect(&app.base, &token).await;
+    agent.report(&app.pool, &["00000000000000c3"]).await;
+    let second = common::data::pair(&app, &bob.client, "00000000000000c3").await;
+    let group = common::read(
+        bob.client
+            .post_json(
+                "/groups",
+                json!({"dongle_a_id": bob.dongle_id, "dongle_b_id": second}),
+            )
+            .await,
+    )
+    .await;
+    let group_id = group.json["id"].as_str().unwrap().to_string();
+    let (status, stream, _) = Sse::open(
+        &bob.client,
+        &format!("/streams/groups/{group_id}/console"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let mut stream = stream.unwrap();
+    let res = bob.client.delete(&format!("/groups/{group_id}")).await;
+    assert!(res.status().is_success(), "{}", res.status());
+    ended(
+        stream.until_closed(Duration::from_secs(5)).await,
+        "group deleted",
+    );
+
+    let bob_dongle = format!("/streams/dongles/{}/console", bob.dongle_id);
+    let (_, stream, _) = Sse::open(&bob.client, &bob_dongle, None).await;
+    let mut stream = stream.unwrap();
+    let res = bob.client.post_json("/auth/logout", json!({})).await;
+    assert!(res.status().is_success(), "{}", res.status());
+    bob.client.csrf = None;
+    ended(
+        stream.until_closed(Duration::from_secs(5)).await,
+        "logged out",
+    );
 }

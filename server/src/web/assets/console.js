@@ -92,7 +92,7 @@
         self.retry = Math.min(self.retry * 2, 30000);
       });
     };
-    ['presence', 'can_frame', 'log', 'command_status', 'group_state', 'stream_reset'].forEach(function (type) {
+    ['presence', 'can_frame', 'log', 'command_status', 'group_state', 'stream_reset', 'access_ended'].forEach(function (type) {
       es.addEventListener(type, function (ev) { self.receive(type, ev); });
     });
   };
@@ -120,6 +120,12 @@
         break;
       case 'stream_reset':
         this.note(type, 'Some events were missed: ' + (data.reason || 'the stream was reset') + '.');
+        break;
+      case 'access_ended':
+        // The server ended the stream for good: reconnecting would only be refused.
+        if (this.es) { this.es.close(); }
+        this.setStatus('Ended: ' + (data.reason || 'access ended') + '. Reload the page to look again.', 'down');
+        this.note(type, 'The console ended: ' + (data.reason || 'access ended') + '.');
         break;
     }
   };
