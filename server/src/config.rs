@@ -76,9 +76,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SESSION_ABSOLUTE_HOURS", default_value_t = 12)]
     pub session_absolute_hours: u64,
 
-    /// Days a new agent token lives (the agent logs in again after); without it, until revoked.
-    #[arg(long, env = "AGENT_TOKEN_TTL_DAYS")]
-    pub agent_token_ttl_days: Option<u64>,
+    /// Days an agent token lives without use: every day the agent is in use renews it, and one unused
+    /// for this long must log in again. 0 keeps tokens until they are revoked.
+    #[arg(long, env = "AGENT_TOKEN_TTL_DAYS", default_value_t = 90)]
+    pub agent_token_ttl_days: u64,
 
     /// Development mode: dangerous dongle commands (factory-reset) may be run. Never in production.
     #[arg(long, env = "BRIDGE_DEV", value_parser = clap::builder::FalseyValueParser::new())]
@@ -192,7 +193,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(30),
             password_cost: PasswordCost::default(),
             dongle_keys: KeyRing::default(),
-            agent_token_ttl: None,
+            agent_token_ttl: Some(Duration::from_secs(90 * 86_400)),
             pairing_window: Duration::from_secs(120),
             agent_request_timeout: Duration::from_secs(10),
             agent_messages_per_sec: 100,
@@ -225,9 +226,8 @@ impl ServerConfig {
             trusted_proxies: args.trusted_proxies.clone(),
             session_idle: Duration::from_secs(args.session_idle_minutes.max(1) * 60),
             session_absolute: Duration::from_secs(args.session_absolute_hours.max(1) * 3600),
-            agent_token_ttl: args
-                .agent_token_ttl_days
-                .map(|d| Duration::from_secs(d.max(1) * 86_400)),
+            agent_token_ttl: (args.agent_token_ttl_days > 0)
+                .then(|| Duration::from_secs(args.agent_token_ttl_days * 86_400)),
             smtp: args.smtp_url.as_ref().map(|url| SmtpConfig {
                 url: url.clone(),
                 from: args.smtp_from.clone(),

@@ -38,6 +38,7 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
     let mut malformed = 0u32;
     let mut recheck = tokio::time::interval(relay.settings().auth_recheck);
     recheck.tick().await;
+    let mut token_checked = tokio::time::Instant::now();
     loop {
         tokio::select! {
             frame = stream.next() => {
@@ -55,6 +56,19 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
                     }
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 };
+                // A token revoked or expired behind this connection's back ends it at the next
+                // message, a second or more after the last check, not only at the periodic one.
+                if token_checked.elapsed() >= agents::TOKEN_CHECK_EVERY {
+                    token_checked = tokio::time::Instant::now();
+                    match agents::still_authorised(&state.pool, agent_id).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::info!(%agent_id, "closing a data connection: the agent's token is no longer valid");
+                            break;
+                        }
+                        Err(e) => tracing::warn!(%agent_id, error = %e, "could not check an agent's token"),
+                    }
+                }
                 match DataMessage::decode(&bytes) {
                     Ok(message) => relay.from_agent(agent, Inbound::of(&message)).await,
                     Err(e) => {

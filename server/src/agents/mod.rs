@@ -26,6 +26,13 @@ pub const OFFLINE_AFTER_SECS: i64 = 30;
 pub const ONLINE_SQL: &str =
     "(a.last_seen_at IS NOT NULL AND a.last_seen_at > now() - interval '30 seconds')";
 
+/// How often, at most, a connected agent's token is checked again as its messages arrive: a token
+/// revoked or expired while connected ends the connection at the first message after this.
+pub const TOKEN_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A token in use is renewed at most once in this long: a renewal costs a write.
+const RENEW_SLACK_SECS: f64 = 86_400.0;
+
 /// An authenticated agent: what a valid bearer token resolves to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AgentIdentity {
@@ -117,17 +124,32 @@ pub async fn still_authorised(
 pub async fn heartbeat_if_authorised(
     db: impl PgExecutor<'_>,
     agent_id: Uuid,
+    ttl: Option<std::time::Duration>,
 ) -> Result<bool, sqlx::Error> {
-    let updated = sqlx::query(
-        "UPDATE agents a SET last_seen_at = now() WHERE a.id = $1 AND EXISTS ( \
-           SELECT 1 FROM agent_tokens t JOIN users u ON u.id = a.user_id WHERE t.agent_id = a.id \
-           AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > now()) \
-           AND u.status = 'active')",
+    // One statement: the sign of life, and (at most once a day) the renewal of a token in use, so that
+    // an agent left running never expires while a forgotten copy of its token does.
+    let alive: i64 = sqlx::query_scalar(
+        "WITH alive AS ( \
+           UPDATE agents a SET last_seen_at = now() WHERE a.id = $1 AND EXISTS ( \
+             SELECT 1 FROM agent_tokens t JOIN users u ON u.id = a.user_id WHERE t.agent_id = a.id \
+             AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > now()) \
+             AND u.status = 'active') \
+           RETURNING a.id), \
+         renewed AS ( \
+           UPDATE agent_tokens t SET expires_at = now() + make_interval(secs => $2) \
+           WHERE $2 IS NOT NULL AND t.agent_id IN (SELECT id FROM alive) AND t.revoked_at IS NULL \
+             AND (t.expires_at IS NULL OR t.expires_at > now()) \
+             AND (t.expires_at IS NULL \
+                  OR t.expires_at < now() + make_interval(secs => $2 - $3)) \
+           RETURNING 1) \
+         SELECT count(*) FROM alive",
     )
     .bind(agent_id)
-    .execute(db)
+    .bind(ttl.map(|t| t.as_secs_f64()))
+    .bind(RENEW_SLACK_SECS)
+    .fetch_one(db)
     .await?;
-    Ok(updated.rows_affected() == 1)
+    Ok(alive == 1)
 }
 
 pub async fn list(pool: &PgPool, user_id: Uuid) -> Result<Vec<AgentView>, sqlx::Error> {

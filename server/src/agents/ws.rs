@@ -55,6 +55,7 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
         }
     });
     let mut budget = MessageBudget::new(state.config.agent_messages_per_sec);
+    let mut token_checked = tokio::time::Instant::now();
     loop {
         let frame = tokio::select! {
             frame = stream.next() => frame,
@@ -71,6 +72,19 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };
+        // A token revoked or expired behind this connection's back (on another instance, or by its
+        // date) ends it at the next message of any kind, not only at a heartbeat.
+        if token_checked.elapsed() >= agents::TOKEN_CHECK_EVERY {
+            token_checked = tokio::time::Instant::now();
+            match agents::still_authorised(&state.pool, agent_id).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(%agent_id, "closing a control connection: the agent's token is no longer valid");
+                    break;
+                }
+                Err(e) => tracing::warn!(%agent_id, error = %e, "could not check an agent's token"),
+            }
+        }
         let message = match AgentMessage::from_json(text.as_str()) {
             Ok(m) => m,
             Err(e) => {
@@ -206,7 +220,9 @@ async fn handle(
             state.relay.agent_changed(agent, true).await;
         }
         AgentMessage::Heartbeat => {
-            if !agents::heartbeat_if_authorised(&state.pool, agent_id).await? {
+            if !agents::heartbeat_if_authorised(&state.pool, agent_id, state.config.agent_token_ttl)
+                .await?
+            {
                 state.hub.kick(agent_id).await;
                 return Ok(());
             }

@@ -232,6 +232,9 @@ async fn heartbeat(
         body.version.as_deref(),
     )
     .await?;
+    // The token is valid (the extractor checked): this renews it while the agent is in use.
+    agents::heartbeat_if_authorised(&state.pool, agent.agent_id, state.config.agent_token_ttl)
+        .await?;
     Ok(Json(HeartbeatAck {
         agent_id: agent.agent_id,
         heartbeat_secs: control_proto::DEFAULT_HEARTBEAT_SECS,

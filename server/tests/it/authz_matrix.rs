@@ -382,6 +382,8 @@ fn table() -> Vec<Row> {
                 other: NotFound,
             },
         ),
+        // A dongle's console is its owner's and the administrators' (issue 24): a super_admin watches
+        // it too.
         row(
             get.clone(),
             "/api/v1/streams/dongles/{id}/console",
@@ -390,7 +392,8 @@ fn table() -> Vec<Row> {
                 owner: 200,
                 other: NotFound,
             },
-        ),
+        )
+        .except(Who::SuperAdmin, 200, ""),
         row(
             get.clone(),
             "/api/v1/groups",

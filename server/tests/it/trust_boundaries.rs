@@ -306,3 +306,95 @@ async fn an_unverified_account_may_sign_in_but_not_register_agents_or_pair(pool:
     );
     app.stop().await;
 }
+
+/// Agent tokens lived for ever unless the server was told otherwise. A new token now lives 90 days by
+/// default, renewed (at most once a day) while the agent is in use, so an agent left running never
+/// expires and a forgotten copy of its token does.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn agent_tokens_expire_after_90_days_unless_the_agent_is_in_use(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let (client, _) = app.logged_in("tech@example.com", Role::User).await;
+    let (agent_id, token) = common::agent::register(&client).await;
+    let days_left = || async {
+        let days: f64 = sqlx::query_scalar(
+            "SELECT extract(epoch FROM expires_at - now())::float8 / 86400 FROM agent_tokens \
+             WHERE agent_id = $1",
+        )
+        .bind(agent_id)
+        .fetch_one(&pool)
+        .await
+        .expect("the token has an expiry");
+        days
+    };
+    let left = days_left().await;
+    assert!((89.9..=90.0).contains(&left), "{left} days");
+    // Ten days later (as far as the token knows), a heartbeat renews it.
+    sqlx::query(
+        "UPDATE agent_tokens SET expires_at = now() + interval '80 days' WHERE agent_id = $1",
+    )
+    .bind(agent_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let res = client
+        .http
+        .post(client.api("/agents/heartbeat"))
+        .bearer_auth(&token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let left = days_left().await;
+    assert!((89.9..=90.0).contains(&left), "renewed: {left} days");
+    // Over the control connection too.
+    sqlx::query(
+        "UPDATE agent_tokens SET expires_at = now() + interval '80 days' WHERE agent_id = $1",
+    )
+    .bind(agent_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let agent = common::agent::TestAgent::connect(&app.base, &token).await;
+    agent.send(control_proto::AgentMessage::Heartbeat);
+    common::agent::wait_until(|| async { days_left().await > 89.9 }).await;
+    app.stop().await;
+}
+
+/// A revoked or expired agent token ended the agent's connections only at the next heartbeat (10 s)
+/// or the data plane's next periodic check (15 s), and a revocation on another instance reaches no
+/// kick. Now the next message of any kind, a second or more after the last check, checks the token.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_expired_or_revoked_agent_token_ends_its_connections_on_the_next_message(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let (client, _) = app.logged_in("tech@example.com", Role::User).await;
+    let (agent_id, token) = common::agent::register(&client).await;
+    let agent = common::agent::TestAgent::connect(&app.base, &token).await;
+    let mut data = common::data::DataClient::connect(&app.base, &token).await;
+    // Expired behind the server's back, as a revocation on another instance would be.
+    sqlx::query(
+        "UPDATE agent_tokens SET expires_at = now() - interval '1 second' WHERE agent_id = $1",
+    )
+    .bind(agent_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    agent.send(control_proto::AgentMessage::Devices(
+        control_proto::Devices {
+            dongles: Vec::new(),
+        },
+    ));
+    data.drops(uuid::Uuid::new_v4(), control_proto::data::Side::A, 0)
+        .await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !agent.is_closed() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(agent.is_closed(), "the control connection ends");
+    assert!(
+        data.closed_within(std::time::Duration::from_secs(2)).await,
+        "the data connection ends"
+    );
+    app.stop().await;
+}

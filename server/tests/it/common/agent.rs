@@ -278,6 +278,11 @@ impl TestAgent {
         self.task.abort();
     }
 
+    /// Whether the server ended the connection (or it was dropped).
+    pub fn is_closed(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Drops the connection (as [`TestAgent::close`]) but keeps what it recorded readable.
     pub fn disconnect(&self) {
         self.task.abort();
