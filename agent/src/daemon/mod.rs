@@ -388,8 +388,22 @@ impl Shared {
         self.send_result(result);
     }
 
+    /// Sends a command result on the current connection. A full queue does not drop it: a task waits
+    /// for room (a connection that closes meanwhile drops it, and the journal sends it again on the
+    /// next). Results may so arrive out of order, which their ids make harmless.
     fn send_result(&self, result: CommandResult) {
-        self.send(AgentMessage::CommandResult(result));
+        let Some(tx) = self.outbound.lock().unwrap().clone() else {
+            // Disconnected: the journal sends it on connecting.
+            return;
+        };
+        match tx.try_send(AgentMessage::CommandResult(result)) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                tokio::spawn(async move {
+                    let _ = tx.send(message).await;
+                });
+            }
+        }
     }
 }
 

@@ -362,3 +362,46 @@ async fn config_and_commands_cross_server_instances(pool: PgPool) {
     second.stop().await;
     first.stop().await;
 }
+
+/// Command results are never dropped because the connection's queue is full. On connecting, the agent
+/// sends every unacknowledged result from its journal; past the queue's 1 024, the rest were dropped
+/// and waited for the next reconnect. Now each waits for room, and all reach the server at once.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn every_journaled_result_reaches_the_server_however_many_wait(pool: PgPool) {
+    let server = Server::start_with(pool, |c| c.agent_messages_per_sec = 100_000).await;
+    let alice = server.user("alice@example.com", Role::User).await;
+    let mut agent = Agent::new();
+    agent.login(&server, &alice).await;
+    let journal_dir = agent.path("commands");
+    {
+        let journal = bridge_agent::journal::Journal::open(&journal_dir).unwrap();
+        for _ in 0..1_500 {
+            let id = uuid::Uuid::new_v4();
+            journal.admit(id, "00000000000000d1").unwrap();
+            journal
+                .finish(control_proto::CommandResult {
+                    command_id: id,
+                    device_id: "00000000000000d1".parse().unwrap(),
+                    outcome: control_proto::CommandOutcome::Done,
+                    exit_code: 0,
+                    output: "ok".into(),
+                    truncated: false,
+                    message: None,
+                })
+                .unwrap();
+        }
+    }
+    assert_eq!(bridge_agent::journal::Journal::peek(&journal_dir).1, 1_500);
+    agent.run(&["--usb-id".into(), "ffff:ffff".into()]);
+    let mut waiting = usize::MAX;
+    for _ in 0..300 {
+        waiting = bridge_agent::journal::Journal::peek(&journal_dir).1;
+        if waiting == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(waiting, 0, "results still waiting for the server");
+    agent.stop().await;
+    server.stop().await;
+}
