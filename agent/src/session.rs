@@ -419,6 +419,12 @@ impl DongleSession {
         let _ = closed.wait_for(|c| *c).await;
     }
 
+    /// Whether this session authenticates with the session extension's challenge-response (the dongle
+    /// offers it and the configuration allows it), where a wrong token is refused in words.
+    pub fn uses_session_auth(&self) -> bool {
+        self.config.use_session_auth && self.info.has(caps::SESSION_AUTH)
+    }
+
     /// Whether the session holds credentials (a token or a session MAC) to send what needs them.
     pub fn is_authenticated(&self) -> bool {
         !matches!(*self.shared.auth.lock().unwrap(), Auth::None)

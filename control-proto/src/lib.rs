@@ -62,10 +62,14 @@ use uuid::Uuid;
 /// Version 2 added local CAN endpoints: [`Transport::Local`] in device reports and
 /// [`ReplyErrorCode::NotSettable`] in replies. An agent lists its local endpoints only to a server
 /// whose `welcome` says 2 or more, so that an older server never meets a transport it cannot read.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 3 added [`Event::TokenAccepted`], sent only to servers whose `welcome` says 3 or more.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The first protocol version that carries local endpoints.
 pub const LOCAL_ENDPOINTS_SINCE: u32 = 2;
+
+/// The first protocol version that carries [`Event::TokenAccepted`].
+pub const TOKEN_ACCEPTED_SINCE: u32 = 3;
 
 /// The heartbeat period the server asks for, in seconds.
 pub const DEFAULT_HEARTBEAT_SECS: u32 = 10;
@@ -319,6 +323,9 @@ pub enum ReplyErrorCode {
 pub enum Event {
     /// A dongle the server says is claimed rejected its token (factory reset or another token).
     TokenRejected { device_id: DeviceId },
+    /// A dongle took its token: the agent authenticated to it (protocol 3). A dongle the server marked
+    /// RESET_DETECTED after a rejection that was really a bad link is the owner's again.
+    TokenAccepted { device_id: DeviceId },
 }
 
 /// A message from the server to the agent.
@@ -679,6 +686,12 @@ mod tests {
                 device_id: DEV.into(),
             }),
             json!({"type": "event", "event": "token_rejected", "device_id": DEV}),
+        );
+        agent_round_trip(
+            AgentMessage::Event(Event::TokenAccepted {
+                device_id: DEV.into(),
+            }),
+            json!({"type": "event", "event": "token_accepted", "device_id": DEV}),
         );
     }
 

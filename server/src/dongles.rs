@@ -890,6 +890,49 @@ pub async fn token_rejected(
     Ok(changed.is_some())
 }
 
+/// The owner's agent authenticated to a dongle with its token: a dongle marked RESET_DETECTED (a refusal
+/// that was really a link losing answers) is CLAIMED_ACTIVE again, audited. Only the owner's agents are
+/// believed, and only about a dongle they see now. True when the state changed.
+pub async fn token_accepted(
+    pool: &PgPool,
+    agent_id: Uuid,
+    user_id: Uuid,
+    device_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let changed: Option<Uuid> = sqlx::query_scalar(
+        "UPDATE dongles d SET ownership_state = 'CLAIMED_ACTIVE' WHERE d.device_id = $1 \
+         AND d.owner_user_id = $2 AND d.ownership_state = 'RESET_DETECTED' \
+         AND EXISTS (SELECT 1 FROM dongle_sightings s WHERE s.dongle_id = d.id AND s.agent_id = $3 \
+                     AND s.present) \
+         RETURNING d.id",
+    )
+    .bind(device_id)
+    .bind(user_id)
+    .bind(agent_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(dongle_id) = changed {
+        audit::record(
+            &mut *tx,
+            Entry {
+                actor: Some(user_id),
+                action: "dongle.token_accepted_again",
+                target: Some(Target {
+                    kind: "dongle",
+                    id: dongle_id.to_string(),
+                }),
+                ip: None,
+                user_agent: None,
+                details: serde_json::json!({ "agent_id": agent_id }),
+            },
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(changed.is_some())
+}
+
 /// Sends the token of each owned dongle an agent reported to that agent (it serves them now).
 pub async fn hand_out_tokens(
     pool: &PgPool,

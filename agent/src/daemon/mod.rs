@@ -70,6 +70,9 @@ pub enum DaemonError {
     Connect(ConnectError),
 }
 
+/// How long after an authentication that got no answer the agent tries again.
+const AUTH_RETRY: Duration = Duration::from_secs(20);
+
 /// What every part of the daemon shares.
 pub(crate) struct Shared {
     manager: DongleManager,
@@ -353,6 +356,25 @@ impl Shared {
             Ok(()) => {
                 tracing::info!(%device_id, "authenticated to the dongle");
                 self.ready.lock().unwrap().insert(device_id);
+                // A dongle the server marked RESET_DETECTED after a refusal that was really a bad link
+                // is the owner's again.
+                if self.server_protocol.load(Ordering::Relaxed)
+                    >= control_proto::TOKEN_ACCEPTED_SINCE
+                {
+                    self.send(AgentMessage::Event(Event::TokenAccepted {
+                        device_id: device_id.to_string(),
+                    }));
+                }
+            }
+            // A dongle with session authentication refuses a wrong token in words; its silence is a
+            // link that loses answers, not a refusal: try again later instead of reporting a reset.
+            Err(SessionError::Timeout { .. })
+                if !session.is_closed() && session.uses_session_auth() =>
+            {
+                tracing::warn!(%device_id, "the dongle did not answer its authentication: trying again later");
+                self.authorized.lock().unwrap().remove(&device_id);
+                self.ready.lock().unwrap().remove(&device_id);
+                self.retry_authorize(device_id);
             }
             Err(SessionError::AuthRefused(_)) | Err(SessionError::Timeout { .. })
                 if !session.is_closed() =>
@@ -364,6 +386,11 @@ impl Shared {
                 self.send(AgentMessage::Event(Event::TokenRejected {
                     device_id: device_id.to_string(),
                 }));
+                // On plain REMP v1 silence is also how a bad link looks: ask again later, and a dongle
+                // that takes the token then is reported accepted (and recovers on the server).
+                if !session.uses_session_auth() {
+                    self.retry_authorize(device_id);
+                }
             }
             Err(e) => {
                 tracing::warn!(%device_id, error = %e, "could not authenticate to the dongle");
@@ -371,6 +398,15 @@ impl Shared {
                 self.ready.lock().unwrap().remove(&device_id);
             }
         }
+    }
+
+    /// Authenticates to the dongle again after [`AUTH_RETRY`], if its session still lives then.
+    fn retry_authorize(self: &Arc<Self>, device_id: DeviceId) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(AUTH_RETRY).await;
+            shared.authorize(device_id).await;
+        });
     }
 
     /// A command ended: journal it first (on a blocking thread: the journal syncs to disk), then send

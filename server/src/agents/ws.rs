@@ -270,6 +270,14 @@ async fn handle(
                 dongles::token_rejected(&state.pool, agent_id, agent.user_id, &device_id).await?;
             }
         }
+        AgentMessage::Event(control_proto::Event::TokenAccepted { device_id }) => {
+            if control_proto::is_device_id(&device_id)
+                && dongles::token_accepted(&state.pool, agent_id, agent.user_id, &device_id).await?
+            {
+                // The dongle relays again: its groups' sides go back to this agent.
+                state.relay.agent_changed(agent, false).await;
+            }
+        }
     }
     Ok(())
 }

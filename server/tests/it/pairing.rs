@@ -594,3 +594,51 @@ async fn a_dongle_seen_by_several_agents_is_served_by_the_callers_own(pool: PgPo
     bob_agent.report(&pool, &[DEV]).await;
     assert!(bob_agent.seen.lock().unwrap().dongle_tokens.is_empty());
 }
+
+/// A dongle marked RESET_DETECTED because its token seemed refused (a link that lost the answers looks
+/// the same as a refusal on plain REMP v1) is the owner's again, without pairing anew, once the owner's
+/// agent authenticates to it: `token_accepted`. Another user's agent saying so changes nothing.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_dongle_in_reset_detected_recovers_when_its_token_is_accepted_again(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let (alice, _, _, agent, dongle) = user_with_dongle(&app, "alice@example.com").await;
+    let session = start(&alice, dongle).await.json["pairing_session_id"].clone();
+    assert_eq!(
+        submit(&alice, dongle, &session, PIN).await.status,
+        StatusCode::OK
+    );
+    let state = || async {
+        read(alice.get(&format!("/dongles/{dongle}")).await)
+            .await
+            .json["ownership_state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    agent.send(control_proto::AgentMessage::Event(
+        control_proto::Event::TokenRejected {
+            device_id: DEV.into(),
+        },
+    ));
+    agent::wait_until(|| async { state().await == "RESET_DETECTED" }).await;
+
+    // Bob's agent claims the token was accepted: nothing changes.
+    let (bob, _) = app.logged_in("bob@example.com", Role::User).await;
+    let (_, bob_token) = agent::register(&bob).await;
+    let bobs = TestAgent::connect(&app.base, &bob_token).await;
+    bobs.send(control_proto::AgentMessage::Event(
+        control_proto::Event::TokenAccepted {
+            device_id: DEV.into(),
+        },
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(state().await, "RESET_DETECTED");
+
+    agent.send(control_proto::AgentMessage::Event(
+        control_proto::Event::TokenAccepted {
+            device_id: DEV.into(),
+        },
+    ));
+    agent::wait_until(|| async { state().await == "CLAIMED_ACTIVE" }).await;
+    assert_eq!(audit_count(&app, "dongle.token_accepted_again").await, 1);
+}
