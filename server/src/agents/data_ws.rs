@@ -16,6 +16,10 @@ use crate::agents::{self, AgentIdentity};
 use crate::app::AppState;
 use crate::groups::relay::Inbound;
 
+/// How many messages in a row may name groups the agent does not serve (a group just deactivated is
+/// still named for a moment by an honest agent) before the connection closes.
+const MAX_REFUSED_IN_A_ROW: u32 = 100;
+
 /// Serves one agent's data connection until either side closes it, the agent's token stops being
 /// valid, or a newer data connection of the same agent replaces it.
 pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
@@ -39,6 +43,8 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
     let mut recheck = tokio::time::interval(relay.settings().auth_recheck);
     recheck.tick().await;
     let mut token_checked = tokio::time::Instant::now();
+    // Messages in a row for groups this agent does not serve: past the limit, the connection closes.
+    let mut refused = 0u32;
     loop {
         tokio::select! {
             frame = stream.next() => {
@@ -70,7 +76,17 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
                     }
                 }
                 match DataMessage::decode(&bytes) {
-                    Ok(message) => relay.from_agent(agent, Inbound::of(&message)).await,
+                    Ok(message) => {
+                        if relay.from_agent(agent, Inbound::of(&message)).await {
+                            refused = 0;
+                        } else {
+                            refused += 1;
+                            if refused > MAX_REFUSED_IN_A_ROW {
+                                tracing::warn!(%agent_id, "closing a data connection: too many messages for groups it does not serve");
+                                break;
+                            }
+                        }
+                    }
                     Err(e) => {
                         relay.malformed();
                         malformed += 1;

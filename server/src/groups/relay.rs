@@ -409,7 +409,9 @@ impl Relay {
 
     /// Hands a data message from an agent to its group's pipe. Frames for a group that is unknown, not
     /// relaying or someone else's are dropped and counted; nothing is acknowledged for them.
-    pub async fn from_agent(&self, agent: AgentIdentity, message: Inbound) {
+    /// Hands a data message to its group's pipe; false when it was refused (a group the agent does not
+    /// serve, or one that is not relaying), which the connection counts.
+    pub async fn from_agent(&self, agent: AgentIdentity, message: Inbound) -> bool {
         let event = match (message.kind, message.frames) {
             (Kind::Frames, Some((batch, count))) => PipeEvent::Frames {
                 agent_id: agent.agent_id,
@@ -428,15 +430,22 @@ impl Relay {
                 side: message.side,
                 total: message.n,
             },
-            (Kind::Frames, None) => return,
+            (Kind::Frames, None) => return false,
         };
         let refused_frames = match &event {
             PipeEvent::Frames { count, .. } => u64::from(*count),
             _ => 0,
         };
         let mut event = Some(event);
+        // A group missing from the list this instance sent the agent is refused without a query.
+        if self.not_in_list(agent, message.group_id) {
+            event = None;
+        }
         // Twice at most: a pipe that has just ended (its group stopped relaying) is looked up again.
         for _ in 0..2 {
+            if event.is_none() {
+                break;
+            }
             let Some(pipe) = self.pipe(message.group_id).await else {
                 break;
             };
@@ -444,7 +453,7 @@ impl Relay {
                 break;
             }
             match pipe.tx.send(event.take().expect("an event")).await {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(mpsc::error::SendError(back)) => event = Some(back),
             }
         }
@@ -454,6 +463,31 @@ impl Relay {
             "relay_frames_refused_total",
             refused_frames,
         );
+        false
+    }
+
+    /// True when this instance sent the agent its `groups` list, the group is not in it, and no pipe of
+    /// the group runs here for the agent's user: the agent does not serve the group, and no database
+    /// query is needed to say so. False when this instance does not know (the agent's control
+    /// connection is elsewhere): the pipe's own checks decide.
+    fn not_in_list(&self, agent: AgentIdentity, group_id: Uuid) -> bool {
+        let listed = {
+            let sent = self.sent.lock().expect("relay lock");
+            match sent.get(&agent.agent_id) {
+                None => return false,
+                Some(sides) => sides.iter().any(|(g, ..)| *g == group_id),
+            }
+        };
+        if listed {
+            return false;
+        }
+        match self.pipes.try_lock() {
+            Ok(pipes) => !pipes
+                .get(&group_id)
+                .is_some_and(|p| p.user_id == agent.user_id && !p.tx.is_closed()),
+            // Busy: let the usual path decide.
+            Err(_) => false,
+        }
     }
 
     /// An agent's control connection opened (`force`: send its `groups` list even if unchanged) or it
@@ -679,21 +713,31 @@ impl Relay {
     }
 
     /// The group's running pipe, started when the group is relaying; None otherwise.
+    ///
+    /// The registry's lock is never held across the database: the group is read without it, and the
+    /// pipe is started under it only if no other caller started one meanwhile (reading twice is
+    /// harmless; starting twice would not be).
     async fn pipe(&self, group_id: Uuid) -> Option<PipeHandle> {
         if self.closed.load(Ordering::Relaxed) || self.recently_refused(group_id) {
             return None;
         }
-        let mut pipes = self.pipes.lock().await;
-        if let Some(pipe) = pipes.get(&group_id) {
-            if !pipe.tx.is_closed() {
-                return Some(pipe.clone());
+        {
+            let mut pipes = self.pipes.lock().await;
+            if let Some(pipe) = pipes.get(&group_id) {
+                if !pipe.tx.is_closed() {
+                    return Some(pipe.clone());
+                }
+                pipes.remove(&group_id);
             }
-            pipes.remove(&group_id);
         }
-        // Loaded under the map's lock, so two callers never start two pipes for one group; this is a
-        // few indexed reads, once per group and instance.
         match Pipe::load(self.core.clone(), group_id).await {
             Ok(Some(pipe)) => {
+                let mut pipes = self.pipes.lock().await;
+                if let Some(running) = pipes.get(&group_id)
+                    && !running.tx.is_closed()
+                {
+                    return Some(running.clone());
+                }
                 let (tx, rx) = mpsc::channel(self.core.settings.pipe_queue.max(1));
                 let handle = PipeHandle {
                     user_id: pipe.user_id(),
@@ -705,7 +749,6 @@ impl Relay {
                 Some(handle)
             }
             Ok(None) => {
-                drop(pipes);
                 self.remember_refused(group_id);
                 None
             }

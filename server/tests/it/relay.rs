@@ -729,3 +729,32 @@ async fn a_group_side_follows_its_dongle_to_another_agent(pool: PgPool) {
     assert_eq!(numbers, (0..15).collect::<Vec<u32>>());
     group_until(&users.client, id, |g| g["state"] == "ACTIVE").await;
 }
+
+/// Every data message naming a group the relay did not know cost a database query, made while holding
+/// the relay's registry lock, so an agent sending made-up group ids stalled every group of the
+/// instance. Now a group missing from the agent's own list is refused without a query, the lock is
+/// never held across one, and an agent that keeps naming groups it does not serve loses its data
+/// connection.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn messages_for_groups_an_agent_does_not_serve_are_refused_cheaply_and_close_it(
+    pool: PgPool,
+) {
+    let app = app_with(pool, |_| {}).await;
+    let (users, id, mut data_a, mut data_b) = relaying(&app).await;
+    let (mallory, _) = app.logged_in("mallory@example.com", Role::User).await;
+    let (_, token) = agent::register(&mallory).await;
+    let _control = TestAgent::connect(&app.base, &token).await;
+    let mut data_m = DataClient::connect(&app.base, &token).await;
+    // Meanwhile, the real group relays.
+    data_a.send_frames(id, Side::A, 0, 0..5).await;
+    for _ in 0..300 {
+        data_m.send_frames(Uuid::new_v4(), Side::A, 0, 0..1).await;
+    }
+    assert!(
+        data_m.closed_within(Duration::from_secs(5)).await,
+        "the flooding agent's data connection is closed"
+    );
+    let got = data_b.receive(id, Side::B, 5, true).await;
+    assert_eq!(numbers(&got), vec![0, 1, 2, 3, 4]);
+    let _ = users;
+}
