@@ -321,7 +321,9 @@ pub async fn report_devices(
         }
         // Stored in its wire form: {"kind": "usb", ...}, {"kind": "lan", ...} or {"kind": "local", ...}.
         let transport = serde_json::to_value(&d.transport).expect("a transport always serializes");
-        let dongle_id: Uuid = sqlx::query_scalar(
+        // A report is what one agent sees, not proof: an owned dongle's row changes only on its
+        // owner's agents' reports. A stranger's report of it records the stranger's sighting only.
+        let updated: Option<Uuid> = sqlx::query_scalar(
             "INSERT INTO dongles (device_id, fw_build, proto_ver, capabilities, transport, pairing_mode, \
                present, last_agent_id, last_seen_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
@@ -330,6 +332,7 @@ pub async fn report_devices(
                transport = EXCLUDED.transport, pairing_mode = EXCLUDED.pairing_mode, \
                present = EXCLUDED.present, last_agent_id = EXCLUDED.last_agent_id, \
                last_seen_at = CASE WHEN EXCLUDED.present THEN now() ELSE dongles.last_seen_at END \
+             WHERE dongles.owner_user_id IS NULL OR dongles.owner_user_id = $9 \
              RETURNING id",
         )
         .bind(&d.device_id)
@@ -340,8 +343,18 @@ pub async fn report_devices(
         .bind(d.pairing_mode)
         .bind(d.present)
         .bind(agent.agent_id)
-        .fetch_one(&mut *tx)
+        .bind(agent.user_id)
+        .fetch_optional(&mut *tx)
         .await?;
+        let dongle_id: Uuid = match updated {
+            Some(id) => id,
+            None => {
+                sqlx::query_scalar("SELECT id FROM dongles WHERE device_id = $1")
+                    .bind(&d.device_id)
+                    .fetch_one(&mut *tx)
+                    .await?
+            }
+        };
         if local {
             claim_local(&mut tx, agent, dongle_id, &d.device_id).await?;
         }

@@ -398,3 +398,53 @@ async fn an_expired_or_revoked_agent_token_ends_its_connections_on_the_next_mess
     );
     app.stop().await;
 }
+
+/// A device report is what one agent sees, not proof of anything: a stranger's agent reporting someone
+/// else's dongle (a LAN dongle seen from another desk, or a modified agent) changed the owned row's
+/// capabilities, firmware build, transport and presence. Now only the owner's agents change an owned
+/// dongle's row.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_strangers_report_never_changes_an_owned_dongles_row(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let owner = common::dongle::paired(&app, "alice@example.com", "00000000000000f1", 1).await;
+    let row = || async {
+        let row: (String, i64, serde_json::Value, bool) = sqlx::query_as(
+            "SELECT fw_build, capabilities, transport, present FROM dongles WHERE id = $1",
+        )
+        .bind(owner.dongle_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        row
+    };
+    let before = row().await;
+    let (mallory, _) = app.logged_in("mallory@example.com", Role::User).await;
+    let (_, token) = common::agent::register(&mallory).await;
+    let agent = common::agent::TestAgent::connect(&app.base, &token).await;
+    agent.send(control_proto::AgentMessage::Devices(
+        control_proto::Devices {
+            dongles: vec![control_proto::DongleReport {
+                fw_build: "evil-9.9".into(),
+                capabilities: 0xffff,
+                present: false,
+                transport: control_proto::Transport::Lan {
+                    addr: "10.0.0.66:40000".into(),
+                },
+                ..common::agent::usb_dongle("00000000000000f1")
+            }],
+        },
+    ));
+    // The report is recorded (the sighting is mallory's own), and the owned row is as it was.
+    common::agent::wait_until(|| async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM dongle_sightings s JOIN agents a ON a.id = s.agent_id \
+             JOIN users u ON u.id = a.user_id WHERE u.email = 'mallory@example.com')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    assert_eq!(row().await, before);
+    app.stop().await;
+}

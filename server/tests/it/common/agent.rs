@@ -224,8 +224,10 @@ impl TestAgent {
         let ids: Vec<String> = device_ids.iter().map(|d| d.to_string()).collect();
         self.seen.lock().unwrap().reported = ids.clone();
         wait_until(|| async {
+            // The agent's own sighting: an owned dongle's row changes only on its owner's reports.
             let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM dongles WHERE device_id = ANY($1) AND present AND last_agent_id = $2",
+                "SELECT count(*) FROM dongles d JOIN dongle_sightings s ON s.dongle_id = d.id \
+                 WHERE d.device_id = ANY($1) AND s.present AND s.agent_id = $2",
             )
             .bind(&ids)
             .bind(self.agent_id)
@@ -261,7 +263,10 @@ impl TestAgent {
         wait_until(|| async {
             let n: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM dongles d JOIN unnest($1::text[], $3::bigint[]) AS r(id, caps) \
-                 ON r.id = d.device_id WHERE d.present AND d.last_agent_id = $2 AND d.capabilities = r.caps",
+                 ON r.id = d.device_id JOIN dongle_sightings s ON s.dongle_id = d.id \
+                 JOIN agents a ON a.id = s.agent_id \
+                 WHERE s.present AND s.agent_id = $2 AND (d.capabilities = r.caps \
+                   OR (d.owner_user_id IS NOT NULL AND d.owner_user_id <> a.user_id))",
             )
             .bind(&ids)
             .bind(self.agent_id)
