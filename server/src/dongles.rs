@@ -860,34 +860,19 @@ pub async fn token_rejected(
     user_id: Uuid,
     device_id: &str,
 ) -> Result<bool, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let changed: Option<Uuid> = sqlx::query_scalar(
-        "UPDATE dongles SET ownership_state = 'RESET_DETECTED' WHERE device_id = $1 \
-         AND owner_user_id = $2 AND ownership_state = 'CLAIMED_ACTIVE' RETURNING id",
+    // Any of the user's agents may say so ($3, the agent, only goes to the audit entry).
+    let sql = "UPDATE dongles SET ownership_state = 'RESET_DETECTED' WHERE device_id = $1 \
+         AND owner_user_id = $2 AND ownership_state = 'CLAIMED_ACTIVE' AND $3::uuid IS NOT NULL \
+         RETURNING id";
+    token_verdict(
+        pool,
+        agent_id,
+        user_id,
+        device_id,
+        sql,
+        "dongle.reset_detected",
     )
-    .bind(device_id)
-    .bind(user_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(dongle_id) = changed {
-        audit::record(
-            &mut *tx,
-            Entry {
-                actor: Some(user_id),
-                action: "dongle.reset_detected",
-                target: Some(Target {
-                    kind: "dongle",
-                    id: dongle_id.to_string(),
-                }),
-                ip: None,
-                user_agent: None,
-                details: serde_json::json!({ "agent_id": agent_id }),
-            },
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(changed.is_some())
+    .await
 }
 
 /// The owner's agent authenticated to a dongle with its token: a dongle marked RESET_DETECTED (a refusal
@@ -899,25 +884,45 @@ pub async fn token_accepted(
     user_id: Uuid,
     device_id: &str,
 ) -> Result<bool, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let changed: Option<Uuid> = sqlx::query_scalar(
-        "UPDATE dongles d SET ownership_state = 'CLAIMED_ACTIVE' WHERE d.device_id = $1 \
+    let sql = "UPDATE dongles d SET ownership_state = 'CLAIMED_ACTIVE' WHERE d.device_id = $1 \
          AND d.owner_user_id = $2 AND d.ownership_state = 'RESET_DETECTED' \
          AND EXISTS (SELECT 1 FROM dongle_sightings s WHERE s.dongle_id = d.id AND s.agent_id = $3 \
                      AND s.present) \
-         RETURNING d.id",
+         RETURNING d.id";
+    token_verdict(
+        pool,
+        agent_id,
+        user_id,
+        device_id,
+        sql,
+        "dongle.token_accepted_again",
     )
-    .bind(device_id)
-    .bind(user_id)
-    .bind(agent_id)
-    .fetch_optional(&mut *tx)
-    .await?;
+    .await
+}
+
+/// Applies an agent's word on a dongle's token (`update` binds device id, user id and agent id, and
+/// returns the dongle's id when it changed the state) with its audit entry, in one transaction.
+async fn token_verdict(
+    pool: &PgPool,
+    agent_id: Uuid,
+    user_id: Uuid,
+    device_id: &str,
+    update: &'static str,
+    action: &'static str,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let changed: Option<Uuid> = sqlx::query_scalar(update)
+        .bind(device_id)
+        .bind(user_id)
+        .bind(agent_id)
+        .fetch_optional(&mut *tx)
+        .await?;
     if let Some(dongle_id) = changed {
         audit::record(
             &mut *tx,
             Entry {
                 actor: Some(user_id),
-                action: "dongle.token_accepted_again",
+                action,
                 target: Some(Target {
                     kind: "dongle",
                     id: dongle_id.to_string(),

@@ -42,7 +42,7 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
     let mut malformed = 0u32;
     let mut recheck = tokio::time::interval(relay.settings().auth_recheck);
     recheck.tick().await;
-    let mut token_checked = tokio::time::Instant::now();
+    let mut token = agents::TokenCheck::new(agent_id);
     // Messages in a row for groups this agent does not serve: past the limit, the connection closes.
     let mut refused = 0u32;
     loop {
@@ -64,16 +64,8 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
                 };
                 // A token revoked or expired behind this connection's back ends it at the next
                 // message, a second or more after the last check, not only at the periodic one.
-                if token_checked.elapsed() >= agents::TOKEN_CHECK_EVERY {
-                    token_checked = tokio::time::Instant::now();
-                    match agents::still_authorised(&state.pool, agent_id).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::info!(%agent_id, "closing a data connection: the agent's token is no longer valid");
-                            break;
-                        }
-                        Err(e) => tracing::warn!(%agent_id, error = %e, "could not check an agent's token"),
-                    }
+                if !token.still_valid(&state.pool, false).await {
+                    break;
                 }
                 match DataMessage::decode(&bytes) {
                     Ok(message) => {
@@ -99,13 +91,8 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
                 }
             }
             _ = recheck.tick() => {
-                match agents::still_authorised(&state.pool, agent_id).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::info!(%agent_id, "closing a data connection: the agent's token is no longer valid");
-                        break;
-                    }
-                    Err(e) => tracing::warn!(%agent_id, error = %e, "could not check an agent's token"),
+                if !token.still_valid(&state.pool, true).await {
+                    break;
                 }
             }
             // The relay dropped the queue: a newer connection replaced this one, or the server stops.

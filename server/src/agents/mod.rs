@@ -30,6 +30,43 @@ pub const ONLINE_SQL: &str =
 /// revoked or expired while connected ends the connection at the first message after this.
 pub const TOKEN_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Checks a connected agent's token again as its messages arrive, at most once per
+/// [`TOKEN_CHECK_EVERY`]; shared by the control and data connections.
+pub struct TokenCheck {
+    agent_id: Uuid,
+    checked: tokio::time::Instant,
+}
+
+impl TokenCheck {
+    pub fn new(agent_id: Uuid) -> Self {
+        Self {
+            agent_id,
+            checked: tokio::time::Instant::now(),
+        }
+    }
+
+    /// False when the token is revoked or expired (checked now when `force`, else only if the last
+    /// check is old enough). A database that cannot answer ends nothing: the next check asks again.
+    pub async fn still_valid(&mut self, pool: &PgPool, force: bool) -> bool {
+        if !force && self.checked.elapsed() < TOKEN_CHECK_EVERY {
+            return true;
+        }
+        self.checked = tokio::time::Instant::now();
+        match still_authorised(pool, self.agent_id).await {
+            Ok(valid) => {
+                if !valid {
+                    tracing::info!(agent_id = %self.agent_id, "closing a connection: the agent's token is no longer valid");
+                }
+                valid
+            }
+            Err(e) => {
+                tracing::warn!(agent_id = %self.agent_id, error = %e, "could not check an agent's token");
+                true
+            }
+        }
+    }
+}
+
 /// A token in use is renewed at most once in this long: a renewal costs a write.
 const RENEW_SLACK_SECS: f64 = 86_400.0;
 

@@ -55,7 +55,7 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
         }
     });
     let mut budget = MessageBudget::new(state.config.agent_messages_per_sec);
-    let mut token_checked = tokio::time::Instant::now();
+    let mut token = agents::TokenCheck::new(agent_id);
     loop {
         let frame = tokio::select! {
             frame = stream.next() => frame,
@@ -74,16 +74,8 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
         };
         // A token revoked or expired behind this connection's back (on another instance, or by its
         // date) ends it at the next message of any kind, not only at a heartbeat.
-        if token_checked.elapsed() >= agents::TOKEN_CHECK_EVERY {
-            token_checked = tokio::time::Instant::now();
-            match agents::still_authorised(&state.pool, agent_id).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::info!(%agent_id, "closing a control connection: the agent's token is no longer valid");
-                    break;
-                }
-                Err(e) => tracing::warn!(%agent_id, error = %e, "could not check an agent's token"),
-            }
+        if !token.still_valid(&state.pool, false).await {
+            break;
         }
         let message = match AgentMessage::from_json(text.as_str()) {
             Ok(m) => m,
