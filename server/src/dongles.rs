@@ -330,23 +330,48 @@ pub async fn start(
         }
         Standing::Pairable { agent_id } => agent_id,
     };
-    let starts: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pairing_sessions WHERE dongle_id = $1 AND created_at > now() - interval '1 hour'",
+    // Starts are counted per dongle and user, and past the limit only that user waits: a dongle-wide
+    // hold would let anyone who sees a dongle lock out whoever holds it.
+    let (starts, wait_secs): (i64, f64) = sqlx::query_as(
+        "SELECT count(*), coalesce(extract(epoch FROM min(created_at) + interval '1 hour' - now()), 0)::float8 \
+         FROM pairing_sessions WHERE dongle_id = $1 AND user_id = $2 \
+           AND created_at > now() - interval '1 hour'",
     )
     .bind(dongle_id)
+    .bind(caller.user_id())
     .fetch_one(&mut *tx)
     .await?;
     if starts >= MAX_STARTS_PER_HOUR {
-        enter_hold(
-            &mut tx,
+        drop(tx);
+        let error = ApiError::rate_limited(wait_secs.ceil().max(1.0) as u64);
+        audit_failure(
+            state,
             caller,
             client,
             dongle_id,
-            "too_many_pairing_starts",
+            "pairing.start_refused",
+            &error,
         )
-        .await?;
-        tx.commit().await?;
-        return Err(ApiError::of(ErrorCode::PairingSecurityHold));
+        .await;
+        return Err(error);
+    }
+    // Another account's open window is not cancelled: the dongle holds one nonce at a time, and a
+    // stranger who sees the dongle could otherwise cancel its holder's pairing again and again.
+    let others_open: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pairing_sessions WHERE dongle_id = $1 AND status = 'open' \
+           AND expires_at > now() AND user_id <> $2)",
+    )
+    .bind(dongle_id)
+    .bind(caller.user_id())
+    .fetch_one(&mut *tx)
+    .await?;
+    if others_open {
+        drop(tx);
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "A pairing window is open for another account on this dongle: try again when it ends \
+             (two minutes at most).",
+        ));
     }
     let corr_id = Uuid::new_v4();
     let reply = state

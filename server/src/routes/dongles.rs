@@ -81,8 +81,9 @@ pub struct PairingModeRequest {
         (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
         (status = 403, description = "CSRF_INVALID, or EMAIL_NOT_VERIFIED: the account's address is not confirmed yet.", body = ErrorBody),
         (status = 404, description = "DONGLE_NOT_FOUND", body = ErrorBody),
-        (status = 409, description = "DONGLE_OWNED_BY_OTHER, PAIRING_SECURITY_HOLD or CONFLICT", body = ErrorBody),
+        (status = 409, description = "DONGLE_OWNED_BY_OTHER, PAIRING_SECURITY_HOLD, or CONFLICT (another account's pairing window is open)", body = ErrorBody),
         (status = 410, description = "PAIRING_EXPIRED", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED: more than 10 starts on this dongle in an hour by this account, with Retry-After.", body = ErrorBody),
         (status = 503, description = "AGENT_OFFLINE", body = ErrorBody),
     ))]
 async fn pairing_mode(

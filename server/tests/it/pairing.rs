@@ -424,23 +424,64 @@ async fn no_agent_online_answers_agent_offline(pool: PgPool) {
         .await;
 }
 
+/// Starts are counted per dongle and user: past ten an hour, that user is told to wait (429 with
+/// Retry-After), and the dongle is not put on hold, so a stranger who sees it cannot lock out whoever
+/// holds it (issue 24). Before, the eleventh start of anyone put the dongle on SECURITY_HOLD for all.
 #[sqlx::test(migrator = "MIGRATOR")]
-async fn more_than_ten_starts_an_hour_put_the_dongle_on_hold(pool: PgPool) {
-    let app = spawn_app(pool.clone()).await;
-    let (alice, _, _, agent, dongle) = user_with_dongle(&app, "alice@example.com").await;
+async fn more_than_ten_starts_an_hour_make_that_user_wait_and_hold_nothing(pool: PgPool) {
+    let app = common::spawn_app_with(pool.clone(), |c| {
+        c.pairing_window = Duration::from_millis(300);
+    })
+    .await;
+    let (mallory, _, _, agent, dongle) = user_with_dongle(&app, "mallory@example.com").await;
     for _ in 0..10 {
-        assert_eq!(start(&alice, dongle).await.status, StatusCode::OK);
+        assert_eq!(start(&mallory, dongle).await.status, StatusCode::OK);
     }
-    start(&alice, dongle)
-        .await
-        .assert_error(StatusCode::CONFLICT, "PAIRING_SECURITY_HOLD");
+    let refused = start(&mallory, dongle).await;
+    refused.assert_error(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED");
+    assert!(refused.headers.get("retry-after").is_some());
     assert_eq!(agent.seen.lock().unwrap().pairing_starts, 10);
-    let reason: String = sqlx::query_scalar("SELECT hold_reason FROM dongles WHERE id = $1")
-        .bind(dongle)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(reason, "too_many_pairing_starts");
+    let state: String =
+        sqlx::query_scalar("SELECT ownership_state::text FROM dongles WHERE id = $1")
+            .bind(dongle)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "UNCLAIMED");
+
+    // The one who holds the dongle pairs it all the same, once mallory's last window has ended.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (alice, _) = app.logged_in("alice@example.com", Role::User).await;
+    let (_, token) = agent::register(&alice).await;
+    let alices = TestAgent::connect(&app.base, &token).await;
+    alices.report(&app.pool, &[DEV]).await;
+    let session = start(&alice, dongle).await;
+    assert_eq!(session.status, StatusCode::OK, "{}", session.text);
+    let session = session.json["pairing_session_id"].clone();
+    assert_eq!(
+        submit(&alice, dongle, &session, PIN).await.status,
+        StatusCode::OK
+    );
+}
+
+/// Another account's start no longer cancels an open pairing window: the dongle holds one nonce, and a
+/// stranger who sees it could otherwise cancel the holder's pairing again and again.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_stranger_cannot_cancel_an_open_pairing_window(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let (alice, _, _, _agent, dongle) = user_with_dongle(&app, "alice@example.com").await;
+    let session = start(&alice, dongle).await.json["pairing_session_id"].clone();
+    let (mallory, _) = app.logged_in("mallory@example.com", Role::User).await;
+    let (_, token) = agent::register(&mallory).await;
+    let mallorys = TestAgent::connect(&app.base, &token).await;
+    mallorys.report(&app.pool, &[DEV]).await;
+    let refused = start(&mallory, dongle).await;
+    refused.assert_error(StatusCode::CONFLICT, "CONFLICT");
+    assert_eq!(mallorys.seen.lock().unwrap().pairing_starts, 0);
+    assert_eq!(
+        submit(&alice, dongle, &session, PIN).await.status,
+        StatusCode::OK
+    );
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
