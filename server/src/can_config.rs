@@ -401,12 +401,37 @@ pub async fn apply(
     .await?
     .ok_or_else(|| ApiError::of(ErrorCode::AgentOffline))?;
 
-    let mut tx = state.pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(format!("can_config:{}", dongle.id))
-        .execute(&mut *tx)
-        .await?;
-    let before = load(&mut *tx, dongle.id).await?;
+    // One configuration at a time per dongle, on every instance, without holding a transaction or a
+    // lock (and so a pooled connection) while the agent answers: a lease, released at the end.
+    let timeout = state.config.dongle_request_timeout;
+    let Some(lease) =
+        crate::dongle_lease::acquire(&state.pool, dongle.id, "can_config", timeout + LEASE_MARGIN)
+            .await?
+    else {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "Another CAN configuration of this dongle is in progress: try again in a moment.",
+        ));
+    };
+    let applied = apply_leased(state, caller, client, &dongle, config, agent_id).await;
+    lease.release(&state.pool).await;
+    applied
+}
+
+/// How much longer than the agent's timeout a lease lasts, for the writes after the answer.
+const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`apply`] once the dongle's lease is held.
+async fn apply_leased(
+    state: &AppState,
+    caller: &Caller,
+    client: &ClientInfo,
+    dongle: &dongles::OwnedDongle,
+    config: CanConfig,
+    agent_id: Uuid,
+) -> Result<CanConfigApplied, ApiError> {
+    let dongle_id = dongle.id;
+    let before = load(&state.pool, dongle.id).await?;
     let reply = state
         .hub
         .request(
@@ -420,24 +445,23 @@ pub async fn apply(
             effective
         }
         Ok(other) => {
-            drop(tx);
             tracing::warn!(%agent_id, reply = ?other, "an agent answered a CAN configuration oddly");
             let error = ApiError::new(
                 ErrorCode::Conflict,
                 "The agent answered the CAN configuration with something else than the dongle's \
                  acknowledgement; nothing was stored.",
             );
-            audit_failure(state, caller, client, &dongle, &config, &error).await;
+            audit_failure(state, caller, client, dongle, &config, &error).await;
             return Err(error);
         }
         Err(e) => {
-            drop(tx);
             let error = dongles::dongle_request_error(e, ErrorCode::CanConfigRejected);
-            audit_failure(state, caller, client, &dongle, &config, &error).await;
+            audit_failure(state, caller, client, dongle, &config, &error).await;
             return Err(error);
         }
     };
     let effective = CanEffectiveView::from(&effective);
+    let mut tx = state.pool.begin().await?;
     let applied_at: DateTime<Utc> = sqlx::query_scalar(
         "INSERT INTO can_configs (dongle_id, bitrate, sample_point_permille, mode, use_raw, prescaler, \
            sjw, tseg1, tseg2, auto_retx, tx_pause, protocol_exc, effective_bitrate, \

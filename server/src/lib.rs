@@ -29,6 +29,8 @@
 //! - [`groups`]: groups of two dongles and the relay of their frames: the API's operations, one pipe per
 //!   relaying group (forwarding, the durable buffer, replay, the state), the data connections, and the
 //!   events the console is fed from ([`groups::relay::Relay::subscribe`]).
+//! - [`dongle_lease`]: per-dongle leases for requests that wait on an agent, so that no transaction or
+//!   lock is held across the round trip.
 //! - [`dongle_tokens`]: dongle tokens at rest (AES-256-GCM, versioned keys, row-bound AAD) and key
 //!   rotation.
 //! - [`email`]: the outbox, its worker, templates and SMTP.
@@ -48,6 +50,7 @@ pub mod commands;
 pub mod config;
 pub mod console;
 pub mod db;
+pub mod dongle_lease;
 pub mod dongle_tokens;
 pub mod dongles;
 pub mod email;

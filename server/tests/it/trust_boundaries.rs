@@ -448,3 +448,82 @@ async fn a_strangers_report_never_changes_an_owned_dongles_row(pool: PgPool) {
     assert_eq!(row().await, before);
     app.stop().await;
 }
+
+/// The database pool is not a weapon: a CAN configuration held a transaction (and an advisory lock) for
+/// the whole round trip to the agent, so a user whose own agent never answers could fire requests
+/// until every pooled connection waited on it, and everybody else's requests stalled or answered 503.
+/// Now no transaction waits on an agent: one request per dongle holds a lease, the others are told to
+/// try again at once.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_agent_that_never_answers_cannot_take_the_database_pool(pool: PgPool) {
+    use futures::SinkExt;
+    let app = spawn_app_with(pool, |c| {
+        c.dongle_request_timeout = std::time::Duration::from_secs(3);
+    })
+    .await;
+    let owner = common::dongle::paired(&app, "alice@example.com", "00000000000000f7", 0).await;
+    owner.agent.close();
+    // The same agent again, now silent: it reads nothing and answers nothing.
+    let mut silent = common::agent::try_connect(&app.base, &owner.token)
+        .await
+        .unwrap();
+    let hello = control_proto::AgentMessage::Hello(control_proto::Hello {
+        protocol: control_proto::PROTOCOL_VERSION,
+        agent_version: "silent".into(),
+        hostname: "silent".into(),
+        os: "linux".into(),
+    });
+    silent
+        .send(tokio_tungstenite::tungstenite::Message::text(
+            hello.to_json(),
+        ))
+        .await
+        .unwrap();
+    let report = control_proto::AgentMessage::Devices(control_proto::Devices {
+        dongles: vec![common::agent::usb_dongle("00000000000000f7")],
+    });
+    silent
+        .send(tokio_tungstenite::tungstenite::Message::text(
+            report.to_json(),
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let (bob, _) = app.logged_in("bob@example.com", Role::User).await;
+    let path = format!("/dongles/{}/can-config", owner.dongle_id);
+    let body = json!({"bitrate": 500000, "sample_point_permille": 875, "mode": "normal"});
+    let requests: Vec<_> = (0..50)
+        .map(|_| {
+            let request = owner
+                .client
+                .request(reqwest::Method::PUT, &path)
+                .json(&body)
+                .send();
+            tokio::spawn(async move { request.await.map(|r| r.status()) })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        for path in ["/auth/me", "/dongles"] {
+            let started = std::time::Instant::now();
+            let status = bob.get(path).await.status();
+            assert_eq!(status, StatusCode::OK, "{path}");
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(1),
+                "{path} took {:?} while the silent agent was asked",
+                started.elapsed()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    for request in requests {
+        let status = request.await.unwrap().unwrap();
+        assert!(
+            status != StatusCode::SERVICE_UNAVAILABLE && !status.is_server_error()
+                || status == StatusCode::GATEWAY_TIMEOUT,
+            "{status}"
+        );
+    }
+    app.stop().await;
+}

@@ -1,0 +1,1 @@
+DROP TABLE dongle_leases;
