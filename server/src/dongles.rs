@@ -18,6 +18,7 @@ use crate::agents::hub::{AgentHub, RequestError};
 use crate::app::AppState;
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
+use crate::dongle_lease::{self, Lease};
 use crate::dongle_tokens::{self, DongleToken, KeyRing};
 use crate::groups;
 use crate::http::{ApiError, ClientInfo, ErrorCode};
@@ -291,6 +292,56 @@ fn agent_error(e: RequestError) -> ApiError {
     }
 }
 
+/// Takes the dongle's pairing lease, waiting while another pairing step of it runs (no transaction or
+/// lock is held while the agent answers; the lease serialises the steps on every instance).
+async fn pairing_lease(state: &AppState, dongle_id: Uuid) -> Result<Lease, ApiError> {
+    let length = state.config.agent_request_timeout + PAIRING_LEASE_MARGIN;
+    let deadline = tokio::time::Instant::now() + length;
+    loop {
+        if let Some(lease) =
+            dongle_lease::acquire(&state.pool, dongle_id, "pairing", length).await?
+        {
+            return Ok(lease);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "Another pairing step of this dongle is in progress: try again in a moment.",
+            ));
+        }
+        tokio::time::sleep(PAIRING_LEASE_POLL).await;
+    }
+}
+
+/// How much longer than the agent's timeout a pairing lease lasts, for the writes after the answer.
+const PAIRING_LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often a pairing step waiting for the lease asks again.
+const PAIRING_LEASE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The checks of a pairing step, in a short transaction of their own: refused steps are audited, and
+/// one that passes names the agent to ask.
+async fn pairing_checks(
+    state: &AppState,
+    caller: &Caller,
+    client: &ClientInfo,
+    dongle_id: Uuid,
+    refused_action: &str,
+) -> Result<(DongleRow, Standing), ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let row = lock_dongle(&mut tx, dongle_id)
+        .await?
+        .ok_or_else(not_found)?;
+    let seen = sightings(&mut tx, dongle_id, caller.user_id()).await?;
+    drop(tx);
+    match standing(&row, &seen, caller, &state.hub).await {
+        Ok(standing) => Ok((row, standing)),
+        Err(error) => {
+            audit_failure(state, caller, client, dongle_id, refused_action, &error).await;
+            Err(error)
+        }
+    }
+}
+
 /// `pairing-mode start`: asks the serving agent to put the dongle in pairing mode and opens a window.
 pub async fn start(
     state: &AppState,
@@ -298,27 +349,22 @@ pub async fn start(
     client: &ClientInfo,
     dongle_id: Uuid,
 ) -> Result<PairingStarted, ApiError> {
-    let mut tx = state.pool.begin().await?;
-    let row = lock_dongle(&mut tx, dongle_id)
-        .await?
-        .ok_or_else(not_found)?;
-    let seen = sightings(&mut tx, dongle_id, caller.user_id()).await?;
-    let standing = match standing(&row, &seen, caller, &state.hub).await {
-        Ok(standing) => standing,
-        Err(error) => {
-            drop(tx);
-            audit_failure(
-                state,
-                caller,
-                client,
-                dongle_id,
-                "pairing.start_refused",
-                &error,
-            )
-            .await;
-            return Err(error);
-        }
-    };
+    // Checked before the lease (a refused caller takes nothing), and again under it.
+    pairing_checks(state, caller, client, dongle_id, "pairing.start_refused").await?;
+    let lease = pairing_lease(state, dongle_id).await?;
+    let started = start_leased(state, caller, client, dongle_id).await;
+    lease.release(&state.pool).await;
+    started
+}
+
+async fn start_leased(
+    state: &AppState,
+    caller: &Caller,
+    client: &ClientInfo,
+    dongle_id: Uuid,
+) -> Result<PairingStarted, ApiError> {
+    let (row, standing) =
+        pairing_checks(state, caller, client, dongle_id, "pairing.start_refused").await?;
     let agent_id = match standing {
         Standing::AlreadyOwned => {
             return Ok(PairingStarted {
@@ -339,10 +385,9 @@ pub async fn start(
     )
     .bind(dongle_id)
     .bind(caller.user_id())
-    .fetch_one(&mut *tx)
+    .fetch_one(&state.pool)
     .await?;
     if starts >= MAX_STARTS_PER_HOUR {
-        drop(tx);
         let error = ApiError::rate_limited(wait_secs.ceil().max(1.0) as u64);
         audit_failure(
             state,
@@ -356,17 +401,17 @@ pub async fn start(
         return Err(error);
     }
     // Another account's open window is not cancelled: the dongle holds one nonce at a time, and a
-    // stranger who sees the dongle could otherwise cancel its holder's pairing again and again.
+    // stranger who sees the dongle could otherwise cancel its holder's pairing again and again. Windows
+    // open only under the lease, so this check cannot race with another start.
     let others_open: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pairing_sessions WHERE dongle_id = $1 AND status = 'open' \
            AND expires_at > now() AND user_id <> $2)",
     )
     .bind(dongle_id)
     .bind(caller.user_id())
-    .fetch_one(&mut *tx)
+    .fetch_one(&state.pool)
     .await?;
     if others_open {
-        drop(tx);
         return Err(ApiError::new(
             ErrorCode::Conflict,
             "A pairing window is open for another account on this dongle: try again when it ends \
@@ -401,7 +446,6 @@ pub async fn start(
             ));
         }
         Err(e) => {
-            drop(tx);
             let error = agent_error(e);
             audit_failure(
                 state,
@@ -415,7 +459,18 @@ pub async fn start(
             return Err(error);
         }
     };
-    // A new window replaces any open one: the dongle holds one nonce at a time.
+    let mut tx = state.pool.begin().await?;
+    // The dongle may have changed hands while the agent was asked (an unpair, an admin's force-unpair).
+    let now = lock_dongle(&mut tx, dongle_id)
+        .await?
+        .ok_or_else(not_found)?;
+    if now.owner_user_id != row.owner_user_id || now.ownership_state != row.ownership_state {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "The dongle changed while its agent was asked: start again.",
+        ));
+    }
+    // A new window replaces the caller's own open one: the dongle holds one nonce at a time.
     sqlx::query(
         "UPDATE pairing_sessions SET status = 'cancelled' WHERE dongle_id = $1 AND status = 'open'",
     )
@@ -518,7 +573,6 @@ async fn enter_hold(
 #[derive(Debug, sqlx::FromRow)]
 struct SessionRow {
     status: String,
-    wrong_pins: i32,
     expired: bool,
     pairing_nonce: String,
 }
@@ -537,43 +591,43 @@ pub async fn submit(
             "The PIN is the 6 digits the dongle shows.",
         ));
     }
+    // Checked before the lease (a refused caller takes nothing), and again under it.
+    pairing_checks(state, caller, client, dongle_id, "pairing.submit_refused").await?;
+    let lease = pairing_lease(state, dongle_id).await?;
+    let submitted = submit_leased(state, caller, client, dongle_id, session_id, pin).await;
+    lease.release(&state.pool).await;
+    submitted
+}
+
+async fn submit_leased(
+    state: &AppState,
+    caller: &Caller,
+    client: &ClientInfo,
+    dongle_id: Uuid,
+    session_id: Uuid,
+    pin: &str,
+) -> Result<Paired, ApiError> {
     let user_id = caller.user_id();
-    let mut tx = state.pool.begin().await?;
-    let row = lock_dongle(&mut tx, dongle_id)
-        .await?
-        .ok_or_else(not_found)?;
-    let seen = sightings(&mut tx, dongle_id, user_id).await?;
-    let agent_id = match standing(&row, &seen, caller, &state.hub).await {
-        Ok(Standing::AlreadyOwned) => {
+    let (row, standing) =
+        pairing_checks(state, caller, client, dongle_id, "pairing.submit_refused").await?;
+    let agent_id = match standing {
+        Standing::AlreadyOwned => {
             return Ok(Paired {
                 dongle_id,
                 paired: true,
                 owner_user_id: user_id,
             });
         }
-        Ok(Standing::Pairable { agent_id }) => agent_id,
-        Err(error) => {
-            drop(tx);
-            audit_failure(
-                state,
-                caller,
-                client,
-                dongle_id,
-                "pairing.submit_refused",
-                &error,
-            )
-            .await;
-            return Err(error);
-        }
+        Standing::Pairable { agent_id } => agent_id,
     };
     let session: SessionRow = sqlx::query_as(
-        "SELECT status::text AS status, wrong_pins, expires_at <= now() AS expired, pairing_nonce \
-         FROM pairing_sessions WHERE id = $1 AND dongle_id = $2 AND user_id = $3 FOR UPDATE",
+        "SELECT status::text AS status, expires_at <= now() AS expired, pairing_nonce \
+         FROM pairing_sessions WHERE id = $1 AND dongle_id = $2 AND user_id = $3",
     )
     .bind(session_id)
     .bind(dongle_id)
     .bind(user_id)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&state.pool)
     .await?
     .ok_or_else(|| {
         ApiError::new(
@@ -584,6 +638,7 @@ pub async fn submit(
     match session.status.as_str() {
         "open" if !session.expired => {}
         "open" => {
+            let mut tx = state.pool.begin().await?;
             sqlx::query("UPDATE pairing_sessions SET status = 'expired' WHERE id = $1")
                 .bind(session_id)
                 .execute(&mut *tx)
@@ -627,6 +682,17 @@ pub async fn submit(
             state.config.agent_request_timeout,
         )
         .await;
+    let mut tx = state.pool.begin().await?;
+    // The dongle may have changed hands while the agent was asked (an unpair, an admin's force-unpair).
+    let now = lock_dongle(&mut tx, dongle_id)
+        .await?
+        .ok_or_else(not_found)?;
+    if now.owner_user_id != row.owner_user_id || now.ownership_state != row.ownership_state {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "The dongle changed while its agent was asked: start again.",
+        ));
+    }
     match reply {
         Ok(ReplyOk::Paired) => {}
         Ok(_) => {
@@ -636,12 +702,12 @@ pub async fn submit(
             ));
         }
         Err(RequestError::Failed(e)) if e.code == ReplyErrorCode::InvalidPin => {
-            let wrong = session.wrong_pins + 1;
-            sqlx::query("UPDATE pairing_sessions SET wrong_pins = $2 WHERE id = $1")
-                .bind(session_id)
-                .bind(wrong)
-                .execute(&mut *tx)
-                .await?;
+            let wrong: i32 = sqlx::query_scalar(
+                "UPDATE pairing_sessions SET wrong_pins = wrong_pins + 1 WHERE id = $1 RETURNING wrong_pins",
+            )
+            .bind(session_id)
+            .fetch_one(&mut *tx)
+            .await?;
             audit::record(
                 &mut *tx,
                 audit_entry(

@@ -36,7 +36,8 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
         tracing::warn!(%agent_id, error = %e, "could not record the agent's presence");
     }
     // Replies are handed to their waiters right here, but everything that touches the database goes to a
-    // worker of its own, in order: a pairing step holds the dongle's row lock while it waits for a reply,
+    // worker of its own, in order: a database write may wait on a lock (a report racing a pairing step's
+    // writes, say),
     // and a device report queued before that reply would otherwise block the reply behind the lock.
     let (work_tx, mut work_rx) = tokio::sync::mpsc::channel::<AgentMessage>(64);
     let worker_state = state.clone();
