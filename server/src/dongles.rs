@@ -342,6 +342,23 @@ async fn pairing_checks(
     }
 }
 
+/// Locks the dongle's row for a pairing step's writes, after its agent answered: the dongle may have
+/// changed hands meanwhile (an unpair, an admin's force-unpair), and then nothing is written.
+async fn relock_unchanged(
+    conn: &mut PgConnection,
+    dongle_id: Uuid,
+    before: &DongleRow,
+) -> Result<(), ApiError> {
+    let now = lock_dongle(conn, dongle_id).await?.ok_or_else(not_found)?;
+    if now.owner_user_id != before.owner_user_id || now.ownership_state != before.ownership_state {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "The dongle changed while its agent was asked: start again.",
+        ));
+    }
+    Ok(())
+}
+
 /// `pairing-mode start`: asks the serving agent to put the dongle in pairing mode and opens a window.
 pub async fn start(
     state: &AppState,
@@ -460,16 +477,7 @@ async fn start_leased(
         }
     };
     let mut tx = state.pool.begin().await?;
-    // The dongle may have changed hands while the agent was asked (an unpair, an admin's force-unpair).
-    let now = lock_dongle(&mut tx, dongle_id)
-        .await?
-        .ok_or_else(not_found)?;
-    if now.owner_user_id != row.owner_user_id || now.ownership_state != row.ownership_state {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            "The dongle changed while its agent was asked: start again.",
-        ));
-    }
+    relock_unchanged(&mut tx, dongle_id, &row).await?;
     // A new window replaces the caller's own open one: the dongle holds one nonce at a time.
     sqlx::query(
         "UPDATE pairing_sessions SET status = 'cancelled' WHERE dongle_id = $1 AND status = 'open'",
@@ -683,16 +691,7 @@ async fn submit_leased(
         )
         .await;
     let mut tx = state.pool.begin().await?;
-    // The dongle may have changed hands while the agent was asked (an unpair, an admin's force-unpair).
-    let now = lock_dongle(&mut tx, dongle_id)
-        .await?
-        .ok_or_else(not_found)?;
-    if now.owner_user_id != row.owner_user_id || now.ownership_state != row.ownership_state {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            "The dongle changed while its agent was asked: start again.",
-        ));
-    }
+    relock_unchanged(&mut tx, dongle_id, &row).await?;
     match reply {
         Ok(ReplyOk::Paired) => {}
         Ok(_) => {

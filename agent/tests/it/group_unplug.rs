@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use bridge_server::db::MIGRATOR;
 use bridge_server::users::Role;
-use common::{Agent, Dongle, Server, User, pair};
+use common::{Agent, Dongle, Server, active_group, pair};
 use dongle_sim::frame::Frame as SimFrame;
 use dongle_sim::{BusTap, SimConfig};
 use firmware_proto::ids::CanId;
-use serde_json::json;
 use sqlx::PgPool;
 
 /// Frame `n` of the numbered stream: id 0x321, its number in the first two data bytes.
@@ -34,27 +33,6 @@ async fn serial_dongle(bus: Option<(&std::path::Path, &str)>) -> Dongle {
         link: Some(link.clone()),
     };
     Dongle::start(config, dir, Some(link)).await
-}
-
-/// Makes a group of `a` and `b`, activates it and waits until it relays.
-async fn active_group(user: &User, a: &str, b: &str) -> String {
-    let (status, group) = user
-        .post("/groups", json!({"dongle_a_id": a, "dongle_b_id": b}))
-        .await;
-    assert!(status.is_success(), "{status} {group}");
-    let gid = group["id"].as_str().unwrap().to_string();
-    let (status, body) = user
-        .post(&format!("/groups/{gid}/activate"), json!({}))
-        .await;
-    assert!(status.is_success(), "{status} {body}");
-    for _ in 0..100 {
-        let (_, g) = user.get(&format!("/groups/{gid}")).await;
-        if g["state"] == "ACTIVE" {
-            return gid;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the group did not become ACTIVE");
 }
 
 /// Reads numbered frames from `tap` until `total` have arrived or nothing comes for `quiet`.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bridge_server::db::MIGRATOR;
 use bridge_server::users::Role;
-use common::{Agent, Dongle, Server, pair};
+use common::{Agent, Dongle, Server, active_group, pair};
 use dongle_sim::{BusTap, SimConfig};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -573,25 +573,7 @@ async fn a_socketcand_tool_reaches_a_simulated_dongle_through_a_group(pool: PgPo
         .await;
     assert!(!status.is_success(), "{status} {body}");
 
-    let (status, group) = user
-        .post("/groups", json!({"dongle_a_id": a_id, "dongle_b_id": b_id}))
-        .await;
-    assert!(status.is_success(), "{status} {group}");
-    let gid = group["id"].as_str().unwrap().to_string();
-    let (status, body) = user
-        .post(&format!("/groups/{gid}/activate"), json!({}))
-        .await;
-    assert!(status.is_success(), "{status} {body}");
-    let mut active = false;
-    for _ in 0..100 {
-        let (_, g) = user.get(&format!("/groups/{gid}")).await;
-        if g["state"] == "ACTIVE" {
-            active = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(active, "the group became ACTIVE");
+    active_group(&user, &a_id, &b_id).await;
     assert!(vehicle.wait_for_peers(1, Duration::from_secs(5)).await);
 
     // The tool's frames reach the vehicle's bus, in order.

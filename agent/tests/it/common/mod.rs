@@ -557,3 +557,24 @@ pub async fn pair(user: &User, dongle: &Dongle) -> String {
     assert_eq!(status, StatusCode::OK, "{body}");
     id
 }
+
+/// Makes a group of `a` and `b`, activates it and waits until it relays.
+pub async fn active_group(user: &User, a: &str, b: &str) -> String {
+    let (status, group) = user
+        .post("/groups", json!({"dongle_a_id": a, "dongle_b_id": b}))
+        .await;
+    assert!(status.is_success(), "{status} {group}");
+    let gid = group["id"].as_str().unwrap().to_string();
+    let (status, body) = user
+        .post(&format!("/groups/{gid}/activate"), json!({}))
+        .await;
+    assert!(status.is_success(), "{status} {body}");
+    for _ in 0..100 {
+        let (_, g) = user.get(&format!("/groups/{gid}")).await;
+        if g["state"] == "ACTIVE" {
+            return gid;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the group did not become ACTIVE");
+}
