@@ -69,6 +69,68 @@ impl Side {
     }
 }
 
+/// One value per side of a group, indexed by [`Side`]: what `[T; 2]` indexed by `0`, `1` and `1 - t`
+/// would be, without the arithmetic on indices that says nothing about which side is meant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PerSide<T> {
+    pub a: T,
+    pub b: T,
+}
+
+impl<T> PerSide<T> {
+    /// Both sides, A first.
+    pub const SIDES: [Side; 2] = [Side::A, Side::B];
+
+    pub fn new(a: T, b: T) -> Self {
+        Self { a, b }
+    }
+
+    /// Each side's value from a function of the side.
+    pub fn from_fn(mut f: impl FnMut(Side) -> T) -> Self {
+        Self {
+            a: f(Side::A),
+            b: f(Side::B),
+        }
+    }
+
+    /// The sides and their values, A first.
+    pub fn iter(&self) -> impl Iterator<Item = (Side, &T)> {
+        [(Side::A, &self.a), (Side::B, &self.b)].into_iter()
+    }
+
+    /// The values, A first.
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        [&self.a, &self.b].into_iter()
+    }
+
+    pub fn map<U>(self, mut f: impl FnMut(Side, T) -> U) -> PerSide<U> {
+        PerSide {
+            a: f(Side::A, self.a),
+            b: f(Side::B, self.b),
+        }
+    }
+}
+
+impl<T> std::ops::Index<Side> for PerSide<T> {
+    type Output = T;
+
+    fn index(&self, side: Side) -> &T {
+        match side {
+            Side::A => &self.a,
+            Side::B => &self.b,
+        }
+    }
+}
+
+impl<T> std::ops::IndexMut<Side> for PerSide<T> {
+    fn index_mut(&mut self, side: Side) -> &mut T {
+        match side {
+            Side::A => &mut self.a,
+            Side::B => &mut self.b,
+        }
+    }
+}
+
 /// What a data message says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

@@ -20,6 +20,7 @@ pub mod chunk;
 pub mod console;
 pub mod pipe;
 pub mod relay;
+pub mod settings;
 
 use chrono::{DateTime, Utc};
 use control_proto::data::Side;
