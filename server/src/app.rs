@@ -11,68 +11,18 @@ use axum::middleware::from_fn;
 use axum::response::IntoResponse;
 use axum_server::accept::NoDelayAcceptor;
 use axum_server::tls_rustls::RustlsConfig;
-use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::agents::hub::AgentHub;
 use crate::config::ServerConfig;
 use crate::console::Console;
-use crate::dongle_tokens::KeyRing;
 use crate::email::smtp::{MailError, SmtpMailer};
 use crate::email::worker::{self, WorkerSettings};
-use crate::groups::relay::Relay;
 use crate::http::{ApiError, error, request_id};
+pub use crate::state::AppState;
 use crate::{agents, auth, commands, email, groups, rate_limit, routes, telemetry, web};
-
-/// What every handler can reach. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    pub pool: PgPool,
-    pub config: Arc<ServerConfig>,
-    /// The URL mail links point at (`--public-url`, or the address the server listens on).
-    pub public_url: Arc<str>,
-    /// Wakes this process's mail worker when a handler queues mail.
-    pub mail_wake: Arc<Notify>,
-    /// Wakes this process's command dispatcher when a command is queued or an agent connects.
-    pub command_wake: Arc<Notify>,
-    pub metrics: PrometheusHandle,
-    /// The agents' control connections, on this instance and (through the database) on the others.
-    pub hub: Arc<AgentHub>,
-    /// The dongle-token master keys (from the configuration).
-    pub keys: Arc<KeyRing>,
-    /// The live console's streams (SPEC 3.9).
-    pub console: Arc<Console>,
-    /// The relay of groups' frames: data connections, pipes, and the events the console is fed from.
-    pub relay: Arc<Relay>,
-}
-
-impl AppState {
-    pub fn new(pool: PgPool, config: ServerConfig, public_url: String) -> Self {
-        let keys = Arc::new(config.dongle_keys.clone());
-        let hub = Arc::new(AgentHub::clustered(
-            pool.clone(),
-            config.cluster.clone(),
-            keys.clone(),
-        ));
-        let relay = Arc::new(Relay::new(pool.clone(), config.relay.clone(), hub.clone()));
-        Self {
-            hub,
-            relay,
-            pool,
-            keys,
-            console: Arc::new(Console::new(config.console_frame_rate)),
-            config: Arc::new(config),
-            public_url: public_url.into(),
-            mail_wake: Arc::new(Notify::new()),
-            command_wake: Arc::new(Notify::new()),
-            metrics: telemetry::prometheus(),
-        }
-    }
-}
 
 /// Forgets console streams nobody watches, twice a minute.
 async fn sweep_console(console: Arc<Console>, shutdown: CancellationToken) {
@@ -272,7 +222,7 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
         }
     }));
     // The instance joins the cluster (its first beat) before it accepts any agent.
-    tasks.push(agents::cluster::start(state.hub.clone(), shutdown.clone()).await);
+    tasks.push(agents::cluster_tasks::start(state.hub.clone(), shutdown.clone()).await);
 
     // Every accepted connection turns Nagle's algorithm off. Control and data messages are small and
     // each must go out at once: with Nagle on, a message written while the previous small one is not

@@ -15,11 +15,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
 use crate::dongles::{self, OwnedDongle};
 use crate::http::{ApiError, ClientInfo, ErrorCode};
+use crate::state::AppState;
 
 /// The operating modes of the v0.7 `can_mode` enum.
 pub const MODES: [&str; 4] = ["normal", "listen_only", "loopback", "ext_loop"];

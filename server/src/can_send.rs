@@ -11,13 +11,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
 use crate::console::{ConsoleEvent, StreamKey};
 use crate::dongles;
 use crate::http::{ApiError, ClientInfo, ErrorCode};
 use crate::rate_limit::{self, Scope};
+use crate::state::AppState;
 
 /// The largest standard (11-bit) identifier.
 pub const MAX_STANDARD_ID: i64 = 0x7FF;

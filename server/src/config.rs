@@ -170,7 +170,7 @@ pub struct ServerConfig {
     /// How often an open console stream checks that its caller may still watch it.
     pub stream_recheck: Duration,
     /// The relay of groups' frames: retention, replay rate, batching (SPEC 3.8 defaults).
-    pub relay: crate::groups::relay::RelaySettings,
+    pub relay: crate::groups::settings::RelaySettings,
 }
 
 impl Default for ServerConfig {
@@ -233,7 +233,7 @@ impl ServerConfig {
                 from: args.smtp_from.clone(),
             }),
             dev_mode: args.dev,
-            relay: crate::groups::relay::RelaySettings {
+            relay: crate::groups::settings::RelaySettings {
                 buffer_max_frames: args.relay_buffer_max_frames.max(1),
                 buffer_max_age: Duration::from_secs(args.relay_buffer_max_age_secs.max(1)),
                 replay_rate: args.relay_replay_rate.max(1),

@@ -15,13 +15,13 @@ use uuid::Uuid;
 
 use crate::agents::ONLINE_SQL;
 use crate::agents::hub::{AgentHub, RequestError};
-use crate::app::AppState;
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
 use crate::dongle_lease::{self, Lease};
 use crate::dongle_tokens::{self, DongleToken, KeyRing};
 use crate::groups;
 use crate::http::{ApiError, ClientInfo, ErrorCode};
+use crate::state::AppState;
 
 /// Wrong PINs allowed in one pairing window; the last one puts the dongle on hold.
 pub const MAX_WRONG_PINS: i32 = 5;
@@ -860,7 +860,7 @@ pub async fn unpair(
         None => Vec::new(),
     };
     // The relay stops the group's pipes and tells the agents concerned, once this is committed.
-    let (group_ids, group_agents) = groups::of_dongle(&mut tx, dongle_id).await?;
+    let (group_ids, group_agents) = groups::serving::of_dongle(&mut tx, dongle_id).await?;
     let groups_removed =
         sqlx::query("DELETE FROM dongle_groups WHERE dongle_a_id = $1 OR dongle_b_id = $1")
             .bind(dongle_id)

@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //!
-//! - [`app`]: [`app::AppState`], the router with its layers, and [`app::spawn`] / [`app::serve`], which
+//! - [`state`]: [`state::AppState`], what every handler can reach.
+//! - [`app`]: the router with its layers, and [`app::spawn`] / [`app::serve`], which
 //!   run a server in this process with graceful shutdown.
 //! - [`config`]: command-line flags (clap) and the plain [`config::ServerConfig`] the server runs on.
 //! - [`db`]: the pool, the embedded migrations, and [`db::Database`] (`DATABASE_URL` or the embedded
@@ -60,6 +61,7 @@ pub mod http;
 pub mod openapi;
 pub mod rate_limit;
 pub mod routes;
+pub mod state;
 pub mod telemetry;
 pub mod users;
 pub mod web;

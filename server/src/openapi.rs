@@ -75,7 +75,7 @@ pub fn document_common_errors(doc: &mut utoipa::openapi::OpenApi) {
         "SERVICE_UNAVAILABLE: the database is unreachable for now; try again after `Retry-After` seconds.",
     );
     for (path, item) in doc.paths.paths.iter_mut() {
-        let api = path.starts_with(crate::routes::API_PREFIX);
+        let api = path.starts_with(crate::http::API_PREFIX);
         let operations = [
             &mut item.get,
             &mut item.put,

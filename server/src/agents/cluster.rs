@@ -50,11 +50,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::hub::{AgentHub, RequestError};
 use crate::dongle_tokens::KeyRing;
 
 /// The longest NOTIFY payload PostgreSQL accepts (it must be shorter than 8000 bytes).
@@ -67,14 +65,14 @@ const SEAL_LABEL: &[u8] = b"bridge-server/agent-hub/v1";
 pub const MESSAGE_TTL: Duration = Duration::from_secs(60);
 
 /// The longest a relayed request may keep the holding instance waiting, whatever its sender asked.
-const MAX_RELAYED_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(super) const MAX_RELAYED_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The first and the longest wait before the listening connection is opened again after a failure.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// How many notifications may wait between the listening task and the one acting on them.
-const WAKE_QUEUE: usize = 256;
+pub(super) const WAKE_QUEUE: usize = 256;
 
 /// How the instances of one database find each other alive.
 #[derive(Debug, Clone)]
@@ -152,7 +150,7 @@ pub(crate) enum Message {
 }
 
 impl Message {
-    fn kind(&self) -> &'static str {
+    pub(super) fn kind(&self) -> &'static str {
         match self {
             Self::Request { .. } => "request",
             Self::Reply { .. } => "reply",
@@ -172,35 +170,12 @@ pub(crate) enum Outcome {
     Timeout,
 }
 
-impl From<Result<ReplyOk, RequestError>> for Outcome {
-    fn from(result: Result<ReplyOk, RequestError>) -> Self {
-        match result {
-            Ok(body) => Self::Ok { body },
-            Err(RequestError::Failed(error)) => Self::Failed { error },
-            Err(RequestError::Timeout) => Self::Timeout,
-            // Too large cannot happen on the holding instance (it talks to its own socket).
-            Err(RequestError::Offline | RequestError::TooLarge { .. }) => Self::Offline,
-        }
-    }
-}
-
-impl From<Outcome> for Result<ReplyOk, RequestError> {
-    fn from(outcome: Outcome) -> Self {
-        match outcome {
-            Outcome::Ok { body } => Ok(body),
-            Outcome::Failed { error } => Err(RequestError::Failed(error)),
-            Outcome::Offline => Err(RequestError::Offline),
-            Outcome::Timeout => Err(RequestError::Timeout),
-        }
-    }
-}
-
 /// The NOTIFY payload, and the columns of a mailbox row: routing in clear, the [`Message`] sealed.
 #[derive(Debug, Serialize, Deserialize)]
-struct Notice {
-    id: Uuid,
-    to: Uuid,
-    from: Uuid,
+pub(super) struct Notice {
+    pub(super) id: Uuid,
+    pub(super) to: Uuid,
+    pub(super) from: Uuid,
     sealed: String,
 }
 
@@ -365,7 +340,7 @@ impl Cluster {
 
     /// Takes the message `id` out of this instance's mailbox: Some(true) when it is this caller's to
     /// act on, Some(false) when it expired, None when someone (the poll) took it first.
-    async fn claim(&self, id: Uuid) -> Result<Option<bool>, sqlx::Error> {
+    pub(super) async fn claim(&self, id: Uuid) -> Result<Option<bool>, sqlx::Error> {
         sqlx::query_scalar(
             "DELETE FROM agent_mailbox WHERE id = $1 AND to_instance = $2 RETURNING expires_at > now()",
         )
@@ -376,7 +351,7 @@ impl Cluster {
     }
 
     /// Takes every message out of this instance's mailbox, dropping the expired ones.
-    async fn drain(&self) -> Result<Vec<Notice>, sqlx::Error> {
+    pub(super) async fn drain(&self) -> Result<Vec<Notice>, sqlx::Error> {
         let rows: Vec<(Uuid, Uuid, String, bool)> = sqlx::query_as(
             "DELETE FROM agent_mailbox WHERE to_instance = $1 \
              RETURNING id, from_instance, sealed, expires_at > now()",
@@ -398,7 +373,7 @@ impl Cluster {
 
     /// Marks this instance alive and deletes the instances that are not (and so their connections and
     /// mailboxes). Returns how many dead instances were removed.
-    async fn beat(&self) -> Result<u64, sqlx::Error> {
+    pub(super) async fn beat(&self) -> Result<u64, sqlx::Error> {
         upsert_instance(&self.pool, self.instance_id).await?;
         let dead = sqlx::query(
             "DELETE FROM server_instances WHERE instance_id <> $1 \
@@ -413,7 +388,7 @@ impl Cluster {
     }
 
     /// Removes this instance (at shutdown): its agents count as disconnected everywhere at once.
-    async fn leave(&self) -> Result<(), sqlx::Error> {
+    pub(super) async fn leave(&self) -> Result<(), sqlx::Error> {
         sqlx::query("DELETE FROM server_instances WHERE instance_id = $1")
             .bind(self.instance_id)
             .execute(&self.pool)
@@ -421,7 +396,7 @@ impl Cluster {
         Ok(())
     }
 
-    fn open(&self, notice: &Notice) -> Result<Message, ClusterError> {
+    pub(super) fn open(&self, notice: &Notice) -> Result<Message, ClusterError> {
         decode(&self.keys, notice)
     }
 }
@@ -536,104 +511,12 @@ fn decode(keys: &KeyRing, notice: &Notice) -> Result<Message, ClusterError> {
 }
 
 /// What wakes the task that acts on messages.
-enum Wake {
+pub(super) enum Wake {
     /// A notification's payload.
     Notice(String),
     /// The listening connection was (re)opened: what was posted while nobody listened is in the
     /// mailbox.
     Resync,
-}
-
-/// Aborts a task when dropped, so that aborting [`run`] (a crash in tests) also stops its helpers.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Registers this instance (one beat, so it is alive before any agent can connect) and starts the task
-/// that beats, listens and polls until `shutdown`, when it removes the instance. Does nothing for a
-/// hub without a cluster.
-pub async fn start(hub: Arc<AgentHub>, shutdown: CancellationToken) -> JoinHandle<()> {
-    if let Some(cluster) = hub.cluster()
-        && let Err(e) = cluster.beat().await
-    {
-        tracing::warn!(error = %e, "could not register this server instance; retrying at the next beat");
-    }
-    tokio::spawn(run(hub, shutdown))
-}
-
-/// The instance's background work: beats, the listening connection, the poll, and acting on messages.
-pub async fn run(hub: Arc<AgentHub>, shutdown: CancellationToken) {
-    let Some(cluster) = hub.cluster() else {
-        return;
-    };
-    let instance_id = cluster.instance_id;
-    tracing::info!(%instance_id, "server instance joins the cluster");
-    let settings = cluster.settings.clone();
-    let mut beats = AbortOnDrop(tokio::spawn(beat_loop(hub.clone(), shutdown.clone())));
-    let (wake_tx, mut wake_rx) = mpsc::channel(WAKE_QUEUE);
-    let _listener = settings.listen.then(|| {
-        AbortOnDrop(tokio::spawn(listen_loop(
-            cluster.pool.clone(),
-            channel_of(instance_id),
-            wake_tx,
-            shutdown.clone(),
-        )))
-    });
-    let mut poll = tokio::time::interval(settings.poll_interval);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let pool_closed = cluster.pool.close_event();
-    tokio::pin!(pool_closed);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            // The pool is closing (a test ended, or the process is stopping): nothing more can be done.
-            _ = &mut pool_closed => return,
-            wake = wake_rx.recv(), if settings.listen => match wake {
-                Some(Wake::Notice(payload)) => on_notice(&hub, &payload).await,
-                Some(Wake::Resync) => drain(&hub).await,
-                // The listening task ended: at shutdown, or because the pool is closing.
-                None if shutdown.is_cancelled() => break,
-                None => return,
-            },
-            _ = poll.tick() => drain(&hub).await,
-        }
-    }
-    // A beat still in flight would write the instance's row back after it left.
-    beats.0.abort();
-    let _ = (&mut beats.0).await;
-    if let Some(cluster) = hub.cluster()
-        && let Err(e) = cluster.leave().await
-    {
-        tracing::warn!(error = %e, "could not remove this server instance; others will find it stale");
-    }
-}
-
-async fn beat_loop(hub: Arc<AgentHub>, shutdown: CancellationToken) {
-    let Some(cluster) = hub.cluster() else {
-        return;
-    };
-    let mut tick = tokio::time::interval(cluster.settings.heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match cluster.beat().await {
-            Ok(0) => {}
-            Ok(dead) => tracing::info!(dead, "removed server instances that stopped beating"),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not beat; other instances may take this one for dead")
-            }
-        }
-        if let Err(e) = hub.reconcile().await {
-            tracing::warn!(error = %e, "could not reconcile this instance's agent connections");
-        }
-    }
 }
 
 async fn listen(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {
@@ -643,7 +526,7 @@ async fn listen(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error>
 }
 
 /// Keeps a LISTEN connection open (reopening it with exponential backoff) and forwards notifications.
-async fn listen_loop(
+pub(super) async fn listen_loop(
     pool: PgPool,
     channel: String,
     wake: mpsc::Sender<Wake>,
@@ -699,102 +582,6 @@ async fn listen_loop(
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
-}
-
-async fn on_notice(hub: &Arc<AgentHub>, payload: &str) {
-    let Some(cluster) = hub.cluster() else {
-        return;
-    };
-    let notice: Notice = match serde_json::from_str(payload) {
-        Ok(notice) => notice,
-        Err(e) => {
-            tracing::warn!(error = %e, "a malformed notification on this instance's channel");
-            return;
-        }
-    };
-    if notice.to != cluster.instance_id {
-        return;
-    }
-    match cluster.claim(notice.id).await {
-        Ok(Some(true)) => deliver(hub, &notice, "notify").await,
-        Ok(Some(false)) => tracing::debug!(from = %notice.from, "an expired message was dropped"),
-        // The poll took it first.
-        Ok(None) => {}
-        // The poll will take it.
-        Err(e) => tracing::warn!(error = %e, "could not claim a message; the poll will"),
-    }
-}
-
-async fn drain(hub: &Arc<AgentHub>) {
-    let Some(cluster) = hub.cluster() else {
-        return;
-    };
-    match cluster.drain().await {
-        Ok(notices) => {
-            for notice in notices {
-                deliver(hub, &notice, "poll").await;
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "could not poll this instance's mailbox"),
-    }
-}
-
-/// Acts on a claimed message. A request waits for the agent in a task of its own, so one slow agent
-/// never holds up the others' messages.
-async fn deliver(hub: &Arc<AgentHub>, notice: &Notice, path: &'static str) {
-    let Some(cluster) = hub.cluster() else {
-        return;
-    };
-    let message = match cluster.open(notice) {
-        Ok(message) => message,
-        Err(e) => {
-            tracing::warn!(from = %notice.from, error = %e, "a message from another instance was dropped");
-            return;
-        }
-    };
-    metrics::counter!("agent_hub_messages_delivered_total", "kind" => message.kind(), "path" => path)
-        .increment(1);
-    match message {
-        Message::Request {
-            request_id,
-            agent_id,
-            timeout_ms,
-            body,
-        } => {
-            let hub = hub.clone();
-            let from = notice.from;
-            tokio::spawn(async move {
-                let timeout = Duration::from_millis(timeout_ms).min(MAX_RELAYED_TIMEOUT);
-                // Only this instance's own socket: a request is relayed at most once, never bounced on.
-                let outcome = hub.request_here(agent_id, body, timeout).await;
-                let reply = Message::Reply {
-                    request_id,
-                    agent_id,
-                    outcome: outcome.into(),
-                };
-                if let Some(cluster) = hub.cluster()
-                    && let Err(e) = cluster.post(from, &reply, MESSAGE_TTL).await
-                {
-                    tracing::warn!(%agent_id, to = %from, error = %e, "could not return a relayed reply");
-                }
-            });
-        }
-        Message::Reply {
-            request_id,
-            agent_id,
-            outcome,
-        } => {
-            hub.complete_relayed(agent_id, request_id, outcome.into());
-        }
-        Message::Send { agent_id, message } => {
-            if hub.send_here(agent_id, message).is_err() {
-                tracing::debug!(%agent_id, "a relayed message found the agent gone");
-            }
-        }
-        Message::Kick { agent_id, conn_id } => {
-            hub.kick_here(agent_id, conn_id).await;
-        }
     }
 }
 

@@ -13,8 +13,8 @@ use control_proto::data::DataMessage;
 use futures::{SinkExt, StreamExt};
 
 use crate::agents::{self, AgentIdentity};
-use crate::app::AppState;
 use crate::groups::relay::Inbound;
+use crate::state::AppState;
 
 /// How many messages in a row may name groups the agent does not serve (a group just deactivated is
 /// still named for a moment by an honest agent) before the connection closes.

@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::cluster::{self, Cluster, ClusterError, ClusterSettings, Message};
+use super::cluster::{self, Cluster, ClusterError, ClusterSettings, Message, Outcome};
 use crate::dongle_tokens::KeyRing;
 
 /// How many messages may wait for one agent's socket before sends fail.
@@ -441,6 +441,29 @@ fn relay_error(agent_id: Uuid, e: ClusterError) -> RequestError {
         e => {
             tracing::warn!(%agent_id, error = %e, "could not hand a message to the instance holding an agent");
             RequestError::Offline
+        }
+    }
+}
+
+impl From<Result<ReplyOk, RequestError>> for Outcome {
+    fn from(result: Result<ReplyOk, RequestError>) -> Self {
+        match result {
+            Ok(body) => Self::Ok { body },
+            Err(RequestError::Failed(error)) => Self::Failed { error },
+            Err(RequestError::Timeout) => Self::Timeout,
+            // Too large cannot happen on the holding instance (it talks to its own socket).
+            Err(RequestError::Offline | RequestError::TooLarge { .. }) => Self::Offline,
+        }
+    }
+}
+
+impl From<Outcome> for Result<ReplyOk, RequestError> {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Ok { body } => Ok(body),
+            Outcome::Failed { error } => Err(RequestError::Failed(error)),
+            Outcome::Offline => Err(RequestError::Offline),
+            Outcome::Timeout => Err(RequestError::Timeout),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! Presence is a heartbeat (HTTP or control WebSocket) in the last [`OFFLINE_AFTER_SECS`] seconds.
 
 pub mod cluster;
+pub mod cluster_tasks;
 pub mod data_ws;
 pub mod hub;
 pub mod ws;

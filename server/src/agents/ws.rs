@@ -8,7 +8,7 @@ use control_proto::{AgentMessage, PROTOCOL_VERSION, ServerMessage, Welcome};
 use futures::{SinkExt, StreamExt};
 
 use crate::agents::{self, AgentIdentity};
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::{commands, dongles};
 
 /// Serves one agent's control connection until either side closes it.

@@ -12,10 +12,10 @@ use axum_extra::extract::cookie::CookieJar;
 use uuid::Uuid;
 
 use crate::agents::{self, AgentIdentity};
-use crate::app::AppState;
 use crate::auth::csrf;
 use crate::auth::session::{self, Lookup, SessionSecret};
 use crate::http::{ApiError, ErrorCode};
+use crate::state::AppState;
 use crate::users::{Role, Status};
 
 /// The authenticated caller of a request.

@@ -26,9 +26,9 @@ use uuid::Uuid;
 
 use super::{Ending, finish};
 use crate::agents::hub::RequestError;
-use crate::app::AppState;
 use crate::audit::{self, Entry, Target};
 use crate::dongles;
+use crate::state::AppState;
 
 /// Commands being sent at once by one instance.
 const MAX_IN_FLIGHT: usize = 32;

@@ -27,13 +27,13 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::agents::AgentIdentity;
-use crate::app::AppState;
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
 use crate::console::{ConsoleEvent, StreamKey};
 use crate::dongles;
 use crate::http::page::{PageInfo, Paging};
 use crate::http::{ApiError, ClientInfo, ErrorCode};
+use crate::state::AppState;
 
 use allow_list::Refusal;
 

@@ -13,7 +13,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::chunk::Chunk;
-use super::{Mode, direction_to, side_letter};
+use super::model::{Mode, direction_to, side_letter};
 use crate::audit::{self, Entry, Target};
 
 /// Why a buffer operation failed.

@@ -9,7 +9,7 @@
 //!   is activated here, or when a connected agent serves one of its sides, and ends when the group is
 //!   deactivated or deleted.
 //! - Which agent serves a side is the database's to say (present sightings of the dongle by the owner's
-//!   online agents, the longest-standing first: [`super::sides_served_by`]). Whenever that may change (an
+//!   online agents, the longest-standing first: [`super::serving::sides_served_by`]). Whenever that may change (an
 //!   agent's control connection opens, it reports its dongles, a group is activated, deactivated or
 //!   deleted, a dongle is unpaired) the agents concerned get a new `groups` list on their control
 //!   connection, and the pipes of that user look again.
@@ -39,163 +39,15 @@ use sqlx::PgPool;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
 
+use super::model::side_index;
 use super::pipe::{Pipe, PipeEvent};
-use super::{Mode, side_index};
 use crate::agents::AgentIdentity;
 use crate::agents::hub::AgentHub;
 
 pub use super::settings::RelaySettings;
 
-/// What the relay tells its subscribers (a live console).
-#[derive(Debug, Clone)]
-pub enum RelayEvent {
-    /// A run of frames was accepted from one side, on its way to the other.
-    Frames {
-        group_id: Uuid,
-        from: Side,
-        from_dongle_id: Uuid,
-        to_dongle_id: Uuid,
-        /// The position of the first frame in the sending side's stream.
-        first_seq: u64,
-        count: u32,
-        /// The firmware-proto CAN batch.
-        batch: Arc<[u8]>,
-    },
-    /// The group's state, pressure flag or backlog changed (coalesced to one per flush interval).
-    GroupState {
-        group_id: Uuid,
-        state: Mode,
-        buffer_pressure: bool,
-        backlog_a_to_b: u64,
-        backlog_b_to_a: u64,
-    },
-}
-
-/// Counters of this instance's relay (also exported as Prometheus metrics).
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    pub frames_accepted: AtomicU64,
-    pub frames_forwarded: AtomicU64,
-    pub frames_buffered: AtomicU64,
-    pub frames_delivered: AtomicU64,
-    pub frames_trimmed: AtomicU64,
-    /// Frames that arrived again (a resend after a reconnect) and were skipped.
-    pub frames_duplicate: AtomicU64,
-    /// Frames refused: unknown or inactive group, another user's, or a side the agent does not serve.
-    pub frames_refused: AtomicU64,
-    /// Data messages that did not decode.
-    pub messages_malformed: AtomicU64,
-    /// Messages for a data connection whose queue was full.
-    pub messages_dropped: AtomicU64,
-}
-
-impl RelayStats {
-    pub(crate) fn add(&self, counter: &AtomicU64, name: &'static str, n: u64) {
-        if n > 0 {
-            counter.fetch_add(n, Ordering::Relaxed);
-            metrics::counter!(name).increment(n);
-        }
-    }
-}
-
-pub use super::pipe::SendError;
-
-struct DataConn {
-    conn_id: u64,
-    tx: mpsc::Sender<Vec<u8>>,
-}
-
-/// What pipes share with the relay: the pool, the settings, the connections, the events.
-pub(crate) struct Core {
-    pub pool: PgPool,
-    pub settings: RelaySettings,
-    pub stats: RelayStats,
-    conns: Mutex<HashMap<Uuid, DataConn>>,
-    events: broadcast::Sender<RelayEvent>,
-    /// Agents whose `groups` list a pipe found out of date (a side's serving agent changed), for
-    /// [`Relay::send_moved_lists`]; a set, so it holds each agent once however often it is named.
-    moved: Mutex<std::collections::HashSet<Uuid>>,
-    moved_wake: tokio::sync::Notify,
-}
-
-impl Core {
-    /// The id of the agent's data connection here, if it has one.
-    pub fn conn_of(&self, agent_id: Uuid) -> Option<u64> {
-        self.conns
-            .lock()
-            .expect("relay lock")
-            .get(&agent_id)
-            .filter(|c| !c.tx.is_closed())
-            .map(|c| c.conn_id)
-    }
-
-    /// Queues a binary message for the agent's data connection; returns the connection's id.
-    pub fn send(&self, agent_id: Uuid, message: Vec<u8>) -> Result<u64, SendError> {
-        let conns = self.conns.lock().expect("relay lock");
-        let conn = conns.get(&agent_id).ok_or(SendError::Offline)?;
-        match conn.tx.try_send(message) {
-            Ok(()) => Ok(conn.conn_id),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(SendError::Full),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Offline),
-        }
-    }
-
-    /// A side's serving agent changed from `before` to `after` (one logged in anew, went offline, or
-    /// the dongle moved): both need a new `groups` list, which no event of their own would send.
-    pub fn serving_changed(&self, before: Option<Uuid>, after: Option<Uuid>) {
-        let mut moved = self.moved.lock().expect("relay lock");
-        moved.extend(before);
-        moved.extend(after);
-        drop(moved);
-        self.moved_wake.notify_one();
-    }
-
-    /// Queues a binary message for one data connection of the agent: when the agent has another
-    /// connection here now, nothing is sent (`Offline`), so that frames never reach a newer connection
-    /// ahead of older ones still in flight on the previous one.
-    pub fn send_on(&self, agent_id: Uuid, conn_id: u64, message: Vec<u8>) -> Result<(), SendError> {
-        let conns = self.conns.lock().expect("relay lock");
-        let conn = conns
-            .get(&agent_id)
-            .filter(|c| c.conn_id == conn_id)
-            .ok_or(SendError::Offline)?;
-        match conn.tx.try_send(message) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(SendError::Full),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Offline),
-        }
-    }
-
-    /// Queues a message whose loss is harmless (an ACK: the next one covers it); counts a loss.
-    pub fn send_lossy(&self, agent_id: Uuid, message: Vec<u8>) {
-        if let Err(SendError::Full) = self.send(agent_id, message) {
-            self.stats.add(
-                &self.stats.messages_dropped,
-                "relay_messages_dropped_total",
-                1,
-            );
-        }
-    }
-
-    /// Closes the agent's data connection (it reconnects and sends again what was not acknowledged).
-    pub fn close(&self, agent_id: Uuid) {
-        self.conns.lock().expect("relay lock").remove(&agent_id);
-    }
-
-    pub fn emit(&self, event: RelayEvent) {
-        // No subscriber is not an error.
-        let _ = self.events.send(event);
-    }
-}
-
-/// Positions and flags a pipe publishes for the rest of the instance.
-#[derive(Debug, Default)]
-pub(crate) struct PipeShared {
-    /// Per side: the stream from that side is acknowledged up to here.
-    pub acked_in: [AtomicU64; 2],
-    /// Per side: its serving agent's data connection is on this instance.
-    pub data_connected: [AtomicBool; 2],
-}
+use super::links::{Core, DataConn, PipeShared};
+pub use super::links::{RelayEvent, RelayStats, SendError};
 
 #[derive(Clone)]
 struct PipeHandle {
@@ -553,8 +405,12 @@ impl Relay {
     /// The agent's `groups` list, sent on its control connection when it differs from the last one
     /// sent (or always with `force`). Positions are the relay's own when a pipe runs here.
     async fn send_groups(&self, agent: AgentIdentity, force: bool) {
-        let served = match super::sides_served_by(&self.core.pool, agent.agent_id, agent.user_id)
-            .await
+        let served = match super::serving::sides_served_by(
+            &self.core.pool,
+            agent.agent_id,
+            agent.user_id,
+        )
+        .await
         {
             Ok(served) => served,
             Err(e) => {
@@ -602,7 +458,8 @@ impl Relay {
 
     /// Starts the pipes of the groups whose sides the agent serves.
     async fn start_served_pipes(&self, agent: AgentIdentity) {
-        match super::sides_served_by(&self.core.pool, agent.agent_id, agent.user_id).await {
+        match super::serving::sides_served_by(&self.core.pool, agent.agent_id, agent.user_id).await
+        {
             Ok(served) => {
                 for s in served {
                     self.forget_refused(s.group_id);

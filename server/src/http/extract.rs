@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::http::error::{ApiError, ErrorCode};
+use crate::state::AppState;
 
 /// `axum::Json`, with malformed JSON and missing fields answered as VALIDATION_ERROR (400), a wrong
 /// content type as UNSUPPORTED_MEDIA_TYPE (415) and oversized bodies as PAYLOAD_TOO_LARGE (413).

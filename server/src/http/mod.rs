@@ -9,4 +9,8 @@ pub mod page;
 pub mod request_id;
 
 pub use error::{ApiError, ErrorCode};
+
+/// The prefix of the JSON API.
+pub const API_PREFIX: &str = "/api/v1";
+
 pub use extract::{ApiJson, ApiQuery, ClientInfo, PathId, PathIds};

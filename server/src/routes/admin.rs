@@ -11,12 +11,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::audit::{self, AuditView, Entry, Target};
 use crate::auth::{AdminUser, session};
 use crate::http::error::ErrorBody;
 use crate::http::page::{PageInfo, Paging};
 use crate::http::{ApiError, ApiQuery, ClientInfo, ErrorCode, PathId};
+use crate::state::AppState;
 use crate::users::{self, Role, Status, User, UserView};
 
 pub fn router() -> OpenApiRouter<AppState> {

@@ -12,12 +12,12 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::agents::{self, AgentView, ReportError};
-use crate::app::AppState;
 use crate::audit::{self, Entry, Target};
 use crate::auth::{CurrentAgent, CurrentUser};
 use crate::dongles;
 use crate::http::error::ErrorBody;
 use crate::http::{ApiError, ApiJson, ClientInfo, PathId};
+use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

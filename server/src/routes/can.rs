@@ -7,12 +7,12 @@ use axum::extract::State;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::AppState;
 use crate::auth::Caller;
 use crate::can_config::{self, CanConfigApplied, CanConfigRequest, CanConfigState};
 use crate::can_send::{self, FrameSent, SendFrameRequest};
 use crate::http::error::ErrorBody;
 use crate::http::{ApiError, ApiJson, ClientInfo, PathId};
+use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

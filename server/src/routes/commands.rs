@@ -10,12 +10,12 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::AppState;
 use crate::auth::Caller;
 use crate::commands::{self, CommandPage, CommandView, InvokeRequest, Queued};
 use crate::http::error::ErrorBody;
 use crate::http::page::Paging;
 use crate::http::{ApiError, ApiJson, ApiQuery, ClientInfo, PathId, PathIds};
+use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

@@ -9,11 +9,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::auth::{Caller, CurrentUser};
 use crate::dongles::{self, DongleView, Paired, PairingStarted, Unpaired};
 use crate::http::error::ErrorBody;
 use crate::http::{ApiError, ApiJson, ClientInfo, ErrorCode, PathId};
+use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

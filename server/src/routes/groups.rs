@@ -11,11 +11,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::auth::Caller;
-use crate::groups::{self, GroupView};
+use crate::groups::api::{self as groups, GroupView};
 use crate::http::error::ErrorBody;
 use crate::http::{ApiError, ApiJson, ClientInfo, ErrorCode, PathId};
+use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -49,7 +49,7 @@ async fn list_groups(
     caller: Caller,
 ) -> Result<Json<GroupList>, ApiError> {
     Ok(Json(GroupList {
-        items: groups::list(&state, caller.user_id()).await?,
+        items: groups::list(&state.pool, &state.relay, caller.user_id()).await?,
     }))
 }
 
@@ -71,8 +71,15 @@ async fn create_group(
     client: ClientInfo,
     ApiJson(body): ApiJson<CreateGroup>,
 ) -> Result<(StatusCode, Json<GroupView>), ApiError> {
-    let group =
-        groups::create(&state, &caller, &client, body.dongle_a_id, body.dongle_b_id).await?;
+    let group = groups::create(
+        &state.pool,
+        &state.relay,
+        &caller,
+        &client,
+        body.dongle_a_id,
+        body.dongle_b_id,
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(group)))
 }
 
@@ -89,7 +96,7 @@ async fn get_group(
     caller: Caller,
     PathId(id): PathId,
 ) -> Result<Json<GroupView>, ApiError> {
-    groups::find(&state, caller.user_id(), id)
+    groups::find(&state.pool, &state.relay, caller.user_id(), id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "Group not found."))
@@ -111,7 +118,7 @@ async fn delete_group(
     client: ClientInfo,
     PathId(id): PathId,
 ) -> Result<StatusCode, ApiError> {
-    groups::delete(&state, &caller, &client, id).await?;
+    groups::delete(&state.pool, &state.relay, &caller, &client, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -133,7 +140,9 @@ async fn activate(
     client: ClientInfo,
     PathId(id): PathId,
 ) -> Result<Json<GroupView>, ApiError> {
-    Ok(Json(groups::activate(&state, &caller, &client, id).await?))
+    Ok(Json(
+        groups::activate(&state.pool, &state.relay, &caller, &client, id).await?,
+    ))
 }
 
 /// Stops relaying; frames already buffered stay (within retention) for a later activation. Idempotent.
@@ -153,6 +162,6 @@ async fn deactivate(
     PathId(id): PathId,
 ) -> Result<Json<GroupView>, ApiError> {
     Ok(Json(
-        groups::deactivate(&state, &caller, &client, id).await?,
+        groups::deactivate(&state.pool, &state.relay, &caller, &client, id).await?,
     ))
 }

@@ -23,11 +23,10 @@ use axum::{Json, Router};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::app::AppState;
 use crate::openapi::ApiDoc;
+use crate::state::AppState;
 
-/// The prefix of the JSON API.
-pub const API_PREFIX: &str = "/api/v1";
+pub use crate::http::API_PREFIX;
 
 /// Every documented route, with its OpenAPI document.
 pub fn documented() -> OpenApiRouter<AppState> {

@@ -21,12 +21,12 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::agents;
-use crate::app::AppState;
 use crate::auth::Caller;
 use crate::auth::session::{self, Lookup, SessionSecret};
 use crate::console::{ConsoleEvent, Stored, StreamKey};
 use crate::http::error::ErrorBody;
 use crate::http::{ApiError, ErrorCode, PathId};
+use crate::state::AppState;
 use crate::users::{Role, Status};
 
 /// How often an idle stream sends a comment, so proxies keep it open.

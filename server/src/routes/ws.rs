@@ -8,9 +8,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::agents::{data_ws, ws};
-use crate::app::AppState;
 use crate::auth::CurrentAgent;
 use crate::http::error::ErrorBody;
+use crate::state::AppState;
 
 /// The largest control message accepted, in bytes. The largest real ones (a device report of every
 /// dongle a workstation sees, a command result whose output the server caps at 64 KiB anyway) are far

@@ -14,11 +14,11 @@ use axum::middleware::from_fn;
 use serde_json::Value;
 use tower::ServiceExt;
 
-use crate::app::AppState;
 use crate::auth::csrf;
 use crate::http::error;
 use crate::http::request_id::RequestId;
 use crate::routes::{self, API_PREFIX};
+use crate::state::AppState;
 
 /// The API's routes with the error shape, built once per process (each call gives it the state).
 fn api_routes() -> Router<AppState> {

@@ -35,7 +35,7 @@ use axum::middleware::{Next, from_fn};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 
-use crate::app::AppState;
+use crate::state::AppState;
 use api::{Ctx, Reply};
 use html::{Me, Nav, Page, esc, url_encode};
 

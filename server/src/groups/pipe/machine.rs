@@ -21,9 +21,10 @@ use control_proto::data::{PerSide, Side};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::groups::Mode;
 use crate::groups::buffer::{Acknowledged, Appended, SideCounters, SideRow};
 use crate::groups::chunk::Chunk;
+pub use crate::groups::links::SendError;
+use crate::groups::model::Mode;
 use crate::groups::settings::RelaySettings;
 
 /// The largest stream position accepted: far beyond any real stream, and small enough that a position
@@ -46,15 +47,6 @@ const LOOK_AGAIN: Duration = Duration::from_secs(1);
 
 /// An agent's data connection on this instance: the agent and the connection's id.
 pub type Conn = (Uuid, u64);
-
-/// Why a message could not be queued for an agent's data connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SendError {
-    #[error("the agent has no data connection on this instance")]
-    Offline,
-    #[error("the agent's data connection queue is full")]
-    Full,
-}
 
 /// Why a database request failed, as far as the machine cares (the driver logs the error itself).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1094,7 +1086,7 @@ impl Machine {
         if appended.trimmed > 0 {
             self.buffer_pressure = true;
             self.tally.trimmed += appended.trimmed;
-            tracing::warn!(group_id = %self.group_id, direction = crate::groups::direction_to(t),
+            tracing::warn!(group_id = %self.group_id, direction = crate::groups::model::direction_to(t),
                 frames = appended.trimmed, "the relay buffer is full: trimmed the oldest frames");
         }
     }

@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::buffer::{self, Append, BufferError, Retention};
-use super::relay::{Core, PipeShared, RelayEvent};
+use super::links::{Core, PipeShared, RelayEvent};
 use machine::{Action, Failure, Frames, Input, Loaded, Machine, Reply, Request, SidesRead};
 pub use machine::{MAX_POSITION, SendError};
 
@@ -83,7 +83,7 @@ pub(crate) struct Pipe {
 impl Pipe {
     /// Reads the group; None when it does not exist or is not relaying.
     pub(crate) async fn load(core: Arc<Core>, group_id: Uuid) -> Result<Option<Pipe>, BufferError> {
-        let Some(group) = super::sides_of(&core.pool, group_id).await? else {
+        let Some(group) = super::serving::sides_of(&core.pool, group_id).await? else {
             return Ok(None);
         };
         if !group.mode.relaying() {
@@ -332,7 +332,7 @@ impl Pipe {
             Request::Connections { agents } => {
                 Reply::Connections(agents.map(|_, agent| agent.and_then(|a| core.conn_of(a))))
             }
-            Request::Sides => Reply::Sides(match super::sides_of(pool, group_id).await {
+            Request::Sides => Reply::Sides(match super::serving::sides_of(pool, group_id).await {
                 Ok(group) => Ok(group.map(|g| {
                     let [a, b] = g.sides;
                     SidesRead {

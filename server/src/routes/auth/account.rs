@@ -7,13 +7,13 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::{CsrfToken, Message};
-use crate::app::AppState;
 use crate::audit::{self, Entry, Target};
 use crate::auth::{CurrentUser, email_token, password};
 use crate::email::{Template, outbox, templates};
 use crate::http::error::ErrorBody;
 use crate::http::{ApiError, ApiJson, ClientInfo};
 use crate::rate_limit::{self, Scope};
+use crate::state::AppState;
 use crate::users::{self, Email, Role, UserView};
 
 /// `POST /auth/signup`. No Debug: it holds a password.

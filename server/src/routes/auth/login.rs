@@ -7,13 +7,13 @@ use axum_extra::extract::cookie::CookieJar;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::app::AppState;
 use crate::audit::{self, Entry, Target};
 use crate::auth::session::{self, SessionSecret};
 use crate::auth::{CurrentUser, csrf, password};
 use crate::http::error::ErrorBody;
 use crate::http::{ApiError, ApiJson, ClientInfo, ErrorCode};
 use crate::rate_limit::{self, Decision, Scope};
+use crate::state::AppState;
 use crate::users::{self, Email, Status, UserView};
 
 /// `POST /auth/login`. No Debug: it holds a password.

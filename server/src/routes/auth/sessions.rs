@@ -7,12 +7,12 @@ use axum_extra::extract::cookie::CookieJar;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::app::AppState;
 use crate::audit::{self, Entry, Target};
 use crate::auth::CurrentUser;
 use crate::auth::session::{self, SessionView};
 use crate::http::error::ErrorBody;
 use crate::http::{ApiError, ClientInfo, PathId};
+use crate::state::AppState;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SessionList {

@@ -1,0 +1,62 @@
+//! A group's state and the names the database gives its sides and directions.
+
+use control_proto::data::Side;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The letter of a side in the database (`dongle_group_members.side`, `relay_sides.side`).
+pub fn side_letter(side: Side) -> &'static str {
+    match side {
+        Side::A => "a",
+        Side::B => "b",
+    }
+}
+
+/// The index of a side in the relay's two-element arrays.
+pub fn side_index(side: Side) -> usize {
+    match side {
+        Side::A => 0,
+        Side::B => 1,
+    }
+}
+
+/// The direction of the frames going TO `target`, as `relay_buffer.direction` names it.
+pub fn direction_to(target: Side) -> &'static str {
+    match target {
+        Side::B => "a_to_b",
+        Side::A => "b_to_a",
+    }
+}
+
+/// A group's state, the `group_mode` enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Mode {
+    Inactive,
+    Active,
+    Degraded,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Inactive => "INACTIVE",
+            Mode::Active => "ACTIVE",
+            Mode::Degraded => "DEGRADED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "INACTIVE" => Some(Mode::Inactive),
+            "ACTIVE" => Some(Mode::Active),
+            "DEGRADED" => Some(Mode::Degraded),
+            _ => None,
+        }
+    }
+
+    /// The relay runs for the group.
+    pub fn relaying(self) -> bool {
+        self != Mode::Inactive
+    }
+}

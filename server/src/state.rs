@@ -1,0 +1,62 @@
+//! What every handler can reach: the pool, the configuration, and the instance's shared services (the
+//! agents' hub, the relay, the console, the keys). It sits below every service and route; [`crate::app`]
+//! builds it and the router on top.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+
+use crate::agents::hub::AgentHub;
+use crate::config::ServerConfig;
+use crate::console::Console;
+use crate::dongle_tokens::KeyRing;
+use crate::groups::relay::Relay;
+use crate::telemetry;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub config: Arc<ServerConfig>,
+    /// The URL mail links point at (`--public-url`, or the address the server listens on).
+    pub public_url: Arc<str>,
+    /// Wakes this process's mail worker when a handler queues mail.
+    pub mail_wake: Arc<Notify>,
+    /// Wakes this process's command dispatcher when a command is queued or an agent connects.
+    pub command_wake: Arc<Notify>,
+    pub metrics: PrometheusHandle,
+    /// The agents' control connections, on this instance and (through the database) on the others.
+    pub hub: Arc<AgentHub>,
+    /// The dongle-token master keys (from the configuration).
+    pub keys: Arc<KeyRing>,
+    /// The live console's streams (SPEC 3.9).
+    pub console: Arc<Console>,
+    /// The relay of groups' frames: data connections, pipes, and the events the console is fed from.
+    pub relay: Arc<Relay>,
+}
+
+impl AppState {
+    pub fn new(pool: PgPool, config: ServerConfig, public_url: String) -> Self {
+        let keys = Arc::new(config.dongle_keys.clone());
+        let hub = Arc::new(AgentHub::clustered(
+            pool.clone(),
+            config.cluster.clone(),
+            keys.clone(),
+        ));
+        let relay = Arc::new(Relay::new(pool.clone(), config.relay.clone(), hub.clone()));
+        Self {
+            hub,
+            relay,
+            pool,
+            keys,
+            console: Arc::new(Console::new(config.console_frame_rate)),
+            config: Arc::new(config),
+            public_url: public_url.into(),
+            mail_wake: Arc::new(Notify::new()),
+            command_wake: Arc::new(Notify::new()),
+            metrics: telemetry::prometheus(),
+        }
+    }
+}
