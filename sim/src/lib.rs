@@ -29,6 +29,7 @@ pub mod faults;
 pub mod frame;
 pub mod link;
 pub mod pairing;
+mod shared;
 pub mod sim;
 pub mod state;
 pub mod timing;

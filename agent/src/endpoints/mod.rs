@@ -29,6 +29,7 @@
 
 pub mod set;
 pub mod slcan;
+pub mod slcan_rates;
 #[cfg(target_os = "linux")]
 pub mod socketcan;
 pub mod socketcand;

@@ -217,18 +217,18 @@ fn parse_slcan(rest: &str) -> Result<SlcanSettings, String> {
             _ => return Err(format!("unknown slcan option {option:?}")),
         }
     }
-    if super::slcan::bitrate_code(settings.bitrate).is_none() {
+    if super::slcan_rates::bitrate_code(settings.bitrate).is_none() {
         return Err(format!(
             "slcan sets only these bitrates: {}",
-            super::slcan::bitrate_list()
+            super::slcan_rates::bitrate_list()
         ));
     }
     if let Some(d) = settings.data_bitrate
-        && super::slcan::data_bitrate_code(d).is_none()
+        && super::slcan_rates::data_bitrate_code(d).is_none()
     {
         return Err(format!(
             "slcan sets only these FD data bitrates: {}",
-            super::slcan::data_bitrate_list()
+            super::slcan_rates::data_bitrate_list()
         ));
     }
     Ok(settings)

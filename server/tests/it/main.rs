@@ -21,6 +21,7 @@ mod faults_input;
 mod groups;
 mod hardening;
 mod keys_cli;
+mod layers;
 mod migrate_cli;
 mod multi_instance;
 mod openapi;

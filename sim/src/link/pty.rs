@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::dongle::SimEvent;
 use crate::faults;
-use crate::sim::{LinkStats, Shared};
+use crate::shared::{LinkStats, Shared};
 
 /// How long one frame may wait for room in the terminal's buffer (a host that stopped
 /// reading) before it is dropped and counted.

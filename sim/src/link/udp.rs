@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::dongle::SimEvent;
 use crate::faults;
-use crate::sim::Shared;
+use crate::shared::Shared;
 
 /// The two bound sockets of a UDP dongle.
 #[derive(Debug)]
