@@ -20,9 +20,17 @@ use crate::auth::Caller;
 use crate::dongles::{self, OwnedDongle};
 use crate::http::{ApiError, ClientInfo, ErrorCode};
 use crate::state::AppState;
+use firmware_proto::remp::CanMode;
 
-/// The operating modes of the v0.7 `can_mode` enum.
-pub const MODES: [&str; 4] = ["normal", "listen_only", "loopback", "ext_loop"];
+/// A mode name the v0.7 `can_mode` enum knows (the names are firmware-proto's).
+fn known_mode(name: &str) -> bool {
+    CanMode::from_name(name).is_some()
+}
+
+/// The mode names, for messages.
+fn mode_names() -> String {
+    CanMode::ALL.map(CanMode::name).join(", ")
+}
 
 /// Inclusive ranges of raw bit timing for one CAN controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,10 +217,10 @@ fn raw_field(
 pub fn validate(req: &CanConfigRequest, can_fd: bool) -> Result<CanConfig, Invalid> {
     let bitrate = in_range("bitrate", req.bitrate, 10_000, 1_000_000)?;
     let sample_point = in_range("sample_point_permille", req.sample_point_permille, 500, 950)?;
-    if !MODES.contains(&req.mode.as_str()) {
+    if !known_mode(&req.mode) {
         return Err(Invalid {
             field: "mode",
-            message: format!("must be one of {}.", MODES.join(", ")),
+            message: format!("must be one of {}.", mode_names()),
         });
     }
     let (prescaler, sjw, tseg1, tseg2) = if req.use_raw {
@@ -441,9 +449,7 @@ async fn apply_leased(
         )
         .await;
     let effective = match reply {
-        Ok(ReplyOk::CanConfigApplied { effective }) if MODES.contains(&effective.mode.as_str()) => {
-            effective
-        }
+        Ok(ReplyOk::CanConfigApplied { effective }) if known_mode(&effective.mode) => effective,
         Ok(other) => {
             tracing::warn!(%agent_id, reply = ?other, "an agent answered a CAN configuration oddly");
             let error = ApiError::new(

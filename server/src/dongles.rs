@@ -1057,8 +1057,10 @@ pub async fn hand_out_tokens(
     }
 }
 
-/// The capability bit of a dongle that speaks CAN FD (bit 0 of its ANNOUNCE, `firmware_proto::caps`).
-pub const CAP_CAN_FD: i64 = 1;
+/// The capability bits (as stored, from the dongle's ANNOUNCE) include CAN FD.
+pub fn announces_can_fd(capabilities: i64) -> bool {
+    capabilities & i64::from(firmware_proto::caps::CAN_FD) != 0
+}
 
 /// A dongle its owner acts on: configuration, commands, frames.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -1072,7 +1074,7 @@ pub struct OwnedDongle {
 impl OwnedDongle {
     /// The dongle announces CAN FD.
     pub fn can_fd(&self) -> bool {
-        self.capabilities & CAP_CAN_FD != 0
+        announces_can_fd(self.capabilities)
     }
 }
 

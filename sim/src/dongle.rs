@@ -43,7 +43,7 @@ use tokio::time::Instant;
 use crate::cli::{self, CliAction, CliContext};
 use crate::frame::Frame;
 use crate::pairing::{Pairing, StartOutcome, SubmitOutcome};
-use crate::state::{Flash, mode_name};
+use crate::state::Flash;
 use crate::timing::{self, Limits, TimingError};
 
 /// Which REMP extensions the dongle speaks (and announces).
@@ -932,7 +932,7 @@ impl Dongle {
                 s.tseg1,
                 s.tseg2,
                 s.sjw,
-                mode_name(s.mode)
+                s.mode.name()
             ),
             stats: [
                 ("packets_in", c.packets_in),

@@ -192,13 +192,8 @@ impl Flash {
             }
         };
         let c = f.can;
-        let mode = match c.mode.as_str() {
-            "normal" => CanMode::Normal,
-            "listen_only" => CanMode::ListenOnly,
-            "loopback" => CanMode::Loopback,
-            "ext_loop" => CanMode::ExtLoop,
-            other => return Err(format!("unknown CAN mode {other:?}")),
-        };
+        let mode =
+            CanMode::from_name(&c.mode).ok_or_else(|| format!("unknown CAN mode {:?}", c.mode))?;
         let can = CanSettings {
             bitrate: c.bitrate,
             sample_point_permille: c.sample_point_permille,
@@ -236,7 +231,7 @@ impl Flash {
                 sjw: c.sjw,
                 tseg1: c.tseg1,
                 tseg2: c.tseg2,
-                mode: mode_name(c.mode).into(),
+                mode: c.mode.name().into(),
                 flags: c.flags,
             },
         };
@@ -263,16 +258,6 @@ impl Flash {
             let _ = fs::remove_file(&tmp);
             io(e)
         })
-    }
-}
-
-/// The name of a CAN mode in the state file and the CLI.
-pub fn mode_name(mode: CanMode) -> &'static str {
-    match mode {
-        CanMode::Normal => "normal",
-        CanMode::ListenOnly => "listen_only",
-        CanMode::Loopback => "loopback",
-        CanMode::ExtLoop => "ext_loop",
     }
 }
 

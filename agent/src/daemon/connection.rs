@@ -152,7 +152,7 @@ fn handle(shared: &Arc<Shared>, message: ServerMessage, tx: &mpsc::Sender<AgentM
             tracing::debug!(id = request.id, body = ?request.body, "request from the server");
             let shared = shared.clone();
             let tx = tx.clone();
-            tokio::spawn(async move {
+            shared.clone().spawn(async move {
                 let result = shared.handle_request(request.body).await;
                 let reply = AgentMessage::Reply(control_proto::Reply {
                     id: request.id,
@@ -172,7 +172,9 @@ fn handle(shared: &Arc<Shared>, message: ServerMessage, tx: &mpsc::Sender<AgentM
                 return;
             };
             let shared = shared.clone();
-            tokio::spawn(async move { shared.store_token(device_id, token).await });
+            shared
+                .clone()
+                .spawn(async move { shared.store_token(device_id, token).await });
         }
         ServerMessage::CommandResultAck { command_id } => {
             // The journal syncs to disk: on a blocking thread, so that this loop goes on reading.

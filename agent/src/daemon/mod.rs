@@ -26,6 +26,8 @@ use control_proto::{AgentMessage, CommandResult, DongleReport, Event, Transport}
 use firmware_proto::ids::{DeviceId, DongleToken};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::discovery::scan::Location;
 use crate::dongles::{DongleEvent, DongleManager, ManagerConfig};
@@ -93,7 +95,14 @@ pub(crate) struct Shared {
     ready: Mutex<HashSet<DeviceId>>,
     status: status::StatusFile,
     data: dataplane::DataPlane,
+    /// Every task the daemon starts, so that shutdown waits for them instead of leaving any behind.
+    tasks: TaskTracker,
+    /// Cancelled at shutdown: every task in `tasks` ends at its next await.
+    cancel: CancellationToken,
 }
+
+/// How long shutdown waits for the daemon's tasks to end after cancelling them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the daemon until `shutdown` resolves, or until the server refuses the agent's token.
 pub async fn run(
@@ -131,28 +140,39 @@ pub async fn run(
         ready: Mutex::new(HashSet::new()),
         status: status::StatusFile::new(&config.home, &config.credentials.server_url),
         data: dataplane::DataPlane::default(),
+        tasks: TaskTracker::new(),
+        cancel: CancellationToken::new(),
     });
     shared.status.update(|s| s.dongles = shared.reports());
-    let watcher = tokio::spawn(watch_dongles(shared.clone(), events));
-    let endpoint_watcher = tokio::spawn(watch_endpoints(shared.clone(), endpoint_events));
+    shared.spawn(watch_dongles(shared.clone(), events));
+    shared.spawn(watch_endpoints(shared.clone(), endpoint_events));
     // Endpoints that opened before the watcher subscribed are pumped here.
     for endpoint in shared.endpoints.list() {
         start_endpoint_pump(&shared, endpoint.device_id);
     }
-    let data_plane = tokio::spawn(dataplane::run(
+    shared.spawn(dataplane::run(
         shared.clone(),
         config.credentials.clone(),
         config.backoff.clone(),
     ));
-    let stats = tokio::spawn(write_stats(shared.clone()));
+    shared.spawn(write_stats(shared.clone()));
     let outcome = tokio::select! {
         outcome = connection::keep_connected(shared.clone(), &config) => outcome,
         () = shutdown => Ok(()),
     };
-    watcher.abort();
-    endpoint_watcher.abort();
-    data_plane.abort();
-    stats.abort();
+    // Every task of the daemon (watchers, data plane, pumps, authorisations, timers) ends here: none
+    // is left running after `run` returns.
+    shared.cancel.cancel();
+    shared.tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, shared.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = shared.tasks.len(),
+            "some of the daemon's tasks did not end in time"
+        );
+    }
     shared.status.remove();
     outcome
 }
@@ -175,24 +195,16 @@ async fn write_stats(shared: Arc<Shared>) {
 async fn watch_dongles(shared: Arc<Shared>, mut events: broadcast::Receiver<DongleEvent>) {
     loop {
         match events.recv().await {
-            Ok(DongleEvent::Appeared { info, .. }) => {
-                let device_id = info.device_id;
-                if let Some(frames) = shared
-                    .manager
-                    .session(&device_id)
-                    .and_then(|s| s.take_frames())
-                {
-                    tokio::spawn(dataplane::pump(shared.clone(), device_id, frames));
-                }
-                let shared2 = shared.clone();
-                tokio::spawn(async move { shared2.authorize(device_id).await });
+            Ok(DongleEvent::Appeared { info, .. }) => shared.dongle_appeared(info.device_id),
+            Ok(DongleEvent::Gone { device_id }) => shared.dongle_gone(&device_id),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                // A missed "appeared" would leave a dongle whose frames nobody reads: look again.
+                tracing::warn!(
+                    missed,
+                    "dongle events were missed: looking at every dongle again"
+                );
+                shared.resync_dongles();
             }
-            Ok(DongleEvent::Gone { device_id }) => {
-                shared.authorized.lock().unwrap().remove(&device_id);
-                shared.ready.lock().unwrap().remove(&device_id);
-                shared.pairing.lock().unwrap().remove(&device_id);
-            }
-            Err(broadcast::error::RecvError::Lagged(_)) => {}
             Err(broadcast::error::RecvError::Closed) => return,
         }
         shared.devices_changed();
@@ -208,7 +220,15 @@ async fn watch_endpoints(shared: Arc<Shared>, mut events: broadcast::Receiver<En
                 start_endpoint_pump(&shared, device_id);
             }
             Ok(EndpointEvent::Gone { .. }) => {}
-            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "endpoint events were missed: looking at every endpoint again"
+                );
+                for endpoint in shared.endpoints.list() {
+                    start_endpoint_pump(&shared, endpoint.device_id);
+                }
+            }
             Err(broadcast::error::RecvError::Closed) => return,
         }
         shared.devices_changed();
@@ -223,11 +243,66 @@ fn start_endpoint_pump(shared: &Arc<Shared>, device_id: DeviceId) {
         .endpoint(&device_id)
         .and_then(|e| e.take_frames())
     {
-        tokio::spawn(dataplane::pump(shared.clone(), device_id, frames));
+        shared.spawn(dataplane::pump(shared.clone(), device_id, frames));
     }
 }
 
 impl Shared {
+    /// Starts a task of the daemon: tracked, and ended at shutdown.
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = cancel.cancelled() => {}
+            }
+        });
+    }
+
+    /// A dongle's session opened: its frames go to the data plane, and it is given its token.
+    fn dongle_appeared(self: &Arc<Self>, device_id: DeviceId) {
+        if let Some(frames) = self
+            .manager
+            .session(&device_id)
+            .and_then(|s| s.take_frames())
+        {
+            self.spawn(dataplane::pump(self.clone(), device_id, frames));
+        }
+        let shared = self.clone();
+        self.spawn(async move { shared.authorize(device_id).await });
+    }
+
+    fn dongle_gone(&self, device_id: &DeviceId) {
+        self.authorized.lock().unwrap().remove(device_id);
+        self.ready.lock().unwrap().remove(device_id);
+        self.pairing.lock().unwrap().remove(device_id);
+    }
+
+    /// After missed dongle events, from the manager's state: what is kept about dongles that are gone
+    /// is forgotten, and every dongle present is pumped and authorised (both do nothing twice; a
+    /// session that is not authenticated is authorised again, in case it is a new one).
+    fn resync_dongles(self: &Arc<Self>) {
+        let present: HashSet<DeviceId> = self
+            .manager
+            .list()
+            .into_iter()
+            .map(|(info, _)| info.device_id)
+            .collect();
+        let known: Vec<DeviceId> = self.authorized.lock().unwrap().iter().copied().collect();
+        for device_id in known {
+            let fresh = self
+                .manager
+                .session(&device_id)
+                .is_none_or(|s| !s.is_authenticated());
+            if !present.contains(&device_id) || fresh {
+                self.dongle_gone(&device_id);
+            }
+        }
+        for device_id in present {
+            self.dongle_appeared(device_id);
+        }
+    }
+
     /// Queues a message on the current connection; dropped while disconnected (device reports are
     /// re-sent in full on connect, and command results live in the journal).
     fn send(&self, message: AgentMessage) {
@@ -299,7 +374,7 @@ impl Shared {
         self.devices_changed();
         // Report again when the window ends, so the server does not show it open any longer.
         let shared = self.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             tokio::time::sleep(window).await;
             shared.devices_changed();
         });
@@ -403,7 +478,7 @@ impl Shared {
     /// Authenticates to the dongle again after [`AUTH_RETRY`], if its session still lives then.
     fn retry_authorize(self: &Arc<Self>, device_id: DeviceId) {
         let shared = self.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             tokio::time::sleep(AUTH_RETRY).await;
             shared.authorize(device_id).await;
         });
@@ -435,7 +510,7 @@ impl Shared {
         match tx.try_send(AgentMessage::CommandResult(result)) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
             Err(mpsc::error::TrySendError::Full(message)) => {
-                tokio::spawn(async move {
+                self.spawn(async move {
                     let _ = tx.send(message).await;
                 });
             }

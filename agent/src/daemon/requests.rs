@@ -96,7 +96,7 @@ impl Shared {
                 tx_pause,
                 protocol_exc,
             } => {
-                let Some(mode) = parse_mode(&mode) else {
+                let Some(mode) = CanMode::from_name(&mode) else {
                     return error(
                         ReplyErrorCode::Refused,
                         format!("unknown CAN mode {mode:?}"),
@@ -335,7 +335,7 @@ impl Shared {
         match admission {
             Ok(Admission::Run) => {
                 let shared = self.clone();
-                tokio::spawn(async move {
+                self.spawn(async move {
                     let result = shared
                         .run_command(command_id, &device_id, &line, timeout_ms, allow_dangerous)
                         .await;
@@ -436,25 +436,6 @@ pub(super) fn build_frame(
     frame.ok_or_else(|| error(ReplyErrorCode::Refused, "too many data bytes for the frame"))
 }
 
-fn parse_mode(mode: &str) -> Option<CanMode> {
-    Some(match mode {
-        "normal" => CanMode::Normal,
-        "listen_only" => CanMode::ListenOnly,
-        "loopback" => CanMode::Loopback,
-        "ext_loop" => CanMode::ExtLoop,
-        _ => return None,
-    })
-}
-
-fn mode_name(mode: CanMode) -> &'static str {
-    match mode {
-        CanMode::Normal => "normal",
-        CanMode::ListenOnly => "listen_only",
-        CanMode::Loopback => "loopback",
-        CanMode::ExtLoop => "ext_loop",
-    }
-}
-
 /// The dongle's answer as the values it now uses.
 fn effective(c: &remp::CanConfig) -> CanEffective {
     CanEffective {
@@ -464,7 +445,7 @@ fn effective(c: &remp::CanConfig) -> CanEffective {
         sjw: c.sjw,
         tseg1: c.tseg1,
         tseg2: c.tseg2,
-        mode: mode_name(c.mode).to_string(),
+        mode: CanMode::name(c.mode).to_string(),
         use_raw: c.flags & remp::CanConfig::FLAG_USE_RAW != 0,
         auto_retx: c.flags & remp::CanConfig::FLAG_AUTO_RETX != 0,
         tx_pause: c.flags & remp::CanConfig::FLAG_TX_PAUSE != 0,

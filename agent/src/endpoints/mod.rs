@@ -205,20 +205,31 @@ pub enum EndpointMode {
 
 impl EndpointMode {
     /// The mode from the control channel's name for it (`normal`, `listen_only`, `loopback`).
+    /// `silent` is accepted too, as socketcand calls it. External loopback is no endpoint's.
     pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "normal" => Some(Self::Normal),
-            "listen_only" | "silent" => Some(Self::ListenOnly),
-            "loopback" => Some(Self::Loopback),
-            _ => None,
+        if name == "silent" {
+            return Some(Self::ListenOnly);
+        }
+        match firmware_proto::remp::CanMode::from_name(name)? {
+            firmware_proto::remp::CanMode::Normal => Some(Self::Normal),
+            firmware_proto::remp::CanMode::ListenOnly => Some(Self::ListenOnly),
+            firmware_proto::remp::CanMode::Loopback => Some(Self::Loopback),
+            firmware_proto::remp::CanMode::ExtLoop => None,
         }
     }
 
+    /// The mode's name on the control channel (firmware-proto's names).
     pub fn name(self) -> &'static str {
-        match self {
-            Self::Normal => "normal",
-            Self::ListenOnly => "listen_only",
-            Self::Loopback => "loopback",
+        firmware_proto::remp::CanMode::from(self).name()
+    }
+}
+
+impl From<EndpointMode> for firmware_proto::remp::CanMode {
+    fn from(mode: EndpointMode) -> Self {
+        match mode {
+            EndpointMode::Normal => Self::Normal,
+            EndpointMode::ListenOnly => Self::ListenOnly,
+            EndpointMode::Loopback => Self::Loopback,
         }
     }
 }

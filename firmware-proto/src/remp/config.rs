@@ -54,6 +54,32 @@ pub enum CanMode {
     ExtLoop,
 }
 
+impl CanMode {
+    /// Every mode, in wire order.
+    pub const ALL: [CanMode; 4] = [
+        CanMode::Normal,
+        CanMode::ListenOnly,
+        CanMode::Loopback,
+        CanMode::ExtLoop,
+    ];
+
+    /// The mode's name everywhere above the wire: the control protocol, the API, the simulator's state
+    /// file and the command lines (`normal`, `listen_only`, `loopback`, `ext_loop`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CanMode::Normal => "normal",
+            CanMode::ListenOnly => "listen_only",
+            CanMode::Loopback => "loopback",
+            CanMode::ExtLoop => "ext_loop",
+        }
+    }
+
+    /// The mode of a [`CanMode::name`].
+    pub fn from_name(name: &str) -> Option<CanMode> {
+        CanMode::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
 /// A CAN_CONFIG request or response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CanConfig {

@@ -11,9 +11,7 @@ use super::html::{
 };
 use super::{Session, error_page, not_found, parse_id, query_value, signed_in};
 use crate::commands::allow_list::ALLOW_LIST;
-
-/// The CAN FD capability bit of a dongle's announcement.
-const CAP_CAN_FD: i64 = 1;
+use crate::dongles::announces_can_fd;
 
 /// Where a dongle is plugged in, in a few words.
 pub fn link_text(transport: &Value) -> String {
@@ -176,7 +174,7 @@ fn summary(d: &Value) -> String {
         esc(&link_text(&d["transport"])),
         t(&d["fw_build"]),
         match caps {
-            Some(c) if c & CAP_CAN_FD != 0 => "yes",
+            Some(c) if announces_can_fd(c) => "yes",
             Some(_) => "no",
             None => "—",
         },
@@ -256,7 +254,7 @@ async fn owned_sections(ctx: &Ctx, session: &Session, id: uuid::Uuid, d: &Value)
     let config_path = format!("/dongles/{id}/can-config");
     let commands_path = format!("/dongles/{id}/commands?per_page=10");
     let (config, commands) = tokio::join!(ctx.get(&config_path), ctx.get(&commands_path));
-    let fd = d["capabilities"].as_i64().unwrap_or(0) & CAP_CAN_FD != 0;
+    let fd = announces_can_fd(d["capabilities"].as_i64().unwrap_or(0));
     let unpair_path = format!("/dongles/{id}/unpair");
     let unpair = api_form(
         &session.csrf,
