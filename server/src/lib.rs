@@ -19,7 +19,7 @@
 //!   registry of connected agents (request/response with timeouts) across instances;
 //!   [`agents::cluster`], how instances on one database reach each other's agents (LISTEN/NOTIFY and
 //!   a polled mailbox); [`agents::ws`], the control WebSocket `/ws/agent` speaking `control_proto`;
-//!   [`agents::data_ws`], the data WebSocket `/ws/data` speaking `control_proto::data`.
+//!   [`groups::data_ws`], the data WebSocket `/ws/data` speaking `control_proto::data`, lives with the relay.
 //! - [`dongles`]: what a user sees of dongles, the pairing state machine, unpair and force-unpair.
 //! - [`can_config`]: a dongle's CAN configuration: checks, applying it through the agent, and the
 //!   dongle's acknowledgement with its effective values.

@@ -7,7 +7,6 @@
 
 pub mod cluster;
 pub mod cluster_tasks;
-pub mod data_ws;
 pub mod hub;
 pub mod ws;
 

@@ -2,6 +2,7 @@
 //! the relay's reaction (new `groups` lists for the agents concerned, pipes started or stopped).
 
 use chrono::{DateTime, Utc};
+use control_proto::data::PerSide as BySide;
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use utoipa::ToSchema;
@@ -13,7 +14,37 @@ use super::serving::serving_agents;
 use crate::agents::ONLINE_SQL;
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
-use crate::http::{ApiError, ClientInfo, ErrorCode};
+use crate::http::ClientInfo;
+
+/// Why an operation on a group was refused. `routes::groups` says how each is answered.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupError {
+    /// Both sides name the same dongle.
+    #[error("A group joins two different dongles: dongle_a_id and dongle_b_id are the same.")]
+    SameDongle,
+    /// The dongle is not the caller's, or not CLAIMED_ACTIVE, or does not exist.
+    #[error("dongle {0} not found")]
+    DongleNotFound(Uuid),
+    /// The dongle is in another group already.
+    #[error(
+        "This dongle is already in a group: a dongle belongs to at most one group. Delete that group first."
+    )]
+    AlreadyGrouped(Uuid),
+    /// A racing request grouped one of the dongles first.
+    #[error("One of these dongles is already in a group: a dongle belongs to at most one group.")]
+    GroupedMeanwhile,
+    /// A side's dongle lost its token (reset detected, or on hold): no relay without one.
+    #[error(
+        "A dongle of this group is not in CLAIMED_ACTIVE (reset detected or on hold): pair it again first."
+    )]
+    DongleNotActive(Uuid),
+    /// No such group of the caller's.
+    #[error("Group not found.")]
+    NotFound,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
 
 /// One dongle of a group as `GET /groups/{id}` shows it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -129,7 +160,7 @@ fn view_sql() -> String {
 }
 
 impl GroupRow {
-    fn into_view(self, data_connected: [bool; 2]) -> GroupView {
+    fn into_view(self, data_connected: BySide<bool>) -> GroupView {
         GroupView {
             id: self.id,
             state: Mode::parse(&self.mode).unwrap_or(Mode::Inactive),
@@ -138,13 +169,13 @@ impl GroupRow {
                 id: self.a_id,
                 device_id: self.a_device_id,
                 online: self.a_online,
-                data_connected: data_connected[0],
+                data_connected: data_connected.a,
             },
             dongle_b: GroupDongle {
                 id: self.b_id,
                 device_id: self.b_device_id,
                 online: self.b_online,
-                data_connected: data_connected[1],
+                data_connected: data_connected.b,
             },
             backlog: PerDirection {
                 a_to_b: self.backlog_a_to_b,
@@ -220,14 +251,10 @@ async fn find_or_404(
     relay: &Relay,
     user_id: Uuid,
     group_id: Uuid,
-) -> Result<GroupView, ApiError> {
+) -> Result<GroupView, GroupError> {
     find(pool, relay, user_id, group_id)
         .await?
-        .ok_or_else(group_not_found)
-}
-
-fn group_not_found() -> ApiError {
-    ApiError::new(ErrorCode::NotFound, "Group not found.")
+        .ok_or(GroupError::NotFound)
 }
 
 fn audit_entry<'a>(
@@ -274,11 +301,9 @@ pub async fn create(
     client: &ClientInfo,
     dongle_a: Uuid,
     dongle_b: Uuid,
-) -> Result<GroupView, ApiError> {
+) -> Result<GroupView, GroupError> {
     if dongle_a == dongle_b {
-        return Err(ApiError::validation(
-            "A group joins two different dongles: dongle_a_id and dongle_b_id are the same.",
-        ));
+        return Err(GroupError::SameDongle);
     }
     let user_id = caller.user_id();
     let mut tx = pool.begin().await?;
@@ -291,9 +316,7 @@ pub async fn create(
     };
     for id in [first, second] {
         if !lock_owned_dongle(&mut tx, user_id, id).await? {
-            return Err(
-                ApiError::of(ErrorCode::DongleNotFound).with_detail("dongle_id", id.to_string())
-            );
+            return Err(GroupError::DongleNotFound(id));
         }
     }
     let grouped: Vec<Uuid> = sqlx::query_scalar(
@@ -303,7 +326,7 @@ pub async fn create(
     .fetch_all(&mut *tx)
     .await?;
     if let Some(id) = grouped.first() {
-        return Err(already_grouped(*id));
+        return Err(GroupError::AlreadyGrouped(*id));
     }
     let inserted: Result<(Uuid,), sqlx::Error> = sqlx::query_as(
         "INSERT INTO dongle_groups (user_id, dongle_a_id, dongle_b_id) VALUES ($1, $2, $3) RETURNING id",
@@ -317,10 +340,7 @@ pub async fn create(
         Ok((id,)) => id,
         // Another request grouped one of them since the check above: the membership table said no.
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                "One of these dongles is already in a group: a dongle belongs to at most one group.",
-            ));
+            return Err(GroupError::GroupedMeanwhile);
         }
         Err(e) => return Err(e.into()),
     };
@@ -343,14 +363,6 @@ pub async fn create(
     find_or_404(pool, relay, user_id, group_id).await
 }
 
-fn already_grouped(dongle_id: Uuid) -> ApiError {
-    ApiError::new(
-        ErrorCode::Conflict,
-        "This dongle is already in a group: a dongle belongs to at most one group. Delete that group first.",
-    )
-    .with_detail("dongle_id", dongle_id.to_string())
-}
-
 /// A group row locked for a state change.
 #[derive(Debug, sqlx::FromRow)]
 struct LockedGroup {
@@ -363,7 +375,7 @@ async fn lock_group(
     conn: &mut PgConnection,
     user_id: Uuid,
     group_id: Uuid,
-) -> Result<LockedGroup, ApiError> {
+) -> Result<LockedGroup, GroupError> {
     sqlx::query_as(
         "SELECT mode::text AS mode, dongle_a_id, dongle_b_id FROM dongle_groups \
          WHERE id = $1 AND user_id = $2 FOR UPDATE",
@@ -372,7 +384,7 @@ async fn lock_group(
     .bind(user_id)
     .fetch_optional(conn)
     .await?
-    .ok_or_else(group_not_found)
+    .ok_or(GroupError::NotFound)
 }
 
 /// `POST /groups/{id}/activate`: the relay starts (or keeps) running for the group. It enters DEGRADED
@@ -383,18 +395,14 @@ pub async fn activate(
     caller: &Caller,
     client: &ClientInfo,
     group_id: Uuid,
-) -> Result<GroupView, ApiError> {
+) -> Result<GroupView, GroupError> {
     let user_id = caller.user_id();
     let mut tx = pool.begin().await?;
     let group = lock_group(&mut tx, user_id, group_id).await?;
     for id in [group.dongle_a_id, group.dongle_b_id] {
         if !lock_owned_dongle(&mut tx, user_id, id).await? {
             // Still the caller's (unpairing deletes the group), but reset or on hold: no token, no relay.
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                "A dongle of this group is not in CLAIMED_ACTIVE (reset detected or on hold): pair it again first.",
-            )
-            .with_detail("dongle_id", id.to_string()));
+            return Err(GroupError::DongleNotActive(id));
         }
     }
     let agents = serving_agents(&mut tx, &[group.dongle_a_id, group.dongle_b_id]).await?;
@@ -429,7 +437,7 @@ pub async fn deactivate(
     caller: &Caller,
     client: &ClientInfo,
     group_id: Uuid,
-) -> Result<GroupView, ApiError> {
+) -> Result<GroupView, GroupError> {
     let user_id = caller.user_id();
     let mut tx = pool.begin().await?;
     let group = lock_group(&mut tx, user_id, group_id).await?;
@@ -465,7 +473,7 @@ pub async fn delete(
     caller: &Caller,
     client: &ClientInfo,
     group_id: Uuid,
-) -> Result<(), ApiError> {
+) -> Result<(), GroupError> {
     let user_id = caller.user_id();
     let mut tx = pool.begin().await?;
     let group = lock_group(&mut tx, user_id, group_id).await?;

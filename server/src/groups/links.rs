@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use control_proto::data::Side;
+use control_proto::data::{PerSide, Side};
 use sqlx::PgPool;
 use tokio::sync::{Notify, broadcast, mpsc};
 use uuid::Uuid;
@@ -168,7 +168,7 @@ impl Core {
 #[derive(Debug, Default)]
 pub(crate) struct PipeShared {
     /// Per side: the stream from that side is acknowledged up to here.
-    pub acked_in: [AtomicU64; 2],
+    pub acked_in: PerSide<AtomicU64>,
     /// Per side: its serving agent's data connection is on this instance.
-    pub data_connected: [AtomicBool; 2],
+    pub data_connected: PerSide<AtomicBool>,
 }

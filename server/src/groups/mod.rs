@@ -24,6 +24,7 @@ pub mod api;
 pub mod buffer;
 pub mod chunk;
 pub mod console;
+pub mod data_ws;
 pub mod links;
 pub mod model;
 pub mod pipe;

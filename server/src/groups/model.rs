@@ -12,14 +12,6 @@ pub fn side_letter(side: Side) -> &'static str {
     }
 }
 
-/// The index of a side in the relay's two-element arrays.
-pub fn side_index(side: Side) -> usize {
-    match side {
-        Side::A => 0,
-        Side::B => 1,
-    }
-}
-
 /// The direction of the frames going TO `target`, as `relay_buffer.direction` names it.
 pub fn direction_to(target: Side) -> &'static str {
     match target {

@@ -33,13 +33,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use control_proto::data::{Kind, Side};
+use control_proto::data::{Kind, PerSide, Side};
 use control_proto::{GroupSide, Groups, ServerMessage};
 use sqlx::PgPool;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
 
-use super::model::side_index;
 use super::pipe::{Pipe, PipeEvent};
 use crate::agents::AgentIdentity;
 use crate::agents::hub::AgentHub;
@@ -157,10 +156,12 @@ impl Relay {
     }
 
     /// Per side: the serving agent's data connection is on this instance (false without a pipe here).
-    pub async fn data_connected(&self, group_id: Uuid) -> [bool; 2] {
+    pub async fn data_connected(&self, group_id: Uuid) -> PerSide<bool> {
         match self.pipes.lock().await.get(&group_id) {
-            Some(p) => [0, 1].map(|i| p.shared.data_connected[i].load(Ordering::Relaxed)),
-            None => [false; 2],
+            Some(p) => {
+                PerSide::from_fn(|side| p.shared.data_connected[side].load(Ordering::Relaxed))
+            }
+            None => PerSide::default(),
         }
     }
 
@@ -435,7 +436,7 @@ impl Relay {
             for s in served {
                 let here = pipes
                     .get(&s.group_id)
-                    .map(|p| p.shared.acked_in[side_index(s.side)].load(Ordering::Relaxed))
+                    .map(|p| p.shared.acked_in[s.side].load(Ordering::Relaxed))
                     .unwrap_or(0);
                 sides.push(GroupSide {
                     group_id: s.group_id,

@@ -12,7 +12,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::groups::api::{self as groups, GroupView};
+use crate::groups::api::{self as groups, GroupError, GroupView};
 use crate::http::error::ErrorBody;
 use crate::http::{ApiError, ApiJson, ClientInfo, ErrorCode, PathId};
 use crate::state::AppState;
@@ -164,4 +164,23 @@ async fn deactivate(
     Ok(Json(
         groups::deactivate(&state.pool, &state.relay, &caller, &client, id).await?,
     ))
+}
+
+/// How the API answers each refusal of a group operation.
+impl From<GroupError> for ApiError {
+    fn from(e: GroupError) -> Self {
+        let message = e.to_string();
+        match e {
+            GroupError::SameDongle => ApiError::validation(message),
+            GroupError::DongleNotFound(id) => {
+                ApiError::of(ErrorCode::DongleNotFound).with_detail("dongle_id", id.to_string())
+            }
+            GroupError::AlreadyGrouped(id) | GroupError::DongleNotActive(id) => {
+                ApiError::new(ErrorCode::Conflict, message).with_detail("dongle_id", id.to_string())
+            }
+            GroupError::GroupedMeanwhile => ApiError::new(ErrorCode::Conflict, message),
+            GroupError::NotFound => ApiError::new(ErrorCode::NotFound, message),
+            GroupError::Db(e) => e.into(),
+        }
+    }
 }

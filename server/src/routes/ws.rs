@@ -7,8 +7,9 @@ use axum::response::Response;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::agents::{data_ws, ws};
+use crate::agents::ws;
 use crate::auth::CurrentAgent;
+use crate::groups::data_ws;
 use crate::http::error::ErrorBody;
 use crate::state::AppState;
 

@@ -230,9 +230,9 @@ impl Pipe {
 
     /// What the rest of the instance reads of the pipe: positions, connections, counters.
     fn publish(&self) {
-        for (i, side) in PerSide::<()>::SIDES.into_iter().enumerate() {
-            self.shared.acked_in[i].store(self.machine.acked_in(side), Ordering::Relaxed);
-            self.shared.data_connected[i]
+        for side in PerSide::<()>::SIDES {
+            self.shared.acked_in[side].store(self.machine.acked_in(side), Ordering::Relaxed);
+            self.shared.data_connected[side]
                 .store(self.machine.data_connected(side), Ordering::Relaxed);
         }
     }

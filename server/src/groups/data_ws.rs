@@ -12,8 +12,8 @@ use axum::extract::ws::{Message, WebSocket};
 use control_proto::data::DataMessage;
 use futures::{SinkExt, StreamExt};
 
+use super::relay::Inbound;
 use crate::agents::{self, AgentIdentity};
-use crate::groups::relay::Inbound;
 use crate::state::AppState;
 
 /// How many messages in a row may name groups the agent does not serve (a group just deactivated is
