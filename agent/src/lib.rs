@@ -5,6 +5,7 @@
 //! Data flows one way: transport -> session -> the daemon's services.
 //! - [`transport`]: the only code that does I/O on dongles; serial ports, byte streams and the shared
 //!   UDP socket, each turned into a [`transport::Link`] of whole packets.
+//! - [`frame`]: [`frame::Frame`], one CAN or CAN FD frame as the agent moves it.
 //! - [`session`]: [`session::DongleSession`], typed requests and answers with one dongle.
 //! - [`discovery`]: which serial ports and LAN interfaces may carry dongles, and one scan of both.
 //! - [`dongles`]: the dongles served, one session each, kept current as they come and go.
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod dongles;
 pub mod endpoints;
+pub mod frame;
 pub mod home;
 pub mod journal;
 pub mod session;

@@ -31,8 +31,9 @@ use uuid::Uuid;
 
 use super::Shared;
 use super::pace::Pace;
+use crate::frame::Frame;
 use crate::home::Credentials;
-use crate::session::{Frame, SessionError};
+use crate::session::SessionError;
 use crate::uplink::backoff::Backoff;
 use crate::uplink::{control, ws_url};
 

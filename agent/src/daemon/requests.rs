@@ -18,8 +18,9 @@ use firmware_proto::remp::{self, CanMode, CliStatus, ConfigStatus, PairingStatus
 use uuid::Uuid;
 
 use super::Shared;
+use crate::frame::Frame;
 use crate::journal::{Admission, JournalError};
-use crate::session::{DongleSession, Frame, SessionError};
+use crate::session::{DongleSession, SessionError};
 
 pub(super) fn error(code: ReplyErrorCode, message: impl Into<String>) -> ReplyResult {
     ReplyResult::Error(ReplyError {

@@ -48,7 +48,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::session::Frame;
+use crate::frame::Frame;
 
 pub use set::{EndpointEvent, EndpointSet, LocalEndpoint, SetOptions};
 pub use spec::{EndpointKind, EndpointSpec, SlcanSettings, SpecError};

@@ -49,7 +49,7 @@ use crate::endpoints::slcan_rates::{
     bitrate_code, bitrate_list, data_bitrate_code, data_bitrate_list,
 };
 use crate::endpoints::spec::SlcanSettings;
-use crate::session::Frame;
+use crate::frame::Frame;
 
 /// The longest line accepted from an adapter. The longest valid one, an extended FD frame of 64 bytes
 /// with a timestamp, has 142 characters.

@@ -23,7 +23,7 @@ use super::{
     BusHealth, BusState, Driver, EndpointError, EndpointInfo, EndpointKind, Plumbing, Request,
     Shared, bump,
 };
-use crate::session::Frame;
+use crate::frame::Frame;
 
 /// A frame read from a SocketCAN socket, sorted.
 #[derive(Debug)]

@@ -41,7 +41,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 
 use super::{Driver, EndpointError, EndpointInfo, EndpointKind, Plumbing, Request, Shared, bump};
-use crate::session::Frame;
+use crate::frame::Frame;
 
 /// The longest command accepted between `<` and `>`. The longest valid one, an `fdsend` of 64 bytes
 /// written `0x` by `0x`, is under 250 characters.

@@ -938,10 +938,11 @@ impl Machine {
         let settings = &self.settings;
         let towards = &mut self.towards[t];
         let pass_due = towards.buffered > 0 && towards.retention_at.is_none_or(|r| now >= r);
-        let audit_due = towards.trimmed_unaudited > 0
-            && towards
-                .last_trim_audit
-                .is_none_or(|l| now >= l + settings.trim_audit_interval);
+        // A trim may be audited now (the pass audits what it trims in its own transaction, with what
+        // was held back); without a pass, only what was held back needs an entry.
+        let audit_due = towards
+            .last_trim_audit
+            .is_none_or(|l| now >= l + settings.trim_audit_interval);
         if pass_due {
             towards.retention_at = Some(now + RETENTION_EVERY);
             let carried = towards.trimmed_unaudited;
@@ -954,7 +955,7 @@ impl Machine {
                 },
                 Waiting::Retain { towards: t },
             );
-        } else if audit_due {
+        } else if audit_due && towards.trimmed_unaudited > 0 {
             let frames = towards.trimmed_unaudited;
             self.ask(
                 out,

@@ -709,6 +709,7 @@ fn trimming_by_age_runs_on_a_buffer_nobody_writes_to() {
     w.tick();
     assert_eq!(w.buffered(Side::B), 0);
     assert_eq!(w.tally.trimmed, 5);
+    assert_eq!(w.audited_frames, 5, "audited in the same pass that trimmed");
     assert!(w.announced.iter().any(|a| a.buffer_pressure));
 }
 

@@ -1,0 +1,142 @@
+//! Unpair (the owner) and force-unpair (an admin): owner, token and group cleared, the agent told.
+
+use control_proto::RequestBody;
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::audit::{self, Entry, Target};
+use crate::groups;
+use crate::http::{ApiError, ClientInfo, ErrorCode};
+use crate::state::AppState;
+
+use super::access::*;
+
+/// The answer to unpair and force-unpair.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Unpaired {
+    pub dongle_id: Uuid,
+    pub unpaired: bool,
+    /// The serving agent was connected and was told to make the dongle forget its token.
+    pub forget_sent: bool,
+}
+
+/// Clears owner, token, group membership and holds. `as_admin` skips the owner check.
+pub async fn unpair(
+    state: &AppState,
+    actor: Uuid,
+    client: &ClientInfo,
+    dongle_id: Uuid,
+    as_admin: bool,
+) -> Result<Unpaired, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let row = lock_dongle(&mut tx, dongle_id).await?.ok_or_else(|| {
+        if as_admin {
+            ApiError::not_found()
+        } else {
+            not_found()
+        }
+    })?;
+    if !as_admin {
+        if row.owner_user_id != Some(actor) {
+            return Err(not_found());
+        }
+        if row.ownership_state == "SECURITY_HOLD" {
+            return Err(ApiError::new(
+                ErrorCode::PairingSecurityHold,
+                "The dongle is on security hold: only an administrator can clear it.",
+            ));
+        }
+    }
+    let serving: Vec<Uuid> = match row.owner_user_id {
+        Some(owner) => sightings(&mut tx, dongle_id, owner)
+            .await?
+            .into_iter()
+            .filter(|s| s.present)
+            .map(|s| s.agent_id)
+            .collect(),
+        None => Vec::new(),
+    };
+    // The relay stops the group's pipes and tells the agents concerned, once this is committed.
+    let (group_ids, group_agents) = groups::serving::of_dongle(&mut tx, dongle_id).await?;
+    let groups_removed =
+        sqlx::query("DELETE FROM dongle_groups WHERE dongle_a_id = $1 OR dongle_b_id = $1")
+            .bind(dongle_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    sqlx::query("DELETE FROM dongle_tokens WHERE dongle_id = $1")
+        .bind(dongle_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE dongles SET owner_user_id = NULL, ownership_state = 'UNCLAIMED', hold_reason = NULL \
+         WHERE id = $1",
+    )
+    .bind(dongle_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE pairing_sessions SET status = 'cancelled' WHERE dongle_id = $1 AND status IN ('open', 'held')",
+    )
+    .bind(dongle_id)
+    .execute(&mut *tx)
+    .await?;
+    let action = if as_admin {
+        "admin.dongle_force_unpaired"
+    } else {
+        "dongle.unpaired"
+    };
+    let target = Target {
+        kind: "dongle",
+        id: dongle_id.to_string(),
+    };
+    audit::record(
+        &mut *tx,
+        Entry::new(action, Some(actor), client)
+            .target(target.clone())
+            .details(serde_json::json!({
+                "before": { "owner_user_id": row.owner_user_id, "ownership_state": row.ownership_state },
+                "after": { "owner_user_id": null, "ownership_state": "UNCLAIMED" },
+                "groups_removed": groups_removed,
+            })),
+    )
+    .await?;
+    if row.ownership_state == "SECURITY_HOLD" {
+        audit::record(
+            &mut *tx,
+            Entry::new("pairing.hold_exited", Some(actor), client)
+                .target(target)
+                .details(serde_json::json!({ "by": action })),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    if !group_ids.is_empty() {
+        state.relay.groups_removed(&group_ids, &group_agents).await;
+    }
+    // The previous owner's agents that see the dongle now make it forget its token. The answer is not
+    // awaited: the dongle may be busy, and the server side is already clean.
+    let mut forget_sent = false;
+    for agent_id in serving {
+        if state.hub.is_connected(agent_id).await {
+            let hub = state.hub.clone();
+            let timeout = state.config.agent_request_timeout;
+            let device_id = row.device_id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = hub
+                    .request(agent_id, RequestBody::Forget { device_id }, timeout)
+                    .await
+                {
+                    tracing::info!(%agent_id, error = %e, "the agent did not confirm a forget");
+                }
+            });
+            forget_sent = true;
+        }
+    }
+    Ok(Unpaired {
+        dongle_id,
+        unpaired: true,
+        forget_sent,
+    })
+}

@@ -1,0 +1,104 @@
+//! What a caller may see of dongles: their own, and unclaimed ones their online agents see now.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::agents::ONLINE_SQL;
+
+/// A dongle as its owner, or a user whose agent sees it, is shown it.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct DongleView {
+    pub id: Uuid,
+    /// 16 lower-case hex characters.
+    pub device_id: String,
+    /// UNCLAIMED, CLAIMED_ACTIVE, RESET_DETECTED or SECURITY_HOLD.
+    pub ownership_state: String,
+    /// The caller owns it.
+    pub owned: bool,
+    pub fw_build: Option<String>,
+    pub proto_ver: Option<i16>,
+    pub capabilities: Option<i64>,
+    /// `{"kind": "usb", "path", "serial_number"}`, `{"kind": "lan", "addr"}` or, for a local CAN
+    /// endpoint, `{"kind": "local", "endpoint", "identity", "location", "can_set_timing"}`, as last
+    /// reported.
+    #[schema(value_type = Option<Object>)]
+    pub transport: Option<serde_json::Value>,
+    /// A local CAN endpoint of one of the owner's agents (SocketCAN, slcan or socketcand), owned
+    /// without pairing; its device id derives from that agent's id.
+    pub local: bool,
+    pub pairing_mode: bool,
+    /// An online agent of the caller sees it now.
+    pub online: bool,
+    /// The caller's agent of the last sighting (absent when it was another user's agent).
+    pub agent_id: Option<Uuid>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    /// The group it belongs to, if any.
+    pub group_id: Option<Uuid>,
+    /// The stored CAN configuration, if any: the v0.7 fields, the `effective_*` values the dongle
+    /// acknowledged and `applied_at` (`GET /dongles/{id}/can-config` has them structured).
+    #[schema(value_type = Option<Object>)]
+    pub can_config: Option<serde_json::Value>,
+}
+
+/// "An online agent of user `$1` sees dongle `d` now", over the agents' sightings.
+fn seen_now_sql() -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM dongle_sightings s JOIN agents a ON a.id = s.agent_id \
+           WHERE s.dongle_id = d.id AND s.present AND a.user_id = $1 AND {ONLINE_SQL})"
+    )
+}
+
+/// Columns of [`DongleView`] for user `$1`, over `dongles d`.
+fn view_columns() -> String {
+    format!(
+        "d.id, d.device_id, d.ownership_state::text AS ownership_state, \
+         (d.owner_user_id IS NOT DISTINCT FROM $1) AS owned, d.fw_build, d.proto_ver, d.capabilities, \
+         d.transport, (d.local_agent_id IS NOT NULL) AS local, d.pairing_mode, {} AS online, \
+         (SELECT s.agent_id FROM dongle_sightings s JOIN agents a ON a.id = s.agent_id \
+           WHERE s.dongle_id = d.id AND a.user_id = $1 \
+           ORDER BY s.present DESC, s.last_seen_at DESC LIMIT 1) AS agent_id, \
+         d.last_seen_at, \
+         (SELECT m.group_id FROM dongle_group_members m WHERE m.dongle_id = d.id) AS group_id, \
+         (SELECT to_jsonb(c) - 'id' - 'dongle_id' - 'created_at' FROM can_configs c WHERE c.dongle_id = d.id) \
+           AS can_config",
+        seen_now_sql()
+    )
+}
+
+/// Visible to user `$1`: theirs, or unclaimed and seen now by one of their online agents.
+fn visible_sql() -> String {
+    format!(
+        "(d.owner_user_id = $1 OR (d.owner_user_id IS NULL AND {}))",
+        seen_now_sql()
+    )
+}
+
+pub async fn list(pool: &PgPool, user_id: Uuid) -> Result<Vec<DongleView>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {} FROM dongles d WHERE {} ORDER BY d.device_id",
+        view_columns(),
+        visible_sql()
+    )))
+    .bind(user_id)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn find(
+    pool: &PgPool,
+    user_id: Uuid,
+    dongle_id: Uuid,
+) -> Result<Option<DongleView>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {} FROM dongles d WHERE {} AND d.id = $2",
+        view_columns(),
+        visible_sql()
+    )))
+    .bind(user_id)
+    .bind(dongle_id)
+    .fetch_optional(pool)
+    .await
+}
