@@ -19,12 +19,51 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     let where_ = || format!("could not connect to PostgreSQL at {}", redact_url(url));
     let options: PgConnectOptions = url.parse().with_context(where_)?;
+    let options = with_timeouts(options, Timeouts::default());
     let probe = options.connect().await.with_context(where_)?;
     sqlx::Connection::close(probe).await.ok();
-    Ok(PgPoolOptions::new()
+    Ok(pool_with(options, max_connections))
+}
+
+/// A lazily connecting pool on `options` (which [`with_timeouts`] should have bounded).
+pub fn pool_with(options: PgConnectOptions, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(10))
-        .connect_lazy_with(options))
+        .connect_lazy_with(options)
+}
+
+/// How long one statement may run, and how long it may wait for a lock, on every connection of the
+/// server's pool: whatever a request or a misbehaving peer does, no connection is held for ever and
+/// nobody waits for ever on another's lock. Both end the statement with an error that the API answers
+/// 503 SERVICE_UNAVAILABLE with Retry-After (`http::error`), never a 500.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub statement: std::time::Duration,
+    pub lock: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            statement: std::time::Duration::from_secs(30),
+            lock: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// The connection options with the timeouts set for every session they open.
+pub fn with_timeouts(options: PgConnectOptions, timeouts: Timeouts) -> PgConnectOptions {
+    options.options([
+        (
+            "statement_timeout",
+            format!("{}ms", timeouts.statement.as_millis().max(1)),
+        ),
+        (
+            "lock_timeout",
+            format!("{}ms", timeouts.lock.as_millis().max(1)),
+        ),
+    ])
 }
 
 /// One migration that `migrate` applied.

@@ -262,9 +262,15 @@ fn database_unavailable(err: &sqlx::Error) -> bool {
         | sqlx::Error::Tls(_)
         | sqlx::Error::WorkerCrashed => true,
         // SQLSTATE class 08 is "connection exception"; 57P01..57P03 are an administrator's or a
-        // crash's shutdown and "cannot connect now" (starting up); 53300 is "too many connections".
+        // crash's shutdown and "cannot connect now" (starting up); 53300 is "too many connections";
+        // 55P03 (lock not available) and 57014 (query cancelled) are the pool's lock and statement
+        // timeouts (`db::Timeouts`): the database is busy, and trying again later is the answer.
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+            code.starts_with("08")
+                || matches!(
+                    &*code,
+                    "57P01" | "57P02" | "57P03" | "53300" | "55P03" | "57014"
+                )
         }),
         _ => false,
     }

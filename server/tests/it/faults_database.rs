@@ -240,3 +240,60 @@ async fn while_postgresql_is_down_the_api_answers_503_and_it_recovers_without_a_
     app.stop().await;
     pg.stop().await.expect("PostgreSQL stops");
 }
+
+/// Nobody waits for ever on another's lock, and no statement runs for ever: on the server's pool a
+/// request blocked behind a lock fails after the lock timeout, and the API answers 503 with
+/// Retry-After (the database is busy; trying again is the answer) instead of hanging or a 500.
+#[sqlx::test(migrator = "bridge_server::db::MIGRATOR")]
+async fn a_request_stuck_behind_a_lock_answers_503_after_the_lock_timeout_not_a_hang(
+    _: sqlx::postgres::PgPoolOptions,
+    options: sqlx::postgres::PgConnectOptions,
+) {
+    use bridge_server::db;
+    let timeouts = db::Timeouts {
+        statement: Duration::from_secs(5),
+        lock: Duration::from_millis(300),
+    };
+    let pool = db::pool_with(db::with_timeouts(options.clone(), timeouts), 10);
+    let app = spawn_app(pool.clone()).await;
+    let (user, _) = app.logged_in("locked@example.com", Role::User).await;
+    assert_eq!(user.get("/auth/me").await.status(), StatusCode::OK);
+
+    // Another session (a migration, an operator's psql, a stuck transaction) holds the sessions table.
+    let mut holder: sqlx::PgConnection = sqlx::ConnectOptions::connect(&options).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let answer = Answer::read(user.get("/auth/me").await).await;
+    assert_unavailable("/auth/me behind a lock", &answer);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "waited {:?}",
+        started.elapsed()
+    );
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    assert_eq!(user.get("/auth/me").await.status(), StatusCode::OK);
+
+    // A statement that runs past the statement timeout is cancelled, and that too is a 503.
+    let err = sqlx::query("SELECT pg_sleep(10)")
+        .execute(&db::pool_with(
+            db::with_timeouts(
+                options,
+                db::Timeouts {
+                    statement: Duration::from_millis(200),
+                    lock: Duration::from_secs(1),
+                },
+            ),
+            1,
+        ))
+        .await
+        .unwrap_err();
+    let api = bridge_server::http::ApiError::from(err);
+    assert_eq!(
+        api.code(),
+        bridge_server::http::ErrorCode::ServiceUnavailable
+    );
+}

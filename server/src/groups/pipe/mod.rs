@@ -40,8 +40,9 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::buffer::{self, Append, BufferError, Retention};
+use super::chunk::Chunk;
 use super::links::{Core, PipeShared, RelayEvent};
-use machine::{Action, Failure, Frames, Input, Loaded, Machine, Reply, Request, SidesRead};
+use machine::{Action, Conn, Failure, Frames, Input, Loaded, Machine, Reply, Request, SidesRead};
 pub use machine::{MAX_POSITION, SendError};
 
 /// What a pipe is told.
@@ -353,12 +354,9 @@ impl Pipe {
             ),
             Request::Forward {
                 towards,
-                conn: (agent, conn),
+                conn,
                 chunk,
-            } => {
-                let message = data::encode_frames(group_id, towards, chunk.seq, &chunk.batch);
-                Reply::Forwarded(core.send_on(agent, conn, message))
-            }
+            } => Reply::Forwarded(self.queue(towards, conn, &chunk)),
             Request::Delete { towards, n } => Reply::Deleted(
                 buffer::acknowledge(pool, group_id, towards, n)
                     .await
@@ -372,42 +370,20 @@ impl Pipe {
                 source_next_in,
                 audit_due,
                 carried,
-            } => {
-                let append = Append {
-                    group_id,
-                    target: towards,
-                    chunks: &chunks,
-                    source_next_in: Some(source_next_in),
-                    retention: self.retention(),
-                    audit_due,
-                    carried,
-                };
-                Reply::Written(
-                    buffer::append(pool, append).await.map_err(|e| {
-                        self.failed(e, "could not write frames to the buffer; retrying")
-                    }),
-                )
-            }
+            } => Reply::Written(
+                self.append(towards, &chunks, Some(source_next_in), audit_due, carried)
+                    .await
+                    .map_err(|e| self.failed(e, "could not write frames to the buffer; retrying")),
+            ),
             Request::Retain {
                 towards,
                 audit_due,
                 carried,
-            } => {
-                let append = Append {
-                    group_id,
-                    target: towards,
-                    chunks: &[],
-                    source_next_in: None,
-                    retention: self.retention(),
-                    audit_due,
-                    carried,
-                };
-                Reply::Retained(
-                    buffer::append(pool, append)
-                        .await
-                        .map_err(|e| self.failed(e, "could not apply the buffer's retention")),
-                )
-            }
+            } => Reply::Retained(
+                self.append(towards, &[], None, audit_due, carried)
+                    .await
+                    .map_err(|e| self.failed(e, "could not apply the buffer's retention")),
+            ),
             Request::AuditTrim { towards, frames } => Reply::TrimAudited(
                 buffer::audit_trim(pool, group_id, towards, frames, self.retention())
                     .await
@@ -424,14 +400,13 @@ impl Pipe {
             ),
             Request::Replay {
                 towards,
-                conn: (agent, conn),
+                conn,
                 chunks,
             } => {
                 let mut sent = 0;
                 let mut stopped = None;
                 for chunk in &chunks {
-                    let message = data::encode_frames(group_id, towards, chunk.seq, &chunk.batch);
-                    match core.send_on(agent, conn, message) {
+                    match self.queue(towards, conn, chunk) {
                         Ok(()) => sent += 1,
                         Err(e) => {
                             stopped = Some(e);
@@ -457,6 +432,33 @@ impl Pipe {
                     }),
             ),
         }
+    }
+
+    /// Queues FRAMES of one chunk on an agent's data connection, without waiting.
+    fn queue(&self, towards: Side, (agent, conn): Conn, chunk: &Chunk) -> Result<(), SendError> {
+        let message = data::encode_frames(self.group_id, towards, chunk.seq, &chunk.batch);
+        self.core.send_on(agent, conn, message)
+    }
+
+    /// One write to a direction's buffer (none of `chunks`: a retention pass).
+    async fn append(
+        &self,
+        towards: Side,
+        chunks: &[Chunk],
+        source_next_in: Option<u64>,
+        audit_due: bool,
+        carried: u64,
+    ) -> Result<buffer::Appended, BufferError> {
+        let append = Append {
+            group_id: self.group_id,
+            target: towards,
+            chunks,
+            source_next_in,
+            retention: self.retention(),
+            audit_due,
+            carried,
+        };
+        buffer::append(&self.core.pool, append).await
     }
 
     /// Logs a failed request and says what it means for the machine.
