@@ -310,6 +310,18 @@ async fn housekeeping(
         if let Err(e) = rate_limit::purge_stale(&pool).await {
             tracing::warn!(error = %e, "could not purge rate-limit counters");
         }
+        match agents::forget_stale_dongles(&pool, agents::STALE_DONGLE_RETENTION).await {
+            Ok(agents::Forgotten {
+                dongles: 0,
+                sightings: 0,
+            }) => {}
+            Ok(f) => tracing::info!(
+                dongles = f.dongles,
+                sightings = f.sightings,
+                "forgot dongles nobody owns and sightings nobody has seen for the retention period"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not forget stale dongles"),
+        }
         match email::outbox::give_up_expired(&pool, verification_ttl, reset_ttl).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(mails = n, "gave up unsent mail whose link expired"),

@@ -309,6 +309,48 @@ async fn claim_local(
     Ok(())
 }
 
+/// How long a dongle row nobody owns, and an agent's sighting that is no longer present, are kept after
+/// they were last seen. Reports create rows for whatever ids an agent names; this bounds what a
+/// modified agent (or a LAN full of passing dongles) leaves behind.
+pub const STALE_DONGLE_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// What [`forget_stale_dongles`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    pub dongles: u64,
+    pub sightings: u64,
+}
+
+/// Deletes the sightings no longer present for `retention`, then the dongle rows that nobody owns,
+/// that no agent sees now, that are in no group and were last seen (or created, if never seen) longer
+/// than `retention` ago. An owned dongle is never deleted here, however long it is away.
+pub async fn forget_stale_dongles(
+    pool: &PgPool,
+    retention: std::time::Duration,
+) -> Result<Forgotten, sqlx::Error> {
+    let secs = retention.as_secs_f64();
+    let sightings = sqlx::query(
+        "DELETE FROM dongle_sightings WHERE NOT present \
+         AND last_seen_at < now() - make_interval(secs => $1)",
+    )
+    .bind(secs)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    let dongles = sqlx::query(
+        "DELETE FROM dongles d WHERE d.owner_user_id IS NULL \
+         AND coalesce(d.last_seen_at, d.created_at) < now() - make_interval(secs => $1) \
+         AND NOT EXISTS (SELECT 1 FROM dongle_sightings s WHERE s.dongle_id = d.id AND s.present) \
+         AND NOT EXISTS (SELECT 1 FROM dongle_group_members m WHERE m.dongle_id = d.id)",
+    )
+    .bind(secs)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(Forgotten { dongles, sightings })
+}
+
 /// Applies a full snapshot of the dongles an agent sees: upserts each by device id (identity, and the
 /// latest sighting: transport, pairing mode, presence, agent) and this agent's sighting of it, and marks
 /// the agent's sightings of other dongles as no longer present.

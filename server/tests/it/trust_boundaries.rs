@@ -449,6 +449,78 @@ async fn a_strangers_report_never_changes_an_owned_dongles_row(pool: PgPool) {
     app.stop().await;
 }
 
+/// Rows an agent's reports create do not pile up: a dongle row nobody owns and nobody has seen for the
+/// retention period is deleted with its old sightings, while owned dongles, recent ones and those an
+/// agent sees now stay.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn dongles_nobody_owns_or_has_seen_for_the_retention_period_are_deleted(pool: PgPool) {
+    use bridge_server::agents::{Forgotten, STALE_DONGLE_RETENTION, forget_stale_dongles};
+    let app = spawn_app(pool.clone()).await;
+    let owned = common::dongle::paired(&app, "alice@example.com", "00000000000000f1", 1).await;
+    let (mallory, _) = app.logged_in("mallory@example.com", Role::User).await;
+    let (_, token) = common::agent::register(&mallory).await;
+    let agent = common::agent::TestAgent::connect(&app.base, &token).await;
+    agent
+        .report(
+            &pool,
+            &["00000000000000e1", "00000000000000e2", "00000000000000e3"],
+        )
+        .await;
+    // The agent no longer sees e1 and e2; it still sees e3.
+    agent.report(&pool, &["00000000000000e3"]).await;
+    common::agent::wait_until(|| async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dongle_sightings WHERE present")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            == 2
+    })
+    .await;
+    let long_ago = "now() - interval '31 days'";
+    for sql in [
+        format!(
+            "UPDATE dongles SET last_seen_at = {long_ago} WHERE device_id IN ('00000000000000e1', '00000000000000e3')"
+        ),
+        format!("UPDATE dongle_sightings SET last_seen_at = {long_ago}"),
+        format!(
+            "UPDATE dongles SET last_seen_at = {long_ago}, present = false WHERE id = '{}'",
+            owned.dongle_id
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let forgotten = forget_stale_dongles(&pool, STALE_DONGLE_RETENTION)
+        .await
+        .unwrap();
+    let left: Vec<String> = sqlx::query_scalar("SELECT device_id FROM dongles ORDER BY device_id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        ["00000000000000e2", "00000000000000e3", "00000000000000f1"],
+        "e1: unowned, unseen for 31 days; e2 seen lately; e3 seen now; f1 owned"
+    );
+    assert_eq!(forgotten.dongles, 1);
+    assert!(forgotten.sightings >= 2, "{forgotten:?}");
+    let present: i64 = sqlx::query_scalar("SELECT count(*) FROM dongle_sightings WHERE present")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(present >= 1, "a present sighting is never deleted");
+    assert_eq!(
+        forget_stale_dongles(&pool, STALE_DONGLE_RETENTION)
+            .await
+            .unwrap(),
+        Forgotten::default(),
+        "nothing more the second time"
+    );
+    app.stop().await;
+}
+
 /// The database pool is not a weapon: a CAN configuration held a transaction (and an advisory lock) for
 /// the whole round trip to the agent, and a pairing start the dongle's row lock, so a user whose own agent never answers could fire requests
 /// until every pooled connection waited on it, and everybody else's requests stalled or answered 503.
