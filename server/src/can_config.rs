@@ -19,6 +19,7 @@ use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
 use crate::dongles::{self, OwnedDongle};
 use crate::http::{ApiError, ClientInfo, ErrorCode};
+use crate::rate_limit;
 use crate::state::AppState;
 use firmware_proto::remp::CanMode;
 
@@ -399,6 +400,7 @@ pub async fn apply(
 ) -> Result<CanConfigApplied, ApiError> {
     let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
     let config = validate(req, dongle.can_fd())?;
+    rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id()).await?;
     let agent_id = dongles::serving_agent(
         &state.pool,
         &state.hub,

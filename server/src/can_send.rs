@@ -140,6 +140,7 @@ pub async fn send(
         state.config.rate_limits.can_send_per_dongle,
     )
     .await?;
+    rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id()).await?;
     let agent_id = dongles::serving_agent(
         &state.pool,
         &state.hub,

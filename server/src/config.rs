@@ -273,6 +273,7 @@ impl Default for RateLimits {
             reset_request_per_account: Limit::new(3, minutes(60)),
             reset_confirm_per_ip: Limit::new(10, minutes(60)),
             can_send_per_dongle: Limit::new(20, Duration::from_secs(10)),
+            agent_requests_per_user: Limit::new(300, minutes(1)),
         }
     }
 }

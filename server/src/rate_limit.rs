@@ -35,6 +35,10 @@ pub struct RateLimits {
     pub reset_confirm_per_ip: Limit,
     /// Frames sent by hand to one dongle (`POST /dongles/:id/can/send`), whoever sends them.
     pub can_send_per_dongle: Limit,
+    /// Requests one user makes that go to an agent (CAN configurations, commands, frames sent by
+    /// hand, pairing starts and submits), across all their dongles and instances: each costs an agent
+    /// round trip, so one user cannot keep the agents' hub and the database busy for everybody.
+    pub agent_requests_per_user: Limit,
 }
 
 /// What is being counted. Each scope has its own counters, so that e.g. reset requests and reset
@@ -48,6 +52,7 @@ pub enum Scope {
     ResetRequestAccount,
     ResetConfirmIp,
     CanSendDongle,
+    AgentRequestsUser,
 }
 
 impl Scope {
@@ -60,6 +65,7 @@ impl Scope {
             Self::ResetRequestAccount => "reset-request:account",
             Self::ResetConfirmIp => "reset-confirm:ip",
             Self::CanSendDongle => "can-send:dongle",
+            Self::AgentRequestsUser => "agent-requests:user",
         }
     }
 }
@@ -115,6 +121,22 @@ pub async fn enforce(pool: &PgPool, scope: Scope, key: &str, limit: Limit) -> Re
             ))
         }
     }
+}
+
+/// Counts one request of `user_id` that goes to an agent, against
+/// [`RateLimits::agent_requests_per_user`]; RATE_LIMITED with Retry-After past it.
+pub async fn agent_request(
+    pool: &PgPool,
+    limits: &RateLimits,
+    user_id: uuid::Uuid,
+) -> Result<(), ApiError> {
+    enforce(
+        pool,
+        Scope::AgentRequestsUser,
+        &user_id.to_string(),
+        limits.agent_requests_per_user,
+    )
+    .await
 }
 
 /// Deletes counters whose window ended more than a day ago (housekeeping; windows are at most hours).

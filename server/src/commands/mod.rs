@@ -146,6 +146,8 @@ pub async fn invoke(
         state.config.dev_mode,
     )
     .map_err(refusal)?;
+    crate::rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id())
+        .await?;
     let mut tx = state.pool.begin().await?;
     // Counted under the dongle's row lock, so that racing requests cannot both take the last slot.
     sqlx::query("SELECT 1 FROM dongles WHERE id = $1 FOR NO KEY UPDATE")

@@ -117,6 +117,8 @@ pub async fn start(
 ) -> Result<PairingStarted, ApiError> {
     // Checked before the lease (a refused caller takes nothing), and again under it.
     pairing_checks(state, caller, client, dongle_id, "pairing.start_refused").await?;
+    crate::rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id())
+        .await?;
     let lease = pairing_lease(state, dongle_id).await?;
     let started = start_leased(state, caller, client, dongle_id).await;
     lease.release(&state.pool).await;
@@ -350,6 +352,8 @@ pub async fn submit(
     }
     // Checked before the lease (a refused caller takes nothing), and again under it.
     pairing_checks(state, caller, client, dongle_id, "pairing.submit_refused").await?;
+    crate::rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id())
+        .await?;
     let lease = pairing_lease(state, dongle_id).await?;
     let submitted = submit_leased(state, caller, client, dongle_id, session_id, pin).await;
     lease.release(&state.pool).await;

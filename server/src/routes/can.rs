@@ -52,6 +52,7 @@ async fn get_can_config(
         (status = 404, description = "DONGLE_NOT_FOUND", body = ErrorBody),
         (status = 409, description = "CONFLICT: the agent could not carry it out", body = ErrorBody),
         (status = 422, description = "CAN_CONFIG_REJECTED: the dongle refused it (details.reason); nothing stored", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED: too many requests to agents by this account (all its dongles together), with Retry-After.", body = ErrorBody),
         (status = 503, description = "AGENT_OFFLINE; nothing stored", body = ErrorBody),
         (status = 504, description = "DONGLE_TIMEOUT: no acknowledgement in time; nothing stored", body = ErrorBody),
     ))]
@@ -80,7 +81,7 @@ async fn put_can_config(
         (status = 404, description = "DONGLE_NOT_FOUND", body = ErrorBody),
         (status = 409, description = "CONFLICT: the agent could not carry it out", body = ErrorBody),
         (status = 422, description = "CAN_SEND_REJECTED: the dongle refused the frame", body = ErrorBody),
-        (status = 429, description = "RATE_LIMITED, with Retry-After", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED: too many frames to this dongle, or too many requests to agents by this account, with Retry-After", body = ErrorBody),
         (status = 503, description = "AGENT_OFFLINE", body = ErrorBody),
         (status = 504, description = "DONGLE_TIMEOUT", body = ErrorBody),
     ))]

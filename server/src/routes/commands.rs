@@ -37,6 +37,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 403, description = "COMMAND_NOT_ALLOWED (not on the allow-list, or dangerous outside development mode), or CSRF_INVALID", body = ErrorBody),
         (status = 404, description = "DONGLE_NOT_FOUND", body = ErrorBody),
         (status = 409, description = "CONFLICT: too many commands waiting on this dongle", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED: too many requests to agents by this account (all its dongles together), with Retry-After.", body = ErrorBody),
     ))]
 async fn invoke(
     State(state): State<AppState>,

@@ -83,7 +83,7 @@ pub struct PairingModeRequest {
         (status = 404, description = "DONGLE_NOT_FOUND", body = ErrorBody),
         (status = 409, description = "DONGLE_OWNED_BY_OTHER, PAIRING_SECURITY_HOLD, or CONFLICT (another account's pairing window is open)", body = ErrorBody),
         (status = 410, description = "PAIRING_EXPIRED", body = ErrorBody),
-        (status = 429, description = "RATE_LIMITED: more than 10 starts on this dongle in an hour by this account, with Retry-After.", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED: more than 10 starts on this dongle in an hour by this account, or too many requests to agents by this account, with Retry-After.", body = ErrorBody),
         (status = 503, description = "AGENT_OFFLINE", body = ErrorBody),
     ))]
 async fn pairing_mode(
@@ -121,6 +121,7 @@ pub struct PairingSubmitRequest {
         (status = 404, description = "DONGLE_NOT_FOUND, or NOT_FOUND for an unknown pairing session", body = ErrorBody),
         (status = 409, description = "DONGLE_OWNED_BY_OTHER, PAIRING_SECURITY_HOLD or CONFLICT", body = ErrorBody),
         (status = 410, description = "PAIRING_EXPIRED", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED: too many requests to agents by this account (all its dongles together), with Retry-After.", body = ErrorBody),
         (status = 503, description = "AGENT_OFFLINE", body = ErrorBody),
     ))]
 async fn pairing_submit(

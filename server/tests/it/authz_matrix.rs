@@ -843,6 +843,7 @@ async fn every_route_answers_every_caller_as_the_table_says(pool: PgPool) {
         limits.reset_request_per_account = many;
         limits.reset_confirm_per_ip = many;
         limits.can_send_per_dongle = many;
+        limits.agent_requests_per_user = many;
     })
     .await;
 

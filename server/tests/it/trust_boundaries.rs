@@ -521,6 +521,49 @@ async fn dongles_nobody_owns_or_has_seen_for_the_retention_period_are_deleted(po
     app.stop().await;
 }
 
+/// One user cannot keep the agents busy for everybody: the requests a user sends to agents (frames by
+/// hand, commands, CAN configurations, pairing) are counted together per user across all their
+/// dongles, and past the limit they answer 429 with Retry-After, while another user is not affected.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn agent_bound_requests_are_limited_per_user_across_dongles(pool: PgPool) {
+    use bridge_server::rate_limit::Limit;
+    let app = spawn_app_with(pool, |c| {
+        // Pairing a dongle is two of them (start and submit).
+        c.rate_limits.agent_requests_per_user = Limit::new(5, std::time::Duration::from_secs(60));
+        c.rate_limits.can_send_per_dongle = Limit::new(100, std::time::Duration::from_secs(60));
+    })
+    .await;
+    let first = common::dongle::paired(&app, "alice@example.com", "00000000000000c1", 0).await;
+    let frame = json!({"can_id": 1, "data_hex": "00"});
+    async fn send(owner: &common::dongle::Owner, body: serde_json::Value) -> common::Answer {
+        let path = format!("/dongles/{}/can/send", owner.dongle_id);
+        read(owner.client.post_json(&path, body).await).await
+    }
+    for _ in 0..3 {
+        assert_eq!(send(&first, frame.clone()).await.status, StatusCode::OK);
+    }
+    // The sixth agent-bound request of the same user (two went to pairing), whatever it is, waits.
+    let command = read(
+        first
+            .client
+            .post_json(
+                &format!("/dongles/{}/commands", first.dongle_id),
+                json!({"command": "remote status"}),
+            )
+            .await,
+    )
+    .await;
+    command.assert_error(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED");
+    assert!(command.headers.contains_key("retry-after"));
+    send(&first, frame.clone())
+        .await
+        .assert_error(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED");
+    // Another user has a counter of their own.
+    let other = common::dongle::paired(&app, "bob@example.com", "00000000000000c2", 0).await;
+    assert_eq!(send(&other, frame).await.status, StatusCode::OK);
+    app.stop().await;
+}
+
 /// The database pool is not a weapon: a CAN configuration held a transaction (and an advisory lock) for
 /// the whole round trip to the agent, and a pairing start the dongle's row lock, so a user whose own agent never answers could fire requests
 /// until every pooled connection waited on it, and everybody else's requests stalled or answered 503.
