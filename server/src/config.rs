@@ -274,6 +274,7 @@ impl Default for RateLimits {
             reset_confirm_per_ip: Limit::new(10, minutes(60)),
             can_send_per_dongle: Limit::new(20, Duration::from_secs(10)),
             agent_requests_per_user: Limit::new(300, minutes(1)),
+            new_dongle_ids_per_user: Limit::new(1_000, minutes(60)),
         }
     }
 }

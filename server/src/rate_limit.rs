@@ -39,6 +39,9 @@ pub struct RateLimits {
     /// hand, pairing starts and submits), across all their dongles and instances: each costs an agent
     /// round trip, so one user cannot keep the agents' hub and the database busy for everybody.
     pub agent_requests_per_user: Limit,
+    /// Device ids one user's agents may introduce (ids the server has no row for yet): a report past
+    /// it has its new ids left out, so a modified agent cannot fill the dongles table.
+    pub new_dongle_ids_per_user: Limit,
 }
 
 /// What is being counted. Each scope has its own counters, so that e.g. reset requests and reset
@@ -53,6 +56,7 @@ pub enum Scope {
     ResetConfirmIp,
     CanSendDongle,
     AgentRequestsUser,
+    NewDongleIdsUser,
 }
 
 impl Scope {
@@ -66,6 +70,7 @@ impl Scope {
             Self::ResetConfirmIp => "reset-confirm:ip",
             Self::CanSendDongle => "can-send:dongle",
             Self::AgentRequestsUser => "agent-requests:user",
+            Self::NewDongleIdsUser => "new-dongle-ids:user",
         }
     }
 }
@@ -86,19 +91,31 @@ pub async fn hit(
     key: &str,
     limit: Limit,
 ) -> Result<Decision, sqlx::Error> {
+    hit_n(pool, scope, key, limit, 1).await
+}
+
+/// Counts `n` attempts at once (e.g. the new device ids of one report).
+pub async fn hit_n(
+    pool: &PgPool,
+    scope: Scope,
+    key: &str,
+    limit: Limit,
+    n: u32,
+) -> Result<Decision, sqlx::Error> {
     let (hits, seconds_left): (i32, f64) = sqlx::query_as(
-        "INSERT INTO rate_limits AS r (scope, key, window_start, hits) VALUES ($1, $2, now(), 1) \
+        "INSERT INTO rate_limits AS r (scope, key, window_start, hits) VALUES ($1, $2, now(), $4) \
          ON CONFLICT (scope, key) DO UPDATE SET \
            window_start = CASE WHEN r.window_start + make_interval(secs => $3) <= now() \
                                THEN now() ELSE r.window_start END, \
            hits = CASE WHEN r.window_start + make_interval(secs => $3) <= now() \
-                       THEN 1 ELSE r.hits + 1 END \
+                       THEN $4 ELSE LEAST(r.hits + $4, 1000000000) END \
          RETURNING hits, \
            EXTRACT(EPOCH FROM (window_start + make_interval(secs => $3) - now()))::float8",
     )
     .bind(scope.as_str())
     .bind(key)
     .bind(limit.window.as_secs_f64())
+    .bind(n.min(1_000_000) as i32)
     .fetch_one(pool)
     .await?;
     if hits as i64 > limit.max as i64 {

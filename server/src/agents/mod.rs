@@ -359,6 +359,7 @@ pub async fn report_devices(
     pool: &PgPool,
     agent: AgentIdentity,
     dongles: &[DongleReport],
+    new_ids: crate::rate_limit::Limit,
 ) -> Result<Vec<OwnedSighting>, ReportError> {
     if dongles.len() > 256 {
         return Err(ReportError::TooMany);
@@ -373,9 +374,40 @@ pub async fn report_devices(
             return Err(ReportError::ForgedLocalId(d.device_id.clone()));
         }
     }
+    // Ids the server has no row for count against the user's allowance of new ids; past it, they are
+    // left out of this report (known ones are still applied), so reports cannot fill the table.
+    let ids: Vec<&str> = dongles.iter().map(|d| d.device_id.as_str()).collect();
+    let known: std::collections::HashSet<String> =
+        sqlx::query_scalar("SELECT device_id FROM dongles WHERE device_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect();
+    let fresh = dongles
+        .iter()
+        .filter(|d| !known.contains(&d.device_id))
+        .count() as u32;
+    let admit_new = fresh == 0
+        || crate::rate_limit::hit_n(
+            pool,
+            crate::rate_limit::Scope::NewDongleIdsUser,
+            &agent.user_id.to_string(),
+            new_ids,
+            fresh,
+        )
+        .await?
+            == crate::rate_limit::Decision::Allowed;
+    if !admit_new {
+        tracing::warn!(agent_id = %agent.agent_id, new_ids = fresh,
+            "an agent's report names more new dongles than its user may introduce now; they are left out");
+    }
     let mut tx = pool.begin().await?;
     let mut seen = Vec::with_capacity(dongles.len());
     for d in dongles {
+        if !admit_new && !known.contains(&d.device_id) {
+            continue;
+        }
         let local = matches!(d.transport, Transport::Local { .. });
         // Which agent's local endpoint the id already is, if any: NULL for a real dongle.
         let existing: Option<Option<Uuid>> = sqlx::query_scalar(

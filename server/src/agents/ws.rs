@@ -222,7 +222,14 @@ async fn handle(
         }
         AgentMessage::Devices(devices) => {
             let before = present_dongles(&state.pool, agent_id).await?;
-            match agents::report_devices(&state.pool, agent, &devices.dongles).await {
+            match agents::report_devices(
+                &state.pool,
+                agent,
+                &devices.dongles,
+                state.config.rate_limits.new_dongle_ids_per_user,
+            )
+            .await
+            {
                 Ok(owned) => {
                     let after = present_dongles(&state.pool, agent_id).await?;
                     publish_presence(state, &before, &after);

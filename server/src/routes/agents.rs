@@ -316,12 +316,17 @@ async fn report_devices(
     CurrentAgent(agent): CurrentAgent,
     ApiJson(body): ApiJson<DevicesReport>,
 ) -> Result<Json<ReportAck>, ApiError> {
-    let owned = agents::report_devices(&state.pool, agent, &body.dongles)
-        .await
-        .map_err(|e| match e {
-            ReportError::Db(e) => ApiError::from(e),
-            other => ApiError::validation(other.to_string()),
-        })?;
+    let owned = agents::report_devices(
+        &state.pool,
+        agent,
+        &body.dongles,
+        state.config.rate_limits.new_dongle_ids_per_user,
+    )
+    .await
+    .map_err(|e| match e {
+        ReportError::Db(e) => ApiError::from(e),
+        other => ApiError::validation(other.to_string()),
+    })?;
     // Tokens travel only over the control WebSocket; without one the agent gets them when it connects.
     dongles::hand_out_tokens(&state.pool, &state.keys, &state.hub, agent.agent_id, &owned).await;
     Ok(Json(ReportAck {

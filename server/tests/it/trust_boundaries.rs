@@ -564,6 +564,58 @@ async fn agent_bound_requests_are_limited_per_user_across_dongles(pool: PgPool) 
     app.stop().await;
 }
 
+/// A user's agents cannot fill the dongles table: ids the server has no row for count against the
+/// user's allowance of new ids, and a report past it has its new ids left out (known ones still apply).
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn reports_cannot_introduce_more_new_dongle_ids_than_the_users_allowance(pool: PgPool) {
+    use bridge_server::rate_limit::Limit;
+    let app = spawn_app_with(pool.clone(), |c| {
+        c.rate_limits.new_dongle_ids_per_user = Limit::new(3, std::time::Duration::from_secs(3600));
+    })
+    .await;
+    let (mallory, _) = app.logged_in("mallory@example.com", Role::User).await;
+    let (_, token) = common::agent::register(&mallory).await;
+    let report = |ids: &[&str]| {
+        let body = json!({ "dongles": ids.iter().map(|d| common::agent::usb_dongle(d)).collect::<Vec<_>>() });
+        let http = reqwest::Client::new();
+        let url = format!("{}/api/v1/agents/devices/report", app.base);
+        let token = token.clone();
+        async move {
+            let res = http
+                .post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+    };
+    let rows = || async {
+        sqlx::query_scalar::<_, String>("SELECT device_id FROM dongles ORDER BY device_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    report(&["00000000000000a1", "00000000000000a2"]).await;
+    assert_eq!(rows().await, ["00000000000000a1", "00000000000000a2"]);
+    // Two more new ids would make four: they are left out, the known ones still count as seen.
+    report(&[
+        "00000000000000a1",
+        "00000000000000a2",
+        "00000000000000a3",
+        "00000000000000a4",
+    ])
+    .await;
+    assert_eq!(rows().await, ["00000000000000a1", "00000000000000a2"]);
+    let present: i64 = sqlx::query_scalar("SELECT count(*) FROM dongle_sightings WHERE present")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(present, 2);
+    app.stop().await;
+}
+
 /// The database pool is not a weapon: a CAN configuration held a transaction (and an advisory lock) for
 /// the whole round trip to the agent, and a pairing start the dongle's row lock, so a user whose own agent never answers could fire requests
 /// until every pooled connection waited on it, and everybody else's requests stalled or answered 503.
