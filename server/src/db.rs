@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use anyhow::Context;
 use sqlx::ConnectOptions;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 /// The migrations of `migrations/`, reversible (`.up.sql` / `.down.sql`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -76,11 +76,28 @@ pub struct AppliedMigration {
 /// Applies every embedded migration not yet applied and returns those it applied, oldest first.
 /// Running it again is a no-op that returns an empty list.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<Vec<AppliedMigration>> {
-    let before = applied_versions(pool).await?;
+    // The pool's connections end any statement after 30 s and any lock wait after 10 s, which is right
+    // for requests but not for a migration: rewriting a large table, or waiting while another instance
+    // migrates or a running server's transactions finish, may take longer, and a migration cut short
+    // leaves the upgrade to be retried by hand. This one connection lifts both limits for its session,
+    // and is closed afterwards rather than returned to the pool with them lifted.
+    let mut conn = pool
+        .acquire()
+        .await
+        .context("could not get a database connection to migrate with")?
+        .detach();
+    for lift in ["SET statement_timeout = 0", "SET lock_timeout = 0"] {
+        sqlx::query(lift)
+            .execute(&mut conn)
+            .await
+            .context("could not lift the timeouts for the migrations")?;
+    }
+    let before = applied_versions_on(&mut conn).await?;
     MIGRATOR
-        .run(pool)
+        .run(&mut conn)
         .await
         .context("applying the database migrations failed")?;
+    sqlx::Connection::close(conn).await.ok();
     Ok(MIGRATOR
         .iter()
         .filter(|m| m.migration_type.is_up_migration() && !before.contains(&m.version))
@@ -93,8 +110,16 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<Vec<AppliedMigration>> {
 
 /// The versions recorded as applied; empty when no migration has ever run.
 pub async fn applied_versions(pool: &PgPool) -> anyhow::Result<BTreeSet<i64>> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .context("could not read the migration table")?;
+    applied_versions_on(&mut conn).await
+}
+
+async fn applied_versions_on(conn: &mut PgConnection) -> anyhow::Result<BTreeSet<i64>> {
     let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await
         .context("could not read the migration table")?;
     if exists.is_none() {
@@ -102,7 +127,7 @@ pub async fn applied_versions(pool: &PgPool) -> anyhow::Result<BTreeSet<i64>> {
     }
     let versions: Vec<i64> =
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await
             .context("could not read the migration table")?;
     Ok(versions.into_iter().collect())

@@ -297,3 +297,45 @@ async fn a_request_stuck_behind_a_lock_answers_503_after_the_lock_timeout_not_a_
         bridge_server::http::ErrorCode::ServiceUnavailable
     );
 }
+
+/// The pool's timeouts are for requests, not for upgrades: `migrate` on a pool whose lock timeout is
+/// short still waits for another session that holds the migration table (another instance migrating,
+/// an operator's transaction) and then finishes, instead of failing half way with a lock timeout.
+#[sqlx::test(migrator = "bridge_server::db::MIGRATOR")]
+async fn migrations_wait_for_a_held_lock_past_the_pools_lock_timeout(
+    _: sqlx::postgres::PgPoolOptions,
+    options: sqlx::postgres::PgConnectOptions,
+) {
+    use bridge_server::db;
+    let timeouts = db::Timeouts {
+        statement: Duration::from_secs(5),
+        lock: Duration::from_millis(200),
+    };
+    let pool = db::pool_with(db::with_timeouts(options.clone(), timeouts), 4);
+
+    let mut holder: sqlx::PgConnection = sqlx::ConnectOptions::connect(&options).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+        holder
+    });
+
+    let applied = db::migrate(&pool).await;
+    release.await.unwrap();
+    assert_eq!(
+        applied.map_err(|e| format!("{e:#}")),
+        Ok(vec![]),
+        "everything was applied already, so waiting must end in a no-op"
+    );
+    // The pool keeps its limits: the lifted connection did not go back into it.
+    let lock_timeout: String = sqlx::query_scalar("SHOW lock_timeout")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(lock_timeout, "200ms");
+}

@@ -41,9 +41,9 @@ use uuid::Uuid;
 
 use super::buffer::{self, Append, BufferError, Retention};
 use super::chunk::Chunk;
-use super::links::{Core, PipeShared, RelayEvent};
+use super::links::{Core, PipeShared, RelayEvent, SendError};
+pub use machine::MAX_POSITION;
 use machine::{Action, Conn, Failure, Frames, Input, Loaded, Machine, Reply, Request, SidesRead};
-pub use machine::{MAX_POSITION, SendError};
 
 /// What a pipe is told.
 pub(crate) enum PipeEvent {
