@@ -26,8 +26,23 @@
 //!   so no frame is lost or repeated while either end merely reconnects.
 //! - DROPS from an agent: `n` is the total of frames of `side` the agent had to drop (a full queue), so
 //!   that no drop goes unreported.
+//!
+//! MONITOR (kind 4, protocol 4) carries a dongle's own traffic for its console, for dongles the server
+//! asked to watch ([`crate::Watch`]); it is a view, not a stream: no positions, no acknowledgement, and
+//! the agent may send only a sample. Its header has the same length with other fields:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 1 | version, [`DATA_VERSION`] |
+//! | 1 | 1 | kind: 4 MONITOR |
+//! | 2 | 8 | the dongle's device id |
+//! | 10 | 8 | reserved, zero |
+//! | 18 | 1 | direction: 0 = rx (the dongle received the frames on its bus), 1 = tx |
+//! | 19 | 8 | `n`, big-endian: the frames the dongle saw in that direction since the previous MONITOR of it, at least the batch's count (more when the agent sent a sample) |
+//! | 27 | .. | a firmware-proto CAN batch, as in FRAMES (it may be empty) |
 
 use firmware_proto::ext::batch::Batch;
+use firmware_proto::ids::DeviceId;
 use uuid::Uuid;
 
 /// The version byte of every data message.
@@ -139,6 +154,112 @@ pub enum Kind {
     Drops,
 }
 
+/// Which way a monitored frame went, seen from the dongle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Received on the dongle's bus.
+    Rx,
+    /// Transmitted by the dongle.
+    Tx,
+}
+
+impl Direction {
+    /// The name the console shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Rx => "rx",
+            Direction::Tx => "tx",
+        }
+    }
+}
+
+/// A decoded MONITOR message: a dongle's own traffic for its console.
+#[derive(Debug, Clone, Copy)]
+pub struct Monitor<'a> {
+    pub device_id: DeviceId,
+    pub direction: Direction,
+    /// The frames the dongle saw in this direction since the previous MONITOR; at least the batch's
+    /// count.
+    pub seen: u64,
+    pub batch: Batch<'a>,
+}
+
+/// Any message of the data plane.
+#[derive(Debug, Clone, Copy)]
+pub enum AnyMessage<'a> {
+    /// FRAMES, ACK or DROPS of a group side.
+    Group(DataMessage<'a>),
+    /// MONITOR.
+    Monitor(Monitor<'a>),
+}
+
+impl<'a> AnyMessage<'a> {
+    /// Decodes and validates any data message.
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, DataError> {
+        if bytes.get(1) != Some(&KIND_MONITOR) {
+            return DataMessage::decode(bytes).map(AnyMessage::Group);
+        }
+        if bytes.len() > MAX_MESSAGE_LEN {
+            return Err(DataError::TooLarge(bytes.len()));
+        }
+        let Some(header) = bytes.get(..HEADER_LEN) else {
+            return Err(DataError::Short(bytes.len()));
+        };
+        if header[0] != DATA_VERSION {
+            return Err(DataError::Version(header[0]));
+        }
+        if header[10..18] != [0; 8] {
+            return Err(DataError::Reserved);
+        }
+        let device_id = DeviceId::from_bytes(header[2..10].try_into().expect("8 bytes"));
+        let direction = match header[18] {
+            0 => Direction::Rx,
+            1 => Direction::Tx,
+            d => return Err(DataError::Direction(d)),
+        };
+        let seen = u64::from_be_bytes(header[19..27].try_into().expect("8 bytes"));
+        let batch =
+            Batch::parse(&bytes[HEADER_LEN..]).map_err(|e| DataError::Batch(e.to_string()))?;
+        if seen < batch.len() as u64 {
+            return Err(DataError::FewerSeenThanSent {
+                seen,
+                sent: batch.len(),
+            });
+        }
+        Ok(AnyMessage::Monitor(Monitor {
+            device_id,
+            direction,
+            seen,
+            batch,
+        }))
+    }
+}
+
+const KIND_MONITOR: u8 = 4;
+
+/// A MONITOR message around an encoded batch: `seen` frames in `direction` since the previous one, of
+/// which the batch holds a sample (or all).
+pub fn encode_monitor(
+    device_id: DeviceId,
+    direction: Direction,
+    seen: u64,
+    batch: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + batch.len());
+    out.push(DATA_VERSION);
+    out.push(KIND_MONITOR);
+    out.extend_from_slice(device_id.as_bytes());
+    out.extend_from_slice(&[0; 8]);
+    out.push(match direction {
+        Direction::Rx => 0,
+        Direction::Tx => 1,
+    });
+    out.extend_from_slice(&seen.to_be_bytes());
+    out.extend_from_slice(batch);
+    out
+}
+
 /// A decoded data message; the batch borrows from the message bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct DataMessage<'a> {
@@ -168,6 +289,12 @@ pub enum DataError {
     Batch(String),
     #[error("an ACK or DROPS message carries {0} bytes after its header")]
     Trailing(usize),
+    #[error("a MONITOR message with non-zero reserved bytes")]
+    Reserved,
+    #[error("unknown direction {0}")]
+    Direction(u8),
+    #[error("a MONITOR message says {seen} frames were seen but carries {sent}")]
+    FewerSeenThanSent { seen: u64, sent: usize },
 }
 
 impl<'a> DataMessage<'a> {
@@ -286,6 +413,64 @@ mod tests {
         assert_eq!(decoded.frame_count(), 2);
         let ids: Vec<u32> = decoded.batch.unwrap().iter().map(|r| r.id.raw()).collect();
         assert_eq!(ids, vec![0x7e8, 0x18db33f1]);
+    }
+
+    #[test]
+    fn monitor_round_trips_with_the_documented_layout() {
+        let dev = DeviceId::from_bytes([0xa1, 2, 3, 4, 5, 6, 7, 8]);
+        let msg = encode_monitor(dev, Direction::Rx, 40, &batch());
+        assert_eq!(&msg[..2], &[1, 4]);
+        assert_eq!(&msg[2..10], dev.as_bytes());
+        assert_eq!(&msg[10..18], &[0; 8]);
+        assert_eq!(msg[18], 0);
+        assert_eq!(&msg[19..27], &40u64.to_be_bytes());
+        let AnyMessage::Monitor(m) = AnyMessage::decode(&msg).unwrap() else {
+            panic!("a MONITOR message");
+        };
+        assert_eq!(
+            (m.device_id, m.direction, m.seen, m.batch.len()),
+            (dev, Direction::Rx, 40, 2)
+        );
+        // The group messages decode through the same door.
+        let ack = encode_ack(Uuid::new_v4(), Side::A, 3);
+        assert!(matches!(
+            AnyMessage::decode(&ack),
+            Ok(AnyMessage::Group(DataMessage {
+                kind: Kind::Ack,
+                n: 3,
+                ..
+            }))
+        ));
+        // Only the door that knows MONITOR opens for it.
+        assert_eq!(DataMessage::decode(&msg).unwrap_err(), DataError::Kind(4));
+    }
+
+    #[test]
+    fn malformed_monitors_are_errors_not_panics() {
+        let dev = DeviceId::from_bytes([1; 8]);
+        let good = encode_monitor(dev, Direction::Tx, 2, &batch());
+        let mut bad = good.clone();
+        bad[12] = 1;
+        assert_eq!(AnyMessage::decode(&bad).unwrap_err(), DataError::Reserved);
+        let mut bad = good.clone();
+        bad[18] = 2;
+        assert_eq!(
+            AnyMessage::decode(&bad).unwrap_err(),
+            DataError::Direction(2)
+        );
+        let fewer = encode_monitor(dev, Direction::Rx, 1, &batch());
+        assert_eq!(
+            AnyMessage::decode(&fewer).unwrap_err(),
+            DataError::FewerSeenThanSent { seen: 1, sent: 2 }
+        );
+        for cut in 0..good.len() {
+            let _ = AnyMessage::decode(&good[..cut]);
+        }
+        for i in 0..good.len() {
+            let mut m = good.clone();
+            m[i] ^= 0xff;
+            let _ = AnyMessage::decode(&m);
+        }
     }
 
     #[test]

@@ -30,6 +30,7 @@
 //! | `dongle_token` | after a pairing succeeds, and when the agent reports a claimed dongle of its own user | the plaintext token (base64) of that dongle, for the agent's vault |
 //! | `command_result_ack` | after the server stored a `command_result` (or already had it) | the `command_id`; the agent drops the result from its outbox |
 //! | `groups` | after `welcome`, and whenever a group of the agent's dongles changes | the full list of [`GroupSide`]s the agent should stream on `/ws/data` (anything not listed: stop) |
+//! | `watch` | every 2 s while somebody watches the console of a dongle the agent serves (protocol 4) | [`Watch`]: the device ids whose own traffic the agent streams on `/ws/data` as MONITOR messages for the next `seconds` (0: stop now) |
 //! | `error` | before the server closes the socket for a protocol violation | `code`, `message` |
 //!
 //! Request bodies ([`RequestBody`], field `body.type`): `pairing_start`, `pairing_submit`, `forget`,
@@ -63,13 +64,18 @@ use uuid::Uuid;
 /// [`ReplyErrorCode::NotSettable`] in replies. An agent lists its local endpoints only to a server
 /// whose `welcome` says 2 or more, so that an older server never meets a transport it cannot read.
 /// Version 3 added [`Event::TokenAccepted`], sent only to servers whose `welcome` says 3 or more.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Version 4 added [`ServerMessage::Watch`] and the MONITOR data message (a dongle's own traffic for its
+/// console), sent only to agents whose `hello` says 4 or more ([`ServerMessage::since`]).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The first protocol version that carries local endpoints.
 pub const LOCAL_ENDPOINTS_SINCE: u32 = 2;
 
 /// The first protocol version that carries [`Event::TokenAccepted`].
 pub const TOKEN_ACCEPTED_SINCE: u32 = 3;
+
+/// The first protocol version that carries [`ServerMessage::Watch`] and MONITOR data messages.
+pub const WATCH_SINCE: u32 = 4;
 
 /// The heartbeat period the server asks for, in seconds.
 pub const DEFAULT_HEARTBEAT_SECS: u32 = 10;
@@ -341,11 +347,36 @@ pub enum ServerMessage {
     },
     /// The group sides this agent serves now (see [`data`]).
     Groups(Groups),
+    /// Dongles whose own traffic somebody watches on the console (protocol 4).
+    Watch(Watch),
     Error {
         code: String,
         message: String,
     },
 }
+
+/// Dongles whose console somebody watches: for the next `seconds`, the agent streams the frames each of
+/// them receives on `/ws/data` as MONITOR messages ([`data::Monitor`]), sampled at the agent above a
+/// rate with exact counts. A dongle that is the side of a group the agent serves is not monitored: its
+/// frames go to the group's stream, and the relay shows them on the console already.
+///
+/// Watches are not a list that replaces the previous one: each names dongles to watch (or, with
+/// `seconds` 0, to stop watching) and expires on its own, so that every server instance with a console
+/// open can send its own and none has to know the others'. The server repeats a watch every
+/// [`WATCH_REFRESH_SECS`] while the console stays open, well within `seconds`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watch {
+    pub device_ids: Vec<DeviceId>,
+    pub seconds: u32,
+}
+
+/// How often the server repeats a [`Watch`] while a console stays open.
+pub const WATCH_REFRESH_SECS: u32 = 2;
+/// How long one [`Watch`] lasts unless repeated: a few refreshes, so that one lost message does not
+/// interrupt the console.
+pub const WATCH_SECS: u32 = 6;
+/// The longest watch an agent accepts, whatever a server asks.
+pub const MAX_WATCH_SECS: u32 = 60;
 
 /// The group sides an agent serves: the full list, replacing any earlier one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -514,6 +545,15 @@ impl AgentMessage {
 }
 
 impl ServerMessage {
+    /// The first protocol version whose agents understand this message. An agent of an older version
+    /// closes its connection on a message type it does not know, so the server never sends it one.
+    pub fn since(&self) -> u32 {
+        match self {
+            Self::Watch(_) => WATCH_SINCE,
+            _ => 1,
+        }
+    }
+
     /// The JSON text of the message.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("control messages always serialize")

@@ -206,6 +206,13 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
         let shutdown = shutdown.clone();
         async move { relay.send_moved_lists(shutdown).await }
     }));
+    // The agents serving dongles whose console is open are asked for their traffic.
+    tasks.push(tokio::spawn(crate::monitor::watch(
+        state.pool.clone(),
+        state.hub.clone(),
+        state.console.clone(),
+        shutdown.clone(),
+    )));
     // The relay's frames and group states on the console.
     tasks.push(tokio::spawn(groups::console::feed(
         state.relay.clone(),

@@ -27,6 +27,8 @@
 //!   sweeper ([`commands::dispatch`]).
 //! - [`can_send`]: one CAN frame sent by hand, checked and rate-limited per dongle.
 //! - [`console`]: the live console's streams: ids, the resume ring, sampling (SSE in `routes::streams`).
+//! - [`monitor`]: a dongle's own traffic on its console: agents asked to stream watched dongles
+//!   ([`monitor::watch`]), and their MONITOR messages published ([`monitor::MonitorIngest`]).
 //! - [`groups`]: groups of two dongles and the relay of their frames: the API's operations, one pipe per
 //!   relaying group (forwarding, the durable buffer, replay, the state), the data connections, and the
 //!   events the console is fed from ([`groups::relay::Relay::subscribe`]).
@@ -58,6 +60,7 @@ pub mod email;
 pub mod embedded_pg;
 pub mod groups;
 pub mod http;
+pub mod monitor;
 pub mod openapi;
 pub mod rate_limit;
 pub mod routes;

@@ -189,6 +189,7 @@ fn handle(shared: &Arc<Shared>, message: ServerMessage, tx: &mpsc::Sender<AgentM
             tracing::warn!(%code, %message, "the server reported an error");
         }
         ServerMessage::Groups(groups) => shared.groups_changed(groups),
+        ServerMessage::Watch(watch) => shared.data.watch(&watch),
         ServerMessage::Welcome(_) => {}
     }
 }

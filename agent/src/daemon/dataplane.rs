@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use control_proto::data::{self, DataMessage, Kind, Side};
-use control_proto::{GroupSide, Groups};
+use control_proto::{GroupSide, Groups, Watch};
 use firmware_proto::ext::batch::BatchWriter;
 use firmware_proto::ids::DeviceId;
 use futures::{SinkExt, StreamExt};
@@ -30,6 +30,7 @@ use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 use super::Shared;
+use super::monitor::Monitors;
 use super::pace::Pace;
 use crate::frame::Frame;
 use crate::home::Credentials;
@@ -54,8 +55,14 @@ pub struct DataStats {
     pub frames_down: u64,
     /// Frames dropped because a queue was full or the dongle was gone.
     pub dropped: u64,
-    /// Frames from dongles that are in no group.
+    /// Frames from dongles that are in no group and whose console nobody watches.
     pub unrouted: u64,
+    /// Frames of dongles in no group whose console somebody watches, all counted...
+    #[serde(default)]
+    pub console_seen: u64,
+    /// ...and those of them sent to the server (a sample above `monitor::RATE` a second per dongle).
+    #[serde(default)]
+    pub console_sent: u64,
 }
 
 struct SideState {
@@ -83,7 +90,9 @@ pub(super) struct DataPlane {
     /// instead of putting it on the bus twice. At most [`MAX_REMEMBERED`] entries.
     remembered: Mutex<HashMap<(Uuid, Side), u64>>,
     stats: Mutex<DataStats>,
-    /// Wakes the connection task: frames to send, or the sides changed.
+    /// The dongles whose console somebody watches.
+    monitors: Mutex<Monitors>,
+    /// Wakes the connection task: frames to send, or the sides or watches changed.
     wake: Notify,
 }
 
@@ -134,19 +143,46 @@ impl DataPlane {
         self.wake.notify_one();
     }
 
-    pub(super) fn has_sides(&self) -> bool {
+    /// Applies a watch from the server (dongles whose console somebody watches).
+    pub(super) fn watch(&self, watch: &Watch) {
+        self.monitors
+            .lock()
+            .unwrap()
+            .watch(watch, tokio::time::Instant::now());
+        self.wake.notify_one();
+    }
+
+    /// Whether the data plane has anything to carry: a group side, or a watched dongle.
+    pub(super) fn has_work(&self) -> bool {
         !self.sides.lock().unwrap().is_empty()
+            || self
+                .monitors
+                .lock()
+                .unwrap()
+                .any(tokio::time::Instant::now())
     }
 
     pub(super) fn stats(&self) -> DataStats {
-        *self.stats.lock().unwrap()
+        let counts = self.monitors.lock().unwrap().counts();
+        DataStats {
+            console_seen: counts.seen,
+            console_sent: counts.sent,
+            ..*self.stats.lock().unwrap()
+        }
     }
 
-    /// Takes frames the dongle `device_id` received.
+    /// Takes frames the dongle `device_id` received: into its group side's stream when it has one,
+    /// else into its console's sample when somebody watches it, else they are counted as unrouted.
     pub(super) fn take_from_dongle(&self, device_id: DeviceId, frames: &[Frame]) {
         let mut sides = self.sides.lock().unwrap();
         let Some(state) = sides.values_mut().find(|s| s.device_id == device_id) else {
-            self.stats.lock().unwrap().unrouted += frames.len() as u64;
+            drop(sides);
+            let now = tokio::time::Instant::now();
+            if self.monitors.lock().unwrap().take(device_id, frames, now) {
+                self.wake.notify_one();
+            } else {
+                self.stats.lock().unwrap().unrouted += frames.len() as u64;
+            }
             return;
         };
         let room = MAX_UNACKED.saturating_sub(state.unacked.len());
@@ -209,6 +245,12 @@ impl DataPlane {
         }
         drop(sides);
         self.stats.lock().unwrap().frames_up += first_sends;
+        messages.extend(
+            self.monitors
+                .lock()
+                .unwrap()
+                .outgoing(tokio::time::Instant::now()),
+        );
         messages
     }
 
@@ -224,11 +266,12 @@ impl DataPlane {
     }
 }
 
-/// Keeps `/ws/data` open while the agent serves any group side; reconnects with backoff.
+/// Keeps `/ws/data` open while the agent serves any group side or watched dongle; reconnects with
+/// backoff.
 pub(super) async fn run(shared: Arc<Shared>, creds: Credentials, mut backoff: Backoff) {
     let url = ws_url(&creds.server_url, "/ws/data");
     loop {
-        while !shared.data.has_sides() {
+        while !shared.data.has_work() {
             shared.data.wake.notified().await;
         }
         match control::connect(&url, &creds.agent_token, creds.ca_file.as_deref()).await {
@@ -333,6 +376,8 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
                         Some(Ok(_)) => continue,
                         Some(Err(e)) => return Err(e.to_string()),
                     };
+                    // Only group messages come from the server; anything else is ignored like a
+                    // message that does not decode.
                     let message = match DataMessage::decode(&bytes) {
                         Ok(m) => m,
                         Err(e) => {
@@ -626,6 +671,38 @@ mod tests {
                 next_seq,
             }],
         }
+    }
+
+    #[test]
+    fn a_watched_dongle_is_monitored_unless_it_is_a_group_side() {
+        let plane = DataPlane::default();
+        let dev: DeviceId = "0123456789abcdef".parse().unwrap();
+        assert!(!plane.has_work());
+        plane.watch(&Watch {
+            device_ids: vec![dev.to_string()],
+            seconds: 6,
+        });
+        assert!(plane.has_work(), "a watched dongle opens the data plane");
+        plane.take_from_dongle(dev, &[frame(0), frame(1)]);
+        let sent = plane.outgoing();
+        assert_eq!(sent.len(), 1);
+        assert!(matches!(
+            data::AnyMessage::decode(&sent[0]),
+            Ok(data::AnyMessage::Monitor(m)) if m.seen == 2 && m.batch.len() == 2
+        ));
+        // In a group, every frame goes to the group's stream (the relay shows it on the console).
+        let (g, list) = groups(dev, 0);
+        plane.set_groups(&list);
+        plane.take_from_dongle(dev, &[frame(2)]);
+        let sent = plane.outgoing();
+        assert_eq!(sent.len(), 1);
+        let m = DataMessage::decode(&sent[0]).unwrap();
+        assert_eq!((m.kind, m.group_id, m.frame_count()), (Kind::Frames, g, 1));
+        let stats = plane.stats();
+        assert_eq!(
+            (stats.console_seen, stats.console_sent, stats.unrouted),
+            (2, 2, 0)
+        );
     }
 
     #[test]

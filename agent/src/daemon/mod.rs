@@ -12,6 +12,7 @@
 mod connection;
 mod dataplane;
 mod local;
+mod monitor;
 mod pace;
 mod requests;
 mod status;

@@ -405,3 +405,110 @@ async fn every_journaled_result_reaches_the_server_however_many_wait(pool: PgPoo
     agent.stop().await;
     server.stop().await;
 }
+
+/// The agent's data-plane counters, as its `daemon.json` says them (rewritten once a second).
+fn data_stats(agent: &Agent) -> Value {
+    std::fs::read(agent.path("daemon.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .map(|s| s["data"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// The issue's own trial: pair one dongle, open its console, and watch its bus. Frames the dongle
+/// receives appear as `rx` (they used to be dropped by the agent, since the dongle is in no group), a
+/// frame sent by hand as `tx`; the agent uploads the dongle's frames only while the console is open.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_lone_dongles_console_shows_its_bus_only_while_it_is_open(pool: PgPool) {
+    use dongle_sim::frame::Frame as SimFrame;
+    use firmware_proto::ids::CanId;
+
+    let bus_root = tempfile::tempdir().unwrap();
+    let server = Server::start(pool).await;
+    let mut config = SimConfig::serial("unused").with_bus("bench");
+    config.bus_root = Some(bus_root.path().to_path_buf());
+    let (user, dongle, mut agent, id) = setup(&server, Some(config)).await;
+    let reply = SimFrame::classic(
+        CanId::standard(0x7e8).unwrap(),
+        &[0x04, 0x41, 0x0c, 0x1a, 0xf8],
+    )
+    .unwrap();
+
+    let mut console = user.console(&id).await;
+    // An ECU's answer on the dongle's bus, repeated as an ECU would until the console shows it: the
+    // agent starts streaming when the server tells it somebody watches.
+    let shown = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            dongle.sim.inject_bus_frames(&[reply]);
+            if let Some(frame) = console
+                .wait_for("can_frame", Duration::from_millis(200), |d| {
+                    d["can_id"] == 0x7e8
+                })
+                .await
+            {
+                return frame;
+            }
+        }
+    })
+    .await
+    .expect("a frame on the lone dongle's bus reaches its console");
+    assert_eq!(shown["direction"], "rx", "{shown}");
+    assert_eq!(shown["data_hex"], "04410c1af8", "{shown}");
+    assert_eq!(shown["dongle_id"], id.as_str());
+
+    // A frame sent by hand shows as tx.
+    let (status, body) = user
+        .post(
+            &format!("/dongles/{id}/can/send"),
+            json!({"can_id": 0x7df, "is_extended": false, "data_hex": "02010c"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let sent = console
+        .wait_for("can_frame", Duration::from_secs(5), |d| {
+            d["can_id"] == 0x7df
+        })
+        .await
+        .expect("the frame sent by hand on the console");
+    assert_eq!(sent["direction"], "tx", "{sent}");
+
+    // The agent counted what it sent for the console.
+    let mut stats = Value::Null;
+    for _ in 0..50 {
+        stats = data_stats(&agent);
+        if stats["console_sent"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stats["console_sent"].as_u64().unwrap_or(0) > 0, "{stats}");
+
+    // The console closes: the agent stops uploading the dongle's frames (within a round of the
+    // server's watch), and counts them as unrouted again.
+    drop(console);
+    let stopped = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let before = data_stats(&agent);
+            for _ in 0..8 {
+                dongle.sim.inject_bus_frames(&[reply]);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            // Long enough for the status file's once-a-second rewrite.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let after = data_stats(&agent);
+            if after["console_seen"] == before["console_seen"]
+                && after["unrouted"].as_u64() > before["unrouted"].as_u64()
+            {
+                return after;
+            }
+        }
+    })
+    .await;
+    assert!(
+        stopped.is_ok(),
+        "the agent kept streaming a console nobody watches: {}",
+        data_stats(&agent)
+    );
+    agent.stop().await;
+    server.stop().await;
+}

@@ -2,6 +2,7 @@
 //! reads the agent's messages, and a writer task drains the connection's queue in the [`AgentHub`].
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use axum::extract::ws::{Message, WebSocket};
 use control_proto::{AgentMessage, PROTOCOL_VERSION, ServerMessage, Welcome};
@@ -18,8 +19,15 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
     let conn_id = registration.conn_id;
     let mut rx = registration.rx;
     let (mut sink, mut stream) = socket.split();
+    // The protocol version the agent's `hello` gave (1 until it comes). A message newer than the
+    // agent's protocol is not sent: an older agent would take it for a violation and reconnect.
+    let protocol = Arc::new(AtomicU32::new(1));
+    let agent_protocol = protocol.clone();
     let writer = tokio::spawn(async move {
         while let Some(message) = rx.recv().await {
+            if message.since() > agent_protocol.load(Ordering::Relaxed) {
+                continue;
+            }
             if sink
                 .send(Message::Text(message.to_json().into()))
                 .await
@@ -92,6 +100,9 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
                 continue;
             }
         };
+        if let AgentMessage::Hello(hello) = &message {
+            protocol.store(hello.protocol, Ordering::Relaxed);
+        }
         match message {
             AgentMessage::Reply(reply) => {
                 state.hub.complete(agent_id, reply.id, reply.result);

@@ -1,8 +1,8 @@
 //! The live console (SPEC 3.9): per-dongle and per-group event streams with strictly increasing ids, a
 //! ring buffer to resume from, and sampling of CAN frames above a rate.
 //!
-//! Producers (the relay, commands, presence, frames sent by hand) call [`Console::publish`]; the SSE
-//! routes (`routes::streams`) subscribe. A subscriber that comes back with `Last-Event-ID` gets every
+//! Producers (the relay, a dongle's own traffic through `monitor`, commands, presence, frames sent by
+//! hand) call [`Console::publish`]; the SSE routes (`routes::streams`) subscribe. A subscriber that comes back with `Last-Event-ID` gets every
 //! event after it from the ring (the last [`RING_EVENTS`] events or [`RING_AGE`], whichever is fewer), or
 //! a `stream_reset` when that id is older than the ring holds, and then the live events.
 //!
@@ -165,6 +165,9 @@ pub struct Console {
     streams: Mutex<HashMap<StreamKey, Stream>>,
     /// CAN frames per second per stream above which the stream samples.
     frame_rate_limit: u32,
+    /// Told when a dongle's stream gets a subscriber, so that its agent is asked for the dongle's
+    /// traffic at once rather than at the next round (`monitor::watch`).
+    pub dongle_watched: tokio::sync::Notify,
 }
 
 impl Console {
@@ -172,7 +175,21 @@ impl Console {
         Self {
             streams: Mutex::new(HashMap::new()),
             frame_rate_limit: frame_rate_limit.max(1),
+            dongle_watched: tokio::sync::Notify::new(),
         }
+    }
+
+    /// The dongles whose stream somebody watches now.
+    pub fn watched_dongles(&self) -> Vec<Uuid> {
+        self.streams
+            .lock()
+            .expect("console lock")
+            .iter()
+            .filter_map(|(key, stream)| match key {
+                StreamKey::Dongle(id) if stream.tx.receiver_count() > 0 => Some(*id),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Publishes `event` on `key`'s stream. CAN frames above the rate limit are sampled: one in N is
@@ -221,6 +238,9 @@ impl Console {
         let mut streams = self.streams.lock().expect("console lock");
         let stream = streams.entry(key).or_insert_with(Stream::new);
         let live = stream.tx.subscribe();
+        if matches!(key, StreamKey::Dongle(_)) {
+            self.dongle_watched.notify_one();
+        }
         let Some(last) = last_event_id else {
             return Subscription {
                 reset: false,

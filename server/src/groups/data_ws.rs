@@ -9,15 +9,17 @@
 //! agent's backpressure: it keeps its frames until they are acknowledged.
 
 use axum::extract::ws::{Message, WebSocket};
-use control_proto::data::DataMessage;
+use control_proto::data::AnyMessage;
 use futures::{SinkExt, StreamExt};
 
 use super::relay::Inbound;
 use crate::agents::{self, AgentIdentity};
+use crate::monitor::MonitorIngest;
 use crate::state::AppState;
 
-/// How many messages in a row may name groups the agent does not serve (a group just deactivated is
-/// still named for a moment by an honest agent) before the connection closes.
+/// How many messages in a row may name groups or dongles the agent does not serve (a group just
+/// deactivated, or a dongle just unplugged, is still named for a moment by an honest agent) before the
+/// connection closes.
 const MAX_REFUSED_IN_A_ROW: u32 = 100;
 
 /// Serves one agent's data connection until either side closes it, the agent's token stops being
@@ -45,6 +47,7 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
     let mut token = agents::TokenCheck::new(agent_id);
     // Messages in a row for groups this agent does not serve: past the limit, the connection closes.
     let mut refused = 0u32;
+    let mut monitor_ingest = MonitorIngest::new(agent);
     loop {
         tokio::select! {
             frame = stream.next() => {
@@ -67,14 +70,28 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
                 if !token.still_valid(&state.pool, false).await {
                     break;
                 }
-                match DataMessage::decode(&bytes) {
-                    Ok(message) => {
-                        if relay.from_agent(agent, Inbound::of(&message)).await {
+                let accepted = match AnyMessage::decode(&bytes) {
+                    Ok(AnyMessage::Group(message)) => Ok(relay.from_agent(agent, Inbound::of(&message)).await),
+                    Ok(AnyMessage::Monitor(monitor)) => {
+                        match monitor_ingest.publish(&state.pool, &state.console, monitor).await {
+                            Ok(allowed) => Ok(allowed),
+                            // A console view missed for a moment: nothing to hold the agent to.
+                            Err(e) => {
+                                tracing::debug!(%agent_id, error = %e, "could not check a MONITOR message");
+                                Ok(true)
+                            }
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                match accepted {
+                    Ok(accepted) => {
+                        if accepted {
                             refused = 0;
                         } else {
                             refused += 1;
                             if refused > MAX_REFUSED_IN_A_ROW {
-                                tracing::warn!(%agent_id, "closing a data connection: too many messages for groups it does not serve");
+                                tracing::warn!(%agent_id, "closing a data connection: too many messages for groups or dongles it does not serve");
                                 break;
                             }
                         }

@@ -302,3 +302,105 @@ async fn a_console_stream_ends_when_its_caller_loses_access(pool: PgPool) {
         "logged out",
     );
 }
+
+/// The `watch` messages `agent` received so far.
+fn watches(agent: &common::agent::TestAgent) -> Vec<control_proto::Watch> {
+    agent.seen.lock().unwrap().watches.clone()
+}
+
+/// A console opened on a dongle in no group asks its agent for the dongle's traffic (at once, and again
+/// while it stays open); closing it tells the agent to stop. An agent whose protocol predates `watch`
+/// is never sent one (it would take the unknown message for a violation).
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_open_console_asks_the_agent_for_the_dongles_traffic_and_closing_it_stops_it(
+    pool: PgPool,
+) {
+    use common::agent::{self, TestAgent, wait_until};
+    let app = spawn_app(pool).await;
+    let owner = paired(&app, "alice@example.com", DEV, 0).await;
+    assert!(watches(&owner.agent).is_empty(), "nobody watches yet");
+    let path = format!("/streams/dongles/{}/console", owner.dongle_id);
+    let (_, stream, _) = Sse::open(&owner.client, &path, None).await;
+    let stream = stream.unwrap();
+    wait_until(|| async {
+        watches(&owner.agent)
+            .iter()
+            .any(|w| w.device_ids == [DEV] && w.seconds == control_proto::WATCH_SECS)
+    })
+    .await;
+    drop(stream);
+    wait_until(|| async {
+        watches(&owner.agent)
+            .last()
+            .is_some_and(|w| w.device_ids == [DEV] && w.seconds == 0)
+    })
+    .await;
+
+    // An agent of protocol 3 serving a watched dongle: no `watch`, and its connection stays open.
+    let (bob, _) = app.logged_in("bob@example.com", Role::User).await;
+    let (_, token) = agent::register(&bob).await;
+    let old = TestAgent::connect_speaking(&app.base, &token, 3).await;
+    old.report_caps(&app.pool, &[("00000000000000c2", 0)]).await;
+    let dongle = common::data::pair(&app, &bob, "00000000000000c2").await;
+    let (_, stream, _) = Sse::open(&bob, &format!("/streams/dongles/{dongle}/console"), None).await;
+    tokio::time::sleep(Duration::from_millis(
+        2500 + 1000 * u64::from(control_proto::WATCH_REFRESH_SECS),
+    ))
+    .await;
+    assert!(watches(&old).is_empty());
+    assert!(!old.is_closed());
+    drop(stream);
+}
+
+/// MONITOR messages show on the dongle's console, with the agent's sampling said in `sampled`; an agent
+/// cannot put frames on the console of a dongle that is not its user's, and one that keeps trying is
+/// disconnected.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn monitored_frames_reach_only_their_own_dongles_console(pool: PgPool) {
+    use common::data::{DataClient, batch};
+    use control_proto::data::{Direction, encode_monitor};
+    use firmware_proto::ids::DeviceId;
+    let app = spawn_app(pool).await;
+    let owner = paired(&app, "alice@example.com", DEV, 0).await;
+    let path = format!("/streams/dongles/{}/console", owner.dongle_id);
+    let (_, stream, _) = Sse::open(&owner.client, &path, None).await;
+    let mut stream = stream.unwrap();
+    let device: DeviceId = DEV.parse().unwrap();
+
+    let mut data = DataClient::connect(&app.base, &owner.token).await;
+    // Ten frames seen, two sent: each shown one for five.
+    data.send_raw(encode_monitor(device, Direction::Rx, 10, &batch([7, 8])))
+        .await;
+    let mut shown = Vec::new();
+    while shown.len() < 2 {
+        let event = stream.next().await;
+        if event.name == "can_frame" {
+            shown.push(event.data);
+        }
+    }
+    assert_eq!(shown[0]["direction"], "rx");
+    assert_eq!(shown[0]["dongle_id"], owner.dongle_id.to_string());
+    assert_eq!(shown[0]["sampled"], 5);
+
+    // Bob's agent names Alice's dongle: nothing reaches her console, and Bob's connection is closed.
+    let (bob, _) = app.logged_in("bob@example.com", Role::User).await;
+    let (_, token) = common::agent::register(&bob).await;
+    let mut intruder = DataClient::connect(&app.base, &token).await;
+    for _ in 0..150 {
+        intruder
+            .send_raw(encode_monitor(device, Direction::Rx, 1, &batch([666])))
+            .await;
+    }
+    assert!(intruder.closed_within(Duration::from_secs(10)).await);
+    // Alice's own frame after the intruder's: the first frame her console shows again.
+    data.send_raw(encode_monitor(device, Direction::Rx, 1, &batch([9])))
+        .await;
+    let next = loop {
+        let event = stream.next().await;
+        if event.name == "can_frame" {
+            break event.data;
+        }
+    };
+    assert!(next.get("sampled").is_none(), "{next}");
+    assert_eq!(next["data_hex"], "00000009", "{next}");
+}

@@ -259,6 +259,24 @@ impl User {
         self.call(Method::POST, path, Some(body)).await
     }
 
+    /// Opens the live console (SSE) of the dongle with id `dongle_id`.
+    pub async fn console(&self, dongle_id: &str) -> ConsoleStream {
+        let response = self
+            .http
+            .get(format!(
+                "{}/api/v1/streams/dongles/{dongle_id}/console",
+                self.base
+            ))
+            .send()
+            .await
+            .expect("the server answers");
+        assert_eq!(response.status(), StatusCode::OK);
+        ConsoleStream {
+            response,
+            buffer: String::new(),
+        }
+    }
+
     /// The user's view of the dongle with `device_id`, if listed.
     pub async fn dongle(&self, device_id: &str) -> Option<Value> {
         let (status, body) = self.get("/dongles").await;
@@ -287,6 +305,62 @@ impl User {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("dongle {device_id}: {what} never happened; last seen {last:?}");
+    }
+}
+
+/// A live console as a browser reads it: server-sent events, one at a time.
+pub struct ConsoleStream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl ConsoleStream {
+    /// The next event (its `event:` name and JSON data), or None when none comes within `within`.
+    pub async fn next(&mut self, within: Duration) -> Option<(String, Value)> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut name = None;
+                let mut data = Value::Null;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = Some(v.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data = serde_json::from_str(v.trim()).unwrap_or(Value::Null);
+                    }
+                }
+                match name {
+                    Some(name) => return Some((name, data)),
+                    // A comment (keep-alive).
+                    None => continue,
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let chunk = tokio::time::timeout(left, self.response.chunk())
+                .await
+                .ok()?
+                .expect("the stream reads")
+                .expect("the stream stays open");
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    /// Waits up to `within` for an event named `name` whose data satisfies `check`.
+    pub async fn wait_for(
+        &mut self,
+        name: &str,
+        within: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let (event, data) = self.next(left).await?;
+            if event == name && check(&data) {
+                return Some(data);
+            }
+        }
     }
 }
 

@@ -78,6 +78,8 @@ pub struct Seen {
     pub frames: Vec<(u32, bool, String, bool)>,
     /// `groups` messages received, in order.
     pub groups: Vec<control_proto::Groups>,
+    /// `watch` messages received, in order.
+    pub watches: Vec<control_proto::Watch>,
 }
 
 /// How the test agent answers a request.
@@ -155,11 +157,16 @@ pub async fn try_connect(
 impl TestAgent {
     /// Connects, says hello, and waits for the welcome.
     pub async fn connect(base: &str, token: &str) -> Self {
+        Self::connect_speaking(base, token, control_proto::PROTOCOL_VERSION).await
+    }
+
+    /// [`TestAgent::connect`] for an agent whose hello says `protocol`.
+    pub async fn connect_speaking(base: &str, token: &str, protocol: u32) -> Self {
         let mut ws = try_connect(base, token)
             .await
             .expect("the upgrade succeeds");
         let hello = AgentMessage::Hello(Hello {
-            protocol: control_proto::PROTOCOL_VERSION,
+            protocol,
             agent_version: "test-0.1".into(),
             hostname: "bench-host".into(),
             os: "linux".into(),
@@ -492,6 +499,7 @@ fn handle(
         }
         ServerMessage::Error { code, .. } => seen.lock().unwrap().errors.push(code),
         ServerMessage::Groups(groups) => seen.lock().unwrap().groups.push(groups),
+        ServerMessage::Watch(watch) => seen.lock().unwrap().watches.push(watch),
         ServerMessage::Welcome(_) => {}
     }
 }
