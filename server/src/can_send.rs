@@ -26,11 +26,50 @@ pub const MAX_EXTENDED_ID: i64 = 0x1FFF_FFFF;
 /// The data lengths a CAN FD frame can have (its DLC table).
 pub const FD_LENGTHS: [usize; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64];
 
+/// A CAN identifier as clients send it: a JSON integer (`2015`), or a hex string with or without `0x`
+/// (`"0x7DF"`, `"7DF"`), as v0.7 clients do.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum CanIdValue {
+    Number(i64),
+    Hex(String),
+}
+
+impl From<i64> for CanIdValue {
+    fn from(n: i64) -> Self {
+        Self::Number(n)
+    }
+}
+
+impl CanIdValue {
+    /// The identifier's value, or None for a string that is not 1 to 8 hex digits.
+    fn value(&self) -> Option<i64> {
+        match self {
+            Self::Number(n) => Some(*n),
+            Self::Hex(text) => {
+                let text = text.trim();
+                let digits = text
+                    .strip_prefix("0x")
+                    .or_else(|| text.strip_prefix("0X"))
+                    .unwrap_or(text);
+                if digits.is_empty()
+                    || digits.len() > 8
+                    || !digits.bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    return None;
+                }
+                u32::from_str_radix(digits, 16).ok().map(i64::from)
+            }
+        }
+    }
+}
+
 /// `POST /dongles/:id/can/send`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct SendFrameRequest {
-    /// The identifier: 0..=0x7FF, or 0..=0x1FFFFFFF with `is_extended`.
-    pub can_id: i64,
+    /// The identifier: 0..=0x7FF, or 0..=0x1FFFFFFF with `is_extended`; an integer, or hex as a string
+    /// (`"0x7DF"` or `"7DF"`).
+    pub can_id: CanIdValue,
     /// A 29-bit identifier (default false).
     #[serde(default)]
     pub is_extended: bool,
@@ -69,7 +108,13 @@ pub fn validate(req: &SendFrameRequest, can_fd: bool) -> Result<Frame, ApiError>
     } else {
         MAX_STANDARD_ID
     };
-    if !(0..=max_id).contains(&req.can_id) {
+    let Some(can_id) = req.can_id.value() else {
+        return Err(invalid(
+            "can_id",
+            "can_id must be an integer, or hex in a string such as \"0x7DF\" or \"7DF\".",
+        ));
+    };
+    if !(0..=max_id).contains(&can_id) {
         return Err(invalid(
             "can_id",
             format!(
@@ -114,7 +159,7 @@ pub fn validate(req: &SendFrameRequest, can_fd: bool) -> Result<Frame, ApiError>
         ));
     }
     Ok(Frame {
-        can_id: req.can_id as u32,
+        can_id: can_id as u32,
         extended: req.is_extended,
         data_hex: hex.to_ascii_lowercase(),
         len,
@@ -226,7 +271,7 @@ mod tests {
 
     fn req(can_id: i64, is_extended: bool, data_hex: &str, fd: bool) -> SendFrameRequest {
         SendFrameRequest {
-            can_id,
+            can_id: can_id.into(),
             is_extended,
             data_hex: data_hex.into(),
             fd,
@@ -244,6 +289,32 @@ mod tests {
         assert!(validate(&req(0x1FFF_FFFF, true, "", false), false).is_ok());
         assert!(field(validate(&req(0x2000_0000, true, "", false), false)).contains("can_id"));
         assert!(field(validate(&req(-1, true, "", false), false)).contains("can_id"));
+    }
+
+    #[test]
+    fn identifiers_may_be_hex_strings_as_v07_clients_send_them() {
+        let hex = |text: &str| SendFrameRequest {
+            can_id: CanIdValue::Hex(text.into()),
+            ..req(0, false, "", false)
+        };
+        for text in ["0x7DF", "0X7df", "7DF", " 7df "] {
+            assert_eq!(validate(&hex(text), false).unwrap().can_id, 0x7DF, "{text}");
+        }
+        let extended = SendFrameRequest {
+            is_extended: true,
+            ..hex("0x18DB33F1")
+        };
+        assert_eq!(validate(&extended, false).unwrap().can_id, 0x18DB_33F1);
+        for bad in ["", "0x", "7DG", "0x123456789", "-1", "0x-1", "+7", "0x+7"] {
+            assert!(field(validate(&hex(bad), false)).contains("can_id"), "{bad}");
+        }
+        assert!(field(validate(&hex("800"), false)).contains("can_id"));
+        let parsed: SendFrameRequest =
+            serde_json::from_str(r#"{"can_id": "0x7DF", "data_hex": ""}"#).unwrap();
+        assert_eq!(parsed.can_id, CanIdValue::Hex("0x7DF".into()));
+        let parsed: SendFrameRequest =
+            serde_json::from_str(r#"{"can_id": 2015, "data_hex": ""}"#).unwrap();
+        assert_eq!(parsed.can_id, CanIdValue::Number(2015));
     }
 
     #[test]

@@ -46,14 +46,21 @@ async fn a_frame_goes_out_through_the_agent_and_is_audited(pool: PgPool) {
     )
     .await;
     assert_eq!(extended.status, StatusCode::OK, "{}", extended.text);
+    // The identifier as hex in a string, as v0.7 clients send it.
+    for can_id in ["0x7E0", "7e1"] {
+        let hex = send(&owner, json!({"can_id": can_id, "data_hex": "01"})).await;
+        assert_eq!(hex.status, StatusCode::OK, "{}", hex.text);
+    }
     assert_eq!(
         owner.agent.seen.lock().unwrap().frames,
         vec![
             (0x7DF, false, "02010d0000000000".to_string(), false),
             (0x18DA_F110, true, String::new(), false),
+            (0x7E0, false, "01".to_string(), false),
+            (0x7E1, false, "01".to_string(), false),
         ]
     );
-    assert_eq!(audit_count(&app, "can.send").await, 2);
+    assert_eq!(audit_count(&app, "can.send").await, 4);
     let details: Value = sqlx::query_scalar(
         "SELECT details FROM audit_logs WHERE action = 'can.send' ORDER BY created_at LIMIT 1",
     )
@@ -71,6 +78,8 @@ async fn frames_are_checked_before_anything_is_sent(pool: PgPool) {
     let classic = dongle::paired(&app, "alice@example.com", DEV, 0).await;
     for (body, field) in [
         (json!({"can_id": 0x800, "data_hex": ""}), "can_id"),
+        (json!({"can_id": "0x800", "data_hex": ""}), "can_id"),
+        (json!({"can_id": "7DG", "data_hex": ""}), "can_id"),
         (json!({"can_id": -1, "data_hex": ""}), "can_id"),
         (
             json!({"can_id": -1, "is_extended": true, "data_hex": ""}),
