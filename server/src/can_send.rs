@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
-use crate::console::{ConsoleEvent, StreamKey};
+use crate::console::{self, ConsoleEvent, FrameView, StreamKey};
 use crate::dongles;
 use crate::http::{ApiError, ClientInfo, ErrorCode};
 use crate::rate_limit::{self, Scope};
@@ -251,16 +251,22 @@ pub async fn send(
         }
     }
     outcome?;
+    let data = hex::decode(&frame.data_hex).unwrap_or_default();
     state.console.publish(
         StreamKey::Dongle(dongle.id),
-        ConsoleEvent::CanFrame {
-            dongle_id: dongle.id,
-            direction: "tx",
-            can_id: frame.can_id,
-            extended: frame.extended,
-            data_hex: frame.data_hex.clone(),
-            sampled: None,
-        },
+        ConsoleEvent::can_frame(
+            dongle.id,
+            "tx",
+            &console::timestamp(chrono::Utc::now()),
+            FrameView {
+                can_id: frame.can_id,
+                is_extended: frame.extended,
+                fd: frame.fd,
+                data: &data,
+                dongle_ts_us: 0,
+            },
+            None,
+        ),
     );
     Ok(FrameSent { sent: true })
 }
@@ -306,7 +312,10 @@ mod tests {
         };
         assert_eq!(validate(&extended, false).unwrap().can_id, 0x18DB_33F1);
         for bad in ["", "0x", "7DG", "0x123456789", "-1", "0x-1", "+7", "0x+7"] {
-            assert!(field(validate(&hex(bad), false)).contains("can_id"), "{bad}");
+            assert!(
+                field(validate(&hex(bad), false)).contains("can_id"),
+                "{bad}"
+            );
         }
         assert!(field(validate(&hex("800"), false)).contains("can_id"));
         let parsed: SendFrameRequest =

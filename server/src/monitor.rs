@@ -156,17 +156,17 @@ impl MonitorIngest {
         // One frame shown for every `sampled` the dongle saw, as the console marks its own sampling.
         let sampled = (sent > 0 && monitor.seen > sent)
             .then(|| u32::try_from(monitor.seen.div_ceil(sent)).unwrap_or(u32::MAX));
+        let ts = crate::console::timestamp(chrono::Utc::now());
         for record in monitor.batch.iter() {
             console.publish(
                 StreamKey::Dongle(dongle_id),
-                ConsoleEvent::CanFrame {
+                ConsoleEvent::can_frame(
                     dongle_id,
-                    direction: monitor.direction.name(),
-                    can_id: record.id.raw(),
-                    extended: record.id.is_extended(),
-                    data_hex: hex::encode(record.data),
+                    monitor.direction.name(),
+                    &ts,
+                    (&record).into(),
                     sampled,
-                },
+                ),
             );
         }
         Ok(true)

@@ -122,7 +122,7 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
     // The dongles this agent served are offline for their consoles now, whatever the database says
     // until the agent's presence times out.
     if let Ok(served) = present_dongles(&state.pool, agent_id).await {
-        publish_presence(&state, &served, &[]);
+        publish_presence(&state, agent_id, &served, &[]);
     }
     tracing::info!(%agent_id, "agent disconnected");
 }
@@ -173,8 +173,15 @@ async fn present_dongles(
         .await
 }
 
-/// Presence events for the dongles that appeared (in `after` only) and went (in `before` only).
-fn publish_presence(state: &AppState, before: &[uuid::Uuid], after: &[uuid::Uuid]) {
+/// Presence events for the dongles that appeared (in `after` only) and went (in `before` only) on
+/// agent `agent_id`.
+fn publish_presence(
+    state: &AppState,
+    agent_id: uuid::Uuid,
+    before: &[uuid::Uuid],
+    after: &[uuid::Uuid],
+) {
+    let seen_at = crate::console::timestamp(chrono::Utc::now());
     let changes = after
         .iter()
         .filter(|d| !before.contains(d))
@@ -188,7 +195,12 @@ fn publish_presence(state: &AppState, before: &[uuid::Uuid], after: &[uuid::Uuid
     for (dongle_id, online) in changes {
         state.console.publish(
             crate::console::StreamKey::Dongle(dongle_id),
-            crate::console::ConsoleEvent::Presence { dongle_id, online },
+            crate::console::ConsoleEvent::Presence {
+                dongle_id,
+                online,
+                agent_id,
+                seen_at: seen_at.clone(),
+            },
         );
     }
 }
@@ -243,7 +255,7 @@ async fn handle(
             {
                 Ok(owned) => {
                     let after = present_dongles(&state.pool, agent_id).await?;
-                    publish_presence(state, &before, &after);
+                    publish_presence(state, agent_id, &before, &after);
                     dongles::hand_out_tokens(
                         &state.pool,
                         &state.keys,

@@ -44,15 +44,37 @@ pub enum StreamKey {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ConsoleEvent {
-    /// A dongle's agent went online or offline, or the dongle was plugged in or out.
-    Presence { dongle_id: Uuid, online: bool },
-    /// A CAN frame: `rx` from the dongle's bus, `tx` onto it. `sampled` is N when this stream shows
-    /// one frame in N.
+    /// A dongle's agent went online or offline, or the dongle was plugged in or out: `agent_id` is the
+    /// agent concerned, `seen_at` when the server noticed (RFC 3339).
+    Presence {
+        dongle_id: Uuid,
+        online: bool,
+        agent_id: Uuid,
+        seen_at: String,
+    },
+    /// A CAN frame: `rx` from the dongle's bus, `tx` onto it (the fields of v0.7 section 18.4; build one
+    /// with [`ConsoleEvent::can_frame`]). `sampled` is N when this stream shows one frame in N.
     CanFrame {
         dongle_id: Uuid,
+        /// When the server got the frame (RFC 3339 with microseconds, UTC).
+        ts: String,
+        /// The dongle's own microsecond clock when it saw the frame, where its link carries one (the
+        /// batch extension): for intervals between frames, not a time of day.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dongle_ts_us: Option<u64>,
         direction: &'static str,
+        /// The dongle's CAN channel: 0, since a dongle has one.
+        bus: u8,
+        /// The identifier as v0.7 shows it: `0x` and 3 upper-case hex digits (standard) or 8
+        /// (extended).
+        id: String,
+        /// The identifier as a number.
         can_id: u32,
-        extended: bool,
+        is_extended: bool,
+        /// A CAN FD frame.
+        fd: bool,
+        /// The data length code (the length itself up to 8; FD lengths have their codes 9 to 15).
+        dlc: u8,
         data_hex: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         sampled: Option<u32>,
@@ -78,7 +100,65 @@ pub enum ConsoleEvent {
     AccessEnded { reason: String },
 }
 
+/// A time as the console's events carry it: RFC 3339, UTC, microseconds.
+pub fn timestamp(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// One CAN frame for [`ConsoleEvent::can_frame`].
+#[derive(Debug, Clone, Copy)]
+pub struct FrameView<'a> {
+    pub can_id: u32,
+    pub is_extended: bool,
+    pub fd: bool,
+    pub data: &'a [u8],
+    /// The dongle's microsecond clock, 0 when its link carries none.
+    pub dongle_ts_us: u64,
+}
+
+impl<'a> From<&firmware_proto::ext::batch::CanRecord<'a>> for FrameView<'a> {
+    fn from(r: &firmware_proto::ext::batch::CanRecord<'a>) -> Self {
+        Self {
+            can_id: r.id.raw(),
+            is_extended: r.id.is_extended(),
+            fd: r.is_fd(),
+            data: r.data,
+            dongle_ts_us: r.timestamp_us,
+        }
+    }
+}
+
 impl ConsoleEvent {
+    /// A `can_frame` event of `dongle_id`, in `direction` (`rx` or `tx`), got at `ts` ([`timestamp`]).
+    pub fn can_frame(
+        dongle_id: Uuid,
+        direction: &'static str,
+        ts: &str,
+        frame: FrameView<'_>,
+        sampled: Option<u32>,
+    ) -> Self {
+        let len = u8::try_from(frame.data.len()).unwrap_or(u8::MAX);
+        let id = if frame.is_extended {
+            format!("0x{:08X}", frame.can_id)
+        } else {
+            format!("0x{:03X}", frame.can_id)
+        };
+        Self::CanFrame {
+            dongle_id,
+            ts: ts.to_string(),
+            dongle_ts_us: (frame.dongle_ts_us != 0).then_some(frame.dongle_ts_us),
+            direction,
+            bus: 0,
+            id,
+            can_id: frame.can_id,
+            is_extended: frame.is_extended,
+            fd: frame.fd,
+            dlc: firmware_proto::ext::batch::len_to_dlc(len).unwrap_or(len),
+            data_hex: hex::encode(frame.data),
+            sampled,
+        }
+    }
+
     /// The SSE `event:` name.
     pub fn name(&self) -> &'static str {
         match self {
@@ -296,14 +376,53 @@ mod tests {
     }
 
     fn frame() -> ConsoleEvent {
-        ConsoleEvent::CanFrame {
-            dongle_id: Uuid::nil(),
-            direction: "rx",
-            can_id: 0x7e8,
-            extended: false,
-            data_hex: "00".into(),
-            sampled: None,
-        }
+        ConsoleEvent::can_frame(
+            Uuid::nil(),
+            "rx",
+            "2026-12-05T00:00:00.000000Z",
+            FrameView {
+                can_id: 0x7e8,
+                is_extended: false,
+                fd: false,
+                data: &[0],
+                dongle_ts_us: 0,
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn a_can_frame_has_the_fields_of_v07() {
+        let event = ConsoleEvent::can_frame(
+            Uuid::nil(),
+            "rx",
+            "2026-12-05T10:00:00.000001Z",
+            FrameView {
+                can_id: 0x18da_f110,
+                is_extended: true,
+                fd: true,
+                data: &[0; 12],
+                dongle_ts_us: 42,
+            },
+            Some(3),
+        );
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["type"], "can_frame");
+        assert_eq!(json["ts"], "2026-12-05T10:00:00.000001Z");
+        assert_eq!(json["dongle_ts_us"], 42);
+        assert_eq!(json["direction"], "rx");
+        assert_eq!(json["bus"], 0);
+        assert_eq!(json["id"], "0x18DAF110");
+        assert_eq!(json["can_id"], 0x18da_f110u32);
+        assert_eq!(json["is_extended"], true);
+        assert_eq!(json["dlc"], 9, "12 bytes of FD are DLC 9");
+        assert_eq!(json["data_hex"], "00".repeat(12));
+        assert_eq!(json["sampled"], 3);
+        let standard = serde_json::to_value(frame()).unwrap();
+        assert_eq!(standard["id"], "0x7E8");
+        assert_eq!(standard["dlc"], 1);
+        assert!(standard.get("dongle_ts_us").is_none());
+        assert!(standard.get("sampled").is_none());
     }
 
     #[tokio::test]

@@ -8,13 +8,14 @@
 
 use std::sync::Arc;
 
+use control_proto::data::PerSide;
 use firmware_proto::ext::batch::Batch;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::relay::{Relay, RelayEvent};
-use crate::console::{Console, ConsoleEvent, StreamKey};
+use crate::console::{Console, ConsoleEvent, FrameView, StreamKey};
 
 /// Publishes the relay's events on the console until `shutdown`.
 pub async fn feed(relay: Arc<Relay>, console: Arc<Console>, shutdown: CancellationToken) {
@@ -38,11 +39,18 @@ pub async fn feed(relay: Arc<Relay>, console: Arc<Console>, shutdown: Cancellati
                 buffer_pressure,
                 backlog_a_to_b,
                 backlog_b_to_a,
+                offline,
             }) => console.publish(
                 StreamKey::Group(group_id),
                 ConsoleEvent::GroupState {
                     group_id,
                     detail: serde_json::json!({
+                        // v0.7's names (section 18.4) ...
+                        "mode": state,
+                        "offline_side": offline_side(offline),
+                        "buffered_a_to_b": backlog_a_to_b,
+                        "buffered_b_to_a": backlog_b_to_a,
+                        // ... and this server's, which the dashboard reads.
                         "state": state,
                         "buffer_pressure": buffer_pressure,
                         "backlog": { "a_to_b": backlog_a_to_b, "b_to_a": backlog_b_to_a },
@@ -60,21 +68,39 @@ pub async fn feed(relay: Arc<Relay>, console: Arc<Console>, shutdown: Cancellati
     }
 }
 
+/// `"a"` or `"b"` when one side is offline, `"both"`, or null when neither is.
+fn offline_side(offline: PerSide<bool>) -> Option<&'static str> {
+    match (offline.a, offline.b) {
+        (false, false) => None,
+        (true, false) => Some("a"),
+        (false, true) => Some("b"),
+        (true, true) => Some("both"),
+    }
+}
+
 fn frames(console: &Console, group_id: Uuid, from: Uuid, to: Uuid, batch: &[u8]) {
     let Ok(batch) = Batch::parse(batch) else {
         return;
     };
+    let ts = crate::console::timestamp(chrono::Utc::now());
     for record in batch.iter() {
-        let frame = |dongle_id: Uuid, direction: &'static str| ConsoleEvent::CanFrame {
-            dongle_id,
-            direction,
-            can_id: record.id.raw(),
-            extended: record.id.is_extended(),
-            data_hex: hex::encode(record.data),
-            sampled: None,
+        let rx: FrameView = (&record).into();
+        // The time on the frame is the sending dongle's clock, which says nothing of the receiver.
+        let tx = FrameView {
+            dongle_ts_us: 0,
+            ..rx
         };
-        console.publish(StreamKey::Dongle(from), frame(from, "rx"));
-        console.publish(StreamKey::Group(group_id), frame(from, "rx"));
-        console.publish(StreamKey::Dongle(to), frame(to, "tx"));
+        console.publish(
+            StreamKey::Dongle(from),
+            ConsoleEvent::can_frame(from, "rx", &ts, rx, None),
+        );
+        console.publish(
+            StreamKey::Group(group_id),
+            ConsoleEvent::can_frame(from, "rx", &ts, rx, None),
+        );
+        console.publish(
+            StreamKey::Dongle(to),
+            ConsoleEvent::can_frame(to, "tx", &ts, tx, None),
+        );
     }
 }

@@ -37,6 +37,8 @@ pub enum RelayEvent {
         buffer_pressure: bool,
         backlog_a_to_b: u64,
         backlog_b_to_a: u64,
+        /// The sides whose serving agent has no data connection on this instance.
+        offline: PerSide<bool>,
     },
 }
 

@@ -42,6 +42,15 @@ pub fn router() -> OpenApiRouter<AppState> {
 ///
 /// Each event has an `id` that strictly increases; reconnect with `Last-Event-ID` to get what was
 /// missed from the last 10 000 events or 60 s, or a `stream_reset` event when that is too old.
+///
+/// The dongle's frames appear whether or not it is in a group: while this stream is open, the agent
+/// serving the dongle uploads them (sampled at the agent above 200 frames/s, with `sampled` saying 1 in
+/// N). The events' `data` (v0.7 section 18.4, plus this server's own fields):
+/// `can_frame` {`dongle_id`, `ts` (RFC 3339), `dongle_ts_us` (the dongle's clock, when its link gives
+/// one), `direction` (`rx`/`tx`), `bus`, `id` (`"0x7E8"`), `can_id`, `is_extended`, `fd`, `dlc`,
+/// `data_hex`, `sampled`}; `presence` {`dongle_id`, `online`, `agent_id`, `seen_at`};
+/// `command_status` {`dongle_id`, `command_id`, `status`, `exit_code`}; `log` {`level`, `message`};
+/// `stream_reset` and `access_ended` {`reason`}.
 #[utoipa::path(get, path = "/streams/dongles/{id}/console", tag = "console",
     security(("session" = []), ("agent_token" = [])),
     params(("id" = Uuid, Path, description = "The dongle's id"),
@@ -65,6 +74,10 @@ async fn dongle_console(
 }
 
 /// A group's live console: the frames of both sides, group state and backlog, presence.
+///
+/// `group_state` carries `detail` {`mode`, `offline_side` (`a`, `b`, `both` or null), `buffered_a_to_b`,
+/// `buffered_b_to_a`, and this server's `state`, `buffer_pressure`, `backlog`}; the other events are
+/// those of a dongle's console.
 #[utoipa::path(get, path = "/streams/groups/{id}/console", tag = "console",
     security(("session" = []), ("agent_token" = [])),
     params(("id" = Uuid, Path, description = "The group's id"),

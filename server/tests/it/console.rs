@@ -146,6 +146,13 @@ async fn events_resume_and_reset(pool: PgPool) {
     assert_eq!(first.name, "can_frame");
     assert_eq!(first.data["direction"], "tx");
     assert_eq!(first.data["data_hex"], "0201");
+    // The fields of v0.7 section 18.4.
+    assert_eq!(first.data["id"], "0x7DF");
+    assert_eq!(first.data["is_extended"], false);
+    assert_eq!(first.data["dlc"], 2);
+    assert_eq!(first.data["bus"], 0);
+    let ts = first.data["ts"].as_str().unwrap();
+    assert!(chrono::DateTime::parse_from_rfc3339(ts).is_ok(), "{ts}");
     let first_id = first.id.unwrap();
 
     let queued = owner
@@ -403,4 +410,29 @@ async fn monitored_frames_reach_only_their_own_dongles_console(pool: PgPool) {
     };
     assert!(next.get("sampled").is_none(), "{next}");
     assert_eq!(next["data_hex"], "00000009", "{next}");
+}
+
+/// A dongle's presence says which agent and when (v0.7 section 18.4).
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn presence_names_the_agent_and_the_time(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let owner = paired(&app, "alice@example.com", DEV, 0).await;
+    let path = format!("/streams/dongles/{}/console", owner.dongle_id);
+    let (_, stream, _) = Sse::open(&owner.client, &path, None).await;
+    let mut stream = stream.unwrap();
+    owner.agent.disconnect();
+    let presence = loop {
+        let event = stream.next().await;
+        if event.name == "presence" {
+            break event.data;
+        }
+    };
+    assert_eq!(presence["online"], false, "{presence}");
+    assert_eq!(presence["dongle_id"], owner.dongle_id.to_string());
+    assert_eq!(presence["agent_id"], owner.agent.agent_id.to_string());
+    let seen_at = presence["seen_at"].as_str().unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(seen_at).is_ok(),
+        "{seen_at}"
+    );
 }

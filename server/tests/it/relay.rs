@@ -610,13 +610,25 @@ async fn the_group_console_shows_relayed_frames_and_state(pool: PgPool) {
             format!("\"dongle_id\":\"{a}\""),
             "\"direction\":\"rx\"".to_string(),
             "\"data_hex\":\"00000008\"".to_string(),
+            // The fields of v0.7 section 18.4.
+            "\"id\":\"0x100\"".to_string(),
+            "\"is_extended\":false".to_string(),
+            "\"dlc\":4".to_string(),
+            "\"bus\":0".to_string(),
+            "\"ts\":\"20".to_string(),
         ],
     )
     .await;
     data_b.cut();
     sse_until(
         &mut stream,
-        &["group_state".to_string(), "DEGRADED".to_string()],
+        &[
+            "group_state".to_string(),
+            "\"mode\":\"DEGRADED\"".to_string(),
+            "\"offline_side\":\"b\"".to_string(),
+            "\"buffered_a_to_b\":".to_string(),
+            "\"buffered_b_to_a\":0".to_string(),
+        ],
     )
     .await;
 }

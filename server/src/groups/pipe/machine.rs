@@ -210,6 +210,8 @@ pub struct Announcement {
     pub buffer_pressure: bool,
     pub backlog_a_to_b: u64,
     pub backlog_b_to_a: u64,
+    /// The sides whose serving agent has no data connection here.
+    pub offline: PerSide<bool>,
 }
 
 /// Frames counted since the driver last took the tally (it adds them to the relay's metrics).
@@ -436,6 +438,7 @@ impl Machine {
                 buffer_pressure,
                 backlog_a_to_b: rows.b.buffered,
                 backlog_b_to_a: rows.a.buffered,
+                offline: PerSide::new(true, true),
             },
             from,
             towards,
@@ -1169,6 +1172,7 @@ impl Machine {
             buffer_pressure: self.buffer_pressure,
             backlog_a_to_b: self.towards.b.buffered + self.towards.b.pending_frames,
             backlog_b_to_a: self.towards.a.buffered + self.towards.a.pending_frames,
+            offline: PerSide::new(self.towards.a.conn.is_none(), self.towards.b.conn.is_none()),
         };
         if !always && now == self.announced {
             return;

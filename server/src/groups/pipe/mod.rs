@@ -265,6 +265,7 @@ impl Pipe {
                 buffer_pressure: a.buffer_pressure,
                 backlog_a_to_b: a.backlog_a_to_b,
                 backlog_b_to_a: a.backlog_b_to_a,
+                offline: a.offline,
             }),
             Action::ServingChanged { before, after } => core.serving_changed(before, after),
             Action::Request(request) => return Some(self.request(request).await),

@@ -135,6 +135,9 @@
     var parts = [];
     var state = detail.state || detail.mode;
     if (state) { parts.push(state); }
+    if (detail.offline_side) {
+      parts.push(detail.offline_side === 'both' ? 'both sides offline' : 'side ' + detail.offline_side.toUpperCase() + ' offline');
+    }
     if (detail.backlog && typeof detail.backlog === 'object') {
       parts.push('backlog A\u2192B ' + (detail.backlog.a_to_b || 0) + ', B\u2192A ' + (detail.backlog.b_to_a || 0));
     }
@@ -157,7 +160,9 @@
       this.sampling.textContent = 'Sampling is on: the console shows 1 frame in ' + f.sampled +
         ' (the data plane carries every frame; the chart counts them all).';
     }
-    f.at = Date.now();
+    // The server's time of the frame (v0.7's `ts`), else the time it arrived here.
+    var ts = f.ts ? Date.parse(f.ts) : NaN;
+    f.at = isNaN(ts) ? Date.now() : ts;
     this.kept.push(f);
     if (this.kept.length > MAX_KEPT) { this.kept.splice(0, this.kept.length - MAX_KEPT); }
     if (!this.paused && this.matches(f)) {
@@ -175,8 +180,8 @@
   Console.prototype.row = function (f) {
     var tr = document.createElement('tr');
     tr.setAttribute('data-direction', f.direction);
-    tr.setAttribute('data-can-id', hex(f.can_id, f.extended));
-    var cells = [clock(f.at), this.dongleName(f.dongle_id), f.direction, hex(f.can_id, f.extended) + (f.extended ? ' (ext)' : ''), spaced(f.data_hex)];
+    tr.setAttribute('data-can-id', hex(f.can_id, f.is_extended));
+    var cells = [clock(f.at), this.dongleName(f.dongle_id), f.direction, hex(f.can_id, f.is_extended) + (f.is_extended ? ' (ext)' : '') + (f.fd ? ' FD' : ''), spaced(f.data_hex)];
     cells.forEach(function (text, i) {
       var td = document.createElement('td');
       td.textContent = text;
