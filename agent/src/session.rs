@@ -25,6 +25,7 @@ use firmware_proto::ext::batch::{self};
 use firmware_proto::ext::session::{Role, SessionMac};
 use firmware_proto::ext::{BusStatus, BusStatusAction, Forget, ForgetAction, ForgetStatus};
 use firmware_proto::ids::{CorrelationId, DeviceId, DongleToken, Pin};
+use firmware_proto::remp::TelemetrySource;
 use firmware_proto::remp::{
     self, CanConfig, CanFrame, CliRequest, CliStatus, Header, MsgType, Packet, PairingAck,
     PairingStart, PairingSubmit, Payload,
@@ -207,6 +208,24 @@ pub struct CliOutcome {
     pub output: String,
 }
 
+/// A command typed on the dongle's UART console and its outcome (REMP CLI_TELEMETRY), owned, from a
+/// report that carried the dongle's token or session MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UartReport {
+    /// The dongle's id for the report.
+    pub corr_id: CorrelationId,
+    pub source: TelemetrySource,
+    pub command: String,
+    /// The output; bytes that are not UTF-8 are replaced.
+    pub output: String,
+    pub exit_code: u16,
+    pub truncated: bool,
+    pub error: bool,
+}
+
+/// How many UART reports may wait for the consumer before new ones are dropped and counted.
+const TELEMETRY_QUEUE: usize = 64;
+
 /// Counters of a session.
 #[derive(Debug, Default)]
 pub struct SessionStats {
@@ -216,6 +235,8 @@ pub struct SessionStats {
     pub frames_out: AtomicU64,
     /// Packets that did not decode, failed their MAC, or answered nothing pending.
     pub packets_ignored: AtomicU64,
+    /// UART reports dropped because the consumer's queue was full.
+    pub telemetry_dropped: AtomicU64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -257,6 +278,7 @@ pub struct DongleSession {
     outgoing: mpsc::Sender<Vec<u8>>,
     shared: Arc<Shared>,
     frames: Mutex<Option<mpsc::Receiver<Frame>>>,
+    telemetry: Mutex<Option<mpsc::Receiver<UartReport>>>,
     closed: watch::Receiver<bool>,
     /// Serialises the requests that are matched by type.
     typed: tokio::sync::Mutex<()>,
@@ -306,20 +328,21 @@ impl DongleSession {
             stats: SessionStats::default(),
         });
         let (frames_tx, frames_rx) = mpsc::channel(config.frame_queue);
+        let (telemetry_tx, telemetry_rx) = mpsc::channel(TELEMETRY_QUEUE);
         let (closed_tx, closed_rx) = watch::channel(false);
-        let reader = tokio::spawn(read_loop(
-            link.incoming,
-            shared.clone(),
-            frames_tx,
-            closed_tx,
-        ))
-        .abort_handle();
+        let sinks = Sinks {
+            frames: frames_tx,
+            telemetry: telemetry_tx,
+        };
+        let reader =
+            tokio::spawn(read_loop(link.incoming, shared.clone(), sinks, closed_tx)).abort_handle();
         Ok(Self {
             info,
             config,
             outgoing: link.outgoing,
             shared,
             frames: Mutex::new(Some(frames_rx)),
+            telemetry: Mutex::new(Some(telemetry_rx)),
             closed: closed_rx,
             typed: tokio::sync::Mutex::new(()),
             reader,
@@ -341,6 +364,12 @@ impl DongleSession {
     /// The frames the dongle receives from its bus, once: the first caller takes the queue.
     pub fn take_frames(&self) -> Option<mpsc::Receiver<Frame>> {
         self.frames.lock().unwrap().take()
+    }
+
+    /// The commands typed on the dongle's UART console, as it reports them, once: the first caller
+    /// takes the queue. Only reports signed with the session's token or MAC arrive here.
+    pub fn take_telemetry(&self) -> Option<mpsc::Receiver<UartReport>> {
+        self.telemetry.lock().unwrap().take()
     }
 
     /// Resolves when the link has closed (the dongle was unplugged or went away).
@@ -740,14 +769,20 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
+/// Where the reader puts what the dongle sends unasked.
+struct Sinks {
+    frames: mpsc::Sender<Frame>,
+    telemetry: mpsc::Sender<UartReport>,
+}
+
 async fn read_loop(
     mut incoming: mpsc::Receiver<Vec<u8>>,
     shared: Arc<Shared>,
-    frames: mpsc::Sender<Frame>,
+    sinks: Sinks,
     closed: watch::Sender<bool>,
 ) {
     while let Some(bytes) = incoming.recv().await {
-        if !route(&bytes, &shared, &frames) {
+        if !route(&bytes, &shared, &sinks) {
             shared.stats.packets_ignored.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -757,7 +792,8 @@ async fn read_loop(
 }
 
 /// Handles one packet from the dongle; false when it was ignored.
-fn route(bytes: &[u8], shared: &Shared, frames: &mpsc::Sender<Frame>) -> bool {
+fn route(bytes: &[u8], shared: &Shared, sinks: &Sinks) -> bool {
+    let frames = &sinks.frames;
     if bytes.starts_with(&discovery::MAGIC) {
         // A spontaneous ANNOUNCE (e.g. after the pairing window opened) carries nothing we wait for.
         return true;
@@ -808,6 +844,31 @@ fn route(bytes: &[u8], shared: &Shared, frames: &mpsc::Sender<Frame>) -> bool {
             }
             return true;
         }
+        Payload::CliTelemetry(t) => {
+            // Sent unasked, so signed: a sealed packet passed its MAC above; a plain one must carry
+            // the token this session authenticated with. Anything else is somebody else's words.
+            let signed = packet.header.has_session_mac()
+                || matches!(&*shared.auth.lock().unwrap(), Auth::Token(token) if token.ct_eq(packet.header.token));
+            if !signed {
+                return false;
+            }
+            let report = UartReport {
+                corr_id: t.corr_id,
+                source: t.source,
+                command: t.command.to_string(),
+                output: String::from_utf8_lossy(t.output).into_owned(),
+                exit_code: t.exit_code,
+                truncated: t.truncated(),
+                error: t.error(),
+            };
+            if sinks.telemetry.try_send(report).is_err() {
+                shared
+                    .stats
+                    .telemetry_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return true;
+        }
         Payload::PairingAck(ack) => (Key::Corr(ack.corr_id), Answer::Pairing(ack)),
         Payload::CliResponse(r) => (
             Key::Corr(r.corr_id),
@@ -845,5 +906,83 @@ fn deliver(shared: &Shared, frames: &mpsc::Sender<Frame>, frame: Frame) {
     shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
     if frames.try_send(frame).is_err() {
         shared.stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use firmware_proto::remp::{CliTelemetry, Header, Packet};
+
+    const DEV: DeviceId = DeviceId([0xd1; 8]);
+
+    /// A report from the "dongle", signed with `token` in its header.
+    fn report(token: &[u8], command: &str) -> Vec<u8> {
+        let mut header = Header::new(MsgType::CliTelemetry, DEV, 7);
+        header.token = token;
+        let payload = Payload::CliTelemetry(CliTelemetry {
+            source: TelemetrySource::Uart,
+            flags: CliTelemetry::FLAG_TRUNCATED,
+            corr_id: CorrelationId([9; 16]),
+            exit_code: 0,
+            command,
+            output: b"ok\n",
+        });
+        let mut buf = vec![0u8; MAX_PACKET_LEN];
+        let n = remp::encode(&Packet { header, payload }, &mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[tokio::test]
+    async fn only_reports_signed_with_the_sessions_token_reach_the_telemetry_queue() {
+        let (to_session, incoming) = mpsc::channel(16);
+        let (outgoing, _sent) = mpsc::channel(16);
+        let link = Link {
+            outgoing,
+            incoming,
+            stats: Arc::default(),
+            peer: "test".into(),
+        };
+        let info = DongleInfo {
+            device_id: DEV,
+            fw_build: "test".into(),
+            udp_port: 0,
+            capabilities: 0,
+            proto_ver: SUPPORTED_PROTO_VER,
+            lan_ip: None,
+            pairing_mode: false,
+            pairing_nonce: None,
+        };
+        let session = DongleSession::start(link, info, SessionConfig::default()).unwrap();
+        let mut reports = session.take_telemetry().unwrap();
+        let token = DongleToken::from_bytes([0x42; 32]);
+        // Before the session holds a token, nobody can be told apart from the dongle.
+        to_session
+            .send(report(token.as_bytes(), "early"))
+            .await
+            .unwrap();
+        while session.stats().packets_ignored.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        session.authenticate(token).await.unwrap();
+        to_session
+            .send(report(&[0x43; 32], "forged"))
+            .await
+            .unwrap();
+        to_session.send(report(&[], "unsigned")).await.unwrap();
+        to_session
+            .send(report(token.as_bytes(), "version"))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), reports.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.command, "version");
+        assert!(got.truncated && !got.error);
+        assert_eq!((got.output.as_str(), got.exit_code), ("ok\n", 0));
+        assert!(reports.try_recv().is_err(), "nothing else got through");
+        assert_eq!(session.stats().packets_ignored.load(Ordering::Relaxed), 3);
     }
 }

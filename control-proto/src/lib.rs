@@ -20,6 +20,7 @@
 //! | `reply` | answer to a server `request` | the request's `id` and `result` (`ok` with a body, or `error {code, message}`) |
 //! | `event` | unsolicited | e.g. `token_rejected` for a claimed dongle that no longer accepts its token (the server marks it RESET_DETECTED) |
 //! | `command_result` | when a command the agent accepted has ended, and again after every reconnect until acknowledged | the [`CommandResult`]: command id, outcome, exit code, output, truncated flag |
+//! | `cli_telemetry` | when a dongle reports a command typed on its UART console (protocol 4), and again after every reconnect until acknowledged | the [`CliTelemetry`]: report id, device id, source, command, output, exit code, truncated and error flags |
 //!
 //! # Server -> agent ([`ServerMessage`])
 //!
@@ -30,6 +31,7 @@
 //! | `dongle_token` | after a pairing succeeds, and when the agent reports a claimed dongle of its own user | the plaintext token (base64) of that dongle, for the agent's vault |
 //! | `command_result_ack` | after the server stored a `command_result` (or already had it) | the `command_id`; the agent drops the result from its outbox |
 //! | `groups` | after `welcome`, and whenever a group of the agent's dongles changes | the full list of [`GroupSide`]s the agent should stream on `/ws/data` (anything not listed: stop) |
+//! | `cli_telemetry_ack` | after the server stored a `cli_telemetry` (or already had it; protocol 4) | the `report_id`; the agent drops the report |
 //! | `watch` | every 2 s while somebody watches the console of a dongle the agent serves (protocol 4) | [`Watch`]: the device ids whose own traffic the agent streams on `/ws/data` as MONITOR messages for the next `seconds` (0: stop now) |
 //! | `error` | before the server closes the socket for a protocol violation | `code`, `message` |
 //!
@@ -65,7 +67,9 @@ use uuid::Uuid;
 /// whose `welcome` says 2 or more, so that an older server never meets a transport it cannot read.
 /// Version 3 added [`Event::TokenAccepted`], sent only to servers whose `welcome` says 3 or more.
 /// Version 4 added [`ServerMessage::Watch`] and the MONITOR data message (a dongle's own traffic for its
-/// console), sent only to agents whose `hello` says 4 or more ([`ServerMessage::since`]).
+/// console), sent only to agents whose `hello` says 4 or more ([`ServerMessage::since`]), and
+/// [`AgentMessage::CliTelemetry`] (acknowledged by `cli_telemetry_ack`), sent only to servers whose
+/// `welcome` says 4 or more.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The first protocol version that carries local endpoints.
@@ -74,7 +78,8 @@ pub const LOCAL_ENDPOINTS_SINCE: u32 = 2;
 /// The first protocol version that carries [`Event::TokenAccepted`].
 pub const TOKEN_ACCEPTED_SINCE: u32 = 3;
 
-/// The first protocol version that carries [`ServerMessage::Watch`] and MONITOR data messages.
+/// The first protocol version that carries [`ServerMessage::Watch`] and MONITOR data messages, and
+/// [`AgentMessage::CliTelemetry`] with its acknowledgement.
 pub const WATCH_SINCE: u32 = 4;
 
 /// The heartbeat period the server asks for, in seconds.
@@ -126,6 +131,9 @@ pub enum AgentMessage {
     Reply(Reply),
     Event(Event),
     CommandResult(CommandResult),
+    /// A command typed on a dongle's UART console (protocol 4), sent until the server acknowledges
+    /// it.
+    CliTelemetry(CliTelemetry),
 }
 
 /// The first message of a connection.
@@ -291,6 +299,26 @@ pub struct CommandResult {
     pub message: Option<String>,
 }
 
+/// A command typed on a dongle's UART console and its outcome, as the dongle reported it (REMP
+/// CLI_TELEMETRY) to the agent, which checked that the report carried the dongle's token or session
+/// MAC. Sent again after every reconnect until the server answers `cli_telemetry_ack`; `report_id`
+/// (the dongle's correlation id) makes a report sent twice one row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CliTelemetry {
+    pub report_id: Uuid,
+    pub device_id: DeviceId,
+    /// Where the command was typed: `uart`, or `source_N` for a source this version does not know.
+    pub source: String,
+    pub command: String,
+    /// What the dongle printed (bytes that are not UTF-8 replaced).
+    pub output: String,
+    pub exit_code: i32,
+    /// The dongle cut the output at its own limit.
+    pub truncated: bool,
+    /// The command could not run.
+    pub error: bool,
+}
+
 /// Why a request failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplyError {
@@ -349,6 +377,10 @@ pub enum ServerMessage {
     Groups(Groups),
     /// Dongles whose own traffic somebody watches on the console (protocol 4).
     Watch(Watch),
+    /// The server stored this UART report (or already had it); the agent may forget it (protocol 4).
+    CliTelemetryAck {
+        report_id: Uuid,
+    },
     Error {
         code: String,
         message: String,
@@ -549,7 +581,7 @@ impl ServerMessage {
     /// closes its connection on a message type it does not know, so the server never sends it one.
     pub fn since(&self) -> u32 {
         match self {
-            Self::Watch(_) => WATCH_SINCE,
+            Self::Watch(_) | Self::CliTelemetryAck { .. } => WATCH_SINCE,
             _ => 1,
         }
     }

@@ -8,9 +8,9 @@ use firmware_proto::ext::{
 };
 use firmware_proto::ids::{CanId, CorrelationId, DeviceId, DongleToken, Pin};
 use firmware_proto::remp::{
-    self, CanConfig, CanFrame, CanMode, CliRequest, CliResponse, CliStatus, ConfigAction,
-    ConfigStatus, Header, MsgType, Packet, PairingAck, PairingStart, PairingStatus, PairingSubmit,
-    Payload,
+    self, CanConfig, CanFrame, CanMode, CliRequest, CliResponse, CliStatus, CliTelemetry,
+    ConfigAction, ConfigStatus, Header, MsgType, Packet, PairingAck, PairingStart, PairingStatus,
+    PairingSubmit, Payload, TelemetrySource,
 };
 use firmware_proto::stream::{StreamDecoder, encode_frame};
 use firmware_proto::{MAX_FRAME_LEN, MAX_PACKET_LEN};
@@ -186,7 +186,25 @@ fn payload(text: &'static str, bytes: &'static [u8]) -> impl Strategy<Value = Pa
                 })
             }
         ),
-        (0..bytes.len()).prop_map(move |n| Payload::UartTelemetry(&bytes[..n])),
+        (
+            any::<(u8, u8, u16)>(),
+            corr(),
+            0..text.len(),
+            0..bytes.len()
+        )
+            .prop_map(move |((source, flags, code), c, mut t, n)| {
+                while !text.is_char_boundary(t) {
+                    t -= 1;
+                }
+                Payload::CliTelemetry(CliTelemetry {
+                    source: TelemetrySource::from_u8(source),
+                    flags,
+                    corr_id: c,
+                    exit_code: code,
+                    command: &text[..t],
+                    output: &bytes[..n],
+                })
+            }),
         (any::<bool>(), 0u8..3, any::<(u8, u8, u32, u32)>()).prop_map(
             |(report, s, (tec, rec, o, l))| {
                 Payload::BusStatus(BusStatus {
@@ -374,7 +392,7 @@ proptest! {
         let n = remp::encode(&packet, &mut out).unwrap();
         let good = &out[..n];
         // Opaque payloads have no length of their own; every other kind knows its length.
-        let self_delimited = !matches!(payload, Payload::Other(_) | Payload::UartTelemetry(_));
+        let self_delimited = !matches!(payload, Payload::Other(_));
         let short = &good[..cut.index(n)];
         // A pairing ack has two valid lengths (PROTOCOL.md 3.5): with the nonce (a successful start)
         // and without it (everything else). Cut right before its nonce, it is a valid shorter ack.

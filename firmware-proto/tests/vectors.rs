@@ -235,9 +235,17 @@ fn remp_cli() {
 }
 
 #[test]
-fn remp_uart_telemetry() {
-    let bytes = remp_vector("remp_uart_telemetry.hex", MsgType::UartTelemetry, false);
-    assert_eq!(remp_payload(&bytes), Payload::UartTelemetry(b"uart ok\n"));
+fn remp_cli_telemetry() {
+    let bytes = remp_vector("remp_cli_telemetry.hex", MsgType::CliTelemetry, true);
+    let Payload::CliTelemetry(t) = remp_payload(&bytes) else {
+        panic!()
+    };
+    assert_eq!(t.source, remp::TelemetrySource::Uart);
+    assert!(!t.truncated() && !t.error());
+    assert_eq!(
+        (t.corr_id, t.exit_code, t.command, t.output),
+        (corr(), 0, "version", &b"fw 1.4.2\n"[..])
+    );
 }
 
 fn check_first_two_records(batch: &Batch<'_>) {

@@ -26,6 +26,8 @@
 //! - [`commands`]: allow-listed commands: queueing, results, and the database-driven dispatcher and
 //!   sweeper ([`commands::dispatch`]).
 //! - [`can_send`]: one CAN frame sent by hand, checked and rate-limited per dongle.
+//! - [`cli_telemetry`]: each dongle's history of commands, typed on its UART console or sent through
+//!   the API, capped per dongle and shown on its console.
 //! - [`console`]: the live console's streams: ids, the resume ring, sampling (SSE in `routes::streams`).
 //! - [`monitor`]: a dongle's own traffic on its console: agents asked to stream watched dongles
 //!   ([`monitor::watch`]), and their MONITOR messages published ([`monitor::MonitorIngest`]).
@@ -49,6 +51,7 @@ pub mod audit;
 pub mod auth;
 pub mod can_config;
 pub mod can_send;
+pub mod cli_telemetry;
 pub mod commands;
 pub mod config;
 pub mod console;

@@ -33,8 +33,8 @@ use firmware_proto::ext::{
 };
 use firmware_proto::ids::{CorrelationId, DeviceId, Pin};
 use firmware_proto::remp::{
-    self, CanConfig, CliResponse, CliStatus, ConfigAction, ConfigStatus, Header, MAX_PAYLOAD_LEN,
-    MsgType, Packet, PairingAck, PairingStatus, Payload,
+    self, CanConfig, CliResponse, CliStatus, CliTelemetry, ConfigAction, ConfigStatus, Header,
+    MAX_PAYLOAD_LEN, MsgType, Packet, PairingAck, PairingStatus, Payload, TelemetrySource,
 };
 use firmware_proto::{MAX_PACKET_LEN, caps};
 use rand::RngExt;
@@ -243,6 +243,15 @@ pub enum SimEvent {
         /// The error.
         error: String,
     },
+    /// A command typed on the UART console ran (what its console shows).
+    UartAnswered {
+        /// The exit code.
+        exit_code: u16,
+        /// The output (cut as the report was).
+        output: String,
+        /// Whether it was reported to the host (only a claimed dongle reports).
+        reported: bool,
+    },
 }
 
 /// The dongle's counters. They only grow.
@@ -284,6 +293,10 @@ pub struct Counters {
     pub loopback_echoes: u64,
     /// CLI commands received.
     pub cli_commands: u64,
+    /// Commands typed on the UART console.
+    pub uart_commands: u64,
+    /// UART commands reported to the host (CLI_TELEMETRY); not when the dongle has no token.
+    pub telemetry_sent: u64,
     /// Packets lost because the host queue was full.
     pub lost_to_host: u64,
 }
@@ -648,6 +661,24 @@ impl Dongle {
         out.extend(self.encode(now, seq, sealed, payload).map(Output::ToHost));
     }
 
+    /// Encodes an unsolicited packet signed as the dongle: sealed with the session's MAC when a host
+    /// has one, else with the dongle's token in the header. None without a token.
+    fn unsolicited_signed(&mut self, now: Instant, payload: Payload<'_>) -> Option<Vec<u8>> {
+        if self.session.is_some() {
+            return self.unsolicited(now, payload);
+        }
+        let token = self.flash.token?;
+        self.tx_seq = self.tx_seq.wrapping_add(1);
+        let mut header = Header::new(payload.msg_type()?, self.flash.device_id, self.tx_seq);
+        header.fw_build = self.cfg.fw_build_number;
+        header.timestamp_us = self.uptime_us(now);
+        header.token = token.as_bytes();
+        let mut buf = vec![0u8; MAX_PACKET_LEN];
+        let n = remp::encode(&Packet { header, payload }, &mut buf).ok()?;
+        buf.truncate(n);
+        Some(buf)
+    }
+
     /// Encodes an unsolicited packet with the dongle's own sequence number.
     fn unsolicited(&mut self, now: Instant, payload: Payload<'_>) -> Option<Vec<u8>> {
         self.tx_seq = self.tx_seq.wrapping_add(1);
@@ -884,6 +915,56 @@ impl Dongle {
                 after: answer.delay,
                 reply,
             });
+        }
+        if answer.action == Some(CliAction::FactoryReset) {
+            self.factory_reset(out);
+        }
+    }
+
+    /// A command typed on the dongle's UART console: it runs as a remote one does (a delay it asks
+    /// for is not waited out here, since nobody waits on a reply), its output is shown on the console
+    /// (`SimEvent::UartAnswered`), and it is reported to the host as CLI_TELEMETRY signed with the
+    /// dongle's token. An unclaimed dongle has no token and reports nothing: it has no owner to tell.
+    pub fn uart_command(&mut self, now: Instant, command: &str, out: &mut Vec<Output>) {
+        self.counters.uart_commands += 1;
+        let context = self.cli_context(now);
+        // Whoever types on the UART has the board in hand: nothing is refused as dangerous.
+        let answer = cli::run(command, true, &context);
+        let limit = self.cfg.cli_output_limit.min(
+            MAX_PAYLOAD_LEN
+                .saturating_sub(CliTelemetry::FIXED_LEN)
+                .saturating_sub(command.len()),
+        );
+        let (output, truncated) = cli::truncate(&answer.output, limit);
+        let mut flags = 0;
+        if truncated {
+            flags |= CliTelemetry::FLAG_TRUNCATED;
+        }
+        if answer.status != CliStatus::Ok {
+            flags |= CliTelemetry::FLAG_ERROR;
+        }
+        let report = CliTelemetry {
+            source: TelemetrySource::Uart,
+            flags,
+            corr_id: CorrelationId(rand::rng().random()),
+            exit_code: answer.exit_code,
+            command,
+            output,
+        };
+        let packet = self
+            .flash
+            .token
+            .is_some()
+            .then(|| self.unsolicited_signed(now, Payload::CliTelemetry(report)))
+            .flatten();
+        out.push(Output::Event(SimEvent::UartAnswered {
+            exit_code: answer.exit_code,
+            output: String::from_utf8_lossy(output).into_owned(),
+            reported: packet.is_some(),
+        }));
+        if let Some(packet) = packet {
+            self.counters.telemetry_sent += 1;
+            out.push(Output::ToHost(packet));
         }
         if answer.action == Some(CliAction::FactoryReset) {
             self.factory_reset(out);
@@ -1162,6 +1243,51 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_uart_command_is_reported_signed_with_the_token_only_once_claimed() {
+        let mut d = dongle(Extensions::NONE);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        d.uart_command(now, "version", &mut out);
+        assert!(answers(&out).is_empty(), "unclaimed: nobody to tell");
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Event(SimEvent::UartAnswered {
+                reported: false,
+                ..
+            })
+        )));
+        pair(&mut d);
+        out.clear();
+        d.uart_command(now, "version", &mut out);
+        d.uart_command(now, "no-such-command", &mut out);
+        let sent = answers(&out);
+        assert_eq!(sent.len(), 2);
+        let report = remp::decode(&sent[0]).unwrap();
+        assert_eq!(
+            report.header.token,
+            &TOKEN[..],
+            "signed with the dongle's token"
+        );
+        let Payload::CliTelemetry(t) = report.payload else {
+            panic!("a CLI_TELEMETRY report");
+        };
+        assert_eq!(t.source, TelemetrySource::Uart);
+        assert_eq!((t.command, t.exit_code, t.error()), ("version", 0, false));
+        assert!(
+            std::str::from_utf8(t.output)
+                .unwrap()
+                .contains("dongle-sim")
+        );
+        let Payload::CliTelemetry(failed) = remp::decode(&sent[1]).unwrap().payload else {
+            panic!("a CLI_TELEMETRY report");
+        };
+        assert!(failed.error() && failed.exit_code != 0);
+        assert_ne!(t.corr_id, failed.corr_id);
+        assert_eq!(d.counters.telemetry_sent, 2);
+        assert_eq!(d.counters.uart_commands, 3);
     }
 
     #[tokio::test(start_paused = true)]

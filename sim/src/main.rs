@@ -2,8 +2,8 @@
 //!
 //! Standard output carries machine-readable lines only: the link line first (`serial PATH` or
 //! `udp ADDR discovery ADDR`), then `device ID`, then one line per notable event (`PIN 123456
-//! for device ID`, `unplugged`, `serial PATH` after a replug, `factory-reset`, ...). Logs go to
-//! standard error.
+//! for device ID`, `unplugged`, `serial PATH` after a replug, `factory-reset`, `uart | ...` lines and
+//! `uart exit N reported` after a `cli` command, ...). Logs go to standard error.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -29,7 +29,8 @@ use tokio::signal::unix::{SignalKind, signal};
 ///
 /// While running, it reads commands from standard input, one per line: unplug, replug,
 /// factory-reset, garbage [BYTES], faults [drop=PCT] [corrupt=PCT] [delay=MS] [garbage=on|off],
-/// stats, quit. SIGUSR1 unplugs, SIGUSR2 replugs, SIGINT and SIGTERM stop it cleanly.
+/// cli COMMAND (typed on the dongle's UART console, reported to its host when claimed), stats, quit.
+/// SIGUSR1 unplugs, SIGUSR2 replugs, SIGINT and SIGTERM stop it cleanly.
 #[derive(Parser, Debug)]
 #[command(
     name = "dongle-sim",
@@ -345,6 +346,24 @@ fn report(sim: &SimHandle, event: &SimEvent, printed_serial: &mut Option<std::pa
             println!("unplugged");
         }
         SimEvent::FactoryReset => println!("factory-reset"),
+        // The dongle's UART console: what its user sees after typing a command.
+        SimEvent::UartAnswered {
+            exit_code,
+            output,
+            reported,
+        } => {
+            for line in output.lines() {
+                println!("uart | {line}");
+            }
+            println!(
+                "uart exit {exit_code}{}",
+                if *reported {
+                    " reported"
+                } else {
+                    " (not reported: unclaimed)"
+                }
+            );
+        }
         SimEvent::Paired => println!("paired device {}", sim.device_id()),
         SimEvent::ReplayFinished {
             frames,
@@ -377,8 +396,10 @@ async fn control(sim: &SimHandle, line: &str) -> bool {
             Err(e) => eprintln!("{e}"),
         },
         ["stats"] => println!("stats {:?}", sim.stats()),
+        ["cli"] => eprintln!("usage: cli COMMAND LINE (as typed on the dongle's UART console)"),
+        ["cli", ..] => sim.uart_command(line.trim_start()["cli".len()..].trim()),
         _ => eprintln!(
-            "unknown command {line:?}: unplug, replug, factory-reset, garbage [BYTES], faults [drop=PCT] [corrupt=PCT] [delay=MS] [garbage=on|off], stats, quit"
+            "unknown command {line:?}: unplug, replug, factory-reset, garbage [BYTES], faults [drop=PCT] [corrupt=PCT] [delay=MS] [garbage=on|off], cli COMMAND, stats, quit"
         ),
     }
     true

@@ -490,6 +490,13 @@ impl SimHandle {
         let _ = self.garbage_tx.try_send(len);
     }
 
+    /// Runs a command as if typed on the dongle's UART console; a claimed dongle reports it to its host
+    /// (CLI_TELEMETRY). The outcome comes as [`SimEvent::UartAnswered`](crate::SimEvent).
+    pub fn uart_command(&self, command: &str) {
+        self.shared
+            .with_core(|core, out| core.uart_command(Instant::now(), command, out));
+    }
+
     /// Delivers frames as if the dongle had received them from its bus.
     pub fn inject_bus_frames(&self, frames: &[Frame]) {
         self.shared

@@ -101,6 +101,9 @@ async fn serve(
     for result in shared.journal.unacknowledged() {
         shared.send_result(result);
     }
+    for report in shared.telemetry.unacknowledged() {
+        shared.send_telemetry(report);
+    }
     let period = Duration::from_secs(u64::from(heartbeat_secs.clamp(1, 60)));
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
@@ -190,6 +193,7 @@ fn handle(shared: &Arc<Shared>, message: ServerMessage, tx: &mpsc::Sender<AgentM
         }
         ServerMessage::Groups(groups) => shared.groups_changed(groups),
         ServerMessage::Watch(watch) => shared.data.watch(&watch),
+        ServerMessage::CliTelemetryAck { report_id } => shared.telemetry.acknowledged(report_id),
         ServerMessage::Welcome(_) => {}
     }
 }

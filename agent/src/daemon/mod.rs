@@ -16,6 +16,7 @@ mod monitor;
 mod pace;
 mod requests;
 mod status;
+mod telemetry;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -96,6 +97,8 @@ pub(crate) struct Shared {
     ready: Mutex<HashSet<DeviceId>>,
     status: status::StatusFile,
     data: dataplane::DataPlane,
+    /// Commands typed on the dongles' UART consoles, until the server has them.
+    telemetry: telemetry::Outbox,
     /// Every task the daemon starts, so that shutdown waits for them instead of leaving any behind.
     tasks: TaskTracker,
     /// Cancelled at shutdown: every task in `tasks` ends at its next await.
@@ -141,6 +144,7 @@ pub async fn run(
         ready: Mutex::new(HashSet::new()),
         status: status::StatusFile::new(&config.home, &config.credentials.server_url),
         data: dataplane::DataPlane::default(),
+        telemetry: telemetry::Outbox::default(),
         tasks: TaskTracker::new(),
         cancel: CancellationToken::new(),
     });
@@ -180,12 +184,20 @@ pub async fn run(
 
 /// Refreshes the data-plane counters in the status file once a second while they change.
 async fn write_stats(shared: Arc<Shared>) {
-    let mut last = DataStats::default();
+    let mut last = (DataStats::default(), 0, 0);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = shared.data.stats();
+        let now = (
+            shared.data.stats(),
+            shared.telemetry.unacknowledged().len(),
+            shared.telemetry.dropped(),
+        );
         if now != last {
-            shared.status.update(|s| s.data = now);
+            shared.status.update(|s| {
+                s.data = now.0;
+                s.uart_reports_waiting = now.1;
+                s.uart_reports_dropped = now.2;
+            });
             last = now;
         }
     }
@@ -268,6 +280,13 @@ impl Shared {
             .and_then(|s| s.take_frames())
         {
             self.spawn(dataplane::pump(self.clone(), device_id, frames));
+        }
+        if let Some(reports) = self
+            .manager
+            .session(&device_id)
+            .and_then(|s| s.take_telemetry())
+        {
+            self.spawn(telemetry::pump(self.clone(), device_id, reports));
         }
         let shared = self.clone();
         self.spawn(async move { shared.authorize(device_id).await });

@@ -26,6 +26,12 @@ pub struct DaemonStatus {
     /// Frames through the data plane.
     #[serde(default)]
     pub data: super::DataStats,
+    /// Commands typed on dongles' UART consoles that the server has not acknowledged yet.
+    #[serde(default)]
+    pub uart_reports_waiting: usize,
+    /// UART reports dropped because too many waited.
+    #[serde(default)]
+    pub uart_reports_dropped: u64,
 }
 
 pub(super) struct StatusFile {
@@ -48,6 +54,8 @@ impl StatusFile {
                 last_error: None,
                 dongles: Vec::new(),
                 data: Default::default(),
+                uart_reports_waiting: 0,
+                uart_reports_dropped: 0,
             }),
         }
     }

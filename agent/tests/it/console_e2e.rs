@@ -512,3 +512,85 @@ async fn a_lone_dongles_console_shows_its_bus_only_while_it_is_open(pool: PgPool
     agent.stop().await;
     server.stop().await;
 }
+
+/// A command typed on the dongle's UART console reaches its owner: on the console as `cli_telemetry`
+/// and in the dongle's history, beside the commands sent through the API (`remote`), each report once.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_command_typed_on_the_uart_reaches_the_console_and_the_history(pool: PgPool) {
+    let server = Server::start(pool).await;
+    let (user, dongle, mut agent, id) = setup(&server, None).await;
+    // The agent takes UART reports once it has authenticated to the dongle with its token.
+    let mut console = user.console(&id).await;
+    let typed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            dongle.sim.uart_command("version");
+            if let Some(event) = console
+                .wait_for("cli_telemetry", Duration::from_millis(500), |_| true)
+                .await
+            {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("the UART command reaches the console");
+    assert_eq!(typed["source"], "uart", "{typed}");
+    assert_eq!(typed["command"], "version");
+    assert_eq!(typed["exit_code"], 0);
+    assert!(
+        typed["output"].as_str().unwrap().contains("dongle-sim"),
+        "{typed}"
+    );
+
+    // A remote command lands in the same history.
+    let command = invoke(
+        &user,
+        &id,
+        json!({"command": "echo", "args": ["from", "afar"]}),
+    )
+    .await;
+    finished(&user, &id, &command).await;
+    let remote = console
+        .wait_for("cli_telemetry", Duration::from_secs(5), |d| {
+            d["source"] == "remote"
+        })
+        .await
+        .expect("the remote command on the console");
+    assert_eq!(remote["command"], "echo from afar");
+    assert_eq!(remote["output"], "from afar\n");
+
+    let (status, history) = user.get(&format!("/dongles/{id}/cli-telemetry")).await;
+    assert_eq!(status, StatusCode::OK, "{history}");
+    let items = history["items"].as_array().unwrap();
+    let sources: Vec<&str> = items
+        .iter()
+        .map(|i| i["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(sources.first(), Some(&"remote"), "newest first: {history}");
+    assert!(sources.contains(&"uart"), "{history}");
+    let uart_rows = sources.iter().filter(|s| **s == "uart").count();
+    assert_eq!(history["total"], items.len());
+
+    // A command that fails on the UART is flagged as an error.
+    dongle.sim.uart_command("no-such-command");
+    let failed = console
+        .wait_for("cli_telemetry", Duration::from_secs(5), |d| {
+            d["command"] == "no-such-command"
+        })
+        .await
+        .expect("the failed UART command on the console");
+    assert_eq!(failed["error"], true, "{failed}");
+    let (_, history) = user.get(&format!("/dongles/{id}/cli-telemetry")).await;
+    assert_eq!(
+        history["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["source"] == "uart")
+            .count(),
+        uart_rows + 1,
+        "each report once: {history}"
+    );
+    agent.stop().await;
+    server.stop().await;
+}

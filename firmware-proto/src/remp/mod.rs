@@ -20,11 +20,13 @@ mod can;
 mod cli;
 mod config;
 mod pairing;
+mod telemetry;
 
 pub use can::CanFrame;
 pub use cli::{CliRequest, CliResponse, CliStatus};
 pub use config::{CanConfig, CanMode, ConfigAction, ConfigStatus};
 pub use pairing::{PairingAck, PairingStart, PairingStatus, PairingSubmit};
+pub use telemetry::{CliTelemetry, TelemetrySource};
 
 use crate::ext::{AuthMessage, Batch, BusStatus, Forget};
 use crate::ids::DeviceId;
@@ -64,8 +66,8 @@ pub enum MsgType {
     Pairing,
     /// 4: CLI request or response.
     Cli,
-    /// 5: the firmware's UART CLI telemetry, opaque until its layout is known.
-    UartTelemetry,
+    /// 5: CLI_TELEMETRY, a command typed on the dongle's UART console and its output.
+    CliTelemetry,
     /// 0x10 (extension): many CAN or CAN FD frames with timestamps.
     CanBatch,
     /// 0x11 (extension): bus state and error counters.
@@ -86,7 +88,7 @@ impl MsgType {
             MsgType::CanConfig => 2,
             MsgType::Pairing => 3,
             MsgType::Cli => 4,
-            MsgType::UartTelemetry => 5,
+            MsgType::CliTelemetry => 5,
             MsgType::CanBatch => 0x10,
             MsgType::BusStatus => 0x11,
             MsgType::Forget => 0x12,
@@ -102,7 +104,7 @@ impl MsgType {
             2 => MsgType::CanConfig,
             3 => MsgType::Pairing,
             4 => MsgType::Cli,
-            5 => MsgType::UartTelemetry,
+            5 => MsgType::CliTelemetry,
             0x10 => MsgType::CanBatch,
             0x11 => MsgType::BusStatus,
             0x12 => MsgType::Forget,
@@ -174,8 +176,8 @@ pub enum Payload<'a> {
     CliRequest(CliRequest<'a>),
     /// Type 4, action 2.
     CliResponse(CliResponse<'a>),
-    /// Type 5, opaque bytes.
-    UartTelemetry(&'a [u8]),
+    /// Type 5, action 1.
+    CliTelemetry(CliTelemetry<'a>),
     /// Type 0x10 (extension).
     CanBatch(Batch<'a>),
     /// Type 0x11 (extension).
@@ -199,7 +201,7 @@ impl Payload<'_> {
                 MsgType::Pairing
             }
             Payload::CliRequest(_) | Payload::CliResponse(_) => MsgType::Cli,
-            Payload::UartTelemetry(_) => MsgType::UartTelemetry,
+            Payload::CliTelemetry(_) => MsgType::CliTelemetry,
             Payload::CanBatch(_) => MsgType::CanBatch,
             Payload::BusStatus(_) => MsgType::BusStatus,
             Payload::Forget(_) => MsgType::Forget,
@@ -217,7 +219,8 @@ impl Payload<'_> {
             Payload::PairingAck(p) => p.write(w),
             Payload::CliRequest(p) => p.write(w),
             Payload::CliResponse(p) => p.write(w),
-            Payload::UartTelemetry(b) | Payload::Other(b) => w.put(b),
+            Payload::CliTelemetry(p) => p.write(w),
+            Payload::Other(b) => w.put(b),
             Payload::CanBatch(b) => w.put(b.as_bytes()),
             Payload::BusStatus(p) => p.write(w),
             Payload::Forget(p) => p.write(w),
@@ -246,7 +249,7 @@ impl Payload<'_> {
                 Some(_) => return Err(Error::InvalidField("action")),
                 None => return Err(Error::Truncated),
             },
-            MsgType::UartTelemetry => Payload::UartTelemetry(bytes),
+            MsgType::CliTelemetry => Payload::CliTelemetry(CliTelemetry::decode(bytes)?),
             MsgType::CanBatch => Payload::CanBatch(Batch::parse(bytes)?),
             MsgType::BusStatus => Payload::BusStatus(BusStatus::decode(bytes)?),
             MsgType::Forget => Payload::Forget(Forget::decode(bytes)?),

@@ -10,7 +10,7 @@ use futures::{SinkExt, StreamExt};
 
 use crate::agents::{self, AgentIdentity};
 use crate::state::AppState;
-use crate::{commands, dongles};
+use crate::{cli_telemetry, commands, dongles};
 
 /// Serves one agent's control connection until either side closes it.
 pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
@@ -287,6 +287,18 @@ async fn handle(
         AgentMessage::CommandResult(result) => {
             // Stored once, acknowledged every time (a duplicate or late result changes nothing).
             commands::record_result(state, agent, result).await?;
+        }
+        AgentMessage::CliTelemetry(report) => {
+            // The same: one row however often it comes, acknowledged every time.
+            cli_telemetry::record_uart(
+                &state.pool,
+                &state.hub,
+                &state.console,
+                agent,
+                report,
+                state.config.command_output_cap,
+            )
+            .await?;
         }
         AgentMessage::Event(control_proto::Event::TokenRejected { device_id }) => {
             if control_proto::is_device_id(&device_id) {

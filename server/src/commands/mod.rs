@@ -255,10 +255,10 @@ pub async fn list(
 }
 
 /// Cuts `text` to at most `cap` bytes on a character boundary; NUL characters, which PostgreSQL text
-/// cannot hold, become U+FFFD first. Returns the text and whether it was cut.
+/// cannot hold, are stripped first. Returns the text and whether it was cut.
 pub fn cap_output(text: &str, cap: usize) -> (String, bool) {
     let clean = if text.contains('\0') {
-        text.replace('\0', "\u{FFFD}")
+        text.replace('\0', "")
     } else {
         text.to_string()
     };
@@ -422,7 +422,9 @@ pub async fn record_result(
     } else {
         false
     };
-    if !stored {
+    if stored {
+        remember_in_history(state, &result, &stdout, result.truncated || cut).await?;
+    } else {
         tracing::debug!(agent_id = %agent.agent_id, command_id = %result.command_id,
             "a command result for no unfinished command of this agent's user: acknowledged, ignored");
     }
@@ -438,6 +440,46 @@ pub async fn record_result(
     Ok(stored)
 }
 
+/// A remote command that ended goes into the dongle's history of commands beside those typed on its
+/// UART console (`cli_telemetry`), with its command line as the user sent it.
+async fn remember_in_history(
+    state: &AppState,
+    result: &CommandResult,
+    stdout: &str,
+    truncated: bool,
+) -> Result<(), sqlx::Error> {
+    let row: Option<(Uuid, Uuid, String, sqlx::types::Json<Vec<String>>)> =
+        sqlx::query_as("SELECT dongle_id, user_id, command, args FROM commands WHERE id = $1")
+            .bind(result.command_id)
+            .fetch_optional(&state.pool)
+            .await?;
+    let Some((dongle_id, owner, command, args)) = row else {
+        return Ok(());
+    };
+    let line = std::iter::once(command.as_str())
+        .chain(args.0.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ");
+    crate::cli_telemetry::record(
+        &state.pool,
+        &state.console,
+        dongle_id,
+        Some(owner),
+        crate::cli_telemetry::Entry {
+            source: crate::cli_telemetry::Source::Remote,
+            report_id: result.command_id,
+            command: &line,
+            output: stdout,
+            exit_code: Some(result.exit_code),
+            truncated,
+            error: !matches!(result.outcome, CommandOutcome::Done),
+        },
+        state.config.command_output_cap,
+    )
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,6 +490,6 @@ mod tests {
         assert_eq!(cap_output("abcd", 3), ("abc".to_string(), true));
         // "é" is two bytes: a cut in its middle steps back before it.
         assert_eq!(cap_output("aé", 2), ("a".to_string(), true));
-        assert_eq!(cap_output("a\0b", 10), ("a\u{FFFD}b".to_string(), false));
+        assert_eq!(cap_output("a\0b", 10), ("ab".to_string(), false));
     }
 }

@@ -92,6 +92,18 @@ pub enum ConsoleEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         exit_code: Option<i32>,
     },
+    /// A command ran on the dongle: typed on its UART console (`source` `uart`) or sent through the
+    /// API (`remote`); `at` is when the server recorded it (RFC 3339).
+    CliTelemetry {
+        dongle_id: Uuid,
+        source: &'static str,
+        command: String,
+        output: String,
+        exit_code: Option<i32>,
+        truncated: bool,
+        error: bool,
+        at: String,
+    },
     /// A group's state or backlog changed.
     GroupState { group_id: Uuid, detail: Value },
     /// The `Last-Event-ID` was older than the ring: events were missed; what follows is live.
@@ -166,6 +178,7 @@ impl ConsoleEvent {
             Self::CanFrame { .. } => "can_frame",
             Self::Log { .. } => "log",
             Self::CommandStatus { .. } => "command_status",
+            Self::CliTelemetry { .. } => "cli_telemetry",
             Self::GroupState { .. } => "group_state",
             Self::StreamReset { .. } => "stream_reset",
             Self::AccessEnded { .. } => "access_ended",

@@ -11,7 +11,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::Caller;
+use crate::cli_telemetry::TelemetryPage;
 use crate::commands::{self, CommandPage, CommandView, InvokeRequest, Queued};
+use crate::dongles;
 use crate::http::error::ErrorBody;
 use crate::http::page::Paging;
 use crate::http::{ApiError, ApiJson, ApiQuery, ClientInfo, PathId, PathIds};
@@ -21,6 +23,32 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(invoke, list))
         .routes(routes!(get_command))
+        .routes(routes!(cli_telemetry))
+}
+
+/// The dongle's history of commands, newest first: those typed on its UART console (`source` `uart`,
+/// as the dongle reported them through its agent) and those sent through the API (`remote`), the newest
+/// 1 000 kept.
+#[utoipa::path(get, path = "/dongles/{id}/cli-telemetry", tag = "dongles",
+    security(("session" = []), ("agent_token" = [])),
+    params(("id" = Uuid, Path, description = "The dongle's id"), CommandListQuery),
+    responses(
+        (status = 200, description = "A page of the history.", body = TelemetryPage),
+        (status = 400, description = "VALIDATION_ERROR: a malformed page", body = ErrorBody),
+        (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
+        (status = 404, description = "DONGLE_NOT_FOUND", body = ErrorBody),
+    ))]
+async fn cli_telemetry(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathId(id): PathId,
+    ApiQuery(q): ApiQuery<CommandListQuery>,
+) -> Result<Json<TelemetryPage>, ApiError> {
+    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), id).await?;
+    let paging = Paging::new(q.page, q.per_page);
+    Ok(Json(
+        crate::cli_telemetry::list(&state.pool, dongle.id, paging).await?,
+    ))
 }
 
 /// Queues an allow-listed command. It is checked first (unknown commands, bad arguments and timeouts
@@ -50,7 +78,7 @@ async fn invoke(
     Ok((StatusCode::ACCEPTED, Json(queued)))
 }
 
-/// Paging of `GET /dongles/{id}/commands`.
+/// Paging of `GET /dongles/{id}/commands` and `GET /dongles/{id}/cli-telemetry`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct CommandListQuery {

@@ -253,7 +253,12 @@ fn pairing_section(ctx: &Ctx, session: &Session, id: uuid::Uuid, d: &Value) -> S
 async fn owned_sections(ctx: &Ctx, session: &Session, id: uuid::Uuid, d: &Value) -> String {
     let config_path = format!("/dongles/{id}/can-config");
     let commands_path = format!("/dongles/{id}/commands?per_page=10");
-    let (config, commands) = tokio::join!(ctx.get(&config_path), ctx.get(&commands_path));
+    let history_path = format!("/dongles/{id}/cli-telemetry?per_page=20");
+    let (config, commands, history) = tokio::join!(
+        ctx.get(&config_path),
+        ctx.get(&commands_path),
+        ctx.get(&history_path)
+    );
     let fd = announces_can_fd(d["capabilities"].as_i64().unwrap_or(0));
     let unpair_path = format!("/dongles/{id}/unpair");
     let unpair = api_form(
@@ -273,9 +278,10 @@ async fn owned_sections(ctx: &Ctx, session: &Session, id: uuid::Uuid, d: &Value)
     );
     format!(
         "<section aria-labelledby=\"owner-h\"><h2 id=\"owner-h\">Ownership</h2>\
-         <p>This dongle is paired to your account.</p>{unpair}</section>{}{}{}",
+         <p>This dongle is paired to your account.</p>{unpair}</section>{}{}{}{}",
         can_section(session, id, &config.json, fd),
         commands_section(ctx, session, id, &commands.json),
+        history_section(&history.json),
         console_section(session, id, fd),
     )
 }
@@ -559,6 +565,54 @@ fn commands_table(id: uuid::Uuid, page: &Value) -> String {
         &["Command", "Arguments", "Status", "Exit code", "Queued"],
         &rows,
         "No command yet.",
+    )
+}
+
+/// The dongle's history of commands: typed on its UART console or sent from here, newest first.
+fn history_section(page: &Value) -> String {
+    let rows: Vec<String> = page["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|h| {
+                    let source = match h["source"].as_str() {
+                        Some("uart") => "UART console",
+                        Some("remote") => "Remote",
+                        _ => "?",
+                    };
+                    let mut outcome = t(&h["exit_code"]);
+                    if h["error"] == true {
+                        outcome.push_str(" (failed)");
+                    }
+                    if h["truncated"] == true {
+                        outcome.push_str(" (output cut)");
+                    }
+                    format!(
+                        "<tr data-source=\"{}\"><td>{}</td><td><code>{}</code></td><td>{}</td>\
+                         <td><pre class=\"output\">{}</pre></td><td>{}</td></tr>",
+                        t(&h["source"]),
+                        source,
+                        t(&h["command"]),
+                        outcome,
+                        t(&h["output"]),
+                        time(&h["created_at"]),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "<section aria-labelledby=\"history-h\"><h2 id=\"history-h\">Command history</h2>\
+         <p>Commands typed on the dongle's own console (its UART) and those sent from here, as the \
+         dongle reported them. New ones also appear in the live console below.</p>\
+         <div data-region=\"cli-history\">{}</div></section>",
+        table(
+            "Command history",
+            &["Where", "Command", "Exit code", "Output", "When"],
+            &rows,
+            "No command yet.",
+        )
     )
 }
 

@@ -382,6 +382,15 @@ fn table() -> Vec<Row> {
                 other: NotFound,
             },
         ),
+        row(
+            get.clone(),
+            "/api/v1/dongles/{id}/cli-telemetry",
+            "/api/v1/dongles/{dongle}/cli-telemetry",
+            SessionOrAgent {
+                owner: 200,
+                other: NotFound,
+            },
+        ),
         // A dongle's console is its owner's and the administrators' (issue 24): a super_admin watches
         // it too.
         row(

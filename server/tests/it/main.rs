@@ -11,6 +11,7 @@ mod auth_lifecycle;
 mod authz_matrix;
 mod can_config;
 mod cli;
+mod cli_telemetry;
 mod commands;
 mod console;
 mod dongle_tokens;

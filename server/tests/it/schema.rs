@@ -6,7 +6,7 @@ use bridge_server::db::MIGRATOR;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-const TABLES: [&str; 14] = [
+const TABLES: [&str; 15] = [
     "users",
     "sessions",
     "agents",
@@ -21,6 +21,7 @@ const TABLES: [&str; 14] = [
     "email_verification_tokens",
     "password_reset_tokens",
     "email_outbox",
+    "cli_telemetry",
 ];
 
 /// A text snapshot of everything the migrations define: columns, constraints, indexes, triggers, enum

@@ -233,3 +233,49 @@ async fn a_frame_sent_from_the_console_reaches_the_bus(pool: PgPool) {
     b.screenshot().await;
     s.stop().await;
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+#[cfg_attr(
+    not(feature = "browser-tests"),
+    ignore = "browser test: needs Debian's chromium and chromium-driver and the `browser-tests` feature (scripts/test installs them as root and turns the feature on)"
+)]
+async fn a_command_typed_on_the_dongles_uart_shows_on_its_page(pool: PgPool) {
+    let s = OneDongle::start(
+        spawn_app(pool).await,
+        "a_command_typed_on_the_dongles_uart_shows_on_its_page",
+    )
+    .await;
+    pair(&s.client, &s.dongle).await;
+    let b = &s.browser;
+    open_dongle(&s).await;
+    b.wait_text("[data-console-status]", "Live").await;
+    b.wait_text("[data-region=cli-history]", "No command yet")
+        .await;
+    // Typed on the dongle's own console until its agent (authenticating to it) passes it on.
+    let typed = async {
+        loop {
+            s.dongle.sim.uart_command("uptime");
+            if b.text_of("[data-events]")
+                .await
+                .is_some_and(|t| t.contains("Typed on the dongle"))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), typed)
+        .await
+        .expect("the UART command on the live console");
+    let event = b.wait_text("[data-events]", "uptime").await;
+    assert!(event.contains("exit code 0"), "{event}");
+    // And in the history once the page is loaded again.
+    open_dongle(&s).await;
+    let history = b
+        .wait_text("[data-region=cli-history] tr[data-source=uart]", "uptime")
+        .await;
+    assert!(history.contains("UART console"), "{history}");
+    b.check_page().await;
+    b.screenshot().await;
+    s.stop().await;
+}

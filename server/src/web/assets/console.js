@@ -92,7 +92,7 @@
         self.retry = Math.min(self.retry * 2, 30000);
       });
     };
-    ['presence', 'can_frame', 'log', 'command_status', 'group_state', 'stream_reset', 'access_ended'].forEach(function (type) {
+    ['presence', 'can_frame', 'log', 'command_status', 'cli_telemetry', 'group_state', 'stream_reset', 'access_ended'].forEach(function (type) {
       es.addEventListener(type, function (ev) { self.receive(type, ev); });
     });
   };
@@ -114,6 +114,11 @@
       case 'command_status':
         this.note(type, 'Command ' + data.command_id.slice(0, 8) + ' is ' + data.status +
           (data.exit_code === undefined || data.exit_code === null ? '' : ' (exit code ' + data.exit_code + ')') + '.');
+        break;
+      case 'cli_telemetry':
+        this.note(type, (data.source === 'uart' ? 'Typed on the dongle\u2019s console: ' : 'Command: ') +
+          data.command + ' \u2192 exit code ' + data.exit_code + (data.error ? ' (failed)' : '') +
+          (data.output ? ': ' + data.output.trim() : '') + (data.truncated ? ' (output cut)' : ''));
         break;
       case 'group_state':
         this.note(type, 'Group: ' + describeGroup(data.detail));

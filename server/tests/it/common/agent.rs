@@ -80,6 +80,8 @@ pub struct Seen {
     pub groups: Vec<control_proto::Groups>,
     /// `watch` messages received, in order.
     pub watches: Vec<control_proto::Watch>,
+    /// `cli_telemetry_ack` report ids received.
+    pub telemetry_acks: Vec<Uuid>,
 }
 
 /// How the test agent answers a request.
@@ -500,6 +502,9 @@ fn handle(
         ServerMessage::Error { code, .. } => seen.lock().unwrap().errors.push(code),
         ServerMessage::Groups(groups) => seen.lock().unwrap().groups.push(groups),
         ServerMessage::Watch(watch) => seen.lock().unwrap().watches.push(watch),
+        ServerMessage::CliTelemetryAck { report_id } => {
+            seen.lock().unwrap().telemetry_acks.push(report_id)
+        }
         ServerMessage::Welcome(_) => {}
     }
 }
