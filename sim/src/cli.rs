@@ -49,7 +49,28 @@ pub struct CliContext {
     pub stats: Vec<(String, u64)>,
     /// The dongle's command time limit.
     pub timeout: Duration,
+    /// Discovery lines, `name value` (announces sent, capability bits, pairing mode).
+    pub discovery: Vec<(String, String)>,
+    /// The dongle's clock in microseconds (since power-up: it has no time of day).
+    pub clock_us: u64,
 }
+
+/// The commands this firmware has, as `help` lists them.
+pub const COMMANDS: &[&str] = &[
+    "help",
+    "version",
+    "uptime",
+    "time status",
+    "remote status",
+    "remote stats",
+    "remote pairing show",
+    "net status",
+    "discovery status",
+    "can cfg show",
+    "echo WORDS...",
+    "sleep MS",
+    "factory-reset (dangerous)",
+];
 
 /// Something a command asks the dongle to do besides answering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +133,19 @@ pub fn run(line: &str, allow_dangerous: bool, ctx: &CliContext) -> CliAnswer {
     }
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
+        ["help"] => CliAnswer::ok(COMMANDS.iter().map(|c| format!("{c}\n")).collect()),
         ["version"] => CliAnswer::ok(format!("{}\nremp 1\n", ctx.fw_build)),
+        ["time", "status"] => CliAnswer::ok(format!(
+            "clock_us {}\nsource uptime (no time of day)\n",
+            ctx.clock_us
+        )),
+        ["discovery", "status"] => CliAnswer::ok(
+            ctx.discovery
+                .iter()
+                .map(|(k, v)| format!("{k} {v}\n"))
+                .collect(),
+        ),
+        ["can", "cfg", "show"] => CliAnswer::ok(format!("{}\n", ctx.can)),
         ["uptime"] => CliAnswer::ok(format!("{}\n", ctx.uptime_s)),
         ["remote", "status"] => CliAnswer::ok(format!(
             "device {}\nclaimed {}\nlink {}\ncan {}\n",
@@ -189,6 +222,32 @@ mod tests {
             run("remote pairing show", false, &ctx()).status,
             CliStatus::Ok
         );
+    }
+
+    #[test]
+    fn the_firmwares_status_commands_answer_and_help_lists_every_command() {
+        let mut c = ctx();
+        c.can = "500000 bit/s".into();
+        c.clock_us = 42;
+        c.discovery = vec![("announces".into(), "3".into())];
+        assert_eq!(run("can cfg show", false, &c).output, "500000 bit/s\n");
+        assert!(run("time status", false, &c).output.contains("clock_us 42"));
+        assert_eq!(run("discovery status", false, &c).output, "announces 3\n");
+        let help = run("help", false, &c);
+        assert_eq!(help.status, CliStatus::Ok);
+        for command in COMMANDS {
+            assert!(help.output.contains(command), "{command}");
+            // Every listed command is one this firmware answers (with its arguments filled in).
+            let line = command
+                .replace(" WORDS...", " a")
+                .replace(" MS", " 1")
+                .replace(" (dangerous)", "");
+            assert_ne!(
+                run(&line, true, &c).status,
+                CliStatus::Denied,
+                "{line} is listed but denied"
+            );
+        }
     }
 
     #[test]

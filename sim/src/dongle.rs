@@ -1030,6 +1030,22 @@ impl Dongle {
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
             timeout: self.cfg.cli_timeout,
+            discovery: vec![
+                ("announces".into(), c.announces.to_string()),
+                (
+                    "capabilities".into(),
+                    format!("{:#06x}", self.capabilities()),
+                ),
+                (
+                    "pairing_mode".into(),
+                    if self.pairing.window_seconds_left(now).is_some() {
+                        "yes".into()
+                    } else {
+                        "no".into()
+                    },
+                ),
+            ],
+            clock_us: self.uptime_us(now),
         }
     }
 

@@ -41,8 +41,12 @@ const fn plain(name: &'static str) -> CommandSpec {
 
 /// Every command the server lets through.
 pub const ALLOW_LIST: &[CommandSpec] = &[
+    plain("help"),
     plain("version"),
     plain("uptime"),
+    plain("time status"),
+    plain("discovery status"),
+    plain("can cfg show"),
     plain("remote status"),
     plain("remote stats"),
     plain("remote pairing show"),
@@ -76,8 +80,12 @@ pub const MAX_LINE_LEN: usize = 1000;
 pub enum Refusal {
     #[error("{0:?} is not an allowed command")]
     NotAllowed(String),
-    #[error("{0} is a dangerous command: it runs only on a server in development mode")]
+    #[error(
+        "{0} is a dangerous command: it runs only on a server in development mode, and only with allow_dangerous set"
+    )]
     Dangerous(&'static str),
+    #[error("allow_dangerous is honoured only on a server in development mode")]
+    DangerousFlag,
     #[error("args: {0}")]
     Args(String),
     #[error("timeout_ms: {0}")]
@@ -93,8 +101,8 @@ pub struct Checked {
     /// The whole line as the dongle's CLI reads it.
     pub line: String,
     pub timeout_ms: u32,
-    /// The REMP CLI's dangerous-command flag to send: set only for a dangerous command on a development
-    /// server.
+    /// The REMP CLI's dangerous-command flag to send: set only for a dangerous command that was
+    /// permitted.
     pub allow_dangerous: bool,
 }
 
@@ -102,7 +110,9 @@ fn is_word(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Checks `command` with `args` and a requested timeout against the allow-list.
+/// Checks `command` with `args` and a requested timeout against the allow-list. A dangerous command
+/// passes only when `dangerous_permitted` (the server runs in development mode and the request set
+/// allow_dangerous).
 ///
 /// The name may carry its arguments itself (`"sleep 100"` is `"sleep"` with `["100"]`), and words are
 /// matched after splitting on whitespace, so `"remote  status"` is `remote status`. Each element of
@@ -111,7 +121,7 @@ pub fn check(
     command: &str,
     args: &[String],
     timeout_ms: Option<i64>,
-    dev_mode: bool,
+    dangerous_permitted: bool,
 ) -> Result<Checked, Refusal> {
     if let Some(bad) = args.iter().find(|a| !is_word(a)) {
         let shown: String = bad.chars().filter(|c| !c.is_control()).take(40).collect();
@@ -184,7 +194,7 @@ pub fn check(
             }
         }
     }
-    if spec.dangerous && !dev_mode {
+    if spec.dangerous && !dangerous_permitted {
         return Err(Refusal::Dangerous(spec.name));
     }
     let timeout_ms = match timeout_ms {
@@ -212,7 +222,7 @@ pub fn check(
         args: rest,
         line,
         timeout_ms,
-        allow_dangerous: spec.dangerous && dev_mode,
+        allow_dangerous: spec.dangerous && dangerous_permitted,
     })
 }
 

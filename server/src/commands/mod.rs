@@ -52,6 +52,10 @@ pub struct InvokeRequest {
     /// How long the command may run, in milliseconds (100 up to the command's maximum; default per
     /// command, usually 5000).
     pub timeout_ms: Option<i64>,
+    /// Lets a dangerous command (`factory-reset`) run. Honoured only by a server in development mode;
+    /// elsewhere a request that sets it is refused (COMMAND_NOT_ALLOWED).
+    #[serde(default)]
+    pub allow_dangerous: bool,
 }
 
 /// The answer to `POST /dongles/:id/commands`.
@@ -114,6 +118,8 @@ fn refusal(e: Refusal) -> ApiError {
             ApiError::new(ErrorCode::CommandNotAllowed, format!("{e}."))
                 .with_detail("field", "command")
         }
+        Refusal::DangerousFlag => ApiError::new(ErrorCode::CommandNotAllowed, format!("{e}."))
+            .with_detail("field", "allow_dangerous"),
         Refusal::Args(_) => ApiError::validation(format!("{e}.")).with_detail("field", "args"),
         Refusal::Timeout(_) => {
             ApiError::validation(format!("{e}.")).with_detail("field", "timeout_ms")
@@ -139,11 +145,14 @@ pub async fn invoke(
     req: &InvokeRequest,
 ) -> Result<Queued, ApiError> {
     let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
+    if req.allow_dangerous && !state.config.dev_mode {
+        return Err(refusal(Refusal::DangerousFlag));
+    }
     let checked = allow_list::check(
         &req.command,
         &req.args,
         req.timeout_ms,
-        state.config.dev_mode,
+        state.config.dev_mode && req.allow_dangerous,
     )
     .map_err(refusal)?;
     crate::rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id())

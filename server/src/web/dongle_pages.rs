@@ -487,6 +487,17 @@ fn commands_section(ctx: &Ctx, session: &Session, id: uuid::Uuid, page: &Value) 
         .collect();
     let path = format!("/dongles/{id}/commands");
     let next = format!("/dongles/{id}/commands/{{command_id}}");
+    // Dangerous commands run only on a development server, and only when asked for explicitly.
+    let dangerous_box = if dev {
+        checkbox(
+            "command-dangerous",
+            "allow_dangerous",
+            "Allow a dangerous command (development server only)",
+            false,
+        )
+    } else {
+        String::new()
+    };
     let form = api_form(
         &session.csrf,
         ApiForm {
@@ -498,7 +509,7 @@ fn commands_section(ctx: &Ctx, session: &Session, id: uuid::Uuid, page: &Value) 
             ..ApiForm::default()
         },
         &format!(
-            "<div class=\"grid\">{}{}{}</div><button type=\"submit\">Run</button>",
+            "<div class=\"grid\">{}{}{}</div>{dangerous_box}<button type=\"submit\">Run</button>",
             select("command-name", "command", "Command", &options, "version"),
             input(
                 "command-args",

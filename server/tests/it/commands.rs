@@ -207,6 +207,12 @@ async fn commands_off_the_allow_list_are_refused_before_they_are_queued(pool: Pg
             "command",
         ),
         (
+            json!({"command": "factory-reset", "allow_dangerous": true}),
+            403,
+            "COMMAND_NOT_ALLOWED",
+            "allow_dangerous",
+        ),
+        (
             json!({"command": "version", "args": ["x"]}),
             400,
             "VALIDATION_ERROR",
@@ -268,8 +274,26 @@ async fn the_dangerous_flag_is_set_only_in_development_mode(pool: PgPool) {
     })
     .await;
     let owner = dongle::paired(&app, "alice@example.com", DEV, 0).await;
-    let reset = queued(&owner, json!({"command": "factory-reset"})).await;
-    let version = queued(&owner, json!({"command": "version"})).await;
+    // Even in development mode, only a request that asks for it explicitly.
+    let refused = owner
+        .client
+        .post_json(
+            &format!("/dongles/{}/commands", owner.dongle_id),
+            json!({"command": "factory-reset"}),
+        )
+        .await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let reset = queued(
+        &owner,
+        json!({"command": "factory-reset", "allow_dangerous": true}),
+    )
+    .await;
+    // The flag goes only with the dangerous command itself.
+    let version = queued(
+        &owner,
+        json!({"command": "version", "allow_dangerous": true}),
+    )
+    .await;
     until_status(&owner, reset, "done").await;
     until_status(&owner, version, "done").await;
     let mut sent = owner.agent.seen.lock().unwrap().commands.clone();
@@ -605,4 +629,24 @@ async fn only_the_owner_reaches_commands(pool: PgPool) {
     assert_eq!(list.json["total"], 0);
     assert!(bob.agent.seen.lock().unwrap().commands.is_empty());
     let _ = Role::User;
+}
+
+/// The allow-list is the firmware's command set, as the firmware's own `help` lists it (the simulator is
+/// the executable statement of the firmware): nothing the dongle has is missing, nothing is extra.
+#[test]
+fn the_allow_list_is_the_firmwares_command_set() {
+    use std::collections::BTreeSet;
+    let firmware: BTreeSet<String> = dongle_sim::cli::COMMANDS
+        .iter()
+        .map(|c| {
+            c.replace(" WORDS...", "")
+                .replace(" MS", "")
+                .replace(" (dangerous)", "")
+        })
+        .collect();
+    let allowed: BTreeSet<String> = bridge_server::commands::allow_list::ALLOW_LIST
+        .iter()
+        .map(|spec| spec.name.to_string())
+        .collect();
+    assert_eq!(allowed, firmware);
 }

@@ -154,6 +154,13 @@ async fn a_command_shows_its_output(pool: PgPool) {
     pair(&s.client, &s.dongle).await;
     let b = &s.browser;
     open_dongle(&s).await;
+    // Not a development server: neither a dangerous command nor the box that would allow one.
+    assert_eq!(
+        b.js("return [document.querySelector('#command-dangerous') === null, \
+              [...document.querySelectorAll('#command-name option')].some(o => o.value === 'factory-reset')]")
+            .await,
+        serde_json::json!([true, false])
+    );
 
     b.select("#command-name", "echo").await;
     b.fill("#command-args", "hello from the dashboard").await;
