@@ -14,7 +14,7 @@
 //!
 //! | `type` | when | what it carries |
 //! |---|---|---|
-//! | `hello` | first message, once | `protocol` version, `agent_version`, `hostname`, `os` |
+//! | `hello` | first message, once | `protocol` version, `agent_version`, `hostname`, `os`, and `interfaces` (each with its addresses and whether discovery uses it, or why not) |
 //! | `heartbeat` | every 10 s | nothing; keeps the agent online (offline after 30 s of silence) |
 //! | `devices` | after `welcome`, and whenever the set or a state changes | the full snapshot of the dongles the agent sees: anything not listed is no longer seen; from protocol 2 also its local CAN endpoints (`transport.kind = "local"`) |
 //! | `reply` | answer to a server `request` | the request's `id` and `result` (`ok` with a body, or `error {code, message}`) |
@@ -33,7 +33,7 @@
 //! | `groups` | after `welcome`, and whenever a group of the agent's dongles changes | the full list of [`GroupSide`]s the agent should stream on `/ws/data` (anything not listed: stop) |
 //! | `cli_telemetry_ack` | after the server stored a `cli_telemetry` (or already had it; protocol 4) | the `report_id`; the agent drops the report |
 //! | `watch` | every 2 s while somebody watches the console of a dongle the agent serves (protocol 4) | [`Watch`]: the device ids whose own traffic the agent streams on `/ws/data` as MONITOR messages for the next `seconds` (0: stop now) |
-//! | `error` | before the server closes the socket for a protocol violation | `code`, `message` |
+//! | `error` | before the server closes the socket for a protocol violation, or after a `hello` of a protocol older than [`MIN_AGENT_PROTOCOL`] (`agent_too_old`: served, but told to upgrade) | `code`, `message` |
 //!
 //! Request bodies ([`RequestBody`], field `body.type`): `pairing_start`, `pairing_submit`, `forget`,
 //! `can_config`, `command`, `send_frame`. The agent answers each with exactly one `reply` of the same `id`;
@@ -144,7 +144,28 @@ pub struct Hello {
     pub agent_version: String,
     pub hostname: String,
     pub os: String,
+    /// The workstation's network interfaces, and which the LAN discovery uses (v0.7 section 9.2).
+    /// Absent from older agents.
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceReport>,
 }
+
+/// One network interface of the agent's workstation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceReport {
+    pub name: String,
+    /// Its IPv4 addresses, dotted.
+    pub addresses: Vec<String>,
+    /// The LAN discovery broadcasts DISCOVER on it.
+    pub used_for_discovery: bool,
+    /// Why it is not used, when it is not (down, loopback, a VPN or container bridge, no broadcast).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub excluded_because: Option<String>,
+}
+
+/// The oldest agent protocol this server version supports fully; an older agent is served but told to
+/// upgrade.
+pub const MIN_AGENT_PROTOCOL: u32 = 2;
 
 /// The full set of dongles the agent sees right now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -623,6 +644,7 @@ mod tests {
                 agent_version: "0.1.0".into(),
                 hostname: "bench-1".into(),
                 os: "linux".into(),
+                interfaces: vec![],
             }),
             json!({"type": "hello", "protocol": 1, "agent_version": "0.1.0", "hostname": "bench-1", "os": "linux"}),
         );

@@ -61,11 +61,17 @@ fn hello() -> AgentMessage {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_default();
+    // The interfaces as they are when the connection opens (a laptop that changes networks reports
+    // the new ones at its next connection).
+    let interfaces = crate::discovery::lan_interfaces::system_interfaces()
+        .map(|all| crate::discovery::lan_interfaces::report(&all))
+        .unwrap_or_default();
     AgentMessage::Hello(Hello {
         protocol: PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").into(),
         hostname,
         os: std::env::consts::OS.into(),
+        interfaces,
     })
 }
 

@@ -30,20 +30,87 @@ pub struct BroadcastTarget {
     pub broadcast: Ipv4Addr,
 }
 
+/// Why an interface address is not scanned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exclusion {
+    Down,
+    Loopback,
+    /// A tunnel, VPN, container or virtual-machine bridge, by its name's prefix.
+    Virtual(&'static str),
+    NoBroadcast,
+}
+
+impl std::fmt::Display for Exclusion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exclusion::Down => f.write_str("down"),
+            Exclusion::Loopback => f.write_str("loopback"),
+            Exclusion::Virtual(prefix) => write!(
+                f,
+                "a tunnel, VPN or virtual bridge (name starts with {prefix:?})"
+            ),
+            Exclusion::NoBroadcast => f.write_str("no IPv4 broadcast address"),
+        }
+    }
+}
+
+/// Where to broadcast for this interface address, or why not.
+pub fn verdict(i: &InterfaceInfo) -> Result<Ipv4Addr, Exclusion> {
+    if !i.up {
+        return Err(Exclusion::Down);
+    }
+    if i.loopback || i.addr.is_loopback() {
+        return Err(Exclusion::Loopback);
+    }
+    if let Some(prefix) = EXCLUDED_PREFIXES.iter().find(|p| i.name.starts_with(*p)) {
+        return Err(Exclusion::Virtual(prefix));
+    }
+    i.broadcast
+        .filter(|b| !b.is_unspecified())
+        .ok_or(Exclusion::NoBroadcast)
+}
+
 /// The broadcast targets among `interfaces`, in their order, one per (interface, address).
 pub fn eligible(interfaces: &[InterfaceInfo]) -> Vec<BroadcastTarget> {
     interfaces
         .iter()
-        .filter(|i| i.up && !i.loopback && !i.addr.is_loopback())
-        .filter(|i| !EXCLUDED_PREFIXES.iter().any(|p| i.name.starts_with(p)))
         .filter_map(|i| {
             Some(BroadcastTarget {
                 interface: i.name.clone(),
                 local_addr: i.addr,
-                broadcast: i.broadcast.filter(|b| !b.is_unspecified())?,
+                broadcast: verdict(i).ok()?,
             })
         })
         .collect()
+}
+
+/// The interfaces as the agent reports them to the server: one entry per name, in their order, with
+/// its addresses, and whether discovery uses it (any of its addresses) or why not (its first
+/// address's reason).
+pub fn report(interfaces: &[InterfaceInfo]) -> Vec<control_proto::InterfaceReport> {
+    let mut reports: Vec<control_proto::InterfaceReport> = Vec::new();
+    for i in interfaces {
+        let verdict = verdict(i);
+        let index = match reports.iter().position(|r| r.name == i.name) {
+            Some(index) => index,
+            None => {
+                reports.push(control_proto::InterfaceReport {
+                    name: i.name.clone(),
+                    addresses: Vec::new(),
+                    used_for_discovery: false,
+                    excluded_because: verdict.err().map(|e| e.to_string()),
+                });
+                reports.len() - 1
+            }
+        };
+        let r = &mut reports[index];
+        r.addresses.push(i.addr.to_string());
+        if verdict.is_ok() {
+            r.used_for_discovery = true;
+            r.excluded_because = None;
+        }
+    }
+    reports
 }
 
 /// The IPv4 addresses of this machine's interfaces, as the operating system reports them.
@@ -87,6 +154,33 @@ mod tests {
             addr: addr.into(),
             broadcast: bcast.map(Into::into),
         }
+    }
+
+    #[test]
+    fn the_report_says_which_interfaces_are_scanned_and_why_not_the_others() {
+        let all = vec![
+            iface("lo", true, true, [127, 0, 0, 1], None),
+            iface(
+                "eth0",
+                true,
+                false,
+                [192, 168, 1, 20],
+                Some([192, 168, 1, 255]),
+            ),
+            iface("eth0", true, false, [10, 1, 0, 2], Some([10, 1, 0, 255])),
+            iface("wg0", true, false, [10, 9, 0, 1], Some([10, 9, 0, 255])),
+            iface("enp3s0", false, false, [10, 0, 0, 2], Some([10, 0, 0, 255])),
+        ];
+        let report = report(&all);
+        let names: Vec<&str> = report.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["lo", "eth0", "wg0", "enp3s0"]);
+        assert_eq!(report[1].addresses, ["192.168.1.20", "10.1.0.2"]);
+        assert!(report[1].used_for_discovery && report[1].excluded_because.is_none());
+        let why = |n: usize| report[n].excluded_because.clone().unwrap();
+        assert_eq!(why(0), "loopback");
+        assert!(why(2).contains("VPN"), "{}", why(2));
+        assert_eq!(why(3), "down");
+        assert!(report.iter().filter(|r| r.used_for_discovery).count() == 1);
     }
 
     #[test]

@@ -112,6 +112,7 @@ async fn connect(url: &str, token: &str) -> anyhow::Result<Held> {
         agent_version: "bench".into(),
         hostname: "bench".into(),
         os: "linux".into(),
+        interfaces: vec![],
     })
     .to_json();
     socket.send(Message::Text(hello.clone().into())).await?;

@@ -85,6 +85,13 @@ pub struct AgentView {
     pub hostname: Option<String>,
     pub os: Option<String>,
     pub version: Option<String>,
+    /// The control protocol of its last hello.
+    pub protocol: Option<i32>,
+    /// Its workstation's network interfaces at its last hello, and which the LAN discovery uses.
+    #[schema(value_type = Vec<Object>)]
+    pub interfaces: sqlx::types::Json<Vec<control_proto::InterfaceReport>>,
+    /// Its protocol is older than this server supports fully: upgrade `bridge-agent`.
+    pub upgrade_required: bool,
     pub last_seen_at: Option<DateTime<Utc>>,
     /// A heartbeat in the last 30 s.
     pub online: bool,
@@ -191,12 +198,14 @@ pub async fn heartbeat_if_authorised(
 
 pub async fn list(pool: &PgPool, user_id: Uuid) -> Result<Vec<AgentView>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT a.id, a.agent_name, a.hostname, a.os, a.version, a.last_seen_at, \
+        "SELECT a.id, a.agent_name, a.hostname, a.os, a.version, a.protocol, a.interfaces, \
+           coalesce(a.protocol < {min}, false) AS upgrade_required, a.last_seen_at, \
            {ONLINE_SQL} AS online, \
            EXISTS (SELECT 1 FROM agent_tokens t WHERE t.agent_id = a.id AND t.revoked_at IS NULL \
                    AND (t.expires_at IS NULL OR t.expires_at > now())) AS active_token, \
            a.created_at \
-         FROM agents a WHERE a.user_id = $1 ORDER BY a.created_at, a.id"
+         FROM agents a WHERE a.user_id = $1 ORDER BY a.created_at, a.id",
+        min = control_proto::MIN_AGENT_PROTOCOL
     )))
     .bind(user_id)
     .fetch_all(pool)
@@ -238,6 +247,48 @@ pub async fn heartbeat(
     .bind(hostname.map(|s| clip(s, 255)))
     .bind(os.map(|s| clip(s, 255)))
     .bind(version.map(|s| clip(s, 64)))
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// The most interfaces, and addresses per interface, kept from a hello.
+const MAX_INTERFACES: usize = 64;
+const MAX_ADDRESSES: usize = 16;
+
+/// Records an agent's hello: alive now, with its host name, OS, version, protocol and interfaces (the
+/// lists bounded and the texts clipped, whatever the agent sends).
+pub async fn hello(
+    db: impl PgExecutor<'_>,
+    agent_id: Uuid,
+    hello: &control_proto::Hello,
+) -> Result<(), sqlx::Error> {
+    let interfaces: Vec<control_proto::InterfaceReport> = hello
+        .interfaces
+        .iter()
+        .take(MAX_INTERFACES)
+        .map(|i| control_proto::InterfaceReport {
+            name: clip(&i.name, 64),
+            addresses: i
+                .addresses
+                .iter()
+                .take(MAX_ADDRESSES)
+                .map(|a| clip(a, 64))
+                .collect(),
+            used_for_discovery: i.used_for_discovery,
+            excluded_because: i.excluded_because.as_deref().map(|r| clip(r, 200)),
+        })
+        .collect();
+    sqlx::query(
+        "UPDATE agents SET last_seen_at = now(), hostname = $2, os = $3, version = $4, \
+         protocol = $5, interfaces = $6 WHERE id = $1",
+    )
+    .bind(agent_id)
+    .bind(clip(&hello.hostname, 255))
+    .bind(clip(&hello.os, 255))
+    .bind(clip(&hello.agent_version, 64))
+    .bind(i32::try_from(hello.protocol).unwrap_or(i32::MAX))
+    .bind(sqlx::types::Json(interfaces))
     .execute(db)
     .await?;
     Ok(())

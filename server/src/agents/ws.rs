@@ -213,14 +213,7 @@ async fn handle(
     let agent_id = agent.agent_id;
     match message {
         AgentMessage::Hello(hello) => {
-            agents::heartbeat(
-                &state.pool,
-                agent_id,
-                Some(&hello.hostname),
-                Some(&hello.os),
-                Some(&hello.agent_version),
-            )
-            .await?;
+            agents::hello(&state.pool, agent_id, &hello).await?;
             let _ = state.hub.send_here(
                 agent_id,
                 ServerMessage::Welcome(Welcome {
@@ -229,6 +222,22 @@ async fn handle(
                     protocol: PROTOCOL_VERSION,
                 }),
             );
+            if hello.protocol < control_proto::MIN_AGENT_PROTOCOL {
+                // Served all the same, as far as its protocol goes; the agent logs this, and the
+                // agents page says so.
+                let _ = state.hub.send_here(
+                    agent_id,
+                    ServerMessage::Error {
+                        code: "agent_too_old".into(),
+                        message: format!(
+                            "this server supports agents of control protocol {} or later fully, and \
+                             this agent speaks {}: upgrade bridge-agent",
+                            control_proto::MIN_AGENT_PROTOCOL,
+                            hello.protocol
+                        ),
+                    },
+                );
+            }
             // Commands this agent took before and has not ended may have been lost with its last
             // connection: they go to it again (it never runs a command id twice).
             commands::dispatch::agent_connected(state, agent_id).await;

@@ -48,15 +48,23 @@ pub async fn list(ctx: Ctx) -> Response {
                     } else {
                         "<span class=\"muted\">revoked</span>".to_string()
                     };
+                    let version = if a["upgrade_required"] == true {
+                        format!(
+                            "{} <span class=\"badge warn\" data-upgrade>upgrade bridge-agent</span>",
+                            t(&a["version"])
+                        )
+                    } else {
+                        t(&a["version"])
+                    };
                     format!(
                         "<tr data-agent-id=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-                         <td>{}</td><td>{}</td><td>{revoke}</td></tr>",
+                         <td>{version}</td><td>{}</td><td>{}</td><td>{revoke}</td></tr>",
                         esc(id),
                         esc(name),
                         presence(a["online"] == true),
                         t(&a["hostname"]),
                         t(&a["os"]),
-                        t(&a["version"]),
+                        interfaces(&a["interfaces"]),
                         time(&a["last_seen_at"]),
                     )
                 })
@@ -110,6 +118,7 @@ pub async fn list(ctx: Ctx) -> Response {
                 "Host",
                 "OS",
                 "Version",
+                "Network interfaces",
                 "Last seen",
                 "Token"
             ],
@@ -118,4 +127,37 @@ pub async fn list(ctx: Ctx) -> Response {
         )
     );
     page.render()
+}
+
+/// An agent's interfaces: each name with its addresses, marked when the LAN discovery uses it, with
+/// the reason when it does not.
+fn interfaces(list: &serde_json::Value) -> String {
+    let items: Vec<String> = list
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .map(|i| {
+                    let addresses: Vec<&str> = i["addresses"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                        .unwrap_or_default();
+                    let verdict = if i["used_for_discovery"] == true {
+                        "discovery".to_string()
+                    } else {
+                        format!("not scanned: {}", t(&i["excluded_because"]))
+                    };
+                    format!(
+                        "<li data-interface=\"{}\"><code>{}</code> {} <span class=\"muted\">({verdict})</span></li>",
+                        t(&i["name"]),
+                        t(&i["name"]),
+                        esc(&addresses.join(", ")),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if items.is_empty() {
+        return "<span class=\"muted\">none reported</span>".to_string();
+    }
+    format!("<ul class=\"plain\">{}</ul>", items.concat())
 }

@@ -393,3 +393,64 @@ async fn local_endpoints_belong_to_their_agents_user_and_nobody_else(pool: PgPoo
         1
     );
 }
+
+/// An agent says what its workstation is (v0.7 section 9.2): host, OS, version, protocol and network
+/// interfaces with which the LAN discovery uses; the API shows them. An agent of a protocol older than
+/// the server supports fully is served, but told to upgrade, and the API says so.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_agent_reports_its_workstation_and_an_old_one_is_told_to_upgrade(pool: PgPool) {
+    use control_proto::{Hello, InterfaceReport};
+    let app = spawn_app(pool).await;
+    let (alice, _) = app.logged_in("alice@example.com", Role::User).await;
+    let (_, token) = agent::register(&alice).await;
+    let hello = Hello {
+        protocol: control_proto::PROTOCOL_VERSION,
+        agent_version: "9.9.9".into(),
+        hostname: "bench-7".into(),
+        os: "linux".into(),
+        interfaces: vec![
+            InterfaceReport {
+                name: "eth0".into(),
+                addresses: vec!["192.168.1.20".into()],
+                used_for_discovery: true,
+                excluded_because: None,
+            },
+            InterfaceReport {
+                name: "wg0".into(),
+                addresses: vec!["10.9.0.1".into()],
+                used_for_discovery: false,
+                excluded_because: Some("a tunnel, VPN or virtual bridge".into()),
+            },
+        ],
+    };
+    let current = TestAgent::connect_with(&app.base, &token, hello).await;
+    let list = read(alice.get("/agents").await).await;
+    let shown = &list.json["items"][0];
+    assert_eq!(shown["hostname"], "bench-7");
+    assert_eq!(shown["version"], "9.9.9");
+    assert_eq!(shown["protocol"], control_proto::PROTOCOL_VERSION);
+    assert_eq!(shown["upgrade_required"], false);
+    assert_eq!(shown["interfaces"][0]["name"], "eth0");
+    assert_eq!(shown["interfaces"][0]["used_for_discovery"], true);
+    assert_eq!(
+        shown["interfaces"][1]["excluded_because"],
+        "a tunnel, VPN or virtual bridge"
+    );
+    assert!(current.seen.lock().unwrap().errors.is_empty());
+    current.close();
+
+    let old = TestAgent::connect_speaking(&app.base, &token, 1).await;
+    common::agent::wait_until(|| async {
+        old.seen
+            .lock()
+            .unwrap()
+            .errors
+            .iter()
+            .any(|e| e.contains("agent_too_old"))
+    })
+    .await;
+    assert!(!old.is_closed(), "served all the same");
+    let list = read(alice.get("/agents").await).await;
+    assert_eq!(list.json["items"][0]["upgrade_required"], true);
+    assert_eq!(list.json["items"][0]["protocol"], 1);
+}

@@ -245,6 +245,7 @@ async fn an_agent_on_another_instance_is_paired_told_to_forget_and_kicked(pool: 
         agent_version: "test-0.1".into(),
         hostname: "bench-host".into(),
         os: "linux".into(),
+        interfaces: vec![],
     });
     ws.send(Message::text(hello.to_json())).await.unwrap();
     let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())

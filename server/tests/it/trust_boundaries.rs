@@ -640,6 +640,7 @@ async fn an_agent_that_never_answers_cannot_take_the_database_pool(pool: PgPool)
         agent_version: "silent".into(),
         hostname: "silent".into(),
         os: "linux".into(),
+        interfaces: vec![],
     });
     silent
         .send(tokio_tungstenite::tungstenite::Message::text(

@@ -186,6 +186,15 @@ async fn a_command_shows_its_output(pool: PgPool) {
     b.wait_text("main pre", "dongle-sim").await;
     b.check_page().await;
     b.screenshot().await;
+
+    // The agents page shows the workstation the agent runs on, with its interfaces: the loopback one
+    // (which every machine has) is not scanned, and says why.
+    b.goto("/agents").await;
+    let lo = b
+        .wait_text("[data-region=agents] [data-interface=lo]", "127.0.0.1")
+        .await;
+    assert!(lo.contains("not scanned: loopback"), "{lo}");
+    b.check_page().await;
     s.stop().await;
 }
 

@@ -164,15 +164,22 @@ impl TestAgent {
 
     /// [`TestAgent::connect`] for an agent whose hello says `protocol`.
     pub async fn connect_speaking(base: &str, token: &str, protocol: u32) -> Self {
-        let mut ws = try_connect(base, token)
-            .await
-            .expect("the upgrade succeeds");
-        let hello = AgentMessage::Hello(Hello {
+        let hello = Hello {
             protocol,
             agent_version: "test-0.1".into(),
             hostname: "bench-host".into(),
             os: "linux".into(),
-        });
+            interfaces: vec![],
+        };
+        Self::connect_with(base, token, hello).await
+    }
+
+    /// [`TestAgent::connect`] with this hello.
+    pub async fn connect_with(base: &str, token: &str, hello: Hello) -> Self {
+        let mut ws = try_connect(base, token)
+            .await
+            .expect("the upgrade succeeds");
+        let hello = AgentMessage::Hello(hello);
         ws.send(Message::text(hello.to_json())).await.unwrap();
         let agent_id = loop {
             let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())

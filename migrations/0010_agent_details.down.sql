@@ -1,0 +1,1 @@
+ALTER TABLE agents DROP COLUMN interfaces, DROP COLUMN protocol;
