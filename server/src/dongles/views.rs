@@ -102,3 +102,87 @@ pub async fn find(
     .fetch_optional(pool)
     .await
 }
+
+/// A dongle as an administrator sees it in the list of every dongle.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct AdminDongleView {
+    pub id: Uuid,
+    pub device_id: String,
+    /// UNCLAIMED, CLAIMED_ACTIVE, RESET_DETECTED or SECURITY_HOLD.
+    pub ownership_state: String,
+    pub owner_user_id: Option<Uuid>,
+    pub owner_email: Option<String>,
+    /// The agent that sees it now (an online one first), if any.
+    pub agent_id: Option<Uuid>,
+    pub agent_name: Option<String>,
+    pub agent_online: bool,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    /// The group it is in, if any.
+    pub group_id: Option<Uuid>,
+}
+
+/// The filters of the administrators' list; each absent one matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct AdminFilter {
+    /// One ownership state, as stored.
+    pub state: Option<&'static str>,
+    /// A part of the owner's email address.
+    pub owner: Option<String>,
+    /// A part of the device id.
+    pub device: Option<String>,
+}
+
+/// `text` as a LIKE pattern that matches it literally anywhere, lower-cased.
+fn contains_pattern(text: &str) -> String {
+    let escaped = text
+        .trim()
+        .to_lowercase()
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
+}
+
+/// Every dongle matching `filter`, most recently seen first, a page of them, and how many match.
+pub async fn admin_list(
+    pool: &PgPool,
+    filter: &AdminFilter,
+    limit: i64,
+    offset: i64,
+) -> Result<(Vec<AdminDongleView>, i64), sqlx::Error> {
+    const WHERE: &str = "WHERE ($1::text IS NULL OR d.ownership_state::text = $1) \
+           AND ($2::text IS NULL OR u.email LIKE $2) \
+           AND ($3::text IS NULL OR d.device_id LIKE $3)";
+    let owner = filter.owner.as_deref().map(contains_pattern);
+    let device = filter.device.as_deref().map(contains_pattern);
+    let items: Vec<AdminDongleView> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT d.id, d.device_id, d.ownership_state::text AS ownership_state, d.owner_user_id, \
+           u.email AS owner_email, seen.agent_id, seen.agent_name, \
+           coalesce(seen.online, false) AS agent_online, d.last_seen_at, m.group_id \
+         FROM dongles d \
+         LEFT JOIN users u ON u.id = d.owner_user_id \
+         LEFT JOIN LATERAL ( \
+           SELECT s.agent_id, a.agent_name, {ONLINE_SQL} AS online \
+           FROM dongle_sightings s JOIN agents a ON a.id = s.agent_id \
+           WHERE s.dongle_id = d.id AND s.present \
+           ORDER BY {ONLINE_SQL} DESC, s.last_seen_at DESC LIMIT 1) seen ON true \
+         LEFT JOIN dongle_group_members m ON m.dongle_id = d.id \
+         {WHERE} ORDER BY d.last_seen_at DESC NULLS LAST, d.id LIMIT $4 OFFSET $5"
+    )))
+    .bind(filter.state)
+    .bind(&owner)
+    .bind(&device)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(pool)
+    .await?;
+    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM dongles d LEFT JOIN users u ON u.id = d.owner_user_id {WHERE}"
+    )))
+    .bind(filter.state)
+    .bind(&owner)
+    .bind(&device)
+    .fetch_one(pool)
+    .await?;
+    Ok((items, total))
+}

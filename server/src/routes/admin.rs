@@ -26,6 +26,84 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(enable_user))
         .routes(routes!(list_audit_logs))
         .routes(routes!(force_unpair))
+        .routes(routes!(list_dongles))
+}
+
+/// An ownership state to filter on.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OwnershipFilter {
+    Unclaimed,
+    ClaimedActive,
+    ResetDetected,
+    SecurityHold,
+}
+
+impl OwnershipFilter {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Unclaimed => "UNCLAIMED",
+            Self::ClaimedActive => "CLAIMED_ACTIVE",
+            Self::ResetDetected => "RESET_DETECTED",
+            Self::SecurityHold => "SECURITY_HOLD",
+        }
+    }
+}
+
+/// Filters of `GET /admin/dongles`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DongleSearch {
+    /// One ownership state.
+    pub state: Option<OwnershipFilter>,
+    /// A part of the owner's email address (case-insensitive).
+    pub owner: Option<String>,
+    /// A part of the device id.
+    pub device: Option<String>,
+    /// From 1 (0 counts as 1).
+    #[param(value_type = Option<u64>, minimum = 0, maximum = 4294967295_u64)]
+    pub page: Option<u32>,
+    /// 1 to 200, default 50 (0 counts as 1, more than 200 as 200).
+    #[param(value_type = Option<u64>, minimum = 0, maximum = 4294967295_u64)]
+    pub per_page: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AdminDonglePage {
+    pub items: Vec<crate::dongles::views::AdminDongleView>,
+    #[serde(flatten)]
+    pub page: PageInfo,
+}
+
+/// Every dongle, most recently seen first, with its owner, state, the agent that sees it, when it was
+/// last seen and its group; filtered and paged. Act on one with force-unpair (which also ends a hold).
+#[utoipa::path(get, path = "/admin/dongles", tag = "admin", security(("session" = [])),
+    params(DongleSearch),
+    responses(
+        (status = 200, description = "A page of dongles.", body = AdminDonglePage),
+        (status = 400, description = "VALIDATION_ERROR: a malformed filter.", body = ErrorBody),
+        (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: the caller is not a super_admin.", body = ErrorBody),
+    ))]
+async fn list_dongles(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    ApiQuery(q): ApiQuery<DongleSearch>,
+) -> Result<Json<AdminDonglePage>, ApiError> {
+    let paging = Paging::new(q.page, q.per_page);
+    let nonempty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+    let filter = crate::dongles::views::AdminFilter {
+        state: q.state.map(OwnershipFilter::as_str),
+        owner: nonempty(q.owner),
+        device: nonempty(q.device),
+    };
+    let (items, total) =
+        crate::dongles::views::admin_list(&state.pool, &filter, paging.limit(), paging.offset())
+            .await?;
+    Ok(Json(AdminDonglePage {
+        items,
+        page: paging.info(total),
+    }))
 }
 
 /// Clears a dongle's owner, token, group membership and any security hold (the only way out of a hold),

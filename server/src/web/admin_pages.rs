@@ -14,7 +14,7 @@ fn tabs(current: &str) -> String {
     let items = [
         ("/admin/users", "Users"),
         ("/admin/audit", "Audit log"),
-        ("/admin/dongles", "Force-unpair"),
+        ("/admin/dongles", "Dongles"),
     ];
     let links: String = items
         .iter()
@@ -324,19 +324,75 @@ pub async fn audit(ctx: Ctx) -> Response {
     page.render()
 }
 
-/// `GET /admin/dongles`: force-unpair a dongle by its id (also clears a security hold).
+/// `GET /admin/dongles`: every dongle with its owner, state, agent, last sighting and group,
+/// filtered; force-unpair one from the list (which also releases a security hold), or by its id.
 pub async fn dongles(ctx: Ctx) -> Response {
     let session = match signed_in(&ctx).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    // Only an administrator may see this page: ask the API something only they may read.
-    let probe = ctx.get("/admin/users?per_page=1").await;
-    if !probe.ok() {
-        return error_page(&probe, Some(&session));
+    let (pairs, api_query) = query(&ctx, &["state", "owner", "device", "page"]);
+    let reply = ctx.get(&format!("/admin/dongles?{api_query}")).await;
+    if !reply.ok() {
+        return error_page(&reply, Some(&session));
     }
+    let rows: Vec<String> = reply.json["items"]
+        .as_array()
+        .map(|items| items.iter().map(|d| dongle_row(&session, d)).collect())
+        .unwrap_or_default();
+    let filters = format!(
+        "<form method=\"get\" action=\"/admin/dongles\" class=\"filters\" aria-label=\"Search dongles\">\
+         {}{}{}<button type=\"submit\">Search</button></form>",
+        select(
+            "dongles-state",
+            "state",
+            "State",
+            &opts(&[
+                ("", "Any"),
+                ("UNCLAIMED", "Unclaimed"),
+                ("CLAIMED_ACTIVE", "Claimed"),
+                ("RESET_DETECTED", "Reset detected"),
+                ("SECURITY_HOLD", "Security hold"),
+            ]),
+            value(&pairs, "state")
+        ),
+        input(
+            "dongles-owner",
+            "owner",
+            "Owner's email contains",
+            "search",
+            value(&pairs, "owner"),
+            "autocomplete=\"off\""
+        ),
+        input(
+            "dongles-device",
+            "device",
+            "Device id contains",
+            "search",
+            value(&pairs, "device"),
+            "autocomplete=\"off\" spellcheck=\"false\""
+        ),
+    );
+    let listing = format!(
+        "{filters}<section data-region=\"admin-dongles\">{}{}</section>",
+        table(
+            "Dongles",
+            &[
+                "Device id",
+                "State",
+                "Owner",
+                "Agent",
+                "Last seen",
+                "Group",
+                "Action"
+            ],
+            &rows,
+            "No dongle matches."
+        ),
+        pager("/admin/dongles", &pairs, &reply.json),
+    );
     let form = format!(
-        "<form method=\"get\" action=\"/admin/dongles\" class=\"narrow\" id=\"force-unpair-pick\" \
+        "<h2>By its id</h2><form method=\"get\" action=\"/admin/dongles\" class=\"narrow\" id=\"force-unpair-pick\" \
          aria-label=\"Choose a dongle\">{}<button type=\"submit\">Next</button></form>",
         input(
             "force-dongle",
@@ -379,7 +435,72 @@ pub async fn dongles(ctx: Ctx) -> Response {
         }
         None => String::new(),
     };
-    let mut page = session.page(&ctx, "Force-unpair a dongle", Nav::Admin);
-    page.body = format!("{}{form}{confirm}", tabs("/admin/dongles"));
+    let mut page = session.page(&ctx, "Dongles", Nav::Admin);
+    page.body = format!("{}{listing}{form}{confirm}", tabs("/admin/dongles"));
     page.render()
+}
+
+/// One dongle of the administrators' list, with its action: force-unpair a claimed dongle, release a
+/// held one (the same operation, which ends the hold), nothing for an unclaimed one.
+fn dongle_row(session: &Session, d: &Value) -> String {
+    let id = d["id"].as_str().unwrap_or("");
+    let device = d["device_id"].as_str().unwrap_or("");
+    let state = d["ownership_state"].as_str().unwrap_or("");
+    let action = if state == "UNCLAIMED" {
+        String::new()
+    } else {
+        let (label, confirm) = if state == "SECURITY_HOLD" {
+            (
+                "Release hold",
+                "Release this dongle's security hold? It becomes unclaimed, and its owner pairs it again.",
+            )
+        } else {
+            (
+                "Force-unpair",
+                "Force-unpair this dongle? Its owner, token and group membership are cleared.",
+            )
+        };
+        let path = format!("/admin/dongles/{id}/force-unpair");
+        let aria = format!("{label} {device}");
+        api_form(
+            &session.csrf,
+            ApiForm {
+                path: &path,
+                next: "/admin/dongles",
+                notice: "force_unpaired",
+                ok: "redirect",
+                class: "inline",
+                label: &aria,
+                ..ApiForm::default()
+            },
+            &format!(
+                "<button type=\"submit\" class=\"danger\" aria-label=\"{}\" data-confirm=\"{}\">{label}</button>",
+                esc(&aria),
+                esc(confirm)
+            ),
+        )
+    };
+    let agent = match d["agent_name"].as_str() {
+        Some(name) => format!(
+            "{} {}",
+            esc(name),
+            if d["agent_online"] == true {
+                "<span class=\"badge ok\">online</span>"
+            } else {
+                "<span class=\"badge off\">offline</span>"
+            }
+        ),
+        None => "<span class=\"muted\">none</span>".to_string(),
+    };
+    format!(
+        "<tr data-dongle-id=\"{}\" data-device-id=\"{}\"><td><code>{}</code></td><td>{}</td><td>{}</td>\
+         <td>{agent}</td><td>{}</td><td>{}</td><td>{action}</td></tr>",
+        esc(id),
+        esc(device),
+        esc(device),
+        state_badge(state),
+        t(&d["owner_email"]),
+        time(&d["last_seen_at"]),
+        t(&d["group_id"]),
+    )
 }

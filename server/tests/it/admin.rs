@@ -16,7 +16,7 @@ async fn a_non_admin_is_told_admin_routes_do_not_exist(pool: PgPool) {
     let app = spawn_app(pool).await;
     let (user, _) = app.logged_in("user@example.com", Role::User).await;
     let victim = app.create_user("victim@example.com", Role::User).await;
-    for path in ["/admin/users", "/admin/audit-logs"] {
+    for path in ["/admin/users", "/admin/audit-logs", "/admin/dongles"] {
         read(user.get(path).await)
             .await
             .assert_error(StatusCode::NOT_FOUND, "NOT_FOUND");
@@ -181,4 +181,67 @@ async fn disabling_ends_sessions_and_revokes_agent_tokens_and_is_audited(pool: P
     )
     .await
     .assert_error(StatusCode::NOT_FOUND, "NOT_FOUND");
+}
+
+/// Administrators see every dongle, with its owner, state, agent and group, filtered, and act on one
+/// from the list (force-unpair, which also releases a hold).
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn admins_list_every_dongle_with_filters_and_release_a_hold_from_it(pool: PgPool) {
+    use common::dongle::paired;
+    let app = spawn_app(pool.clone()).await;
+    let alice = paired(&app, "alice@example.com", "00000000000000b1", 0).await;
+    let bob = paired(&app, "bob@example.com", "00000000000000b2", 0).await;
+    sqlx::query("UPDATE dongles SET ownership_state = 'SECURITY_HOLD' WHERE id = $1")
+        .bind(bob.dongle_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (admin, _) = app.logged_in("root@example.com", Role::SuperAdmin).await;
+    let all = read(admin.get("/admin/dongles").await).await;
+    assert_eq!(all.status, StatusCode::OK, "{}", all.text);
+    assert_eq!(all.json["total"], 2);
+    let row = all.json["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device_id"] == "00000000000000b1")
+        .cloned()
+        .unwrap();
+    assert_eq!(row["owner_email"], "alice@example.com");
+    assert_eq!(row["ownership_state"], "CLAIMED_ACTIVE");
+    assert_eq!(row["agent_id"], alice.agent.agent_id.to_string());
+    assert_eq!(row["agent_online"], true);
+
+    let ids = |page: &serde_json::Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["device_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for (query, expected) in [
+        ("state=SECURITY_HOLD", vec!["00000000000000b2"]),
+        ("owner=ALICE", vec!["00000000000000b1"]),
+        ("device=0b2", vec!["00000000000000b2"]),
+        ("owner=%25", vec![]),
+    ] {
+        let page = read(admin.get(&format!("/admin/dongles?{query}")).await).await;
+        assert_eq!(page.status, StatusCode::OK, "{query}: {}", page.text);
+        assert_eq!(ids(&page.json), expected, "{query}");
+    }
+    read(admin.get("/admin/dongles?state=NOPE").await)
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
+
+    // Released from the list: unclaimed again.
+    let released = admin
+        .post_json(
+            &format!("/admin/dongles/{}/force-unpair", bob.dongle_id),
+            json!({}),
+        )
+        .await;
+    assert_eq!(released.status(), StatusCode::OK);
+    let page = read(admin.get("/admin/dongles?state=UNCLAIMED").await).await;
+    assert_eq!(ids(&page.json), vec!["00000000000000b2"]);
 }

@@ -524,6 +524,12 @@ fn table() -> Vec<Row> {
         ),
         row(
             get.clone(),
+            "/api/v1/admin/dongles",
+            "/api/v1/admin/dongles",
+            Admin(200),
+        ),
+        row(
+            get.clone(),
             "/api/v1/admin/audit-logs",
             "/api/v1/admin/audit-logs",
             Admin(200),

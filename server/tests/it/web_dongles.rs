@@ -295,3 +295,53 @@ async fn a_command_typed_on_the_dongles_uart_shows_on_its_page(pool: PgPool) {
     b.screenshot().await;
     s.stop().await;
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+#[cfg_attr(
+    not(feature = "browser-tests"),
+    ignore = "browser test: needs Debian's chromium and chromium-driver and the `browser-tests` feature (scripts/test installs them as root and turns the feature on)"
+)]
+async fn an_admin_finds_a_held_dongle_in_the_list_and_releases_it(pool: PgPool) {
+    let s = OneDongle::start(
+        spawn_app(pool.clone()).await,
+        "an_admin_finds_a_held_dongle_in_the_list_and_releases_it",
+    )
+    .await;
+    let id = pair(&s.client, &s.dongle).await;
+    sqlx::query("UPDATE dongles SET ownership_state = 'SECURITY_HOLD' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    s.app
+        .create_user("boss@example.com", bridge_server::users::Role::SuperAdmin)
+        .await;
+    let admin = web_support::Browser::start(
+        &s.app.base,
+        "an_admin_finds_a_held_dongle_in_the_list_and_releases_it-admin",
+    )
+    .await;
+    admin.sign_in("boss@example.com", common::PASSWORD).await;
+    admin.goto("/admin/dongles").await;
+    admin.select("#dongles-state", "SECURITY_HOLD").await;
+    admin.click("form.filters button[type=submit]").await;
+    let row = admin
+        .wait_text("[data-region=admin-dongles] tbody tr", &s.dongle.device_id)
+        .await;
+    assert!(row.contains(web_support::EMAIL), "{row}");
+    assert!(row.contains("bench-pc"), "the agent that sees it: {row}");
+    admin.check_page().await;
+    admin.screenshot().await;
+    admin
+        .click_and_confirm("[data-region=admin-dongles] button.danger")
+        .await;
+    admin
+        .wait_text("[data-notice]", "security hold is cleared")
+        .await;
+    admin.goto("/admin/dongles?state=UNCLAIMED").await;
+    admin
+        .wait_text("[data-region=admin-dongles] tbody tr", &s.dongle.device_id)
+        .await;
+    admin.close().await;
+    s.stop().await;
+}
