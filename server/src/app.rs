@@ -213,6 +213,12 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
         state.console.clone(),
         shutdown.clone(),
     )));
+    // How busy the watched dongles' buses are, on their consoles.
+    tasks.push(tokio::spawn(crate::monitor::bus_load(
+        state.pool.clone(),
+        state.console.clone(),
+        shutdown.clone(),
+    )));
     // The relay's frames and group states on the console.
     tasks.push(tokio::spawn(groups::console::feed(
         state.relay.clone(),

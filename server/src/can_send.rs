@@ -252,6 +252,11 @@ pub async fn send(
     }
     outcome?;
     let data = hex::decode(&frame.data_hex).unwrap_or_default();
+    state.console.bus_meter.add(
+        dongle.id,
+        1,
+        console::bus_load::frame_bits(frame.extended, frame.len),
+    );
     state.console.publish(
         StreamKey::Dongle(dongle.id),
         ConsoleEvent::can_frame(

@@ -11,6 +11,10 @@
 //! rate, with exact counts), and [`MonitorIngest`] publishes them on the dongle's stream, after checking
 //! that the agent may speak for that dongle.
 //!
+//! [`bus_load`] publishes, every [`BUS_LOAD_PERIOD`] on each watched dongle's console, how busy its
+//! bus is (the `console::bus_load` meter, fed by the relay, by MONITOR counts and by frames sent by
+//! hand), with the share of the bus at the dongle's configured bitrate.
+//!
 //! Like the rest of the console this is per instance: the frames reach the console of the instance
 //! holding the agent's data connection, so a console on another instance of a cluster sees them only
 //! with sticky routing (the console's module documentation says so too).
@@ -29,7 +33,7 @@ use uuid::Uuid;
 
 use crate::agents::AgentIdentity;
 use crate::agents::hub::AgentHub;
-use crate::console::{Console, ConsoleEvent, StreamKey};
+use crate::console::{Console, ConsoleEvent, StreamKey, bus_load};
 use crate::dongles::owned::serving_agent;
 
 /// Asks the agents serving the dongles watched on this instance's console for their traffic, until
@@ -118,6 +122,64 @@ async fn watched_by_agent(
     Ok(by_agent)
 }
 
+/// How often a watched dongle's console gets its `bus_load` event.
+pub const BUS_LOAD_PERIOD: Duration = Duration::from_secs(2);
+
+/// Publishes how busy each watched dongle's bus is, every [`BUS_LOAD_PERIOD`], until `shutdown`.
+pub async fn bus_load(pool: PgPool, console: Arc<Console>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(BUS_LOAD_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now = Instant::now();
+        let rates = console.bus_meter.take(now - last);
+        last = now;
+        let watched = console.watched_dongles();
+        if watched.is_empty() {
+            continue;
+        }
+        let bitrates: HashMap<Uuid, i64> = match sqlx::query_as::<_, (Uuid, i64)>(
+            "SELECT dongle_id, coalesce(effective_bitrate, bitrate::bigint) FROM can_configs \
+             WHERE dongle_id = ANY($1) AND applied_at IS NOT NULL",
+        )
+        .bind(&watched)
+        .fetch_all(&pool)
+        .await
+        {
+            Ok(rows) => rows.into_iter().collect(),
+            // The figure without its share of the bus, rather than none.
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read the bitrates of watched dongles");
+                HashMap::new()
+            }
+        };
+        for dongle_id in watched {
+            let rate = rates.get(&dongle_id).copied().unwrap_or(bus_load::Rate {
+                frames_per_sec: 0.0,
+                bits_per_sec: 0.0,
+            });
+            let bitrate = bitrates
+                .get(&dongle_id)
+                .and_then(|b| u32::try_from(*b).ok())
+                .filter(|b| *b > 0);
+            console.publish(
+                StreamKey::Dongle(dongle_id),
+                ConsoleEvent::BusLoad {
+                    dongle_id,
+                    frames_per_sec: (rate.frames_per_sec * 10.0).round() / 10.0,
+                    load_percent: bitrate.map(|b| (rate.load_percent(b) * 10.0).round() / 10.0),
+                    bitrate,
+                },
+            );
+        }
+    }
+}
+
 /// How long a data connection trusts its finding that the agent may stream a dongle's traffic.
 const RECHECK: Duration = Duration::from_secs(5);
 /// The most dongles one data connection remembers findings for.
@@ -156,6 +218,18 @@ impl MonitorIngest {
         // One frame shown for every `sampled` the dongle saw, as the console marks its own sampling.
         let sampled = (sent > 0 && monitor.seen > sent)
             .then(|| u32::try_from(monitor.seen.div_ceil(sent)).unwrap_or(u32::MAX));
+        // Every frame the dongle saw counts on its bus, each as long as the sample's frames on average.
+        let sample_bits: u64 = monitor
+            .batch
+            .iter()
+            .map(|r| bus_load::frame_bits(r.id.is_extended(), r.data.len()))
+            .sum();
+        let bits = if sent > 0 {
+            sample_bits.saturating_mul(monitor.seen) / sent
+        } else {
+            0
+        };
+        console.bus_meter.add(dongle_id, monitor.seen, bits);
         let ts = crate::console::timestamp(chrono::Utc::now());
         for record in monitor.batch.iter() {
             console.publish(

@@ -16,6 +16,8 @@
 //! sticky routing to the instance that serves the group; everything that must not be lost (frames,
 //! command results) lives in PostgreSQL, not here.
 
+pub mod bus_load;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -104,6 +106,17 @@ pub enum ConsoleEvent {
         error: bool,
         at: String,
     },
+    /// How busy the dongle's bus is, every few seconds while its console is open: frames per second
+    /// seen on it (both directions), and the estimated share of the bus in percent at its configured
+    /// `bitrate` (absent while no CAN configuration was applied).
+    BusLoad {
+        dongle_id: Uuid,
+        frames_per_sec: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        load_percent: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        bitrate: Option<u32>,
+    },
     /// A group's state or backlog changed.
     GroupState { group_id: Uuid, detail: Value },
     /// The `Last-Event-ID` was older than the ring: events were missed; what follows is live.
@@ -179,6 +192,7 @@ impl ConsoleEvent {
             Self::Log { .. } => "log",
             Self::CommandStatus { .. } => "command_status",
             Self::CliTelemetry { .. } => "cli_telemetry",
+            Self::BusLoad { .. } => "bus_load",
             Self::GroupState { .. } => "group_state",
             Self::StreamReset { .. } => "stream_reset",
             Self::AccessEnded { .. } => "access_ended",
@@ -261,6 +275,8 @@ pub struct Console {
     /// Told when a dongle's stream gets a subscriber, so that its agent is asked for the dongle's
     /// traffic at once rather than at the next round (`monitor::watch`).
     pub dongle_watched: tokio::sync::Notify,
+    /// The frames seen of each dongle's bus, for its `bus_load` events.
+    pub bus_meter: bus_load::BusMeter,
 }
 
 impl Console {
@@ -269,6 +285,7 @@ impl Console {
             streams: Mutex::new(HashMap::new()),
             frame_rate_limit: frame_rate_limit.max(1),
             dongle_watched: tokio::sync::Notify::new(),
+            bus_meter: bus_load::BusMeter::default(),
         }
     }
 

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::relay::{Relay, RelayEvent};
-use crate::console::{Console, ConsoleEvent, FrameView, StreamKey};
+use crate::console::{Console, ConsoleEvent, FrameView, StreamKey, bus_load};
 
 /// Publishes the relay's events on the console until `shutdown`.
 pub async fn feed(relay: Arc<Relay>, console: Arc<Console>, shutdown: CancellationToken) {
@@ -83,6 +83,14 @@ fn frames(console: &Console, group_id: Uuid, from: Uuid, to: Uuid, batch: &[u8])
         return;
     };
     let ts = crate::console::timestamp(chrono::Utc::now());
+    // Both buses carry these frames: the sender's received them, the receiver's transmits them.
+    let bits: u64 = batch
+        .iter()
+        .map(|r| bus_load::frame_bits(r.id.is_extended(), r.data.len()))
+        .sum();
+    let count = batch.len() as u64;
+    console.bus_meter.add(from, count, bits);
+    console.bus_meter.add(to, count, bits);
     for record in batch.iter() {
         let rx: FrameView = (&record).into();
         // The time on the frame is the sending dongle's clock, which says nothing of the receiver.

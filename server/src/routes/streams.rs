@@ -49,7 +49,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// `can_frame` {`dongle_id`, `ts` (RFC 3339), `dongle_ts_us` (the dongle's clock, when its link gives
 /// one), `direction` (`rx`/`tx`), `bus`, `id` (`"0x7E8"`), `can_id`, `is_extended`, `fd`, `dlc`,
 /// `data_hex`, `sampled`}; `presence` {`dongle_id`, `online`, `agent_id`, `seen_at`};
-/// `command_status` {`dongle_id`, `command_id`, `status`, `exit_code`}; `log` {`level`, `message`};
+/// `command_status` {`dongle_id`, `command_id`, `status`, `exit_code`}; `cli_telemetry` {`dongle_id`,
+/// `source` (`uart`/`remote`), `command`, `output`, `exit_code`, `truncated`, `error`, `at`};
+/// `bus_load` every 2 s {`dongle_id`, `frames_per_sec`, `load_percent` and `bitrate` once a CAN
+/// configuration is applied}; `log` {`level`, `message`};
 /// `stream_reset` and `access_ended` {`reason`}.
 #[utoipa::path(get, path = "/streams/dongles/{id}/console", tag = "console",
     security(("session" = []), ("agent_token" = [])),

@@ -637,7 +637,8 @@ pub fn console_markup(stream: &str, title: &str, chart_label: &str) -> String {
          <p class=\"notice warn\" data-sampling role=\"status\" hidden></p>\
          <div class=\"chart\"><canvas data-fps-chart width=\"640\" height=\"140\" role=\"img\" \
          aria-label=\"{chart_label}\"></canvas><p class=\"chart-caption\"><span data-fps>0</span> \
-         frames/s now, <span data-frames-total>0</span> frames shown since the page opened.</p></div>\
+         frames/s now, <span data-frames-total>0</span> frames shown since the page opened.</p>\
+         <p class=\"chart-caption\" data-bus-load hidden></p></div>\
          <form class=\"filters\" data-console-filters aria-label=\"Filter the frames of {title}\">\
          <div class=\"field\"><label for=\"filter-id\">CAN id (hex, comma-separated; empty: all)</label>\
          <input id=\"filter-id\" name=\"filter-id\" type=\"text\" autocomplete=\"off\" \

@@ -436,3 +436,50 @@ async fn presence_names_the_agent_and_the_time(pool: PgPool) {
         "{seen_at}"
     );
 }
+
+/// A watched dongle's console says how busy its bus is: frames per second (every frame the agent
+/// counted, not only the sample it sent) and the share of the bus at the configured bitrate.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn the_console_shows_the_bus_load(pool: PgPool) {
+    use common::data::{DataClient, batch};
+    use control_proto::data::{Direction, encode_monitor};
+    let app = spawn_app(pool).await;
+    let owner = paired(&app, "alice@example.com", DEV, 0).await;
+    let applied = owner
+        .client
+        .put_json(
+            &format!("/dongles/{}/can-config", owner.dongle_id),
+            json!({"bitrate": 500000, "sample_point_permille": 875}),
+        )
+        .await;
+    assert_eq!(applied.status(), StatusCode::OK);
+    let path = format!("/streams/dongles/{}/console", owner.dongle_id);
+    let (_, stream, _) = Sse::open(&owner.client, &path, None).await;
+    let mut stream = stream.unwrap();
+    let mut data = DataClient::connect(&app.base, &owner.token).await;
+    // 4 000 frames of 4 bytes seen, a sample of 4 sent: about 2 000 frames/s over the 2 s period.
+    data.send_raw(encode_monitor(
+        DEV.parse().unwrap(),
+        Direction::Rx,
+        4000,
+        &batch([1, 2, 3, 4]),
+    ))
+    .await;
+    let load = loop {
+        let event = stream.next().await;
+        if event.name == "bus_load" && event.data["frames_per_sec"].as_f64().unwrap() > 0.0 {
+            break event.data;
+        }
+    };
+    assert_eq!(load["dongle_id"], owner.dongle_id.to_string());
+    assert_eq!(load["bitrate"], 500000);
+    let fps = load["frames_per_sec"].as_f64().unwrap();
+    assert!((1000.0..=4000.0).contains(&fps), "{load}");
+    // Each 4-byte frame takes 87 bits with average stuffing: 2 000 frames/s are about a third of
+    // 500 kbit/s.
+    let bits = bridge_server::console::bus_load::frame_bits(false, 4) as f64;
+    assert_eq!(bits, 87.0);
+    let percent = load["load_percent"].as_f64().unwrap();
+    let expected = fps * bits / 500_000.0 * 100.0;
+    assert!((percent - expected).abs() < 0.2, "{load}");
+}

@@ -234,6 +234,9 @@ async fn a_frame_sent_from_the_console_reaches_the_bus(pool: PgPool) {
     // And on the console, as tx.
     let row = b.wait_text("[data-frames] tr", "7DF").await;
     assert!(row.contains("tx") && row.contains("02 01 0C"), "{row}");
+    // The bus's figure comes every few seconds (no CAN configuration applied: no share in %).
+    let load = b.wait_text("[data-bus-load]", "frames/s").await;
+    assert!(load.contains("apply a CAN configuration"), "{load}");
 
     // The filters: another id hides it, its own shows it again.
     b.fill("#filter-id", "123").await;

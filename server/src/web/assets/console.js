@@ -38,6 +38,7 @@
     this.events = root.querySelector('[data-events]');
     this.canvas = root.querySelector('[data-fps-chart]');
     this.fpsText = root.querySelector('[data-fps]');
+    this.busLoad = root.querySelector('[data-bus-load]');
     this.totalText = root.querySelector('[data-frames-total]');
     this.kept = [];
     this.pending = [];
@@ -92,7 +93,7 @@
         self.retry = Math.min(self.retry * 2, 30000);
       });
     };
-    ['presence', 'can_frame', 'log', 'command_status', 'cli_telemetry', 'group_state', 'stream_reset', 'access_ended'].forEach(function (type) {
+    ['presence', 'can_frame', 'log', 'command_status', 'cli_telemetry', 'bus_load', 'group_state', 'stream_reset', 'access_ended'].forEach(function (type) {
       es.addEventListener(type, function (ev) { self.receive(type, ev); });
     });
   };
@@ -114,6 +115,15 @@
       case 'command_status':
         this.note(type, 'Command ' + data.command_id.slice(0, 8) + ' is ' + data.status +
           (data.exit_code === undefined || data.exit_code === null ? '' : ' (exit code ' + data.exit_code + ')') + '.');
+        break;
+      case 'bus_load':
+        // The server's figure for the whole bus (the frames above may be a sample of it).
+        if (this.busLoad) {
+          this.busLoad.hidden = false;
+          this.busLoad.textContent = 'Bus: ' + data.frames_per_sec + ' frames/s' +
+            (data.load_percent === undefined ? ' (apply a CAN configuration to see the load in %)'
+              : ', about ' + data.load_percent + ' % of ' + (data.bitrate / 1000) + ' kbit/s');
+        }
         break;
       case 'cli_telemetry':
         this.note(type, (data.source === 'uart' ? 'Typed on the dongle\u2019s console: ' : 'Command: ') +

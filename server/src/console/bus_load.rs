@@ -1,0 +1,111 @@
+//! How busy each dongle's bus is, from the frames the server sees of it (the relay's, for grouped
+//! dongles; the agent's counted sample, for watched ones): frames per second, and the share of the bus
+//! they take at its bitrate, estimated from each frame's length with bit stuffing.
+//!
+//! The estimate of one frame's bits: its fields (start of frame to the end of the frame, and the
+//! interframe space: 47 bits plus the data for an 11-bit identifier, 67 for a 29-bit one), and half of
+//! the worst-case stuff bits (one per four bits of the stuffed part), which is what random data needs on
+//! average. A CAN FD frame's data phase may run faster than the nominal bitrate; it is counted at the
+//! nominal one, so the figure errs high for FD.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+/// The estimated bits one frame takes on the bus.
+pub fn frame_bits(extended: bool, len: usize) -> u64 {
+    let data = 8 * len as u64;
+    // Start of frame through CRC: the part that is stuffed.
+    let stuffed = if extended { 54 } else { 34 } + data;
+    // CRC delimiter, ACK slot and delimiter, end of frame, intermission.
+    let fixed = 13;
+    let worst_stuff = (stuffed - 1) / 4;
+    stuffed + fixed + worst_stuff / 2
+}
+
+/// One dongle's figures over the last period.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub frames_per_sec: f64,
+    pub bits_per_sec: f64,
+}
+
+impl Rate {
+    /// The share of a bus at `bitrate` these frames take, in percent.
+    pub fn load_percent(&self, bitrate: u32) -> f64 {
+        if bitrate == 0 {
+            return 0.0;
+        }
+        100.0 * self.bits_per_sec / f64::from(bitrate)
+    }
+}
+
+/// Frames and bits per dongle since the last [`BusMeter::take`].
+#[derive(Default)]
+pub struct BusMeter {
+    counts: Mutex<HashMap<Uuid, (u64, u64)>>,
+}
+
+/// The most dongles counted between two takes; past it new ones are not counted until the next take.
+const MAX_DONGLES: usize = 100_000;
+
+impl BusMeter {
+    /// Counts `frames` frames of `bits` bits in all on dongle `dongle_id`'s bus.
+    pub fn add(&self, dongle_id: Uuid, frames: u64, bits: u64) {
+        let mut counts = self.counts.lock().expect("meter lock");
+        if counts.len() >= MAX_DONGLES && !counts.contains_key(&dongle_id) {
+            return;
+        }
+        let c = counts.entry(dongle_id).or_default();
+        c.0 += frames;
+        c.1 += bits;
+    }
+
+    /// The rates over `period` of every dongle counted in it, and starts counting anew.
+    pub fn take(&self, period: Duration) -> HashMap<Uuid, Rate> {
+        let counts = std::mem::take(&mut *self.counts.lock().expect("meter lock"));
+        let secs = period.as_secs_f64().max(1e-3);
+        counts
+            .into_iter()
+            .map(|(id, (frames, bits))| {
+                (
+                    id,
+                    Rate {
+                        frames_per_sec: frames as f64 / secs,
+                        bits_per_sec: bits as f64 / secs,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frames_bits_are_its_fields_and_half_the_worst_stuffing() {
+        // 8 data bytes, 11-bit id: 98 stuffed bits (24 stuff bits at worst), 111 without stuffing.
+        assert_eq!(frame_bits(false, 8), 98 + 13 + 24 / 2);
+        // An empty extended frame: 54 + 13 + 13 / 2.
+        assert_eq!(frame_bits(true, 0), 54 + 13 + 6);
+        assert!(frame_bits(true, 8) > frame_bits(false, 8));
+    }
+
+    #[test]
+    fn rates_are_per_second_and_a_take_starts_anew() {
+        let meter = BusMeter::default();
+        let dongle = Uuid::new_v4();
+        // 1 000 frames of 8 bytes in 2 s at 500 kbit/s.
+        meter.add(dongle, 1000, 1000 * frame_bits(false, 8));
+        let rates = meter.take(Duration::from_secs(2));
+        let rate = rates[&dongle];
+        assert_eq!(rate.frames_per_sec, 500.0);
+        let load = rate.load_percent(500_000);
+        assert!((12.0..13.0).contains(&load), "{load}");
+        assert!(meter.take(Duration::from_secs(2)).is_empty());
+    }
+}
