@@ -224,11 +224,10 @@ impl MonitorIngest {
             .iter()
             .map(|r| bus_load::frame_bits(r.id.is_extended(), r.data.len()))
             .sum();
-        let bits = if sent > 0 {
-            sample_bits.saturating_mul(monitor.seen) / sent
-        } else {
-            0
-        };
+        let bits = sample_bits
+            .saturating_mul(monitor.seen)
+            .checked_div(sent)
+            .unwrap_or(0);
         console.bus_meter.add(dongle_id, monitor.seen, bits);
         let ts = crate::console::timestamp(chrono::Utc::now());
         for record in monitor.batch.iter() {
