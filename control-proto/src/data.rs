@@ -200,15 +200,7 @@ impl<'a> AnyMessage<'a> {
         if bytes.get(1) != Some(&KIND_MONITOR) {
             return DataMessage::decode(bytes).map(AnyMessage::Group);
         }
-        if bytes.len() > MAX_MESSAGE_LEN {
-            return Err(DataError::TooLarge(bytes.len()));
-        }
-        let Some(header) = bytes.get(..HEADER_LEN) else {
-            return Err(DataError::Short(bytes.len()));
-        };
-        if header[0] != DATA_VERSION {
-            return Err(DataError::Version(header[0]));
-        }
+        let header = checked_header(bytes)?;
         if header[10..18] != [0; 8] {
             return Err(DataError::Reserved);
         }
@@ -237,6 +229,20 @@ impl<'a> AnyMessage<'a> {
 }
 
 const KIND_MONITOR: u8 = 4;
+
+/// The header of any data message, after the checks every kind shares: the size and the version.
+fn checked_header(bytes: &[u8]) -> Result<&[u8], DataError> {
+    if bytes.len() > MAX_MESSAGE_LEN {
+        return Err(DataError::TooLarge(bytes.len()));
+    }
+    let Some(header) = bytes.get(..HEADER_LEN) else {
+        return Err(DataError::Short(bytes.len()));
+    };
+    if header[0] != DATA_VERSION {
+        return Err(DataError::Version(header[0]));
+    }
+    Ok(header)
+}
 
 /// A MONITOR message around an encoded batch: `seen` frames in `direction` since the previous one, of
 /// which the batch holds a sample (or all).
@@ -300,15 +306,7 @@ pub enum DataError {
 impl<'a> DataMessage<'a> {
     /// Decodes and validates a message (the whole batch included).
     pub fn decode(bytes: &'a [u8]) -> Result<Self, DataError> {
-        if bytes.len() > MAX_MESSAGE_LEN {
-            return Err(DataError::TooLarge(bytes.len()));
-        }
-        let Some(header) = bytes.get(..HEADER_LEN) else {
-            return Err(DataError::Short(bytes.len()));
-        };
-        if header[0] != DATA_VERSION {
-            return Err(DataError::Version(header[0]));
-        }
+        let header = checked_header(bytes)?;
         let kind = match header[1] {
             1 => Kind::Frames,
             2 => Kind::Ack,

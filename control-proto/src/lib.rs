@@ -146,7 +146,7 @@ pub struct Hello {
     pub os: String,
     /// The workstation's network interfaces, and which the LAN discovery uses (v0.7 section 9.2).
     /// Absent from older agents.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<InterfaceReport>,
 }
 

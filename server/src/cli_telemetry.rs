@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::agents::AgentIdentity;
 use crate::agents::hub::AgentHub;
 use crate::console::{self, Console, ConsoleEvent, StreamKey};
+use crate::dongles::owned::spoken_for_by;
 use crate::http::page::{PageInfo, Paging};
 
 /// The rows kept per dongle.
@@ -167,7 +168,7 @@ pub async fn record_uart(
     let mut recorded = false;
     if control_proto::is_device_id(&report.device_id)
         && report.source == Source::Uart.as_str()
-        && let Some(dongle_id) = served_dongle(pool, agent, &report.device_id).await?
+        && let Some(dongle_id) = spoken_for_by(pool, agent, &report.device_id).await?
     {
         recorded = record(
             pool,
@@ -198,28 +199,6 @@ pub async fn record_uart(
         )
         .await;
     Ok(recorded)
-}
-
-/// The dongle `device_id` when it is `agent`'s user's claimed dongle and the agent sees it now (or it
-/// is the agent's own local endpoint).
-async fn served_dongle(
-    pool: &PgPool,
-    agent: AgentIdentity,
-    device_id: &str,
-) -> Result<Option<Uuid>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT d.id FROM dongles d \
-         WHERE d.device_id = $1 AND d.owner_user_id = $2 \
-           AND d.ownership_state = 'CLAIMED_ACTIVE' \
-           AND (d.local_agent_id = $3 OR EXISTS ( \
-                SELECT 1 FROM dongle_sightings s \
-                WHERE s.dongle_id = d.id AND s.agent_id = $3 AND s.present))",
-    )
-    .bind(device_id)
-    .bind(agent.user_id)
-    .bind(agent.agent_id)
-    .fetch_optional(pool)
-    .await
 }
 
 /// A page of dongle `dongle_id`'s history, newest first (the caller checked ownership).

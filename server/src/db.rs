@@ -66,6 +66,18 @@ pub fn with_timeouts(options: PgConnectOptions, timeouts: Timeouts) -> PgConnect
     ])
 }
 
+/// A LIKE pattern that matches `text` literally anywhere, lower-cased and trimmed: LIKE's wildcards
+/// and its escape character in it are escaped, so a search for `%` finds a `%`.
+pub fn like_contains(text: &str) -> String {
+    let escaped = text
+        .trim()
+        .to_lowercase()
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
+}
+
 /// One migration that `migrate` applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppliedMigration {
@@ -200,6 +212,12 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn like_patterns_match_their_text_literally() {
+        assert_eq!(super::like_contains(" Ab "), "%ab%");
+        assert_eq!(super::like_contains("50%_off\\"), "%50\\%\\_off\\\\%");
+    }
+
     use super::redact_url;
 
     #[test]

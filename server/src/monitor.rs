@@ -34,7 +34,7 @@ use uuid::Uuid;
 use crate::agents::AgentIdentity;
 use crate::agents::hub::AgentHub;
 use crate::console::{Console, ConsoleEvent, StreamKey, bus_load};
-use crate::dongles::owned::serving_agent;
+use crate::dongles::owned::{serving_agent, spoken_for_by};
 
 /// Asks the agents serving the dongles watched on this instance's console for their traffic, until
 /// `shutdown`.
@@ -257,19 +257,7 @@ impl MonitorIngest {
         {
             return Ok(Some(*dongle_id));
         }
-        let found: Option<Uuid> = sqlx::query_scalar(
-            "SELECT d.id FROM dongles d \
-             WHERE d.device_id = $1 AND d.owner_user_id = $2 \
-               AND d.ownership_state = 'CLAIMED_ACTIVE' \
-               AND (d.local_agent_id = $3 OR EXISTS ( \
-                    SELECT 1 FROM dongle_sightings s \
-                    WHERE s.dongle_id = d.id AND s.agent_id = $3 AND s.present))",
-        )
-        .bind(device_id.to_string())
-        .bind(self.agent.user_id)
-        .bind(self.agent.agent_id)
-        .fetch_optional(pool)
-        .await?;
+        let found = spoken_for_by(pool, self.agent, &device_id.to_string()).await?;
         match found {
             Some(dongle_id) => {
                 if self.allowed.len() >= MAX_REMEMBERED {

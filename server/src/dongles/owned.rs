@@ -48,6 +48,29 @@ pub async fn owned(
     .await
 }
 
+/// The dongle `device_id` when `agent` may speak for it: its user's claimed dongle that the agent sees
+/// now, or the agent's own local endpoint. What a dongle says unasked (its traffic for the console, a
+/// command typed on its UART) is taken from such an agent only.
+pub async fn spoken_for_by(
+    pool: &PgPool,
+    agent: crate::agents::AgentIdentity,
+    device_id: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT d.id FROM dongles d \
+         WHERE d.device_id = $1 AND d.owner_user_id = $2 \
+           AND d.ownership_state = 'CLAIMED_ACTIVE' \
+           AND (d.local_agent_id = $3 OR EXISTS ( \
+                SELECT 1 FROM dongle_sightings s \
+                WHERE s.dongle_id = d.id AND s.agent_id = $3 AND s.present))",
+    )
+    .bind(device_id)
+    .bind(agent.user_id)
+    .bind(agent.agent_id)
+    .fetch_optional(pool)
+    .await
+}
+
 /// [`owned`], answering DONGLE_NOT_FOUND when the caller may not act on the dongle.
 pub async fn owned_or_404(
     pool: &PgPool,

@@ -132,17 +132,6 @@ pub struct AdminFilter {
     pub device: Option<String>,
 }
 
-/// `text` as a LIKE pattern that matches it literally anywhere, lower-cased.
-fn contains_pattern(text: &str) -> String {
-    let escaped = text
-        .trim()
-        .to_lowercase()
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
-    format!("%{escaped}%")
-}
-
 /// Every dongle matching `filter`, most recently seen first, a page of them, and how many match.
 pub async fn admin_list(
     pool: &PgPool,
@@ -153,8 +142,8 @@ pub async fn admin_list(
     const WHERE: &str = "WHERE ($1::text IS NULL OR d.ownership_state::text = $1) \
            AND ($2::text IS NULL OR u.email LIKE $2) \
            AND ($3::text IS NULL OR d.device_id LIKE $3)";
-    let owner = filter.owner.as_deref().map(contains_pattern);
-    let device = filter.device.as_deref().map(contains_pattern);
+    let owner = filter.owner.as_deref().map(crate::db::like_contains);
+    let device = filter.device.as_deref().map(crate::db::like_contains);
     let items: Vec<AdminDongleView> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT d.id, d.device_id, d.ownership_state::text AS ownership_state, d.owner_user_id, \
            u.email AS owner_email, seen.agent_id, seen.agent_name, \

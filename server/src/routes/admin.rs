@@ -167,15 +167,7 @@ async fn list_users(
 ) -> Result<Json<UserPage>, ApiError> {
     let paging = Paging::new(q.page, q.per_page);
     // The search text is a literal: LIKE's wildcards in it are escaped.
-    let pattern = q.email.as_deref().map(|e| {
-        let escaped = e
-            .trim()
-            .to_lowercase()
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_");
-        format!("%{escaped}%")
-    });
+    let pattern = q.email.as_deref().map(crate::db::like_contains);
     const WHERE: &str = "WHERE ($1::text IS NULL OR email LIKE $1) \
           AND ($2::user_status IS NULL OR status = $2) \
           AND ($3::user_role IS NULL OR role = $3)";
