@@ -36,7 +36,8 @@
 //! | `error` | before the server closes the socket for a protocol violation, or after a `hello` of a protocol older than [`MIN_AGENT_PROTOCOL`] (`agent_too_old`: served, but told to upgrade) | `code`, `message` |
 //!
 //! Request bodies ([`RequestBody`], field `body.type`): `pairing_start`, `pairing_submit`, `forget`,
-//! `can_config`, `command`, `send_frame`. The agent answers each with exactly one `reply` of the same `id`;
+//! `can_config`, `command`, `send_frame`, and from protocol 4 `host_command` (a network diagnostic on
+//! the agent's workstation, whose output also streams as `host_output` events). The agent answers each with exactly one `reply` of the same `id`;
 //! a reply after the timeout is dropped by the server. The `ok` body of each reply is [`ReplyOk`]; error
 //! codes are [`ReplyErrorCode`].
 //!
@@ -271,6 +272,48 @@ pub enum ReplyOk {
     CommandAccepted,
     /// The dongle took the frame for transmission.
     FrameSent,
+    /// A host command ended (protocol 4).
+    HostCommandDone {
+        exit_code: i32,
+        /// Everything it printed (bytes that are not UTF-8 replaced), cut at the agent's limit.
+        output: String,
+        truncated: bool,
+    },
+}
+
+/// The network diagnostics an agent runs on its workstation for a dongle it serves: allow-listed,
+/// without arguments from the server (the agent fills in the dongle's own address), never through a
+/// shell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostCommand {
+    /// The workstation's network interfaces and which the LAN discovery uses.
+    Interfaces,
+    /// `ip -brief address` (Linux).
+    IpAddr,
+    /// `ping -c 3` of the dongle's LAN address (LAN dongles only).
+    Ping,
+}
+
+impl HostCommand {
+    pub const ALL: [HostCommand; 3] = [
+        HostCommand::Interfaces,
+        HostCommand::IpAddr,
+        HostCommand::Ping,
+    ];
+
+    /// The name the API and the console use.
+    pub fn name(self) -> &'static str {
+        match self {
+            HostCommand::Interfaces => "interfaces",
+            HostCommand::IpAddr => "ip addr",
+            HostCommand::Ping => "ping",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == name.trim())
+    }
 }
 
 /// The CAN configuration a dongle reports it uses after applying one.
@@ -381,6 +424,12 @@ pub enum Event {
     /// A dongle took its token: the agent authenticated to it (protocol 3). A dongle the server marked
     /// RESET_DETECTED after a rejection that was really a bad link is the owner's again.
     TokenAccepted { device_id: DeviceId },
+    /// A piece of a running host command's output, a line or so at a time (protocol 4).
+    HostOutput {
+        run_id: Uuid,
+        device_id: DeviceId,
+        chunk: String,
+    },
 }
 
 /// A message from the server to the agent.
@@ -507,6 +556,14 @@ pub enum RequestBody {
         timeout_ms: u64,
         allow_dangerous: bool,
     },
+    /// Run a network diagnostic on the agent's own workstation about a dongle it serves (protocol 4);
+    /// the output streams as `host_output` events tagged with `run_id`, and the reply carries all of
+    /// it. An agent whose owner turned host commands off refuses.
+    HostCommand {
+        run_id: Uuid,
+        device_id: DeviceId,
+        command: HostCommand,
+    },
     /// Transmit one CAN frame by hand.
     SendFrame {
         device_id: DeviceId,
@@ -566,6 +623,16 @@ impl fmt::Debug for RequestBody {
                 .field("device_id", device_id)
                 .field("can_id", can_id)
                 .finish_non_exhaustive(),
+            Self::HostCommand {
+                run_id,
+                device_id,
+                command,
+            } => f
+                .debug_struct("HostCommand")
+                .field("run_id", run_id)
+                .field("device_id", device_id)
+                .field("command", command)
+                .finish(),
         }
     }
 }
@@ -603,6 +670,10 @@ impl ServerMessage {
     pub fn since(&self) -> u32 {
         match self {
             Self::Watch(_) | Self::CliTelemetryAck { .. } => WATCH_SINCE,
+            Self::Request(Request {
+                body: RequestBody::HostCommand { .. },
+                ..
+            }) => WATCH_SINCE,
             _ => 1,
         }
     }

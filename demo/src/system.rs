@@ -195,6 +195,7 @@ impl AgentPart {
             manager,
             udp_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+            host_commands: true,
         };
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(daemon::run(config, async {

@@ -34,6 +34,8 @@ pub enum Source {
     Uart,
     /// The API (a command sent through the server).
     Remote,
+    /// A network diagnostic on the serving agent's workstation (`host_commands`).
+    Host,
 }
 
 impl Source {
@@ -41,6 +43,7 @@ impl Source {
         match self {
             Source::Uart => "uart",
             Source::Remote => "remote",
+            Source::Host => "host",
         }
     }
 }
@@ -61,7 +64,8 @@ pub struct Entry<'a> {
 #[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
 pub struct TelemetryView {
     pub id: Uuid,
-    /// `uart` (typed on the dongle's console) or `remote` (sent through the API).
+    /// `uart` (typed on the dongle's console), `remote` (sent through the API) or `host` (a network
+    /// diagnostic on the serving agent's workstation).
     pub source: String,
     pub command: String,
     pub output: String,

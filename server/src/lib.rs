@@ -26,6 +26,7 @@
 //! - [`commands`]: allow-listed commands: queueing, results, and the database-driven dispatcher and
 //!   sweeper ([`commands::dispatch`]).
 //! - [`can_send`]: one CAN frame sent by hand, checked and rate-limited per dongle.
+//! - [`host_commands`]: network diagnostics on the workstation of the agent serving a dongle.
 //! - [`cli_telemetry`]: each dongle's history of commands, typed on its UART console or sent through
 //!   the API, capped per dongle and shown on its console.
 //! - [`console`]: the live console's streams: ids, the resume ring, sampling (SSE in `routes::streams`).
@@ -62,6 +63,7 @@ pub mod dongles;
 pub mod email;
 pub mod embedded_pg;
 pub mod groups;
+pub mod host_commands;
 pub mod http;
 pub mod monitor;
 pub mod openapi;

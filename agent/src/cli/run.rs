@@ -23,6 +23,10 @@ pub struct RunArgs {
     /// dongle counts as gone after three scans without an answer).
     #[arg(long, default_value_t = 20, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub lan_scan_secs: u64,
+    /// Refuse the server's network diagnostics on this workstation (the interface list, `ip -brief
+    /// address`, a ping of a LAN dongle), which the dongle's owner can otherwise run from the dashboard.
+    #[arg(long, env = "BRIDGE_AGENT_NO_HOST_COMMANDS")]
+    pub no_host_commands: bool,
 }
 
 pub async fn run(home: &Home, args: RunArgs) -> anyhow::Result<()> {
@@ -38,6 +42,7 @@ pub async fn run(home: &Home, args: RunArgs) -> anyhow::Result<()> {
         manager,
         udp_bind: args.udp_bind,
         backoff: Backoff::default(),
+        host_commands: !args.no_host_commands,
     };
     tracing::info!(home = %home.dir().display(), "agent starting");
     daemon::run(config, shutdown_signal()).await?;

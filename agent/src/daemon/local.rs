@@ -16,6 +16,10 @@ impl Shared {
     /// Answers `body` when it names one of the agent's local endpoints; `None` when it names anything
     /// else (a dongle), which the dongle path then answers.
     pub(super) async fn local_request(&self, body: &RequestBody) -> Option<ReplyResult> {
+        // Host commands are about the workstation: the same for an endpoint as for a dongle.
+        if matches!(body, RequestBody::HostCommand { .. }) {
+            return None;
+        }
         let device_id = DeviceId::from_str(device_id_of(body)).ok()?;
         if !self.endpoints.contains(&device_id) {
             return None;
@@ -77,6 +81,8 @@ impl Shared {
                     None => not_open(&device_id),
                 }
             }
+            // Answered by the workstation's own path (returned above).
+            RequestBody::HostCommand { .. } => return None,
         })
     }
 
@@ -118,6 +124,7 @@ fn device_id_of(body: &RequestBody) -> &str {
         | RequestBody::Forget { device_id }
         | RequestBody::CanConfig { device_id, .. }
         | RequestBody::Command { device_id, .. }
+        | RequestBody::HostCommand { device_id, .. }
         | RequestBody::SendFrame { device_id, .. } => device_id,
     }
 }

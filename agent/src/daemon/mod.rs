@@ -11,6 +11,7 @@
 
 mod connection;
 mod dataplane;
+mod host;
 mod local;
 mod monitor;
 mod pace;
@@ -55,6 +56,8 @@ pub struct DaemonConfig {
     pub udp_bind: SocketAddr,
     /// Delays between reconnects to the server.
     pub backoff: Backoff,
+    /// Whether the server may run network diagnostics on this workstation (`daemon::host`).
+    pub host_commands: bool,
 }
 
 /// Why the daemon stopped on its own.
@@ -99,6 +102,8 @@ pub(crate) struct Shared {
     data: dataplane::DataPlane,
     /// Commands typed on the dongles' UART consoles, until the server has them.
     telemetry: telemetry::Outbox,
+    /// The workstation's owner lets the server run network diagnostics here.
+    host_commands: bool,
     /// Every task the daemon starts, so that shutdown waits for them instead of leaving any behind.
     tasks: TaskTracker,
     /// Cancelled at shutdown: every task in `tasks` ends at its next await.
@@ -145,6 +150,7 @@ pub async fn run(
         status: status::StatusFile::new(&config.home, &config.credentials.server_url),
         data: dataplane::DataPlane::default(),
         telemetry: telemetry::Outbox::default(),
+        host_commands: config.host_commands,
         tasks: TaskTracker::new(),
         cancel: CancellationToken::new(),
     });

@@ -149,6 +149,11 @@ impl Shared {
                 self.send_frame(&device_id, can_id, extended, rtr, &data, fd)
                     .await
             }
+            RequestBody::HostCommand {
+                run_id,
+                device_id,
+                command,
+            } => self.host_command(run_id, &device_id, command).await,
         }
     }
 

@@ -594,3 +594,81 @@ async fn a_command_typed_on_the_uart_reaches_the_console_and_the_history(pool: P
     agent.stop().await;
     server.stop().await;
 }
+
+/// Network diagnostics run on the real agent's workstation: the interface list (with the loopback one
+/// marked as not scanned), a ping refused for a USB dongle that has no LAN address, and everything
+/// refused once the workstation's owner turns them off.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn host_commands_run_on_the_agents_workstation_unless_turned_off(pool: PgPool) {
+    let server = Server::start(pool).await;
+    let (user, dongle, mut agent, id) = setup(&server, None).await;
+    let (status, ran) = user
+        .post(
+            &format!("/dongles/{id}/host-commands"),
+            json!({"command": "interfaces"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ran}");
+    assert_eq!(ran["exit_code"], 0);
+    let output = ran["output"].as_str().unwrap();
+    assert!(
+        output.contains("lo 127.0.0.1 (not scanned: loopback)"),
+        "{output}"
+    );
+
+    let (status, body) = user
+        .post(
+            &format!("/dongles/{id}/host-commands"),
+            json!({"command": "ping"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body["details"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not on the LAN"),
+        "{body}"
+    );
+
+    agent.stop().await;
+    let mut args = dongle.agent_args();
+    args.push("--no-host-commands".into());
+    agent.run(&args);
+    user.wait_dongle(&dongle.device_id, "served again", |d| {
+        d.is_some_and(|d| d["online"] == true)
+    })
+    .await;
+    let mut last = (StatusCode::OK, Value::Null);
+    for _ in 0..150 {
+        last = user
+            .post(
+                &format!("/dongles/{id}/host-commands"),
+                json!({"command": "interfaces"}),
+            )
+            .await;
+        if last.0 == StatusCode::FORBIDDEN {
+            break;
+        }
+        eprintln!(
+            "host command while the agent restarts: {} {}",
+            last.0, last.1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, off) = last;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "the restarted agent refuses: {off}"
+    );
+    assert!(
+        off["details"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("turned off"),
+        "{off}"
+    );
+    agent.stop().await;
+    server.stop().await;
+}

@@ -2,7 +2,6 @@
 //! reads the agent's messages, and a writer task drains the connection's queue in the [`AgentHub`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use axum::extract::ws::{Message, WebSocket};
 use control_proto::{AgentMessage, PROTOCOL_VERSION, ServerMessage, Welcome};
@@ -12,6 +11,29 @@ use crate::agents::{self, AgentIdentity};
 use crate::state::AppState;
 use crate::{cli_telemetry, commands, dongles};
 
+/// The most messages held for a connection whose agent has not been welcomed yet.
+const MAX_HELD: usize = 256;
+
+/// A message that will not be sent: a request among them fails at once with `why`, so that its caller
+/// does not wait for its timeout; anything else is dropped (the server says it again when it matters).
+fn refuse(
+    hub: &crate::agents::hub::AgentHub,
+    agent_id: uuid::Uuid,
+    message: &ServerMessage,
+    why: &str,
+) {
+    if let ServerMessage::Request(request) = message {
+        hub.complete(
+            agent_id,
+            request.id,
+            control_proto::ReplyResult::Error(control_proto::ReplyError {
+                code: control_proto::ReplyErrorCode::Unsupported,
+                message: why.to_string(),
+            }),
+        );
+    }
+}
+
 /// Serves one agent's control connection until either side closes it.
 pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
     let agent_id = agent.agent_id;
@@ -19,21 +41,59 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
     let conn_id = registration.conn_id;
     let mut rx = registration.rx;
     let (mut sink, mut stream) = socket.split();
-    // The protocol version the agent's `hello` gave (1 until it comes). A message newer than the
-    // agent's protocol is not sent: an older agent would take it for a violation and reconnect.
-    let protocol = Arc::new(AtomicU32::new(1));
-    let agent_protocol = protocol.clone();
+    // An agent reads nothing before its `welcome` (it waits for that first), so whatever the server
+    // queues for a new connection before then (a request made as the agent reconnects) is held and
+    // sent right after the welcome, in order, instead of being lost and left to time out. Then a
+    // message newer than the agent's protocol (from its hello) is not sent: an older agent would take
+    // it for a violation and reconnect; a request is failed at once instead.
+    let (protocol, agent_protocol) = tokio::sync::watch::channel(None::<u32>);
+    let hub = state.hub.clone();
     let writer = tokio::spawn(async move {
+        let mut held: Vec<ServerMessage> = Vec::new();
+        let mut welcomed = false;
         while let Some(message) = rx.recv().await {
-            if message.since() > agent_protocol.load(Ordering::Relaxed) {
+            // An error about the connection itself (a message that is no control message) goes at
+            // once: it is for whoever is on the other end, welcomed or not.
+            if !welcomed
+                && !matches!(
+                    message,
+                    ServerMessage::Welcome(_) | ServerMessage::Error { .. }
+                )
+            {
+                if held.len() < MAX_HELD {
+                    held.push(message);
+                } else {
+                    refuse(&hub, agent_id, &message, "the agent has not said hello yet");
+                }
                 continue;
             }
-            if sink
-                .send(Message::Text(message.to_json().into()))
-                .await
-                .is_err()
-            {
-                break;
+            let welcome = matches!(message, ServerMessage::Welcome(_));
+            let known = agent_protocol.borrow().unwrap_or(1);
+            let mut batch = vec![message];
+            if welcome {
+                welcomed = true;
+                batch.append(&mut held);
+            }
+            for message in batch {
+                if message.since() > known {
+                    refuse(
+                        &hub,
+                        agent_id,
+                        &message,
+                        &format!(
+                            "this agent speaks control protocol {known}; the request needs {}: upgrade bridge-agent",
+                            message.since()
+                        ),
+                    );
+                    continue;
+                }
+                if sink
+                    .send(Message::Text(message.to_json().into()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
         }
         let _ = sink.close().await;
@@ -101,7 +161,7 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
             }
         };
         if let AgentMessage::Hello(hello) = &message {
-            protocol.store(hello.protocol, Ordering::Relaxed);
+            protocol.send_replace(Some(hello.protocol));
         }
         match message {
             AgentMessage::Reply(reply) => {
@@ -296,6 +356,13 @@ async fn handle(
         AgentMessage::CommandResult(result) => {
             // Stored once, acknowledged every time (a duplicate or late result changes nothing).
             commands::record_result(state, agent, result).await?;
+        }
+        AgentMessage::Event(control_proto::Event::HostOutput {
+            run_id,
+            device_id,
+            chunk,
+        }) => {
+            crate::host_commands::output(state, agent, run_id, &device_id, &chunk).await?;
         }
         AgentMessage::CliTelemetry(report) => {
             // The same: one row however often it comes, acknowledged every time.

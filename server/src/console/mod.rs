@@ -106,6 +106,12 @@ pub enum ConsoleEvent {
         error: bool,
         at: String,
     },
+    /// A piece of a running host command's output (`host_commands`), as the agent streams it.
+    HostOutput {
+        dongle_id: Uuid,
+        run_id: Uuid,
+        chunk: String,
+    },
     /// How busy the dongle's bus is, every few seconds while its console is open: frames per second
     /// seen on it (both directions), and the estimated share of the bus in percent at its configured
     /// `bitrate` (absent while no CAN configuration was applied).
@@ -193,6 +199,7 @@ impl ConsoleEvent {
             Self::CommandStatus { .. } => "command_status",
             Self::CliTelemetry { .. } => "cli_telemetry",
             Self::BusLoad { .. } => "bus_load",
+            Self::HostOutput { .. } => "host_output",
             Self::GroupState { .. } => "group_state",
             Self::StreamReset { .. } => "stream_reset",
             Self::AccessEnded { .. } => "access_ended",

@@ -14,6 +14,7 @@ use crate::auth::Caller;
 use crate::cli_telemetry::TelemetryPage;
 use crate::commands::{self, CommandPage, CommandView, InvokeRequest, Queued};
 use crate::dongles;
+use crate::host_commands::{HostCommandRequest, HostCommandRun};
 use crate::http::error::ErrorBody;
 use crate::http::page::Paging;
 use crate::http::{ApiError, ApiJson, ApiQuery, ClientInfo, PathId, PathIds};
@@ -24,6 +25,38 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(invoke, list))
         .routes(routes!(get_command))
         .routes(routes!(cli_telemetry))
+        .routes(routes!(host_command))
+}
+
+/// Runs a network diagnostic on the workstation of the agent serving the dongle: `interfaces` (which
+/// the LAN discovery uses, and why not the others), `ip addr`, or `ping` (the LAN dongle's own
+/// address). The output streams to the dongle's console as `host_output` events while it runs, and
+/// comes whole in the answer and the dongle's command history (source `host`).
+#[utoipa::path(post, path = "/dongles/{id}/host-commands", tag = "dongles",
+    security(("session" = [], "csrf" = []), ("agent_token" = [])),
+    params(("id" = Uuid, Path, description = "The dongle's id")),
+    request_body = HostCommandRequest,
+    responses(
+        (status = 200, description = "The diagnostic ran.", body = HostCommandRun),
+        (status = 400, description = "VALIDATION_ERROR: a malformed body", body = ErrorBody),
+        (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
+        (status = 403, description = "COMMAND_NOT_ALLOWED: not a host command, or the agent's owner turned them off (details.reason); or CSRF_INVALID", body = ErrorBody),
+        (status = 404, description = "DONGLE_NOT_FOUND", body = ErrorBody),
+        (status = 409, description = "CONFLICT: the serving agent is too old for host commands", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED: too many requests to agents by this account, with Retry-After.", body = ErrorBody),
+        (status = 503, description = "AGENT_OFFLINE: no agent serves the dongle now", body = ErrorBody),
+        (status = 504, description = "DONGLE_TIMEOUT: the agent did not answer in time", body = ErrorBody),
+    ))]
+async fn host_command(
+    State(state): State<AppState>,
+    caller: Caller,
+    client: ClientInfo,
+    PathId(id): PathId,
+    ApiJson(body): ApiJson<HostCommandRequest>,
+) -> Result<Json<HostCommandRun>, ApiError> {
+    Ok(Json(
+        crate::host_commands::run(&state, &caller, &client, id, &body).await?,
+    ))
 }
 
 /// The dongle's history of commands, newest first: those typed on its UART console (`source` `uart`,

@@ -529,9 +529,36 @@ fn commands_section(ctx: &Ctx, session: &Session, id: uuid::Uuid, page: &Value) 
             ),
         ),
     );
+    let host_path = format!("/dongles/{id}/host-commands");
+    let host_next = format!("/dongles/{id}");
+    let host_options: Vec<(String, String)> = control_proto::HostCommand::ALL
+        .iter()
+        .map(|c| (c.name().to_string(), c.name().to_string()))
+        .collect();
+    let host_form = api_form(
+        &session.csrf,
+        ApiForm {
+            path: &host_path,
+            next: &host_next,
+            ok: "refresh",
+            id: "host-command-form",
+            label: "Run a diagnostic on the agent's workstation",
+            ..ApiForm::default()
+        },
+        &format!(
+            "{}<button type=\"submit\" class=\"secondary\">Run on the workstation</button>",
+            select(
+                "host-command-name",
+                "command",
+                "Network diagnostic on the agent's workstation (its output streams to the live console)",
+                &host_options,
+                "interfaces"
+            )
+        ),
+    );
     format!(
         "<section aria-labelledby=\"commands-h\"><h2 id=\"commands-h\">Commands</h2>\
-         <p>Only the commands of the server's allow-list run.</p>{form}\
+         <p>Only the commands of the server's allow-list run.</p>{form}{host_form}\
          <div id=\"command-output\" class=\"command-output\" aria-live=\"polite\" hidden>\
          <p><span data-command-name></span>: <span data-command-status class=\"badge\"></span> \
          <span data-command-exit></span></p><pre data-command-stdout tabindex=\"0\"></pre>\
@@ -590,6 +617,7 @@ fn history_section(page: &Value) -> String {
                     let source = match h["source"].as_str() {
                         Some("uart") => "UART console",
                         Some("remote") => "Remote",
+                        Some("host") => "Workstation",
                         _ => "?",
                     };
                     let mut outcome = t(&h["exit_code"]);

@@ -383,6 +383,16 @@ fn table() -> Vec<Row> {
             },
         ),
         row(
+            post.clone(),
+            "/api/v1/dongles/{id}/host-commands",
+            "/api/v1/dongles/{dongle}/host-commands",
+            SessionOrAgent {
+                owner: 200,
+                other: NotFound,
+            },
+        )
+        .body(json!({"command": "interfaces"})),
+        row(
             get.clone(),
             "/api/v1/dongles/{id}/cli-telemetry",
             "/api/v1/dongles/{dongle}/cli-telemetry",

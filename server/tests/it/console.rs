@@ -173,10 +173,15 @@ async fn events_resume_and_reset(pool: PgPool) {
     send_frame(&owner.client, owner.dongle_id, "0202").await;
     let (_, resumed, _) = Sse::open(&owner.client, &path, Some(first_id)).await;
     let mut resumed = resumed.unwrap();
-    let again = resumed.next().await;
+    // The command's status, then the frame (with the bus figures of the console, every 2 s, and the
+    // command's entry in the history between).
+    let mut again = resumed.next().await;
+    while again.name == "bus_load" {
+        again = resumed.next().await;
+    }
     assert_eq!(again.name, "command_status");
     let mut later = resumed.next().await;
-    while later.name == "command_status" {
+    while ["command_status", "bus_load", "cli_telemetry"].contains(&later.name.as_str()) {
         later = resumed.next().await;
     }
     assert_eq!(later.name, "can_frame");

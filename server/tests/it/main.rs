@@ -21,6 +21,7 @@ mod faults_database;
 mod faults_input;
 mod groups;
 mod hardening;
+mod host_commands;
 mod keys_cli;
 mod layers;
 mod migrate_cli;

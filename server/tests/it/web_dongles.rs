@@ -295,6 +295,20 @@ async fn a_command_typed_on_the_dongles_uart_shows_on_its_page(pool: PgPool) {
         .await;
     assert!(history.contains("UART console"), "{history}");
     b.check_page().await;
+
+    // A diagnostic on the agent's workstation: its lines stream to the console, and it joins the
+    // history.
+    b.wait_text("[data-console-status]", "Live").await;
+    b.select("#host-command-name", "interfaces").await;
+    b.click("#host-command-form button[type=submit]").await;
+    b.wait_text("[data-events]", "Workstation: lo 127.0.0.1")
+        .await;
+    b.wait_text(
+        "[data-region=cli-history] tr[data-source=host]",
+        "interfaces",
+    )
+    .await;
+    b.check_page().await;
     b.screenshot().await;
     s.stop().await;
 }

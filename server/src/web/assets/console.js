@@ -93,7 +93,7 @@
         self.retry = Math.min(self.retry * 2, 30000);
       });
     };
-    ['presence', 'can_frame', 'log', 'command_status', 'cli_telemetry', 'bus_load', 'group_state', 'stream_reset', 'access_ended'].forEach(function (type) {
+    ['presence', 'can_frame', 'log', 'command_status', 'cli_telemetry', 'host_output', 'bus_load', 'group_state', 'stream_reset', 'access_ended'].forEach(function (type) {
       es.addEventListener(type, function (ev) { self.receive(type, ev); });
     });
   };
@@ -116,6 +116,9 @@
         this.note(type, 'Command ' + data.command_id.slice(0, 8) + ' is ' + data.status +
           (data.exit_code === undefined || data.exit_code === null ? '' : ' (exit code ' + data.exit_code + ')') + '.');
         break;
+      case 'host_output':
+        this.note(type, 'Workstation: ' + (data.chunk || '').replace(/\n$/, ''));
+        break;
       case 'bus_load':
         // The server's figure for the whole bus (the frames above may be a sample of it).
         if (this.busLoad) {
@@ -126,7 +129,8 @@
         }
         break;
       case 'cli_telemetry':
-        this.note(type, (data.source === 'uart' ? 'Typed on the dongle\u2019s console: ' : 'Command: ') +
+        this.note(type, (data.source === 'uart' ? 'Typed on the dongle\u2019s console: '
+          : data.source === 'host' ? 'Ran on the workstation: ' : 'Command: ') +
           data.command + ' \u2192 exit code ' + data.exit_code + (data.error ? ' (failed)' : '') +
           (data.output ? ': ' + data.output.trim() : '') + (data.truncated ? ' (output cut)' : ''));
         break;

@@ -82,6 +82,10 @@ pub struct Seen {
     pub watches: Vec<control_proto::Watch>,
     /// `cli_telemetry_ack` report ids received.
     pub telemetry_acks: Vec<Uuid>,
+    /// Host commands received.
+    pub host_commands: Vec<control_proto::HostCommand>,
+    /// How the agent answers a host command: Ok prints `<name> ok`.
+    pub host_answer: Answer,
 }
 
 /// How the test agent answers a request.
@@ -489,6 +493,39 @@ fn handle(
                             Answer::Ok => ReplyResult::Ok {
                                 body: ReplyOk::FrameSent,
                             },
+                            Answer::Refuse(message) => refused(message),
+                            Answer::Silent => return,
+                        }
+                    }
+                    RequestBody::HostCommand {
+                        run_id,
+                        device_id,
+                        command,
+                    } => {
+                        let answer = {
+                            let mut s = seen.lock().unwrap();
+                            s.host_commands.push(command);
+                            s.host_answer.clone()
+                        };
+                        match answer {
+                            Answer::Ok => {
+                                // The output streams first, as a real agent's does.
+                                let line = format!("{} ok\n", command.name());
+                                let _ = reply.send(AgentMessage::Event(
+                                    control_proto::Event::HostOutput {
+                                        run_id,
+                                        device_id,
+                                        chunk: line.clone(),
+                                    },
+                                ));
+                                ReplyResult::Ok {
+                                    body: ReplyOk::HostCommandDone {
+                                        exit_code: 0,
+                                        output: line,
+                                        truncated: false,
+                                    },
+                                }
+                            }
                             Answer::Refuse(message) => refused(message),
                             Answer::Silent => return,
                         }

@@ -151,6 +151,7 @@ impl TestApp {
 }
 
 /// An HTTP client with a cookie jar and the CSRF token of its session, once it has one.
+#[derive(Clone)]
 pub struct TestClient {
     pub base: String,
     pub http: reqwest::Client,
