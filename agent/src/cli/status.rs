@@ -58,9 +58,24 @@ pub async fn run(home: &Home, args: StatusArgs) -> anyhow::Result<()> {
             );
             let d = status.data;
             println!(
-                "frames:  {} to the server, {} to dongles, {} dropped, {} outside any group",
+                "frames:  {} to the server, {} to dongles, {} dropped, {} outside any group \
+                 and console",
                 d.frames_up, d.frames_down, d.dropped, d.unrouted
             );
+            if d.console_seen > 0 {
+                println!(
+                    "console: {} frames of watched dongles, {} of them sent (a sample above {} a second)",
+                    d.console_seen,
+                    d.console_sent,
+                    crate::daemon::CONSOLE_RATE
+                );
+            }
+            if status.uart_reports_waiting > 0 || status.uart_reports_dropped > 0 {
+                println!(
+                    "uart:    {} commands typed on dongles wait for the server, {} dropped",
+                    status.uart_reports_waiting, status.uart_reports_dropped
+                );
+            }
             if status.dongles.is_empty() {
                 println!("dongles: none seen");
             }

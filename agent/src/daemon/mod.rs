@@ -44,6 +44,8 @@ use crate::uplink::control::ConnectError;
 use crate::vault::{Vault, VaultError};
 
 pub use dataplane::DataStats;
+/// The most frames a second of one watched dongle sent for its console.
+pub use monitor::RATE as CONSOLE_RATE;
 pub use status::{DaemonStatus, read_status};
 
 /// What the daemon needs to start.
