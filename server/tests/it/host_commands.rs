@@ -202,3 +202,39 @@ async fn a_request_queued_before_the_hello_is_delivered_after_it(pool: PgPool) {
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
 }
+
+/// A request newer than the agent's protocol is never written to its socket (an older agent would take
+/// it for a violation and reconnect); its caller gets an answer at once, not after the timeout. Here the
+/// agents table still says protocol 4 from an earlier, newer agent on the same token.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_request_too_new_for_the_connected_agent_fails_at_once(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let (bob, _) = app.logged_in("bob@example.com", Role::User).await;
+    let (agent_id, token) = agent::register(&bob).await;
+    let old = TestAgent::connect_speaking(&app.base, &token, 3).await;
+    old.report_caps(&app.pool, &[(DEV, 0)]).await;
+    let dongle = common::data::pair(&app, &bob, DEV).await;
+    sqlx::query("UPDATE agents SET protocol = 4 WHERE id = $1")
+        .bind(agent_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answer = read(
+        bob.post_json(
+            &format!("/dongles/{dongle}/host-commands"),
+            json!({"command": "interfaces"}),
+        )
+        .await,
+    )
+    .await;
+    assert!(answer.status.is_client_error(), "{}", answer.text);
+    assert!(answer.text.contains("update the agent"), "{}", answer.text);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert!(old.seen.lock().unwrap().host_commands.is_empty());
+    assert!(!old.is_closed());
+}
