@@ -401,15 +401,14 @@ pub async fn apply(
     let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
     let config = validate(req, dongle.can_fd())?;
     rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id()).await?;
-    let agent_id = dongles::serving_agent(
+    let agent_id = dongles::owned::serving_agent_or_offline(
         &state.pool,
         &state.hub,
         dongle.id,
         caller.user_id(),
         caller.agent_id(),
     )
-    .await?
-    .ok_or_else(|| ApiError::of(ErrorCode::AgentOffline))?;
+    .await?;
 
     // One configuration at a time per dongle, on every instance, without holding a transaction or a
     // lock (and so a pooled connection) while the agent answers: a lease, released at the end.

@@ -186,15 +186,14 @@ pub async fn send(
     )
     .await?;
     rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id()).await?;
-    let agent_id = dongles::serving_agent(
+    let agent_id = dongles::owned::serving_agent_or_offline(
         &state.pool,
         &state.hub,
         dongle.id,
         caller.user_id(),
         caller.agent_id(),
     )
-    .await?
-    .ok_or_else(|| ApiError::of(ErrorCode::AgentOffline))?;
+    .await?;
     let reply = state
         .hub
         .request(

@@ -59,15 +59,14 @@ pub async fn run(
     })?;
     crate::rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id())
         .await?;
-    let agent_id = dongles::serving_agent(
+    let agent_id = dongles::owned::serving_agent_or_offline(
         &state.pool,
         &state.hub,
         dongle.id,
         caller.user_id(),
         caller.agent_id(),
     )
-    .await?
-    .ok_or_else(|| ApiError::of(ErrorCode::AgentOffline))?;
+    .await?;
     let protocol: Option<i32> = sqlx::query_scalar("SELECT protocol FROM agents WHERE id = $1")
         .bind(agent_id)
         .fetch_one(&state.pool)

@@ -112,6 +112,19 @@ pub async fn serving_agent(
     Ok(None)
 }
 
+/// [`serving_agent`] for a request a user makes now: AGENT_OFFLINE when no agent serves the dongle.
+pub async fn serving_agent_or_offline(
+    pool: &PgPool,
+    hub: &AgentHub,
+    dongle_id: Uuid,
+    user_id: Uuid,
+    prefer: Option<Uuid>,
+) -> Result<Uuid, ApiError> {
+    serving_agent(pool, hub, dongle_id, user_id, prefer)
+        .await?
+        .ok_or_else(|| ApiError::of(ErrorCode::AgentOffline))
+}
+
 /// The answer to a failed request to a dongle through its agent (CAN configuration, a frame): offline
 /// agents and dongles the agent no longer reaches are AGENT_OFFLINE, no answer in time is DONGLE_TIMEOUT,
 /// and the dongle's refusal is `refused`, with the dongle's reason in `details.reason`.
