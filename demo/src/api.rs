@@ -67,6 +67,20 @@ impl UserClient {
         Ok(value)
     }
 
+    /// Opens `/api/v1{path}` as a stream (a live console's server-sent events, say).
+    pub async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let response = self
+            .http
+            .get(format!("{}/api/v1{path}", self.base))
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        if !response.status().is_success() {
+            bail!("GET {path} answered {}", response.status());
+        }
+        Ok(response)
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.call(Method::GET, path, None).await
     }
