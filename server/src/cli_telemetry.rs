@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::agents::AgentIdentity;
 use crate::agents::hub::AgentHub;
 use crate::console::{self, Console, ConsoleEvent, StreamKey};
+use crate::db::storable_text;
 use crate::dongles::owned::spoken_for_by;
 use crate::http::page::{PageInfo, Paging};
 
@@ -85,20 +86,6 @@ pub struct TelemetryPage {
     pub page: PageInfo,
 }
 
-/// `text` without NUL characters and cut to `cap` bytes on a character boundary; whether it was cut.
-fn clean(text: &str, cap: usize) -> (String, bool) {
-    let mut text = text.replace('\0', "");
-    if text.len() <= cap {
-        return (text, false);
-    }
-    let mut end = cap;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text.truncate(end);
-    (text, true)
-}
-
 /// Records `entry` for dongle `dongle_id` of `owner`, trims the dongle's history, and publishes it on
 /// the dongle's console. False when the report was recorded before (nothing changes).
 pub async fn record(
@@ -109,8 +96,8 @@ pub async fn record(
     entry: Entry<'_>,
     output_cap: usize,
 ) -> Result<bool, sqlx::Error> {
-    let (command, _) = clean(entry.command, MAX_COMMAND_LEN);
-    let (output, cut) = clean(entry.output, output_cap);
+    let (command, _) = storable_text(entry.command, MAX_COMMAND_LEN);
+    let (output, cut) = storable_text(entry.output, output_cap);
     let truncated = entry.truncated || cut;
     let mut tx = pool.begin().await?;
     let inserted: Option<DateTime<Utc>> = sqlx::query_scalar(
@@ -229,16 +216,4 @@ pub async fn list(
         items,
         page: paging.info(total),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nul_characters_are_stripped_and_text_is_cut_on_a_character_boundary() {
-        assert_eq!(clean("a\0b", 10), ("ab".to_string(), false));
-        assert_eq!(clean("héllo", 2), ("h".to_string(), true));
-        assert_eq!(clean("abc", 3), ("abc".to_string(), false));
-    }
 }

@@ -66,6 +66,21 @@ pub fn with_timeouts(options: PgConnectOptions, timeouts: Timeouts) -> PgConnect
     ])
 }
 
+/// `text` as a text column can hold it: NUL characters, which PostgreSQL text cannot hold, stripped,
+/// and cut to at most `cap` bytes on a character boundary. Returns the text and whether it was cut.
+pub fn storable_text(text: &str, cap: usize) -> (String, bool) {
+    let mut text = text.replace('\0', "");
+    if text.len() <= cap {
+        return (text, false);
+    }
+    let mut end = cap;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    (text, true)
+}
+
 /// A LIKE pattern that matches `text` literally anywhere, lower-cased and trimmed: LIKE's wildcards
 /// and its escape character in it are escaped, so a search for `%` finds a `%`.
 pub fn like_contains(text: &str) -> String {
@@ -212,6 +227,16 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stored_text_has_no_nul_and_is_cut_on_a_character_boundary() {
+        use super::storable_text;
+        assert_eq!(storable_text("abc", 3), ("abc".to_string(), false));
+        assert_eq!(storable_text("abcd", 3), ("abc".to_string(), true));
+        // "é" is two bytes: a cut in its middle steps back before it.
+        assert_eq!(storable_text("aé", 2), ("a".to_string(), true));
+        assert_eq!(storable_text("a\0b", 10), ("ab".to_string(), false));
+    }
+
     #[test]
     fn like_patterns_match_their_text_literally() {
         assert_eq!(super::like_contains(" Ab "), "%ab%");

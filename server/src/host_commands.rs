@@ -5,7 +5,7 @@
 //! runs, and whole it joins the dongle's history of commands (`cli_telemetry`, source `host`) and the
 //! answer. The agent's owner may turn them off (`bridge-agent run --no-host-commands`).
 
-use control_proto::{HostCommand, ReplyErrorCode, ReplyOk, RequestBody};
+use control_proto::{HostCommand, ReplyOk, RequestBody};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -67,17 +67,6 @@ pub async fn run(
         caller.agent_id(),
     )
     .await?;
-    let protocol: Option<i32> = sqlx::query_scalar("SELECT protocol FROM agents WHERE id = $1")
-        .bind(agent_id)
-        .fetch_one(&state.pool)
-        .await?;
-    if protocol.is_none_or(|p| p < control_proto::WATCH_SINCE as i32) {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            "The agent serving this dongle is too old for host commands: upgrade bridge-agent on \
-             that workstation.",
-        ));
-    }
     let run_id = Uuid::new_v4();
     let reply = state
         .hub
@@ -104,13 +93,9 @@ pub async fn run(
                 "The agent answered the host command with something else than its output.",
             ));
         }
-        Err(crate::agents::hub::RequestError::Failed(e)) if e.code == ReplyErrorCode::Refused => {
-            return Err(ApiError::new(
-                ErrorCode::CommandNotAllowed,
-                "The agent refused the host command.",
-            )
-            .with_detail("reason", dongles::reply_reason(&e.message)));
-        }
+        // A refusal (host commands turned off, ping of a USB dongle) is COMMAND_NOT_ALLOWED with the
+        // agent's reason; an agent too old for the request CONFLICT, answered by the control writer
+        // without sending it.
         Err(e) => {
             return Err(dongles::dongle_request_error(
                 e,
@@ -172,16 +157,13 @@ pub async fn output(
     else {
         return Ok(());
     };
-    let mut end = chunk.len().min(MAX_CHUNK);
-    while !chunk.is_char_boundary(end) {
-        end -= 1;
-    }
+    let (chunk, _) = crate::db::storable_text(chunk, MAX_CHUNK);
     state.console.publish(
         StreamKey::Dongle(dongle_id),
         ConsoleEvent::HostOutput {
             dongle_id,
             run_id,
-            chunk: chunk[..end].replace('\0', ""),
+            chunk,
         },
     );
     Ok(())

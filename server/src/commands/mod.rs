@@ -263,24 +263,6 @@ pub async fn list(
     })
 }
 
-/// Cuts `text` to at most `cap` bytes on a character boundary; NUL characters, which PostgreSQL text
-/// cannot hold, are stripped first. Returns the text and whether it was cut.
-pub fn cap_output(text: &str, cap: usize) -> (String, bool) {
-    let clean = if text.contains('\0') {
-        text.replace('\0', "")
-    } else {
-        text.to_string()
-    };
-    if clean.len() <= cap {
-        return (clean, false);
-    }
-    let mut end = cap;
-    while !clean.is_char_boundary(end) {
-        end -= 1;
-    }
-    (clean[..end].to_string(), true)
-}
-
 /// How a command ends, for [`finish`].
 #[derive(Debug, Clone)]
 pub(crate) struct Ending<'a> {
@@ -405,11 +387,11 @@ pub async fn record_result(
         CommandOutcome::Error => ("error", "error"),
         CommandOutcome::Timeout => ("timeout", "timeout"),
     };
-    let (stdout, cut) = cap_output(&result.output, state.config.command_output_cap);
+    let (stdout, cut) = crate::db::storable_text(&result.output, state.config.command_output_cap);
     let stderr = result
         .message
         .as_deref()
-        .map(|m| cap_output(m, 4096).0)
+        .map(|m| crate::db::storable_text(m, 4096).0)
         .filter(|m| !m.is_empty());
     let stored = if control_proto::is_device_id(&result.device_id) {
         finish(
@@ -431,9 +413,7 @@ pub async fn record_result(
     } else {
         false
     };
-    if stored {
-        remember_in_history(state, &result, &stdout, result.truncated || cut).await?;
-    } else {
+    if !stored {
         tracing::debug!(agent_id = %agent.agent_id, command_id = %result.command_id,
             "a command result for no unfinished command of this agent's user: acknowledged, ignored");
     }
@@ -446,6 +426,11 @@ pub async fn record_result(
             },
         )
         .await;
+    // The result is stored and acknowledged; the dongle's history of commands is a view of it, and
+    // does not hold the acknowledgement up.
+    if stored {
+        remember_in_history(state, &result, &stdout, result.truncated || cut).await?;
+    }
     Ok(stored)
 }
 
@@ -487,18 +472,4 @@ async fn remember_in_history(
     )
     .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn output_is_capped_on_a_character_boundary() {
-        assert_eq!(cap_output("abc", 3), ("abc".to_string(), false));
-        assert_eq!(cap_output("abcd", 3), ("abc".to_string(), true));
-        // "é" is two bytes: a cut in its middle steps back before it.
-        assert_eq!(cap_output("aé", 2), ("a".to_string(), true));
-        assert_eq!(cap_output("a\0b", 10), ("ab".to_string(), false));
-    }
 }

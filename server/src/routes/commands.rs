@@ -42,7 +42,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
         (status = 403, description = "COMMAND_NOT_ALLOWED: not a host command, or the agent's owner turned them off (details.reason); or CSRF_INVALID", body = ErrorBody),
         (status = 404, description = "DONGLE_NOT_FOUND", body = ErrorBody),
-        (status = 409, description = "CONFLICT: the serving agent is too old for host commands", body = ErrorBody),
+        (status = 409, description = "CONFLICT: the serving agent is too old for host commands (it is never sent one)", body = ErrorBody),
         (status = 429, description = "RATE_LIMITED: too many requests to agents by this account, with Retry-After.", body = ErrorBody),
         (status = 503, description = "AGENT_OFFLINE: no agent serves the dongle now", body = ErrorBody),
         (status = 504, description = "DONGLE_TIMEOUT: the agent did not answer in time", body = ErrorBody),
