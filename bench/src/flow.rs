@@ -82,10 +82,22 @@ pub struct Pace {
     pub burst: usize,
 }
 
-/// Sends every stream's frames at `pace.rate` for `pace.duration`, and collects what arrives.
-pub async fn run(streams: Vec<Stream<'_>>, pace: Pace) -> Vec<FlowResult> {
+/// Sends every stream's frames at `pace.rate` for `pace.duration`, and collects what arrives. With
+/// `trace`, every frame's passage through the bridge's hops is recorded too ([`hop_table`]).
+pub async fn run(
+    streams: Vec<Stream<'_>>,
+    pace: Pace,
+    trace: bool,
+) -> (Vec<FlowResult>, Option<HopTable>) {
     let count = (f64::from(pace.rate) * pace.duration.as_secs_f64()).ceil() as usize;
     let base = Instant::now();
+    if trace {
+        hops::enable(
+            base,
+            u8::try_from(streams.len()).unwrap_or(u8::MAX),
+            u32::try_from(count).unwrap_or(u32::MAX),
+        );
+    }
     // Injection times in nanoseconds after `base`, plus one so that zero means "not sent yet".
     let sent_at: Vec<Arc<Vec<AtomicU64>>> = streams
         .iter()
@@ -129,6 +141,7 @@ pub async fn run(streams: Vec<Stream<'_>>, pace: Pace) -> Vec<FlowResult> {
                 for slot in &sent_at[i][next..upto] {
                     slot.store(at, Ordering::Relaxed);
                 }
+                hops::mark_all(hops::Hop::Injected, frames.iter().map(Frame::data));
                 sim.inject_bus_frames(&frames);
             }
             next = upto;
@@ -155,7 +168,63 @@ pub async fn run(streams: Vec<Stream<'_>>, pace: Pace) -> Vec<FlowResult> {
         result.sent = count as u64;
         results.push(result);
     }
-    results
+    let table = trace.then(|| HopTable::of(&hops::finish()));
+    (results, table)
+}
+
+/// Where frames spent their time, hop by hop: per segment of the path, the quantiles of the time
+/// between a frame passing the hop before and passing this one, over the frames that passed both.
+#[derive(Debug, Clone)]
+pub struct HopTable {
+    /// Per hop after the first: the segment's time for every frame that passed both ends.
+    pub segments: Vec<(hops::Hop, Vec<Duration>)>,
+    /// Frames that passed every hop.
+    pub complete: usize,
+    pub frames: usize,
+}
+
+impl HopTable {
+    pub fn of(marks: &[Vec<[Option<Duration>; hops::Hop::ALL.len()]>]) -> Self {
+        let frames: Vec<_> = marks.iter().flatten().collect();
+        let segments = hops::Hop::ALL
+            .windows(2)
+            .map(|pair| {
+                let (from, to) = (pair[0] as usize, pair[1] as usize);
+                let times = frames
+                    .iter()
+                    .filter_map(|m| Some(m[to]?.saturating_sub(m[from]?)))
+                    .collect();
+                (pair[1], times)
+            })
+            .collect();
+        HopTable {
+            segments,
+            complete: frames
+                .iter()
+                .filter(|m| m.iter().all(Option::is_some))
+                .count(),
+            frames: frames.len(),
+        }
+    }
+
+    /// The table as text: one line per segment with p50, p99 and max in milliseconds.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "    hop by hop ({} of {} frames passed every hop; each row: time since the hop before)\n",
+            self.complete, self.frames
+        );
+        for (hop, times) in &self.segments {
+            out.push_str(&format!(
+                "    {:<14} p50 {:>7} ms  p99 {:>7} ms  max {:>7} ms  {}\n",
+                format!("{hop:?}"),
+                ms(quantile(times, 0.5)),
+                ms(quantile(times, 0.99)),
+                ms(times.iter().max().copied().unwrap_or_default()),
+                hop.segment(),
+            ));
+        }
+        out
+    }
 }
 
 async fn receive(
@@ -184,6 +253,7 @@ async fn receive(
             _ = stop.changed() => break,
         };
         let now = Instant::now();
+        hops::mark(hops::Hop::OnBus, frame.data());
         let Some(seq) = traffic::sequence_of(&frame, tag) else {
             continue;
         };

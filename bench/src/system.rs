@@ -1,9 +1,16 @@
-//! The system that `bench-relay` and `bench-buffer` measure, built from `bridge-demo`'s parts: an
-//! embedded PostgreSQL (fsync on, as initdb leaves it), the server in this process, and `groups` pairs
-//! of simulated dongles, each dongle on a virtual CAN bus of its own. Every side-A dongle is on a
-//! pseudo-terminal served by agent A, every side-B dongle on UDP served by agent B, as two workstations
-//! would run them; each pair is one ACTIVE group.
+//! The system that `bench-relay`, `bench-buffer` and `bench-console` measure, built from
+//! `bridge-demo`'s parts: an embedded PostgreSQL (fsync on, as initdb leaves it), one or more server
+//! instances on it, and `groups` pairs of simulated dongles, each dongle on a virtual CAN bus of its
+//! own. Every side-A dongle is on a pseudo-terminal served by agent A, every side-B dongle on UDP
+//! served by agent B, as two workstations would run them; each pair is one ACTIVE group.
+//!
+//! Each server instance and each agent runs on a tokio runtime of its own, as it would in a process of
+//! its own, with its threads named after it, so that [`cpu_by_part`] can tell their CPU time apart;
+//! the simulators and the benchmark's own traffic run on the caller's runtime. With several instances,
+//! agent A connects to the first and agent B to the last, so that every group's sides reach different
+//! instances.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -11,8 +18,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bridge_agent::discovery::scan::ScanPlan;
 use bridge_demo::api::UserClient;
-use bridge_demo::system::{AgentPart, DonglePart, ServerPart};
-use bridge_server::app;
+use bridge_demo::system::{AgentPart, DonglePart};
+use bridge_server::app::{self, RunningServer};
 use bridge_server::config::ServerConfig;
 use bridge_server::embedded_pg::EmbeddedPostgres;
 use bridge_server::groups::relay::RelaySettings;
@@ -27,34 +34,148 @@ pub struct GroupRig {
 
 /// The running system.
 pub struct Rig {
-    pub server: ServerPart,
+    pub postgres: EmbeddedPostgres,
+    /// The server instances, all on the one database.
+    pub servers: Vec<RunningServer>,
     pub user: UserClient,
     pub agent_a: AgentPart,
     pub agent_b: AgentPart,
     pub groups: Vec<GroupRig>,
+    /// The runtimes of the servers and agents, by part name.
+    runtimes: Vec<(String, PartRuntime)>,
+}
+
+/// A part's runtime, shut down without blocking when dropped: a rig that fails half-built is dropped
+/// by an async caller, where dropping a runtime would panic.
+struct PartRuntime(Option<tokio::runtime::Runtime>);
+
+impl PartRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for PartRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The thread-name prefix of the runtime of agent A, agent B, and server instance `n`.
+pub const AGENT_A: &str = "agent-a";
+pub const AGENT_B: &str = "agent-b";
+pub fn server_part(n: usize) -> String {
+    format!("server-{n}")
+}
+
+/// A runtime for one part of the system, its threads named after it (at most 15 bytes show).
+fn runtime(name: &str) -> anyhow::Result<PartRuntime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(name)
+        .build()
+        .map(|rt| PartRuntime(Some(rt)))
+        .with_context(|| format!("could not start a runtime for {name}"))
+}
+
+/// This process's CPU time (user and system) so far by part: the threads of each named runtime, and
+/// everything else (simulators, the benchmark's traffic, the runtimes' own helpers) as "rest".
+pub fn cpu_by_part(parts: &[String]) -> BTreeMap<String, Duration> {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let mut by_part: BTreeMap<String, Duration> = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return by_part;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let Some(cpu) = std::fs::read_to_string(path.join("stat"))
+            .ok()
+            .and_then(|stat| {
+                // The fields after the command name, which is in parentheses and may hold spaces.
+                let rest = stat.rsplit_once(')')?.1;
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let utime: f64 = f.get(11)?.parse().ok()?;
+                let stime: f64 = f.get(12)?.parse().ok()?;
+                Some(Duration::from_secs_f64((utime + stime) / ticks))
+            })
+        else {
+            continue;
+        };
+        let part = parts
+            .iter()
+            .find(|p| comm.trim_end().starts_with(p.as_str()))
+            .cloned()
+            .unwrap_or_else(|| "rest".to_string());
+        *by_part.entry(part).or_default() += cpu;
+    }
+    by_part
 }
 
 impl Rig {
-    /// Starts everything in `dir` and brings `groups` groups to ACTIVE. `relay` replaces the server's
-    /// relay settings (the buffering benchmark raises the retention so that nothing is trimmed).
+    /// Starts everything in `dir` with one server instance and brings `groups` groups to ACTIVE.
+    /// `relay` replaces the server's relay settings (the buffering benchmark raises the retention so
+    /// that nothing is trimmed).
     pub async fn start(dir: &Path, groups: usize, relay: RelaySettings) -> anyhow::Result<Self> {
+        Self::start_instances(dir, groups, relay, 1).await
+    }
+
+    /// As [`start`](Self::start), with `instances` server instances on the one database.
+    pub async fn start_instances(
+        dir: &Path,
+        groups: usize,
+        relay: RelaySettings,
+        instances: usize,
+    ) -> anyhow::Result<Self> {
         let postgres = EmbeddedPostgres::start(dir.join("postgres"))
             .await
             .context("could not start the embedded PostgreSQL (is PostgreSQL installed?)")?;
-        let pool = bridge_server::db::connect(&postgres.url(), 20).await?;
-        bridge_server::db::migrate(&pool).await?;
-        let config = ServerConfig {
-            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-            relay,
-            ..ServerConfig::default()
-        };
-        let server = app::spawn(config, pool)
-            .await
-            .context("could not start the server")?;
-        let server = ServerPart { server, postgres };
+        let url = postgres.url();
+        let mut runtimes = Vec::new();
+        let mut servers = Vec::new();
+        for n in 0..instances.max(1) {
+            let name = server_part(n);
+            let rt = runtime(&name)?;
+            let (url, relay) = (url.clone(), relay.clone());
+            // The pool and every task of the instance live on its runtime, as in a process of its own.
+            // Started from a thread of its own with `block_on`, since the start-up future is not
+            // `Send` (sqlx's migrations), which `spawn` would need.
+            let handle = rt.handle();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                let started = handle.block_on(async move {
+                    let pool = bridge_server::db::connect(&url, 20).await?;
+                    if n == 0 {
+                        bridge_server::db::migrate(&pool).await?;
+                    }
+                    let config = ServerConfig {
+                        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+                        relay,
+                        ..ServerConfig::default()
+                    };
+                    anyhow::Ok(app::spawn(config, pool).await?)
+                });
+                let _ = tx.send(started);
+            });
+            let server = rx
+                .await
+                .context("the server's start-up thread failed")?
+                .with_context(|| format!("could not start server instance {n}"))?;
+            servers.push(server);
+            runtimes.push((name, rt));
+        }
         let email = "bench@bench.example";
-        let password = server.create_user(email).await?;
-        let url = server.url().to_string();
+        let password = bridge_demo::system::create_user(&servers[0].state.pool, email).await?;
+        let url = servers[0].base_url.clone();
+        let url_b = servers[servers.len() - 1].base_url.clone();
 
         let mut pairs = Vec::with_capacity(groups);
         for i in 0..groups {
@@ -97,7 +218,7 @@ impl Rig {
         .context("agent A could not log in")?;
         let mut agent_b = AgentPart::login(
             &dir.join("agent-b"),
-            &url,
+            &url_b,
             email,
             &password,
             "bench-b",
@@ -105,16 +226,22 @@ impl Rig {
         )
         .await
         .context("agent B could not log in")?;
-        agent_a.start();
-        agent_b.start();
+        for (agent, name) in [(&mut agent_a, AGENT_A), (&mut agent_b, AGENT_B)] {
+            let rt = runtime(name)?;
+            agent.run_on(rt.handle());
+            agent.start();
+            runtimes.push((name.to_string(), rt));
+        }
         let user = UserClient::login(&url, email, &password).await?;
 
         let mut rig = Rig {
-            server,
+            postgres,
+            servers,
             user,
             agent_a,
             agent_b,
             groups: Vec::new(),
+            runtimes,
         };
         let built = async {
             for (i, (a, b)) in pairs.into_iter().enumerate() {
@@ -182,8 +309,18 @@ impl Rig {
         }
     }
 
+    /// The first server instance (the one the user and agent A talk to).
+    pub fn server(&self) -> &RunningServer {
+        &self.servers[0]
+    }
+
+    /// The names of the parts whose CPU time [`cpu_by_part`] tells apart.
+    pub fn parts(&self) -> Vec<String> {
+        self.runtimes.iter().map(|(name, _)| name.clone()).collect()
+    }
+
     /// Stops everything: agents first, so that nothing talks to a server that is going, then the
-    /// simulators, the server and PostgreSQL.
+    /// simulators, the servers and PostgreSQL, and last the runtimes.
     pub async fn stop(mut self) {
         let _ = self.agent_a.stop().await;
         let _ = self.agent_b.stop().await;
@@ -191,6 +328,11 @@ impl Rig {
             g.a.sim.shutdown().await;
             g.b.sim.shutdown().await;
         }
-        self.server.stop().await;
+        for server in self.servers {
+            let _ = server.shutdown().await;
+        }
+        let _ = self.postgres.stop().await;
+        // The runtimes go last, without blocking (`PartRuntime`'s drop).
+        drop(self.runtimes);
     }
 }

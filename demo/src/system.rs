@@ -51,29 +51,33 @@ impl ServerPart {
 
     /// Makes a verified user with a random password; answers the password.
     pub async fn create_user(&self, email: &str) -> anyhow::Result<String> {
-        let password: String = {
-            use rand::RngExt;
-            let mut rng = rand::rng();
-            (0..20)
-                .map(|_| {
-                    let alphabet = b"abcdefghjkmnpqrstuvwxyzACDEFGHJKLMNPQRSTUVWXYZ23456789";
-                    char::from(alphabet[rng.random_range(0..alphabet.len())])
-                })
-                .collect()
-        };
-        let hash = bridge_server::auth::password::hash(&password, Default::default())?;
-        let pool = &self.server.state.pool;
-        let user = users::insert(pool, &Email::parse(email)?, &hash, Role::User)
-            .await?
-            .context("the demo user exists already")?;
-        users::mark_email_verified(pool, user.id).await?;
-        Ok(password)
+        create_user(&self.server.state.pool, email).await
     }
 
     pub async fn stop(self) {
         let _ = self.server.shutdown().await;
         let _ = self.postgres.stop().await;
     }
+}
+
+/// Makes a verified user with a random password in the server's database; answers the password.
+pub async fn create_user(pool: &sqlx::PgPool, email: &str) -> anyhow::Result<String> {
+    let password: String = {
+        use rand::RngExt;
+        let mut rng = rand::rng();
+        (0..20)
+            .map(|_| {
+                let alphabet = b"abcdefghjkmnpqrstuvwxyzACDEFGHJKLMNPQRSTUVWXYZ23456789";
+                char::from(alphabet[rng.random_range(0..alphabet.len())])
+            })
+            .collect()
+    };
+    let hash = bridge_server::auth::password::hash(&password, Default::default())?;
+    let user = users::insert(pool, &Email::parse(email)?, &hash, Role::User)
+        .await?
+        .context("the demo user exists already")?;
+    users::mark_email_verified(pool, user.id).await?;
+    Ok(password)
 }
 
 /// A simulated dongle on its own virtual CAN bus.
@@ -150,6 +154,9 @@ pub struct AgentPart {
     pub credentials: Credentials,
     plan: ScanPlan,
     running: Option<(oneshot::Sender<()>, DaemonTask)>,
+    /// The runtime the daemon runs on (None: the caller's), as a workstation runs the agent in a
+    /// process of its own; the benchmarks give each agent one, to tell its CPU time apart.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl AgentPart {
@@ -178,7 +185,13 @@ impl AgentPart {
             credentials,
             plan,
             running: None,
+            runtime: None,
         })
+    }
+
+    /// Runs the daemon on `runtime` from the next [`start`](Self::start) on.
+    pub fn run_on(&mut self, runtime: tokio::runtime::Handle) {
+        self.runtime = Some(runtime);
     }
 
     /// Starts the daemon (`bridge-agent run`).
@@ -198,9 +211,13 @@ impl AgentPart {
             host_commands: true,
         };
         let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(daemon::run(config, async {
+        let daemon = daemon::run(config, async {
             let _ = stop_rx.await;
-        }));
+        });
+        let task = match &self.runtime {
+            Some(runtime) => runtime.spawn(daemon),
+            None => tokio::spawn(daemon),
+        };
         self.running = Some((stop_tx, task));
     }
 

@@ -230,18 +230,16 @@ impl MonitorIngest {
             .unwrap_or(0);
         console.bus_meter.add(dongle_id, monitor.seen, bits);
         let ts = crate::console::timestamp(chrono::Utc::now());
-        for record in monitor.batch.iter() {
-            console.publish(
-                StreamKey::Dongle(dongle_id),
-                ConsoleEvent::can_frame(
-                    dongle_id,
-                    monitor.direction.name(),
-                    &ts,
-                    (&record).into(),
-                    sampled,
-                ),
-            );
-        }
+        let records: Vec<_> = monitor.batch.iter().collect();
+        console.publish_frames(StreamKey::Dongle(dongle_id), records.len(), |i| {
+            ConsoleEvent::can_frame(
+                dongle_id,
+                monitor.direction.name(),
+                &ts,
+                (&records[i]).into(),
+                sampled,
+            )
+        });
         Ok(true)
     }
 

@@ -174,6 +174,7 @@ impl DataPlane {
     /// Takes frames the dongle `device_id` received: into its group side's stream when it has one,
     /// else into its console's sample when somebody watches it, else they are counted as unrouted.
     pub(super) fn take_from_dongle(&self, device_id: DeviceId, frames: &[Frame]) {
+        hops::mark_all(hops::Hop::SenderRead, frames.iter().map(Frame::data));
         let mut sides = self.sides.lock().unwrap();
         let Some(state) = sides.values_mut().find(|s| s.device_id == device_id) else {
             drop(sides);
@@ -362,11 +363,7 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
             if flush_at.is_none() && pace.flush_at(now) <= now {
                 let messages = shared.data.outgoing();
                 pace.flushed(now, messages.len());
-                for message in messages {
-                    sink.send(Message::Binary(message.into()))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
+                send_all(&mut sink, messages, hops::Hop::SenderSent).await?;
             }
             tokio::select! {
                 frame = stream.next() => {
@@ -388,6 +385,7 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
                     match message.kind {
                         Kind::Ack => shared.data.acknowledged(message.group_id, message.side, message.n),
                         Kind::Frames => {
+                            hops::mark_message(hops::Hop::ReceiverRead, &bytes);
                             let frames: Vec<Frame> = message
                                 .batch
                                 .iter()
@@ -409,9 +407,7 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
                 }
                 () = acks_ready.notified() => {
                     let ready: Vec<Vec<u8>> = acks.lock().unwrap().drain().map(|(_, ack)| ack).collect();
-                    for ack in ready {
-                        sink.send(Message::Binary(ack.into())).await.map_err(|e| e.to_string())?;
-                    }
+                    send_all(&mut sink, ready, hops::Hop::SenderSent).await?;
                 }
                 () = shared.data.wake.notified(), if flush_at.is_none() => {
                     // A flush due now happens at the top of the loop.
@@ -425,9 +421,7 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
                     if shared.stall_over(&stalled.lock().unwrap()) {
                         // Acknowledgements of other sides go out first, so they are not sent again.
                         let ready: Vec<Vec<u8>> = acks.lock().unwrap().drain().map(|(_, ack)| ack).collect();
-                        for ack in ready {
-                            sink.send(Message::Binary(ack.into())).await.map_err(|e| e.to_string())?;
-                        }
+                        send_all(&mut sink, ready, hops::Hop::SenderSent).await?;
                         tracing::info!("a stalled side's dongle is ready: reconnecting the data plane so that the server sends its frames again");
                         let _ = sink.close().await;
                         return Ok(());
@@ -472,6 +466,32 @@ enum Delivery {
     Stalled(Option<Vec<u8>>),
     /// No such side here (the group list has not arrived yet, or it left).
     UnknownSide,
+}
+
+/// Sends `messages` in one write to the socket (a write per message costs a system call each), and
+/// marks the frames they carry as passing `hop` for a benchmark that traces them.
+async fn send_all<S>(sink: &mut S, messages: Vec<Vec<u8>>, hop: hops::Hop) -> Result<(), String>
+where
+    S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let mut traced = Vec::new();
+    for message in messages {
+        let message = tokio_tungstenite::tungstenite::Bytes::from(message);
+        if hops::enabled() {
+            traced.push(message.clone());
+        }
+        sink.feed(Message::Binary(message))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    sink.flush().await.map_err(|e| e.to_string())?;
+    for message in traced {
+        hops::mark_message(hop, &message);
+    }
+    Ok(())
 }
 
 /// Resolves at `at`, or never when there is nothing to flush.
@@ -522,7 +542,10 @@ impl Shared {
                         && self.ready.lock().unwrap().contains(&device_id) =>
                 {
                     match session.send_frames_counting(fresh).await {
-                        (n, Ok(())) => (n, 0),
+                        (n, Ok(())) => {
+                            hops::mark_all(hops::Hop::ReceiverSent, fresh.iter().map(Frame::data));
+                            (n, 0)
+                        }
                         // Refused for good (too large, FD on a classic dongle): dropped and counted.
                         (n, Err(SessionError::Encode(_) | SessionError::Unsupported(_))) => {
                             (n, fresh.len() - n)

@@ -6,19 +6,30 @@
 //! gathering time would hold every frame for that time, even on a quiet bus where nothing else waits to
 //! be sent: the latency of the whole bridge would be that timer. Instead each flush earns the next one a
 //! wait in proportion to the messages it sent ([`PER_MESSAGE`] each), so one group on a busy bus sends
-//! each frame as it comes (about 1 000 small messages a second), while twenty groups share a budget of
+//! each frame as it comes (about 1 000 small messages a second), while many groups share a budget of
 //! about [`MESSAGES_PER_SECOND`] messages and gather longer, never more than [`MAX_WAIT`].
+//!
+//! A wait shorter than the runtime's timer resolution is not waited at all: tokio's timers fire on
+//! whole milliseconds, so a 250 us wait held every frame for a millisecond or more, which is what one
+//! group at 9 000 frames/s measured (1.2 ms of its 1.45 ms p50 were this wait, seen in `bench-relay`'s
+//! hop table). Such a flush has sent at most a few messages, so the budget still holds for a busy
+//! agent, whose flushes send many. The budget and the cap are the measured balance between latency and
+//! CPU with many groups (docs/BENCHMARKS.md, "Relay"): 4 000 messages a second and 5 ms held 32 groups
+//! at p99 11.5 ms and 1.08 cores, 16 000 and 2 ms at p99 9.3 ms and 1.21 cores (8 groups: 4.9 against
+//! 1.9 ms).
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 /// The message rate the pacing keeps one connection's FRAMES messages under, when busy.
-pub const MESSAGES_PER_SECOND: u32 = 4_000;
+pub const MESSAGES_PER_SECOND: u32 = 16_000;
 /// The wait one message sent earns the next flush.
-const PER_MESSAGE: Duration = Duration::from_micros(1_000_000 / MESSAGES_PER_SECOND as u64);
+const PER_MESSAGE: Duration = Duration::from_nanos(1_000_000_000 / MESSAGES_PER_SECOND as u64);
 /// The longest a frame waits for its flush, however many messages the last one sent.
-pub const MAX_WAIT: Duration = Duration::from_millis(5);
+pub const MAX_WAIT: Duration = Duration::from_millis(2);
+/// The shortest wait the runtime's timers can keep: anything due sooner is done at once.
+pub const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 
 /// The pacing of one connection's flushes.
 #[derive(Debug, Default)]
@@ -36,7 +47,12 @@ impl Pace {
                 let wait = PER_MESSAGE
                     .saturating_mul(u32::try_from(messages).unwrap_or(u32::MAX))
                     .min(MAX_WAIT);
-                (at + wait).max(now)
+                let due = at + wait;
+                if due <= now + TIMER_RESOLUTION {
+                    now
+                } else {
+                    due
+                }
             }
         }
     }
@@ -70,10 +86,12 @@ mod tests {
     fn a_busy_connection_waits_in_proportion_to_what_it_sent() {
         let mut pace = Pace::default();
         let start = Instant::now();
-        pace.flushed(start, 10);
-        let due = start + Duration::from_micros(2_500);
-        assert_eq!(pace.flush_at(start), due, "ten messages earn 10 x 250 us");
-        let later = start + Duration::from_millis(1);
+        // 24 messages earn 24 x 62.5 us = 1.5 ms: more than the timers' resolution, less than the cap.
+        pace.flushed(start, 24);
+        let due = start + PER_MESSAGE * 24;
+        assert_eq!(due, start + Duration::from_micros(1_500));
+        assert_eq!(pace.flush_at(start), due);
+        let later = start + Duration::from_micros(400);
         assert_eq!(
             pace.flush_at(later),
             due,
@@ -81,6 +99,22 @@ mod tests {
         );
         pace.flushed(later, 0);
         assert_eq!(pace.flush_at(later), due, "an empty flush changes nothing");
+    }
+
+    #[test]
+    fn a_wait_shorter_than_the_timers_resolution_is_not_waited() {
+        let mut pace = Pace::default();
+        let start = Instant::now();
+        // Eight messages earn 500 us, which a timer would round up to a millisecond or two.
+        pace.flushed(start, 8);
+        assert_eq!(pace.flush_at(start), start);
+        // 24 earn 1.5 ms: that much is waited, counted from the flush.
+        pace.flushed(start, 24);
+        let soon = start + Duration::from_micros(200);
+        assert_eq!(pace.flush_at(soon), start + Duration::from_micros(1_500));
+        // Once less than the resolution is left, the flush is due.
+        let later = start + Duration::from_micros(600);
+        assert_eq!(pace.flush_at(later), later);
     }
 
     #[test]

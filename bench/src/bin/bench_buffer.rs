@@ -65,8 +65,7 @@ struct Args {
 
 /// Frames the server has committed to the buffer since it started.
 fn committed(rig: &Rig) -> u64 {
-    rig.server
-        .server
+    rig.server()
         .state
         .relay
         .stats()
@@ -312,7 +311,7 @@ async fn direct(rig: &Rig, args: &Args) -> anyhow::Result<()> {
         .post(&format!("/groups/{}/deactivate", g.group_id), json!({}))
         .await?;
     let group_id: uuid::Uuid = g.group_id.parse()?;
-    let pool = rig.server.server.state.pool.clone();
+    let pool = rig.server().state.pool.clone();
     let per_row = 1024usize;
     let rows = args.direct_frames.div_ceil(per_row).max(1);
     let retention = Retention {

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bridge_bench::flow::{self, FlowResult, Pace, Stream, ms};
-use bridge_bench::system::Rig;
-use bridge_server::groups::relay::RelaySettings;
+use bridge_bench::system::{self, Rig};
+use bridge_server::groups::relay::{RelaySettings, RelayStats};
 use clap::Parser;
 use dongle_sim::BusTap;
 
@@ -58,6 +58,13 @@ struct Args {
     /// Skip the groups measurement (only one group is set up).
     #[arg(long)]
     skip_groups: bool,
+    /// Send frames both ways in every step (A -> B and B -> A, each at the step's rate), not A -> B only.
+    #[arg(long)]
+    both_directions: bool,
+    /// Server instances on the one database; agent A talks to the first and agent B to the last, so
+    /// that with two or more every group's sides reach different instances.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
+    instances: u16,
 }
 
 /// The server's relay counters at one moment: where frames went.
@@ -84,25 +91,62 @@ fn agent_data(agent: &bridge_demo::system::AgentPart) -> serde_json::Value {
 }
 
 fn relayed(rig: &Rig) -> Relayed {
-    let stats = rig.server.server.state.relay.stats();
+    let sum = |counter: fn(&RelayStats) -> &std::sync::atomic::AtomicU64| -> u64 {
+        rig.servers
+            .iter()
+            .map(|s| counter(s.state.relay.stats()).load(Ordering::Relaxed))
+            .sum()
+    };
     let (a, b) = (agent_data(&rig.agent_a), agent_data(&rig.agent_b));
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     Relayed {
-        buffered: stats.frames_buffered.load(Ordering::Relaxed),
-        accepted: stats.frames_accepted.load(Ordering::Relaxed),
-        forwarded: stats.frames_forwarded.load(Ordering::Relaxed),
-        delivered: stats.frames_delivered.load(Ordering::Relaxed),
+        buffered: sum(|s| &s.frames_buffered),
+        accepted: sum(|s| &s.frames_accepted),
+        forwarded: sum(|s| &s.frames_forwarded),
+        delivered: sum(|s| &s.frames_delivered),
         a_up: n(&a["frames_up"]),
         b_down: n(&b["frames_down"]),
         dropped: n(&a["dropped"]) + n(&b["dropped"]),
     }
 }
 
-/// The CPU time of this process (server, agents and simulators; PostgreSQL runs apart).
-fn process_cpu() -> Duration {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
-        .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
-        .unwrap_or_default()
+/// CPU time by part of the system over a step: the server instances together, each agent, and the
+/// rest of this process (simulators and the benchmark's own traffic; PostgreSQL runs apart).
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    servers: Duration,
+    agent_a: Duration,
+    agent_b: Duration,
+    rest: Duration,
+}
+
+impl Cpu {
+    fn now(rig: &Rig) -> Cpu {
+        let parts = system::cpu_by_part(&rig.parts());
+        let mut cpu = Cpu::default();
+        for (part, time) in parts {
+            match part.as_str() {
+                system::AGENT_A => cpu.agent_a += time,
+                system::AGENT_B => cpu.agent_b += time,
+                p if p.starts_with("server-") => cpu.servers += time,
+                _ => cpu.rest += time,
+            }
+        }
+        cpu
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            servers: self.servers.saturating_sub(before.servers),
+            agent_a: self.agent_a.saturating_sub(before.agent_a),
+            agent_b: self.agent_b.saturating_sub(before.agent_b),
+            rest: self.rest.saturating_sub(before.rest),
+        }
+    }
+
+    fn total(self) -> Duration {
+        self.servers + self.agent_a + self.agent_b + self.rest
+    }
 }
 
 /// The simulators' counters that tell where frames were lost: summed over the step's groups.
@@ -155,8 +199,10 @@ struct Step {
     relayed_buffered: u64,
     /// The relay's and the agents' counters over the step.
     relayed: [u64; 6],
-    cpu: Duration,
+    cpu: Cpu,
     wall: Duration,
+    /// Where the frames spent their time, when the step was traced.
+    hops: Option<flow::HopTable>,
 }
 
 impl Step {
@@ -186,6 +232,11 @@ impl Step {
         self.faults() == 0 && flow::quantile(&self.all_latencies(), 0.99) < max_p99
     }
 
+    /// `cpu` as a share of one core over the step, in percent.
+    fn share(&self, cpu: Duration) -> f64 {
+        100.0 * cpu.as_secs_f64() / self.wall.as_secs_f64().max(1e-9)
+    }
+
     fn line(&self, label: &str) -> String {
         let l = self.all_latencies();
         let mut line = format!(
@@ -198,8 +249,21 @@ impl Step {
             ms(flow::quantile(&l, 0.99)),
             ms(l.iter().max().copied().unwrap_or_default()),
             self.relayed_buffered,
-            100.0 * self.cpu.as_secs_f64() / self.wall.as_secs_f64().max(1e-9),
+            self.share(self.cpu.total()),
         );
+        // CPU by part, and per relayed frame: what the server and the agents cost apart.
+        let frames = self.sent().max(1) as f64;
+        let per_frame = |d: Duration| d.as_secs_f64() * 1e6 / frames;
+        line.push_str(&format!(
+            "\n    CPU: servers {:.0} % ({:.2} us/frame), agent A {:.0} % ({:.2} us/frame), agent B {:.0} % ({:.2} us/frame), simulators and benchmark {:.0} %",
+            self.share(self.cpu.servers),
+            per_frame(self.cpu.servers),
+            self.share(self.cpu.agent_a),
+            per_frame(self.cpu.agent_a),
+            self.share(self.cpu.agent_b),
+            per_frame(self.cpu.agent_b),
+            self.share(self.cpu.rest),
+        ));
         if self.faults() > 0 {
             // Where the frames went missing, from the simulators' own counters.
             let c = self.sims;
@@ -217,14 +281,21 @@ impl Step {
 }
 
 /// Sends `rate` frames/s through each of the first `groups` groups for the step's time.
-async fn step(rig: &Rig, args: &Args, groups: usize, rate: u32) -> anyhow::Result<Step> {
+async fn step(
+    rig: &Rig,
+    args: &Args,
+    groups: usize,
+    rate: u32,
+    trace: bool,
+) -> anyhow::Result<Step> {
     // A previous step that fell behind may still be replaying: start from a quiet, ACTIVE relay.
     for g in &rig.groups[..groups] {
         rig.wait_state(&g.group_id, "ACTIVE", Duration::from_secs(60))
             .await
             .context("the relay did not recover from the previous step")?;
     }
-    let mut streams = Vec::with_capacity(groups);
+    // Streams 0..groups go A -> B; with both directions, streams groups..2 x groups go B -> A.
+    let mut streams = Vec::with_capacity(groups * 2);
     for g in &rig.groups[..groups] {
         let mut rx = BusTap::join_at(&g.b.bus_root, &g.b.bus)?;
         rx.wait_for_peers(1, Duration::from_secs(5)).await;
@@ -233,13 +304,23 @@ async fn step(rig: &Rig, args: &Args, groups: usize, rate: u32) -> anyhow::Resul
             rx,
         });
     }
+    if args.both_directions {
+        for g in &rig.groups[..groups] {
+            let mut rx = BusTap::join_at(&g.a.bus_root, &g.a.bus)?;
+            rx.wait_for_peers(1, Duration::from_secs(5)).await;
+            streams.push(Stream {
+                inject: &g.b.sim,
+                rx,
+            });
+        }
+    }
     // The tap joins the bus by its socket file; the simulator notices it within its refresh interval.
     tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;
     let before = relayed(rig);
     let sims_before = sim_counters(rig, groups);
-    let cpu = process_cpu();
+    let cpu = Cpu::now(rig);
     let started = Instant::now();
-    let results = flow::run(
+    let (results, hops) = flow::run(
         streams,
         Pace {
             rate,
@@ -247,6 +328,7 @@ async fn step(rig: &Rig, args: &Args, groups: usize, rate: u32) -> anyhow::Resul
             settle: Duration::from_secs_f64(args.settle_secs),
             burst: 64,
         },
+        trace,
     )
     .await;
     let after = relayed(rig);
@@ -262,8 +344,9 @@ async fn step(rig: &Rig, args: &Args, groups: usize, rate: u32) -> anyhow::Resul
             after.b_down - before.b_down,
             after.dropped - before.dropped,
         ],
-        cpu: process_cpu() - cpu,
+        cpu: Cpu::now(rig).since(cpu),
         wall: started.elapsed(),
+        hops,
     })
 }
 
@@ -275,11 +358,18 @@ async fn bench(dir: std::path::PathBuf, args: Args) -> anyhow::Result<()> {
     };
     let max_p99 = Duration::from_secs_f64(args.max_p99_ms / 1000.0);
     println!(
-        "setting up {groups} group(s): {} simulated dongles, two agents",
-        groups * 2
+        "setting up {groups} group(s): {} simulated dongles, two agents, {} server instance(s)",
+        groups * 2,
+        args.instances
     );
     let setup = Instant::now();
-    let rig = Rig::start(&dir, groups, RelaySettings::default()).await?;
+    let rig = Rig::start_instances(
+        &dir,
+        groups,
+        RelaySettings::default(),
+        usize::from(args.instances),
+    )
+    .await?;
     println!("set up in {:.1} s", setup.elapsed().as_secs_f64());
     let outcome = measure(&rig, &args, groups, max_p99).await;
     rig.stop().await;
@@ -287,10 +377,18 @@ async fn bench(dir: std::path::PathBuf, args: Args) -> anyhow::Result<()> {
 }
 
 async fn measure(rig: &Rig, args: &Args, groups: usize, max_p99: Duration) -> anyhow::Result<()> {
-    println!("\n1. latency, one group, one direction (A -> B)");
+    let direction = if args.both_directions {
+        "both directions (A -> B and B -> A, each at the rate)"
+    } else {
+        "one direction (A -> B)"
+    };
+    println!("\n1. latency, one group, {direction}");
     for &rate in &args.rates {
-        let s = step(rig, args, 1, rate).await?;
+        let s = step(rig, args, 1, rate, true).await?;
         println!("{}", s.line(&format!("{rate} frames/s")));
+        if let Some(table) = &s.hops {
+            print!("{}", table.render());
+        }
     }
 
     if !args.skip_search {
@@ -302,7 +400,7 @@ async fn measure(rig: &Rig, args: &Args, groups: usize, max_p99: Duration) -> an
         let mut bad: Option<u32> = None;
         let mut rate = args.search_from.max(1);
         while rate <= args.search_max {
-            let s = step(rig, args, 1, rate).await?;
+            let s = step(rig, args, 1, rate, false).await?;
             let clean = s.clean(max_p99);
             println!(
                 "{} {}",
@@ -326,7 +424,7 @@ async fn measure(rig: &Rig, args: &Args, groups: usize, max_p99: Duration) -> an
         if let (Some(mut lo), Some(mut hi)) = (good, bad) {
             for _ in 0..2 {
                 let mid = lo + (hi - lo) / 2;
-                let s = step(rig, args, 1, mid).await?;
+                let s = step(rig, args, 1, mid, false).await?;
                 let clean = s.clean(max_p99);
                 println!(
                     "{} {}",
@@ -349,13 +447,13 @@ async fn measure(rig: &Rig, args: &Args, groups: usize, max_p99: Duration) -> an
 
     if !args.skip_groups {
         println!(
-            "\n3. groups at {} frames/s each (A -> B), all at once",
+            "\n3. groups at {} frames/s each, {direction}, all at once",
             args.group_rate
         );
         let mut n = 1usize;
         let mut held = 0usize;
         loop {
-            let s = step(rig, args, n, args.group_rate).await?;
+            let s = step(rig, args, n, args.group_rate, false).await?;
             let clean = s.clean(max_p99);
             println!(
                 "{} {}",

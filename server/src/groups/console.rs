@@ -91,24 +91,19 @@ fn frames(console: &Console, group_id: Uuid, from: Uuid, to: Uuid, batch: &[u8])
     let count = batch.len() as u64;
     console.bus_meter.add(from, count, bits);
     console.bus_meter.add(to, count, bits);
-    for record in batch.iter() {
-        let rx: FrameView = (&record).into();
-        // The time on the frame is the sending dongle's clock, which says nothing of the receiver.
+    let records: Vec<FrameView<'_>> = batch.iter().map(|r| (&r).into()).collect();
+    console.publish_frames(StreamKey::Dongle(from), records.len(), |i| {
+        ConsoleEvent::can_frame(from, "rx", &ts, records[i], None)
+    });
+    console.publish_frames(StreamKey::Group(group_id), records.len(), |i| {
+        ConsoleEvent::can_frame(from, "rx", &ts, records[i], None)
+    });
+    // The time on the frame is the sending dongle's clock, which says nothing of the receiver.
+    console.publish_frames(StreamKey::Dongle(to), records.len(), |i| {
         let tx = FrameView {
             dongle_ts_us: 0,
-            ..rx
+            ..records[i]
         };
-        console.publish(
-            StreamKey::Dongle(from),
-            ConsoleEvent::can_frame(from, "rx", &ts, rx, None),
-        );
-        console.publish(
-            StreamKey::Group(group_id),
-            ConsoleEvent::can_frame(from, "rx", &ts, rx, None),
-        );
-        console.publish(
-            StreamKey::Dongle(to),
-            ConsoleEvent::can_frame(to, "tx", &ts, tx, None),
-        );
-    }
+        ConsoleEvent::can_frame(to, "tx", &ts, tx, None)
+    });
 }

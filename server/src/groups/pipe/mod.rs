@@ -438,6 +438,7 @@ impl Pipe {
     /// Queues FRAMES of one chunk on an agent's data connection, without waiting.
     fn queue(&self, towards: Side, (agent, conn): Conn, chunk: &Chunk) -> Result<(), SendError> {
         let message = data::encode_frames(self.group_id, towards, chunk.seq, &chunk.batch);
+        hops::mark_message(hops::Hop::ServerQueued, &message);
         self.core.send_on(agent, conn, message)
     }
 
