@@ -17,6 +17,9 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::{LINK_QUEUE, Link, LinkStats};
 
+/// The receive buffer asked for the hub's socket (the system may cap it: `net.core.rmem_max`).
+pub const RECV_BUFFER: usize = 4 << 20;
+
 /// A datagram that looked like a Discovery packet, and where it came from.
 #[derive(Debug, Clone)]
 pub struct Datagram {
@@ -40,6 +43,9 @@ impl UdpHub {
     pub async fn bind(addr: SocketAddr) -> io::Result<Self> {
         let socket = UdpSocket::bind(addr).await?;
         socket.set_broadcast(true)?;
+        // Every LAN dongle's packets land in this one socket's buffer while the reader waits for a
+        // core; the system caps the request, and a smaller buffer still works, so a refusal is ignored.
+        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(RECV_BUFFER);
         let hub = Self {
             socket: Arc::new(socket),
             routes: Arc::default(),
@@ -155,5 +161,33 @@ async fn read_loop(hub: UdpHub) {
             }
             None => LinkStats::add(&hub.stats.packets_rejected, 1),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many LAN dongles share the hub's one socket, and a busy workstation may not read it for a few
+    /// milliseconds: with the system's default buffer (about 200 KiB, a few hundred datagrams) a burst
+    /// was dropped by the kernel, unseen by the agent (32 groups both ways lost 1 164 frames in
+    /// `bench-relay --both-directions`).
+    #[tokio::test]
+    async fn the_socket_holds_a_burst_of_many_dongles() {
+        let hub = UdpHub::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        let size = socket2::SockRef::from(hub.socket.as_ref())
+            .recv_buffer_size()
+            .unwrap();
+        // The kernel caps the request at net.core.rmem_max (and reports twice what it keeps).
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(RECV_BUFFER);
+        assert!(
+            size >= RECV_BUFFER.min(cap),
+            "receive buffer {size} bytes, wanted {RECV_BUFFER} (capped at {cap})"
+        );
     }
 }

@@ -290,7 +290,7 @@ async fn step(
 ) -> anyhow::Result<Step> {
     // A previous step that fell behind may still be replaying: start from a quiet, ACTIVE relay.
     for g in &rig.groups[..groups] {
-        rig.wait_state(&g.group_id, "ACTIVE", Duration::from_secs(60))
+        rig.wait_state(&g.group_id, rig.relaying_state(), Duration::from_secs(60))
             .await
             .context("the relay did not recover from the previous step")?;
     }
