@@ -117,6 +117,22 @@ pub fn thread_cpu() -> Duration {
         .unwrap_or_default()
 }
 
+/// The CPU time (user and system) in a `/proc/.../stat` file of a process or a thread, or None when it
+/// cannot be read (the process or thread is gone).
+pub fn proc_stat_cpu(path: &std::path::Path) -> Option<Duration> {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some(Duration::from_secs_f64((utime + stime) / ticks))
+}
+
 /// A raw pseudo-terminal: the master as a file, and the slave's path. Both ends are close-on-exec so
 /// that a child process (python-can) does not inherit them.
 pub struct Pty {

@@ -131,20 +131,7 @@ impl ServerProcess {
 
     /// The server's CPU time (user + system) so far, from /proc/PID/stat.
     pub fn cpu(&self) -> Duration {
-        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .unwrap_or(100) as f64;
-        std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
-            .ok()
-            .and_then(|s| {
-                // The fields after the command name, which is in parentheses and may hold spaces.
-                let rest = s.rsplit_once(')')?.1;
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let utime: f64 = f.get(11)?.parse().ok()?;
-                let stime: f64 = f.get(12)?.parse().ok()?;
-                Some(Duration::from_secs_f64((utime + stime) / ticks))
-            })
+        crate::proc_stat_cpu(std::path::Path::new(&format!("/proc/{}/stat", self.pid())))
             .unwrap_or_default()
     }
 

@@ -86,10 +86,6 @@ fn runtime(name: &str) -> anyhow::Result<PartRuntime> {
 /// This process's CPU time (user and system) so far by part: the threads of each named runtime, and
 /// everything else (simulators, the benchmark's traffic, the runtimes' own helpers) as "rest".
 pub fn cpu_by_part(parts: &[String]) -> BTreeMap<String, Duration> {
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
     let mut by_part: BTreeMap<String, Duration> = BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return by_part;
@@ -97,17 +93,7 @@ pub fn cpu_by_part(parts: &[String]) -> BTreeMap<String, Duration> {
     for task in tasks.flatten() {
         let path = task.path();
         let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        let Some(cpu) = std::fs::read_to_string(path.join("stat"))
-            .ok()
-            .and_then(|stat| {
-                // The fields after the command name, which is in parentheses and may hold spaces.
-                let rest = stat.rsplit_once(')')?.1;
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let utime: f64 = f.get(11)?.parse().ok()?;
-                let stime: f64 = f.get(12)?.parse().ok()?;
-                Some(Duration::from_secs_f64((utime + stime) / ticks))
-            })
-        else {
+        let Some(cpu) = crate::proc_stat_cpu(&path.join("stat")) else {
             continue;
         };
         let part = parts

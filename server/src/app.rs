@@ -225,6 +225,12 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
         state.console.clone(),
         shutdown.clone(),
     )));
+    // Frames another instance buffers for a side served here are read at once, not at the next poll.
+    tasks.push(tokio::spawn(groups::wake::run(
+        state.pool.clone(),
+        state.relay.clone(),
+        shutdown.clone(),
+    )));
     // The relay writes what it holds to the buffer and closes the data connections at shutdown.
     tasks.push(tokio::spawn({
         let relay = state.relay.clone();

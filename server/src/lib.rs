@@ -10,6 +10,7 @@
 //! - [`db`]: the pool, the embedded migrations, and [`db::Database`] (`DATABASE_URL` or the embedded
 //!   cluster).
 //! - [`embedded_pg`]: a private PostgreSQL cluster in a data folder.
+//! - [`listen`]: a LISTEN connection that stays open, for the instances' mailbox and the relay's wake-ups.
 //! - [`http`]: the error type and shape of every non-2xx answer, the request id, extractors, paging.
 //! - [`auth`]: passwords, sessions, CSRF, mailed tokens, and the [`auth::Caller`] extractor.
 //! - [`users`]: the typed email, roles, statuses and the `users` queries.
@@ -65,6 +66,7 @@ pub mod embedded_pg;
 pub mod groups;
 pub mod host_commands;
 pub mod http;
+pub mod listen;
 pub mod monitor;
 pub mod openapi;
 pub mod rate_limit;

@@ -295,24 +295,21 @@ async fn step(
             .context("the relay did not recover from the previous step")?;
     }
     // Streams 0..groups go A -> B; with both directions, streams groups..2 x groups go B -> A.
-    let mut streams = Vec::with_capacity(groups * 2);
-    for g in &rig.groups[..groups] {
-        let mut rx = BusTap::join_at(&g.b.bus_root, &g.b.bus)?;
+    let a_to_b = rig.groups[..groups].iter().map(|g| (&g.a, &g.b));
+    let b_to_a = rig.groups[..groups].iter().map(|g| (&g.b, &g.a));
+    let directions: Vec<_> = if args.both_directions {
+        a_to_b.chain(b_to_a).collect()
+    } else {
+        a_to_b.collect()
+    };
+    let mut streams = Vec::with_capacity(directions.len());
+    for (from, to) in directions {
+        let mut rx = BusTap::join_at(&to.bus_root, &to.bus)?;
         rx.wait_for_peers(1, Duration::from_secs(5)).await;
         streams.push(Stream {
-            inject: &g.a.sim,
+            inject: &from.sim,
             rx,
         });
-    }
-    if args.both_directions {
-        for g in &rig.groups[..groups] {
-            let mut rx = BusTap::join_at(&g.a.bus_root, &g.a.bus)?;
-            rx.wait_for_peers(1, Duration::from_secs(5)).await;
-            streams.push(Stream {
-                inject: &g.b.sim,
-                rx,
-            });
-        }
     }
     // The tap joins the bus by its socket file; the simulator notices it within its refresh interval.
     tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;

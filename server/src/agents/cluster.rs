@@ -48,9 +48,6 @@ use control_proto::{ReplyError, ReplyOk, RequestBody, ServerMessage};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::dongle_tokens::KeyRing;
@@ -66,13 +63,6 @@ pub const MESSAGE_TTL: Duration = Duration::from_secs(60);
 
 /// The longest a relayed request may keep the holding instance waiting, whatever its sender asked.
 pub(super) const MAX_RELAYED_TIMEOUT: Duration = Duration::from_secs(3600);
-
-/// The first and the longest wait before the listening connection is opened again after a failure.
-const BACKOFF_FIRST: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-
-/// How many notifications may wait between the listening task and the one acting on them.
-pub(super) const WAKE_QUEUE: usize = 256;
 
 /// How the instances of one database find each other alive.
 #[derive(Debug, Clone)]
@@ -508,81 +498,6 @@ fn decode(keys: &KeyRing, notice: &Notice) -> Result<Message, ClusterError> {
         .map_err(|_| ClusterError::Unsealable)?;
     // The error names a position and a field, never a value.
     serde_json::from_slice(&plain).map_err(|e| ClusterError::Malformed(e.to_string()))
-}
-
-/// What wakes the task that acts on messages.
-pub(super) enum Wake {
-    /// A notification's payload.
-    Notice(String),
-    /// The listening connection was (re)opened: what was posted while nobody listened is in the
-    /// mailbox.
-    Resync,
-}
-
-async fn listen(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(channel).await?;
-    Ok(listener)
-}
-
-/// Keeps a LISTEN connection open (reopening it with exponential backoff) and forwards notifications.
-pub(super) async fn listen_loop(
-    pool: PgPool,
-    channel: String,
-    wake: mpsc::Sender<Wake>,
-    shutdown: CancellationToken,
-) {
-    let mut backoff = BACKOFF_FIRST;
-    loop {
-        let opened = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            opened = listen(&pool, &channel) => opened,
-        };
-        match opened {
-            Ok(mut listener) => {
-                backoff = BACKOFF_FIRST;
-                if wake.send(Wake::Resync).await.is_err() {
-                    return;
-                }
-                loop {
-                    let next = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        next = listener.try_recv() => next,
-                    };
-                    match next {
-                        Ok(Some(notification)) => {
-                            let payload = notification.payload().to_string();
-                            if wake.send(Wake::Notice(payload)).await.is_err() {
-                                return;
-                            }
-                        }
-                        // The connection dropped and the listener opened a new one: notifications
-                        // sent in between are lost, but their messages are in the mailbox.
-                        Ok(None) => {
-                            tracing::info!("the LISTEN connection was reopened");
-                            if wake.send(Wake::Resync).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(sqlx::Error::PoolClosed) => return,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "the LISTEN connection failed; polling until it is back");
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(sqlx::Error::PoolClosed) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "could not LISTEN; polling until it works");
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cluster::*;
 use super::hub::AgentHub;
+use crate::listen::{WAKE_QUEUE, Wake, listen_loop};
 
 /// Aborts a task when dropped, so that aborting [`run`] (a crash in tests) also stops its helpers.
 struct AbortOnDrop(JoinHandle<()>);

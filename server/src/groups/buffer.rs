@@ -116,6 +116,27 @@ pub struct Append<'a> {
 /// Writes the chunks in one transaction, records how far the source side's stream is accepted, and
 /// applies retention. When this returns Ok, the frames survive any crash: only then may the sender be
 /// acknowledged.
+/// The NOTIFY channel on which a write to the buffer names its group and direction, so that the
+/// instance serving the receiving side (often another one) reads it at once instead of at its next
+/// poll ([`super::wake`]).
+pub const BUFFERED_CHANNEL: &str = "relay_buffered";
+
+/// The payload of a [`BUFFERED_CHANNEL`] notification: `<group id>:<a|b>`, the side frames go to.
+pub fn buffered_payload(group_id: Uuid, towards: Side) -> String {
+    format!("{group_id}:{}", side_letter(towards))
+}
+
+/// Reads a [`BUFFERED_CHANNEL`] payload; None for anything else.
+pub fn parse_buffered_payload(payload: &str) -> Option<(Uuid, Side)> {
+    let (group, side) = payload.split_once(':')?;
+    let side = match side {
+        "a" => Side::A,
+        "b" => Side::B,
+        _ => return None,
+    };
+    Some((group.parse().ok()?, side))
+}
+
 pub async fn append(pool: &PgPool, req: Append<'_>) -> Result<Appended, BufferError> {
     let mut tx = pool.begin().await.map_err(BufferError::Db)?;
     let result = append_in(&mut tx, req).await;
@@ -172,6 +193,15 @@ async fn append_in(tx: &mut PgConnection, req: Append<'_>) -> Result<Appended, s
         .fetch_one(&mut *tx)
         .await?;
         buffered += inserted.max(0) as u64;
+        if inserted > 0 {
+            // Delivered at the commit, so the instance serving the receiving side reads committed
+            // rows when it wakes; PostgreSQL folds repeats within one transaction into one.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(BUFFERED_CHANNEL)
+                .bind(buffered_payload(group_id, target))
+                .execute(&mut *tx)
+                .await?;
+        }
     }
     // Retention: first by age, then by count, oldest first.
     let aged: i64 = sqlx::query_scalar(

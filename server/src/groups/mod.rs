@@ -15,6 +15,7 @@
 //! - [`buffer`]: the durable buffer in PostgreSQL (`relay_buffer`, `relay_sides`) and its retention.
 //! - [`chunk`]: a run of frames with consecutive positions, and cutting frames off its front.
 //! - [`console`]: the relay's events on the live console.
+//! - [`wake`]: wakes this instance's pipes when another instance buffered frames for a side they serve.
 //!
 //! A group's `mode` column is its state: INACTIVE until activated; once active, ACTIVE while both sides'
 //! agents have their data connection open and nothing is buffered, DEGRADED otherwise. Only the relay
@@ -31,3 +32,4 @@ pub mod pipe;
 pub mod relay;
 pub mod serving;
 pub mod settings;
+pub mod wake;

@@ -141,6 +141,25 @@ impl Relay {
         self.core.events.subscribe()
     }
 
+    /// Frames towards `towards` of `group_id` were committed to the buffer (a notification from
+    /// [`super::wake`]): the group's pipe here, if any, looks for them now. A pipe whose queue is full
+    /// is busy and looks at its next poll anyway.
+    pub async fn buffered(&self, group_id: Uuid, towards: Side) {
+        if let Some(pipe) = self.pipes.lock().await.get(&group_id) {
+            let _ = pipe.tx.try_send(PipeEvent::Buffered { towards });
+        }
+    }
+
+    /// Every pipe here looks at its buffer now: notifications may have been missed (the listening
+    /// connection was down).
+    pub async fn look_at_every_buffer(&self) {
+        for pipe in self.pipes.lock().await.values() {
+            for towards in PerSide::<()>::SIDES {
+                let _ = pipe.tx.try_send(PipeEvent::Buffered { towards });
+            }
+        }
+    }
+
     pub fn stats(&self) -> &RelayStats {
         &self.core.stats
     }

@@ -87,6 +87,11 @@ pub enum Input {
     },
     /// Read the group's sides, its buffer's rows and the connections again.
     Refresh,
+    /// Frames towards `towards` were committed to the buffer (by another instance, as a rule): look
+    /// for them at the next tick instead of at the next poll.
+    Buffered {
+        towards: Side,
+    },
     /// Do what is due.
     Tick,
     /// The pipe ends: what is in flight and what waits goes to the buffer, then the counters.
@@ -476,6 +481,11 @@ impl Machine {
             Input::Refresh => {
                 self.program
                     .extend([Phase::LoadSides, Phase::LoadRows, Phase::Connections])
+            }
+            Input::Buffered { towards } => {
+                let towards = &mut self.towards[towards];
+                towards.poll_at = Some(now);
+                towards.poll_every = None;
             }
             Input::Tick => {
                 for t in PerSide::<()>::SIDES {

@@ -63,6 +63,8 @@ pub(crate) enum PipeEvent {
         side: Side,
         total: u64,
     },
+    /// Frames towards `towards` were committed to the buffer, maybe by another instance.
+    Buffered { towards: Side },
     /// Look at the group's sides and connections again (`done` answers after the look).
     Refresh { done: Option<oneshot::Sender<()>> },
     /// End: after writing what is held to the buffer, or at once with `discard` (the group is gone).
@@ -179,6 +181,7 @@ impl Pipe {
                         PipeEvent::Ack { agent_id, side, n } => {
                             Some(Input::Ack { agent_id, side, n })
                         }
+                        PipeEvent::Buffered { towards } => Some(Input::Buffered { towards }),
                         PipeEvent::Drops {
                             agent_id,
                             side,

@@ -880,3 +880,30 @@ proptest! {
         prop_assert_eq!(w.tally.accepted, a.next);
     }
 }
+
+#[test]
+fn frames_another_instance_buffered_are_read_at_the_next_tick_once_notified() {
+    let mut w = World::new(settings());
+    // B's agent is connected here; A's is on another instance, which writes to the buffer.
+    w.connect(AGENT_B);
+    w.tick();
+    // The pipe looked and found nothing: its next look is a poll interval away, or more.
+    w.advance(ms(1));
+    w.tick();
+    let c = chunk(0, 3);
+    w.buffer[Side::B].insert(
+        0,
+        Row {
+            chunk: c.clone(),
+            at: w.now,
+        },
+    );
+    w.advance(ms(1));
+    w.tick();
+    assert!(w.taken_by_b().is_empty(), "not polled again yet");
+    // The other instance's commit notifies: the next tick reads the rows.
+    w.input(Input::Buffered { towards: Side::B });
+    w.advance(ms(1));
+    w.tick();
+    assert_eq!(w.taken_by_b(), vec![0, 1, 2]);
+}
