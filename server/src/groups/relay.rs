@@ -18,9 +18,10 @@
 //!
 //! A side counts as connected only when its agent's data connection is on this instance. Frames for a
 //! side whose agent is elsewhere go to the durable buffer, and the instance holding that agent's data
-//! connection delivers them: its pipe looks for new rows every `poll_interval` while the receiving side
-//! is connected to it and the sending side is not. The group shows DEGRADED meanwhile, which is what it
-//! is: relayed through the buffer.
+//! connection delivers them: the write notifies at its commit, and [`super::wake`] has the receiving
+//! pipe read the new rows at once ([`Relay::buffered`]); a poll every `poll_interval` (backing off while
+//! it finds nothing) is the fallback for a missed notification. The group shows DEGRADED meanwhile,
+//! which is what it is: relayed through the buffer.
 //!
 //! # The console's hook
 //!
