@@ -98,7 +98,7 @@ pub fn cpu_by_part(parts: &[String]) -> BTreeMap<String, Duration> {
         };
         let part = parts
             .iter()
-            .find(|p| comm.trim_end().starts_with(p.as_str()))
+            .find(|p| comm.trim_end() == p.as_str())
             .cloned()
             .unwrap_or_else(|| "rest".to_string());
         *by_part.entry(part).or_default() += cpu;

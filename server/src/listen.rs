@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -28,8 +28,21 @@ pub enum Wake {
     Resync,
 }
 
+/// Opens a LISTEN connection with the pool's settings, but outside the pool: a listener holds its
+/// connection for the life of the instance, and an instance has several (the mailbox's, the relay's),
+/// which would otherwise leave the pool that many connections short for every request (a test's pool
+/// of five lost two).
 async fn listen(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
+    if pool.is_closed() {
+        return Err(sqlx::Error::PoolClosed);
+    }
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_with((*pool.connect_options()).clone())
+        .await?;
+    let mut listener = PgListener::connect_with(&own).await?;
     listener.listen(channel).await?;
     Ok(listener)
 }
@@ -43,8 +56,11 @@ pub async fn listen_loop(
 ) {
     let mut backoff = BACKOFF_FIRST;
     loop {
+        // The listener's connection is its own, so the instance's pool closing (the server stopping
+        // or killed) is watched for here.
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = pool.close_event() => return,
             opened = listen(&pool, &channel) => opened,
         };
         match opened {
@@ -56,6 +72,7 @@ pub async fn listen_loop(
                 loop {
                     let next = tokio::select! {
                         _ = shutdown.cancelled() => return,
+                        _ = pool.close_event() => return,
                         next = listener.try_recv() => next,
                     };
                     match next {

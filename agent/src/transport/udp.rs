@@ -44,8 +44,22 @@ impl UdpHub {
         let socket = UdpSocket::bind(addr).await?;
         socket.set_broadcast(true)?;
         // Every LAN dongle's packets land in this one socket's buffer while the reader waits for a
-        // core; the system caps the request, and a smaller buffer still works, so a refusal is ignored.
-        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(RECV_BUFFER);
+        // core. The system caps the request (Linux: net.core.rmem_max, 208 KiB unless raised), and a
+        // smaller buffer still works, so a shortfall is said once, with what to do, and not refused.
+        let buffer = socket2::SockRef::from(&socket);
+        let _ = buffer.set_recv_buffer_size(RECV_BUFFER);
+        // Linux reports twice what it keeps for its own bookkeeping.
+        if let Ok(got) = buffer.recv_buffer_size()
+            && got < RECV_BUFFER
+        {
+            tracing::warn!(
+                wanted = RECV_BUFFER,
+                got,
+                "the UDP receive buffer for LAN dongles is smaller than asked: a busy workstation may \
+                 lose their frames in bursts; on Linux raise it with `sysctl -w net.core.rmem_max={}`",
+                RECV_BUFFER
+            );
+        }
         let hub = Self {
             socket: Arc::new(socket),
             routes: Arc::default(),

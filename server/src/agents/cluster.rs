@@ -21,8 +21,9 @@
 //! - A request is answered by a reply addressed to the asking instance, which hands it to the waiter
 //!   that [`AgentHub::request`] left in its pending table; the waiter's own timeout bounds everything.
 //!   The holding instance forwards it only to its own socket, so a request is never relayed twice.
-//! - The listening connection is one of the pool's, held for the life of the instance; when the pool
-//!   closes it is given back, and the instance's work stops. A graceful stop deletes the instance's row,
+//! - The listening connection ([`crate::listen`]) has the pool's settings but is not one of the pool's,
+//!   so it takes nothing from the requests; when the pool closes it closes too, and the instance's
+//!   work stops. A graceful stop deletes the instance's row,
 //!   so its agents count as disconnected everywhere at once instead of after the staleness window.
 //!
 //! # Limits and secrets

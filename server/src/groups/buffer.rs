@@ -113,9 +113,6 @@ pub struct Append<'a> {
     pub carried: u64,
 }
 
-/// Writes the chunks in one transaction, records how far the source side's stream is accepted, and
-/// applies retention. When this returns Ok, the frames survive any crash: only then may the sender be
-/// acknowledged.
 /// The NOTIFY channel on which a write to the buffer names its group and direction, so that the
 /// instance serving the receiving side (often another one) reads it at once instead of at its next
 /// poll ([`super::wake`]).
@@ -137,15 +134,41 @@ pub fn parse_buffered_payload(payload: &str) -> Option<(Uuid, Side)> {
     Some((group.parse().ok()?, side))
 }
 
+/// Writes the chunks in one transaction, records how far the source side's stream is accepted, and
+/// applies retention. When this returns Ok, the frames survive any crash: only then may the sender be
+/// acknowledged. Written frames are then announced on [`BUFFERED_CHANNEL`].
 pub async fn append(pool: &PgPool, req: Append<'_>) -> Result<Appended, BufferError> {
+    let wrote = (!req.chunks.is_empty()).then_some((req.group_id, req.target));
     let mut tx = pool.begin().await.map_err(BufferError::Db)?;
     let result = append_in(&mut tx, req).await;
     match result {
         Ok(appended) => {
             tx.commit().await.map_err(classify)?;
+            if let Some((group_id, target)) = wrote {
+                announce_buffered(pool, group_id, target).await;
+            }
             Ok(appended)
         }
         Err(e) => Err(classify(e)),
+    }
+}
+
+/// Tells every instance that frames towards `target` of `group_id` are in the buffer now.
+///
+/// In a statement of its own, after the write's commit: PostgreSQL serialises the commits of all
+/// transactions that notify under one lock, held through the commit's flush, so a NOTIFY inside the
+/// write would make every group's writes on every instance commit one at a time. This one commits
+/// without waiting for the flush (a notification lost in a crash costs a poll), and a failure is only
+/// logged: the write is done, and the receiving pipe's poll finds the frames anyway.
+async fn announce_buffered(pool: &PgPool, group_id: Uuid, target: Side) {
+    let announced =
+        sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)")
+            .bind(BUFFERED_CHANNEL)
+            .bind(buffered_payload(group_id, target))
+            .execute(pool)
+            .await;
+    if let Err(e) = announced {
+        tracing::debug!(%group_id, error = %e, "could not announce buffered frames; the poll will find them");
     }
 }
 
@@ -193,15 +216,6 @@ async fn append_in(tx: &mut PgConnection, req: Append<'_>) -> Result<Appended, s
         .fetch_one(&mut *tx)
         .await?;
         buffered += inserted.max(0) as u64;
-        if inserted > 0 {
-            // Delivered at the commit, so the instance serving the receiving side reads committed
-            // rows when it wakes; PostgreSQL folds repeats within one transaction into one.
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(BUFFERED_CHANNEL)
-                .bind(buffered_payload(group_id, target))
-                .execute(&mut *tx)
-                .await?;
-        }
     }
     // Retention: first by age, then by count, oldest first.
     let aged: i64 = sqlx::query_scalar(
