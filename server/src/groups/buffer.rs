@@ -96,6 +96,33 @@ async fn lock_direction(
     Ok(buffered.max(0) as u64)
 }
 
+/// Locks both sides' rows of the group, always side A's first, and answers `target`'s buffered frames.
+///
+/// A write records its sender's position in the other side's row. Two instances each relaying one
+/// direction would otherwise lock their own direction's row and then wait for the other's, in opposite
+/// orders: a deadlock, which PostgreSQL breaks only after its deadlock timeout (a second) by failing one
+/// write. One order for every transaction that locks both rows makes that impossible.
+async fn lock_both_directions(
+    conn: &mut PgConnection,
+    group_id: Uuid,
+    target: Side,
+) -> Result<u64, sqlx::Error> {
+    ensure_side(conn, group_id, Side::A).await?;
+    ensure_side(conn, group_id, Side::B).await?;
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT side::text, buffered_frames FROM relay_sides WHERE group_id = $1 \
+         ORDER BY side FOR UPDATE",
+    )
+    .bind(group_id)
+    .fetch_all(conn)
+    .await?;
+    let target = side_letter(target);
+    Ok(rows
+        .iter()
+        .find(|(side, _)| side == target)
+        .map_or(0, |(_, buffered)| (*buffered).max(0) as u64))
+}
+
 /// One write to a direction's buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct Append<'a> {
@@ -183,10 +210,12 @@ async fn append_in(tx: &mut PgConnection, req: Append<'_>) -> Result<Appended, s
         carried,
     } = req;
     let direction = direction_to(target);
-    let mut buffered = lock_direction(tx, group_id, target).await?;
+    let mut buffered = match source_next_in {
+        Some(_) => lock_both_directions(tx, group_id, target).await?,
+        None => lock_direction(tx, group_id, target).await?,
+    };
     if let Some(next_in) = source_next_in {
         let source = target.other();
-        ensure_side(tx, group_id, source).await?;
         sqlx::query(
             "UPDATE relay_sides SET next_in = GREATEST(next_in, $3) WHERE group_id = $1 AND side = $2",
         )
