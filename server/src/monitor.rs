@@ -230,13 +230,12 @@ impl MonitorIngest {
             .unwrap_or(0);
         console.bus_meter.add(dongle_id, monitor.seen, bits);
         let ts = crate::console::timestamp(chrono::Utc::now());
-        let records: Vec<_> = monitor.batch.iter().collect();
-        console.publish_frames(StreamKey::Dongle(dongle_id), records.len(), |i| {
+        console.publish_frames(StreamKey::Dongle(dongle_id), monitor.batch.iter(), |r| {
             ConsoleEvent::can_frame(
                 dongle_id,
                 monitor.direction.name(),
                 &ts,
-                (&records[i]).into(),
+                (&r).into(),
                 sampled,
             )
         });

@@ -385,7 +385,9 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
                     match message.kind {
                         Kind::Ack => shared.data.acknowledged(message.group_id, message.side, message.n),
                         Kind::Frames => {
-                            hops::mark_message(hops::Hop::ReceiverRead, &bytes);
+                            if let Some(batch) = &message.batch {
+                                hops::mark_all(hops::Hop::ReceiverRead, batch.iter().map(|r| r.data));
+                            }
                             let frames: Vec<Frame> = message
                                 .batch
                                 .iter()

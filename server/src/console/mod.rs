@@ -350,32 +350,31 @@ impl Console {
     /// kept and marked with N, and a `log` event says when the sampling changes.
     pub fn publish(&self, key: StreamKey, event: ConsoleEvent) {
         if matches!(event, ConsoleEvent::CanFrame { .. }) {
-            let mut event = Some(event);
-            self.publish_frames(key, 1, |_| event.take().expect("one frame, made once"));
+            self.publish_frames(key, [event], |event| event);
             return;
         }
         let mut streams = self.streams.lock().expect("console lock");
         streams.entry(key).or_insert_with(Stream::new).push(event);
     }
 
-    /// Publishes `count` CAN frames on `key`'s stream, sampled as [`publish`](Self::publish) does:
-    /// `make(i)` builds frame `i`'s `can_frame` event and is called only for the frames the sampling
-    /// keeps. A relayed batch of a busy bus therefore costs a counter per frame, not a formatted event
+    /// Publishes CAN frames on `key`'s stream, sampled as [`publish`](Self::publish) does: `make`
+    /// builds a frame's `can_frame` event and is called only for the frames the sampling keeps. A
+    /// relayed batch of a busy bus therefore costs a counter per frame, not a formatted event
     /// (formatting every relayed frame three times was 9 % of the relay's CPU with 20 busy groups).
-    pub fn publish_frames(
+    pub fn publish_frames<T>(
         &self,
         key: StreamKey,
-        count: usize,
-        mut make: impl FnMut(usize) -> ConsoleEvent,
+        frames: impl IntoIterator<Item = T>,
+        mut make: impl FnMut(T) -> ConsoleEvent,
     ) {
         let mut streams = self.streams.lock().expect("console lock");
         let stream = streams.entry(key).or_insert_with(Stream::new);
         let now = Instant::now();
-        for i in 0..count {
+        for frame in frames {
             let Some(sampled) = stream.admit_frame(now, self.frame_rate_limit) else {
                 continue;
             };
-            let mut event = make(i);
+            let mut event = make(frame);
             if let ConsoleEvent::CanFrame { sampled: s, .. } = &mut event {
                 *s = sampled.or(*s);
             }
@@ -555,14 +554,14 @@ mod tests {
         let console = Console::new(10);
         let key = StreamKey::Group(Uuid::new_v4());
         let mut built = 0;
-        console.publish_frames(key, 100, |_| {
+        console.publish_frames(key, 0..100, |_| {
             built += 1;
             frame()
         });
         assert_eq!(built, 100, "the first second shows every frame");
         tokio::time::advance(Duration::from_secs(1)).await;
         built = 0;
-        console.publish_frames(key, 100, |_| {
+        console.publish_frames(key, 0..100, |_| {
             built += 1;
             frame()
         });

@@ -82,7 +82,6 @@ fn frames(console: &Console, group_id: Uuid, from: Uuid, to: Uuid, batch: &[u8])
     let Ok(batch) = Batch::parse(batch) else {
         return;
     };
-    let ts = crate::console::timestamp(chrono::Utc::now());
     // Both buses carry these frames: the sender's received them, the receiver's transmits them.
     let bits: u64 = batch
         .iter()
@@ -91,19 +90,25 @@ fn frames(console: &Console, group_id: Uuid, from: Uuid, to: Uuid, batch: &[u8])
     let count = batch.len() as u64;
     console.bus_meter.add(from, count, bits);
     console.bus_meter.add(to, count, bits);
-    let records: Vec<FrameView<'_>> = batch.iter().map(|r| (&r).into()).collect();
-    console.publish_frames(StreamKey::Dongle(from), records.len(), |i| {
-        ConsoleEvent::can_frame(from, "rx", &ts, records[i], None)
+    // Formatted once, and only when the sampling keeps a frame.
+    let ts_cell = std::cell::OnceCell::new();
+    let ts = || {
+        ts_cell
+            .get_or_init(|| crate::console::timestamp(chrono::Utc::now()))
+            .as_str()
+    };
+    console.publish_frames(StreamKey::Dongle(from), batch.iter(), |r| {
+        ConsoleEvent::can_frame(from, "rx", ts(), (&r).into(), None)
     });
-    console.publish_frames(StreamKey::Group(group_id), records.len(), |i| {
-        ConsoleEvent::can_frame(from, "rx", &ts, records[i], None)
+    console.publish_frames(StreamKey::Group(group_id), batch.iter(), |r| {
+        ConsoleEvent::can_frame(from, "rx", ts(), (&r).into(), None)
     });
     // The time on the frame is the sending dongle's clock, which says nothing of the receiver.
-    console.publish_frames(StreamKey::Dongle(to), records.len(), |i| {
+    console.publish_frames(StreamKey::Dongle(to), batch.iter(), |r| {
         let tx = FrameView {
             dongle_ts_us: 0,
-            ..records[i]
+            ..(&r).into()
         };
-        ConsoleEvent::can_frame(to, "tx", &ts, tx, None)
+        ConsoleEvent::can_frame(to, "tx", ts(), tx, None)
     });
 }

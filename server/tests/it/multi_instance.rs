@@ -452,3 +452,30 @@ async fn a_stopped_instance_leaves_at_once(pool: PgPool) {
     );
     app.stop().await;
 }
+
+/// An instance keeps two LISTEN connections open for its life (the mailbox's and the relay's). Taken
+/// from its pool, they left a pool of five three connections for every request, which a test pool
+/// felt as waits; now they are opened beside the pool, and all of it stays for requests.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn listening_takes_nothing_from_the_pool(pool: PgPool) {
+    let own = PgPoolOptions::new()
+        .max_connections(5)
+        .connect(&common::database_url_of(&pool))
+        .await
+        .unwrap();
+    let app = spawn_app_with(own.clone(), |_| {}).await;
+    // Both listeners are open once the instance answers and a moment has passed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(own.acquire().await.unwrap());
+        }
+        held
+    })
+    .await
+    .expect("every connection of the pool can be had while the instance listens");
+    assert_eq!(all.len(), 5);
+    drop(all);
+    app.stop().await;
+}
