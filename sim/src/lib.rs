@@ -6,12 +6,10 @@
 //! command line over the same library.
 //!
 //! # Layout
-//! - [`dongle`]: the core: a link packet in, answers, frames and events out; no I/O.
-//! - [`pairing`]: the pairing window, PIN check, attempt counting and cool-down.
-//! - [`timing`]: CAN bit timing checks and derivation.
-//! - [`cli`]: the allow-listed CLI commands.
+//! - [`dongle_core`] (re-exported as [`dongle`], [`pairing`], [`timing`], [`cli`] and [`frame`]): the
+//!   dongle's behaviour without I/O, the same code the reference firmware runs.
+//! - [`event`]: what the simulator reports: the core's events and its own.
 //! - [`state`]: the "flash", a JSON state file written atomically.
-//! - [`frame`]: an owned CAN/CAN FD frame and its candump text form.
 //! - [`bus`]: the virtual CAN bus over Unix datagram sockets, and [`BusTap`].
 //! - [`traffic`]: the frame generator and `candump -L` replay.
 //! - [`faults`]: fault injection on the link.
@@ -23,20 +21,19 @@
 #![warn(missing_docs)]
 
 pub mod bus;
-pub mod cli;
-pub mod dongle;
+pub mod event;
 pub mod faults;
-pub mod frame;
 pub mod link;
-pub mod pairing;
 mod shared;
 pub mod sim;
 pub mod state;
-pub mod timing;
 pub mod traffic;
 
+pub use dongle_core::{cli, dongle, frame, pairing, timing};
+
 pub use bus::BusTap;
-pub use dongle::{Counters, Extensions, SimEvent};
+pub use dongle_core::{Counters, Extensions};
+pub use event::SimEvent;
 pub use faults::Faults;
 pub use frame::Frame;
 pub use sim::{LinkConfig, SimConfig, SimError, SimHandle, SimStats, Simulator};

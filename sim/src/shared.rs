@@ -10,10 +10,13 @@ use firmware_proto::stream::StreamStats;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::dongle::{Dongle, Output, SimEvent};
+use crate::event::SimEvent;
 use crate::faults::Faults;
 use crate::frame::Frame;
-use crate::state::Flash;
+use dongle_core::{Flash, Output};
+
+/// The dongle core over tokio's clock, so that the simulator's tests can pause and advance it.
+pub(crate) type Dongle = dongle_core::Dongle<Instant>;
 
 /// Counters of the host link.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -114,7 +117,7 @@ impl Shared {
                     }
                 }
                 Output::Event(event) => {
-                    let _ = self.events.send(event);
+                    let _ = self.events.send(event.into());
                 }
                 Output::FlashChanged => {
                     self.flash_tx.send_replace(core.flash().clone());
@@ -152,7 +155,7 @@ impl Shared {
     /// The dongle loses power: RAM state goes, delayed answers are cancelled.
     pub(crate) fn power_cycle(self: &Arc<Self>) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        lock(&self.core).power_cycle(Instant::now());
+        lock(&self.core).power_cycle(Instant::now(), crate::state::unix_ms());
     }
 
     pub(crate) fn deliver_local(self: &Arc<Self>, frames: &[Frame]) {

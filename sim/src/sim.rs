@@ -25,13 +25,15 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::bus::{BusError, Endpoint};
-use crate::dongle::{Counters, Dongle, DongleConfig, Extensions, SimEvent};
+use crate::event::SimEvent;
 use crate::faults::Faults;
 use crate::frame::Frame;
 use crate::link::pty::Pty;
 use crate::link::udp::UdpLink;
-use crate::state::{Flash, StateError};
+use crate::shared::Dongle;
+use crate::state::{Flash, StateError, StateFile, unix_ms};
 use crate::traffic::{CandumpLog, Generator, GeneratorConfig, LogError};
+use dongle_core::{Counters, DongleConfig, Extensions};
 
 /// Packets queued for the host at most.
 pub const HOST_QUEUE: usize = 1024;
@@ -242,7 +244,12 @@ impl Simulator {
             cli_output_limit: config.cli_output_limit,
             ..DongleConfig::default()
         };
-        let mut dongle = Dongle::new(dongle_config, flash.clone(), Instant::now());
+        // A fresh ChaCha generator per dongle, seeded from the operating system: PINs and nonces must
+        // not be guessable.
+        let rng: Box<dyn rand::Rng + Send> = Box::new(
+            <rand::rngs::StdRng as rand::SeedableRng>::from_rng(&mut rand::rng()),
+        );
+        let mut dongle = Dongle::new(dongle_config, flash.clone(), Instant::now(), unix_ms(), rng);
 
         // Open the link first, so that an error surfaces here rather than in a task.
         enum Opened {

@@ -6,6 +6,9 @@
 //! file in the same folder, fsync, then rename over the old one, so a crash leaves the old or
 //! the new contents, never half of each. A file that does not parse is an error that names
 //! the file and says what to do; it is never silently replaced.
+//!
+//! [`Flash`] itself is the dongle core's; this module is the simulator's way of keeping it, through
+//! the [`StateFile`] methods (a firmware keeps [`Flash::to_image`] in a flash page instead).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -16,24 +19,19 @@ use firmware_proto::ids::{DeviceId, DongleToken};
 use firmware_proto::remp::CanMode;
 use serde::{Deserialize, Serialize};
 
-use crate::timing::CanSettings;
+pub use dongle_core::Flash;
+use dongle_core::timing::CanSettings;
 
 /// The largest state file read, in bytes; a real one is a few hundred.
 const MAX_STATE_FILE_LEN: u64 = 64 * 1024;
 /// The format version written into the file.
 const FORMAT_VERSION: u32 = 1;
 
-/// What the dongle keeps in flash.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Flash {
-    /// The dongle's identity.
-    pub device_id: DeviceId,
-    /// The token of the owner's server, once paired.
-    pub token: Option<DongleToken>,
-    /// When the pairing cool-down ends, in milliseconds since the Unix epoch.
-    pub cooldown_until_unix_ms: Option<u64>,
-    /// The CAN configuration last applied.
-    pub can: CanSettings,
+/// The wall clock the simulator gives its dongle core: milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Why the state file could not be read or written.
@@ -94,27 +92,27 @@ struct StoredCan {
     flags: u8,
 }
 
-impl Flash {
-    /// A fresh flash: no token, no cool-down, the default CAN configuration.
-    pub fn new(device_id: DeviceId) -> Self {
-        Self {
-            device_id,
-            token: None,
-            cooldown_until_unix_ms: None,
-            can: CanSettings::default(),
-        }
-    }
-
+/// The simulator's state file, as methods of the core's [`Flash`].
+pub trait StateFile: Sized {
     /// A fresh flash with a random device id.
-    pub fn random() -> Self {
+    fn random() -> Self;
+    /// Reads the state file, or creates it when it does not exist (with `device_id`, or a
+    /// random id). A `device_id` that disagrees with an existing file is an error.
+    fn load_or_create(path: &Path, device_id: Option<DeviceId>) -> Result<Self, StateError>;
+    /// Reads the state file; `Ok(None)` when it does not exist.
+    fn load(path: &Path) -> Result<Option<Self>, StateError>;
+    /// Writes the state file atomically (temporary file, fsync, rename), mode 0600.
+    fn save(&self, path: &Path) -> Result<(), StateError>;
+}
+
+impl StateFile for Flash {
+    fn random() -> Self {
         let mut id = [0u8; 8];
         rand::fill(&mut id);
         Self::new(DeviceId(id))
     }
 
-    /// Reads the state file, or creates it when it does not exist (with `device_id`, or a
-    /// random id). A `device_id` that disagrees with an existing file is an error.
-    pub fn load_or_create(path: &Path, device_id: Option<DeviceId>) -> Result<Self, StateError> {
+    fn load_or_create(path: &Path, device_id: Option<DeviceId>) -> Result<Self, StateError> {
         match Self::load(path)? {
             Some(flash) => match device_id {
                 Some(requested) if requested != flash.device_id => {
@@ -134,8 +132,7 @@ impl Flash {
         }
     }
 
-    /// Reads the state file; `Ok(None)` when it does not exist.
-    pub fn load(path: &Path) -> Result<Option<Self>, StateError> {
+    fn load(path: &Path) -> Result<Option<Self>, StateError> {
         let io = |source| StateError::Io {
             path: path.into(),
             source,
@@ -164,7 +161,7 @@ impl Flash {
                 reason: "larger than 64 KiB".into(),
             });
         }
-        Self::parse(&text)
+        parse(&text)
             .map(Some)
             .map_err(|reason| StateError::Damaged {
                 path: path.into(),
@@ -172,48 +169,7 @@ impl Flash {
             })
     }
 
-    fn parse(text: &str) -> Result<Self, String> {
-        let f: FileFormat = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        if f.version != FORMAT_VERSION {
-            return Err(format!("unknown format version {}", f.version));
-        }
-        let device_id = f
-            .device_id
-            .parse()
-            .map_err(|_| "device_id is not 16 hex digits".to_string())?;
-        let token = match f.token {
-            None => None,
-            Some(hex_token) => {
-                let bytes = hex::decode(hex_token).map_err(|_| "token is not hex".to_string())?;
-                Some(
-                    DongleToken::from_slice(&bytes)
-                        .map_err(|_| "token is not 32 bytes".to_string())?,
-                )
-            }
-        };
-        let c = f.can;
-        let mode =
-            CanMode::from_name(&c.mode).ok_or_else(|| format!("unknown CAN mode {:?}", c.mode))?;
-        let can = CanSettings {
-            bitrate: c.bitrate,
-            sample_point_permille: c.sample_point_permille,
-            prescaler: c.prescaler,
-            sjw: c.sjw,
-            tseg1: c.tseg1,
-            tseg2: c.tseg2,
-            mode,
-            flags: c.flags,
-        };
-        Ok(Self {
-            device_id,
-            token,
-            cooldown_until_unix_ms: f.cooldown_until_unix_ms,
-            can,
-        })
-    }
-
-    /// Writes the state file atomically (temporary file, fsync, rename), mode 0600.
-    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+    fn save(&self, path: &Path) -> Result<(), StateError> {
         let io = |source| StateError::Io {
             path: path.into(),
             source,
@@ -259,6 +215,43 @@ impl Flash {
             io(e)
         })
     }
+}
+
+fn parse(text: &str) -> Result<Flash, String> {
+    let f: FileFormat = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    if f.version != FORMAT_VERSION {
+        return Err(format!("unknown format version {}", f.version));
+    }
+    let device_id = f
+        .device_id
+        .parse()
+        .map_err(|_| "device_id is not 16 hex digits".to_string())?;
+    let token = match f.token {
+        None => None,
+        Some(hex_token) => {
+            let bytes = hex::decode(hex_token).map_err(|_| "token is not hex".to_string())?;
+            Some(DongleToken::from_slice(&bytes).map_err(|_| "token is not 32 bytes".to_string())?)
+        }
+    };
+    let c = f.can;
+    let mode =
+        CanMode::from_name(&c.mode).ok_or_else(|| format!("unknown CAN mode {:?}", c.mode))?;
+    let can = CanSettings {
+        bitrate: c.bitrate,
+        sample_point_permille: c.sample_point_permille,
+        prescaler: c.prescaler,
+        sjw: c.sjw,
+        tseg1: c.tseg1,
+        tseg2: c.tseg2,
+        mode,
+        flags: c.flags,
+    };
+    Ok(Flash {
+        device_id,
+        token,
+        cooldown_until_unix_ms: f.cooldown_until_unix_ms,
+        can,
+    })
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
-use crate::dongle::SimEvent;
+use crate::event::SimEvent;
 use crate::faults;
 use crate::shared::{LinkStats, Shared};
 

@@ -13,7 +13,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::dongle::SimEvent;
+use crate::event::SimEvent;
 use crate::faults;
 use crate::shared::Shared;
 

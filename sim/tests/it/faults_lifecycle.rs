@@ -6,6 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
+use dongle_sim::state::StateFile;
 use dongle_sim::{Faults, LinkConfig, SimConfig};
 use firmware_proto::discovery::PairingState;
 use firmware_proto::ids::DeviceId;

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dongle_sim::state::StateFile;
 use dongle_sim::{Frame, SimConfig, SimEvent, SimHandle, Simulator};
 use firmware_proto::discovery::{self, PairingState};
 use firmware_proto::ext::auth::{dongle_proof, host_proof};

@@ -6,8 +6,10 @@
 //! wire forms stay in `firmware-proto`: [`Frame::to_record`] and [`Frame::from_record`] convert
 //! to and from its batch record, [`Frame::to_can_frame`] to a plain REMP CAN payload.
 
-use std::fmt;
-use std::str::FromStr;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+use core::str::FromStr;
 
 use firmware_proto::ext::CanRecord;
 use firmware_proto::ext::batch::{flags as rec_flags, len_to_dlc};
@@ -78,8 +80,10 @@ impl Frame {
         Ok(Self::build(id, flags, data))
     }
 
-    /// Builds a frame without checking `flags` against the length; at most 64 bytes are kept.
-    pub(crate) fn build(id: CanId, flags: u8, data: &[u8]) -> Self {
+    /// Builds a frame without checking `flags` against the length; at most 64 bytes are kept. For
+    /// generators that know their frames are valid; everything else uses [`Frame::classic`] or
+    /// [`Frame::fd`].
+    pub fn build(id: CanId, flags: u8, data: &[u8]) -> Self {
         let mut buf = [0u8; 64];
         let len = data.len().min(64);
         if let (Some(dst), Some(src)) = (buf.get_mut(..len), data.get(..len)) {

@@ -17,7 +17,10 @@
 //! cut there and the response carries the truncated flag. This module only decides what to
 //! answer; [`crate::dongle`] carries it out.
 
-use std::time::Duration;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::time::Duration;
 
 use firmware_proto::remp::CliStatus;
 

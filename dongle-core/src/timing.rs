@@ -18,9 +18,9 @@ pub const CAN_CLOCK_HZ: u32 = 80_000_000;
 /// The largest bitrate error, in parts per million, that a derived timing may have.
 pub const MAX_BITRATE_ERROR_PPM: u64 = 10_000;
 /// Bitrates accepted when the timing is derived.
-pub const BITRATE_RANGE: std::ops::RangeInclusive<u32> = 10_000..=1_000_000;
+pub const BITRATE_RANGE: core::ops::RangeInclusive<u32> = 10_000..=1_000_000;
 /// Sample points accepted when the timing is derived, in permille.
-pub const SAMPLE_POINT_RANGE: std::ops::RangeInclusive<u16> = 500..=950;
+pub const SAMPLE_POINT_RANGE: core::ops::RangeInclusive<u16> = 500..=950;
 
 /// The ranges of a controller's nominal bit timing registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,9 +1,15 @@
 //! The dongle itself: packets and frames in, answers, frames and events out.
 //!
-//! [`Dongle`] is pure logic: it does no I/O and takes the time from its caller, so every
-//! behaviour can be unit tested by feeding it bytes and a time. (The one exception is the
-//! cool-down's end, kept in flash as wall-clock time so that a restart does not lift it.) The transports ([`crate::link`]) feed it decoded link
-//! packets; the runtime ([`crate::sim`]) carries out its [`Output`]s.
+//! [`Dongle`] is pure logic: it does no I/O and takes the time and its random numbers from its
+//! host, so every behaviour can be unit tested by feeding it bytes and a time. The host's
+//! transports feed it decoded link packets; the host carries out its [`Output`]s (the simulator's
+//! runtime, or a firmware's main loop).
+//!
+//! Wall-clock time. The cool-down's end is kept in flash as wall-clock milliseconds, so that a
+//! restart does not lift it. The host gives the wall clock once, at boot ([`Dongle::new`]); the
+//! core counts on from there with the monotonic clock. A board without a real-time clock passes 0
+//! at every boot: a cool-down stored before a restart then lasts its full length again after it
+//! (longer than asked, never shorter), which is the safe side.
 //!
 //! Authentication. CAN, CAN_CONFIG, CLI and the extension requests need the stored 32-byte
 //! token in the header (compared in constant time) or, with the session extension, a valid
@@ -23,7 +29,11 @@
 //! UDP: to the address the last packet came from, as the firmware answers the port it last
 //! heard), so a dongle never streams its bus to an unauthenticated party.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use alloc::boxed::Box;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use alloc::{format, vec};
+use core::time::Duration;
 
 use firmware_proto::discovery::{self, Announce, PairingState};
 use firmware_proto::ext::auth::{dongle_proof, host_proof, proof_matches};
@@ -37,13 +47,13 @@ use firmware_proto::remp::{
     MAX_PAYLOAD_LEN, MsgType, Packet, PairingAck, PairingStatus, Payload, TelemetrySource,
 };
 use firmware_proto::{MAX_PACKET_LEN, caps};
-use rand::RngExt;
-use tokio::time::Instant;
+use rand::{Rng, RngExt};
 
 use crate::cli::{self, CliAction, CliContext};
+use crate::flash::Flash;
 use crate::frame::Frame;
 use crate::pairing::{Pairing, StartOutcome, SubmitOutcome};
-use crate::state::Flash;
+use crate::time::{Instant, since};
 use crate::timing::{self, Limits, TimingError};
 
 /// Which REMP extensions the dongle speaks (and announces).
@@ -171,10 +181,10 @@ impl Default for DongleConfig {
 /// The firmware build number the simulator reports.
 pub const FW_BUILD_NUMBER: u16 = 700;
 
-/// Something the simulator reports to its user (the library's event stream, the binary's log).
+/// Something the dongle shows on its display or log (the simulator's event stream, a firmware's
+/// UART log). Exhaustive on purpose: a host that shows events must decide how to show a new one.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum SimEvent {
+pub enum Event {
     /// The dongle shows a PIN: a pairing window opened. This stands for the dongle's display.
     Pin {
         /// The dongle.
@@ -224,25 +234,6 @@ pub enum SimEvent {
     TokenForgotten,
     /// Token, pairing state and configuration were erased.
     FactoryReset,
-    /// The link went away (USB unplugged, or UDP silent).
-    Unplugged,
-    /// The link is up (again).
-    Plugged {
-        /// The new pseudo-terminal path, on serial.
-        serial_path: Option<std::path::PathBuf>,
-    },
-    /// The replay log was played to its end.
-    ReplayFinished {
-        /// Frames played.
-        frames: usize,
-        /// Remote frames skipped.
-        skipped_remote: usize,
-    },
-    /// Writing the state file failed.
-    FlashWriteFailed {
-        /// The error.
-        error: String,
-    },
     /// A command typed on the UART console ran (what its console shows).
     UartAnswered {
         /// The exit code.
@@ -328,7 +319,7 @@ pub enum Output {
     /// Put this frame on the bus.
     ToBus(Frame),
     /// Report this event.
-    Event(SimEvent),
+    Event(Event),
     /// The flash changed: write the state file.
     FlashChanged,
 }
@@ -341,13 +332,15 @@ enum Auth {
     Session,
 }
 
-/// The simulated dongle.
-#[derive(Debug)]
-pub struct Dongle {
+/// The dongle, over the host's instant type `I`.
+pub struct Dongle<I: Instant> {
     cfg: DongleConfig,
     flash: Flash,
-    pairing: Pairing,
-    boot: Instant,
+    pairing: Pairing<I>,
+    boot: I,
+    /// The host's wall clock at `boot`, in milliseconds (see the module's notes).
+    wall_at_boot_ms: u64,
+    rng: Box<dyn Rng + Send>,
     tx_seq: u32,
     session: Option<SessionMac>,
     pending_auth: Option<([u8; 16], [u8; 16])>,
@@ -355,20 +348,34 @@ pub struct Dongle {
     counters: Counters,
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+impl<I: Instant> core::fmt::Debug for Dongle<I> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        // The flash holds the token: only its presence is shown.
+        f.debug_struct("Dongle")
+            .field("device_id", &self.flash.device_id)
+            .field("claimed", &self.flash.token.is_some())
+            .field("boot", &self.boot)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
 }
 
-impl Dongle {
-    /// A dongle booting at `now` with the given flash.
-    pub fn new(cfg: DongleConfig, flash: Flash, now: Instant) -> Self {
+impl<I: Instant> Dongle<I> {
+    /// A dongle booting at `now` with the given flash. `wall_now_ms` is the host's wall clock
+    /// (milliseconds since the Unix epoch, or 0 on a board without one); `rng` supplies PINs and
+    /// nonces and must be a cryptographic generator seeded from real entropy.
+    pub fn new(
+        cfg: DongleConfig,
+        flash: Flash,
+        now: I,
+        wall_now_ms: u64,
+        rng: Box<dyn Rng + Send>,
+    ) -> Self {
         let mut pairing = Pairing::new(cfg.pairing_window, cfg.cooldown);
         // The cool-down end is wall-clock time in flash, so that a restart does not lift it.
         let left = flash
             .cooldown_until_unix_ms
-            .map(|end| end.saturating_sub(unix_ms()));
+            .map(|end| end.saturating_sub(wall_now_ms));
         pairing.set_cooldown_until(
             left.filter(|&ms| ms > 0)
                 .map(|ms| now + Duration::from_millis(ms)),
@@ -378,6 +385,8 @@ impl Dongle {
             flash,
             pairing,
             boot: now,
+            wall_at_boot_ms: wall_now_ms,
+            rng,
             tx_seq: 0,
             session: None,
             pending_auth: None,
@@ -423,8 +432,14 @@ impl Dongle {
         self.host_authenticated
     }
 
-    fn uptime_us(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.boot).as_micros() as u64
+    fn uptime_us(&self, now: I) -> u64 {
+        u64::try_from(since(now, self.boot).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// The host's wall clock at `now`, counted on from boot with the monotonic clock.
+    fn wall_ms(&self, now: I) -> u64 {
+        let up = u64::try_from(since(now, self.boot).as_millis()).unwrap_or(u64::MAX);
+        self.wall_at_boot_ms.saturating_add(up)
     }
 
     /// The capability bits announced.
@@ -433,7 +448,7 @@ impl Dongle {
     }
 
     /// Encodes an ANNOUNCE answering a DISCOVER with `seq`.
-    pub fn announce(&mut self, now: Instant, seq: u32) -> Option<Vec<u8>> {
+    pub fn announce(&mut self, now: I, seq: u32) -> Option<Vec<u8>> {
         let window = self.pairing.open_window(now);
         let announce = Announce {
             device_id: self.flash.device_id,
@@ -459,7 +474,7 @@ impl Dongle {
     /// Answers a Discovery packet: an ANNOUNCE for a DISCOVER. `Err` when it does not decode.
     pub fn discovery_reply(
         &mut self,
-        now: Instant,
+        now: I,
         bytes: &[u8],
     ) -> Result<Option<Vec<u8>>, firmware_proto::Error> {
         match discovery::decode(bytes) {
@@ -479,7 +494,7 @@ impl Dongle {
 
     /// Handles one link packet (Discovery or REMP). Returns false when it did not decode, so
     /// that a stream link can count it as rejected.
-    pub fn handle_packet(&mut self, now: Instant, bytes: &[u8], out: &mut Vec<Output>) -> bool {
+    pub fn handle_packet(&mut self, now: I, bytes: &[u8], out: &mut Vec<Output>) -> bool {
         self.counters.packets_in += 1;
         self.tick(now, out);
         if bytes.starts_with(&discovery::MAGIC) {
@@ -510,7 +525,7 @@ impl Dongle {
                     Err(firmware_proto::Error::Replay { seq, .. }) => {
                         self.counters.replays_refused += 1;
                         self.counters.auth_failures += 1;
-                        out.push(Output::Event(SimEvent::ReplayRefused { seq }));
+                        out.push(Output::Event(Event::ReplayRefused { seq }));
                         return true;
                     }
                     Err(_) => Auth::None,
@@ -541,7 +556,7 @@ impl Dongle {
         }
     }
 
-    fn dispatch(&mut self, now: Instant, packet: &Packet<'_>, auth: Auth, out: &mut Vec<Output>) {
+    fn dispatch(&mut self, now: I, packet: &Packet<'_>, auth: Auth, out: &mut Vec<Output>) {
         let seq = packet.header.seq;
         let sealed = auth == Auth::Session;
         if !self.extension_enabled(packet.header.msg_type) {
@@ -614,7 +629,7 @@ impl Dongle {
                 // The ack is sealed with the session before the session is dropped with the token.
                 self.reply(now, seq, sealed, Payload::Forget(ack), out);
                 self.forget_token(out);
-                out.push(Output::Event(SimEvent::TokenForgotten));
+                out.push(Output::Event(Event::TokenForgotten));
             }
             _ => self.counters.unknown_type += 1,
         }
@@ -622,19 +637,13 @@ impl Dongle {
 
     fn refuse(&mut self, packet: &Packet<'_>, out: &mut Vec<Output>) {
         self.counters.auth_failures += 1;
-        out.push(Output::Event(SimEvent::AuthRefused {
+        out.push(Output::Event(Event::AuthRefused {
             msg_type: packet.header.msg_type.to_u8(),
         }));
     }
 
     /// Encodes a packet from the dongle; sealed with the session when `sealed`.
-    fn encode(
-        &mut self,
-        now: Instant,
-        seq: u32,
-        sealed: bool,
-        payload: Payload<'_>,
-    ) -> Option<Vec<u8>> {
+    fn encode(&mut self, now: I, seq: u32, sealed: bool, payload: Payload<'_>) -> Option<Vec<u8>> {
         let msg_type = payload.msg_type()?;
         let mut header = Header::new(msg_type, self.flash.device_id, seq);
         header.fw_build = self.cfg.fw_build_number;
@@ -652,7 +661,7 @@ impl Dongle {
 
     fn reply(
         &mut self,
-        now: Instant,
+        now: I,
         seq: u32,
         sealed: bool,
         payload: Payload<'_>,
@@ -663,7 +672,7 @@ impl Dongle {
 
     /// Encodes an unsolicited packet signed as the dongle: sealed with the session's MAC when a host
     /// has one, else with the dongle's token in the header. None without a token.
-    fn unsolicited_signed(&mut self, now: Instant, payload: Payload<'_>) -> Option<Vec<u8>> {
+    fn unsolicited_signed(&mut self, now: I, payload: Payload<'_>) -> Option<Vec<u8>> {
         if self.session.is_some() {
             return self.unsolicited(now, payload);
         }
@@ -680,22 +689,16 @@ impl Dongle {
     }
 
     /// Encodes an unsolicited packet with the dongle's own sequence number.
-    fn unsolicited(&mut self, now: Instant, payload: Payload<'_>) -> Option<Vec<u8>> {
+    fn unsolicited(&mut self, now: I, payload: Payload<'_>) -> Option<Vec<u8>> {
         self.tx_seq = self.tx_seq.wrapping_add(1);
         let sealed = self.session.is_some();
         self.encode(now, self.tx_seq, sealed, payload)
     }
 
-    fn pairing_start(
-        &mut self,
-        now: Instant,
-        seq: u32,
-        corr_id: CorrelationId,
-        out: &mut Vec<Output>,
-    ) {
+    fn pairing_start(&mut self, now: I, seq: u32, corr_id: CorrelationId, out: &mut Vec<Output>) {
         self.counters.pairing_starts += 1;
-        let mut rng = rand::rng();
-        let digits: [u8; 6] = std::array::from_fn(|_| b'0' + rng.random_range(0..10u8));
+        let rng = &mut self.rng;
+        let digits: [u8; 6] = core::array::from_fn(|_| b'0' + rng.random_range(0..10u8));
         let Ok(pin) = Pin::from_bytes(digits) else {
             return;
         };
@@ -703,7 +706,7 @@ impl Dongle {
         let claimed = self.flash.token.is_some();
         let (status, seconds, nonce) = match self.pairing.start(now, claimed, pin, nonce) {
             StartOutcome::Opened { seconds, nonce } => {
-                out.push(Output::Event(SimEvent::Pin {
+                out.push(Output::Event(Event::Pin {
                     device_id: self.flash.device_id,
                     pin,
                     seconds,
@@ -724,7 +727,7 @@ impl Dongle {
 
     fn pairing_submit(
         &mut self,
-        now: Instant,
+        now: I,
         seq: u32,
         submit: &firmware_proto::remp::PairingSubmit,
         out: &mut Vec<Output>,
@@ -737,25 +740,26 @@ impl Dongle {
             SubmitOutcome::Paired => {
                 self.flash.token = Some(submit.token);
                 out.push(Output::FlashChanged);
-                out.push(Output::Event(SimEvent::Paired));
+                out.push(Output::Event(Event::Paired));
                 (PairingStatus::Ok, 0)
             }
             SubmitOutcome::InvalidPin { attempts_left } => {
                 self.counters.pin_failures += 1;
-                out.push(Output::Event(SimEvent::InvalidPin { attempts_left }));
+                out.push(Output::Event(Event::InvalidPin { attempts_left }));
                 (PairingStatus::InvalidPin, 0)
             }
             SubmitOutcome::Cooldown { seconds } => {
                 if self
                     .flash
                     .cooldown_until_unix_ms
-                    .is_none_or(|end| end <= unix_ms())
+                    .is_none_or(|end| end <= self.wall_ms(now))
                 {
                     // This submit started the cool-down (the fifth wrong PIN): keep it in flash.
                     self.counters.pin_failures += 1;
-                    self.flash.cooldown_until_unix_ms = Some(unix_ms() + u64::from(seconds) * 1000);
+                    self.flash.cooldown_until_unix_ms =
+                        Some(self.wall_ms(now) + u64::from(seconds) * 1000);
                     out.push(Output::FlashChanged);
-                    out.push(Output::Event(SimEvent::Cooldown { seconds }));
+                    out.push(Output::Event(Event::Cooldown { seconds }));
                 }
                 (PairingStatus::Cooldown, seconds)
             }
@@ -770,7 +774,7 @@ impl Dongle {
         self.reply(now, seq, false, Payload::PairingAck(ack), out);
     }
 
-    fn auth(&mut self, now: Instant, seq: u32, message: AuthMessage, out: &mut Vec<Output>) {
+    fn auth(&mut self, now: I, seq: u32, message: AuthMessage, out: &mut Vec<Output>) {
         let id = self.flash.device_id;
         let answer = match (message, self.flash.token) {
             (AuthMessage::Challenge { .. }, None) => AuthMessage::Response {
@@ -779,7 +783,7 @@ impl Dongle {
                 dongle_proof: [0; 32],
             },
             (AuthMessage::Challenge { host_nonce }, Some(token)) => {
-                let dongle_nonce: [u8; 16] = rand::rng().random();
+                let dongle_nonce: [u8; 16] = self.rng.random();
                 self.pending_auth = Some((host_nonce, dongle_nonce));
                 AuthMessage::Response {
                     status: AuthStatus::Ok,
@@ -806,13 +810,13 @@ impl Dongle {
                                 &dongle_nonce,
                             ));
                             self.host_authenticated = true;
-                            out.push(Output::Event(SimEvent::SessionEstablished));
+                            out.push(Output::Event(Event::SessionEstablished));
                             AuthMessage::Result {
                                 status: AuthStatus::Ok,
                             }
                         } else {
                             self.counters.auth_failures += 1;
-                            out.push(Output::Event(SimEvent::AuthRefused {
+                            out.push(Output::Event(Event::AuthRefused {
                                 msg_type: MsgType::Auth.to_u8(),
                             }));
                             AuthMessage::Result {
@@ -832,7 +836,7 @@ impl Dongle {
 
     fn can_config(
         &mut self,
-        now: Instant,
+        now: I,
         seq: u32,
         sealed: bool,
         request: &CanConfig,
@@ -850,13 +854,13 @@ impl Dongle {
                     Ok(settings) => {
                         self.flash.can = settings;
                         out.push(Output::FlashChanged);
-                        out.push(Output::Event(SimEvent::ConfigApplied {
+                        out.push(Output::Event(Event::ConfigApplied {
                             bitrate: settings.bitrate,
                         }));
                         ConfigStatus::Ok
                     }
                     Err(e) => {
-                        out.push(Output::Event(SimEvent::ConfigRefused {
+                        out.push(Output::Event(Event::ConfigRefused {
                             reason: e.to_string(),
                         }));
                         match e {
@@ -878,7 +882,7 @@ impl Dongle {
     #[allow(clippy::too_many_arguments)]
     fn cli(
         &mut self,
-        now: Instant,
+        now: I,
         seq: u32,
         sealed: bool,
         corr_id: CorrelationId,
@@ -923,9 +927,9 @@ impl Dongle {
 
     /// A command typed on the dongle's UART console: it runs as a remote one does (a delay it asks
     /// for is not waited out here, since nobody waits on a reply), its output is shown on the console
-    /// (`SimEvent::UartAnswered`), and it is reported to the host as CLI_TELEMETRY signed with the
+    /// (`Event::UartAnswered`), and it is reported to the host as CLI_TELEMETRY signed with the
     /// dongle's token. An unclaimed dongle has no token and reports nothing: it has no owner to tell.
-    pub fn uart_command(&mut self, now: Instant, command: &str, out: &mut Vec<Output>) {
+    pub fn uart_command(&mut self, now: I, command: &str, out: &mut Vec<Output>) {
         self.counters.uart_commands += 1;
         let context = self.cli_context(now);
         // Whoever types on the UART has the board in hand: nothing is refused as dangerous.
@@ -946,7 +950,7 @@ impl Dongle {
         let report = CliTelemetry {
             source: TelemetrySource::Uart,
             flags,
-            corr_id: CorrelationId(rand::rng().random()),
+            corr_id: CorrelationId(self.rng.random()),
             exit_code: answer.exit_code,
             command,
             output,
@@ -957,7 +961,7 @@ impl Dongle {
             .is_some()
             .then(|| self.unsolicited_signed(now, Payload::CliTelemetry(report)))
             .flatten();
-        out.push(Output::Event(SimEvent::UartAnswered {
+        out.push(Output::Event(Event::UartAnswered {
             exit_code: answer.exit_code,
             output: String::from_utf8_lossy(output).into_owned(),
             reported: packet.is_some(),
@@ -972,7 +976,7 @@ impl Dongle {
     }
 
     /// Encodes a deferred CLI answer now that it is due.
-    pub fn encode_deferred(&mut self, now: Instant, d: &Deferred) -> Option<Vec<u8>> {
+    pub fn encode_deferred(&mut self, now: I, d: &Deferred) -> Option<Vec<u8>> {
         let response = CliResponse {
             status: d.status,
             flags: d.flags,
@@ -983,9 +987,9 @@ impl Dongle {
         self.encode(now, d.seq, d.sealed, Payload::CliResponse(response))
     }
 
-    fn cli_context(&self, now: Instant) -> CliContext {
+    fn cli_context(&self, now: I) -> CliContext {
         let pairing = if let Some(until) = self.pairing.cooldown_until(now) {
-            format!("cooldown {} s left", (until - now).as_secs())
+            format!("cooldown {} s left", since(until, now).as_secs())
         } else if let Some(left) = self.pairing.window_seconds_left(now) {
             format!(
                 "window open {left} s left, {} wrong PINs",
@@ -1001,7 +1005,7 @@ impl Dongle {
         CliContext {
             fw_build: self.cfg.fw_build.clone(),
             device_id: self.flash.device_id.to_string(),
-            uptime_s: now.saturating_duration_since(self.boot).as_secs(),
+            uptime_s: since(now, self.boot).as_secs(),
             claimed: self.flash.token.is_some(),
             pairing,
             link: self.cfg.link.clone(),
@@ -1050,7 +1054,7 @@ impl Dongle {
     }
 
     /// Frames from the host: onto the bus and/or back to the host, as the mode says.
-    fn transmit(&mut self, now: Instant, frames: &[Frame], out: &mut Vec<Output>) {
+    fn transmit(&mut self, now: I, frames: &[Frame], out: &mut Vec<Output>) {
         let mode = self.flash.can.mode;
         let paused = self.flash.can.flags & CanConfig::FLAG_TX_PAUSE != 0;
         let mut echoes = Vec::new();
@@ -1084,7 +1088,7 @@ impl Dongle {
     }
 
     /// Frames seen on the bus (or made by the generator or replay, which stand for the bus).
-    pub fn on_bus_frames(&mut self, now: Instant, frames: &[Frame], out: &mut Vec<Output>) {
+    pub fn on_bus_frames(&mut self, now: I, frames: &[Frame], out: &mut Vec<Output>) {
         use firmware_proto::remp::CanMode;
         if matches!(self.flash.can.mode, CanMode::Loopback | CanMode::ExtLoop) {
             // In both loopback modes the controller disregards its RX pin.
@@ -1100,7 +1104,7 @@ impl Dongle {
 
     /// Sends frames to the host: CAN_BATCH packets with the batch extension, else one CAN
     /// packet per classic frame.
-    fn frames_to_host(&mut self, now: Instant, frames: &[Frame], out: &mut Vec<Output>) {
+    fn frames_to_host(&mut self, now: I, frames: &[Frame], out: &mut Vec<Output>) {
         if !self.host_authenticated || self.flash.token.is_none() {
             self.counters.frames_unforwarded += frames.len() as u64;
             return;
@@ -1171,23 +1175,24 @@ impl Dongle {
         self.pairing.reset();
         self.flash.cooldown_until_unix_ms = None;
         self.flash.can = Default::default();
-        out.push(Output::Event(SimEvent::FactoryReset));
+        out.push(Output::Event(Event::FactoryReset));
     }
 
     /// Loses everything that lives in RAM, as on a power cycle: session, pairing window,
     /// authenticated host, uptime.
-    pub fn power_cycle(&mut self, now: Instant) {
+    pub fn power_cycle(&mut self, now: I, wall_now_ms: u64) {
         self.session = None;
         self.pending_auth = None;
         self.host_authenticated = false;
         self.pairing.power_cycle();
         self.boot = now;
+        self.wall_at_boot_ms = wall_now_ms;
     }
 
     /// Notices time passing: closes an expired pairing window.
-    pub fn tick(&mut self, now: Instant, out: &mut Vec<Output>) {
+    pub fn tick(&mut self, now: I, out: &mut Vec<Output>) {
         if self.pairing.poll_expired(now) {
-            out.push(Output::Event(SimEvent::PairingExpired));
+            out.push(Output::Event(Event::PairingExpired));
         }
     }
 }
@@ -1197,16 +1202,26 @@ mod tests {
     use super::*;
     use firmware_proto::ids::DongleToken;
     use firmware_proto::remp::{CanFrame, CliRequest, PairingStart, PairingSubmit};
+    use rand::SeedableRng;
+    use tokio::time::Instant;
 
     const ID: DeviceId = DeviceId([1, 2, 3, 4, 5, 6, 7, 8]);
     const TOKEN: [u8; 32] = [0x42; 32];
+
+    type Dongle = super::Dongle<Instant>;
 
     fn dongle(ext: Extensions) -> Dongle {
         let cfg = DongleConfig {
             extensions: ext,
             ..DongleConfig::default()
         };
-        Dongle::new(cfg, Flash::new(ID), Instant::now())
+        Dongle::new(
+            cfg,
+            Flash::new(ID),
+            Instant::now(),
+            0,
+            Box::new(rand::rngs::StdRng::seed_from_u64(7)),
+        )
     }
 
     fn packet(payload: Payload<'_>, token: &[u8]) -> Vec<u8> {
@@ -1237,7 +1252,7 @@ mod tests {
         let (pin, nonce) = out
             .iter()
             .find_map(|o| match o {
-                Output::Event(SimEvent::Pin { pin, .. }) => Some(*pin),
+                Output::Event(Event::Pin { pin, .. }) => Some(*pin),
                 _ => None,
             })
             .zip(d.pairing.open_window(now).map(|w| w.1))
@@ -1270,7 +1285,7 @@ mod tests {
         assert!(answers(&out).is_empty(), "unclaimed: nobody to tell");
         assert!(out.iter().any(|o| matches!(
             o,
-            Output::Event(SimEvent::UartAnswered {
+            Output::Event(Event::UartAnswered {
                 reported: false,
                 ..
             })

@@ -1,6 +1,6 @@
 //! The dongle's side of pairing: the window, the PIN check, attempt counting and cool-down.
 //!
-//! Pure state over `tokio::time::Instant`, given the time and the random values by its caller,
+//! Pure state over the host's [`Instant`], given the time and the random values by its caller,
 //! so that tests can drive it through any sequence of events without waiting.
 //!
 //! - `start` opens a window (default 120 s) with a fresh PIN and nonce. A start while a window
@@ -13,10 +13,11 @@
 //!   an error and is not counted as a PIN attempt.
 //! - A window expires on its own; the caller notices through `poll_expired`.
 
-use std::time::Duration;
+use core::time::Duration;
 
 use firmware_proto::ids::Pin;
-use tokio::time::Instant;
+
+use crate::time::{Instant, since};
 
 /// The default pairing window.
 pub const WINDOW: Duration = Duration::from_secs(120);
@@ -27,10 +28,10 @@ pub const MAX_WRONG_PINS: u8 = 5;
 
 /// An open pairing window.
 #[derive(Clone, Debug)]
-struct Window {
+struct Window<I> {
     pin: Pin,
     nonce: [u8; 16],
-    expires: Instant,
+    expires: I,
     wrong: u8,
 }
 
@@ -74,9 +75,9 @@ pub enum SubmitOutcome {
 
 /// The pairing state machine.
 #[derive(Clone, Debug)]
-pub struct Pairing {
-    window: Option<Window>,
-    cooldown_until: Option<Instant>,
+pub struct Pairing<I> {
+    window: Option<Window<I>>,
+    cooldown_until: Option<I>,
     window_len: Duration,
     cooldown_len: Duration,
 }
@@ -87,7 +88,7 @@ fn seconds(d: Duration) -> u16 {
     u16::try_from(secs).unwrap_or(u16::MAX)
 }
 
-impl Pairing {
+impl<I: Instant> Pairing<I> {
     /// A machine with the given window and cool-down lengths.
     pub fn new(window_len: Duration, cooldown_len: Duration) -> Self {
         Self {
@@ -99,17 +100,17 @@ impl Pairing {
     }
 
     /// Restores a cool-down read from flash.
-    pub fn set_cooldown_until(&mut self, until: Option<Instant>) {
+    pub fn set_cooldown_until(&mut self, until: Option<I>) {
         self.cooldown_until = until;
     }
 
     /// When the current cool-down ends, if one is running at `now`.
-    pub fn cooldown_until(&self, now: Instant) -> Option<Instant> {
+    pub fn cooldown_until(&self, now: I) -> Option<I> {
         self.cooldown_until.filter(|&t| t > now)
     }
 
     /// Whether a window is open at `now` (its PIN and nonce).
-    pub fn open_window(&self, now: Instant) -> Option<(Pin, [u8; 16])> {
+    pub fn open_window(&self, now: I) -> Option<(Pin, [u8; 16])> {
         self.window
             .as_ref()
             .filter(|w| w.expires > now)
@@ -117,11 +118,11 @@ impl Pairing {
     }
 
     /// Seconds left in the open window.
-    pub fn window_seconds_left(&self, now: Instant) -> Option<u16> {
+    pub fn window_seconds_left(&self, now: I) -> Option<u16> {
         self.window
             .as_ref()
             .filter(|w| w.expires > now)
-            .map(|w| seconds(w.expires - now))
+            .map(|w| seconds(since(w.expires, now)))
     }
 
     /// Wrong PINs so far in the open window.
@@ -130,19 +131,13 @@ impl Pairing {
     }
 
     /// Opens a window with `pin` and `nonce` (drawn by the caller).
-    pub fn start(
-        &mut self,
-        now: Instant,
-        claimed: bool,
-        pin: Pin,
-        nonce: [u8; 16],
-    ) -> StartOutcome {
+    pub fn start(&mut self, now: I, claimed: bool, pin: Pin, nonce: [u8; 16]) -> StartOutcome {
         if claimed {
             return StartOutcome::Claimed;
         }
         if let Some(until) = self.cooldown_until(now) {
             return StartOutcome::Cooldown {
-                seconds: seconds(until - now),
+                seconds: seconds(since(until, now)),
             };
         }
         self.window = Some(Window {
@@ -158,16 +153,10 @@ impl Pairing {
     }
 
     /// Checks a submitted PIN and nonce.
-    pub fn submit(
-        &mut self,
-        now: Instant,
-        claimed: bool,
-        pin: &Pin,
-        nonce: &[u8; 16],
-    ) -> SubmitOutcome {
+    pub fn submit(&mut self, now: I, claimed: bool, pin: &Pin, nonce: &[u8; 16]) -> SubmitOutcome {
         if let Some(until) = self.cooldown_until(now) {
             return SubmitOutcome::Cooldown {
-                seconds: seconds(until - now),
+                seconds: seconds(since(until, now)),
             };
         }
         if claimed {
@@ -198,7 +187,7 @@ impl Pairing {
     }
 
     /// Closes an expired window; returns true once when it did.
-    pub fn poll_expired(&mut self, now: Instant) -> bool {
+    pub fn poll_expired(&mut self, now: I) -> bool {
         if self.window.as_ref().is_some_and(|w| w.expires <= now) {
             self.window = None;
             return true;
@@ -222,6 +211,7 @@ impl Pairing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::time::Instant;
 
     fn pin(s: &str) -> Pin {
         Pin::parse(s).unwrap()

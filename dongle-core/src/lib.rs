@@ -1,0 +1,38 @@
+//! The dongle's behaviour, with no I/O: written once, run by the simulator on a workstation and by
+//! the firmware on a board.
+//!
+//! A host (the simulator's runtime, or a firmware's main loop) owns a [`Dongle`], feeds it decoded
+//! link packets, bus frames, typed UART commands and the passing of time, and carries out the
+//! [`Output`]s it returns: packets to the host, frames to the bus, events for the dongle's display
+//! or log, and "the flash changed". Time and randomness come from the host ([`time::Instant`],
+//! a boxed [`rand::Rng`]), so that the same code runs under tokio's paused clock in tests and on
+//! SysTick on a board.
+//!
+//! The crate is `no_std` and needs `alloc`: packets, CLI output and the outputs list are bounded by
+//! the protocol's packet size and the CLI's output limit, so a firmware's fixed heap bounds them.
+//!
+//! # Layout
+//! - [`dongle`]: the core: a link packet in, answers, frames and events out.
+//! - [`pairing`]: the pairing window, PIN check, attempt counting and cool-down.
+//! - [`timing`]: CAN bit timing checks and derivation.
+//! - [`cli`]: the allow-listed CLI commands.
+//! - [`flash`]: what the dongle keeps across a restart, and its fixed binary image.
+//! - [`frame`]: an owned CAN/CAN FD frame and its candump text form.
+//! - [`time`]: what the core asks of the host's clock.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+pub mod cli;
+pub mod dongle;
+pub mod flash;
+pub mod frame;
+pub mod pairing;
+pub mod time;
+pub mod timing;
+
+pub use dongle::{Counters, Deferred, Dongle, DongleConfig, Event, Extensions, Output};
+pub use flash::Flash;
+pub use frame::Frame;
