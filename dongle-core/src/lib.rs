@@ -19,12 +19,15 @@
 //! - [`flash`]: what the dongle keeps across a restart, and its fixed binary image.
 //! - [`frame`]: an owned CAN/CAN FD frame and its candump text form.
 //! - [`time`]: what the core asks of the host's clock.
+//! - [`board`]: a firmware's main loop over a byte-stream link ([`board::StreamHost`]) and what it
+//!   asks of its [`board::Board`].
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 extern crate alloc;
 
+pub mod board;
 pub mod cli;
 pub mod dongle;
 pub mod flash;

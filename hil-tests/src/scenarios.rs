@@ -43,6 +43,13 @@ pub const SCENARIOS: [&str; 13] = [
 pub async fn run_all<T: Target>(target: &mut T, report: &mut Report) {
     macro_rules! run {
         ($scenario:ident) => {{
+            if let Some(reason) = target.cannot_serve(stringify!($scenario)) {
+                report.skip(target.name(), stringify!($scenario), reason);
+            } else {
+                run!(@now $scenario);
+            }
+        }};
+        (@now $scenario:ident) => {{
             let started = std::time::Instant::now();
             let result = AssertUnwindSafe(tokio::time::timeout(SCENARIO_LIMIT, $scenario(target)))
                 .catch_unwind()

@@ -34,4 +34,11 @@ pub trait Target {
 
     /// What the dongle logged so far, attached to a failing scenario's report.
     fn log(&self) -> String;
+
+    /// Why this target cannot serve `scenario`, when it cannot (an emulated board has no USB to
+    /// unplug, say). The scenario is then reported as skipped with that reason.
+    fn cannot_serve(&self, scenario: &str) -> Option<&'static str> {
+        let _ = scenario;
+        None
+    }
 }

@@ -1,5 +1,6 @@
 //! Every scenario against every target: the simulator always (plain REMP v1 and with every extension,
-//! on a pseudo-terminal and on UDP), real hardware when a rig is configured.
+//! on a pseudo-terminal and on UDP), the reference firmware under QEMU (plain and with every extension)
+//! where QEMU and the firmware build are there, real hardware when a rig is configured.
 //!
 //! A run prints a line per scenario, a closing `N passed, N failed, N skipped`, and writes JUnit XML to
 //! `$HIL_JUNIT` (default: `hil-junit.xml` in cargo's target temporary folder). Without a rig the
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use dongle_sim::Extensions;
 use hil_tests::probe_target::{HardwareConfig, ProbeTarget};
+use hil_tests::qemu_target::{QemuConfig, QemuTarget};
 use hil_tests::report::{Outcome, Report};
 use hil_tests::scenarios::{SCENARIOS, run_all};
 use hil_tests::sim_target::{SimLink, SimTarget};
@@ -63,6 +65,36 @@ async fn run() -> Report {
                     log: String::new(),
                 },
             ),
+        }
+    }
+
+    for extensions in [Extensions::NONE, Extensions::ALL] {
+        let name = if extensions == Extensions::NONE {
+            "qemu-plain"
+        } else {
+            "qemu-ext"
+        };
+        match QemuConfig::find() {
+            Err(reason) => {
+                for scenario in SCENARIOS {
+                    report.skip(name, scenario, &reason);
+                }
+            }
+            Ok(config) => match QemuTarget::start(&config, extensions).await {
+                Ok(mut target) => {
+                    run_all(&mut target, &mut report).await;
+                    target.shutdown().await;
+                }
+                Err(e) => report.record(
+                    name,
+                    "start",
+                    Duration::ZERO,
+                    Outcome::Failed {
+                        message: format!("{e:#}"),
+                        log: String::new(),
+                    },
+                ),
+            },
         }
     }
 

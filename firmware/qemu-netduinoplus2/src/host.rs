@@ -1,0 +1,122 @@
+//! What the QEMU board learns from the machine it runs on, through semihosting: its settings (the
+//! command line, given as `-semihosting-config enable=on,target=native,arg=dongle,arg=KEY=VALUE...`),
+//! the wall clock, and entropy.
+//!
+//! A real board has option bytes, a real-time clock and an RNG peripheral for these; QEMU's
+//! netduinoplus2 emulates none of them, so the emulator's host stands in. Without
+//! `-semihosting-config enable=on` the first call faults: the board says so on its console first.
+//!
+//! Settings (unknown keys are reported on the console and ignored):
+//! - `ext=` the REMP extensions, as the simulator's `--extensions` (`none`, `all`, or a list);
+//! - `device-id=` 16 hex digits (default `f405` followed by zeros);
+//! - `window-ms=`, `cooldown-ms=`, `cli-timeout-ms=` the pairing window, cool-down and CLI limit;
+//! - `seed=` 64 hex digits for the random generator (PINs and nonces). Without it the seed mixes the
+//!   host's clock and the board's timer, which is not secret: tests pass a seed from the host's
+//!   generator.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::time::Duration;
+
+use cortex_m_semihosting::nr;
+use dongle_core::{DongleConfig, Extensions};
+use firmware_proto::ids::DeviceId;
+
+/// What the command line set.
+pub struct Settings {
+    /// The dongle's configuration.
+    pub dongle: DongleConfig,
+    /// Its device id.
+    pub device_id: DeviceId,
+    /// The random generator's seed, when given.
+    pub seed: Option<[u8; 32]>,
+    /// Words that were not understood, to report on the console.
+    pub rejected: Vec<String>,
+}
+
+/// The command line QEMU was given (`arg=` values joined by spaces), at most 256 bytes.
+fn command_line() -> String {
+    let mut buf = [0u8; 256];
+    let mut block = [buf.as_mut_ptr() as usize, buf.len()];
+    // SAFETY: SYS_GET_CMDLINE writes at most block[1] bytes into `buf` and the length it wrote into
+    // block[1]; both outlive the call.
+    let status = unsafe { cortex_m_semihosting::syscall1(nr::GET_CMDLINE, block.as_mut_ptr() as usize) };
+    if status != 0 {
+        return String::new();
+    }
+    // SAFETY: the host wrote block[1] during the call above.
+    let len = unsafe { core::ptr::read_volatile(&block[1]) }.min(buf.len());
+    String::from_utf8_lossy(&buf[..len]).into()
+}
+
+/// Seconds since the Unix epoch on the emulator's host.
+pub fn unix_seconds() -> u64 {
+    // SAFETY: SYS_TIME takes no argument.
+    let secs = unsafe { cortex_m_semihosting::syscall1(nr::TIME, 0) };
+    secs as u64
+}
+
+fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    hex_into(text, &mut out).then_some(out)
+}
+
+fn hex_into(text: &str, out: &mut [u8]) -> bool {
+    if text.len() != out.len() * 2 {
+        return false;
+    }
+    for (i, pair) in text.as_bytes().chunks(2).enumerate() {
+        let digit = |c: u8| (c as char).to_digit(16);
+        match (digit(pair[0]), digit(pair[1])) {
+            (Some(h), Some(l)) => out[i] = (h * 16 + l) as u8,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Reads the settings from the command line; `fw_build` names this firmware.
+pub fn settings(fw_build: String) -> Settings {
+    let mut s = Settings {
+        dongle: DongleConfig {
+            fw_build,
+            fw_build_number: dongle_core::dongle::FW_BUILD_NUMBER,
+            extensions: Extensions::ALL,
+            link: "usart1 (qemu netduinoplus2)".into(),
+            // The F405's bxCAN runs from APB1 at 42 MHz.
+            can_clock_hz: 42_000_000,
+            ..DongleConfig::default()
+        },
+        device_id: DeviceId([0xf4, 0x05, 0, 0, 0, 0, 0, 0]),
+        seed: None,
+        rejected: Vec::new(),
+    };
+    let line = command_line();
+    // The first word is the program's name.
+    for word in line.split_whitespace().skip(1) {
+        let ok = match word.split_once('=') {
+            Some(("ext", list)) => Extensions::parse(list)
+                .map(|e| s.dongle.extensions = e)
+                .is_ok(),
+            Some(("device-id", hex)) => parse_hex::<8>(hex).map(|id| s.device_id = DeviceId(id)).is_some(),
+            Some(("seed", hex)) => parse_hex::<32>(hex).map(|seed| s.seed = Some(seed)).is_some(),
+            Some((key @ ("window-ms" | "cooldown-ms" | "cli-timeout-ms"), ms)) => match ms.parse::<u64>() {
+                Ok(ms) => {
+                    let d = Duration::from_millis(ms);
+                    match key {
+                        "window-ms" => s.dongle.pairing_window = d,
+                        "cooldown-ms" => s.dongle.cooldown = d,
+                        _ => s.dongle.cli_timeout = d,
+                    }
+                    true
+                }
+                Err(_) => false,
+            },
+            _ => false,
+        };
+        if !ok {
+            s.rejected.push(word.into());
+        }
+    }
+    s
+}

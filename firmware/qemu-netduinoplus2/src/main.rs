@@ -1,0 +1,203 @@
+//! The reference dongle firmware on QEMU's netduinoplus2 (STM32F405).
+//!
+//! The dongle is `dongle-core`'s, the simulator's own logic; this file is the thin driver around it:
+//! - USART1 is the host link (SPEC 4.3 framing, done by `dongle_core::board::StreamHost`);
+//! - USART2 is the console: it prints `ready` once the link listens, every event (the PIN is
+//!   `PIN 123456 (120 s)`, the technician's display), and what typed commands answer;
+//! - the flash is RAM (QEMU's flash interface is a stub), so a restart is a factory reset;
+//! - the CAN bus is RAM too (QEMU emulates no CAN controller): a frame put on the bus comes back as
+//!   a frame from another node, as if an ECU echoed it, so the board has traffic of its own.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod host;
+mod hw;
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write;
+
+use cortex_m_rt::{ExceptionFrame, entry, exception};
+use dongle_core::board::{Board, StreamHost};
+use dongle_core::time::Ticks;
+use dongle_core::{Dongle, Event, Flash, Frame};
+use embedded_alloc::LlffHeap as Heap;
+use rand::SeedableRng;
+use stm32f4::stm32f405 as pac;
+
+use crate::hw::Console;
+
+/// The heap that bounds every allocation of the dongle core (packets, CLI output, outputs).
+const HEAP_SIZE: usize = 64 * 1024;
+/// Frames the RAM bus holds before it drops (and counts) what the dongle puts on it.
+const BUS_DEPTH: usize = 256;
+/// The longest console line.
+const CONSOLE_LINE: usize = 256;
+
+#[global_allocator]
+static HEAP: Heap = Heap::empty();
+
+/// What the dongle core asks of this board.
+struct QemuBoard {
+    console: Console,
+    /// Frames on the RAM bus, to come back to the dongle as another node's.
+    bus: Vec<Frame>,
+    bus_dropped: u64,
+    /// The "flash": the last stored image.
+    flash: Option<[u8; dongle_core::flash::IMAGE_LEN]>,
+}
+
+impl Board for QemuBoard {
+    fn to_host(&mut self, bytes: &[u8]) {
+        hw::link_write(bytes);
+    }
+
+    fn to_bus(&mut self, frame: Frame) {
+        if self.bus.len() < BUS_DEPTH {
+            self.bus.push(frame);
+        } else {
+            self.bus_dropped += 1;
+            if self.bus_dropped.is_power_of_two() {
+                let _ = writeln!(self.console, "bus full: {} frames dropped", self.bus_dropped);
+            }
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        let c = &mut self.console;
+        let _ = match event {
+            // The one line a technician reads: hosts and tests look for exactly this form.
+            Event::Pin { pin, seconds, .. } => writeln!(c, "PIN {} ({seconds} s)", pin.as_str()),
+            Event::UartAnswered {
+                exit_code,
+                output,
+                reported,
+            } => writeln!(c, "{output}[exit {exit_code}, reported to host: {reported}]"),
+            other => writeln!(c, "{other:?}"),
+        };
+    }
+
+    fn store_flash(&mut self, flash: &Flash) {
+        self.flash = Some(flash.to_image());
+    }
+}
+
+#[entry]
+fn main() -> ! {
+    let (Some(dp), Some(cp)) = (pac::Peripherals::take(), cortex_m::Peripherals::take()) else {
+        panic!("peripherals taken twice");
+    };
+    // SAFETY: called once, before the first allocation.
+    unsafe {
+        embedded_alloc::init!(HEAP, HEAP_SIZE);
+    }
+    let (mut link, console, mut clock) = hw::init(dp, cp.SYST);
+    let mut board = QemuBoard {
+        console,
+        bus: Vec::with_capacity(BUS_DEPTH),
+        bus_dropped: 0,
+        flash: None,
+    };
+    let _ = writeln!(
+        board.console,
+        "dongle-fw-qemu {}: reading settings (semihosting must be on)",
+        env!("CARGO_PKG_VERSION")
+    );
+    let settings = host::settings(format!(
+        "dongle-fw-qemu {} build {}",
+        env!("CARGO_PKG_VERSION"),
+        dongle_core::dongle::FW_BUILD_NUMBER
+    ));
+    for word in &settings.rejected {
+        let _ = writeln!(board.console, "ignored setting {word:?}");
+    }
+    let wall_ms = host::unix_seconds().saturating_mul(1000);
+    let seed = settings.seed.unwrap_or_else(|| {
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&wall_ms.to_le_bytes());
+        seed[8..16].copy_from_slice(&clock.now_us().to_le_bytes());
+        seed
+    });
+    let rng = Box::new(rand::rngs::StdRng::from_seed(seed));
+    let flash = Flash::new(settings.device_id);
+    let mut dongle: Dongle<Ticks> = Dongle::new(
+        settings.dongle,
+        flash,
+        Ticks(clock.now_us()),
+        wall_ms,
+        rng,
+    );
+    let mut stream: StreamHost<Ticks> = StreamHost::new();
+    let _ = writeln!(
+        board.console,
+        "ready: device {} capabilities {:#06x}",
+        dongle.device_id(),
+        dongle.capabilities()
+    );
+
+    let mut chunk = [0u8; 256];
+    let mut line = String::with_capacity(CONSOLE_LINE);
+    loop {
+        let now = Ticks(clock.now_us());
+        let n = link.read(&mut chunk);
+        if n > 0 {
+            stream.receive(&mut dongle, now, &chunk[..n], &mut board);
+        }
+        while let Some(byte) = board.console.read_byte() {
+            match byte {
+                b'\r' | b'\n' => {
+                    if !line.is_empty() {
+                        let command = core::mem::take(&mut line);
+                        stream.uart_command(&mut dongle, now, &command, &mut board);
+                    }
+                }
+                _ if line.len() < CONSOLE_LINE => line.push(char::from(byte)),
+                _ => {}
+            }
+        }
+        if !board.bus.is_empty() {
+            let frames = core::mem::take(&mut board.bus);
+            stream.bus_frames(&mut dongle, now, &frames, &mut board);
+            board.bus = frames;
+            board.bus.clear();
+        }
+        stream.poll(&mut dongle, now, &mut board);
+
+        // Sleep until the next interrupt (a link byte, or SysTick's millisecond). Interrupts are
+        // masked around the check, so a byte that arrives just before `wfi` still wakes it.
+        cortex_m::interrupt::disable();
+        if !link.ready() && board.bus.is_empty() {
+            cortex_m::asm::wfi();
+        }
+        // SAFETY: re-enables what was disabled just above.
+        unsafe { cortex_m::interrupt::enable() };
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    cortex_m::interrupt::disable();
+    let _ = writeln!(Console, "PANIC: {info}");
+    // Ends QEMU with a failing status (semihosting is on wherever this board runs).
+    cortex_m_semihosting::debug::exit(cortex_m_semihosting::debug::EXIT_FAILURE);
+    loop {
+        cortex_m::asm::wfi();
+    }
+}
+
+#[exception]
+unsafe fn HardFault(frame: &ExceptionFrame) -> ! {
+    let _ = writeln!(
+        Console,
+        "HARDFAULT pc={:#010x} lr={:#010x} (is semihosting on? -semihosting-config enable=on,target=native)",
+        frame.pc(),
+        frame.lr()
+    );
+    loop {
+        cortex_m::asm::wfi();
+    }
+}
