@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use dongle_sim::Extensions;
 use hil_tests::probe_target::{HardwareConfig, ProbeTarget};
-use hil_tests::qemu_target::{QemuConfig, QemuTarget};
+use hil_tests::qemu_target::QemuTarget;
 use hil_tests::report::{Outcome, Report};
 use hil_tests::scenarios::{SCENARIOS, run_all};
 use hil_tests::sim_target::{SimLink, SimTarget};
+use qemu_dongle::QemuConfig;
 
 fn main() -> ExitCode {
     // `cargo test -- --list` and filters are for libtest harnesses; this suite runs whole.
@@ -77,7 +78,7 @@ async fn run() -> Report {
         match QemuConfig::find() {
             Err(reason) => {
                 for scenario in SCENARIOS {
-                    report.skip(name, scenario, &reason);
+                    report.skip(name, scenario, &reason.to_string());
                 }
             }
             Ok(config) => match QemuTarget::start(&config, extensions).await {

@@ -9,6 +9,7 @@ mod dongle_manager;
 mod faults_link;
 mod group_unplug;
 mod pairing_e2e;
+mod qemu_e2e;
 mod slcan;
 mod socketcand;
 mod uplink_e2e;

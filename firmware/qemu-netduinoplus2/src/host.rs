@@ -40,7 +40,8 @@ fn command_line() -> String {
     let mut block = [buf.as_mut_ptr() as usize, buf.len()];
     // SAFETY: SYS_GET_CMDLINE writes at most block[1] bytes into `buf` and the length it wrote into
     // block[1]; both outlive the call.
-    let status = unsafe { cortex_m_semihosting::syscall1(nr::GET_CMDLINE, block.as_mut_ptr() as usize) };
+    let status =
+        unsafe { cortex_m_semihosting::syscall1(nr::GET_CMDLINE, block.as_mut_ptr() as usize) };
     if status != 0 {
         return String::new();
     }
@@ -98,20 +99,26 @@ pub fn settings(fw_build: String) -> Settings {
             Some(("ext", list)) => Extensions::parse(list)
                 .map(|e| s.dongle.extensions = e)
                 .is_ok(),
-            Some(("device-id", hex)) => parse_hex::<8>(hex).map(|id| s.device_id = DeviceId(id)).is_some(),
-            Some(("seed", hex)) => parse_hex::<32>(hex).map(|seed| s.seed = Some(seed)).is_some(),
-            Some((key @ ("window-ms" | "cooldown-ms" | "cli-timeout-ms"), ms)) => match ms.parse::<u64>() {
-                Ok(ms) => {
-                    let d = Duration::from_millis(ms);
-                    match key {
-                        "window-ms" => s.dongle.pairing_window = d,
-                        "cooldown-ms" => s.dongle.cooldown = d,
-                        _ => s.dongle.cli_timeout = d,
+            Some(("device-id", hex)) => parse_hex::<8>(hex)
+                .map(|id| s.device_id = DeviceId(id))
+                .is_some(),
+            Some(("seed", hex)) => parse_hex::<32>(hex)
+                .map(|seed| s.seed = Some(seed))
+                .is_some(),
+            Some((key @ ("window-ms" | "cooldown-ms" | "cli-timeout-ms"), ms)) => {
+                match ms.parse::<u64>() {
+                    Ok(ms) => {
+                        let d = Duration::from_millis(ms);
+                        match key {
+                            "window-ms" => s.dongle.pairing_window = d,
+                            "cooldown-ms" => s.dongle.cooldown = d,
+                            _ => s.dongle.cli_timeout = d,
+                        }
+                        true
                     }
-                    true
+                    Err(_) => false,
                 }
-                Err(_) => false,
-            },
+            }
             _ => false,
         };
         if !ok {

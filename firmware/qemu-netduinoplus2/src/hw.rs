@@ -28,7 +28,6 @@ const TIM2_HZ: u32 = 1_000_000_000;
 /// Bytes the link's receive ring holds (one slot stays empty).
 const RX_RING: usize = 2048;
 
-static mut RX_QUEUE: Queue<u8, RX_RING> = Queue::new();
 static RX_PRODUCER: Mutex<RefCell<Option<Producer<'static, u8>>>> = Mutex::new(RefCell::new(None));
 /// Set by the interrupt when the ring was full and it masked itself.
 static RX_STALLED: AtomicBool = AtomicBool::new(false);
@@ -155,10 +154,15 @@ impl Clock {
 /// Brings the board up: the link's receiver first, then the console, the clock and the wake-up.
 pub fn init(dp: pac::Peripherals, mut syst: SYST) -> (LinkRx, Console, Clock) {
     dp.RCC.apb2enr().modify(|_, w| w.usart1en().set_bit());
-    dp.RCC.apb1enr().modify(|_, w| w.usart2en().set_bit().tim2en().set_bit());
+    dp.RCC
+        .apb1enr()
+        .modify(|_, w| w.usart2en().set_bit().tim2en().set_bit());
 
-    // SAFETY: the queue is split exactly once, here, before its interrupt is unmasked.
-    let (producer, consumer) = unsafe { (*(&raw mut RX_QUEUE)).split() };
+    // `singleton!` hands out the queue once; `init` runs once, from `main`.
+    let Some(queue) = cortex_m::singleton!(: Queue<u8, RX_RING> = Queue::new()) else {
+        panic!("the board was brought up twice");
+    };
+    let (producer, consumer) = queue.split();
     critical_section::with(|cs| *RX_PRODUCER.borrow_ref_mut(cs) = Some(producer));
     usart_enable(usart1(), true);
     usart_enable(usart2(), false);
@@ -166,7 +170,8 @@ pub fn init(dp: pac::Peripherals, mut syst: SYST) -> (LinkRx, Console, Clock) {
     unsafe { NVIC::unmask(Interrupt::USART1) };
 
     let tim2 = &dp.TIM2;
-    tim2.psc().write(|w| unsafe { w.bits(TIM2_HZ / 1_000_000 - 1) });
+    tim2.psc()
+        .write(|w| unsafe { w.bits(TIM2_HZ / 1_000_000 - 1) });
     tim2.arr().write(|w| unsafe { w.bits(u32::MAX) });
     tim2.egr().write(|w| w.ug().set_bit());
     tim2.cr1().write(|w| w.cen().set_bit());

@@ -62,7 +62,11 @@ impl Board for QemuBoard {
         } else {
             self.bus_dropped += 1;
             if self.bus_dropped.is_power_of_two() {
-                let _ = writeln!(self.console, "bus full: {} frames dropped", self.bus_dropped);
+                let _ = writeln!(
+                    self.console,
+                    "bus full: {} frames dropped",
+                    self.bus_dropped
+                );
             }
         }
     }
@@ -76,7 +80,10 @@ impl Board for QemuBoard {
                 exit_code,
                 output,
                 reported,
-            } => writeln!(c, "{output}[exit {exit_code}, reported to host: {reported}]"),
+            } => writeln!(
+                c,
+                "{output}[exit {exit_code}, reported to host: {reported}]"
+            ),
             other => writeln!(c, "{other:?}"),
         };
     }
@@ -124,13 +131,8 @@ fn main() -> ! {
     });
     let rng = Box::new(rand::rngs::StdRng::from_seed(seed));
     let flash = Flash::new(settings.device_id);
-    let mut dongle: Dongle<Ticks> = Dongle::new(
-        settings.dongle,
-        flash,
-        Ticks(clock.now_us()),
-        wall_ms,
-        rng,
-    );
+    let mut dongle: Dongle<Ticks> =
+        Dongle::new(settings.dongle, flash, Ticks(clock.now_us()), wall_ms, rng);
     let mut stream: StreamHost<Ticks> = StreamHost::new();
     let _ = writeln!(
         board.console,
@@ -149,12 +151,11 @@ fn main() -> ! {
         }
         while let Some(byte) = board.console.read_byte() {
             match byte {
-                b'\r' | b'\n' => {
-                    if !line.is_empty() {
-                        let command = core::mem::take(&mut line);
-                        stream.uart_command(&mut dongle, now, &command, &mut board);
-                    }
+                b'\r' | b'\n' if !line.is_empty() => {
+                    let command = core::mem::take(&mut line);
+                    stream.uart_command(&mut dongle, now, &command, &mut board);
                 }
+                b'\r' | b'\n' => {}
                 _ if line.len() < CONSOLE_LINE => line.push(char::from(byte)),
                 _ => {}
             }
