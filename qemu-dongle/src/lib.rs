@@ -6,6 +6,10 @@
 //! [`QemuDongle::type_line`] types on it as a technician with a UART cable would). The flash is RAM,
 //! so every start is a fresh dongle. Its settings (extensions, device id, pairing window, random seed)
 //! travel on the semihosting command line, which docs/HIL.md describes.
+//!
+//! [`image::size`] measures a firmware image's flash and RAM, for the size checks and the benchmark.
+
+pub mod image;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -45,32 +45,23 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Flash (text, read-only data, initialised data and the vector table) and static RAM (data and
-/// bss, the heap included) from the ELF's section headers.
+/// The flash and static RAM of both boards' images (the H753's when it is built beside the QEMU one).
 fn print_sizes(elf: &std::path::Path) -> anyhow::Result<()> {
-    use object::{Object, ObjectSection, SectionKind};
-    let bytes = std::fs::read(elf).with_context(|| format!("reading {}", elf.display()))?;
-    let file = object::File::parse(&*bytes).context("parsing the firmware ELF")?;
-    let (mut flash, mut ram) = (0u64, 0u64);
-    for section in file.sections() {
-        match section.kind() {
-            SectionKind::Text | SectionKind::ReadOnlyData | SectionKind::ReadOnlyString => {
-                flash += section.size();
-            }
-            SectionKind::Data => {
-                flash += section.size();
-                ram += section.size();
-            }
-            SectionKind::UninitializedData => ram += section.size(),
-            _ if section.name() == Ok(".vector_table") => flash += section.size(),
-            _ => {}
+    let h753 = elf.with_file_name("dongle-h753");
+    for (board, path) in [("QEMU netduinoplus2", elf), ("STM32H753", h753.as_path())] {
+        if !path.is_file() {
+            println!("size, {board}: {} is not built", path.display());
+            continue;
         }
+        let size = qemu_dongle::image::size(path)?;
+        println!(
+            "size, {board}: flash {} bytes ({:.1} KiB), static RAM {} bytes ({:.1} KiB, the heap included)",
+            size.flash,
+            size.flash as f64 / 1024.0,
+            size.ram,
+            size.ram as f64 / 1024.0
+        );
     }
-    println!(
-        "size: flash {flash} bytes ({:.1} KiB of 1024), static RAM {ram} bytes ({:.1} KiB of 128, the 64 KiB heap included)",
-        flash as f64 / 1024.0,
-        ram as f64 / 1024.0
-    );
     Ok(())
 }
 

@@ -1,0 +1,393 @@
+//! The reference dongle firmware on an STM32H753 (a NUCLEO-H753ZI: USB OTG FS on PA11/PA12, FDCAN1 on
+//! PD0/PD1 to a CAN transceiver, USART3 on PD8 to the ST-LINK's virtual COM port).
+//!
+//! The dongle is `dongle-core`'s, the simulator's own logic, driven by
+//! `dongle_core::board::StreamHost` as on the QEMU board; this file is the embassy driver around it:
+//! - the host link is USB CDC-ACM (SPEC 4.3 framing in the packets' byte stream);
+//! - the bus is FDCAN1 from an 80 MHz kernel clock (the clock the core's bit timing is computed for);
+//!   a new CAN configuration restarts the controller with the core's prescaler and segments;
+//! - the flash state is the last 128 KiB sector of bank 2, holding `Flash::to_image`;
+//! - PINs and nonces come from a ChaCha generator seeded by the RNG peripheral;
+//! - the console is USART3 and RTT: the PIN as `PIN 123456 (120 s)` (the technician's display, and
+//!   what a HIL rig's probe reads), every event.
+//!
+//! It is built and size-checked on every test run; it runs on a rig (docs/HIL.md), not here.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::vec::Vec;
+use core::num::{NonZeroU8, NonZeroU16};
+
+use dongle_core::board::{Board, StreamHost};
+use dongle_core::flash::IMAGE_LEN;
+use dongle_core::time::Ticks;
+use dongle_core::{Dongle, DongleConfig, Event, Extensions, Flash, Frame};
+use embassy_executor::Spawner;
+use embassy_futures::join::join;
+use embassy_futures::select::{Either3, select3};
+use embassy_stm32::can::config::NominalBitTiming;
+use embassy_stm32::can::{CanConfigurator, OperatingMode};
+use embassy_stm32::flash::Flash as FlashDriver;
+use embassy_stm32::peripherals::{FDCAN1, RNG, USB_OTG_FS};
+use embassy_stm32::rng::Rng;
+use embassy_stm32::usart::UartTx;
+use embassy_stm32::{Config, bind_interrupts, can, rcc, rng, usb};
+use embassy_time::{Instant, Timer};
+use embassy_usb::class::cdc_acm::{CdcAcmClass, State};
+use embassy_usb::driver::EndpointError;
+use embedded_alloc::LlffHeap as Heap;
+use firmware_proto::ids::{CanId, DeviceId};
+use firmware_proto::remp::CanMode;
+use rand::SeedableRng;
+
+bind_interrupts!(struct Irqs {
+    OTG_FS => usb::InterruptHandler<USB_OTG_FS>;
+    FDCAN1_IT0 => can::IT0InterruptHandler<FDCAN1>;
+    FDCAN1_IT1 => can::IT1InterruptHandler<FDCAN1>;
+    HASH_RNG => rng::InterruptHandler<RNG>;
+});
+
+/// The heap that bounds every allocation of the dongle core.
+const HEAP_SIZE: usize = 96 * 1024;
+/// The flash sector that holds the state: bank 2's last (offsets from the start of flash).
+const STATE_SECTOR: u32 = 0x1E_0000;
+const STATE_SECTOR_END: u32 = 0x20_0000;
+/// The image padded to the H7's 32-byte flash word.
+const STATE_LEN: usize = IMAGE_LEN.div_ceil(32) * 32;
+/// USB full-speed bulk packets.
+const USB_PACKET: usize = 64;
+
+#[global_allocator]
+static HEAP: Heap = Heap::empty();
+
+/// What the core asks of the board, collected during one step and carried out after it (the core's
+/// calls are synchronous; USB and CAN writes are not).
+struct H753Board {
+    console: UartTx<'static, embassy_stm32::mode::Blocking>,
+    to_host: Vec<u8>,
+    to_bus: Vec<Frame>,
+    flash: FlashDriver<'static, embassy_stm32::flash::Blocking>,
+    /// The CAN settings changed: restart the controller with them.
+    can_changed: bool,
+    last_can: dongle_core::timing::CanSettings,
+}
+
+impl H753Board {
+    /// A console line: on USART3 (the ST-LINK's virtual COM port, what a technician reads) and on RTT
+    /// up-channel 0 (what a HIL rig's probe reads, docs/HIL.md).
+    fn log(&mut self, args: core::fmt::Arguments<'_>) {
+        let line = format!("{args}");
+        let _ = self.console.blocking_write(line.as_bytes());
+        let _ = self.console.blocking_write(b"\r\n");
+        rtt_target::rprintln!("{}", line);
+    }
+}
+
+impl Board for H753Board {
+    fn to_host(&mut self, bytes: &[u8]) {
+        self.to_host.extend_from_slice(bytes);
+    }
+
+    fn to_bus(&mut self, frame: Frame) {
+        self.to_bus.push(frame);
+    }
+
+    fn event(&mut self, event: Event) {
+        match event {
+            // The one line a technician (and the HIL target) reads.
+            Event::Pin { pin, seconds, .. } => {
+                self.log(format_args!("PIN {} ({seconds} s)", pin.as_str()));
+            }
+            other => self.log(format_args!("{other:?}")),
+        }
+    }
+
+    fn store_flash(&mut self, flash: &Flash) {
+        let mut page = [0xffu8; STATE_LEN];
+        page[..IMAGE_LEN].copy_from_slice(&flash.to_image());
+        // Erase then write: a power loss in between leaves an erased sector, which reads as a fresh
+        // dongle (the image's CRC guards against a torn write), never as someone else's token.
+        let stored = self
+            .flash
+            .blocking_erase(STATE_SECTOR, STATE_SECTOR_END)
+            .and_then(|()| self.flash.blocking_write(STATE_SECTOR, &page));
+        if let Err(e) = stored {
+            self.log(format_args!("flash write failed: {e:?}"));
+        }
+        if flash.can != self.last_can {
+            self.last_can = flash.can;
+            self.can_changed = true;
+        }
+    }
+}
+
+/// The clocks: 400 MHz from PLL1 (HSI 64 MHz / 4 * 50 / 2), FDCAN from PLL1 Q at 80 MHz, USB from
+/// HSI48 trimmed by USB start-of-frame packets.
+fn clocks() -> Config {
+    let mut config = Config::default();
+    let r = &mut config.rcc;
+    r.hsi = Some(rcc::HSIPrescaler::DIV1);
+    r.csi = true;
+    r.hsi48 = Some(rcc::Hsi48Config {
+        sync_from_usb: true,
+    });
+    r.pll1 = Some(rcc::Pll {
+        source: rcc::PllSource::HSI,
+        prediv: rcc::PllPreDiv::DIV4,
+        mul: rcc::PllMul::MUL50,
+        divp: Some(rcc::PllDiv::DIV2),
+        divq: Some(rcc::PllDiv::DIV10),
+        divr: None,
+    });
+    r.sys = rcc::Sysclk::PLL1_P;
+    r.ahb_pre = rcc::AHBPrescaler::DIV2;
+    r.apb1_pre = rcc::APBPrescaler::DIV2;
+    r.apb2_pre = rcc::APBPrescaler::DIV2;
+    r.apb3_pre = rcc::APBPrescaler::DIV2;
+    r.apb4_pre = rcc::APBPrescaler::DIV2;
+    r.voltage_scale = rcc::VoltageScale::Scale1;
+    r.mux.fdcansel = rcc::mux::Fdcansel::PLL1_Q;
+    r.mux.usbsel = rcc::mux::Usbsel::HSI48;
+    config
+}
+
+/// A device id from the chip's 96-bit unique id, folded to the protocol's 64 bits.
+fn device_id() -> DeviceId {
+    let uid = embassy_stm32::uid::uid();
+    let mut id = [0u8; 8];
+    for (i, b) in uid.iter().enumerate() {
+        id[i % 8] ^= b;
+    }
+    DeviceId(id)
+}
+
+fn can_frame(frame: &Frame) -> Option<can::frame::Frame> {
+    let id = frame.id();
+    if id.is_extended() {
+        can::frame::Frame::new_extended(id.raw(), frame.data()).ok()
+    } else {
+        can::frame::Frame::new_standard(id.raw() as u16, frame.data()).ok()
+    }
+}
+
+fn core_frame(frame: &can::frame::Frame) -> Option<Frame> {
+    let id = match frame.id() {
+        embedded_can::Id::Standard(id) => CanId::standard(id.as_raw()).ok()?,
+        embedded_can::Id::Extended(id) => CanId::extended(id.as_raw()).ok()?,
+    };
+    Frame::classic(id, frame.data()).ok()
+}
+
+#[embassy_executor::main]
+async fn main(_spawner: Spawner) {
+    // SAFETY: called once, before the first allocation.
+    unsafe {
+        embedded_alloc::init!(HEAP, HEAP_SIZE);
+    }
+    rtt_target::rtt_init_print!();
+    let p = embassy_stm32::init(clocks());
+    let console = match UartTx::new_blocking(p.USART3, p.PD8, Default::default()) {
+        Ok(tx) => tx,
+        Err(_) => panic!("USART3 does not take the default configuration"),
+    };
+    let mut flash_driver = FlashDriver::new_blocking(p.FLASH);
+    let mut image = [0u8; STATE_LEN];
+    let stored = flash_driver
+        .blocking_read(STATE_SECTOR, &mut image)
+        .ok()
+        .and_then(|()| {
+            let mut exact = [0u8; IMAGE_LEN];
+            exact.copy_from_slice(&image[..IMAGE_LEN]);
+            Flash::from_image(&exact).ok()
+        });
+    let flash = stored.unwrap_or_else(|| Flash::new(device_id()));
+    let mut board = H753Board {
+        console,
+        to_host: Vec::new(),
+        to_bus: Vec::new(),
+        flash: flash_driver,
+        can_changed: false,
+        last_can: flash.can,
+    };
+
+    let mut rng_peripheral = Rng::new(p.RNG, Irqs);
+    let mut seed = [0u8; 32];
+    if rng_peripheral.async_fill_bytes(&mut seed).await.is_err() {
+        panic!("the RNG peripheral failed its seed");
+    }
+    let config = DongleConfig {
+        fw_build: format!(
+            "dongle-fw-h753 {} build {}",
+            env!("CARGO_PKG_VERSION"),
+            dongle_core::dongle::FW_BUILD_NUMBER
+        ),
+        extensions: Extensions::ALL,
+        // FDCAN can carry FD frames; this driver moves classic ones only so far, so the dongle does
+        // not announce FD (and the core keeps to timing every STM32 CAN controller takes).
+        fd: false,
+        link: "usb cdc-acm".into(),
+        ..DongleConfig::default()
+    };
+    // No real-time clock is kept: a cool-down stored before a restart lasts its full length again.
+    let mut dongle: Dongle<Ticks> = Dongle::new(
+        config,
+        flash,
+        Ticks(Instant::now().as_micros()),
+        0,
+        Box::new(rand::rngs::StdRng::from_seed(seed)),
+    );
+    let mut stream: StreamHost<Ticks> = StreamHost::new();
+    board.log(format_args!(
+        "ready: device {} capabilities {:#06x}",
+        dongle.device_id(),
+        dongle.capabilities()
+    ));
+
+    // USB CDC-ACM: the host link.
+    let mut ep_out_buffer = [0u8; 256];
+    let mut usb_config = usb::Config::default();
+    usb_config.vbus_detection = false;
+    let driver = usb::Driver::new_fs(
+        p.USB_OTG_FS,
+        Irqs,
+        p.PA12,
+        p.PA11,
+        &mut ep_out_buffer,
+        usb_config,
+    );
+    let mut device_config = embassy_usb::Config::new(0x0483, 0x5740);
+    device_config.manufacturer = Some("bridge");
+    device_config.product = Some("CAN dongle (reference firmware)");
+    let mut config_descriptor = [0; 256];
+    let mut bos_descriptor = [0; 256];
+    let mut control_buf = [0; 64];
+    let mut state = State::new();
+    let mut builder = embassy_usb::Builder::new(
+        driver,
+        device_config,
+        &mut config_descriptor,
+        &mut bos_descriptor,
+        &mut [],
+        &mut control_buf,
+    );
+    let class = CdcAcmClass::new(&mut builder, &mut state, USB_PACKET as u16);
+    let mut usb = builder.build();
+    let (mut usb_tx, mut usb_rx) = class.split();
+
+    let mut fdcan = p.FDCAN1;
+    let mut can_rx_pin = p.PD0;
+    let mut can_tx_pin = p.PD1;
+
+    let dongle_loop = async {
+        loop {
+            // (Re)start the controller with the configuration in flash.
+            let settings = dongle.flash().can;
+            let mut configurator = CanConfigurator::new(
+                fdcan.reborrow(),
+                can_rx_pin.reborrow(),
+                can_tx_pin.reborrow(),
+                Irqs,
+            );
+            if let (Some(prescaler), Some(seg1), Some(seg2), Some(sjw)) = (
+                NonZeroU16::new(settings.prescaler),
+                NonZeroU8::new(settings.tseg1),
+                NonZeroU8::new(settings.tseg2),
+                NonZeroU8::new(settings.sjw),
+            ) {
+                let timing = NominalBitTiming {
+                    prescaler,
+                    seg1,
+                    seg2,
+                    sync_jump_width: sjw,
+                };
+                configurator.set_config(
+                    configurator
+                        .config()
+                        .set_nominal_bit_timing(timing)
+                        .set_automatic_retransmit(
+                            settings.flags & firmware_proto::remp::CanConfig::FLAG_AUTO_RETX != 0,
+                        ),
+                );
+            }
+            let mode = match settings.mode {
+                CanMode::Normal => OperatingMode::NormalOperationMode,
+                // The controller's restricted mode never sends (beyond ACKs); the core refuses
+                // every frame from the host in listen-only mode as well.
+                CanMode::ListenOnly => OperatingMode::RestrictedOperationMode,
+                CanMode::Loopback => OperatingMode::InternalLoopbackMode,
+                CanMode::ExtLoop => OperatingMode::ExternalLoopbackMode,
+            };
+            let mut can = configurator.start(mode);
+            board.can_changed = false;
+
+            let mut packet = [0u8; USB_PACKET];
+            while !board.can_changed {
+                let deadline = stream
+                    .next_due()
+                    .map(|due| Instant::from_micros(due.0))
+                    .unwrap_or_else(|| Instant::now() + embassy_time::Duration::from_millis(100));
+                let happened = select3(
+                    usb_rx.read_packet(&mut packet),
+                    can.read(),
+                    Timer::at(deadline),
+                )
+                .await;
+                let now = Ticks(Instant::now().as_micros());
+                match happened {
+                    Either3::First(Ok(n)) => {
+                        stream.receive(&mut dongle, now, &packet[..n], &mut board);
+                    }
+                    Either3::First(Err(_)) => usb_rx.wait_connection().await,
+                    Either3::Second(Ok(envelope)) => {
+                        if let Some(frame) = core_frame(&envelope.frame) {
+                            stream.bus_frames(&mut dongle, now, &[frame], &mut board);
+                        }
+                    }
+                    Either3::Second(Err(_)) => {}
+                    Either3::Third(()) => {}
+                }
+                stream.poll(&mut dongle, now, &mut board);
+                for frame in core::mem::take(&mut board.to_bus) {
+                    if let Some(frame) = can_frame(&frame) {
+                        let _ = can.write(&frame).await;
+                    }
+                }
+                let out = core::mem::take(&mut board.to_host);
+                if write_all(&mut usb_tx, &out).await.is_err() {
+                    // The host is gone: what it did not take is lost with its session, as on a real
+                    // unplug; the counters of the core say what was sent.
+                }
+            }
+        }
+    };
+    join(usb.run(), dongle_loop).await;
+}
+
+/// Writes `bytes` as USB packets, ending with a short (or empty) one so the host sees the end.
+async fn write_all<'d, D: embassy_usb::driver::Driver<'d>>(
+    tx: &mut embassy_usb::class::cdc_acm::Sender<'d, D>,
+    bytes: &[u8],
+) -> Result<(), EndpointError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    for chunk in bytes.chunks(USB_PACKET) {
+        tx.write_packet(chunk).await?;
+    }
+    if bytes.len().is_multiple_of(USB_PACKET) {
+        tx.write_packet(&[]).await?;
+    }
+    Ok(())
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    cortex_m::interrupt::disable();
+    loop {
+        cortex_m::asm::wfi();
+    }
+}
