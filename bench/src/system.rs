@@ -302,10 +302,10 @@ impl Rig {
     }
 
     /// The state a relaying group settles in: ACTIVE on one instance; with several, its sides reach
-    /// different instances, which relay through the database's buffer today, so DEGRADED.
+    /// different instances, which relay through the database's buffer: CROSS_INSTANCE.
     pub fn relaying_state(&self) -> &'static str {
         if self.servers.len() > 1 {
-            "DEGRADED"
+            "CROSS_INSTANCE"
         } else {
             "ACTIVE"
         }

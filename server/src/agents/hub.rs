@@ -91,6 +91,14 @@ impl AgentHub {
         self.cluster.as_ref().map(|c| c.instance_id)
     }
 
+    /// This instance's id and the age at which another instance's beat counts as dead, when several
+    /// instances share the database.
+    pub fn cluster_identity(&self) -> Option<(Uuid, std::time::Duration)> {
+        self.cluster
+            .as_ref()
+            .map(|c| (c.instance_id, c.settings.stale_after))
+    }
+
     pub(crate) fn cluster(&self) -> Option<&Cluster> {
         self.cluster.as_ref()
     }

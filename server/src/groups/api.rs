@@ -54,8 +54,8 @@ pub struct GroupDongle {
     pub device_id: String,
     /// An online agent of the owner sees the dongle now.
     pub online: bool,
-    /// The agent serving this side has its data connection (`/ws/data`) open on the server instance
-    /// that answered.
+    /// The agent serving this side has its data connection (`/ws/data`) open, on the server instance
+    /// that answered or on another one (while the answering instance relays the group).
     pub data_connected: bool,
 }
 
@@ -77,7 +77,7 @@ pub struct PerSide {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct GroupView {
     pub id: Uuid,
-    /// INACTIVE, ACTIVE or DEGRADED.
+    /// INACTIVE, ACTIVE, DEGRADED or CROSS_INSTANCE.
     pub state: Mode,
     /// The relay trimmed buffered frames (retention reached) since the group was last ACTIVE: frames
     /// were lost. Cleared when the group is ACTIVE again (both sides connected, backlog delivered).

@@ -607,7 +607,8 @@ pub async fn flush_counters(
     Ok(())
 }
 
-/// Moves a relaying group between ACTIVE and DEGRADED, and clears its buffer pressure when asked.
+/// Moves a relaying group between ACTIVE, DEGRADED and CROSS_INSTANCE, and clears its buffer pressure
+/// when asked.
 /// A group that was deactivated or deleted meanwhile is left alone: None.
 pub async fn set_mode(
     pool: &PgPool,
@@ -618,7 +619,7 @@ pub async fn set_mode(
     sqlx::query_scalar(
         "UPDATE dongle_groups SET mode = $2::text::group_mode, \
            buffer_pressure = buffer_pressure AND NOT $3 \
-         WHERE id = $1 AND mode IN ('ACTIVE', 'DEGRADED') RETURNING buffer_pressure",
+         WHERE id = $1 AND mode IN ('ACTIVE', 'DEGRADED', 'CROSS_INSTANCE') RETURNING buffer_pressure",
     )
     .bind(group_id)
     .bind(mode.as_str())

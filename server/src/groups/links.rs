@@ -86,6 +86,9 @@ pub(super) struct DataConn {
 /// What pipes share with the relay: the pool, the settings, the connections, the events.
 pub(crate) struct Core {
     pub pool: PgPool,
+    /// This instance's id and the age at which another's beat counts as dead, when several instances
+    /// share the database (the agent hub's cluster).
+    pub cluster: Option<(Uuid, std::time::Duration)>,
     pub settings: RelaySettings,
     pub stats: RelayStats,
     pub(super) conns: Mutex<HashMap<Uuid, DataConn>>,

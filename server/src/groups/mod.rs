@@ -18,8 +18,9 @@
 //! - [`wake`]: wakes this instance's pipes when another instance buffered frames for a side they serve.
 //!
 //! A group's `mode` column is its state: INACTIVE until activated; once active, ACTIVE while both sides'
-//! agents have their data connection open and nothing is buffered, DEGRADED otherwise. Only the relay
-//! moves it between ACTIVE and DEGRADED, and never out of INACTIVE.
+//! agents have their data connection open on one instance and nothing is buffered, CROSS_INSTANCE while
+//! both are connected but to different instances (frames cross through the buffer), DEGRADED otherwise.
+//! Only the relay moves it among those three, and never out of INACTIVE.
 
 pub mod api;
 pub mod buffer;

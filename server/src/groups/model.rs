@@ -25,8 +25,13 @@ pub fn direction_to(target: Side) -> &'static str {
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Mode {
     Inactive,
+    /// Both sides' agents have their data connection on this instance and nothing waits.
     Active,
+    /// A side is away, or frames wait for it in the buffer.
     Degraded,
+    /// Both sides are connected, to different instances: frames cross through the buffer and a
+    /// notification (`groups::wake`).
+    CrossInstance,
 }
 
 impl Mode {
@@ -35,6 +40,7 @@ impl Mode {
             Mode::Inactive => "INACTIVE",
             Mode::Active => "ACTIVE",
             Mode::Degraded => "DEGRADED",
+            Mode::CrossInstance => "CROSS_INSTANCE",
         }
     }
 
@@ -43,6 +49,7 @@ impl Mode {
             "INACTIVE" => Some(Mode::Inactive),
             "ACTIVE" => Some(Mode::Active),
             "DEGRADED" => Some(Mode::Degraded),
+            "CROSS_INSTANCE" => Some(Mode::CrossInstance),
             _ => None,
         }
     }

@@ -116,6 +116,7 @@ impl Relay {
         let (events, _) = broadcast::channel(1_024);
         Self {
             core: Arc::new(Core {
+                cluster: hub.cluster_identity(),
                 pool,
                 settings,
                 stats: RelayStats::default(),
@@ -175,7 +176,8 @@ impl Relay {
         );
     }
 
-    /// Per side: the serving agent's data connection is on this instance (false without a pipe here).
+    /// Per side: the serving agent's data connection is on this instance or on another live one (false
+    /// without a pipe here).
     pub async fn data_connected(&self, group_id: Uuid) -> PerSide<bool> {
         match self.pipes.lock().await.get(&group_id) {
             Some(p) => {

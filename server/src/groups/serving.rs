@@ -1,11 +1,11 @@
 //! The queries the relay needs: which of a user's agents serves each side of a group, which sides an
 //! agent serves, and the groups a dongle is in.
 
-use control_proto::data::Side;
+use control_proto::data::{PerSide, Side};
 use sqlx::{PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
-use super::model::Mode;
+use super::model::{Mode, side_letter};
 use crate::agents::ONLINE_SQL;
 
 /// The agents that see any of `dongle_ids` now (present in their last report): those whose `groups`
@@ -63,7 +63,8 @@ pub struct ServedSide {
     pub next_in: u64,
 }
 
-/// The sides of ACTIVE or DEGRADED groups whose dongle `agent_id` serves (see [`serving_agent_sql`]).
+/// The sides of relaying groups (ACTIVE, DEGRADED or CROSS_INSTANCE) whose dongle `agent_id` serves
+/// (see [`serving_agent_sql`]).
 pub async fn sides_served_by(
     db: impl PgExecutor<'_>,
     agent_id: Uuid,
@@ -75,7 +76,7 @@ pub async fn sides_served_by(
          JOIN dongle_group_members m ON m.group_id = g.id \
          JOIN dongles d ON d.id = m.dongle_id \
          LEFT JOIN relay_sides r ON r.group_id = g.id AND r.side = m.side \
-         WHERE g.user_id = $2 AND g.mode IN ('ACTIVE', 'DEGRADED') \
+         WHERE g.user_id = $2 AND g.mode IN ('ACTIVE', 'DEGRADED', 'CROSS_INSTANCE') \
            AND d.owner_user_id = $2 AND d.ownership_state = 'CLAIMED_ACTIVE' \
            AND {} = $1 \
          ORDER BY g.id, m.side",
@@ -158,10 +159,58 @@ pub async fn sides_of(pool: &PgPool, group_id: Uuid) -> Result<Option<GroupSides
     }))
 }
 
-/// The ACTIVE or DEGRADED groups of a user (the pipes an agent's change may concern).
+/// Records that this instance holds (`here`) or no longer holds the data connection serving `side`
+/// of the group. Clearing leaves a row naming another instance alone.
+pub async fn mark_served(
+    pool: &PgPool,
+    group_id: Uuid,
+    side: Side,
+    instance_id: Uuid,
+    here: bool,
+) -> Result<(), sqlx::Error> {
+    let sql = if here {
+        "UPDATE relay_sides SET served_by = $3 WHERE group_id = $1 AND side = $2 \
+         AND served_by IS DISTINCT FROM $3"
+    } else {
+        "UPDATE relay_sides SET served_by = NULL WHERE group_id = $1 AND side = $2 AND served_by = $3"
+    };
+    sqlx::query(sql)
+        .bind(group_id)
+        .bind(side_letter(side))
+        .bind(instance_id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Per side of the group: its data connection is held by a live instance other than `instance_id`
+/// (one whose last beat is younger than `stale_after`).
+pub async fn served_elsewhere(
+    pool: &PgPool,
+    group_id: Uuid,
+    instance_id: Uuid,
+    stale_after: std::time::Duration,
+) -> Result<PerSide<bool>, sqlx::Error> {
+    let sides: Vec<String> = sqlx::query_scalar(
+        "SELECT r.side::text FROM relay_sides r \
+         JOIN server_instances i ON i.instance_id = r.served_by \
+         WHERE r.group_id = $1 AND r.served_by <> $2 \
+           AND i.last_beat > now() - make_interval(secs => $3)",
+    )
+    .bind(group_id)
+    .bind(instance_id)
+    .bind(stale_after.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    Ok(PerSide::from_fn(|side| {
+        sides.iter().any(|s| s == side_letter(side))
+    }))
+}
+
+/// The relaying groups of a user (the pipes an agent's change may concern).
 pub async fn relaying_groups_of(pool: &PgPool, user_id: Uuid) -> Result<Vec<Uuid>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT id FROM dongle_groups WHERE user_id = $1 AND mode IN ('ACTIVE', 'DEGRADED')",
+        "SELECT id FROM dongle_groups WHERE user_id = $1 AND mode IN ('ACTIVE', 'DEGRADED', 'CROSS_INSTANCE')",
     )
     .bind(user_id)
     .fetch_all(pool)

@@ -11,7 +11,7 @@ use super::dongle_pages::console_markup;
 use super::html::{ApiForm, Nav, api_form, esc, presence, select, state_badge, t, table, time};
 use super::{error_page, not_found, parse_id, signed_in};
 
-/// The group's state word (`ACTIVE`, `INACTIVE`, `DEGRADED`).
+/// The group's state word (`ACTIVE`, `INACTIVE`, `DEGRADED`, `CROSS_INSTANCE`).
 pub fn state_of(g: &Value) -> String {
     g["state"].as_str().unwrap_or("?").to_string()
 }
@@ -308,6 +308,10 @@ pub fn explain(state: &str) -> &'static str {
     match state {
         "ACTIVE" => "Both sides are online: frames go from each side to the other as they come.",
         "INACTIVE" => "Not relaying: activate the group to start.",
+        "CROSS_INSTANCE" => {
+            "Both sides are online, connected to different server instances: frames go from each \
+             side to the other through the database, a few milliseconds later than on one instance."
+        }
         "DEGRADED" => {
             "One side is offline: the server keeps the frames for it (10 minutes or 200 000 frames \
              per direction) and replays them in order when it is back."

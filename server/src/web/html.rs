@@ -413,7 +413,7 @@ pub fn presence(online: bool) -> &'static str {
 /// A badge for a state word (ownership state, group state, command status).
 pub fn state_badge(state: &str) -> String {
     let class = match state {
-        "ACTIVE" | "CLAIMED_ACTIVE" | "done" | "active" => "ok",
+        "ACTIVE" | "CROSS_INSTANCE" | "CLAIMED_ACTIVE" | "done" | "active" => "ok",
         "DEGRADED" | "BUFFER_PRESSURE" | "queued" | "running" | "RESET_DETECTED" => "warn",
         "SECURITY_HOLD" | "error" | "timeout" | "disabled" => "bad",
         _ => "off",

@@ -633,15 +633,20 @@ async fn the_group_console_shows_relayed_frames_and_state(pool: PgPool) {
     .await;
 }
 
+/// A group whose sides are connected to two instances relays through the buffer, and says so: it is
+/// CROSS_INSTANCE on both instances (before, DEGRADED, as if a side were away), and DEGRADED once a
+/// side really is away.
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn sides_on_two_server_instances_relay_through_the_buffer(pool: PgPool) {
-    let first = app_with(pool.clone(), |_| {}).await;
+    let quick_refresh =
+        |c: &mut ServerConfig| c.relay.refresh_interval = Duration::from_millis(300);
+    let first = app_with(pool.clone(), quick_refresh).await;
     let own = PgPoolOptions::new()
         .max_connections(5)
         .connect(&database_url_of(&pool))
         .await
         .unwrap();
-    let second = app_with(own, |_| {}).await;
+    let second = app_with(own, quick_refresh).await;
     let users = two_dongles(&first, "erin@example.com", DEV_A, DEV_B).await;
     let id = active_group(&users.client, users.dongle_a, users.dongle_b).await;
     // A's data connection on one instance, B's on the other.
@@ -652,12 +657,41 @@ async fn sides_on_two_server_instances_relay_through_the_buffer(pool: PgPool) {
     data_a.wait_ack(id, Side::A, 10).await;
     let got = data_b.receive(id, Side::B, 10, true).await;
     assert_eq!(numbers(&got), (0..10).collect::<Vec<_>>());
-    // Relayed through the buffer, which drains as B acknowledges; each instance sees one side: DEGRADED.
+    // Relayed through the buffer, which drains as B acknowledges; each instance sees one side here and
+    // the other on the other instance: CROSS_INSTANCE, on both.
     let view = group_until(&users.client, id, |g| {
-        g["backlog"]["a_to_b"] == 0 && g["frames_relayed"]["a_to_b"] == 10
+        g["backlog"]["a_to_b"] == 0
+            && g["frames_relayed"]["a_to_b"] == 10
+            && g["state"] == "CROSS_INSTANCE"
+            // Connected, to the other instance (as this instance's next look at the sides finds).
+            && g["dongle_b"]["data_connected"] == true
     })
     .await;
-    assert_eq!(view["state"], "DEGRADED");
+    assert_eq!(view["buffer_pressure"], false);
+    // The gauge counts it (both instances share this process's metrics recorder, as do other tests:
+    // at least this group).
+    let metrics = users
+        .client
+        .http
+        .get(users.client.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let cross: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("relay_groups_cross_instance "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(cross >= 1.0, "{metrics}");
+    // Both instances write the state: they agree, so it stays (several refreshes of each later).
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(group(&users.client, id).await["state"], "CROSS_INSTANCE");
+    // B goes away: A's instance sees a side away.
+    data_b.cut();
+    group_until(&users.client, id, |g| g["state"] == "DEGRADED").await;
     second.stop().await;
 }
 

@@ -106,6 +106,9 @@ pub struct SidesRead {
     pub mode: Mode,
     /// The agents that see each side's dongle now, the serving one first.
     pub agents: PerSide<Vec<Uuid>>,
+    /// Per side: the serving agent is connected to another instance (so its frames cross through the
+    /// buffer while it is there).
+    pub elsewhere: PerSide<bool>,
 }
 
 /// An answer to a [`Request`], of the same name.
@@ -248,6 +251,8 @@ struct Source {
     dongle_id: Uuid,
     /// The agents that see the dongle now, the serving one first; only they may send for this side.
     agents: Vec<Uuid>,
+    /// The serving agent is connected to another instance.
+    elsewhere: bool,
     /// The first position not accepted yet.
     next_in: u64,
     /// The first position not acknowledged to the agent yet (forwarded or written below it).
@@ -528,6 +533,11 @@ impl Machine {
         self.gone
     }
 
+    /// The group's state as this pipe last wrote or read it.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
     /// Enough frames wait for a write that the driver should stop gathering input and tick.
     pub fn gathered_enough(&self) -> bool {
         self.towards
@@ -540,9 +550,9 @@ impl Machine {
         self.from[side].acked_in
     }
 
-    /// The serving agent of `side` has its data connection here.
+    /// The serving agent of `side` has its data connection here, or on another live instance.
     pub fn data_connected(&self, side: Side) -> bool {
-        self.towards[side].conn.is_some()
+        self.towards[side].conn.is_some() || self.from[side].elsewhere
     }
 
     /// The frames counted since the last call.
@@ -1144,9 +1154,12 @@ impl Machine {
     /// Asks to write the state this instance sees, when it changed.
     ///
     /// ACTIVE while both sides' serving agents are connected here and nothing is buffered or waiting to
-    /// be; DEGRADED otherwise. An instance where neither side is connected leaves the state to the
-    /// others. The buffer pressure flag is cleared when the group is ACTIVE again, that is when the
-    /// backlog was delivered (retention emptying a buffer does not end it: frames were lost).
+    /// be; CROSS_INSTANCE while one side's agent is connected here and the other's is connected to
+    /// another instance (frames cross through the buffer, so a backlog is how they travel); DEGRADED
+    /// otherwise. An instance where neither side is connected
+    /// leaves the state to the others. The buffer pressure flag is cleared when the group is ACTIVE
+    /// again, that is when the backlog was delivered (retention emptying a buffer does not end it:
+    /// frames were lost).
     fn evaluate(&mut self, out: &mut Vec<Action>) {
         let online = PerSide::new(self.towards.a.conn.is_some(), self.towards.b.conn.is_some());
         if !online.a && !online.b {
@@ -1156,8 +1169,11 @@ impl Machine {
             .towards
             .values()
             .any(|t| t.buffered > 0 || !t.pending.is_empty());
+        let elsewhere = PerSide::from_fn(|side| self.from[side].elsewhere);
         let want = if online.a && online.b && !backlog {
             Mode::Active
+        } else if (online.a && elsewhere.b) || (online.b && elsewhere.a) {
+            Mode::CrossInstance
         } else {
             Mode::Degraded
         };
@@ -1357,7 +1373,14 @@ impl Machine {
                 return;
             }
         };
-        let SidesRead { mode, agents } = read;
+        let SidesRead {
+            mode,
+            agents,
+            elsewhere,
+        } = read;
+        for (side, elsewhere) in elsewhere.iter() {
+            self.from[side].elsewhere = *elsewhere;
+        }
         for (side, agents) in [(Side::A, agents.a), (Side::B, agents.b)] {
             let before = self.from[side].agents.first().copied();
             self.from[side].agents = agents;

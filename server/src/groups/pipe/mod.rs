@@ -42,6 +42,7 @@ use uuid::Uuid;
 use super::buffer::{self, Append, BufferError, Retention};
 use super::chunk::Chunk;
 use super::links::{Core, PipeShared, RelayEvent, SendError};
+use super::model::Mode;
 pub use machine::MAX_POSITION;
 use machine::{Action, Conn, Failure, Frames, Input, Loaded, Machine, Reply, Request, SidesRead};
 
@@ -81,6 +82,17 @@ pub(crate) struct Pipe {
     user_id: Uuid,
     machine: Machine,
     shared: Arc<PipeShared>,
+    /// The group is CROSS_INSTANCE as this pipe knows it, and counts in the `relay_groups_cross_instance`
+    /// gauge.
+    counted_cross: bool,
+    /// The sides whose `relay_sides.served_by` names this instance, as last written.
+    marked: PerSide<bool>,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        self.count_cross(false);
+    }
 }
 
 impl Pipe {
@@ -114,6 +126,8 @@ impl Pipe {
             user_id: group.user_id,
             machine,
             shared: Arc::new(PipeShared::default()),
+            counted_cross: false,
+            marked: PerSide::default(),
             core,
         };
         pipe.publish();
@@ -129,7 +143,13 @@ impl Pipe {
     }
 
     /// Runs until stopped, until the group stops relaying, or until the relay drops its handle.
-    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<PipeEvent>) {
+    pub(crate) async fn run(mut self, rx: mpsc::Receiver<PipeEvent>) {
+        self.relay(rx).await;
+        // The group's sides are no longer served here, whatever their connections do next.
+        self.mark_served(PerSide::default()).await;
+    }
+
+    async fn relay(&mut self, mut rx: mpsc::Receiver<PipeEvent>) {
         tracing::debug!(group_id = %self.group_id, "group relay started");
         self.step(Input::Start).await;
         loop {
@@ -230,6 +250,7 @@ impl Pipe {
         }
         self.count();
         self.publish();
+        self.count_cross(self.machine.mode() == Mode::CrossInstance);
     }
 
     /// What the rest of the instance reads of the pipe: positions, connections, counters.
@@ -335,16 +356,12 @@ impl Pipe {
         let group_id = self.group_id;
         match request {
             Request::Connections { agents } => {
-                Reply::Connections(agents.map(|_, agent| agent.and_then(|a| core.conn_of(a))))
+                let conns = agents.map(|_, agent| agent.and_then(|a| core.conn_of(a)));
+                self.mark_served(conns.map(|_, c| c.is_some())).await;
+                Reply::Connections(conns)
             }
-            Request::Sides => Reply::Sides(match super::serving::sides_of(pool, group_id).await {
-                Ok(group) => Ok(group.map(|g| {
-                    let [a, b] = g.sides;
-                    SidesRead {
-                        mode: g.mode,
-                        agents: PerSide::new(a.agents, b.agents),
-                    }
-                })),
+            Request::Sides => Reply::Sides(match read_sides(&core, group_id).await {
+                Ok(read) => Ok(read),
                 Err(e) => {
                     tracing::warn!(%group_id, error = %e, "could not read a group's sides");
                     Err(self.failure(BufferError::Db(e)))
@@ -438,6 +455,48 @@ impl Pipe {
         }
     }
 
+    /// Records in `relay_sides.served_by` which sides' data connections this instance holds, when
+    /// several instances share the database, so that the instance serving the other side can tell
+    /// CROSS_INSTANCE from DEGRADED. A failed write is retried at the next look at the connections.
+    async fn mark_served(&mut self, here: PerSide<bool>) {
+        let Some((instance_id, _)) = self.core.cluster else {
+            return;
+        };
+        for (side, here) in here.iter() {
+            if self.marked[side] == *here {
+                continue;
+            }
+            match super::serving::mark_served(
+                &self.core.pool,
+                self.group_id,
+                side,
+                instance_id,
+                *here,
+            )
+            .await
+            {
+                Ok(()) => self.marked[side] = *here,
+                Err(e) => {
+                    tracing::warn!(group_id = %self.group_id, error = %e, "could not record where a group side is served")
+                }
+            }
+        }
+    }
+
+    /// Keeps the `relay_groups_cross_instance` gauge: the groups relaying on this instance that are
+    /// CROSS_INSTANCE.
+    fn count_cross(&mut self, cross: bool) {
+        if cross != self.counted_cross {
+            self.counted_cross = cross;
+            let gauge = metrics::gauge!("relay_groups_cross_instance");
+            if cross {
+                gauge.increment(1.0);
+            } else {
+                gauge.decrement(1.0);
+            }
+        }
+    }
+
     /// Queues FRAMES of one chunk on an agent's data connection, without waiting.
     fn queue(&self, towards: Side, (agent, conn): Conn, chunk: &Chunk) -> Result<(), SendError> {
         let message = data::encode_frames(self.group_id, towards, chunk.seq, &chunk.batch);
@@ -482,4 +541,25 @@ impl Pipe {
             _ => Failure::Db,
         }
     }
+}
+
+/// The group's sides as the database has them, and whether each side's data connection is held by
+/// another live instance (which makes the group CROSS_INSTANCE rather than DEGRADED while the other
+/// side is here).
+async fn read_sides(core: &Core, group_id: Uuid) -> Result<Option<SidesRead>, sqlx::Error> {
+    let Some(group) = super::serving::sides_of(&core.pool, group_id).await? else {
+        return Ok(None);
+    };
+    let [a, b] = group.sides;
+    let elsewhere = match core.cluster {
+        Some((instance_id, stale_after)) => {
+            super::serving::served_elsewhere(&core.pool, group_id, instance_id, stale_after).await?
+        }
+        None => PerSide::default(),
+    };
+    Ok(Some(SidesRead {
+        mode: group.mode,
+        agents: PerSide::new(a.agents, b.agents),
+        elsewhere,
+    }))
 }

@@ -17,6 +17,7 @@
   var EXPLAIN = {
     ACTIVE: 'Both sides are online: frames go from each side to the other as they come.',
     INACTIVE: 'Not relaying: activate the group to start.',
+    CROSS_INSTANCE: 'Both sides are online, connected to different server instances: frames go from each side to the other through the database, a few milliseconds later than on one instance.',
     DEGRADED: 'One side is offline: the server keeps the frames for it (10 minutes or 200 000 frames per direction) and replays them in order when it is back.',
     AWAY: 'the server keeps the frames for it (10 minutes or 200 000 frames per direction) and replays them in order when it is back.'
   };
@@ -28,7 +29,7 @@
   }
   function backlog(g, dir) { return count(g, 'backlog', dir); }
   function badgeClass(state) {
-    return { ACTIVE: 'ok', DEGRADED: 'warn' }[state] || 'off';
+    return { ACTIVE: 'ok', CROSS_INSTANCE: 'ok', DEGRADED: 'warn' }[state] || 'off';
   }
 
   function q(sel) { return document.querySelector(sel); }

@@ -77,6 +77,8 @@ struct World {
     pressure: bool,
     /// Data connections here: agent -> connection id.
     conns: HashMap<Uuid, u64>,
+    /// Per side: the serving agent is connected to another instance, as the database would say.
+    elsewhere: PerSide<bool>,
     next_conn: u64,
     /// A full queue on B's connection refuses what is sent to it.
     b_full: bool,
@@ -117,6 +119,7 @@ impl World {
             mode: Mode::Degraded,
             pressure: false,
             conns: HashMap::new(),
+            elsewhere: PerSide::default(),
             next_conn: 1,
             b_full: false,
             db_down: false,
@@ -245,6 +248,7 @@ impl World {
                 Some(SidesRead {
                     mode: self.mode,
                     agents: PerSide::new(vec![AGENT_A], vec![AGENT_B]),
+                    elsewhere: self.elsewhere,
                 })
             })),
             Request::Rows => Reply::Rows(db.map(|()| {
@@ -723,6 +727,44 @@ fn the_state_is_active_only_with_both_sides_here_and_nothing_buffered() {
     w.tick();
     assert_eq!(w.mode, Mode::Active);
     assert_eq!(w.announced.last().map(|a| a.state), Some(Mode::Active));
+    w.disconnect(AGENT_B);
+    w.tick();
+    assert_eq!(w.mode, Mode::Degraded);
+}
+
+#[test]
+fn a_side_connected_to_another_instance_is_cross_instance_not_degraded() {
+    let mut w = World::new(settings());
+    w.connect(AGENT_A);
+    w.tick();
+    assert_eq!(w.mode, Mode::Degraded, "B is nowhere");
+    // B's agent connects to another instance: frames for it cross through the buffer.
+    w.elsewhere.b = true;
+    w.input(Input::Refresh);
+    w.tick();
+    assert_eq!(w.mode, Mode::CrossInstance);
+    assert_eq!(
+        w.announced.last().map(|a| a.state),
+        Some(Mode::CrossInstance)
+    );
+    // Frames waiting in the buffer for B are how a cross-instance group relays: still CROSS_INSTANCE.
+    w.send_a(&chunk(0, 5));
+    w.advance(ms(5));
+    w.tick();
+    assert_eq!(w.buffered(Side::B), 5);
+    assert_eq!(w.mode, Mode::CrossInstance);
+    // B's agent comes here: ACTIVE once the backlog is delivered. Then it leaves altogether: DEGRADED.
+    w.elsewhere.b = false;
+    w.connect(AGENT_B);
+    for _ in 0..10 {
+        w.advance(ms(50));
+        w.tick();
+        w.read_b();
+    }
+    assert_eq!(w.taken_by_b(), (0..5).collect::<Vec<_>>());
+    w.ack_b(5);
+    w.tick();
+    assert_eq!(w.mode, Mode::Active);
     w.disconnect(AGENT_B);
     w.tick();
     assert_eq!(w.mode, Mode::Degraded);
