@@ -81,8 +81,23 @@ async fn pairing_checks(
         .await?
         .ok_or_else(not_found)?;
     let seen = sightings(&mut tx, dongle_id, caller.user_id()).await?;
+    let held: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pairing_holds WHERE dongle_id = $1 AND user_id = $2)",
+    )
+    .bind(dongle_id)
+    .bind(caller.user_id())
+    .fetch_one(&mut *tx)
+    .await?;
     drop(tx);
-    match standing(&row, &seen, caller, &state.hub).await {
+    let standing = match standing(&row, &seen, caller, &state.hub).await {
+        Ok(_) if held => Err(ApiError::new(
+            ErrorCode::PairingSecurityHold,
+            "Five wrong PINs from this account put this dongle on hold for it: only an administrator \
+             can clear the hold. Other accounts may still pair the dongle.",
+        )),
+        other => other,
+    };
+    match standing {
         Ok(standing) => Ok((row, standing)),
         Err(error) => {
             audit_failure(state, caller, client, dongle_id, refused_action, &error).await;
@@ -294,27 +309,33 @@ async fn audit_failure(
     }
 }
 
-async fn enter_hold(
+/// Holds the caller's account for this dongle (five wrong PINs): its pairing steps on the dongle answer
+/// PAIRING_SECURITY_HOLD until an administrator clears the hold with a force-unpair.
+async fn hold_user(
     conn: &mut PgConnection,
     caller: &Caller,
     client: &ClientInfo,
     dongle_id: Uuid,
+    session_id: Uuid,
     reason: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE dongles SET ownership_state = 'SECURITY_HOLD', hold_reason = $2, pairing_mode = false \
-         WHERE id = $1",
+        "INSERT INTO pairing_holds (dongle_id, user_id, reason) VALUES ($1, $2, $3) \
+         ON CONFLICT (dongle_id, user_id) DO NOTHING",
     )
     .bind(dongle_id)
+    .bind(caller.user_id())
     .bind(reason)
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
-        "UPDATE pairing_sessions SET status = 'held' WHERE dongle_id = $1 AND status = 'open'",
-    )
-    .bind(dongle_id)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query("UPDATE pairing_sessions SET status = 'held' WHERE id = $1 AND status = 'open'")
+        .bind(session_id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("UPDATE dongles SET pairing_mode = false WHERE id = $1")
+        .bind(dongle_id)
+        .execute(&mut *conn)
+        .await?;
     audit::record(
         &mut *conn,
         audit_entry(
@@ -322,7 +343,7 @@ async fn enter_hold(
             caller,
             client,
             dongle_id,
-            serde_json::json!({ "reason": reason }),
+            serde_json::json!({ "reason": reason, "scope": "user", "user_id": caller.user_id() }),
         ),
     )
     .await?;
@@ -472,7 +493,17 @@ async fn submit_leased(
             )
             .await?;
             if wrong >= MAX_WRONG_PINS {
-                enter_hold(&mut tx, caller, client, dongle_id, "too_many_wrong_pins").await?;
+                // The account that entered the PINs is held, not the dongle: a stranger who sees an
+                // unclaimed dongle must not lock out whoever holds it.
+                hold_user(
+                    &mut tx,
+                    caller,
+                    client,
+                    dongle_id,
+                    session_id,
+                    "too_many_wrong_pins",
+                )
+                .await?;
                 tx.commit().await?;
                 return Err(ApiError::of(ErrorCode::PairingSecurityHold));
             }

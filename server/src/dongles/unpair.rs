@@ -102,12 +102,21 @@ pub async fn unpair(
             })),
     )
     .await?;
-    if row.ownership_state == "SECURITY_HOLD" {
+    // An administrator's force-unpair also clears the accounts held for wrong PINs on this dongle.
+    let users_held: Vec<Uuid> = if as_admin {
+        sqlx::query_scalar("DELETE FROM pairing_holds WHERE dongle_id = $1 RETURNING user_id")
+            .bind(dongle_id)
+            .fetch_all(&mut *tx)
+            .await?
+    } else {
+        Vec::new()
+    };
+    if row.ownership_state == "SECURITY_HOLD" || !users_held.is_empty() {
         audit::record(
             &mut *tx,
             Entry::new("pairing.hold_exited", Some(actor), client)
                 .target(target)
-                .details(serde_json::json!({ "by": action })),
+                .details(serde_json::json!({ "by": action, "users_held": users_held })),
         )
         .await?;
     }

@@ -174,33 +174,55 @@ async fn pairing_works_from_the_agent_token_too(pool: PgPool) {
     assert_eq!(paired.json["owner_user_id"], alice_id.to_string());
 }
 
+/// Five wrong PINs hold the account that entered them, for that dongle, until an administrator clears
+/// the hold; the dongle itself is not held, so a stranger whose agent sees an unclaimed dongle cannot
+/// lock out whoever holds it (issue 24). Before, the fifth wrong PIN of anyone put the dongle on
+/// SECURITY_HOLD for everybody.
 #[sqlx::test(migrator = "MIGRATOR")]
-async fn five_wrong_pins_put_the_dongle_on_hold_until_an_admin_force_unpairs(pool: PgPool) {
+async fn five_wrong_pins_hold_that_account_not_the_dongle_until_an_admin_clears_it(pool: PgPool) {
     let app = spawn_app(pool.clone()).await;
-    let (alice, _, _, agent, dongle) = user_with_dongle(&app, "alice@example.com").await;
-    let session = start(&alice, dongle).await.json["pairing_session_id"].clone();
+    let (mallory, _, _, agent, dongle) = user_with_dongle(&app, "mallory@example.com").await;
+    let session = start(&mallory, dongle).await.json["pairing_session_id"].clone();
     for left in (1..=4).rev() {
-        let answer = submit(&alice, dongle, &session, "000000").await;
+        let answer = submit(&mallory, dongle, &session, "000000").await;
         answer.assert_error(StatusCode::BAD_REQUEST, "PAIRING_PIN_INVALID");
         assert_eq!(answer.json["details"]["attempts_left"], left);
         assert!(!answer.text.contains("000000"), "the PIN is not echoed");
     }
-    submit(&alice, dongle, &session, "000000")
+    submit(&mallory, dongle, &session, "000000")
         .await
         .assert_error(StatusCode::CONFLICT, "PAIRING_SECURITY_HOLD");
-    // Held: even the right PIN, a new start and the owner's unpair are refused.
-    submit(&alice, dongle, &session, PIN)
+    // That account is held: even the right PIN and a new start are refused.
+    submit(&mallory, dongle, &session, PIN)
         .await
         .assert_error(StatusCode::CONFLICT, "PAIRING_SECURITY_HOLD");
-    start(&alice, dongle)
+    start(&mallory, dongle)
         .await
         .assert_error(StatusCode::CONFLICT, "PAIRING_SECURITY_HOLD");
     assert_eq!(agent.seen.lock().unwrap().pairing_submits, 5);
     assert_eq!(audit_count(&app, "pairing.hold_entered").await, 1);
+    let state: String =
+        sqlx::query_scalar("SELECT ownership_state::text FROM dongles WHERE id = $1")
+            .bind(dongle)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "UNCLAIMED", "the dongle itself is not held");
 
-    // Only a super_admin clears it.
+    // The one who holds the dongle pairs it all the same.
+    let (alice, alice_id) = app.logged_in("alice@example.com", Role::User).await;
+    let (_, token) = agent::register(&alice).await;
+    let alices = TestAgent::connect(&app.base, &token).await;
+    alices.report(&app.pool, &[DEV]).await;
+    let session = start(&alice, dongle).await;
+    assert_eq!(session.status, StatusCode::OK, "{}", session.text);
+    let paired = submit(&alice, dongle, &session.json["pairing_session_id"], PIN).await;
+    assert_eq!(paired.status, StatusCode::OK, "{}", paired.text);
+    assert_eq!(paired.json["owner_user_id"], alice_id.to_string());
+
+    // Only a super_admin clears the hold: a force-unpair clears every account's hold on the dongle.
     read(
-        alice
+        mallory
             .post_json(&format!("/admin/dongles/{dongle}/force-unpair"), json!({}))
             .await,
     )
@@ -216,10 +238,8 @@ async fn five_wrong_pins_put_the_dongle_on_hold_until_an_admin_force_unpairs(poo
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
     assert_eq!(audit_count(&app, "pairing.hold_exited").await, 1);
     assert_eq!(audit_count(&app, "admin.dongle_force_unpaired").await, 1);
-
-    let session = start(&alice, dongle).await.json["pairing_session_id"].clone();
-    let paired = submit(&alice, dongle, &session, PIN).await;
-    assert_eq!(paired.status, StatusCode::OK, "{}", paired.text);
+    let session = start(&mallory, dongle).await;
+    assert_eq!(session.status, StatusCode::OK, "{}", session.text);
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
