@@ -3,7 +3,9 @@
 //! a new route without a row (or a row for a route that is gone) fails the test before anything is
 //! called.
 //!
-//! The callers are: nobody; user A, who owns every resource named in the paths; user B; a super_admin;
+//! The callers are: nobody; user A, who owns every resource named in the paths; user B; a user whose
+//! email address is not confirmed yet (as user B, but refused 403 EMAIL_NOT_VERIFIED where hardware is
+//! acted on: registering an agent, pairing); a super_admin;
 //! A's agent and B's agent (bearer tokens); a revoked agent token; the old session of a user who was
 //! disabled; an expired session; and A's own session without its CSRF token. The rules (SPEC 3.1-3.3,
 //! 3.10): missing or invalid authentication answers 401, someone else's resource answers 404 exactly as
@@ -38,6 +40,8 @@ enum Who {
     DisabledSession,
     ExpiredSession,
     UserB,
+    /// A signed-in user whose email address is not confirmed.
+    Unverified,
     AgentB,
     SuperAdmin,
     /// A's session, without the X-CSRF-Token header.
@@ -46,12 +50,13 @@ enum Who {
     UserA,
 }
 
-const CALLERS: [Who; 10] = [
+const CALLERS: [Who; 11] = [
     Who::Anonymous,
     Who::RevokedAgent,
     Who::DisabledSession,
     Who::ExpiredSession,
     Who::UserB,
+    Who::Unverified,
     Who::AgentB,
     Who::SuperAdmin,
     Who::UserANoCsrf,
@@ -154,6 +159,8 @@ impl Row {
                 // The session is checked for its CSRF token before anything else is decided about it.
                 Who::UserANoCsrf if unsafe_method => (403, "CSRF_INVALID"),
                 Who::UserANoCsrf => self.expected(Who::UserA),
+                // Until confirmed, an account is any other user (rows that act on hardware say 403).
+                Who::Unverified => self.expected(Who::UserB),
                 Who::UserB | Who::SuperAdmin => match access {
                     Access::Session { other: o, .. } | Access::SessionOrAgent { other: o, .. } => {
                         other(o)
@@ -289,7 +296,8 @@ fn table() -> Vec<Row> {
                 other: Own(201),
             },
         )
-        .body(json!({"agent_name": "matrix"})),
+        .body(json!({"agent_name": "matrix"}))
+        .except(Who::Unverified, 403, "EMAIL_NOT_VERIFIED"),
         // A revokes a spare agent, not the one the matrix calls with.
         row(
             delete.clone(),
@@ -498,7 +506,8 @@ fn table() -> Vec<Row> {
                 other: NotFound,
             },
         )
-        .body(json!({"action": "start"})),
+        .body(json!({"action": "start"}))
+        .except(Who::Unverified, 403, "EMAIL_NOT_VERIFIED"),
         row(
             post.clone(),
             "/api/v1/dongles/{id}/pairing-submit",
@@ -508,7 +517,8 @@ fn table() -> Vec<Row> {
                 other: NotFound,
             },
         )
-        .body(json!({"pairing_session_id": Uuid::nil(), "pin": "000000"})),
+        .body(json!({"pairing_session_id": Uuid::nil(), "pin": "000000"}))
+        .except(Who::Unverified, 403, "EMAIL_NOT_VERIFIED"),
         row(
             post.clone(),
             "/api/v1/dongles/{id}/unpair",
@@ -674,6 +684,7 @@ impl Fixture {
 struct Callers {
     a: Session,
     b: Session,
+    unverified: Session,
     admin: Session,
     disabled: Session,
     expired: Session,
@@ -694,6 +705,7 @@ impl Callers {
             Who::UserA => session(&self.a),
             Who::UserANoCsrf => (Some(self.a.cookie.as_str()), None, None),
             Who::UserB => session(&self.b),
+            Who::Unverified => session(&self.unverified),
             Who::SuperAdmin => session(&self.admin),
             Who::DisabledSession => session(&self.disabled),
             Who::ExpiredSession => session(&self.expired),
@@ -921,6 +933,13 @@ async fn every_route_answers_every_caller_as_the_table_says(pool: PgPool) {
     app.create_user("admin@example.com", Role::SuperAdmin).await;
     let admin = login(&app, "admin@example.com").await;
     let victim = app.create_user("victim@example.com", Role::User).await;
+    let unverified_id = app.create_user("unverified@example.com", Role::User).await;
+    sqlx::query("UPDATE users SET email_verified_at = NULL WHERE id = $1")
+        .bind(unverified_id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let unverified = login(&app, "unverified@example.com").await;
 
     // A disabled user's session is deleted when an admin disables them (admin.rs tests that); here the
     // row is kept, so that the second line of defence, the user's status, is what refuses it.
@@ -964,6 +983,7 @@ async fn every_route_answers_every_caller_as_the_table_says(pool: PgPool) {
     let callers = Callers {
         a,
         b,
+        unverified,
         admin,
         disabled,
         expired,
