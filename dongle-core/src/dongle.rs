@@ -7,9 +7,10 @@
 //!
 //! Wall-clock time. The cool-down's end is kept in flash as wall-clock milliseconds, so that a
 //! restart does not lift it. The host gives the wall clock once, at boot ([`Dongle::new`]); the
-//! core counts on from there with the monotonic clock. A board without a real-time clock passes 0
-//! at every boot: a cool-down stored before a restart then lasts its full length again after it
-//! (longer than asked, never shorter), which is the safe side.
+//! core counts on from there with the monotonic clock. What a boot restores is at most one full
+//! cool-down: a board without a real-time clock passes 0 at every boot, so a cool-down stored before
+//! a restart lasts up to its full length again after it (longer than asked, never a lock-out longer
+//! than one cool-down).
 //!
 //! Authentication. CAN, CAN_CONFIG, CLI and the extension requests need the stored 32-byte
 //! token in the header (compared in constant time) or, with the session extension, a valid
@@ -372,10 +373,13 @@ impl<I: Instant> Dongle<I> {
         rng: Box<dyn Rng + Send>,
     ) -> Self {
         let mut pairing = Pairing::new(cfg.pairing_window, cfg.cooldown);
-        // The cool-down end is wall-clock time in flash, so that a restart does not lift it.
+        // The cool-down end is wall-clock time in flash, so that a restart does not lift it. At most one
+        // cool-down is restored: a board without a clock (wall time 0 at every boot) or a host clock
+        // that jumped back would otherwise turn a stored end into a lock-out of any length.
+        let cooldown_ms = u64::try_from(cfg.cooldown.as_millis()).unwrap_or(u64::MAX);
         let left = flash
             .cooldown_until_unix_ms
-            .map(|end| end.saturating_sub(wall_now_ms));
+            .map(|end| end.saturating_sub(wall_now_ms).min(cooldown_ms));
         pairing.set_cooldown_until(
             left.filter(|&ms| ms > 0)
                 .map(|ms| now + Duration::from_millis(ms)),
@@ -1418,5 +1422,29 @@ mod tests {
         let e = Extensions::parse("batch,session").unwrap();
         assert!(e.batch && e.session && !e.forget);
         assert!(Extensions::parse("turbo").is_err());
+    }
+
+    /// A board without a clock starts its wall clock at 0 at every boot, so a cool-down end stored
+    /// after a long uptime must not become a lock-out of that length at the next boot: what is
+    /// restored is at most one cool-down.
+    #[tokio::test(start_paused = true)]
+    async fn a_stored_cooldown_never_outlasts_one_cooldown_after_a_restart() {
+        let mut flash = Flash::new(ID);
+        // Stored 30 days into an uptime, on a board whose wall clock started at 0.
+        flash.cooldown_until_unix_ms = Some(30 * 24 * 3600 * 1000 + 300_000);
+        let d = Dongle::new(
+            DongleConfig::default(),
+            flash,
+            Instant::now(),
+            0,
+            Box::new(rand::rngs::StdRng::seed_from_u64(7)),
+        );
+        let now = Instant::now();
+        let until = d.pairing.cooldown_until(now).expect("still cooling down");
+        assert!(
+            until - now <= DongleConfig::default().cooldown,
+            "a restart restored {:?} of cool-down",
+            until - now
+        );
     }
 }

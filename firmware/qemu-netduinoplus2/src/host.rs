@@ -32,10 +32,14 @@ pub struct Settings {
     pub seed: Option<[u8; 32]>,
     /// Words that were not understood, to report on the console.
     pub rejected: Vec<String>,
+    /// The command line could not be read (longer than 256 bytes, say): every setting is the default,
+    /// the seed included, which the console must say.
+    pub unreadable: bool,
 }
 
-/// The command line QEMU was given (`arg=` values joined by spaces), at most 256 bytes.
-fn command_line() -> String {
+/// The command line QEMU was given (`arg=` values joined by spaces), at most 256 bytes; None when
+/// QEMU refused it (a longer line).
+fn command_line() -> Option<String> {
     let mut buf = [0u8; 256];
     let mut block = [buf.as_mut_ptr() as usize, buf.len()];
     // SAFETY: SYS_GET_CMDLINE writes at most block[1] bytes into `buf` and the length it wrote into
@@ -43,11 +47,11 @@ fn command_line() -> String {
     let status =
         unsafe { cortex_m_semihosting::syscall1(nr::GET_CMDLINE, block.as_mut_ptr() as usize) };
     if status != 0 {
-        return String::new();
+        return None;
     }
     // SAFETY: the host wrote block[1] during the call above.
     let len = unsafe { core::ptr::read_volatile(&block[1]) }.min(buf.len());
-    String::from_utf8_lossy(&buf[..len]).into()
+    Some(String::from_utf8_lossy(&buf[..len]).into())
 }
 
 /// Seconds since the Unix epoch on the emulator's host.
@@ -91,8 +95,12 @@ pub fn settings(fw_build: String) -> Settings {
         device_id: DeviceId([0xf4, 0x05, 0, 0, 0, 0, 0, 0]),
         seed: None,
         rejected: Vec::new(),
+        unreadable: false,
     };
-    let line = command_line();
+    let Some(line) = command_line() else {
+        s.unreadable = true;
+        return s;
+    };
     // The first word is the program's name.
     for word in line.split_whitespace().skip(1) {
         let ok = match word.split_once('=') {

@@ -119,6 +119,13 @@ fn main() -> ! {
         env!("CARGO_PKG_VERSION"),
         dongle_core::dongle::FW_BUILD_NUMBER
     ));
+    if settings.unreadable {
+        let _ = writeln!(
+            board.console,
+            "could not read the semihosting command line (longer than 256 bytes?): every setting is \
+             the default, and the random seed comes from the clock, which is not secret"
+        );
+    }
     for word in &settings.rejected {
         let _ = writeln!(board.console, "ignored setting {word:?}");
     }

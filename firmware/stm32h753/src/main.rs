@@ -36,7 +36,7 @@ use embassy_stm32::peripherals::{FDCAN1, RNG, USB_OTG_FS};
 use embassy_stm32::rng::Rng;
 use embassy_stm32::usart::UartTx;
 use embassy_stm32::{Config, bind_interrupts, can, rcc, rng, usb};
-use embassy_time::{Instant, Timer};
+use embassy_time::{Instant, Timer, with_timeout};
 use embassy_usb::class::cdc_acm::{CdcAcmClass, State};
 use embassy_usb::driver::EndpointError;
 use embedded_alloc::LlffHeap as Heap;
@@ -60,6 +60,10 @@ const STATE_SECTOR_END: u32 = 0x20_0000;
 const STATE_LEN: usize = IMAGE_LEN.div_ceil(32) * 32;
 /// USB full-speed bulk packets.
 const USB_PACKET: usize = 64;
+/// How long a frame may wait for a free transmit buffer before it is dropped (and counted).
+const CAN_TX_WAIT: embassy_time::Duration = embassy_time::Duration::from_millis(5);
+/// How long the host may take to read what the dongle sends it after one step.
+const USB_TX_WAIT: embassy_time::Duration = embassy_time::Duration::from_millis(200);
 
 #[global_allocator]
 static HEAP: Heap = Heap::empty();
@@ -74,6 +78,12 @@ struct H753Board {
     /// The CAN settings changed: restart the controller with them.
     can_changed: bool,
     last_can: dongle_core::timing::CanSettings,
+    /// The image last stored, so that an unchanged state does not wear the sector.
+    stored: Option<[u8; IMAGE_LEN]>,
+    /// Frames the bus did not take (no free transmit buffer in time, or evicted).
+    bus_dropped: u64,
+    /// Steps whose answers the host did not read in time.
+    host_dropped: u64,
 }
 
 impl H753Board {
@@ -84,6 +94,18 @@ impl H753Board {
         let _ = self.console.blocking_write(line.as_bytes());
         let _ = self.console.blocking_write(b"\r\n");
         rtt_target::rprintln!("{}", line);
+    }
+}
+
+impl H753Board {
+    fn count_bus_drop(&mut self) {
+        self.bus_dropped += 1;
+        let dropped = self.bus_dropped;
+        if dropped.is_power_of_two() {
+            self.log(format_args!(
+                "bus: {dropped} frames dropped (nobody acknowledges, or the queue is full)"
+            ));
+        }
     }
 }
 
@@ -102,13 +124,25 @@ impl Board for H753Board {
             Event::Pin { pin, seconds, .. } => {
                 self.log(format_args!("PIN {} ({seconds} s)", pin.as_str()));
             }
+            // Refusals come from whoever sends packets, as fast as they like: the core counts them,
+            // and writing each on the 115 200 Bd console would let a stranger slow the dongle down.
+            Event::AuthRefused { .. } | Event::ReplayRefused { .. } => {}
             other => self.log(format_args!("{other:?}")),
         }
     }
 
     fn store_flash(&mut self, flash: &Flash) {
+        if flash.can != self.last_can {
+            self.last_can = flash.can;
+            self.can_changed = true;
+        }
+        let image = flash.to_image();
+        if self.stored == Some(image) {
+            return;
+        }
+        self.stored = Some(image);
         let mut page = [0xffu8; STATE_LEN];
-        page[..IMAGE_LEN].copy_from_slice(&flash.to_image());
+        page[..IMAGE_LEN].copy_from_slice(&image);
         // Erase then write: a power loss in between leaves an erased sector, which reads as a fresh
         // dongle (the image's CRC guards against a torn write), never as someone else's token.
         let stored = self
@@ -117,10 +151,6 @@ impl Board for H753Board {
             .and_then(|()| self.flash.blocking_write(STATE_SECTOR, &page));
         if let Err(e) = stored {
             self.log(format_args!("flash write failed: {e:?}"));
-        }
-        if flash.can != self.last_can {
-            self.last_can = flash.can;
-            self.can_changed = true;
         }
     }
 }
@@ -212,6 +242,9 @@ async fn main(_spawner: Spawner) {
         flash: flash_driver,
         can_changed: false,
         last_can: flash.can,
+        stored: Some(flash.to_image()),
+        bus_dropped: 0,
+        host_dropped: 0,
     };
 
     let mut rng_peripheral = Rng::new(p.RNG, Irqs);
@@ -341,7 +374,13 @@ async fn main(_spawner: Spawner) {
                     Either3::First(Ok(n)) => {
                         stream.receive(&mut dongle, now, &packet[..n], &mut board);
                     }
-                    Either3::First(Err(_)) => usb_rx.wait_connection().await,
+                    Either3::First(Err(_)) => {
+                        // Unplugged: a new host must authenticate again before it sees the bus, and
+                        // half a frame from the old one is no packet (what a power cycle forgets).
+                        usb_rx.wait_connection().await;
+                        stream.reset();
+                        dongle.power_cycle(Ticks(Instant::now().as_micros()), 0);
+                    }
                     Either3::Second(Ok(envelope)) => {
                         if let Some(frame) = core_frame(&envelope.frame) {
                             stream.bus_frames(&mut dongle, now, &[frame], &mut board);
@@ -352,14 +391,26 @@ async fn main(_spawner: Spawner) {
                 }
                 stream.poll(&mut dongle, now, &mut board);
                 for frame in core::mem::take(&mut board.to_bus) {
-                    if let Some(frame) = can_frame(&frame) {
-                        let _ = can.write(&frame).await;
+                    let Some(frame) = can_frame(&frame) else {
+                        continue;
+                    };
+                    // A bus where nobody acknowledges (no other node, a wrong bitrate) never frees
+                    // a transmit buffer: the frame is dropped and counted after a short wait, so the
+                    // link, the console and a new CAN configuration are still served.
+                    match with_timeout(CAN_TX_WAIT, can.write(&frame)).await {
+                        Ok(None) => {}
+                        // A lower-priority frame was evicted from the controller's queue.
+                        Ok(Some(_)) | Err(_) => board.count_bus_drop(),
                     }
                 }
                 let out = core::mem::take(&mut board.to_host);
-                if write_all(&mut usb_tx, &out).await.is_err() {
-                    // The host is gone: what it did not take is lost with its session, as on a real
-                    // unplug; the counters of the core say what was sent.
+                // A host that has the port configured but reads nothing must not stall the dongle:
+                // what it does not take within the wait is lost with its session, as on an unplug.
+                if !matches!(
+                    with_timeout(USB_TX_WAIT, write_all(&mut usb_tx, &out)).await,
+                    Ok(Ok(()))
+                ) {
+                    board.host_dropped += 1;
                 }
             }
         }
@@ -385,9 +436,9 @@ async fn write_all<'d, D: embassy_usb::driver::Driver<'d>>(
 }
 
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(info: &core::panic::PanicInfo) -> ! {
     cortex_m::interrupt::disable();
-    loop {
-        cortex_m::asm::wfi();
-    }
+    // What a probe on the rig reads; then the board starts again rather than hanging.
+    rtt_target::rprintln!("PANIC: {}", info);
+    cortex_m::peripheral::SCB::sys_reset()
 }

@@ -689,6 +689,27 @@ async fn sides_on_two_server_instances_relay_through_the_buffer(pool: PgPool) {
     // Both instances write the state: they agree, so it stays (several refreshes of each later).
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     assert_eq!(group(&users.client, id).await["state"], "CROSS_INSTANCE");
+    // Where a side is served is written again at every look, so a record lost behind the pipes' backs
+    // (an instance taken for dead during a database outage loses its rows) comes back; before, the
+    // instances disagreed and wrote DEGRADED and CROSS_INSTANCE in turn for as long as it lasted.
+    sqlx::query("UPDATE relay_sides SET served_by = NULL WHERE group_id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let marked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM relay_sides WHERE group_id = $1 AND served_by IS NOT NULL",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        marked, 2,
+        "both sides' instances wrote where they are served again"
+    );
+    assert_eq!(group(&users.client, id).await["state"], "CROSS_INSTANCE");
     // B goes away: A's instance sees a side away.
     data_b.cut();
     group_until(&users.client, id, |g| g["state"] == "DEGRADED").await;

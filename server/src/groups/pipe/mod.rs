@@ -457,13 +457,16 @@ impl Pipe {
 
     /// Records in `relay_sides.served_by` which sides' data connections this instance holds, when
     /// several instances share the database, so that the instance serving the other side can tell
-    /// CROSS_INSTANCE from DEGRADED. A failed write is retried at the next look at the connections.
+    /// CROSS_INSTANCE from DEGRADED. A side held here is written at every look (the update changes
+    /// nothing when the row already says so): the record may be lost behind this pipe's back, when
+    /// another instance took this one for dead and deleted its rows, and the instances must not then
+    /// disagree for as long as the connection lasts. A failed write is retried at the next look.
     async fn mark_served(&mut self, here: PerSide<bool>) {
         let Some((instance_id, _)) = self.core.cluster else {
             return;
         };
         for (side, here) in here.iter() {
-            if self.marked[side] == *here {
+            if !*here && !self.marked[side] {
                 continue;
             }
             match super::serving::mark_served(
