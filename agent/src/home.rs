@@ -7,7 +7,6 @@
 use std::fmt;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -108,13 +107,9 @@ impl Home {
         self.dir.join(CREDENTIALS_FILE)
     }
 
-    /// Makes the folder (mode 0700) if it is missing.
+    /// Makes the folder (private to this user: mode 0700 on Unix) if it is missing.
     pub fn create(&self) -> Result<(), HomeError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(io("create", &self.dir))
+        crate::platform::create_private_dir(&self.dir).map_err(io("create", &self.dir))
     }
 
     /// The stored credentials, or `None` before the first `login`.
@@ -156,16 +151,13 @@ impl Home {
 /// over `path`: readers see the old file or the new one, never a mix.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), HomeError> {
     let tmp = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new()
+    let mut file = crate::platform::private_file_options()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
         .open(&tmp)
         .map_err(io("create", &tmp))?;
-    // A file left by an older version may have wider permissions; mode() applies only on creation.
-    file.set_permissions(fs::Permissions::from_mode(0o600))
-        .map_err(io("set the permissions of", &tmp))?;
+    crate::platform::restrict(&file).map_err(io("set the permissions of", &tmp))?;
     file.write_all(bytes).map_err(io("write", &tmp))?;
     file.sync_all().map_err(io("sync", &tmp))?;
     fs::rename(&tmp, path).map_err(io("replace", path))
@@ -191,9 +183,13 @@ mod tests {
         assert_eq!(home.load_credentials().unwrap(), None);
         home.save_credentials(&creds()).unwrap();
         assert_eq!(home.load_credentials().unwrap(), Some(creds()));
-        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&home.credentials_path()), 0o600);
-        assert_eq!(mode(home.dir()), 0o700);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&home.credentials_path()), 0o600);
+            assert_eq!(mode(home.dir()), 0o700);
+        }
         assert!(home.remove_credentials().unwrap());
         assert!(!home.remove_credentials().unwrap());
     }

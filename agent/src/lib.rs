@@ -24,6 +24,7 @@ pub mod endpoints;
 pub mod frame;
 pub mod home;
 pub mod journal;
+pub mod platform;
 pub mod session;
 pub mod transport;
 pub mod uplink;

@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -214,10 +213,9 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], VaultError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key: [u8; 32] = rand::rng().random();
             // create_new: two agents starting at once must not each write a different key.
-            let mut file = fs::OpenOptions::new()
+            let mut file = crate::platform::private_file_options()
                 .write(true)
                 .create_new(true)
-                .mode(0o600)
                 .open(path)
                 .map_err(|source| VaultError::Io {
                     path: path.to_path_buf(),
@@ -244,8 +242,7 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), VaultError> {
         path: dir.to_path_buf(),
         source,
     };
-    fs::create_dir_all(dir).map_err(io)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)
+    crate::platform::create_private_dir(dir).map_err(io)
 }
 
 /// Writes `bytes` to `path` with mode 0600 through a temporary file and a rename, so that a crash
@@ -256,13 +253,13 @@ pub(crate) fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), Vaul
         source,
     };
     let tmp = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new()
+    let mut file = crate::platform::private_file_options()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
         .open(&tmp)
         .map_err(io)?;
+    crate::platform::restrict(&file).map_err(io)?;
     file.write_all(bytes)
         .and_then(|_| file.sync_all())
         .map_err(io)?;
@@ -289,7 +286,9 @@ mod tests {
         let vault = Vault::open(dir.path()).unwrap();
         assert_eq!(vault.get(&id(1)).unwrap(), Some(token));
         assert_eq!(vault.device_ids(), vec![id(1)]);
+        #[cfg(unix)]
         for file in [KEY_FILE, VAULT_FILE] {
+            use std::os::unix::fs::PermissionsExt;
             let mode = fs::metadata(dir.path().join(file))
                 .unwrap()
                 .permissions()

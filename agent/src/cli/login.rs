@@ -69,9 +69,10 @@ pub async fn run(home: &Home, args: LoginArgs) -> anyhow::Result<()> {
     eprintln!("logging in to {} ...", args.server);
     api.login(&email, &password).await.context("login failed")?;
     let name = args.name.unwrap_or_else(|| {
-        nix::unistd::gethostname()
+        gethostname::gethostname()
+            .into_string()
             .ok()
-            .and_then(|h| h.into_string().ok())
+            .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "agent".into())
     });
     let registered = api

@@ -50,17 +50,11 @@ pub async fn run(home: &Home, args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM (what systemd sends), so the daemon ends cleanly either way.
+/// Resolves on Ctrl-C, or on the service manager's stop (SIGTERM from systemd or launchd; the console
+/// closing or a shutdown on Windows), so the daemon ends cleanly either way.
 async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        () = crate::platform::stop_requested() => {}
     }
 }

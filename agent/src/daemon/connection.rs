@@ -57,10 +57,7 @@ pub(super) async fn keep_connected(
 }
 
 fn hello() -> AgentMessage {
-    let hostname = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
+    let hostname = gethostname::gethostname().into_string().unwrap_or_default();
     // The interfaces as they are when the connection opens (a laptop that changes networks reports
     // the new ones at its next connection).
     let interfaces = crate::discovery::lan_interfaces::system_interfaces()

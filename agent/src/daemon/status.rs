@@ -79,8 +79,7 @@ pub fn read_status(home: &Home) -> Option<(DaemonStatus, bool)> {
     let path: &Path = &home.dir().join(STATUS_FILE);
     let text = std::fs::read(path).ok()?;
     let status: DaemonStatus = serde_json::from_slice(&text).ok()?;
-    let alive = i32::try_from(status.pid)
-        .ok()
-        .is_some_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok());
+    // Where the OS cannot tell, the status file's word stands (the daemon removes it when it stops).
+    let alive = crate::platform::process_alive(status.pid).unwrap_or(true);
     Some((status, alive))
 }

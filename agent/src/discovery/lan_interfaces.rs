@@ -113,24 +113,22 @@ pub fn report(interfaces: &[InterfaceInfo]) -> Vec<control_proto::InterfaceRepor
     reports
 }
 
-/// The IPv4 addresses of this machine's interfaces, as the operating system reports them.
+/// The IPv4 addresses of this machine's interfaces, as the operating system reports them (through
+/// `if-addrs`, on every OS). An interface counts as up when it runs (up with a carrier, on Unix;
+/// operationally up, on Windows): one without a link cannot reach a dongle.
 pub fn system_interfaces() -> std::io::Result<Vec<InterfaceInfo>> {
-    use nix::net::if_::InterfaceFlags;
-    let addrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
-    Ok(addrs
+    Ok(if_addrs::get_if_addrs()?
+        .into_iter()
         .filter_map(|ifa| {
-            let addr = ifa.address.as_ref()?.as_sockaddr_in()?.ip();
-            let broadcast = ifa
-                .broadcast
-                .as_ref()
-                .and_then(|b| b.as_sockaddr_in())
-                .map(|b| b.ip());
+            let if_addrs::IfAddr::V4(v4) = &ifa.addr else {
+                return None;
+            };
             Some(InterfaceInfo {
-                up: ifa.flags.contains(InterfaceFlags::IFF_UP),
-                loopback: ifa.flags.contains(InterfaceFlags::IFF_LOOPBACK),
-                name: ifa.interface_name,
-                addr,
-                broadcast,
+                up: ifa.is_oper_up(),
+                loopback: v4.ip.is_loopback(),
+                addr: v4.ip,
+                broadcast: v4.broadcast,
+                name: ifa.name.clone(),
             })
         })
         .collect())
