@@ -13,3 +13,4 @@ mod qemu_e2e;
 mod slcan;
 mod socketcand;
 mod uplink_e2e;
+mod wine_smoke;
