@@ -60,7 +60,7 @@ impl SimTarget {
             while let Ok(event) = log_events.recv().await {
                 // The PIN is the dongle's display, so the log keeps it: that is what a technician reads.
                 let line = match &event {
-                    SimEvent::Pin { pin, seconds, .. } => {
+                    SimEvent::Dongle(dongle_sim::Event::Pin { pin, seconds, .. }) => {
                         format!("PIN {} ({seconds} s)", pin.as_str())
                     }
                     other => format!("{other:?}"),
@@ -150,7 +150,7 @@ impl Target for SimTarget {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Ok(SimEvent::Pin { pin, .. })) => return Ok(pin),
+                Ok(Ok(SimEvent::Dongle(dongle_sim::Event::Pin { pin, .. }))) => return Ok(pin),
                 Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
                 Ok(Err(broadcast::error::RecvError::Closed)) => bail!("the simulator stopped"),
                 Err(_) => bail!("the dongle showed no PIN within {within:?}"),

@@ -32,7 +32,7 @@ pub mod traffic;
 pub use dongle_core::{cli, dongle, frame, pairing, timing};
 
 pub use bus::BusTap;
-pub use dongle_core::{Counters, Extensions};
+pub use dongle_core::{Counters, Event, Extensions};
 pub use event::SimEvent;
 pub use faults::Faults;
 pub use frame::Frame;

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use dongle_sim::{
-    BusTap, Extensions, Faults, Frame, LinkConfig, SimConfig, SimEvent, SimHandle, Simulator,
+    BusTap, Event, Extensions, Faults, Frame, LinkConfig, SimConfig, SimEvent, SimHandle, Simulator,
 };
 use firmware_proto::ids::DeviceId;
 use tokio::io::AsyncBufReadExt;
@@ -329,7 +329,7 @@ async fn run(args: RunArgs) -> Result<()> {
 fn report(sim: &SimHandle, event: &SimEvent, printed_serial: &mut Option<std::path::PathBuf>) {
     match event {
         // This line stands for the dongle's display; it is the only place the PIN is printed.
-        SimEvent::Pin { device_id, pin, .. } => {
+        SimEvent::Dongle(Event::Pin { device_id, pin, .. }) => {
             println!("PIN {} for device {device_id}", pin.as_str())
         }
         SimEvent::Plugged {
@@ -345,13 +345,13 @@ fn report(sim: &SimHandle, event: &SimEvent, printed_serial: &mut Option<std::pa
             *printed_serial = None;
             println!("unplugged");
         }
-        SimEvent::FactoryReset => println!("factory-reset"),
+        SimEvent::Dongle(Event::FactoryReset) => println!("factory-reset"),
         // The dongle's UART console: what its user sees after typing a command.
-        SimEvent::UartAnswered {
+        SimEvent::Dongle(Event::UartAnswered {
             exit_code,
             output,
             reported,
-        } => {
+        }) => {
             for line in output.lines() {
                 println!("uart | {line}");
             }
@@ -364,7 +364,7 @@ fn report(sim: &SimHandle, event: &SimEvent, printed_serial: &mut Option<std::pa
                 }
             );
         }
-        SimEvent::Paired => println!("paired device {}", sim.device_id()),
+        SimEvent::Dongle(Event::Paired) => println!("paired device {}", sim.device_id()),
         SimEvent::ReplayFinished {
             frames,
             skipped_remote,

@@ -498,7 +498,8 @@ impl SimHandle {
     }
 
     /// Runs a command as if typed on the dongle's UART console; a claimed dongle reports it to its host
-    /// (CLI_TELEMETRY). The outcome comes as [`SimEvent::UartAnswered`](crate::SimEvent).
+    /// (CLI_TELEMETRY). The outcome comes as [`Event::UartAnswered`](crate::Event) in a
+    /// [`SimEvent::Dongle`].
     pub fn uart_command(&self, command: &str) {
         self.shared
             .with_core(|core, out| core.uart_command(Instant::now(), command, out));

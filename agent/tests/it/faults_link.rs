@@ -76,7 +76,7 @@ async fn pair_and_authenticate(sim: &SimHandle, session: &DongleSession) {
     assert_eq!(start.status, PairingStatus::Ok);
     let pin = loop {
         match tokio::time::timeout(Duration::from_secs(2), events.recv()).await {
-            Ok(Ok(SimEvent::Pin { pin, .. })) => break pin,
+            Ok(Ok(SimEvent::Dongle(dongle_sim::Event::Pin { pin, .. }))) => break pin,
             Ok(Ok(_)) => continue,
             other => panic!("no PIN shown: {other:?}"),
         }

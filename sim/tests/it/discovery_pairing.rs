@@ -125,7 +125,7 @@ async fn the_pairing_window_expires() {
     assert_eq!((ack.status, ack.seconds), (PairingStatus::Ok, 1));
     let pin = wait_pin(&mut events).await;
     wait_event(&mut events, |e| {
-        matches!(e, SimEvent::PairingExpired).then_some(())
+        matches!(e, SimEvent::Dongle(dongle_sim::Event::PairingExpired)).then_some(())
     })
     .await;
     assert_eq!(

@@ -418,7 +418,9 @@ impl Dongle {
     pub async fn next_pin(events: &mut tokio::sync::broadcast::Receiver<SimEvent>) -> String {
         loop {
             match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
-                Ok(Ok(SimEvent::Pin { pin, .. })) => return pin.as_str().to_string(),
+                Ok(Ok(SimEvent::Dongle(dongle_sim::Event::Pin { pin, .. }))) => {
+                    return pin.as_str().to_string();
+                }
                 Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
                 other => panic!("no PIN shown: {other:?}"),
             }

@@ -464,7 +464,9 @@ impl SimDongle {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
             match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Ok(SimEvent::Pin { pin, .. })) => return pin.as_str().to_string(),
+                Ok(Ok(SimEvent::Dongle(dongle_sim::Event::Pin { pin, .. }))) => {
+                    return pin.as_str().to_string();
+                }
                 Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
                 Ok(Err(_)) => panic!("the simulator stopped"),
                 Err(_) => panic!("the dongle showed no PIN within 15 s"),

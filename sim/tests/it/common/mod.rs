@@ -504,7 +504,7 @@ pub fn set_config(bitrate: u32, sp: u16, mode: remp::CanMode) -> CanConfig {
 /// Waits for the next PIN event.
 pub async fn wait_pin(events: &mut broadcast::Receiver<SimEvent>) -> String {
     wait_event(events, |e| match e {
-        SimEvent::Pin { pin, .. } => Some(pin.as_str().to_string()),
+        SimEvent::Dongle(dongle_sim::Event::Pin { pin, .. }) => Some(pin.as_str().to_string()),
         _ => None,
     })
     .await
