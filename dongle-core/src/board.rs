@@ -164,6 +164,15 @@ impl<I: Instant> StreamHost<I> {
         self.started = false;
     }
 
+    /// The host link went away and came back (a USB unplug and replug on a board that kept its
+    /// power): a new host authenticates before it sees the bus, half a frame from the old one is no
+    /// packet, and answers due to the old one are not sent to it. The dongle forgets what a power
+    /// cycle forgets; `wall_now_ms` is the wall clock as [`Dongle::new`] takes it.
+    pub fn link_restarted(&mut self, dongle: &mut Dongle<I>, now: I, wall_now_ms: u64) {
+        self.reset();
+        dongle.power_cycle(now, wall_now_ms);
+    }
+
     fn carry_out(
         &mut self,
         dongle: &mut Dongle<I>,
@@ -417,6 +426,43 @@ mod tests {
         assert_eq!(host.stats().deferred_dropped, 3);
         host.poll(&mut d, Ticks(10_000), &mut bench);
         assert_eq!(bench.packets().len(), MAX_DEFERRED);
+    }
+
+    #[test]
+    fn after_the_link_restarts_the_bus_waits_for_the_new_host_to_authenticate() {
+        let mut d = dongle();
+        let mut host = StreamHost::new();
+        let mut bench = Bench::default();
+        let token = pair(&mut d, &mut host, &mut bench);
+        // The first host authenticates (any token request does) and then sees the bus.
+        let slow = CliRequest {
+            corr_id: CorrelationId([5; 16]),
+            flags: 0,
+            command: "sleep 50",
+        };
+        host.receive(
+            &mut d,
+            Ticks(0),
+            &framed(&remp_packet(Payload::CliRequest(slow), &token, 3)),
+            &mut bench,
+        );
+        let frame =
+            Frame::classic(firmware_proto::ids::CanId::standard(0x123).unwrap(), &[1]).unwrap();
+        host.bus_frames(&mut d, Ticks(1), &[frame], &mut bench);
+        assert_eq!(
+            bench.packets().len(),
+            1,
+            "the authenticated host gets the frame"
+        );
+        // Unplugged and plugged again: a new host has sent nothing yet.
+        host.link_restarted(&mut d, Ticks(2), 0);
+        host.bus_frames(&mut d, Ticks(3), &[frame], &mut bench);
+        host.poll(&mut d, Ticks(60_000), &mut bench);
+        assert!(
+            bench.packets().is_empty(),
+            "neither the bus nor the old host's answer reaches the new host"
+        );
+        assert_eq!(host.next_due(), None);
     }
 
     #[test]

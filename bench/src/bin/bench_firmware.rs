@@ -109,15 +109,11 @@ async fn run(
     let applied = session
         .can_config_set(CanConfig {
             action: ConfigAction::Set,
-            status: ConfigStatus::Ok,
             bitrate: 500_000,
             sample_point_permille: 875,
-            prescaler: 0,
-            sjw: 0,
-            tseg1: 0,
-            tseg2: 0,
             mode: CanMode::Loopback,
             flags: CanConfig::FLAG_AUTO_RETX,
+            ..CanConfig::get()
         })
         .await?;
     ensure!(

@@ -63,21 +63,7 @@ pub fn unix_seconds() -> u64 {
 
 fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
     let mut out = [0u8; N];
-    hex_into(text, &mut out).then_some(out)
-}
-
-fn hex_into(text: &str, out: &mut [u8]) -> bool {
-    if text.len() != out.len() * 2 {
-        return false;
-    }
-    for (i, pair) in text.as_bytes().chunks(2).enumerate() {
-        let digit = |c: u8| (c as char).to_digit(16);
-        match (digit(pair[0]), digit(pair[1])) {
-            (Some(h), Some(l)) => out[i] = (h * 16 + l) as u8,
-            _ => return false,
-        }
-    }
-    true
+    hex::decode_to_slice(text, &mut out).ok().map(|()| out)
 }
 
 /// Reads the settings from the command line; `fw_build` names this firmware.

@@ -378,8 +378,8 @@ async fn main(_spawner: Spawner) {
                         // Unplugged: a new host must authenticate again before it sees the bus, and
                         // half a frame from the old one is no packet (what a power cycle forgets).
                         usb_rx.wait_connection().await;
-                        stream.reset();
-                        dongle.power_cycle(Ticks(Instant::now().as_micros()), 0);
+                        let now = Ticks(Instant::now().as_micros());
+                        stream.link_restarted(&mut dongle, now, 0);
                     }
                     Either3::Second(Ok(envelope)) => {
                         if let Some(frame) = core_frame(&envelope.frame) {

@@ -35,6 +35,14 @@ async fn user_with_dongle(
     (client, user_id, token, agent, dongle_id)
 }
 
+async fn ownership_state(pool: &PgPool, dongle: Uuid) -> String {
+    sqlx::query_scalar("SELECT ownership_state::text FROM dongles WHERE id = $1")
+        .bind(dongle)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 async fn start(client: &TestClient, dongle: Uuid) -> common::Answer {
     read(
         client
@@ -201,19 +209,11 @@ async fn five_wrong_pins_hold_that_account_not_the_dongle_until_an_admin_clears_
         .assert_error(StatusCode::CONFLICT, "PAIRING_SECURITY_HOLD");
     assert_eq!(agent.seen.lock().unwrap().pairing_submits, 5);
     assert_eq!(audit_count(&app, "pairing.hold_entered").await, 1);
-    let state: String =
-        sqlx::query_scalar("SELECT ownership_state::text FROM dongles WHERE id = $1")
-            .bind(dongle)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let state = ownership_state(&pool, dongle).await;
     assert_eq!(state, "UNCLAIMED", "the dongle itself is not held");
 
-    // The one who holds the dongle pairs it all the same.
-    let (alice, alice_id) = app.logged_in("alice@example.com", Role::User).await;
-    let (_, token) = agent::register(&alice).await;
-    let alices = TestAgent::connect(&app.base, &token).await;
-    alices.report(&app.pool, &[DEV]).await;
+    // The one who holds the dongle pairs it all the same (through an agent of their own that sees it).
+    let (alice, alice_id, _, _alices, _) = user_with_dongle(&app, "alice@example.com").await;
     let session = start(&alice, dongle).await;
     assert_eq!(session.status, StatusCode::OK, "{}", session.text);
     let paired = submit(&alice, dongle, &session.json["pairing_session_id"], PIN).await;
@@ -461,20 +461,12 @@ async fn more_than_ten_starts_an_hour_make_that_user_wait_and_hold_nothing(pool:
     refused.assert_error(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED");
     assert!(refused.headers.get("retry-after").is_some());
     assert_eq!(agent.seen.lock().unwrap().pairing_starts, 10);
-    let state: String =
-        sqlx::query_scalar("SELECT ownership_state::text FROM dongles WHERE id = $1")
-            .bind(dongle)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let state = ownership_state(&pool, dongle).await;
     assert_eq!(state, "UNCLAIMED");
 
     // The one who holds the dongle pairs it all the same, once mallory's last window has ended.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let (alice, _) = app.logged_in("alice@example.com", Role::User).await;
-    let (_, token) = agent::register(&alice).await;
-    let alices = TestAgent::connect(&app.base, &token).await;
-    alices.report(&app.pool, &[DEV]).await;
+    let (alice, _, _, _alices, _) = user_with_dongle(&app, "alice@example.com").await;
     let session = start(&alice, dongle).await;
     assert_eq!(session.status, StatusCode::OK, "{}", session.text);
     let session = session.json["pairing_session_id"].clone();

@@ -360,13 +360,10 @@ impl Pipe {
                 self.mark_served(conns.map(|_, c| c.is_some())).await;
                 Reply::Connections(conns)
             }
-            Request::Sides => Reply::Sides(match read_sides(&core, group_id).await {
-                Ok(read) => Ok(read),
-                Err(e) => {
-                    tracing::warn!(%group_id, error = %e, "could not read a group's sides");
-                    Err(self.failure(BufferError::Db(e)))
-                }
-            }),
+            Request::Sides => Reply::Sides(read_sides(&core, group_id).await.map_err(|e| {
+                tracing::warn!(%group_id, error = %e, "could not read a group's sides");
+                self.failure(BufferError::Db(e))
+            })),
             Request::Rows => Reply::Rows(
                 buffer::load(pool, group_id)
                     .await
