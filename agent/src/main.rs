@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{CommandFactory, Parser, Subcommand};
 
 use bridge_agent::cli;
 use bridge_agent::home::Home;
@@ -46,6 +47,20 @@ enum Command {
         #[command(subcommand)]
         command: ProtoCommand,
     },
+    /// Print the shell completion script for bash, zsh, fish, elvish or powershell.
+    ///
+    /// For example `bridge-agent completions bash > ~/.local/share/bash-completion/completions/bridge-agent`,
+    /// or `bridge-agent completions powershell >> $PROFILE` on Windows. The packages install them.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (bridge-agent.1 and one per subcommand) into a folder, for packagers.
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +98,23 @@ async fn main() -> anyhow::Result<()> {
         Command::Status(args) => cli::status::run(&home()?, args).await,
         Command::Logout(args) => cli::logout::run(&home()?, args).await,
         Command::Endpoint { command } => cli::endpoint::run(&home()?, command).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "bridge-agent",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { out } => {
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("could not create {}", out.display()))?;
+            clap_mangen::generate_to(Cli::command(), &out).with_context(|| {
+                format!("could not write the manual pages into {}", out.display())
+            })?;
+            Ok(())
+        }
         Command::Proto {
             command: ProtoCommand::Decode { hex },
         } => {

@@ -8,7 +8,7 @@ use bridge_server::db::Database;
 use bridge_server::dongle_tokens::{self, KeyRing, RotateOptions};
 use bridge_server::users::{self, Email, Role};
 use bridge_server::{app, auth, email, telemetry};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 /// The remote CAN bridge server.
 ///
@@ -46,6 +46,17 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Print the shell completion script for bash, zsh, fish, elvish or powershell.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (bridge-server.1 and one per subcommand) into a folder, for packagers.
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        out: std::path::PathBuf,
     },
 }
 
@@ -111,6 +122,23 @@ async fn main() -> anyhow::Result<()> {
                 },
         } => create_user(&email, role, &database).await,
         Command::Outbox { database } => outbox(&database).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "bridge-server",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { out } => {
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("could not create {}", out.display()))?;
+            clap_mangen::generate_to(Cli::command(), &out).with_context(|| {
+                format!("could not write the manual pages into {}", out.display())
+            })?;
+            Ok(())
+        }
         Command::Keys {
             command:
                 KeysCommand::Rotate {

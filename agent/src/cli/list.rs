@@ -15,7 +15,8 @@ use crate::transport::udp::UdpHub;
 /// Where to look for dongles; shared by `list` and, later, the daemon.
 #[derive(Debug, Clone, Args)]
 pub struct DiscoveryArgs {
-    /// Serial ports to probe whatever their USB id (repeat for several), e.g. --port /dev/pts/5.
+    /// Serial ports to probe whatever their USB id (repeat for several), e.g. --port /dev/ttyUSB0 on
+    /// Linux, --port COM7 on Windows, --port /dev/cu.usbmodem1101 on macOS.
     #[arg(long = "port", value_name = "PATH")]
     pub ports: Vec<PathBuf>,
     /// USB VID:PID of serial ports to probe (repeat for several).

@@ -89,13 +89,10 @@ pub struct Skipped {
 
 /// The serial ports worth asking: those whose USB id passes the filter, then the explicit ones.
 pub fn candidate_ports(plan: &ScanPlan) -> Vec<PathBuf> {
-    let mut ports: Vec<PathBuf> = usb_ports::matching(
-        usb_ports::scan_sysfs("/sys/class/tty".as_ref(), "/dev".as_ref()),
-        &plan.usb_filter,
-    )
-    .into_iter()
-    .map(|p| p.path)
-    .collect();
+    let mut ports: Vec<PathBuf> = usb_ports::matching(usb_ports::available(), &plan.usb_filter)
+        .into_iter()
+        .map(|p| p.path)
+        .collect();
     for p in &plan.explicit_ports {
         if !ports.contains(p) {
             ports.push(p.clone());

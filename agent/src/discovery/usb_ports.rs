@@ -1,8 +1,11 @@
 //! Which serial ports may be dongles: the USB VID:PID filter and the sysfs scan behind it.
 //!
 //! A port that passes the filter is only a candidate: it becomes a dongle after it answers DISCOVER with a
-//! valid ANNOUNCE. The scan reads Linux's sysfs directly (`/sys/class/tty/*/device` and the USB device
-//! above it), which needs no C library and lets tests build a fake tree in a temporary folder.
+//! valid ANNOUNCE. On Linux the scan reads sysfs directly (`/sys/class/tty/*/device` and the USB device
+//! above it): that needs no C library (the serial-port library's Linux enumeration wants libudev, and
+//! without it panics where /sys/class/tty is missing, as in some containers), and lets tests build a fake
+//! tree in a temporary folder. On Windows and macOS the serial-port library enumerates the ports (COM
+//! ports with their USB ids from the registry; /dev/cu.* from IOKit).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -95,6 +98,47 @@ pub fn scan_sysfs(sys_class_tty: &Path, dev: &Path) -> Vec<SerialPortInfo> {
     ports
 }
 
+/// The serial ports of this machine, with what USB says of them.
+pub fn available() -> Vec<SerialPortInfo> {
+    #[cfg(target_os = "linux")]
+    {
+        scan_sysfs(Path::new("/sys/class/tty"), Path::new("/dev"))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        // An error here (no permission to the registry, say) leaves only the explicit --port ones.
+        from_serialport(tokio_serial::available_ports().unwrap_or_default())
+    }
+}
+
+/// The serial-port library's view of the ports in ours: the port's name is its path (`COM7`,
+/// `/dev/cu.usbmodem1101`), and only USB ports carry ids.
+#[cfg_attr(target_os = "linux", allow(dead_code))]
+fn from_serialport(ports: Vec<tokio_serial::SerialPortInfo>) -> Vec<SerialPortInfo> {
+    let mut ports: Vec<SerialPortInfo> = ports
+        .into_iter()
+        .map(|port| {
+            let (usb_id, serial_number) = match port.port_type {
+                tokio_serial::SerialPortType::UsbPort(usb) => (
+                    Some(UsbId {
+                        vid: usb.vid,
+                        pid: usb.pid,
+                    }),
+                    usb.serial_number,
+                ),
+                _ => (None, None),
+            };
+            SerialPortInfo {
+                path: PathBuf::from(port.port_name),
+                usb_id,
+                serial_number,
+            }
+        })
+        .collect();
+    ports.sort_by(|a, b| a.path.cmp(&b.path));
+    ports
+}
+
 /// The ports whose USB id is in `filter`.
 pub fn matching(ports: Vec<SerialPortInfo>, filter: &[UsbId]) -> Vec<SerialPortInfo> {
     ports
@@ -176,6 +220,46 @@ mod tests {
         let dongles = matching(ports, &[STM32_VCP]);
         assert_eq!(dongles.len(), 1);
         assert_eq!(dongles[0].path, Path::new("/dev/ttyACM0"));
+    }
+
+    #[test]
+    fn the_serial_port_librarys_ports_keep_their_names_and_usb_ids() {
+        use tokio_serial::{SerialPortInfo as Lib, SerialPortType, UsbPortInfo};
+        let ports = from_serialport(vec![
+            Lib {
+                port_name: "COM7".into(),
+                port_type: SerialPortType::UsbPort(UsbPortInfo {
+                    vid: 0x0483,
+                    pid: 0x5740,
+                    serial_number: Some("205E3358484E".into()),
+                    manufacturer: Some("STMicroelectronics".into()),
+                    product: Some("CAN dongle".into()),
+                    interface: Some(0),
+                }),
+            },
+            Lib {
+                port_name: "COM1".into(),
+                port_type: SerialPortType::PciPort,
+            },
+        ]);
+        assert_eq!(
+            ports,
+            vec![
+                SerialPortInfo {
+                    path: "COM1".into(),
+                    usb_id: None,
+                    serial_number: None,
+                },
+                SerialPortInfo {
+                    path: "COM7".into(),
+                    usb_id: Some(STM32_VCP),
+                    serial_number: Some("205E3358484E".into()),
+                },
+            ]
+        );
+        let dongles = matching(ports, &[STM32_VCP]);
+        assert_eq!(dongles.len(), 1);
+        assert_eq!(dongles[0].path, Path::new("COM7"));
     }
 
     #[test]
