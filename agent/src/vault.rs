@@ -2,7 +2,8 @@
 //!
 //! The server hands the agent a dongle's token only for dongles of the agent's own user. The agent must
 //! keep it across restarts to authenticate to the dongle, so it stores it here: one random 32-byte key in
-//! `vault.key` and one ciphertext per dongle in `vault.json`, both mode 0600. Each ciphertext is bound to
+//! `vault.key` and one ciphertext per dongle in `vault.json`, both mode 0600 (on Windows the key is
+//! also sealed with DPAPI for the user, see `platform`). Each ciphertext is bound to
 //! its device id through the associated data, so an entry copied under another device id fails to decrypt.
 //!
 //! Nothing outside this module sees a token's plaintext except the session that sends it to the dongle.
@@ -40,6 +41,16 @@ pub enum VaultError {
          vault.json together and pair the dongles again"
     )]
     KeyDamaged { path: PathBuf },
+    #[error(
+        "the vault key {path} could not be unsealed for this user ({source}): it is damaged, or was sealed \
+         by another user or on another machine; restore it from a backup, or delete it and vault.json \
+         together and pair the dongles again"
+    )]
+    KeyNotUnsealed {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "the vault {path} is damaged ({reason}): restore it from a backup, or delete it and pair the \
          dongles again"
@@ -205,34 +216,45 @@ fn aad(device_id: &DeviceId) -> Vec<u8> {
     aad
 }
 
+/// The vault key in `path`, made when absent. Where the OS seals keys (DPAPI on Windows) the file holds
+/// the sealed key, and a key an earlier agent stored in the clear is sealed the first time it is read.
 fn load_or_create_key(path: &Path) -> Result<[u8; 32], VaultError> {
+    let io = |source| VaultError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     match fs::read(path) {
-        Ok(bytes) => bytes.try_into().map_err(|_| VaultError::KeyDamaged {
-            path: path.to_path_buf(),
-        }),
+        Ok(stored) => {
+            let key = crate::platform::unseal_key(&stored).map_err(|source| {
+                VaultError::KeyNotUnsealed {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+            let key: [u8; 32] = key.try_into().map_err(|_| VaultError::KeyDamaged {
+                path: path.to_path_buf(),
+            })?;
+            if crate::platform::SEALS_KEYS && stored.as_slice() == key.as_slice() {
+                let sealed = crate::platform::seal_key(&key).map_err(io)?;
+                write_private_atomic(path, &sealed)?;
+            }
+            Ok(key)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key: [u8; 32] = rand::rng().random();
+            let stored = crate::platform::seal_key(&key).map_err(io)?;
             // create_new: two agents starting at once must not each write a different key.
             let mut file = crate::platform::private_file_options()
                 .write(true)
                 .create_new(true)
                 .open(path)
-                .map_err(|source| VaultError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-            file.write_all(&key)
+                .map_err(io)?;
+            file.write_all(&stored)
                 .and_then(|_| file.sync_all())
-                .map_err(|source| VaultError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+                .map_err(io)?;
             Ok(key)
         }
-        Err(source) => Err(VaultError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Err(source) => Err(io(source)),
     }
 }
 
@@ -301,6 +323,37 @@ mod tests {
         assert!(!String::from_utf8_lossy(&raw).contains(&hex::encode([7u8; 32])));
     }
 
+    /// On Windows the key file holds the key sealed with DPAPI, a key an earlier agent left in the
+    /// clear is sealed when the vault opens and keeps its tokens, and a sealed key that does not unseal
+    /// (another user's, another machine's) is told as such.
+    #[test]
+    #[cfg(windows)]
+    fn on_windows_the_key_is_sealed_for_the_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join(KEY_FILE);
+        let clear = [5u8; 32];
+        fs::write(&key_path, clear).unwrap();
+        let token = DongleToken::from_bytes([7; 32]);
+        Vault::open(dir.path())
+            .unwrap()
+            .put(&id(1), &token)
+            .unwrap();
+        let stored = fs::read(&key_path).unwrap();
+        assert_ne!(stored.as_slice(), clear.as_slice(), "still in the clear");
+        assert!(!stored.windows(32).any(|w| w == clear));
+        assert_eq!(crate::platform::unseal_key(&stored).unwrap(), clear);
+        assert_eq!(
+            Vault::open(dir.path()).unwrap().get(&id(1)).unwrap(),
+            Some(token)
+        );
+
+        let other = tempfile::tempdir().unwrap();
+        fs::write(other.path().join(KEY_FILE), [0xA5u8; 180]).unwrap();
+        let err = Vault::open(other.path()).unwrap_err();
+        assert!(matches!(err, VaultError::KeyNotUnsealed { .. }), "{err}");
+        assert!(err.to_string().contains("pair the dongles again"), "{err}");
+    }
+
     #[test]
     fn an_entry_moved_to_another_device_id_does_not_decrypt() {
         let dir = tempfile::tempdir().unwrap();
@@ -335,7 +388,13 @@ mod tests {
 
         fs::write(dir.path().join(KEY_FILE), b"short").unwrap();
         let err = Vault::open(dir.path()).unwrap_err();
-        assert!(matches!(err, VaultError::KeyDamaged { .. }), "{err}");
+        // Where keys are sealed, five bytes are a seal that does not open rather than a short key.
+        if crate::platform::SEALS_KEYS {
+            assert!(matches!(err, VaultError::KeyNotUnsealed { .. }), "{err}");
+        } else {
+            assert!(matches!(err, VaultError::KeyDamaged { .. }), "{err}");
+        }
+        assert!(err.to_string().contains("vault.key"), "{err}");
     }
 
     #[test]

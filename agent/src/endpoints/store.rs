@@ -150,7 +150,6 @@ impl EndpointStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     fn spec(s: &str) -> EndpointSpec {
         s.parse().unwrap()
@@ -171,12 +170,15 @@ mod tests {
             store.load().unwrap(),
             vec![spec("socketcan:can0"), spec("slcan:/dev/ttyACM0@1000000")]
         );
-        let mode = std::fs::metadata(store.path())
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
-        assert_eq!(mode, 0o600);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(store.path())
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
         assert_eq!(
             store.remove(&spec("slcan:/dev/ttyACM0")).unwrap(),
             Some(spec("slcan:/dev/ttyACM0@1M"))

@@ -178,7 +178,7 @@ async fn read_loop(hub: UdpHub) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
@@ -188,7 +188,6 @@ mod tests {
     /// `bench-relay --both-directions`).
     // Linux only: it reports twice the size it keeps, which is what tells an applied request from the
     // system's default on a kernel whose cap is the default itself.
-    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn the_socket_holds_a_burst_of_many_dongles() {
         let hub = UdpHub::bind(SocketAddr::from(([127, 0, 0, 1], 0)))

@@ -1,16 +1,27 @@
 //! The agent built for other platforms and run on this x86-64 Linux machine through an emulator:
 //! - Windows (x86_64-pc-windows-gnu, Debian's MinGW-w64) under Wine: scripts/test turns on
-//!   `bridge-agent/wine-tests` and gives `BRIDGE_AGENT_EXE`, `WINE64` and `WINEPREFIX`;
+//!   `bridge-agent/wine-tests` and gives `BRIDGE_AGENT_EXE` (the binary), `BRIDGE_AGENT_WINDOWS_UNIT_TESTS`
+//!   (the agent crate's unit tests), `WINE64` and `WINEPREFIX`;
 //! - Linux on ARM (aarch64-unknown-linux-gnu, Debian's gcc-aarch64-linux-gnu) under qemu-user:
 //!   scripts/test turns on `bridge-agent/aarch64-tests` and gives `BRIDGE_AGENT_AARCH64` (the binary),
 //!   `BRIDGE_AGENT_AARCH64_UNIT_TESTS` (the agent crate's unit tests) and `QEMU_AARCH64`.
 //!
-//! On each, the agent lists a simulated dongle on the LAN (`list --udp ADDR`), which exercises its
-//! UDP transport, the Discovery v1 codec and its folder on that platform.
+//! On each, the agent's unit tests pass and the agent lists a simulated dongle on the LAN (`list --udp
+//! ADDR`), which exercises its UDP transport, the Discovery v1 codec and its folder on that platform.
+//! The Windows build is also served end to end under Wine against the Linux server: logged in, pairing,
+//! a CAN configuration, a command, and frames both ways through a group with a Linux agent.
+
+use crate::common;
 
 use std::time::Duration;
 
-use dongle_sim::{SimConfig, Simulator};
+use bridge_server::db::MIGRATOR;
+use bridge_server::users::Role;
+use common::{Agent, Dongle, Server, active_group, collect, numbered, pair};
+use dongle_sim::{BusTap, SimConfig, Simulator};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use sqlx::PgPool;
 use tokio::process::Command;
 
 /// How a foreign build is started here: the emulator, and what it is given before the agent's arguments.
@@ -21,10 +32,11 @@ struct Foreign {
 }
 
 impl Foreign {
-    fn windows() -> Self {
+    fn windows(program: &str) -> Self {
         Foreign {
             emulator: std::env::var("WINE64").expect("scripts/test sets WINE64"),
-            program: std::env::var("BRIDGE_AGENT_EXE").expect("scripts/test sets BRIDGE_AGENT_EXE"),
+            program: std::env::var(program)
+                .unwrap_or_else(|_| panic!("scripts/test sets {program}")),
             env: vec![("WINEDEBUG", "-all".into())],
         }
     }
@@ -93,15 +105,11 @@ async fn lists_a_simulated_dongle(agent: &Foreign, home: impl Fn(&std::path::Pat
     ignore = "needs the Windows build of the agent and Wine: scripts/test provides both as root and turns on bridge-agent/wine-tests"
 )]
 async fn the_windows_agent_finds_a_simulated_dongle_under_wine() {
-    let agent = Foreign::windows();
+    let agent = Foreign::windows("BRIDGE_AGENT_EXE");
     let (ok, help, err) = agent.run(&["--help"]).await;
     assert!(ok, "{err}");
     assert!(help.contains("Usage: bridge-agent.exe"), "{help}");
-    // The agent's folder as Windows names this Linux path (Wine maps Z: to /).
-    lists_a_simulated_dongle(&agent, |path| {
-        format!("Z:{}", path.display()).replace('/', "\\")
-    })
-    .await;
+    lists_a_simulated_dongle(&agent, common::windows_path).await;
 }
 
 #[tokio::test]
@@ -120,19 +128,17 @@ async fn the_arm64_agent_finds_a_simulated_dongle_under_qemu_user() {
     lists_a_simulated_dongle(&agent, |path| path.display().to_string()).await;
 }
 
-#[tokio::test]
-#[cfg_attr(
-    not(feature = "aarch64-tests"),
-    ignore = "needs the aarch64 build of the agent's unit tests and qemu-user: scripts/test provides both as root and turns on bridge-agent/aarch64-tests"
-)]
-async fn the_agents_unit_tests_pass_on_arm64_under_qemu_user() {
-    let tests = Foreign::aarch64("BRIDGE_AGENT_AARCH64_UNIT_TESTS");
+/// Runs the agent crate's unit tests and checks that all of them ran and passed.
+async fn unit_tests_pass(tests: Foreign, platform: &str) {
     let (ok, out, err) = tests.run(&["--test-threads", "2"]).await;
     let summary = out
         .lines()
         .find(|l| l.starts_with("test result:"))
         .unwrap_or_else(|| panic!("no test summary:\n{out}\n{err}"));
-    assert!(ok, "the aarch64 unit tests failed: {summary}\n{out}\n{err}");
+    assert!(
+        ok,
+        "the {platform} unit tests failed: {summary}\n{out}\n{err}"
+    );
     // "test result: ok. 78 passed; 0 failed; ..." : every unit test ran, not a filtered few.
     let passed: u32 = summary
         .split("ok. ")
@@ -140,6 +146,148 @@ async fn the_agents_unit_tests_pass_on_arm64_under_qemu_user() {
         .and_then(|rest| rest.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("unreadable summary: {summary}"));
-    println!("aarch64 under qemu-user: {summary}");
+    println!("{platform}: {summary}");
     assert!(passed >= 50, "only {passed} unit tests ran: {summary}");
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "aarch64-tests"),
+    ignore = "needs the aarch64 build of the agent's unit tests and qemu-user: scripts/test provides both as root and turns on bridge-agent/aarch64-tests"
+)]
+async fn the_agents_unit_tests_pass_on_arm64_under_qemu_user() {
+    unit_tests_pass(
+        Foreign::aarch64("BRIDGE_AGENT_AARCH64_UNIT_TESTS"),
+        "aarch64 under qemu-user",
+    )
+    .await;
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "wine-tests"),
+    ignore = "needs the Windows build of the agent's unit tests and Wine: scripts/test provides both as root and turns on bridge-agent/wine-tests"
+)]
+async fn the_agents_unit_tests_pass_on_windows_under_wine() {
+    unit_tests_pass(
+        Foreign::windows("BRIDGE_AGENT_WINDOWS_UNIT_TESTS"),
+        "Windows under Wine",
+    )
+    .await;
+}
+
+/// The Windows agent as a technician on a Windows laptop uses it, against the Linux server: `login`,
+/// `list` and `run` find its dongle on the LAN; the dongle is paired with the PIN it shows, configured and
+/// commanded through the API; then it is bridged through a group to a dongle that a Linux agent serves,
+/// with frames both ways, each once and in order.
+#[sqlx::test(migrator = "MIGRATOR")]
+#[cfg_attr(
+    not(feature = "wine-tests"),
+    ignore = "needs the Windows build of the agent and Wine: scripts/test provides both as root and turns on bridge-agent/wine-tests"
+)]
+async fn the_windows_agent_pairs_configures_commands_and_bridges_under_wine(pool: PgPool) {
+    let server = Server::start(pool).await;
+    let user = server.user("alice@example.com", Role::User).await;
+    let bus_root = tempfile::tempdir().unwrap();
+
+    // The Windows agent's dongle is on the LAN, on the workshop's bus; the Linux agent's is on USB
+    // serial, on the vehicle's.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SimConfig::udp(dir.path().join("flash.json")).with_bus("workshop");
+    config.bus_root = Some(bus_root.path().to_path_buf());
+    let lan = Dongle::start(config, dir, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("ttyDONGLE");
+    let mut config = SimConfig::serial(dir.path().join("flash.json")).with_bus("vehicle");
+    config.bus_root = Some(bus_root.path().to_path_buf());
+    config.link = dongle_sim::LinkConfig::Serial {
+        link: Some(link.clone()),
+    };
+    let usb = Dongle::start(config, dir, Some(link)).await;
+    let mut workshop = BusTap::join_at(bus_root.path(), "workshop").unwrap();
+    let mut vehicle = BusTap::join_at(bus_root.path(), "vehicle").unwrap();
+
+    let mut windows = Agent::windows();
+    windows.login(&server, &user).await;
+    let lan_args = lan.agent_args();
+    let (ok, listed, err) = windows
+        .exec(&["list", lan_args[0].as_str(), lan_args[1].as_str()], None)
+        .await;
+    assert!(ok, "{err}");
+    assert!(listed.contains(&lan.device_id), "{listed}\n{err}");
+    windows.run(&lan_args);
+
+    // Paired while only the Windows agent runs: the one that serves the dongle.
+    let lan_id = pair(&user, &lan).await;
+    let seen = user.dongle(&lan.device_id).await.expect("the listing");
+    assert_eq!(
+        seen["agent_id"].as_str(),
+        Some(windows.agent_id().to_string().as_str()),
+        "{seen}"
+    );
+    let (status, body) = user
+        .call(
+            Method::PUT,
+            &format!("/dongles/{lan_id}/can-config"),
+            Some(json!({
+                "bitrate": 500000, "sample_point_permille": 875, "mode": "normal", "use_raw": false,
+                "auto_retx": true, "tx_pause": false, "protocol_exc": false
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["applied"], true, "{body}");
+    let (status, queued) = user
+        .post(
+            &format!("/dongles/{lan_id}/commands"),
+            json!({"command": "version"}),
+        )
+        .await;
+    assert!(status.is_success(), "{status} {queued}");
+    let command = queued["command_id"].as_str().unwrap().to_string();
+    let mut answer = serde_json::Value::Null;
+    for _ in 0..200 {
+        let (_, body) = user
+            .get(&format!("/dongles/{lan_id}/commands/{command}"))
+            .await;
+        if body["status"] == "done" {
+            answer = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        answer["stdout"]
+            .as_str()
+            .is_some_and(|o| o.contains("remp 1")),
+        "{answer}"
+    );
+
+    let mut linux = Agent::new();
+    linux.login(&server, &user).await;
+    linux.run(&usb.agent_args());
+    let usb_id = pair(&user, &usb).await;
+    active_group(&user, &lan_id, &usb_id).await;
+    assert!(workshop.wait_for_peers(1, Duration::from_secs(5)).await);
+    assert!(vehicle.wait_for_peers(1, Duration::from_secs(5)).await);
+
+    // Each way in turn, so that a frame seen on a bus is one that crossed.
+    crosses(&mut workshop, &mut vehicle, "Windows to Linux").await;
+    crosses(&mut vehicle, &mut workshop, "Linux to Windows").await;
+    windows.kill().await;
+    linux.stop().await;
+    server.stop().await;
+}
+
+/// A hundred numbered frames sent on `from` arrive on `to`, once and in order.
+async fn crosses(from: &mut BusTap, to: &mut BusTap, way: &str) {
+    const FRAMES: u16 = 100;
+    for n in 0..FRAMES {
+        from.send(&numbered(n)).await;
+        if n % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let seen = collect(to, usize::from(FRAMES), Duration::from_secs(10)).await;
+    assert_eq!(seen, (0..FRAMES).collect::<Vec<_>>(), "{way}");
 }

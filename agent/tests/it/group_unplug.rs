@@ -8,17 +8,10 @@ use std::time::Duration;
 
 use bridge_server::db::MIGRATOR;
 use bridge_server::users::Role;
-use common::{Agent, Dongle, Server, active_group, pair};
+use common::{Agent, Dongle, Server, active_group, collect, numbered, pair};
 use dongle_sim::frame::Frame as SimFrame;
 use dongle_sim::{BusTap, SimConfig};
-use firmware_proto::ids::CanId;
 use sqlx::PgPool;
-
-/// Frame `n` of the numbered stream: id 0x321, its number in the first two data bytes.
-fn numbered(n: u16) -> SimFrame {
-    let id = CanId::standard(0x321).unwrap();
-    SimFrame::classic(id, &n.to_be_bytes()).unwrap()
-}
 
 /// A serial simulator, optionally on a named bus under `bus_root`.
 async fn serial_dongle(bus: Option<(&std::path::Path, &str)>) -> Dongle {
@@ -33,22 +26,6 @@ async fn serial_dongle(bus: Option<(&std::path::Path, &str)>) -> Dongle {
         link: Some(link.clone()),
     };
     Dongle::start(config, dir, Some(link)).await
-}
-
-/// Reads numbered frames from `tap` until `total` have arrived or nothing comes for `quiet`.
-async fn collect(tap: &mut BusTap, total: usize, quiet: Duration) -> Vec<u16> {
-    let mut seen = Vec::new();
-    while seen.len() < total {
-        match tokio::time::timeout(quiet, tap.recv()).await {
-            Ok(Ok(frame)) if frame.id().raw() == 0x321 && frame.data().len() == 2 => {
-                seen.push(u16::from_be_bytes([frame.data()[0], frame.data()[1]]));
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("the bus tap failed: {e}"),
-            Err(_) => break,
-        }
-    }
-    seen
 }
 
 /// The issue's own trial: B unplugged in the middle of a stream A -> B lost every frame sent while it was

@@ -1,5 +1,8 @@
 //! The integration tests of `bridge-agent`, linked into one test binary: one link instead of one per
-//! file keeps the test build fast and small. Each module is one area of behaviour.
+//! file keeps the test build fast and small. Each module is one area of behaviour. They drive simulated
+//! dongles on pseudo-terminals, so they are Unix only; on Windows this binary is empty.
+
+#![cfg(unix)]
 
 mod common;
 

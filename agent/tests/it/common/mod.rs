@@ -432,6 +432,14 @@ impl Dongle {
 pub struct Agent {
     pub home: tempfile::TempDir,
     pub daemon: Option<Child>,
+    /// The Windows build under Wine, instead of this package's binary.
+    wine: Option<Wine>,
+}
+
+/// Where the Windows build of the agent and Wine are: scripts/test gives both.
+struct Wine {
+    wine64: String,
+    exe: String,
 }
 
 impl Agent {
@@ -439,13 +447,38 @@ impl Agent {
         Self {
             home: tempfile::tempdir().unwrap(),
             daemon: None,
+            wine: None,
+        }
+    }
+
+    /// The Windows build of the agent (`BRIDGE_AGENT_EXE`), run under Wine (`WINE64`).
+    pub fn windows() -> Self {
+        Self {
+            wine: Some(Wine {
+                wine64: std::env::var("WINE64").expect("scripts/test sets WINE64"),
+                exe: std::env::var("BRIDGE_AGENT_EXE").expect("scripts/test sets BRIDGE_AGENT_EXE"),
+            }),
+            ..Self::new()
         }
     }
 
     pub fn command(&self) -> Command {
-        let mut command = Command::new(agent_bin());
+        let mut command = match &self.wine {
+            None => {
+                let mut command = Command::new(agent_bin());
+                command.env("BRIDGE_AGENT_HOME", self.home.path());
+                command
+            }
+            Some(wine) => {
+                let mut command = Command::new(&wine.wine64);
+                command
+                    .arg(&wine.exe)
+                    .env("WINEDEBUG", "-all")
+                    .env("BRIDGE_AGENT_HOME", windows_path(self.home.path()));
+                command
+            }
+        };
         command
-            .env("BRIDGE_AGENT_HOME", self.home.path())
             .env_remove("BRIDGE_AGENT_PASSWORD")
             .kill_on_drop(true);
         command
@@ -598,6 +631,33 @@ impl Agent {
     pub fn path(&self, rel: &str) -> PathBuf {
         self.home.path().join(rel)
     }
+}
+
+/// `path` as a Windows program under Wine names it: Wine maps drive Z: to /.
+pub fn windows_path(path: &Path) -> String {
+    format!("Z:{}", path.display()).replace('/', "\\")
+}
+
+/// Frame `n` of a numbered stream: id 0x321, its number in the first two data bytes.
+pub fn numbered(n: u16) -> dongle_sim::frame::Frame {
+    let id = firmware_proto::ids::CanId::standard(0x321).unwrap();
+    dongle_sim::frame::Frame::classic(id, &n.to_be_bytes()).unwrap()
+}
+
+/// Reads numbered frames from `tap` until `total` have arrived or nothing comes for `quiet`.
+pub async fn collect(tap: &mut dongle_sim::BusTap, total: usize, quiet: Duration) -> Vec<u16> {
+    let mut seen = Vec::new();
+    while seen.len() < total {
+        match tokio::time::timeout(quiet, tap.recv()).await {
+            Ok(Ok(frame)) if frame.id().raw() == 0x321 && frame.data().len() == 2 => {
+                seen.push(u16::from_be_bytes([frame.data()[0], frame.data()[1]]));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("the bus tap failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    seen
 }
 
 /// The mode bits of `path`.
