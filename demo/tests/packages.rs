@@ -274,3 +274,38 @@ fn the_windows_zip_holds_the_agent_and_its_scripts() {
         std::fs::read(&exe).unwrap()
     );
 }
+
+/// The launchd agent definition for macOS (deploy/launchd) is a property list launchd can read (parsed by
+/// Python's plistlib, the same format), its label is its file's name, its program is the agent with
+/// arguments the agent accepts, and the documented install line leaves no placeholder behind.
+#[test]
+fn the_launchd_definition_starts_the_agent_with_arguments_it_accepts() {
+    let (root, bin_dir) = paths();
+    let plist = root.join("deploy/launchd/org.canbridge.bridge-agent.plist");
+    let parsed = stdout(Command::new("python3").args([
+        "-c",
+        "import json, plistlib, sys; print(json.dumps(plistlib.load(open(sys.argv[1], 'rb'))))",
+        plist.to_str().unwrap(),
+    ]));
+    let parsed: serde_json::Value = serde_json::from_str(&parsed).unwrap();
+    assert_eq!(parsed["Label"], "org.canbridge.bridge-agent", "{parsed}");
+    assert_eq!(parsed["KeepAlive"], true, "{parsed}");
+    let args: Vec<&str> = parsed["ProgramArguments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "/usr/local/bin/bridge-agent", "{parsed}");
+    run(Command::new(bin_dir.join("bridge-agent"))
+        .args(&args[1..])
+        .arg("--help"));
+
+    let installed = stdout(
+        Command::new("sed")
+            .arg("s|__HOME__|/Users/tech|g")
+            .arg(&plist),
+    );
+    assert!(!installed.contains("__HOME__"));
+    assert!(installed.contains("<string>/Users/tech/Library/Logs/bridge-agent.log</string>"));
+}
