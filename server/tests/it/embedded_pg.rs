@@ -9,7 +9,7 @@ use std::time::Duration;
 use bridge_server::embedded_pg::{BinSearch, EmbeddedPgError, EmbeddedPostgres};
 
 /// A temporary folder the `postgres` user can enter (tests run as root in CI).
-fn workdir() -> tempfile::TempDir {
+pub(crate) fn workdir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     dir
@@ -70,7 +70,7 @@ async fn without_postgresql_the_error_says_what_to_install() {
 }
 
 /// `bridge-server serve` on its own database in `data`, and the address it listens on once it does.
-fn start_serve(data: &std::path::Path) -> (std::process::Child, String) {
+pub(crate) fn start_serve(data: &std::path::Path) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_bridge-server"))
         .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
         .arg(data)
@@ -93,7 +93,7 @@ fn start_serve(data: &std::path::Path) -> (std::process::Child, String) {
 }
 
 /// Waits (at most 30 s) for `child` to end.
-fn wait_for_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+pub(crate) fn wait_for_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
     let mut waited = Duration::ZERO;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -105,8 +105,22 @@ fn wait_for_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
     }
 }
 
-fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
+pub(crate) fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+}
+
+/// A pool on the database of the cluster that `serve` runs in `data`, over TCP with the superuser
+/// password the cluster keeps for a developer's `psql` (its socket is private to the server).
+pub(crate) async fn embedded_pool(data: &std::path::Path) -> sqlx::PgPool {
+    let password = std::fs::read_to_string(data.join("postgres.password")).unwrap();
+    // postmaster.pid's fourth line is the cluster's port.
+    let pid_file = std::fs::read_to_string(data.join("postgres/postmaster.pid")).unwrap();
+    let port = pid_file.lines().nth(3).unwrap().trim();
+    let url = format!(
+        "postgres://postgres:{}@127.0.0.1:{port}/postgres",
+        password.trim()
+    );
+    bridge_server::db::connect(&url, 5).await.unwrap()
 }
 
 fn ready(addr: &str) -> reqwest::StatusCode {

@@ -268,6 +268,54 @@ async fn a_killed_server_loses_no_acknowledged_frame(pool: PgPool) {
     drop((agent_a, agent_b));
 }
 
+/// The README's default, `serve` on its embedded PostgreSQL, killed with SIGKILL mid-stream (as the OOM
+/// killer would): its cluster outlives it, the next `serve` on the same folder stops that orphan and
+/// starts its own, and every frame the first one acknowledged reaches B once and in order.
+#[tokio::test]
+async fn a_killed_server_on_its_embedded_database_loses_no_acknowledged_frame() {
+    use crate::embedded_pg::{embedded_pool, signal, start_serve, wait_for_exit, workdir};
+    use nix::sys::signal::Signal;
+
+    let dir = workdir();
+    let data = dir.path().join("data");
+    let (mut first, addr) = start_serve(&data);
+    let app = TestApp::external(format!("http://{addr}"), embedded_pool(&data).await);
+    let (users, id, mut data_a, data_b) = relaying(&app).await;
+    data_b.cut();
+    group_until(&users.client, id, |g| g["state"] == "DEGRADED").await;
+    for first_pos in (0..30).step_by(10) {
+        data_a
+            .send_frames(id, Side::A, first_pos as u64, first_pos..first_pos + 10)
+            .await;
+    }
+    data_a.wait_ack(id, Side::A, 30).await;
+    signal(&first, Signal::SIGKILL);
+    wait_for_exit(&mut first);
+    data_a.cut();
+    app.pool.close().await;
+    drop(users.agent_a);
+    drop(users.agent_b);
+
+    let (mut second, addr) = start_serve(&data);
+    let app = TestApp::external(format!("http://{addr}"), embedded_pool(&data).await);
+    let client = common::TestClient {
+        base: app.base.clone(),
+        ..users.client
+    };
+    let agent_a = TestAgent::connect(&app.base, &users.token_a).await;
+    agent_a.report(&app.pool, &[DEV_A]).await;
+    let agent_b = TestAgent::connect(&app.base, &users.token_b).await;
+    agent_b.report(&app.pool, &[DEV_B]).await;
+    let mut data_b = DataClient::connect(&app.base, &users.token_b).await;
+    let got = data_b.receive(id, Side::B, 30, true).await;
+    assert_eq!(numbers(&got), (0..30).collect::<Vec<_>>());
+    group_until(&client, id, |g| g["backlog"]["a_to_b"] == 0).await;
+    drop((agent_a, agent_b, data_b));
+    app.pool.close().await;
+    signal(&second, Signal::SIGTERM);
+    assert!(wait_for_exit(&mut second).success());
+}
+
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn a_stopped_server_keeps_what_was_in_flight(pool: PgPool) {
     let first = app_with(pool.clone(), |_| {}).await;

@@ -29,6 +29,17 @@ pub struct TestApp {
     server: Option<RunningServer>,
 }
 
+impl TestApp {
+    /// A server that runs elsewhere (a `bridge-server` process) at `base`, over `pool`'s database.
+    pub fn external(base: String, pool: PgPool) -> Self {
+        TestApp {
+            base,
+            pool,
+            server: None,
+        }
+    }
+}
+
 /// Starts a server with the default configuration.
 pub async fn spawn_app(pool: PgPool) -> TestApp {
     spawn_app_with(pool, |_| {}).await
