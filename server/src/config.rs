@@ -93,7 +93,8 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_BUFFER_MAX_AGE_SECS", default_value_t = 600)]
     pub relay_buffer_max_age_secs: u64,
 
-    /// Frames per second at which a backlog is replayed to a side that comes back.
+    /// Frames per second at which a backlog is replayed to a side that comes back; never faster than
+    /// that side's CAN bus carries at its configured bit rate.
     #[arg(long, env = "RELAY_REPLAY_RATE", default_value_t = 5_000)]
     pub relay_replay_rate: u32,
 }

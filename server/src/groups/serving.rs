@@ -113,19 +113,28 @@ pub struct SideInfo {
     /// The agents of the user that see the dongle now and are online, the serving one first. Empty
     /// when none does, or when the dongle is not CLAIMED_ACTIVE (no relay without a token).
     pub agents: Vec<Uuid>,
+    /// The bit rate of the dongle's CAN configuration, when it has one: what its bus can carry.
+    pub bitrate: Option<u32>,
 }
 
 /// The group's user, state, dongles and the agents that see each; None when the group is gone.
 pub async fn sides_of(pool: &PgPool, group_id: Uuid) -> Result<Option<GroupSides>, sqlx::Error> {
-    let head: Option<(Uuid, String, Uuid, Uuid)> = sqlx::query_as(
-        "SELECT user_id, mode::text, dongle_a_id, dongle_b_id FROM dongle_groups WHERE id = $1",
+    type Head = (Uuid, String, Uuid, Uuid, Option<i32>, Option<i32>);
+    let head: Option<Head> = sqlx::query_as(
+        "SELECT g.user_id, g.mode::text, g.dongle_a_id, g.dongle_b_id, ca.bitrate, cb.bitrate \
+         FROM dongle_groups g \
+         LEFT JOIN can_configs ca ON ca.dongle_id = g.dongle_a_id \
+         LEFT JOIN can_configs cb ON cb.dongle_id = g.dongle_b_id \
+         WHERE g.id = $1",
     )
     .bind(group_id)
     .fetch_optional(pool)
     .await?;
-    let Some((user_id, mode, a, b)) = head else {
+    let Some((user_id, mode, a, b, bitrate_a, bitrate_b)) = head else {
         return Ok(None);
     };
+    // The column's CHECK keeps it positive.
+    let bitrate = |b: Option<i32>| b.and_then(|b| u32::try_from(b).ok());
     let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT d.id, s.agent_id FROM dongles d \
          JOIN dongle_sightings s ON s.dongle_id = d.id AND s.present \
@@ -150,10 +159,12 @@ pub async fn sides_of(pool: &PgPool, group_id: Uuid) -> Result<Option<GroupSides
             SideInfo {
                 dongle_id: a,
                 agents: agents_of(a),
+                bitrate: bitrate(bitrate_a),
             },
             SideInfo {
                 dongle_id: b,
                 agents: agents_of(b),
+                bitrate: bitrate(bitrate_b),
             },
         ],
     }))

@@ -109,6 +109,8 @@ pub struct SidesRead {
     /// Per side: the serving agent is connected to another instance (so its frames cross through the
     /// buffer while it is there).
     pub elsewhere: PerSide<bool>,
+    /// Per side: the bit rate of its dongle's CAN configuration, when it has one.
+    pub bitrates: PerSide<Option<u32>>,
 }
 
 /// An answer to a [`Request`], of the same name.
@@ -242,6 +244,8 @@ pub struct Loaded {
     pub buffer_pressure: bool,
     pub dongles: PerSide<Uuid>,
     pub agents: PerSide<Vec<Uuid>>,
+    /// Per side: the bit rate of its dongle's CAN configuration, when it has one.
+    pub bitrates: PerSide<Option<u32>>,
     pub rows: PerSide<SideRow>,
 }
 
@@ -293,6 +297,9 @@ struct Towards {
     delivered: u64,
     /// When the next replay step may run (the rate limit).
     replay_at: Option<Instant>,
+    /// What the receiving dongle's bus can carry, in frames per second, when its bit rate is known:
+    /// replay never goes faster (see [`bus_frames_per_second`]).
+    bus_rate: Option<u32>,
     /// When to look for rows another instance buffered (only while the sender is not here).
     poll_at: Option<Instant>,
     /// How long the next poll waits: doubles while polls find nothing (up to 16 intervals).
@@ -422,6 +429,7 @@ impl Machine {
             buffer_pressure,
             dongles,
             mut agents,
+            bitrates,
             rows,
         } = loaded;
         let from = PerSide::from_fn(|side| Source {
@@ -437,6 +445,7 @@ impl Machine {
             tail: rows[side].tail,
             acked_out: rows[side].acked_out,
             sent_upto: rows[side].acked_out,
+            bus_rate: bitrates[side].map(bus_frames_per_second),
             ..Towards::default()
         });
         Machine {
@@ -1035,7 +1044,7 @@ impl Machine {
             return;
         }
         // One step sends about a twentieth of a second's worth (at least one chunk).
-        let budget = (u64::from(settings.replay_rate.max(1)) / 20).max(1);
+        let budget = (u64::from(replay_rate(settings, towards)) / 20).max(1);
         let mut planned = 0u64;
         let chunks: Vec<Chunk> = chunks
             .into_iter()
@@ -1076,7 +1085,7 @@ impl Machine {
             towards.tail = towards.tail.max(chunk.end());
             frames += u64::from(chunk.count);
         }
-        let rate = u64::from(settings.replay_rate.max(1));
+        let rate = u64::from(replay_rate(settings, towards));
         let pace = Duration::from_secs_f64(frames as f64 / rate as f64);
         // Paced from when this step was due rather than from when it ran: the timer wakes the pipe a
         // little late every time, and counting from `now` would add that up into a rate about 2 %
@@ -1377,9 +1386,13 @@ impl Machine {
             mode,
             agents,
             elsewhere,
+            bitrates,
         } = read;
         for (side, elsewhere) in elsewhere.iter() {
             self.from[side].elsewhere = *elsewhere;
+        }
+        for (side, bitrate) in bitrates.iter() {
+            self.towards[side].bus_rate = bitrate.map(bus_frames_per_second);
         }
         for (side, agents) in [(Side::A, agents.a), (Side::B, agents.b)] {
             let before = self.from[side].agents.first().copied();
@@ -1422,3 +1435,20 @@ impl Machine {
 
 #[cfg(test)]
 mod tests;
+
+/// The bits a classic CAN frame takes on the bus at most: an extended identifier, 8 data bytes, and
+/// every stuff bit the rule can insert (one per four bits from the start of frame to the CRC), plus the
+/// CRC delimiter, acknowledgement, end of frame and the interframe space.
+const WORST_CASE_FRAME_BITS: u32 = 160;
+
+/// The frames per second a bus at `bitrate` carries when every frame is as long as a frame can be. A
+/// CAN FD data phase is faster, so this stays on the safe side for FD too (and for shorter frames).
+pub fn bus_frames_per_second(bitrate: u32) -> u32 {
+    (bitrate / WORST_CASE_FRAME_BITS).max(1)
+}
+
+/// The rate frames are replayed towards a side: the configured one, never more than its bus carries.
+fn replay_rate(settings: &RelaySettings, towards: &Towards) -> u32 {
+    let set = settings.replay_rate.max(1);
+    towards.bus_rate.map_or(set, |bus| set.min(bus))
+}

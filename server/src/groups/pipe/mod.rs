@@ -118,6 +118,7 @@ impl Pipe {
             buffer_pressure,
             dongles: PerSide::new(a.dongle_id, b.dongle_id),
             agents: PerSide::new(a.agents, b.agents),
+            bitrates: PerSide::new(a.bitrate, b.bitrate),
             rows: PerSide::new(rows[0], rows[1]),
         };
         let machine = Machine::new(loaded, core.settings.clone(), Instant::now());
@@ -561,5 +562,6 @@ async fn read_sides(core: &Core, group_id: Uuid) -> Result<Option<SidesRead>, sq
         mode: group.mode,
         agents: PerSide::new(a.agents, b.agents),
         elsewhere,
+        bitrates: PerSide::new(a.bitrate, b.bitrate),
     }))
 }

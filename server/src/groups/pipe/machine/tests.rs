@@ -79,6 +79,8 @@ struct World {
     conns: HashMap<Uuid, u64>,
     /// Per side: the serving agent is connected to another instance, as the database would say.
     elsewhere: PerSide<bool>,
+    /// Per side: the bit rate of the dongle's CAN configuration, as the database would say.
+    bitrates: PerSide<Option<u32>>,
     next_conn: u64,
     /// A full queue on B's connection refuses what is sent to it.
     b_full: bool,
@@ -107,6 +109,7 @@ impl World {
             buffer_pressure: false,
             dongles: PerSide::new(Uuid::from_u128(0xDA), Uuid::from_u128(0xDB)),
             agents: PerSide::new(vec![AGENT_A], vec![AGENT_B]),
+            bitrates: PerSide::default(),
             rows: PerSide::default(),
         };
         let mut world = World {
@@ -120,6 +123,7 @@ impl World {
             pressure: false,
             conns: HashMap::new(),
             elsewhere: PerSide::default(),
+            bitrates: PerSide::default(),
             next_conn: 1,
             b_full: false,
             db_down: false,
@@ -249,6 +253,7 @@ impl World {
                     mode: self.mode,
                     agents: PerSide::new(vec![AGENT_A], vec![AGENT_B]),
                     elsewhere: self.elsewhere,
+                    bitrates: self.bitrates,
                 })
             })),
             Request::Rows => Reply::Rows(db.map(|()| {
@@ -595,6 +600,48 @@ fn replay_runs_at_the_set_pace() {
         w.tick();
     }
     assert_eq!(w.taken_by_b(), (0..300).collect::<Vec<_>>());
+}
+
+/// A 125 kbit/s bus carries about 780 frames a second; replaying into it at the set 5 000 would overflow
+/// the dongle's transmit queue, where REMP v1 has no flow control and nobody counts the loss. Replay
+/// towards a side goes no faster than its dongle's bus, read with the group's sides.
+#[test]
+fn replay_never_outruns_the_receiving_bus() {
+    assert_eq!(bus_frames_per_second(125_000), 781);
+    assert_eq!(bus_frames_per_second(500_000), 3_125);
+    assert_eq!(bus_frames_per_second(1_000_000), 6_250);
+    let mut w = World::new(RelaySettings {
+        replay_rate: 5_000,
+        ..settings()
+    });
+    w.bitrates.b = Some(125_000);
+    w.connect(AGENT_A);
+    for i in 0..100 {
+        w.send_a(&chunk(i * 10, 10));
+    }
+    w.advance(ms(5));
+    w.tick();
+    assert_eq!(w.buffered(Side::B), 1_000);
+    // Connecting makes the pipe read the group again, bit rates included.
+    w.connect(AGENT_B);
+    w.tick();
+    // A twentieth of a second at the bus's 781 frames/s: 39 frames, taken in whole chunks of 10.
+    assert_eq!(w.taken_by_b().len(), 40);
+    for _ in 0..20 {
+        w.advance(ms(50));
+        w.tick();
+    }
+    // A second at the bus's rate, not five thousand frames.
+    let taken = w.taken_by_b().len();
+    assert!(
+        (780..=840).contains(&taken),
+        "{taken} frames in about a second"
+    );
+    for _ in 0..20 {
+        w.advance(ms(50));
+        w.tick();
+    }
+    assert_eq!(w.taken_by_b(), (0..1_000).collect::<Vec<_>>());
 }
 
 #[test]
