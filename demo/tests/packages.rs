@@ -309,3 +309,61 @@ fn the_launchd_definition_starts_the_agent_with_arguments_it_accepts() {
     assert!(!installed.contains("__HOME__"));
     assert!(installed.contains("<string>/Users/tech/Library/Logs/bridge-agent.log</string>"));
 }
+
+/// The agent's arm64 package, for ARM rigs (a Raspberry Pi-class board next to the dongles): built by
+/// `scripts/package --arch arm64 --only bridge-agent` from the arm64 build of this run, it holds an arm64
+/// binary, installs with dpkg (its maintainer scripts included), and the installed agent runs under
+/// qemu-user and tells the workspace's version.
+#[test]
+#[cfg_attr(
+    not(feature = "aarch64-build"),
+    ignore = "needs the arm64 build of the agent and qemu-user: scripts/test provides both as root and turns on bridge-demo/aarch64-build"
+)]
+fn the_arm64_agent_package_installs_and_runs_under_qemu_user() {
+    let (root, _) = paths();
+    let agent = PathBuf::from(std::env::var("BRIDGE_AGENT_AARCH64").expect("set by scripts/test"));
+    let qemu = std::env::var("QEMU_AARCH64").expect("set by scripts/test");
+    let out = tempfile::tempdir().unwrap();
+    run(Command::new(root.join("scripts/package"))
+        .args(["--arch", "arm64", "--only", "bridge-agent", "--no-windows"])
+        .args(["--fast", "--binaries"])
+        .arg(agent.parent().unwrap())
+        .arg("--out")
+        .arg(out.path())
+        .env("QEMU_AARCH64", &qemu));
+    let version = env!("CARGO_PKG_VERSION");
+    let debs: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(debs, vec![format!("bridge-agent_{version}_arm64.deb")]);
+    let deb = out.path().join(&debs[0]);
+    let info = stdout(Command::new("dpkg-deb").arg("--field").arg(&deb));
+    assert!(info.contains("Architecture: arm64"), "{info}");
+
+    let target = tempfile::tempdir().unwrap();
+    let target = target.path();
+    dpkg_root(target);
+    // This root's dpkg is amd64's, so the arm64 package is installed as foreign.
+    run(dpkg(target).arg("--force-architecture").arg("-i").arg(&deb));
+    let installed = target.join("usr/bin/bridge-agent");
+    // An ELF for the 64-bit ARM architecture (e_machine 183, at offset 18).
+    let elf = std::fs::read(&installed).unwrap();
+    assert_eq!(&elf[..4], b"\x7fELF");
+    assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), 183, "not arm64");
+    let version_line = stdout(
+        Command::new(&qemu)
+            .arg(&installed)
+            .arg("--version")
+            .env("QEMU_LD_PREFIX", "/usr/aarch64-linux-gnu"),
+    );
+    assert_eq!(version_line.trim(), format!("bridge-agent {version}"));
+    assert!(
+        target
+            .join("usr/share/man/man1/bridge-agent-run.1.gz")
+            .is_file(),
+        "the manual pages, made by the arm64 binary under qemu-user"
+    );
+    run(dpkg(target).args(["--purge", "bridge-agent"]));
+    assert!(!installed.exists());
+}
