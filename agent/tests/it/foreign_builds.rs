@@ -192,18 +192,8 @@ async fn the_windows_agent_pairs_configures_commands_and_bridges_under_wine(pool
 
     // The Windows agent's dongle is on the LAN, on the workshop's bus; the Linux agent's is on USB
     // serial, on the vehicle's.
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = SimConfig::udp(dir.path().join("flash.json")).with_bus("workshop");
-    config.bus_root = Some(bus_root.path().to_path_buf());
-    let lan = Dongle::start(config, dir, None).await;
-    let dir = tempfile::tempdir().unwrap();
-    let link = dir.path().join("ttyDONGLE");
-    let mut config = SimConfig::serial(dir.path().join("flash.json")).with_bus("vehicle");
-    config.bus_root = Some(bus_root.path().to_path_buf());
-    config.link = dongle_sim::LinkConfig::Serial {
-        link: Some(link.clone()),
-    };
-    let usb = Dongle::start(config, dir, Some(link)).await;
+    let lan = Dongle::udp_on_bus(bus_root.path(), "workshop").await;
+    let usb = Dongle::serial_on_bus(bus_root.path(), "vehicle").await;
     let mut workshop = BusTap::join_at(bus_root.path(), "workshop").unwrap();
     let mut vehicle = BusTap::join_at(bus_root.path(), "vehicle").unwrap();
 
@@ -237,25 +227,7 @@ async fn the_windows_agent_pairs_configures_commands_and_bridges_under_wine(pool
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["applied"], true, "{body}");
-    let (status, queued) = user
-        .post(
-            &format!("/dongles/{lan_id}/commands"),
-            json!({"command": "version"}),
-        )
-        .await;
-    assert!(status.is_success(), "{status} {queued}");
-    let command = queued["command_id"].as_str().unwrap().to_string();
-    let mut answer = serde_json::Value::Null;
-    for _ in 0..200 {
-        let (_, body) = user
-            .get(&format!("/dongles/{lan_id}/commands/{command}"))
-            .await;
-        if body["status"] == "done" {
-            answer = body;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let answer = user.command_answer(&lan_id, "version").await;
     assert!(
         answer["stdout"]
             .as_str()

@@ -9,24 +9,9 @@ use std::time::Duration;
 use bridge_server::db::MIGRATOR;
 use bridge_server::users::Role;
 use common::{Agent, Dongle, Server, active_group, collect, numbered, pair};
+use dongle_sim::BusTap;
 use dongle_sim::frame::Frame as SimFrame;
-use dongle_sim::{BusTap, SimConfig};
 use sqlx::PgPool;
-
-/// A serial simulator, optionally on a named bus under `bus_root`.
-async fn serial_dongle(bus: Option<(&std::path::Path, &str)>) -> Dongle {
-    let dir = tempfile::tempdir().unwrap();
-    let link = dir.path().join("ttyDONGLE");
-    let mut config = SimConfig::serial(dir.path().join("flash.json"));
-    if let Some((root, name)) = bus {
-        config = config.with_bus(name);
-        config.bus_root = Some(root.to_path_buf());
-    }
-    config.link = dongle_sim::LinkConfig::Serial {
-        link: Some(link.clone()),
-    };
-    Dongle::start(config, dir, Some(link)).await
-}
 
 /// The issue's own trial: B unplugged in the middle of a stream A -> B lost every frame sent while it was
 /// away (the agent acknowledged them as "dropped"), and frames replayed before the agent had
@@ -36,8 +21,8 @@ async fn frames_to_an_unplugged_and_replugged_dongle_arrive_once_and_in_order(po
     let server = Server::start(pool).await;
     let user = server.user("alice@example.com", Role::User).await;
     let bus_root = tempfile::tempdir().unwrap();
-    let a = serial_dongle(None).await;
-    let b = serial_dongle(Some((bus_root.path(), "vehicle"))).await;
+    let a = Dongle::serial().await;
+    let b = Dongle::serial_on_bus(bus_root.path(), "vehicle").await;
     let mut vehicle = BusTap::join_at(bus_root.path(), "vehicle").unwrap();
     let mut agent = Agent::new();
     agent.login(&server, &user).await;

@@ -11,8 +11,8 @@ use std::time::Duration;
 use bridge_server::db::MIGRATOR;
 use bridge_server::users::Role;
 use common::{Agent, Dongle, Server, active_group, pair};
+use dongle_sim::BusTap;
 use dongle_sim::frame::Frame as SimFrame;
-use dongle_sim::{BusTap, SimConfig};
 use firmware_proto::ids::CanId;
 use qemu_dongle::{Options, QemuConfig, QemuDongle};
 use reqwest::{Method, StatusCode};
@@ -34,14 +34,7 @@ async fn the_qemu_board_is_paired_configured_commanded_and_bridged(pool: PgPool)
 
     // The far side: a simulated dongle on a vehicle bus that a tap watches.
     let bus_root = tempfile::tempdir().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let link = dir.path().join("ttyDONGLE");
-    let mut sim_config = SimConfig::serial(dir.path().join("flash.json")).with_bus("vehicle");
-    sim_config.bus_root = Some(bus_root.path().to_path_buf());
-    sim_config.link = dongle_sim::LinkConfig::Serial {
-        link: Some(link.clone()),
-    };
-    let sim = Dongle::start(sim_config, dir, Some(link)).await;
+    let sim = Dongle::serial_on_bus(bus_root.path(), "vehicle").await;
     let mut vehicle = BusTap::join_at(bus_root.path(), "vehicle").unwrap();
 
     let mut agent = Agent::new();
@@ -109,25 +102,7 @@ async fn the_qemu_board_is_paired_configured_commanded_and_bridged(pool: PgPool)
     );
 
     // Commanded: the firmware answers `version` with its own build.
-    let (status, queued) = user
-        .post(
-            &format!("/dongles/{board_id}/commands"),
-            json!({"command": "version"}),
-        )
-        .await;
-    assert!(status.is_success(), "{status} {queued}");
-    let command = queued["command_id"].as_str().unwrap().to_string();
-    let mut answer = serde_json::Value::Null;
-    for _ in 0..100 {
-        let (_, body) = user
-            .get(&format!("/dongles/{board_id}/commands/{command}"))
-            .await;
-        if body["status"] == "done" {
-            answer = body;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let answer = user.command_answer(&board_id, "version").await;
     assert!(
         answer["stdout"]
             .as_str()

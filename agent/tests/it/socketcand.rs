@@ -13,7 +13,7 @@ use std::time::Duration;
 use bridge_server::db::MIGRATOR;
 use bridge_server::users::Role;
 use common::{Agent, Dongle, Server, active_group, pair};
-use dongle_sim::{BusTap, SimConfig};
+use dongle_sim::BusTap;
 use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::PgPool;
@@ -507,14 +507,7 @@ async fn a_socketcand_tool_reaches_a_simulated_dongle_through_a_group(pool: PgPo
 
     // Side B: a simulated dongle on the bus "vehicle", served and paired through agent B.
     let bus_root = tempfile::tempdir().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let link = dir.path().join("ttyDONGLE");
-    let mut config = SimConfig::serial(dir.path().join("flash.json")).with_bus("vehicle");
-    config.bus_root = Some(bus_root.path().to_path_buf());
-    config.link = dongle_sim::LinkConfig::Serial {
-        link: Some(link.clone()),
-    };
-    let dongle = Dongle::start(config, dir, Some(link)).await;
+    let dongle = Dongle::serial_on_bus(bus_root.path(), "vehicle").await;
     let mut vehicle = BusTap::join_at(bus_root.path(), "vehicle").unwrap();
     let mut agent_b = Agent::new();
     agent_b.login(&server, &user).await;

@@ -47,6 +47,21 @@ async fn relaying(app: &TestApp) -> (TwoDongles, Uuid, DataClient, DataClient) {
     (users, id, data_a, data_b)
 }
 
+/// A relaying group whose side B goes away, then 30 frames from A, acknowledged: they wait in the
+/// buffer for B. Answers A's data connection, still open.
+async fn thirty_frames_wait_for_b(app: &TestApp) -> (TwoDongles, Uuid, DataClient) {
+    let (users, id, mut data_a, data_b) = relaying(app).await;
+    data_b.cut();
+    group_until(&users.client, id, |g| g["state"] == "DEGRADED").await;
+    for first_pos in (0..30).step_by(10) {
+        data_a
+            .send_frames(id, Side::A, first_pos as u64, first_pos..first_pos + 10)
+            .await;
+    }
+    data_a.wait_ack(id, Side::A, 30).await;
+    (users, id, data_a)
+}
+
 fn numbers(received: &[(u64, u32)]) -> Vec<u32> {
     received.iter().map(|(_, n)| *n).collect()
 }
@@ -220,15 +235,7 @@ async fn a_killed_server_loses_no_acknowledged_frame(pool: PgPool) {
         .await
         .unwrap();
     let first = app_with(own, |_| {}).await;
-    let (users, id, mut data_a, data_b) = relaying(&first).await;
-    data_b.cut();
-    group_until(&users.client, id, |g| g["state"] == "DEGRADED").await;
-    for first_pos in (0..30).step_by(10) {
-        data_a
-            .send_frames(id, Side::A, first_pos as u64, first_pos..first_pos + 10)
-            .await;
-    }
-    data_a.wait_ack(id, Side::A, 30).await;
+    let (users, id, data_a) = thirty_frames_wait_for_b(&first).await;
     first.kill().await;
     data_a.cut();
 
@@ -280,15 +287,7 @@ async fn a_killed_server_on_its_embedded_database_loses_no_acknowledged_frame() 
     let data = dir.path().join("data");
     let (mut first, addr) = start_serve(&data);
     let app = TestApp::external(format!("http://{addr}"), embedded_pool(&data).await);
-    let (users, id, mut data_a, data_b) = relaying(&app).await;
-    data_b.cut();
-    group_until(&users.client, id, |g| g["state"] == "DEGRADED").await;
-    for first_pos in (0..30).step_by(10) {
-        data_a
-            .send_frames(id, Side::A, first_pos as u64, first_pos..first_pos + 10)
-            .await;
-    }
-    data_a.wait_ack(id, Side::A, 30).await;
+    let (users, id, data_a) = thirty_frames_wait_for_b(&app).await;
     signal(&first, Signal::SIGKILL);
     wait_for_exit(&mut first);
     data_a.cut();

@@ -277,6 +277,31 @@ impl User {
         }
     }
 
+    /// Runs `command` on the dongle with id `dongle_id` and waits (at most 20 s) for its result; answers
+    /// the command's last view, done or not.
+    pub async fn command_answer(&self, dongle_id: &str, command: &str) -> Value {
+        let (status, queued) = self
+            .post(
+                &format!("/dongles/{dongle_id}/commands"),
+                json!({ "command": command }),
+            )
+            .await;
+        assert!(status.is_success(), "{status} {queued}");
+        let id = queued["command_id"].as_str().unwrap().to_string();
+        let mut last = Value::Null;
+        for _ in 0..200 {
+            let (_, body) = self
+                .get(&format!("/dongles/{dongle_id}/commands/{id}"))
+                .await;
+            if body["status"] == "done" {
+                return body;
+            }
+            last = body;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        last
+    }
+
     /// The user's view of the dongle with `device_id`, if listed.
     pub async fn dongle(&self, device_id: &str) -> Option<Value> {
         let (status, body) = self.get("/dongles").await;
@@ -388,6 +413,26 @@ impl Dongle {
     pub async fn udp() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = SimConfig::udp(dir.path().join("flash.json"));
+        Self::start(config, dir, None).await
+    }
+
+    /// A serial dongle on the virtual bus `name` under `root`, which a [`dongle_sim::BusTap`] can join.
+    pub async fn serial_on_bus(root: &Path, name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("ttyDONGLE");
+        let mut config = SimConfig::serial(dir.path().join("flash.json")).with_bus(name);
+        config.bus_root = Some(root.to_path_buf());
+        config.link = dongle_sim::LinkConfig::Serial {
+            link: Some(link.clone()),
+        };
+        Self::start(config, dir, Some(link)).await
+    }
+
+    /// A LAN (UDP) dongle on the virtual bus `name` under `root`.
+    pub async fn udp_on_bus(root: &Path, name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = SimConfig::udp(dir.path().join("flash.json")).with_bus(name);
+        config.bus_root = Some(root.to_path_buf());
         Self::start(config, dir, None).await
     }
 
