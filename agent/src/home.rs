@@ -147,10 +147,19 @@ impl Home {
     }
 }
 
+/// A temporary file beside `path` for writing it whole: named after the whole file name and this
+/// process, so that two files of one folder (vault.key and vault.json) or two agents on one folder never
+/// share one.
+pub(crate) fn temp_path_for(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.tmp", std::process::id()));
+    path.with_file_name(name)
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder, mode 0600, synced, then renamed
 /// over `path`: readers see the old file or the new one, never a mix.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), HomeError> {
-    let tmp = path.with_extension("tmp");
+    let tmp = temp_path_for(path);
     let mut file = crate::platform::private_file_options()
         .write(true)
         .create(true)

@@ -225,37 +225,59 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], VaultError> {
     };
     match fs::read(path) {
         Ok(stored) => {
-            let key = crate::platform::unseal_key(&stored).map_err(|source| {
-                VaultError::KeyNotUnsealed {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            })?;
-            let key: [u8; 32] = key.try_into().map_err(|_| VaultError::KeyDamaged {
-                path: path.to_path_buf(),
-            })?;
+            let key = unseal(path, &stored)?;
             if crate::platform::SEALS_KEYS && stored.as_slice() == key.as_slice() {
-                let sealed = crate::platform::seal_key(&key).map_err(io)?;
-                write_private_atomic(path, &sealed)?;
+                // The key is read either way: a seal that fails now is tried again at the next open.
+                let sealed = crate::platform::seal_key(&key)
+                    .map_err(io)
+                    .and_then(|sealed| write_private_atomic(path, &sealed));
+                if let Err(e) = sealed {
+                    tracing::warn!(error = %e, "the vault key is still stored in the clear");
+                }
             }
             Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key: [u8; 32] = rand::rng().random();
             let stored = crate::platform::seal_key(&key).map_err(io)?;
-            // create_new: two agents starting at once must not each write a different key.
+            // Written whole beside it, then linked into place, which fails if the file exists: two
+            // agents starting at once never each keep a different key, and neither reads half of one.
+            let tmp = crate::home::temp_path_for(path);
             let mut file = crate::platform::private_file_options()
                 .write(true)
-                .create_new(true)
-                .open(path)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
                 .map_err(io)?;
-            file.write_all(&stored)
+            let linked = file
+                .write_all(&stored)
                 .and_then(|_| file.sync_all())
-                .map_err(io)?;
-            Ok(key)
+                .and_then(|_| fs::hard_link(&tmp, path));
+            let _ = fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => Ok(key),
+                // Another agent made it first: its key is the vault's.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    unseal(path, &fs::read(path).map_err(io)?)
+                }
+                Err(e) => Err(io(e)),
+            }
         }
         Err(source) => Err(io(source)),
     }
+}
+
+/// The vault key from what `path` holds.
+fn unseal(path: &Path, stored: &[u8]) -> Result<[u8; 32], VaultError> {
+    crate::platform::unseal_key(stored)
+        .map_err(|source| VaultError::KeyNotUnsealed {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .try_into()
+        .map_err(|_| VaultError::KeyDamaged {
+            path: path.to_path_buf(),
+        })
 }
 
 /// Creates `dir` (and its parents) and makes it private to this user.
@@ -274,7 +296,7 @@ pub(crate) fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), Vaul
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_extension("tmp");
+    let tmp = crate::home::temp_path_for(path);
     let mut file = crate::platform::private_file_options()
         .write(true)
         .create(true)

@@ -18,8 +18,10 @@ $trigger = New-ScheduledTaskTrigger -AtLogOn -User $user
 $settings = New-ScheduledTaskSettingsSet -ExecutionTimeLimit ([TimeSpan]::Zero) `
     -RestartCount 9999 -RestartInterval (New-TimeSpan -Minutes 1) `
     -AllowStartIfOnBatteries -DontStopIfGoingOnBatteries -MultipleInstances IgnoreNew
-# S4U: runs as you without a console window and without storing your password.
-$principal = New-ScheduledTaskPrincipal -UserId $user -LogonType S4U -RunLevel Limited
+# Interactive: runs in your logon session, with your credentials, which DPAPI needs to unseal the vault's
+# key (an S4U task has no access to encrypted data). Its console window can be minimised; closing it
+# stops the agent until the next logon.
+$principal = New-ScheduledTaskPrincipal -UserId $user -LogonType Interactive -RunLevel Limited
 
 Register-ScheduledTask -TaskName "bridge-agent" -Description "Remote CAN bridge agent" `
     -Action $action -Trigger $trigger -Settings $settings -Principal $principal -Force | Out-Null

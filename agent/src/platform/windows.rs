@@ -96,6 +96,9 @@ fn dpapi(
         return Err(io::Error::last_os_error());
     }
     let out_len = output.cbData as usize;
+    if out_len == 0 || output.pbData.is_null() {
+        return Ok(Vec::new());
+    }
     // SAFETY: on success DPAPI set `output` to a buffer of `cbData` bytes that it allocated with
     // LocalAlloc; it is read once here, wiped (it may hold the key in the clear) and freed.
     let bytes = unsafe { std::slice::from_raw_parts(output.pbData, out_len).to_vec() };

@@ -128,8 +128,9 @@ async fn the_arm64_agent_finds_a_simulated_dongle_under_qemu_user() {
     lists_a_simulated_dongle(&agent, |path| path.display().to_string()).await;
 }
 
-/// Runs the agent crate's unit tests and checks that all of them ran and passed.
-async fn unit_tests_pass(tests: Foreign, platform: &str) {
+/// Runs the agent crate's unit tests and checks that all of them ran and passed, `must_pass` among
+/// them (the tests of that platform's own code).
+async fn unit_tests_pass(tests: Foreign, platform: &str, must_pass: &[&str]) {
     let (ok, out, err) = tests.run(&["--test-threads", "2"]).await;
     let summary = out
         .lines()
@@ -148,6 +149,12 @@ async fn unit_tests_pass(tests: Foreign, platform: &str) {
         .unwrap_or_else(|| panic!("unreadable summary: {summary}"));
     println!("{platform}: {summary}");
     assert!(passed >= 50, "only {passed} unit tests ran: {summary}");
+    for test in must_pass {
+        assert!(
+            out.lines().any(|l| l == format!("test {test} ... ok")),
+            "{test} did not pass on {platform}:\n{out}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -159,6 +166,7 @@ async fn the_agents_unit_tests_pass_on_arm64_under_qemu_user() {
     unit_tests_pass(
         Foreign::aarch64("BRIDGE_AGENT_AARCH64_UNIT_TESTS"),
         "aarch64 under qemu-user",
+        &["vault::tests::tokens_survive_reopening_and_files_are_private"],
     )
     .await;
 }
@@ -172,6 +180,7 @@ async fn the_agents_unit_tests_pass_on_windows_under_wine() {
     unit_tests_pass(
         Foreign::windows("BRIDGE_AGENT_WINDOWS_UNIT_TESTS"),
         "Windows under Wine",
+        &["vault::tests::on_windows_the_key_is_sealed_for_the_user"],
     )
     .await;
 }

@@ -119,9 +119,11 @@ pub struct SideInfo {
 
 /// The group's user, state, dongles and the agents that see each; None when the group is gone.
 pub async fn sides_of(pool: &PgPool, group_id: Uuid) -> Result<Option<GroupSides>, sqlx::Error> {
-    type Head = (Uuid, String, Uuid, Uuid, Option<i32>, Option<i32>);
+    type Head = (Uuid, String, Uuid, Uuid, Option<i64>, Option<i64>);
+    // The bit rate the dongle reported applying, else the one asked for (raw timing may differ).
     let head: Option<Head> = sqlx::query_as(
-        "SELECT g.user_id, g.mode::text, g.dongle_a_id, g.dongle_b_id, ca.bitrate, cb.bitrate \
+        "SELECT g.user_id, g.mode::text, g.dongle_a_id, g.dongle_b_id, \
+                coalesce(ca.effective_bitrate, ca.bitrate), coalesce(cb.effective_bitrate, cb.bitrate) \
          FROM dongle_groups g \
          LEFT JOIN can_configs ca ON ca.dongle_id = g.dongle_a_id \
          LEFT JOIN can_configs cb ON cb.dongle_id = g.dongle_b_id \
@@ -133,8 +135,8 @@ pub async fn sides_of(pool: &PgPool, group_id: Uuid) -> Result<Option<GroupSides
     let Some((user_id, mode, a, b, bitrate_a, bitrate_b)) = head else {
         return Ok(None);
     };
-    // The column's CHECK keeps it positive.
-    let bitrate = |b: Option<i32>| b.and_then(|b| u32::try_from(b).ok());
+    // Within classic CAN's range, as the requested column's CHECK is: the reported one is not checked.
+    let bitrate = |b: Option<i64>| b.and_then(|b| u32::try_from(b.clamp(10_000, 1_000_000)).ok());
     let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT d.id, s.agent_id FROM dongles d \
          JOIN dongle_sightings s ON s.dongle_id = d.id AND s.present \

@@ -288,14 +288,33 @@ async fn a_killed_server_on_its_embedded_database_loses_no_acknowledged_frame() 
     let (mut first, addr) = start_serve(&data);
     let app = TestApp::external(format!("http://{addr}"), embedded_pool(&data).await);
     let (users, id, data_a) = thirty_frames_wait_for_b(&app).await;
+    let postmaster = || -> i32 {
+        let pid_file = std::fs::read_to_string(data.join("postgres/postmaster.pid")).unwrap();
+        pid_file.lines().next().unwrap().trim().parse().unwrap()
+    };
+    // Running, not a zombie that nobody reaped (the container's first process may not reap).
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(") ")
+                    .map(|(_, rest)| !rest.starts_with('Z'))
+            })
+            .unwrap_or(false)
+    };
+    let orphan = postmaster();
     signal(&first, Signal::SIGKILL);
     wait_for_exit(&mut first);
+    assert!(alive(orphan), "the cluster outlives the killed server");
     data_a.cut();
     app.pool.close().await;
     drop(users.agent_a);
     drop(users.agent_b);
 
     let (mut second, addr) = start_serve(&data);
+    // The orphan was stopped and a cluster of the new server's own started.
+    assert_ne!(postmaster(), orphan);
+    assert!(!alive(orphan), "the orphaned cluster is stopped");
     let app = TestApp::external(format!("http://{addr}"), embedded_pool(&data).await);
     let client = common::TestClient {
         base: app.base.clone(),
@@ -308,7 +327,11 @@ async fn a_killed_server_on_its_embedded_database_loses_no_acknowledged_frame() 
     let mut data_b = DataClient::connect(&app.base, &users.token_b).await;
     let got = data_b.receive(id, Side::B, 30, true).await;
     assert_eq!(numbers(&got), (0..30).collect::<Vec<_>>());
-    group_until(&client, id, |g| g["backlog"]["a_to_b"] == 0).await;
+    // Once: the buffer is empty and nothing more was relayed than the 30.
+    group_until(&client, id, |g| {
+        g["backlog"]["a_to_b"] == 0 && g["frames_relayed"]["a_to_b"] == 30
+    })
+    .await;
     drop((agent_a, agent_b, data_b));
     app.pool.close().await;
     signal(&second, Signal::SIGTERM);

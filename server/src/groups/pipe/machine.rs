@@ -1441,8 +1441,10 @@ mod tests;
 /// CRC delimiter, acknowledgement, end of frame and the interframe space.
 const WORST_CASE_FRAME_BITS: u32 = 160;
 
-/// The frames per second a bus at `bitrate` carries when every frame is as long as a frame can be. A
-/// CAN FD data phase is faster, so this stays on the safe side for FD too (and for shorter frames).
+/// The frames per second a bus at `bitrate` carries when every classic frame is as long as it can be
+/// (shorter frames only make it safer). CAN FD frames are counted as classic ones: a long FD frame sent
+/// without bit-rate switching takes up to about 700 bits, so for such traffic this is too high, by up to
+/// four times; pacing by each frame's own length is still to come.
 pub fn bus_frames_per_second(bitrate: u32) -> u32 {
     (bitrate / WORST_CASE_FRAME_BITS).max(1)
 }
