@@ -147,12 +147,14 @@ impl Home {
     }
 }
 
-/// A temporary file beside `path` for writing it whole: named after the whole file name and this
-/// process, so that two files of one folder (vault.key and vault.json) or two agents on one folder never
-/// share one.
+/// A temporary file beside `path` for writing it whole: named after the whole file name, this process
+/// and a count of this process's calls, so that two files of one folder (vault.key and vault.json), two
+/// agents on one folder, or two writers in one agent never share one.
 pub(crate) fn temp_path_for(path: &Path) -> std::path::PathBuf {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{}.tmp", std::process::id()));
+    name.push(format!(".{}.{call}.tmp", std::process::id()));
     path.with_file_name(name)
 }
 
@@ -183,6 +185,26 @@ mod tests {
             agent_token: "s3cret-token".into(),
             ca_file: None,
         }
+    }
+
+    /// vault.key and vault.json once shared one temporary file (`vault.tmp`), so writing one while the
+    /// other was written could rename the JSON over the key.
+    #[test]
+    fn files_of_one_folder_get_temporary_files_of_their_own() {
+        let dir = Path::new("/agent/vault");
+        let key = temp_path_for(&dir.join("vault.key"));
+        let json = temp_path_for(&dir.join("vault.json"));
+        assert_ne!(key, json);
+        assert_ne!(
+            key,
+            temp_path_for(&dir.join("vault.key")),
+            "nor two writers of one file"
+        );
+        assert_eq!(
+            key.parent(),
+            Some(dir),
+            "beside the file, so the rename stays on one disk"
+        );
     }
 
     #[test]

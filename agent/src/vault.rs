@@ -376,6 +376,33 @@ mod tests {
         assert!(err.to_string().contains("pair the dongles again"), "{err}");
     }
 
+    /// Agents started at once on one fresh folder all open the vault, with one key: none reads a key
+    /// file another is still writing, and none keeps a key of its own.
+    #[test]
+    fn agents_opening_a_fresh_vault_at_once_agree_on_its_key() {
+        // A race: enough rounds that the old code (the key written in place) failed most runs.
+        for _ in 0..100 {
+            let dir = tempfile::tempdir().unwrap();
+            let vaults: Vec<Vault> = std::thread::scope(|scope| {
+                let opening: Vec<_> = (0..8)
+                    .map(|_| scope.spawn(|| Vault::open(dir.path())))
+                    .collect();
+                opening
+                    .into_iter()
+                    .map(|t| t.join().unwrap().unwrap())
+                    .collect()
+            });
+            let token = DongleToken::from_bytes([4; 32]);
+            let mut first = Vault::open(dir.path()).unwrap();
+            first.put(&id(1), &token).unwrap();
+            for mut vault in vaults {
+                // Each reads the file again through its own key.
+                vault.file = Vault::open(dir.path()).unwrap().file;
+                assert_eq!(vault.get(&id(1)).unwrap(), Some(token));
+            }
+        }
+    }
+
     #[test]
     fn an_entry_moved_to_another_device_id_does_not_decrypt() {
         let dir = tempfile::tempdir().unwrap();

@@ -19,8 +19,6 @@ use bridge_server::db::MIGRATOR;
 use bridge_server::users::Role;
 use common::{Agent, Dongle, Server, active_group, collect, numbered, pair};
 use dongle_sim::{BusTap, SimConfig, Simulator};
-use reqwest::{Method, StatusCode};
-use serde_json::json;
 use sqlx::PgPool;
 use tokio::process::Command;
 
@@ -224,18 +222,7 @@ async fn the_windows_agent_pairs_configures_commands_and_bridges_under_wine(pool
         Some(windows.agent_id().to_string().as_str()),
         "{seen}"
     );
-    let (status, body) = user
-        .call(
-            Method::PUT,
-            &format!("/dongles/{lan_id}/can-config"),
-            Some(json!({
-                "bitrate": 500000, "sample_point_permille": 875, "mode": "normal", "use_raw": false,
-                "auto_retx": true, "tx_pause": false, "protocol_exc": false
-            })),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["applied"], true, "{body}");
+    user.apply_can_config(&lan_id, 500_000).await;
     let answer = user.command_answer(&lan_id, "version").await;
     assert!(
         answer["stdout"]

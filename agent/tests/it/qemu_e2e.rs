@@ -15,7 +15,7 @@ use dongle_sim::BusTap;
 use dongle_sim::frame::Frame as SimFrame;
 use firmware_proto::ids::CanId;
 use qemu_dongle::{Options, QemuConfig, QemuDongle};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -81,18 +81,7 @@ async fn the_qemu_board_is_paired_configured_commanded_and_bridged(pool: PgPool)
     assert_eq!(status, StatusCode::OK, "{body}");
 
     // Configured: the bxCAN's 42 MHz clock divides to exactly 250 kbit/s.
-    let (status, body) = user
-        .call(
-            Method::PUT,
-            &format!("/dongles/{board_id}/can-config"),
-            Some(json!({
-                "bitrate": 250000, "sample_point_permille": 875, "mode": "normal", "use_raw": false,
-                "auto_retx": true, "tx_pause": false, "protocol_exc": false
-            })),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["applied"], true, "{body}");
+    let body = user.apply_can_config(&board_id, 250_000).await;
     let e = &body["effective"];
     let quanta = 1 + e["tseg1"].as_u64().unwrap() + e["tseg2"].as_u64().unwrap();
     assert_eq!(

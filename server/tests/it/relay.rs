@@ -275,6 +275,50 @@ async fn a_killed_server_loses_no_acknowledged_frame(pool: PgPool) {
     drop((agent_a, agent_b));
 }
 
+/// Replay's bus limit comes from the bit rate each side's dongle applied (its configuration's
+/// `effective_bitrate`), else the one asked for, kept within classic CAN's range; a dongle without a
+/// configuration has none.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn the_relay_reads_the_bit_rate_each_dongle_applied(pool: PgPool) {
+    let app = app_with(pool, |_| {}).await;
+    let (users, id, _data_a, _data_b) = relaying(&app).await;
+    let bitrates = |app: &TestApp| {
+        let pool = app.pool.clone();
+        async move {
+            let sides = bridge_server::groups::serving::sides_of(&pool, id)
+                .await
+                .unwrap()
+                .unwrap()
+                .sides;
+            (sides[0].bitrate, sides[1].bitrate)
+        }
+    };
+    assert_eq!(bitrates(&app).await, (None, None));
+    let configure = |dongle: Uuid, asked: i32, applied: Option<i64>| {
+        sqlx::query(
+            "INSERT INTO can_configs (dongle_id, bitrate, sample_point_permille, effective_bitrate) \
+             VALUES ($1, $2, 875, $3) ON CONFLICT (dongle_id) DO UPDATE \
+             SET bitrate = $2, effective_bitrate = $3",
+        )
+        .bind(dongle)
+        .bind(asked)
+        .bind(applied)
+        .execute(&app.pool)
+    };
+    configure(users.dongle_a, 500_000, None).await.unwrap();
+    // Raw timing asked for 1 Mbit/s of a bus that runs at 125 kbit/s: the applied rate counts.
+    configure(users.dongle_b, 1_000_000, Some(125_000))
+        .await
+        .unwrap();
+    assert_eq!(bitrates(&app).await, (Some(500_000), Some(125_000)));
+    // A nonsensical report cannot stop replay, nor lift the limit.
+    configure(users.dongle_a, 500_000, Some(0)).await.unwrap();
+    configure(users.dongle_b, 500_000, Some(i64::from(u32::MAX) + 1))
+        .await
+        .unwrap();
+    assert_eq!(bitrates(&app).await, (Some(10_000), Some(1_000_000)));
+}
+
 /// The README's default, `serve` on its embedded PostgreSQL, killed with SIGKILL mid-stream (as the OOM
 /// killer would): its cluster outlives it, the next `serve` on the same folder stops that orphan and
 /// starts its own, and every frame the first one acknowledged reaches B once and in order.

@@ -277,6 +277,24 @@ impl User {
         }
     }
 
+    /// Configures the dongle with id `dongle_id` for `bitrate` (sample point 87.5 %, normal mode), which
+    /// must be applied; answers the server's reply, with the effective timing.
+    pub async fn apply_can_config(&self, dongle_id: &str, bitrate: u32) -> Value {
+        let (status, body) = self
+            .call(
+                Method::PUT,
+                &format!("/dongles/{dongle_id}/can-config"),
+                Some(json!({
+                    "bitrate": bitrate, "sample_point_permille": 875, "mode": "normal",
+                    "use_raw": false, "auto_retx": true, "tx_pause": false, "protocol_exc": false
+                })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["applied"], true, "{body}");
+        body
+    }
+
     /// Runs `command` on the dongle with id `dongle_id` and waits (at most 20 s) for its result; answers
     /// the command's last view, done or not.
     pub async fn command_answer(&self, dongle_id: &str, command: &str) -> Value {

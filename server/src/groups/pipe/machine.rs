@@ -109,7 +109,7 @@ pub struct SidesRead {
     /// Per side: the serving agent is connected to another instance (so its frames cross through the
     /// buffer while it is there).
     pub elsewhere: PerSide<bool>,
-    /// Per side: the bit rate of its dongle's CAN configuration, when it has one.
+    /// Per side: the bit rate its dongle applied (else the one asked for), when it has a configuration.
     pub bitrates: PerSide<Option<u32>>,
 }
 
