@@ -176,12 +176,22 @@ pub struct Devices {
 
 /// One dongle as the agent sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct DongleReport {
     /// 16 lower-case hex characters.
+    #[cfg_attr(
+        feature = "utoipa",
+        schema(value_type = String, pattern = "^[0-9a-f]{16}$")
+    )]
     pub device_id: DeviceId,
     pub fw_build: String,
+    #[cfg_attr(feature = "utoipa", schema(maximum = 255))]
     pub proto_ver: u8,
     /// The capability bits of the dongle's ANNOUNCE.
+    #[cfg_attr(
+        feature = "utoipa",
+        schema(value_type = u64, maximum = 4294967295_u64)
+    )]
     pub capabilities: u32,
     pub transport: Transport,
     /// The dongle is in pairing mode now.
@@ -190,11 +200,13 @@ pub struct DongleReport {
     pub present: bool,
     /// The dongle says it holds a token (it is claimed as far as it knows).
     #[serde(default)]
+    #[cfg_attr(feature = "utoipa", schema(required = false))]
     pub claimed: bool,
 }
 
 /// How the agent reaches a dongle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema), schema(as = DongleTransport))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Transport {
     Usb {

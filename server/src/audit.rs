@@ -14,7 +14,7 @@ use sqlx::PgExecutor;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::http::ClientInfo;
+use crate::client::ClientInfo;
 
 /// One audit entry to write.
 #[derive(Debug, Clone)]

@@ -17,10 +17,12 @@ use uuid::Uuid;
 
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
+use crate::client::ClientInfo;
+use crate::dongles::DongleError;
+use crate::dongles::Services;
 use crate::dongles::{self, OwnedDongle};
-use crate::http::{ApiError, ClientInfo, ErrorCode};
+use crate::error_code::ErrorCode;
 use crate::rate_limit;
-use crate::state::AppState;
 use firmware_proto::remp::CanMode;
 
 /// A mode name the v0.7 `can_mode` enum knows (the names are firmware-proto's).
@@ -181,9 +183,12 @@ pub struct Invalid {
     pub message: String,
 }
 
-impl From<Invalid> for ApiError {
+impl From<Invalid> for DongleError {
     fn from(e: Invalid) -> Self {
-        ApiError::validation(format!("{} {}", e.field, e.message)).with_detail("field", e.field)
+        DongleError::Invalid {
+            field: e.field,
+            message: format!("{} {}", e.field, e.message),
+        }
     }
 }
 
@@ -368,12 +373,12 @@ async fn load(
 
 /// `GET /dongles/:id/can-config` for the owner.
 pub async fn get(
-    state: &AppState,
+    svc: Services<'_>,
     caller: &Caller,
     dongle_id: Uuid,
-) -> Result<CanConfigState, ApiError> {
-    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
-    let row = load(&state.pool, dongle.id).await?;
+) -> Result<CanConfigState, DongleError> {
+    let dongle = dongles::owned_or_404(svc.pool, caller.user_id(), dongle_id).await?;
+    let row = load(svc.pool, dongle.id).await?;
     Ok(CanConfigState {
         dongle_id,
         config: row.as_ref().map(StoredRow::config),
@@ -392,18 +397,18 @@ fn snapshot(row: Option<&StoredRow>) -> serde_json::Value {
 /// `PUT /dongles/:id/can-config`: checks, sends through the serving agent, and stores the dongle's
 /// acknowledgement. The same configuration twice is applied twice and answered alike.
 pub async fn apply(
-    state: &AppState,
+    svc: Services<'_>,
     caller: &Caller,
     client: &ClientInfo,
     dongle_id: Uuid,
     req: &CanConfigRequest,
-) -> Result<CanConfigApplied, ApiError> {
-    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
+) -> Result<CanConfigApplied, DongleError> {
+    let dongle = dongles::owned_or_404(svc.pool, caller.user_id(), dongle_id).await?;
     let config = validate(req, dongle.can_fd())?;
-    rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id()).await?;
+    rate_limit::agent_request(svc.pool, svc.rate_limits, caller.user_id()).await?;
     let agent_id = dongles::owned::serving_agent_or_offline(
-        &state.pool,
-        &state.hub,
+        svc.pool,
+        svc.hub,
         dongle.id,
         caller.user_id(),
         caller.agent_id(),
@@ -412,18 +417,17 @@ pub async fn apply(
 
     // One configuration at a time per dongle, on every instance, without holding a transaction or a
     // lock (and so a pooled connection) while the agent answers: a lease, released at the end.
-    let timeout = state.config.dongle_request_timeout;
+    let timeout = svc.dongle_request_timeout;
     let Some(lease) =
-        crate::dongle_lease::acquire(&state.pool, dongle.id, "can_config", timeout + LEASE_MARGIN)
+        crate::dongle_lease::acquire(svc.pool, dongle.id, "can_config", timeout + LEASE_MARGIN)
             .await?
     else {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
+        return Err(DongleError::Busy(
             "Another CAN configuration of this dongle is in progress: try again in a moment.",
         ));
     };
-    let applied = apply_leased(state, caller, client, &dongle, config, agent_id).await;
-    lease.release(&state.pool).await;
+    let applied = apply_leased(svc, caller, client, &dongle, config, agent_id).await;
+    lease.release(svc.pool).await;
     applied
 }
 
@@ -432,43 +436,45 @@ const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// [`apply`] once the dongle's lease is held.
 async fn apply_leased(
-    state: &AppState,
+    svc: Services<'_>,
     caller: &Caller,
     client: &ClientInfo,
     dongle: &dongles::OwnedDongle,
     config: CanConfig,
     agent_id: Uuid,
-) -> Result<CanConfigApplied, ApiError> {
+) -> Result<CanConfigApplied, DongleError> {
     let dongle_id = dongle.id;
-    let before = load(&state.pool, dongle.id).await?;
-    let reply = state
+    let before = load(svc.pool, dongle.id).await?;
+    let reply = svc
         .hub
         .request(
             agent_id,
             config.request(&dongle.device_id),
-            state.config.dongle_request_timeout,
+            svc.dongle_request_timeout,
         )
         .await;
     let effective = match reply {
         Ok(ReplyOk::CanConfigApplied { effective }) if known_mode(&effective.mode) => effective,
         Ok(other) => {
             tracing::warn!(%agent_id, reply = ?other, "an agent answered a CAN configuration oddly");
-            let error = ApiError::new(
-                ErrorCode::Conflict,
+            let error = DongleError::UnexpectedReply(
                 "The agent answered the CAN configuration with something else than the dongle's \
                  acknowledgement; nothing was stored.",
             );
-            audit_failure(state, caller, client, dongle, &config, &error).await;
+            audit_failure(svc, caller, client, dongle, &config, &error).await;
             return Err(error);
         }
         Err(e) => {
-            let error = dongles::dongle_request_error(e, ErrorCode::CanConfigRejected);
-            audit_failure(state, caller, client, dongle, &config, &error).await;
+            let error = DongleError::Request {
+                error: e,
+                refused: ErrorCode::CanConfigRejected,
+            };
+            audit_failure(svc, caller, client, dongle, &config, &error).await;
             return Err(error);
         }
     };
     let effective = CanEffectiveView::from(&effective);
-    let mut tx = state.pool.begin().await?;
+    let mut tx = svc.pool.begin().await?;
     let applied_at: DateTime<Utc> = sqlx::query_scalar(
         "INSERT INTO can_configs (dongle_id, bitrate, sample_point_permille, mode, use_raw, prescaler, \
            sjw, tseg1, tseg2, auto_retx, tx_pause, protocol_exc, effective_bitrate, \
@@ -549,17 +555,17 @@ fn dongle_target(dongle_id: Uuid) -> Target {
 /// Records a configuration the dongle did not apply. The apply's transaction is already rolled back, so
 /// this entry is written on its own; failing to write it is logged, not answered.
 async fn audit_failure(
-    state: &AppState,
+    svc: Services<'_>,
     caller: &Caller,
     client: &ClientInfo,
     dongle: &OwnedDongle,
     config: &CanConfig,
-    error: &ApiError,
+    error: &DongleError,
 ) {
     let entry = Entry::new("can_config.apply_failed", Some(caller.user_id()), client)
         .target(dongle_target(dongle.id))
         .details(serde_json::json!({ "code": error.code(), "requested": config }));
-    if let Err(e) = audit::record(&state.pool, entry).await {
+    if let Err(e) = audit::record(svc.pool, entry).await {
         tracing::warn!(dongle_id = %dongle.id, error = %e, "could not audit a failed CAN configuration");
     }
 }

@@ -13,11 +13,13 @@ use uuid::Uuid;
 
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
+use crate::client::ClientInfo;
 use crate::console::{self, ConsoleEvent, FrameView, StreamKey};
 use crate::dongles;
-use crate::http::{ApiError, ClientInfo, ErrorCode};
+use crate::dongles::DongleError;
+use crate::dongles::Services;
+use crate::error_code::ErrorCode;
 use crate::rate_limit::{self, Scope};
-use crate::state::AppState;
 
 /// The largest standard (11-bit) identifier.
 pub const MAX_STANDARD_ID: i64 = 0x7FF;
@@ -97,12 +99,15 @@ pub struct Frame {
     pub fd: bool,
 }
 
-fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::validation(message).with_detail("field", field)
+fn invalid(field: &'static str, message: impl Into<String>) -> DongleError {
+    DongleError::Invalid {
+        field,
+        message: message.into(),
+    }
 }
 
 /// Checks a frame for a dongle that does (`can_fd`) or does not announce CAN FD.
-pub fn validate(req: &SendFrameRequest, can_fd: bool) -> Result<Frame, ApiError> {
+pub fn validate(req: &SendFrameRequest, can_fd: bool) -> Result<Frame, DongleError> {
     let max_id = if req.is_extended {
         MAX_EXTENDED_ID
     } else {
@@ -170,31 +175,31 @@ pub fn validate(req: &SendFrameRequest, can_fd: bool) -> Result<Frame, ApiError>
 /// `POST /dongles/:id/can/send`: checks, counts against the dongle's limit, and sends through the
 /// serving agent; answers once the dongle took the frame.
 pub async fn send(
-    state: &AppState,
+    svc: Services<'_>,
     caller: &Caller,
     client: &ClientInfo,
     dongle_id: Uuid,
     req: &SendFrameRequest,
-) -> Result<FrameSent, ApiError> {
-    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
+) -> Result<FrameSent, DongleError> {
+    let dongle = dongles::owned_or_404(svc.pool, caller.user_id(), dongle_id).await?;
     let frame = validate(req, dongle.can_fd())?;
     rate_limit::enforce(
-        &state.pool,
+        svc.pool,
         Scope::CanSendDongle,
         &dongle.id.to_string(),
-        state.config.rate_limits.can_send_per_dongle,
+        svc.rate_limits.can_send_per_dongle,
     )
     .await?;
-    rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id()).await?;
+    rate_limit::agent_request(svc.pool, svc.rate_limits, caller.user_id()).await?;
     let agent_id = dongles::owned::serving_agent_or_offline(
-        &state.pool,
-        &state.hub,
+        svc.pool,
+        svc.hub,
         dongle.id,
         caller.user_id(),
         caller.agent_id(),
     )
     .await?;
-    let reply = state
+    let reply = svc
         .hub
         .request(
             agent_id,
@@ -206,19 +211,21 @@ pub async fn send(
                 data: frame.data_hex.clone(),
                 fd: frame.fd,
             },
-            state.config.dongle_request_timeout,
+            svc.dongle_request_timeout,
         )
         .await;
     let outcome = match reply {
         Ok(ReplyOk::FrameSent) => Ok(()),
         Ok(other) => {
             tracing::warn!(%agent_id, reply = ?other, "an agent answered a frame oddly");
-            Err(ApiError::new(
-                ErrorCode::Conflict,
+            Err(DongleError::UnexpectedReply(
                 "The agent answered the frame with something else than the dongle's acceptance.",
             ))
         }
-        Err(e) => Err(dongles::dongle_request_error(e, ErrorCode::CanSendRejected)),
+        Err(e) => Err(DongleError::Request {
+            error: e,
+            refused: ErrorCode::CanSendRejected,
+        }),
     };
     let details = serde_json::json!({
         "agent_id": agent_id,
@@ -228,7 +235,7 @@ pub async fn send(
         "len": frame.len,
         "data_hex": frame.data_hex,
         "sent": outcome.is_ok(),
-        "code": outcome.as_ref().err().map(ApiError::code),
+        "code": outcome.as_ref().err().map(DongleError::code),
         "via_agent": caller.agent_id().is_some(),
     });
     let entry = Entry::new("can.send", Some(caller.user_id()), client)
@@ -240,23 +247,23 @@ pub async fn send(
     match &outcome {
         // A frame that went out is audited, or the answer says why not.
         Ok(()) => {
-            audit::record(&state.pool, entry).await?;
+            audit::record(svc.pool, entry).await?;
         }
         // A frame that did not is audited when possible; the answer is the dongle's error either way.
         Err(_) => {
-            if let Err(e) = audit::record(&state.pool, entry).await {
+            if let Err(e) = audit::record(svc.pool, entry).await {
                 tracing::warn!(dongle_id = %dongle.id, error = %e, "could not audit a failed frame");
             }
         }
     }
     outcome?;
     let data = hex::decode(&frame.data_hex).unwrap_or_default();
-    state.console.bus_meter.add(
+    svc.console.bus_meter.add(
         dongle.id,
         1,
         console::bus_load::frame_bits(frame.extended, frame.len),
     );
-    state.console.publish(
+    svc.console.publish(
         StreamKey::Dongle(dongle.id),
         ConsoleEvent::can_frame(
             dongle.id,
@@ -288,7 +295,7 @@ mod tests {
         }
     }
 
-    fn field(r: Result<Frame, ApiError>) -> String {
+    fn field(r: Result<Frame, DongleError>) -> String {
         format!("{:?}", r.unwrap_err())
     }
 

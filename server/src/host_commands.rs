@@ -13,10 +13,11 @@ use uuid::Uuid;
 use crate::agents::AgentIdentity;
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
+use crate::client::ClientInfo;
 use crate::console::{ConsoleEvent, StreamKey};
 use crate::dongles;
-use crate::http::{ApiError, ClientInfo, ErrorCode};
-use crate::state::AppState;
+use crate::dongles::{DongleError, Services};
+use crate::error_code::ErrorCode;
 
 /// How long the server waits for a diagnostic (the agent stops one after 10 s).
 const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
@@ -43,32 +44,28 @@ pub struct HostCommandRun {
 
 /// Runs `req` on the workstation of the agent serving the caller's dongle `dongle_id`.
 pub async fn run(
-    state: &AppState,
+    svc: Services<'_>,
     caller: &Caller,
     client: &ClientInfo,
     dongle_id: Uuid,
     req: &HostCommandRequest,
-) -> Result<HostCommandRun, ApiError> {
-    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
-    let command = HostCommand::from_name(&req.command).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::CommandNotAllowed,
-            "Not a host command: interfaces, ip addr or ping.",
-        )
-        .with_detail("field", "command")
+) -> Result<HostCommandRun, DongleError> {
+    let dongle = dongles::owned_or_404(svc.pool, caller.user_id(), dongle_id).await?;
+    let command = HostCommand::from_name(&req.command).ok_or(DongleError::NotAllowed {
+        field: "command",
+        message: "Not a host command: interfaces, ip addr or ping.",
     })?;
-    crate::rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id())
-        .await?;
+    crate::rate_limit::agent_request(svc.pool, svc.rate_limits, caller.user_id()).await?;
     let agent_id = dongles::owned::serving_agent_or_offline(
-        &state.pool,
-        &state.hub,
+        svc.pool,
+        svc.hub,
         dongle.id,
         caller.user_id(),
         caller.agent_id(),
     )
     .await?;
     let run_id = Uuid::new_v4();
-    let reply = state
+    let reply = svc
         .hub
         .request(
             agent_id,
@@ -88,8 +85,7 @@ pub async fn run(
         }) => (exit_code, output, truncated),
         Ok(other) => {
             tracing::warn!(%agent_id, reply = ?other, "an agent answered a host command oddly");
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
+            return Err(DongleError::UnexpectedReply(
                 "The agent answered the host command with something else than its output.",
             ));
         }
@@ -97,10 +93,10 @@ pub async fn run(
         // agent's reason; an agent too old for the request CONFLICT, answered by the control writer
         // without sending it.
         Err(e) => {
-            return Err(dongles::dongle_request_error(
-                e,
-                ErrorCode::CommandNotAllowed,
-            ));
+            return Err(DongleError::Request {
+                error: e,
+                refused: ErrorCode::CommandNotAllowed,
+            });
         }
     };
     let entry = Entry::new("host.command", Some(caller.user_id()), client)
@@ -114,10 +110,10 @@ pub async fn run(
             "command": command.name(),
             "exit_code": exit_code,
         }));
-    audit::record(&state.pool, entry).await?;
+    audit::record(svc.pool, entry).await?;
     crate::cli_telemetry::record(
-        &state.pool,
-        &state.console,
+        svc.pool,
+        svc.console,
         dongle.id,
         Some(caller.user_id()),
         crate::cli_telemetry::Entry {
@@ -129,7 +125,7 @@ pub async fn run(
             truncated,
             error: exit_code != 0,
         },
-        state.config.command_output_cap,
+        svc.command_output_cap,
     )
     .await?;
     Ok(HostCommandRun {
@@ -144,7 +140,7 @@ pub async fn run(
 /// A piece of a running diagnostic's output from `agent`, published on the dongle's console when the
 /// agent may speak for that dongle.
 pub async fn output(
-    state: &AppState,
+    svc: Services<'_>,
     agent: AgentIdentity,
     run_id: Uuid,
     device_id: &str,
@@ -153,12 +149,11 @@ pub async fn output(
     if !control_proto::is_device_id(device_id) {
         return Ok(());
     }
-    let Some(dongle_id) = dongles::owned::spoken_for_by(&state.pool, agent, device_id).await?
-    else {
+    let Some(dongle_id) = dongles::owned::spoken_for_by(svc.pool, agent, device_id).await? else {
         return Ok(());
     };
     let (chunk, _) = crate::db::storable_text(chunk, MAX_CHUNK);
-    state.console.publish(
+    svc.console.publish(
         StreamKey::Dongle(dongle_id),
         ConsoleEvent::HostOutput {
             dongle_id,

@@ -9,7 +9,16 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-use crate::http::ApiError;
+/// Why an attempt was not let through.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    /// Over the limit: the caller may try again after this many whole seconds (at least one).
+    #[error("too many attempts: try again in {retry_after_secs} s")]
+    Exceeded { retry_after_secs: u64 },
+    /// The counter could not be read or written.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
 
 /// At most `max` attempts per `window`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,26 +136,32 @@ pub async fn hit_n(
     }
 }
 
-/// Counts one attempt and answers RATE_LIMITED (with Retry-After, rounded up) when it is over the limit.
-pub async fn enforce(pool: &PgPool, scope: Scope, key: &str, limit: Limit) -> Result<(), ApiError> {
+/// Counts one attempt and refuses it, with the whole seconds to wait (rounded up), when it is over the
+/// limit; the API answers that as RATE_LIMITED with Retry-After.
+pub async fn enforce(
+    pool: &PgPool,
+    scope: Scope,
+    key: &str,
+    limit: Limit,
+) -> Result<(), LimitError> {
     match hit(pool, scope, key, limit).await? {
         Decision::Allowed => Ok(()),
         Decision::Limited { retry_after } => {
             tracing::info!(scope = scope.as_str(), "rate limited");
-            Err(ApiError::rate_limited(
-                retry_after.as_secs_f64().ceil() as u64
-            ))
+            Err(LimitError::Exceeded {
+                retry_after_secs: (retry_after.as_secs_f64().ceil() as u64).max(1),
+            })
         }
     }
 }
 
 /// Counts one request of `user_id` that goes to an agent, against
-/// [`RateLimits::agent_requests_per_user`]; RATE_LIMITED with Retry-After past it.
+/// [`RateLimits::agent_requests_per_user`]; refused past it.
 pub async fn agent_request(
     pool: &PgPool,
     limits: &RateLimits,
     user_id: uuid::Uuid,
-) -> Result<(), ApiError> {
+) -> Result<(), LimitError> {
     enforce(
         pool,
         Scope::AgentRequestsUser,

@@ -60,3 +60,21 @@ impl AppState {
         }
     }
 }
+
+impl AppState {
+    /// The parts of the server that the operations on a dongle use.
+    pub fn dongle_services(&self) -> crate::dongles::Services<'_> {
+        crate::dongles::Services {
+            pool: &self.pool,
+            hub: &self.hub,
+            keys: &self.keys,
+            relay: &self.relay,
+            console: &self.console,
+            agent_request_timeout: self.config.agent_request_timeout,
+            dongle_request_timeout: self.config.dongle_request_timeout,
+            pairing_window: self.config.pairing_window,
+            rate_limits: &self.config.rate_limits,
+            command_output_cap: self.config.command_output_cap,
+        }
+    }
+}

@@ -362,7 +362,14 @@ async fn handle(
             device_id,
             chunk,
         }) => {
-            crate::host_commands::output(state, agent, run_id, &device_id, &chunk).await?;
+            crate::host_commands::output(
+                state.dongle_services(),
+                agent,
+                run_id,
+                &device_id,
+                &chunk,
+            )
+            .await?;
         }
         AgentMessage::CliTelemetry(report) => {
             // The same: one row however often it comes, acknowledged every time.

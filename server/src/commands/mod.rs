@@ -29,10 +29,11 @@ use uuid::Uuid;
 use crate::agents::AgentIdentity;
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
+use crate::client::ClientInfo;
 use crate::console::{ConsoleEvent, StreamKey};
 use crate::dongles;
 use crate::http::page::{PageInfo, Paging};
-use crate::http::{ApiError, ClientInfo, ErrorCode};
+use crate::http::{ApiError, ErrorCode};
 use crate::state::AppState;
 
 use allow_list::Refusal;

@@ -1,15 +1,16 @@
 //! What pairing and unpair share: a dongle's row locked, who sees it now, the caller's standing with
-//! it, the audit entry of a step, and how an agent's failure is answered.
+//! it, and the audit entry of a step.
 
-use control_proto::ReplyErrorCode;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::agents::ONLINE_SQL;
-use crate::agents::hub::{AgentHub, RequestError};
+use crate::agents::hub::AgentHub;
 use crate::audit::{Entry, Target};
 use crate::auth::Caller;
-use crate::http::{ApiError, ClientInfo, ErrorCode};
+use crate::client::ClientInfo;
+
+use super::DongleError;
 
 /// A dongle row with what pairing needs to decide.
 #[derive(Debug, sqlx::FromRow)]
@@ -66,10 +67,6 @@ pub(super) enum Standing {
     Pairable { agent_id: Uuid },
 }
 
-pub(super) fn not_found() -> ApiError {
-    ApiError::of(ErrorCode::DongleNotFound)
-}
-
 /// The checks shared by pairing start and submit, in the order that reveals the least. `sightings` are
 /// those of the caller's user's agents.
 pub(super) async fn standing(
@@ -77,7 +74,7 @@ pub(super) async fn standing(
     sightings: &[Sighting],
     caller: &Caller,
     hub: &AgentHub,
-) -> Result<Standing, ApiError> {
+) -> Result<Standing, DongleError> {
     let user_id = caller.user_id();
     // "Seen by the caller": by this agent when an agent calls, by any of the user's agents otherwise.
     let relevant: Vec<&Sighting> = sightings
@@ -91,25 +88,25 @@ pub(super) async fn standing(
                 return Ok(Standing::AlreadyOwned);
             }
             if caller.agent_id().is_some() && !seen_now {
-                return Err(not_found());
+                return Err(DongleError::NotFound);
             }
         }
         Some(_) => {
             // The one exception to "someone else's is a 404": the caller's own agent sees it.
             return Err(if seen_now {
-                ApiError::of(ErrorCode::DongleOwnedByOther)
+                DongleError::OwnedByOther
             } else {
-                not_found()
+                DongleError::NotFound
             });
         }
         None => {
             if relevant.is_empty() || (caller.agent_id().is_some() && !seen_now) {
-                return Err(not_found());
+                return Err(DongleError::NotFound);
             }
         }
     }
     if row.ownership_state == "SECURITY_HOLD" {
-        return Err(ApiError::of(ErrorCode::PairingSecurityHold));
+        return Err(DongleError::SecurityHold);
     }
     for s in relevant {
         if s.present && s.online && hub.is_connected(s.agent_id).await {
@@ -118,7 +115,7 @@ pub(super) async fn standing(
             });
         }
     }
-    Err(ApiError::of(ErrorCode::AgentOffline))
+    Err(DongleError::AgentOffline)
 }
 
 /// The audit entry of a pairing or unpair step.
@@ -135,29 +132,4 @@ pub(super) fn audit_entry<'a>(
             id: dongle_id.to_string(),
         })
         .details(details)
-}
-
-pub(super) fn agent_error(e: RequestError) -> ApiError {
-    match e {
-        RequestError::Offline | RequestError::Timeout => ApiError::new(
-            ErrorCode::AgentOffline,
-            "The agent serving this dongle did not answer: check that it runs and sees the dongle.",
-        ),
-        RequestError::TooLarge { .. } => ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            "The request is too large to hand to the server instance the agent is connected to.",
-        ),
-        RequestError::Failed(e) => match e.code {
-            ReplyErrorCode::UnknownDevice | ReplyErrorCode::DongleTimeout => ApiError::new(
-                ErrorCode::AgentOffline,
-                "The agent no longer reaches this dongle.",
-            ),
-            ReplyErrorCode::Cooldown => ApiError::new(
-                ErrorCode::Conflict,
-                "The dongle is cooling down after wrong PINs: wait a few minutes and start again.",
-            ),
-            ReplyErrorCode::NotInPairingMode => ApiError::of(ErrorCode::PairingExpired),
-            _ => ApiError::new(ErrorCode::Conflict, "The dongle refused the request."),
-        },
-    }
 }

@@ -1,14 +1,12 @@
-//! A dongle its owner acts on (configuration, commands, frames), the agent that serves it, and how an
-//! agent's failure is answered.
+//! A dongle its owner acts on (configuration, commands, frames) and the agent that serves it.
 
-use control_proto::ReplyErrorCode;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::agents::hub::{AgentHub, RequestError};
-use crate::http::{ApiError, ErrorCode};
+use crate::agents::hub::AgentHub;
 
-use super::access::{not_found, sightings};
+use super::DongleError;
+use super::access::sightings;
 
 /// The capability bits (as stored, from the dongle's ANNOUNCE) include CAN FD.
 pub fn announces_can_fd(capabilities: i64) -> bool {
@@ -71,13 +69,15 @@ pub async fn spoken_for_by(
     .await
 }
 
-/// [`owned`], answering DONGLE_NOT_FOUND when the caller may not act on the dongle.
+/// [`owned`], or [`DongleError::NotFound`] when the caller may not act on the dongle.
 pub async fn owned_or_404(
     pool: &PgPool,
     user_id: Uuid,
     dongle_id: Uuid,
-) -> Result<OwnedDongle, ApiError> {
-    owned(pool, user_id, dongle_id).await?.ok_or_else(not_found)
+) -> Result<OwnedDongle, DongleError> {
+    owned(pool, user_id, dongle_id)
+        .await?
+        .ok_or(DongleError::NotFound)
 }
 
 /// An agent of `user_id` that sees the dongle now, is online and is connected: `prefer` when it
@@ -112,72 +112,16 @@ pub async fn serving_agent(
     Ok(None)
 }
 
-/// [`serving_agent`] for a request a user makes now: AGENT_OFFLINE when no agent serves the dongle.
+/// [`serving_agent`] for a request a user makes now: [`DongleError::AgentOffline`] when no agent serves
+/// the dongle.
 pub async fn serving_agent_or_offline(
     pool: &PgPool,
     hub: &AgentHub,
     dongle_id: Uuid,
     user_id: Uuid,
     prefer: Option<Uuid>,
-) -> Result<Uuid, ApiError> {
+) -> Result<Uuid, DongleError> {
     serving_agent(pool, hub, dongle_id, user_id, prefer)
         .await?
-        .ok_or_else(|| ApiError::of(ErrorCode::AgentOffline))
-}
-
-/// The answer to a failed request to a dongle through its agent (CAN configuration, a frame): offline
-/// agents and dongles the agent no longer reaches are AGENT_OFFLINE, no answer in time is DONGLE_TIMEOUT,
-/// and the dongle's refusal is `refused`, with the dongle's reason in `details.reason`.
-pub fn dongle_request_error(e: RequestError, refused: ErrorCode) -> ApiError {
-    match e {
-        RequestError::Offline => ApiError::new(
-            ErrorCode::AgentOffline,
-            "The agent serving this dongle is not connected: check that it runs and sees the dongle.",
-        ),
-        RequestError::Timeout => ApiError::new(
-            ErrorCode::DongleTimeout,
-            "The dongle did not answer in time through its agent; nothing was changed.",
-        ),
-        RequestError::Failed(e) => match e.code {
-            ReplyErrorCode::UnknownDevice => ApiError::new(
-                ErrorCode::AgentOffline,
-                "The agent no longer reaches this dongle.",
-            ),
-            ReplyErrorCode::DongleTimeout => ApiError::new(
-                ErrorCode::DongleTimeout,
-                "The dongle did not answer its agent in time; nothing was changed.",
-            ),
-            ReplyErrorCode::Refused => {
-                ApiError::of(refused).with_detail("reason", reply_reason(&e.message))
-            }
-            ReplyErrorCode::NotSettable => ApiError::new(
-                refused,
-                "This dongle is a local CAN endpoint that cannot apply this setting; nothing was \
-                 changed. The reason says where it is set instead.",
-            )
-            .with_detail("reason", reply_reason(&e.message)),
-            ReplyErrorCode::Unsupported => ApiError::new(
-                ErrorCode::Conflict,
-                "The agent serving this dongle does not support this request: update the agent.",
-            ),
-            _ => ApiError::new(
-                ErrorCode::Conflict,
-                "The agent could not carry out the request.",
-            )
-            .with_detail("reason", reply_reason(&e.message)),
-        },
-        RequestError::TooLarge { .. } => ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            "The request is too large to relay to the agent's server instance.",
-        ),
-    }
-}
-
-/// A reason an agent or dongle gave, made safe to echo: printable characters only, at most 400.
-pub fn reply_reason(message: &str) -> String {
-    message
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(400)
-        .collect()
+        .ok_or(DongleError::AgentOffline)
 }

@@ -11,11 +11,13 @@ use uuid::Uuid;
 use crate::agents::hub::RequestError;
 use crate::audit;
 use crate::auth::Caller;
+use crate::client::ClientInfo;
 use crate::dongle_lease::{self, Lease};
 use crate::dongle_tokens::DongleToken;
-use crate::http::{ApiError, ClientInfo, ErrorCode};
-use crate::state::AppState;
+use crate::rate_limit::LimitError;
 
+use super::DongleError;
+use super::Services;
 use super::access::*;
 
 /// Wrong PINs allowed in one pairing window; the last one puts the dongle on hold.
@@ -43,20 +45,15 @@ pub struct Paired {
 }
 /// Takes the dongle's pairing lease, waiting while another pairing step of it runs (no transaction or
 /// lock is held while the agent answers; the lease serialises the steps on every instance).
-async fn pairing_lease(state: &AppState, dongle_id: Uuid) -> Result<Lease, ApiError> {
-    let length = state.config.agent_request_timeout + PAIRING_LEASE_MARGIN;
+async fn pairing_lease(svc: Services<'_>, dongle_id: Uuid) -> Result<Lease, DongleError> {
+    let length = svc.agent_request_timeout + PAIRING_LEASE_MARGIN;
     let deadline = tokio::time::Instant::now() + length;
     loop {
-        if let Some(lease) =
-            dongle_lease::acquire(&state.pool, dongle_id, "pairing", length).await?
-        {
+        if let Some(lease) = dongle_lease::acquire(svc.pool, dongle_id, "pairing", length).await? {
             return Ok(lease);
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                "Another pairing step of this dongle is in progress: try again in a moment.",
-            ));
+            return Err(DongleError::PairingBusy);
         }
         tokio::time::sleep(PAIRING_LEASE_POLL).await;
     }
@@ -70,16 +67,16 @@ const PAIRING_LEASE_POLL: std::time::Duration = std::time::Duration::from_millis
 /// The checks of a pairing step, in a short transaction of their own: refused steps are audited, and
 /// one that passes names the agent to ask.
 async fn pairing_checks(
-    state: &AppState,
+    svc: Services<'_>,
     caller: &Caller,
     client: &ClientInfo,
     dongle_id: Uuid,
     refused_action: &str,
-) -> Result<(DongleRow, Standing), ApiError> {
-    let mut tx = state.pool.begin().await?;
+) -> Result<(DongleRow, Standing), DongleError> {
+    let mut tx = svc.pool.begin().await?;
     let row = lock_dongle(&mut tx, dongle_id)
         .await?
-        .ok_or_else(not_found)?;
+        .ok_or(DongleError::NotFound)?;
     let seen = sightings(&mut tx, dongle_id, caller.user_id()).await?;
     let held: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pairing_holds WHERE dongle_id = $1 AND user_id = $2)",
@@ -89,18 +86,14 @@ async fn pairing_checks(
     .fetch_one(&mut *tx)
     .await?;
     drop(tx);
-    let standing = match standing(&row, &seen, caller, &state.hub).await {
-        Ok(_) if held => Err(ApiError::new(
-            ErrorCode::PairingSecurityHold,
-            "Five wrong PINs from this account put this dongle on hold for it: only an administrator \
-             can clear the hold. Other accounts may still pair the dongle.",
-        )),
+    let standing = match standing(&row, &seen, caller, svc.hub).await {
+        Ok(_) if held => Err(DongleError::AccountHeld),
         other => other,
     };
     match standing {
         Ok(standing) => Ok((row, standing)),
         Err(error) => {
-            audit_failure(state, caller, client, dongle_id, refused_action, &error).await;
+            audit_failure(svc, caller, client, dongle_id, refused_action, &error).await;
             Err(error)
         }
     }
@@ -112,42 +105,40 @@ async fn relock_unchanged(
     conn: &mut PgConnection,
     dongle_id: Uuid,
     before: &DongleRow,
-) -> Result<(), ApiError> {
-    let now = lock_dongle(conn, dongle_id).await?.ok_or_else(not_found)?;
+) -> Result<(), DongleError> {
+    let now = lock_dongle(conn, dongle_id)
+        .await?
+        .ok_or(DongleError::NotFound)?;
     if now.owner_user_id != before.owner_user_id || now.ownership_state != before.ownership_state {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            "The dongle changed while its agent was asked: start again.",
-        ));
+        return Err(DongleError::ChangedMeanwhile);
     }
     Ok(())
 }
 
 /// `pairing-mode start`: asks the serving agent to put the dongle in pairing mode and opens a window.
 pub async fn start(
-    state: &AppState,
+    svc: Services<'_>,
     caller: &Caller,
     client: &ClientInfo,
     dongle_id: Uuid,
-) -> Result<PairingStarted, ApiError> {
+) -> Result<PairingStarted, DongleError> {
     // Checked before the lease (a refused caller takes nothing), and again under it.
-    pairing_checks(state, caller, client, dongle_id, "pairing.start_refused").await?;
-    crate::rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id())
-        .await?;
-    let lease = pairing_lease(state, dongle_id).await?;
-    let started = start_leased(state, caller, client, dongle_id).await;
-    lease.release(&state.pool).await;
+    pairing_checks(svc, caller, client, dongle_id, "pairing.start_refused").await?;
+    crate::rate_limit::agent_request(svc.pool, svc.rate_limits, caller.user_id()).await?;
+    let lease = pairing_lease(svc, dongle_id).await?;
+    let started = start_leased(svc, caller, client, dongle_id).await;
+    lease.release(svc.pool).await;
     started
 }
 
 async fn start_leased(
-    state: &AppState,
+    svc: Services<'_>,
     caller: &Caller,
     client: &ClientInfo,
     dongle_id: Uuid,
-) -> Result<PairingStarted, ApiError> {
+) -> Result<PairingStarted, DongleError> {
     let (row, standing) =
-        pairing_checks(state, caller, client, dongle_id, "pairing.start_refused").await?;
+        pairing_checks(svc, caller, client, dongle_id, "pairing.start_refused").await?;
     let agent_id = match standing {
         Standing::AlreadyOwned => {
             return Ok(PairingStarted {
@@ -168,12 +159,14 @@ async fn start_leased(
     )
     .bind(dongle_id)
     .bind(caller.user_id())
-    .fetch_one(&state.pool)
+    .fetch_one(svc.pool)
     .await?;
     if starts >= MAX_STARTS_PER_HOUR {
-        let error = ApiError::rate_limited(wait_secs.ceil().max(1.0) as u64);
+        let error = DongleError::Limited(LimitError::Exceeded {
+            retry_after_secs: wait_secs.ceil().max(1.0) as u64,
+        });
         audit_failure(
-            state,
+            svc,
             caller,
             client,
             dongle_id,
@@ -192,17 +185,13 @@ async fn start_leased(
     )
     .bind(dongle_id)
     .bind(caller.user_id())
-    .fetch_one(&state.pool)
+    .fetch_one(svc.pool)
     .await?;
     if others_open {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            "A pairing window is open for another account on this dongle: try again when it ends \
-             (two minutes at most).",
-        ));
+        return Err(DongleError::OtherWindowOpen);
     }
     let corr_id = Uuid::new_v4();
-    let reply = state
+    let reply = svc
         .hub
         .request(
             agent_id,
@@ -210,7 +199,7 @@ async fn start_leased(
                 device_id: row.device_id.clone(),
                 corr_id,
             },
-            state.config.agent_request_timeout,
+            svc.agent_request_timeout,
         )
         .await;
     let nonce = match reply {
@@ -223,15 +212,14 @@ async fn start_leased(
             pairing_nonce
         }
         Ok(_) => {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
+            return Err(DongleError::UnexpectedReply(
                 "The agent answered pairing start with something else than a pairing nonce.",
             ));
         }
         Err(e) => {
-            let error = agent_error(e);
+            let error = DongleError::PairingAgent(e);
             audit_failure(
-                state,
+                svc,
                 caller,
                 client,
                 dongle_id,
@@ -242,7 +230,7 @@ async fn start_leased(
             return Err(error);
         }
     };
-    let mut tx = state.pool.begin().await?;
+    let mut tx = svc.pool.begin().await?;
     relock_unchanged(&mut tx, dongle_id, &row).await?;
     // A new window replaces the caller's own open one: the dongle holds one nonce at a time.
     sqlx::query(
@@ -251,7 +239,7 @@ async fn start_leased(
     .bind(dongle_id)
     .execute(&mut *tx)
     .await?;
-    let window = state.config.pairing_window.as_secs_f64();
+    let window = svc.pairing_window.as_secs_f64();
     let (session_id, expires_at): (Uuid, DateTime<Utc>) = sqlx::query_as(
         "INSERT INTO pairing_sessions (dongle_id, user_id, agent_id, pairing_nonce, expires_at) \
          VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) RETURNING id, expires_at",
@@ -290,12 +278,12 @@ async fn start_leased(
 /// Records a pairing step that was refused or failed on the agent's side. The step's transaction is
 /// already rolled back, so this entry is written on its own; failing to write it is logged, not answered.
 async fn audit_failure(
-    state: &AppState,
+    svc: Services<'_>,
     caller: &Caller,
     client: &ClientInfo,
     dongle_id: Uuid,
     action: &str,
-    error: &ApiError,
+    error: &DongleError,
 ) {
     let entry = audit_entry(
         action,
@@ -304,7 +292,7 @@ async fn audit_failure(
         dongle_id,
         serde_json::json!({ "code": error.code() }),
     );
-    if let Err(e) = audit::record(&state.pool, entry).await {
+    if let Err(e) = audit::record(svc.pool, entry).await {
         tracing::warn!(%dongle_id, error = %e, "could not audit a failed pairing step");
     }
 }
@@ -359,39 +347,36 @@ struct SessionRow {
 
 /// `pairing-submit`: sends PIN, nonce and a new token through the agent; ownership on the dongle's ok.
 pub async fn submit(
-    state: &AppState,
+    svc: Services<'_>,
     caller: &Caller,
     client: &ClientInfo,
     dongle_id: Uuid,
     session_id: Uuid,
     pin: &str,
-) -> Result<Paired, ApiError> {
+) -> Result<Paired, DongleError> {
     if pin.len() != 6 || !pin.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ApiError::validation(
-            "The PIN is the 6 digits the dongle shows.",
-        ));
+        return Err(DongleError::PinMalformed);
     }
     // Checked before the lease (a refused caller takes nothing), and again under it.
-    pairing_checks(state, caller, client, dongle_id, "pairing.submit_refused").await?;
-    crate::rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id())
-        .await?;
-    let lease = pairing_lease(state, dongle_id).await?;
-    let submitted = submit_leased(state, caller, client, dongle_id, session_id, pin).await;
-    lease.release(&state.pool).await;
+    pairing_checks(svc, caller, client, dongle_id, "pairing.submit_refused").await?;
+    crate::rate_limit::agent_request(svc.pool, svc.rate_limits, caller.user_id()).await?;
+    let lease = pairing_lease(svc, dongle_id).await?;
+    let submitted = submit_leased(svc, caller, client, dongle_id, session_id, pin).await;
+    lease.release(svc.pool).await;
     submitted
 }
 
 async fn submit_leased(
-    state: &AppState,
+    svc: Services<'_>,
     caller: &Caller,
     client: &ClientInfo,
     dongle_id: Uuid,
     session_id: Uuid,
     pin: &str,
-) -> Result<Paired, ApiError> {
+) -> Result<Paired, DongleError> {
     let user_id = caller.user_id();
     let (row, standing) =
-        pairing_checks(state, caller, client, dongle_id, "pairing.submit_refused").await?;
+        pairing_checks(svc, caller, client, dongle_id, "pairing.submit_refused").await?;
     let agent_id = match standing {
         Standing::AlreadyOwned => {
             return Ok(Paired {
@@ -409,18 +394,13 @@ async fn submit_leased(
     .bind(session_id)
     .bind(dongle_id)
     .bind(user_id)
-    .fetch_optional(&state.pool)
+    .fetch_optional(svc.pool)
     .await?
-    .ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::NotFound,
-            "No such pairing session for this dongle.",
-        )
-    })?;
+    .ok_or(DongleError::NoSuchSession)?;
     match session.status.as_str() {
         "open" if !session.expired => {}
         "open" => {
-            let mut tx = state.pool.begin().await?;
+            let mut tx = svc.pool.begin().await?;
             sqlx::query("UPDATE pairing_sessions SET status = 'expired' WHERE id = $1")
                 .bind(session_id)
                 .execute(&mut *tx)
@@ -437,20 +417,20 @@ async fn submit_leased(
             )
             .await?;
             tx.commit().await?;
-            return Err(ApiError::of(ErrorCode::PairingExpired));
+            return Err(DongleError::PairingExpired);
         }
-        "held" => return Err(ApiError::of(ErrorCode::PairingSecurityHold)),
-        _ => return Err(ApiError::of(ErrorCode::PairingExpired)),
+        "held" => return Err(DongleError::SecurityHold),
+        _ => return Err(DongleError::PairingExpired),
     }
 
     let token = DongleToken::generate();
     // Sealed before the token leaves the server, so a key problem stops the pairing before the dongle
     // holds a token the server could not keep.
-    let sealed = state
+    let sealed = svc
         .keys
         .seal(dongle_id, &token)
-        .map_err(ApiError::internal)?;
-    let reply = state
+        .map_err(|e| DongleError::Sealing(e.to_string()))?;
+    let reply = svc
         .hub
         .request(
             agent_id,
@@ -461,16 +441,15 @@ async fn submit_leased(
                 pairing_nonce: session.pairing_nonce.clone(),
                 token: token.to_base64(),
             },
-            state.config.agent_request_timeout,
+            svc.agent_request_timeout,
         )
         .await;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = svc.pool.begin().await?;
     relock_unchanged(&mut tx, dongle_id, &row).await?;
     match reply {
         Ok(ReplyOk::Paired) => {}
         Ok(_) => {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
+            return Err(DongleError::UnexpectedReply(
                 "The agent answered the PIN with something else than a pairing result.",
             ));
         }
@@ -505,11 +484,12 @@ async fn submit_leased(
                 )
                 .await?;
                 tx.commit().await?;
-                return Err(ApiError::of(ErrorCode::PairingSecurityHold));
+                return Err(DongleError::SecurityHold);
             }
             tx.commit().await?;
-            return Err(ApiError::of(ErrorCode::PairingPinInvalid)
-                .with_detail("attempts_left", MAX_WRONG_PINS - wrong));
+            return Err(DongleError::PinInvalid {
+                attempts_left: MAX_WRONG_PINS - wrong,
+            });
         }
         Err(RequestError::Failed(e)) if e.code == ReplyErrorCode::NotInPairingMode => {
             sqlx::query("UPDATE pairing_sessions SET status = 'expired' WHERE id = $1")
@@ -517,13 +497,13 @@ async fn submit_leased(
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            return Err(ApiError::of(ErrorCode::PairingExpired));
+            return Err(DongleError::PairingExpired);
         }
         Err(e) => {
             drop(tx);
-            let error = agent_error(e);
+            let error = DongleError::PairingAgent(e);
             audit_failure(
-                state,
+                svc,
                 caller,
                 client,
                 dongle_id,
@@ -581,7 +561,7 @@ async fn submit_leased(
     .await?;
     tx.commit().await?;
     // The serving agent keeps the token in its vault to authenticate to the dongle from now on.
-    let _ = state
+    let _ = svc
         .hub
         .send(
             agent_id,

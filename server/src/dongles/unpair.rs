@@ -6,11 +6,11 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::audit::{self, Entry, Target};
+use crate::client::ClientInfo;
 use crate::groups;
-use crate::http::{ApiError, ClientInfo, ErrorCode};
-use crate::state::AppState;
 
 use super::access::*;
+use super::{DongleError, Services};
 
 /// The answer to unpair and force-unpair.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -23,29 +23,25 @@ pub struct Unpaired {
 
 /// Clears owner, token, group membership and holds. `as_admin` skips the owner check.
 pub async fn unpair(
-    state: &AppState,
+    svc: Services<'_>,
     actor: Uuid,
     client: &ClientInfo,
     dongle_id: Uuid,
     as_admin: bool,
-) -> Result<Unpaired, ApiError> {
-    let mut tx = state.pool.begin().await?;
-    let row = lock_dongle(&mut tx, dongle_id).await?.ok_or_else(|| {
-        if as_admin {
-            ApiError::not_found()
-        } else {
-            not_found()
-        }
+) -> Result<Unpaired, DongleError> {
+    let mut tx = svc.pool.begin().await?;
+    // An administrator is told plainly that nothing has this id; an owner, as for any dongle not theirs.
+    let row = lock_dongle(&mut tx, dongle_id).await?.ok_or(if as_admin {
+        DongleError::NoSuchDongle
+    } else {
+        DongleError::NotFound
     })?;
     if !as_admin {
         if row.owner_user_id != Some(actor) {
-            return Err(not_found());
+            return Err(DongleError::NotFound);
         }
         if row.ownership_state == "SECURITY_HOLD" {
-            return Err(ApiError::new(
-                ErrorCode::PairingSecurityHold,
-                "The dongle is on security hold: only an administrator can clear it.",
-            ));
+            return Err(DongleError::SecurityHoldAdminOnly);
         }
     }
     let serving: Vec<Uuid> = match row.owner_user_id {
@@ -122,15 +118,15 @@ pub async fn unpair(
     }
     tx.commit().await?;
     if !group_ids.is_empty() {
-        state.relay.groups_removed(&group_ids, &group_agents).await;
+        svc.relay.groups_removed(&group_ids, &group_agents).await;
     }
     // The previous owner's agents that see the dongle now make it forget its token. The answer is not
     // awaited: the dongle may be busy, and the server side is already clean.
     let mut forget_sent = false;
     for agent_id in serving {
-        if state.hub.is_connected(agent_id).await {
-            let hub = state.hub.clone();
-            let timeout = state.config.agent_request_timeout;
+        if svc.hub.is_connected(agent_id).await {
+            let hub = svc.hub.clone();
+            let timeout = svc.agent_request_timeout;
             let device_id = row.device_id.clone();
             tokio::spawn(async move {
                 if let Err(e) = hub

@@ -14,7 +14,7 @@ use super::serving::serving_agents;
 use crate::agents::ONLINE_SQL;
 use crate::audit::{self, Entry, Target};
 use crate::auth::Caller;
-use crate::http::ClientInfo;
+use crate::client::ClientInfo;
 
 /// Why an operation on a group was refused. `routes::groups` says how each is answered.
 #[derive(Debug, thiserror::Error)]

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use uuid::Uuid;
 
+pub use crate::client::ClientInfo;
 use crate::http::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 
@@ -183,16 +184,8 @@ impl<S: Send + Sync> FromRequestParts<S> for PathIds {
     }
 }
 
-/// Who is on the other end: the client's IP address and user agent, for rate limits and the audit log.
-///
-/// The address is the socket's peer, or, when that peer is one of the configured trusted proxies, the
-/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientInfo {
-    pub ip: IpAddr,
-    pub user_agent: Option<String>,
-}
-
+/// The client's address comes from the socket, or from `X-Forwarded-For` when the socket's peer is one
+/// of the configured trusted proxies (see [`ClientInfo`]).
 impl FromRequestParts<AppState> for ClientInfo {
     type Rejection = ApiError;
 

@@ -123,7 +123,7 @@ async fn force_unpair(
     PathId(id): PathId,
 ) -> Result<Json<crate::dongles::Unpaired>, ApiError> {
     Ok(Json(
-        crate::dongles::unpair(&state, admin.id, &client, id, true).await?,
+        crate::dongles::unpair(state.dongle_services(), admin.id, &client, id, true).await?,
     ))
 }
 

@@ -244,56 +244,8 @@ async fn heartbeat(
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct DevicesReport {
     /// Every dongle the agent sees now (a full snapshot), at most 256.
-    #[schema(value_type = Vec<DongleReportSchema>, max_items = 256)]
+    #[schema(max_items = 256)]
     pub dongles: Vec<DongleReport>,
-}
-
-/// One dongle of a report, as `control_proto::DongleReport` reads it (that crate knows nothing of
-/// OpenAPI, so its shape is spelled out here for the document only).
-#[derive(ToSchema)]
-#[schema(as = DongleReport)]
-#[allow(dead_code)]
-pub struct DongleReportSchema {
-    /// 16 lower-case hex characters.
-    #[schema(pattern = "^[0-9a-f]{16}$")]
-    device_id: String,
-    fw_build: String,
-    #[schema(maximum = 255)]
-    proto_ver: u8,
-    /// The capability bits of the dongle's ANNOUNCE.
-    #[schema(value_type = u64, maximum = 4294967295_u64)]
-    capabilities: u32,
-    transport: TransportSchema,
-    pairing_mode: bool,
-    present: bool,
-    /// The dongle says it holds a token (default false).
-    #[schema(required = false)]
-    claimed: bool,
-}
-
-/// How the agent reaches the dongle, as `control_proto::Transport` reads it.
-#[derive(Deserialize, ToSchema)]
-#[schema(as = DongleTransport)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-#[allow(dead_code)]
-pub enum TransportSchema {
-    Usb {
-        path: String,
-        serial_number: Option<String>,
-    },
-    Lan {
-        /// `IP:PORT` of the dongle.
-        addr: String,
-    },
-    /// A local CAN endpoint of the agent; its device id must be `control_proto::local_device_id`
-    /// of the agent's id and `identity`.
-    Local {
-        /// `socketcan`, `slcan` or `socketcand`.
-        endpoint: String,
-        identity: String,
-        location: String,
-        can_set_timing: bool,
-    },
 }
 
 #[derive(Serialize, ToSchema)]

@@ -34,7 +34,9 @@ async fn get_can_config(
     caller: Caller,
     PathId(id): PathId,
 ) -> Result<Json<CanConfigState>, ApiError> {
-    Ok(Json(can_config::get(&state, &caller, id).await?))
+    Ok(Json(
+        can_config::get(state.dongle_services(), &caller, id).await?,
+    ))
 }
 
 /// Applies a CAN configuration through the agent serving the dongle. It is checked first (nothing is
@@ -64,7 +66,7 @@ async fn put_can_config(
     ApiJson(body): ApiJson<CanConfigRequest>,
 ) -> Result<Json<CanConfigApplied>, ApiError> {
     Ok(Json(
-        can_config::apply(&state, &caller, &client, id, &body).await?,
+        can_config::apply(state.dongle_services(), &caller, &client, id, &body).await?,
     ))
 }
 
@@ -93,6 +95,6 @@ async fn send_frame(
     ApiJson(body): ApiJson<SendFrameRequest>,
 ) -> Result<Json<FrameSent>, ApiError> {
     Ok(Json(
-        can_send::send(&state, &caller, &client, id, &body).await?,
+        can_send::send(state.dongle_services(), &caller, &client, id, &body).await?,
     ))
 }

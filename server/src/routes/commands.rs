@@ -55,7 +55,7 @@ async fn host_command(
     ApiJson(body): ApiJson<HostCommandRequest>,
 ) -> Result<Json<HostCommandRun>, ApiError> {
     Ok(Json(
-        crate::host_commands::run(&state, &caller, &client, id, &body).await?,
+        crate::host_commands::run(state.dongle_services(), &caller, &client, id, &body).await?,
     ))
 }
 

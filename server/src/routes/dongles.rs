@@ -97,7 +97,9 @@ async fn pairing_mode(
     if body.action != "start" {
         return Err(ApiError::validation("action must be \"start\"."));
     }
-    Ok(Json(dongles::start(&state, &caller, &client, id).await?))
+    Ok(Json(
+        dongles::start(state.dongle_services(), &caller, &client, id).await?,
+    ))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -134,7 +136,7 @@ async fn pairing_submit(
     caller.require_verified_email()?;
     Ok(Json(
         dongles::submit(
-            &state,
+            state.dongle_services(),
             &caller,
             &client,
             id,
@@ -163,6 +165,6 @@ async fn unpair(
     PathId(id): PathId,
 ) -> Result<Json<Unpaired>, ApiError> {
     Ok(Json(
-        dongles::unpair(&state, user.id, &client, id, false).await?,
+        dongles::unpair(state.dongle_services(), user.id, &client, id, false).await?,
     ))
 }

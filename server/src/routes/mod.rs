@@ -11,6 +11,7 @@ pub mod auth;
 pub mod can;
 pub mod commands;
 pub mod dongles;
+mod errors;
 pub mod groups;
 pub mod health;
 pub mod streams;

@@ -107,3 +107,78 @@ async fn every_documented_operation_exists_and_answers_as_documented(pool: PgPoo
         }
     }
 }
+
+/// The device report's schema is derived from the type the server reads it into, so it cannot drift
+/// from it: every field a real `control_proto::DongleReport` writes, for every transport kind, is a
+/// documented property, and nothing else is.
+#[test]
+fn the_device_report_schema_is_the_agent_protocols_own() {
+    use control_proto::{DongleReport, Transport};
+    let doc = serde_json::to_value(bridge_server::routes::openapi()).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let keys = |v: &Value| {
+        let mut keys: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+    let transports = [
+        Transport::Usb {
+            path: "/dev/ttyACM0".into(),
+            serial_number: Some("A1".into()),
+        },
+        Transport::Lan {
+            addr: "192.0.2.7:50000".into(),
+        },
+        Transport::Local {
+            endpoint: "slcan".into(),
+            identity: "slcan:/dev/ttyACM1".into(),
+            location: "/dev/ttyACM1".into(),
+            can_set_timing: true,
+        },
+    ];
+    let documented_kinds = schemas["DongleTransport"]["oneOf"]
+        .as_array()
+        .expect("the transport is one of its kinds");
+    assert_eq!(documented_kinds.len(), transports.len());
+    for transport in transports {
+        let report = serde_json::to_value(DongleReport {
+            device_id: "0011223344556677".into(),
+            fw_build: "1.0".into(),
+            proto_ver: 1,
+            capabilities: 0,
+            transport,
+            pairing_mode: false,
+            present: true,
+            claimed: false,
+        })
+        .unwrap();
+        assert_eq!(keys(&report), keys(&schemas["DongleReport"]["properties"]));
+        let kind = report["transport"]["kind"].as_str().unwrap();
+        let documented = documented_kinds
+            .iter()
+            .find(|k| k["properties"]["kind"]["enum"][0] == kind)
+            .unwrap_or_else(|| panic!("transport kind {kind} undocumented"));
+        assert_eq!(
+            keys(&report["transport"]),
+            keys(&documented["properties"]),
+            "{kind}"
+        );
+    }
+    // A device id is a `String` under another name: documented inline, never as a reference to a
+    // schema nobody defines.
+    let device_id = &schemas["DongleReport"]["properties"]["device_id"];
+    assert_eq!(device_id["type"], "string", "{device_id}");
+    assert_eq!(device_id["pattern"], "^[0-9a-f]{16}$");
+    let required = keys(&Value::Object(
+        schemas["DongleReport"]["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| (k.as_str().unwrap().to_owned(), Value::Null))
+            .collect(),
+    ));
+    assert!(
+        !required.contains(&"claimed".to_owned()),
+        "claimed defaults to false"
+    );
+}
