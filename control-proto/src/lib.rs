@@ -676,6 +676,21 @@ impl AgentMessage {
     }
 }
 
+impl RequestBody {
+    /// The device the request is about.
+    pub fn device_id(&self) -> &str {
+        match self {
+            RequestBody::PairingStart { device_id, .. }
+            | RequestBody::PairingSubmit { device_id, .. }
+            | RequestBody::Forget { device_id }
+            | RequestBody::CanConfig { device_id, .. }
+            | RequestBody::Command { device_id, .. }
+            | RequestBody::HostCommand { device_id, .. }
+            | RequestBody::SendFrame { device_id, .. } => device_id,
+        }
+    }
+}
+
 impl ServerMessage {
     /// The first protocol version whose agents understand this message. An agent of an older version
     /// closes its connection on a message type it does not know, so the server never sends it one.

@@ -193,7 +193,7 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
     )));
     // Commands: the dispatcher and sweeper (SPEC 3.7), driven by the database.
     tasks.push(tokio::spawn(commands::dispatch::run(
-        state.clone(),
+        state.command_services(),
         shutdown.clone(),
     )));
     tasks.push(tokio::spawn(sweep_console(

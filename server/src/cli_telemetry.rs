@@ -21,7 +21,7 @@ use crate::agents::hub::AgentHub;
 use crate::console::{self, Console, ConsoleEvent, StreamKey};
 use crate::db::storable_text;
 use crate::dongles::owned::spoken_for_by;
-use crate::http::page::{PageInfo, Paging};
+use crate::paging::{PageInfo, Paging};
 
 /// The rows kept per dongle.
 pub const KEPT_PER_DONGLE: i64 = 1000;

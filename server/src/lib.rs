@@ -11,7 +11,10 @@
 //!   cluster).
 //! - [`embedded_pg`]: a private PostgreSQL cluster in a data folder.
 //! - [`listen`]: a LISTEN connection that stays open, for the instances' mailbox and the relay's wake-ups.
-//! - [`http`]: the error type and shape of every non-2xx answer, the request id, extractors, paging.
+//! - [`error_code`]: the closed list of the API's error codes, which domain errors name.
+//! - [`client`]: who is on the other end of a request (address, user agent).
+//! - [`paging`]: a page of a list (`page`, `per_page`) and where it sits in the whole.
+//! - [`http`]: the error type and shape of every non-2xx answer, the request id, extractors.
 //! - [`auth`]: passwords, sessions, CSRF, mailed tokens, and the [`auth::Caller`] extractor.
 //! - [`users`]: the typed email, roles, statuses and the `users` queries.
 //! - [`rate_limit`]: fixed-window counters kept in PostgreSQL.
@@ -42,7 +45,7 @@
 //!   rotation.
 //! - [`email`]: the outbox, its worker, templates and SMTP.
 //! - [`routes`]: handlers, laid out like the URL tree (`health`, `auth`, `admin`, `agents`, `dongles`,
-//!   `can`, `commands`, `ws`).
+//!   `can`, `commands`, `ws`), and the mapping of the domain's errors to the API's.
 //! - [`openapi`]: the frame of the OpenAPI document the handlers fill in.
 //! - [`telemetry`]: logging, Prometheus metrics, the rustls crypto provider.
 //! - [`web`]: the technicians' dashboard: HTML pages under `/` built on the API, assets compiled in.
@@ -71,6 +74,7 @@ pub mod http;
 pub mod listen;
 pub mod monitor;
 pub mod openapi;
+pub mod paging;
 pub mod rate_limit;
 pub mod routes;
 pub mod state;

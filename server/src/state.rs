@@ -77,4 +77,20 @@ impl AppState {
             command_output_cap: self.config.command_output_cap,
         }
     }
+
+    /// The parts of the server that the commands' API and dispatcher use.
+    pub fn command_services(&self) -> crate::commands::CommandServices {
+        crate::commands::CommandServices {
+            pool: self.pool.clone(),
+            hub: self.hub.clone(),
+            console: self.console.clone(),
+            command_wake: self.command_wake.clone(),
+            rate_limits: self.config.rate_limits.clone(),
+            dev_mode: self.config.dev_mode,
+            command_output_cap: self.config.command_output_cap,
+            dongle_request_timeout: self.config.dongle_request_timeout,
+            command_poll_interval: self.config.command_poll_interval,
+            command_grace: self.config.command_grace,
+        }
+    }
 }

@@ -30,11 +30,11 @@ use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 use super::Shared;
+use super::device::{Device, Handed, Rest};
 use super::monitor::Monitors;
 use super::pace::Pace;
 use crate::frame::Frame;
 use crate::home::Credentials;
-use crate::session::SessionError;
 use crate::uplink::backoff::Backoff;
 use crate::uplink::{control, ws_url};
 
@@ -97,6 +97,35 @@ pub(super) struct DataPlane {
 }
 
 impl DataPlane {
+    /// The device of a served side and the position of the next frame it expects from the server;
+    /// `None` when the side is not served.
+    fn inbound(&self, group_id: Uuid, side: Side) -> Option<(DeviceId, u64)> {
+        let sides = self.sides.lock().unwrap();
+        let state = sides.get(&(group_id, side))?;
+        Some((state.device_id, state.inbound_next))
+    }
+
+    /// Records frames from the server that a side disposed of: `delivered` went onto its bus,
+    /// `refused` could never go, and `next` is the position after them.
+    fn disposed_inbound(
+        &self,
+        group_id: Uuid,
+        side: Side,
+        delivered: usize,
+        refused: usize,
+        next: u64,
+    ) {
+        {
+            let mut stats = self.stats.lock().unwrap();
+            stats.frames_down += delivered as u64;
+            stats.dropped += refused as u64;
+        }
+        if let Some(state) = self.sides.lock().unwrap().get_mut(&(group_id, side)) {
+            state.dropped += refused as u64;
+            state.inbound_next = state.inbound_next.max(next);
+        }
+    }
+
     /// Replaces the served sides with the server's list.
     pub(super) fn set_groups(&self, groups: &Groups) {
         let mut sides = self.sides.lock().unwrap();
@@ -515,63 +544,31 @@ impl Shared {
         first: u64,
         frames: Vec<Frame>,
     ) -> Delivery {
-        let (device_id, skip) = {
-            let sides = self.data.sides.lock().unwrap();
-            let Some(state) = sides.get(&(group_id, side)) else {
-                return Delivery::UnknownSide;
-            };
-            // Frames below the expected position arrived before (a resend after a reconnect).
-            let skip = state.inbound_next.saturating_sub(first) as usize;
-            (state.device_id, skip)
+        let Some((device_id, expected)) = self.data.inbound(group_id, side) else {
+            return Delivery::UnknownSide;
         };
+        // Frames below the expected position arrived before (a resend after a reconnect).
+        let skip = expected.saturating_sub(first) as usize;
         let fresh = frames.get(skip..).unwrap_or(&[]);
         let skipped_to = first + skip.min(frames.len()) as u64;
-        let (delivered, refused) = if fresh.is_empty() {
-            (0, 0)
-        } else if let Some(endpoint) = self.endpoints.endpoint(&device_id) {
-            match endpoint.send_frames(fresh).await {
-                Ok(()) => (fresh.len(), 0),
-                // The endpoint closed: it may open again.
-                Err(crate::endpoints::EndpointError::Closed { .. }) => (0, usize::MAX),
-                // A frame the endpoint can never carry (checked before any is sent): dropped and
-                // counted, since sending it again cannot help.
-                Err(_) => (0, fresh.len()),
-            }
+        let handed = if fresh.is_empty() {
+            Handed::new(0, Rest::None)
         } else {
-            match self.manager.session(&device_id) {
-                Some(session)
-                    if session.is_authenticated()
-                        && self.ready.lock().unwrap().contains(&device_id) =>
-                {
-                    match session.send_frames_counting(fresh).await {
-                        (n, Ok(())) => {
-                            hops::mark_all(hops::Hop::ReceiverSent, fresh.iter().map(Frame::data));
-                            (n, 0)
-                        }
-                        // Refused for good (too large, FD on a classic dongle): dropped and counted.
-                        (n, Err(SessionError::Encode(_) | SessionError::Unsupported(_))) => {
-                            (n, fresh.len() - n)
-                        }
-                        // The link closed or the token went: the rest waits.
-                        (n, Err(_)) => (n, usize::MAX),
-                    }
-                }
-                _ => (0, usize::MAX),
+            match self.devices.get(&device_id) {
+                Some(device) if self.can_deliver_to(&device) => device.send_frames(fresh).await,
+                _ => Handed::new(0, Rest::Stalled),
             }
         };
-        let stalled = refused == usize::MAX;
-        let refused = if stalled { 0 } else { refused };
+        let delivered = handed.delivered;
+        let (refused, stalled) = match handed.rest {
+            Rest::None => (0, false),
+            Rest::Refused => (fresh.len() - delivered, false),
+            Rest::Stalled => (0, true),
+        };
         // The position after what this call disposed of: delivered frames, and refused ones after them.
         let next = skipped_to + (delivered + refused) as u64;
-        {
-            let mut stats = self.data.stats.lock().unwrap();
-            stats.frames_down += delivered as u64;
-            stats.dropped += refused as u64;
-        }
-        if let Some(state) = self.data.sides.lock().unwrap().get_mut(&(group_id, side)) {
-            state.dropped += refused as u64;
-            state.inbound_next = state.inbound_next.max(next);
-        }
+        self.data
+            .disposed_inbound(group_id, side, delivered, refused, next);
         let ack = data::encode_ack(group_id, side, next);
         if stalled {
             Delivery::Stalled((next > first).then_some(ack))
@@ -583,24 +580,33 @@ impl Shared {
     /// Whether a side stalled on this connection (for long enough) has a dongle that can take frames
     /// again, so that a new connection would get them delivered.
     fn stall_over(&self, stalled: &Stalled) -> bool {
-        let sides = self.data.sides.lock().unwrap();
-        stalled.iter().any(|(key, since)| {
+        stalled.iter().any(|(&(group_id, side), since)| {
             since.elapsed() >= STALL_MIN
-                && sides
-                    .get(key)
-                    .is_some_and(|state| self.can_deliver(&state.device_id))
+                && self
+                    .data
+                    .inbound(group_id, side)
+                    .is_some_and(|(device_id, _)| self.can_deliver(&device_id))
         })
     }
 
-    /// Whether frames for `device_id` can go onto its link now: a local endpoint that is open, or a
-    /// dongle whose session is authenticated.
+    /// Whether frames for `device_id` can go onto its link now.
     fn can_deliver(&self, device_id: &DeviceId) -> bool {
-        self.endpoints.endpoint(device_id).is_some()
-            || (self
-                .manager
-                .session(device_id)
-                .is_some_and(|s| !s.is_closed() && s.is_authenticated())
-                && self.ready.lock().unwrap().contains(device_id))
+        self.devices
+            .get(device_id)
+            .is_some_and(|device| self.can_deliver_to(&device))
+    }
+
+    /// Whether a device can take frames now: a local endpoint that is open, or a dongle whose session
+    /// is authenticated and whose dongle took the token.
+    fn can_deliver_to(&self, device: &Device) -> bool {
+        match device {
+            Device::Local { endpoint, .. } => endpoint.is_some(),
+            Device::Dongle(session) => {
+                !session.is_closed()
+                    && session.is_authenticated()
+                    && self.ready.lock().unwrap().contains(&session.device_id())
+            }
+        }
     }
 
     pub(super) fn groups_changed(&self, groups: Groups) {

@@ -17,7 +17,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use uuid::Uuid;
 
 use super::Shared;
-use super::requests::{error, ok};
+use super::device::Device;
+use super::reply::{error, ok};
 use crate::discovery::lan_interfaces;
 
 /// The most output kept, in bytes.
@@ -66,13 +67,12 @@ impl Shared {
         let Ok(id) = DeviceId::from_str(device_id) else {
             return error(ReplyErrorCode::UnknownDevice, "not a device id");
         };
-        let session = self.manager.session(&id);
-        if session.is_none() && !self.endpoints.contains(&id) {
+        let Some(device) = self.devices.get(&id) else {
             return error(
                 ReplyErrorCode::UnknownDevice,
                 format!("this agent does not serve dongle {id} now"),
             );
-        }
+        };
         let run = Run {
             id: run_id,
             device_id: id,
@@ -97,7 +97,11 @@ impl Shared {
                     .await
             }
             HostCommand::Ping => {
-                let Some(ip) = session.and_then(|s| s.info().lan_ip) else {
+                let lan_ip = match &device {
+                    Device::Dongle(session) => session.info().lan_ip,
+                    Device::Local { .. } => None,
+                };
+                let Some(ip) = lan_ip else {
                     return error(
                         ReplyErrorCode::Refused,
                         "ping needs a LAN dongle's address, and this dongle is not on the LAN",

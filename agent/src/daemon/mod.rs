@@ -11,10 +11,12 @@
 
 mod connection;
 mod dataplane;
+mod device;
 mod host;
 mod local;
 mod monitor;
 mod pace;
+mod reply;
 mod requests;
 mod status;
 mod telemetry;
@@ -84,8 +86,8 @@ const AUTH_RETRY: Duration = Duration::from_secs(20);
 
 /// What every part of the daemon shares.
 pub(crate) struct Shared {
-    manager: DongleManager,
-    endpoints: EndpointSet,
+    /// The dongles and local endpoints the daemon serves.
+    devices: device::Devices,
     /// The protocol version of the server's last `welcome` (0 before the first): local endpoints are
     /// reported only to servers that know them.
     server_protocol: AtomicU32,
@@ -140,8 +142,10 @@ pub async fn run(
     let endpoints = EndpointSet::start(&config.home, config.credentials.agent_id);
     let endpoint_events = endpoints.events();
     let shared = Arc::new(Shared {
-        manager,
-        endpoints,
+        devices: device::Devices {
+            dongles: manager,
+            endpoints,
+        },
         server_protocol: AtomicU32::new(0),
         vault: Mutex::new(vault),
         journal,
@@ -160,8 +164,8 @@ pub async fn run(
     shared.spawn(watch_dongles(shared.clone(), events));
     shared.spawn(watch_endpoints(shared.clone(), endpoint_events));
     // Endpoints that opened before the watcher subscribed are pumped here.
-    for endpoint in shared.endpoints.list() {
-        start_endpoint_pump(&shared, endpoint.device_id);
+    for endpoint in shared.devices.endpoints.list() {
+        shared.start_pump(endpoint.device_id);
     }
     shared.spawn(dataplane::run(
         shared.clone(),
@@ -237,34 +241,20 @@ async fn watch_dongles(shared: Arc<Shared>, mut events: broadcast::Receiver<Dong
 async fn watch_endpoints(shared: Arc<Shared>, mut events: broadcast::Receiver<EndpointEvent>) {
     loop {
         match events.recv().await {
-            Ok(EndpointEvent::Appeared { device_id, .. }) => {
-                start_endpoint_pump(&shared, device_id);
-            }
+            Ok(EndpointEvent::Appeared { device_id, .. }) => shared.start_pump(device_id),
             Ok(EndpointEvent::Gone { .. }) => {}
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(
                     missed,
                     "endpoint events were missed: looking at every endpoint again"
                 );
-                for endpoint in shared.endpoints.list() {
-                    start_endpoint_pump(&shared, endpoint.device_id);
+                for endpoint in shared.devices.endpoints.list() {
+                    shared.start_pump(endpoint.device_id);
                 }
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
         shared.devices_changed();
-    }
-}
-
-/// Moves the frames of the open endpoint `device_id` into the data plane; nothing when the endpoint is
-/// not open or its frames are already taken (each endpoint hands its queue out once per opening).
-fn start_endpoint_pump(shared: &Arc<Shared>, device_id: DeviceId) {
-    if let Some(frames) = shared
-        .endpoints
-        .endpoint(&device_id)
-        .and_then(|e| e.take_frames())
-    {
-        shared.spawn(dataplane::pump(shared.clone(), device_id, frames));
     }
 }
 
@@ -280,17 +270,24 @@ impl Shared {
         });
     }
 
-    /// A dongle's session opened: its frames go to the data plane, and it is given its token.
-    fn dongle_appeared(self: &Arc<Self>, device_id: DeviceId) {
+    /// Moves the frames of device `device_id` into the data plane; nothing when it has no open link or
+    /// its frames are already taken (each device hands its queue out once per session or opening).
+    fn start_pump(self: &Arc<Self>, device_id: DeviceId) {
         if let Some(frames) = self
-            .manager
-            .session(&device_id)
-            .and_then(|s| s.take_frames())
+            .devices
+            .get(&device_id)
+            .and_then(|device| device.take_frames())
         {
             self.spawn(dataplane::pump(self.clone(), device_id, frames));
         }
+    }
+
+    /// A dongle's session opened: its frames go to the data plane, and it is given its token.
+    fn dongle_appeared(self: &Arc<Self>, device_id: DeviceId) {
+        self.start_pump(device_id);
         if let Some(reports) = self
-            .manager
+            .devices
+            .dongles
             .session(&device_id)
             .and_then(|s| s.take_telemetry())
         {
@@ -311,7 +308,8 @@ impl Shared {
     /// session that is not authenticated is authorised again, in case it is a new one).
     fn resync_dongles(self: &Arc<Self>) {
         let present: HashSet<DeviceId> = self
-            .manager
+            .devices
+            .dongles
             .list()
             .into_iter()
             .map(|(info, _)| info.device_id)
@@ -319,7 +317,8 @@ impl Shared {
         let known: Vec<DeviceId> = self.authorized.lock().unwrap().iter().copied().collect();
         for device_id in known {
             let fresh = self
-                .manager
+                .devices
+                .dongles
                 .session(&device_id)
                 .is_none_or(|s| !s.is_authenticated());
             if !present.contains(&device_id) || fresh {
@@ -351,10 +350,11 @@ impl Shared {
             pairing.retain(|_, until| *until > now);
             pairing.keys().copied().collect::<HashSet<_>>()
         };
-        self.manager.set_pairing_active(!pairing.is_empty());
+        self.devices.dongles.set_pairing_active(!pairing.is_empty());
         let vault = self.vault.lock().unwrap();
         let mut reports: Vec<DongleReport> = self
-            .manager
+            .devices
+            .dongles
             .list()
             .into_iter()
             .map(|(info, location)| DongleReport {
@@ -377,7 +377,7 @@ impl Shared {
             })
             .collect();
         if self.server_protocol.load(Ordering::Relaxed) >= control_proto::LOCAL_ENDPOINTS_SINCE {
-            reports.extend(self.endpoints.list().iter().map(local_report));
+            reports.extend(self.devices.endpoints.list().iter().map(local_report));
         }
         reports
     }
@@ -445,7 +445,7 @@ impl Shared {
                 return;
             }
         };
-        let Some(session) = self.manager.session(&device_id) else {
+        let Some(session) = self.devices.dongles.session(&device_id) else {
             return;
         };
         if !self.authorized.lock().unwrap().insert(device_id) {

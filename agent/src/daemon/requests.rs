@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use control_proto::{
-    CanEffective, CommandOutcome, CommandResult, ReplyError, ReplyErrorCode, ReplyOk, ReplyResult,
-    RequestBody,
+    CanEffective, CommandOutcome, CommandResult, ReplyErrorCode, ReplyOk, ReplyResult, RequestBody,
 };
 use firmware_proto::caps;
 use firmware_proto::ext::ForgetStatus;
@@ -18,33 +17,11 @@ use firmware_proto::remp::{self, CanMode, CliStatus, ConfigStatus, PairingStatus
 use uuid::Uuid;
 
 use super::Shared;
+use super::device::Device;
+use super::reply::{error, ok, session_error};
 use crate::frame::Frame;
 use crate::journal::{Admission, JournalError};
 use crate::session::{DongleSession, SessionError};
-
-pub(super) fn error(code: ReplyErrorCode, message: impl Into<String>) -> ReplyResult {
-    ReplyResult::Error(ReplyError {
-        code,
-        message: message.into(),
-    })
-}
-
-pub(super) fn ok(body: ReplyOk) -> ReplyResult {
-    ReplyResult::Ok { body }
-}
-
-/// A session error as the reply's error: a timeout or a closed link is the dongle's silence, anything
-/// else the agent's own failure.
-fn session_error(e: SessionError) -> ReplyResult {
-    let code = match e {
-        SessionError::Timeout { .. } => ReplyErrorCode::DongleTimeout,
-        SessionError::Closed => ReplyErrorCode::UnknownDevice,
-        SessionError::Unsupported(_) => ReplyErrorCode::Unsupported,
-        SessionError::NoToken(_) | SessionError::AuthRefused(_) => ReplyErrorCode::Refused,
-        _ => ReplyErrorCode::Internal,
-    };
-    error(code, e.to_string())
-}
 
 fn corr(id: Uuid) -> CorrelationId {
     CorrelationId::from_bytes(*id.as_bytes())
@@ -54,7 +31,7 @@ impl Shared {
     fn session_for(&self, device_id: &str) -> Result<(DeviceId, Arc<DongleSession>), ReplyResult> {
         let id = DeviceId::from_str(device_id)
             .map_err(|_| error(ReplyErrorCode::UnknownDevice, "not a device id"))?;
-        let session = self.manager.session(&id).ok_or_else(|| {
+        let session = self.devices.dongles.session(&id).ok_or_else(|| {
             error(
                 ReplyErrorCode::UnknownDevice,
                 format!("this agent does not see dongle {id} now"),
@@ -65,8 +42,12 @@ impl Shared {
 
     /// Answers one request. Commands answer at once and end later through [`Shared::run_command`].
     pub(super) async fn handle_request(self: &Arc<Self>, body: RequestBody) -> ReplyResult {
-        if let Some(reply) = self.local_request(&body).await {
-            return reply;
+        // A local endpoint stands in for a dongle but has no pairing, token or console of its own.
+        if !matches!(body, RequestBody::HostCommand { .. })
+            && let Ok(id) = DeviceId::from_str(body.device_id())
+            && let Some(device @ Device::Local { .. }) = self.devices.get(&id)
+        {
+            return self.local_request(&id, &device, &body).await;
         }
         match body {
             RequestBody::PairingStart { device_id, corr_id } => {
@@ -246,7 +227,7 @@ impl Shared {
         let Ok(id) = DeviceId::from_str(device_id) else {
             return error(ReplyErrorCode::UnknownDevice, "not a device id");
         };
-        let session = self.manager.session(&id);
+        let session = self.devices.dongles.session(&id);
         // The dongle forgets first, while the agent still holds the token that authenticates the
         // request; the vault lets go either way, since the server no longer counts the dongle as ours.
         let outcome = match &session {
@@ -311,13 +292,9 @@ impl Shared {
             Ok(s) => s,
             Err(reply) => return reply,
         };
-        let frame = match build_frame(can_id, extended, rtr, data, fd) {
-            Ok(frame) => frame,
-            Err(reply) => return reply,
-        };
-        match session.send_frames(&[frame]).await {
-            Ok(()) => ok(ReplyOk::FrameSent),
-            Err(e) => session_error(e),
+        match build_frame(can_id, extended, rtr, data, fd) {
+            Ok(frame) => Device::Dongle(session).send_frame(frame).await,
+            Err(reply) => reply,
         }
     }
 

@@ -300,7 +300,7 @@ async fn handle(
             }
             // Commands this agent took before and has not ended may have been lost with its last
             // connection: they go to it again (it never runs a command id twice).
-            commands::dispatch::agent_connected(state, agent_id).await;
+            commands::dispatch::agent_connected(&state.command_services(), agent_id).await;
             // The group sides it serves, with the positions to number its frames from.
             state.relay.agent_changed(agent, true).await;
         }
@@ -355,7 +355,7 @@ async fn handle(
         }
         AgentMessage::CommandResult(result) => {
             // Stored once, acknowledged every time (a duplicate or late result changes nothing).
-            commands::record_result(state, agent, result).await?;
+            commands::record_result(&state.command_services(), agent, result).await?;
         }
         AgentMessage::Event(control_proto::Event::HostOutput {
             run_id,

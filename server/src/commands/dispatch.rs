@@ -24,34 +24,33 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Ending, finish};
+use super::{CommandServices, Ending, finish};
 use crate::agents::hub::RequestError;
 use crate::audit::{self, Entry, Target};
 use crate::dongles;
-use crate::state::AppState;
 
 /// Commands being sent at once by one instance.
 const MAX_IN_FLIGHT: usize = 32;
 
 /// Runs the sweeper and the dispatcher until `shutdown`, then lets the sends in flight end.
-pub async fn run(state: AppState, shutdown: CancellationToken) {
+pub async fn run(svc: CommandServices, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut tick = tokio::time::interval(state.config.command_poll_interval);
+    let mut tick = tokio::time::interval(svc.command_poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
-            _ = state.command_wake.notified() => {}
+            _ = svc.command_wake.notified() => {}
         }
-        if let Err(e) = sweep(&state).await {
+        if let Err(e) = sweep(&svc).await {
             tracing::warn!(error = %e, "the command sweeper failed; it tries again");
         }
         let free = permits.available_permits();
         if free == 0 {
             continue;
         }
-        let claimed = match claim(&state, free as i64).await {
+        let claimed = match claim(&svc, free as i64).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 tracing::warn!(error = %e, "could not claim commands to dispatch; trying again");
@@ -64,10 +63,10 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 break;
             };
-            let state = state.clone();
+            let svc = svc.clone();
             tokio::spawn(async move {
                 let id = command.id;
-                if let Err(e) = dispatch_one(&state, command).await {
+                if let Err(e) = dispatch_one(&svc, command).await {
                     tracing::warn!(command_id = %id, error = %e, "dispatching a command failed; it is retried");
                 }
                 drop(permit);
@@ -76,24 +75,24 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     }
     // A send cut between the agent's acceptance and its record would only be repeated, but waiting a
     // little keeps a clean shutdown clean.
-    let wait = state.config.dongle_request_timeout + Duration::from_secs(1);
+    let wait = svc.dongle_request_timeout + Duration::from_secs(1);
     let _ = tokio::time::timeout(wait, permits.acquire_many(MAX_IN_FLIGHT as u32)).await;
 }
 
 /// Makes the unfinished commands last sent to `agent_id` due at once, and wakes the dispatcher: an agent
 /// that (re)connects gets again what it may have lost with its connection.
-pub async fn agent_connected(state: &AppState, agent_id: Uuid) {
+pub async fn agent_connected(svc: &CommandServices, agent_id: Uuid) {
     let due = sqlx::query(
         "UPDATE commands SET next_dispatch_at = now() \
          WHERE agent_id = $1 AND status IN ('queued', 'running')",
     )
     .bind(agent_id)
-    .execute(&state.pool)
+    .execute(&svc.pool)
     .await;
     if let Err(e) = due {
         tracing::warn!(%agent_id, error = %e, "could not make an agent's commands due again");
     }
-    state.command_wake.notify_one();
+    svc.command_wake.notify_one();
 }
 
 /// A row claimed for sending.
@@ -111,8 +110,8 @@ struct Claimed {
 }
 
 /// Claims up to `limit` due commands for this instance for a lease long enough for one send.
-async fn claim(state: &AppState, limit: i64) -> Result<Vec<Claimed>, sqlx::Error> {
-    let lease = state.config.dongle_request_timeout + Duration::from_secs(5);
+async fn claim(svc: &CommandServices, limit: i64) -> Result<Vec<Claimed>, sqlx::Error> {
+    let lease = svc.dongle_request_timeout + Duration::from_secs(5);
     sqlx::query_as(
         "UPDATE commands c SET next_dispatch_at = now() + make_interval(secs => $2), \
            dispatch_attempts = c.dispatch_attempts + 1 \
@@ -125,32 +124,32 @@ async fn claim(state: &AppState, limit: i64) -> Result<Vec<Claimed>, sqlx::Error
     )
     .bind(limit)
     .bind(lease.as_secs_f64())
-    .fetch_all(&state.pool)
+    .fetch_all(&svc.pool)
     .await
 }
 
 /// Sends the command again after `delay`, unless it finished meanwhile.
-async fn retry_later(state: &AppState, id: Uuid, delay: Duration) -> Result<(), sqlx::Error> {
+async fn retry_later(svc: &CommandServices, id: Uuid, delay: Duration) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE commands SET next_dispatch_at = now() + make_interval(secs => $2) \
          WHERE id = $1 AND status IN ('queued', 'running')",
     )
     .bind(id)
     .bind(delay.as_secs_f64())
-    .execute(&state.pool)
+    .execute(&svc.pool)
     .await?;
     Ok(())
 }
 
 /// Ends a command the server cannot deliver, with the reason as stderr.
 async fn give_up(
-    state: &AppState,
+    svc: &CommandServices,
     id: Uuid,
     outcome: &'static str,
     reason: &str,
 ) -> Result<(), sqlx::Error> {
     finish(
-        state,
+        svc,
         id,
         Ending {
             status: "error",
@@ -168,20 +167,20 @@ async fn give_up(
     Ok(())
 }
 
-async fn dispatch_one(state: &AppState, command: Claimed) -> Result<(), sqlx::Error> {
-    let retry = state.config.command_poll_interval;
+async fn dispatch_one(svc: &CommandServices, command: Claimed) -> Result<(), sqlx::Error> {
+    let retry = svc.command_poll_interval;
     let Some(user_id) = command.user_id else {
         return give_up(
-            state,
+            svc,
             command.id,
             "not_owned",
             "the user who queued the command no longer exists",
         )
         .await;
     };
-    let Some(dongle) = dongles::owned(&state.pool, user_id, command.dongle_id).await? else {
+    let Some(dongle) = dongles::owned(&svc.pool, user_id, command.dongle_id).await? else {
         return give_up(
-            state,
+            svc,
             command.id,
             "not_owned",
             "the dongle is no longer paired to the user who queued the command",
@@ -192,28 +191,21 @@ async fn dispatch_one(state: &AppState, command: Claimed) -> Result<(), sqlx::Er
     // go to any agent of the owner that serves the dongle, the one it went to before first.
     let agent = if command.status == "running" {
         match command.agent_id {
-            Some(a) if state.hub.is_connected(a).await => Some(a),
+            Some(a) if svc.hub.is_connected(a).await => Some(a),
             _ => None,
         }
     } else {
-        dongles::serving_agent(
-            &state.pool,
-            &state.hub,
-            dongle.id,
-            user_id,
-            command.agent_id,
-        )
-        .await?
+        dongles::serving_agent(&svc.pool, &svc.hub, dongle.id, user_id, command.agent_id).await?
     };
     let Some(agent_id) = agent else {
-        return retry_later(state, command.id, retry).await;
+        return retry_later(svc, command.id, retry).await;
     };
     let pinned = sqlx::query(
         "UPDATE commands SET agent_id = $2 WHERE id = $1 AND status IN ('queued', 'running')",
     )
     .bind(command.id)
     .bind(agent_id)
-    .execute(&state.pool)
+    .execute(&svc.pool)
     .await?;
     if pinned.rows_affected() == 0 {
         // It finished meanwhile (its result, or the sweeper).
@@ -224,7 +216,7 @@ async fn dispatch_one(state: &AppState, command: Claimed) -> Result<(), sqlx::Er
         line.push(' ');
         line.push_str(arg);
     }
-    let reply = state
+    let reply = svc
         .hub
         .request(
             agent_id,
@@ -235,7 +227,7 @@ async fn dispatch_one(state: &AppState, command: Claimed) -> Result<(), sqlx::Er
                 timeout_ms: command.timeout_ms.max(0) as u64,
                 allow_dangerous: command.allow_dangerous,
             },
-            state.config.dongle_request_timeout,
+            svc.dongle_request_timeout,
         )
         .await;
     match reply {
@@ -246,19 +238,19 @@ async fn dispatch_one(state: &AppState, command: Claimed) -> Result<(), sqlx::Er
                  WHERE id = $1 AND status IN ('queued', 'running')",
             )
             .bind(command.id)
-            .execute(&state.pool)
+            .execute(&svc.pool)
             .await?;
-            super::publish_status(state, command.dongle_id, command.id, "running", None);
+            super::publish_status(svc, command.dongle_id, command.id, "running", None);
             Ok(())
         }
         Ok(other) => {
             tracing::warn!(%agent_id, command_id = %command.id, reply = ?other,
                 "an agent answered a command with something else than command_accepted");
-            retry_later(state, command.id, retry).await
+            retry_later(svc, command.id, retry).await
         }
         Err(RequestError::Failed(e)) if e.code == ReplyErrorCode::Unsupported => {
             give_up(
-                state,
+                svc,
                 command.id,
                 "unsupported",
                 "the agent serving the dongle does not run commands: update the agent",
@@ -270,12 +262,12 @@ async fn dispatch_one(state: &AppState, command: Claimed) -> Result<(), sqlx::Er
                 "the agent refused the command: {}",
                 dongles::reply_reason(&e.message)
             );
-            give_up(state, command.id, "refused", &reason).await
+            give_up(svc, command.id, "refused", &reason).await
         }
         Err(e) => {
             tracing::debug!(%agent_id, command_id = %command.id, error = %e,
                 "a command could not be handed to its agent yet");
-            retry_later(state, command.id, retry).await
+            retry_later(svc, command.id, retry).await
         }
     }
 }
@@ -293,8 +285,8 @@ struct Expired {
 }
 
 /// Ends every unfinished command past its deadline as `timeout`, and audits each. Returns how many.
-pub async fn sweep(state: &AppState) -> Result<usize, sqlx::Error> {
-    let mut tx = state.pool.begin().await?;
+pub async fn sweep(svc: &CommandServices) -> Result<usize, sqlx::Error> {
+    let mut tx = svc.pool.begin().await?;
     let expired: Vec<Expired> = sqlx::query_as(
         "UPDATE commands SET status = 'timeout', outcome = 'server_timeout', finished_at = now(), \
                next_dispatch_at = NULL, \
@@ -307,7 +299,7 @@ pub async fn sweep(state: &AppState) -> Result<usize, sqlx::Error> {
              RETURNING id, dongle_id, user_id, command, agent_id, timeout_ms, \
                started_at IS NOT NULL AS started",
     )
-    .bind(state.config.command_grace.as_secs_f64())
+    .bind(svc.command_grace.as_secs_f64())
     .fetch_all(&mut *tx)
     .await?;
     for e in &expired {
@@ -338,7 +330,7 @@ pub async fn sweep(state: &AppState) -> Result<usize, sqlx::Error> {
     }
     tx.commit().await?;
     for e in &expired {
-        super::publish_status(state, e.dongle_id, e.id, "timeout", None);
+        super::publish_status(svc, e.dongle_id, e.id, "timeout", None);
     }
     if !expired.is_empty() {
         tracing::info!(count = expired.len(), "commands timed out without a result");

@@ -32,9 +32,9 @@ use crate::auth::Caller;
 use crate::client::ClientInfo;
 use crate::console::{ConsoleEvent, StreamKey};
 use crate::dongles;
-use crate::http::page::{PageInfo, Paging};
-use crate::http::{ApiError, ErrorCode};
-use crate::state::AppState;
+use crate::dongles::DongleError;
+use crate::paging::{PageInfo, Paging};
+use crate::rate_limit::{LimitError, RateLimits};
 
 use allow_list::Refusal;
 
@@ -113,18 +113,50 @@ pub struct CommandPage {
 const SUMMARY_COLUMNS: &str = "id AS command_id, dongle_id, command, args, status::text AS status, \
      outcome, timeout_ms, exit_code, truncated, created_at, started_at, finished_at";
 
-fn refusal(e: Refusal) -> ApiError {
-    match &e {
-        Refusal::NotAllowed(_) | Refusal::Dangerous(_) => {
-            ApiError::new(ErrorCode::CommandNotAllowed, format!("{e}."))
-                .with_detail("field", "command")
-        }
-        Refusal::DangerousFlag => ApiError::new(ErrorCode::CommandNotAllowed, format!("{e}."))
-            .with_detail("field", "allow_dangerous"),
-        Refusal::Args(_) => ApiError::validation(format!("{e}.")).with_detail("field", "args"),
-        Refusal::Timeout(_) => {
-            ApiError::validation(format!("{e}.")).with_detail("field", "timeout_ms")
-        }
+/// What the commands' API and their dispatcher use of the server.
+#[derive(Clone)]
+pub struct CommandServices {
+    pub pool: sqlx::PgPool,
+    pub hub: std::sync::Arc<crate::agents::hub::AgentHub>,
+    pub console: std::sync::Arc<crate::console::Console>,
+    /// Wakes the dispatcher when a command is queued or an agent connects.
+    pub command_wake: std::sync::Arc<tokio::sync::Notify>,
+    pub rate_limits: RateLimits,
+    /// Development mode: commands flagged dangerous may run.
+    pub dev_mode: bool,
+    /// The most output of a command kept.
+    pub command_output_cap: usize,
+    /// How long a dongle has to answer a request through its agent.
+    pub dongle_request_timeout: std::time::Duration,
+    /// How often the dispatcher looks for due commands when nothing wakes it.
+    pub command_poll_interval: std::time::Duration,
+    /// How long after its timeout an unfinished command is ended by the server.
+    pub command_grace: std::time::Duration,
+}
+
+/// Why a command was not queued or cannot be shown.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The dongle is not the caller's, or too many requests went to agents.
+    #[error(transparent)]
+    Dongle(#[from] DongleError),
+    /// The allow-list refused the command.
+    #[error("{0}.")]
+    Refused(Refusal),
+    #[error(
+        "This dongle already has {MAX_UNFINISHED_PER_DONGLE} commands waiting or running: wait for \
+         some to end."
+    )]
+    TooManyUnfinished,
+    #[error("No such command on this dongle.")]
+    NoSuchCommand,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl From<LimitError> for CommandError {
+    fn from(e: LimitError) -> Self {
+        Self::Dongle(e.into())
     }
 }
 
@@ -139,26 +171,25 @@ fn dongle_target(dongle_id: Uuid) -> Target {
 /// and wakes the dispatcher. Whether an agent is online does not matter here: a queued command waits for
 /// one until its timeout.
 pub async fn invoke(
-    state: &AppState,
+    svc: &CommandServices,
     caller: &Caller,
     client: &ClientInfo,
     dongle_id: Uuid,
     req: &InvokeRequest,
-) -> Result<Queued, ApiError> {
-    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
-    if req.allow_dangerous && !state.config.dev_mode {
-        return Err(refusal(Refusal::DangerousFlag));
+) -> Result<Queued, CommandError> {
+    let dongle = dongles::owned_or_404(&svc.pool, caller.user_id(), dongle_id).await?;
+    if req.allow_dangerous && !svc.dev_mode {
+        return Err(CommandError::Refused(Refusal::DangerousFlag));
     }
     let checked = allow_list::check(
         &req.command,
         &req.args,
         req.timeout_ms,
-        state.config.dev_mode && req.allow_dangerous,
+        svc.dev_mode && req.allow_dangerous,
     )
-    .map_err(refusal)?;
-    crate::rate_limit::agent_request(&state.pool, &state.config.rate_limits, caller.user_id())
-        .await?;
-    let mut tx = state.pool.begin().await?;
+    .map_err(CommandError::Refused)?;
+    crate::rate_limit::agent_request(&svc.pool, &svc.rate_limits, caller.user_id()).await?;
+    let mut tx = svc.pool.begin().await?;
     // Counted under the dongle's row lock, so that racing requests cannot both take the last slot.
     sqlx::query("SELECT 1 FROM dongles WHERE id = $1 FOR NO KEY UPDATE")
         .bind(dongle.id)
@@ -171,13 +202,7 @@ pub async fn invoke(
     .fetch_one(&mut *tx)
     .await?;
     if unfinished >= MAX_UNFINISHED_PER_DONGLE {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!(
-                "This dongle already has {MAX_UNFINISHED_PER_DONGLE} commands waiting or running: \
-                 wait for some to end."
-            ),
-        ));
+        return Err(CommandError::TooManyUnfinished);
     }
     let command_id: Uuid = sqlx::query_scalar(
         "INSERT INTO commands (dongle_id, user_id, command, args, timeout_ms, allow_dangerous) \
@@ -206,8 +231,8 @@ pub async fn invoke(
     )
     .await?;
     tx.commit().await?;
-    publish_status(state, dongle.id, command_id, "queued", None);
-    state.command_wake.notify_one();
+    publish_status(svc, dongle.id, command_id, "queued", None);
+    svc.command_wake.notify_one();
     Ok(Queued {
         command_id,
         status: "queued".into(),
@@ -216,12 +241,12 @@ pub async fn invoke(
 
 /// One command of the caller's dongle, with its output.
 pub async fn get(
-    state: &AppState,
+    svc: &CommandServices,
     caller: &Caller,
     dongle_id: Uuid,
     command_id: Uuid,
-) -> Result<CommandView, ApiError> {
-    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
+) -> Result<CommandView, CommandError> {
+    let dongle = dongles::owned_or_404(&svc.pool, caller.user_id(), dongle_id).await?;
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {SUMMARY_COLUMNS}, stdout, stderr FROM commands \
          WHERE id = $1 AND dongle_id = $2 AND user_id = $3"
@@ -229,19 +254,19 @@ pub async fn get(
     .bind(command_id)
     .bind(dongle.id)
     .bind(caller.user_id())
-    .fetch_optional(&state.pool)
+    .fetch_optional(&svc.pool)
     .await?
-    .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "No such command on this dongle."))
+    .ok_or(CommandError::NoSuchCommand)
 }
 
 /// The caller's commands on their dongle, newest first, without output.
 pub async fn list(
-    state: &AppState,
+    svc: &CommandServices,
     caller: &Caller,
     dongle_id: Uuid,
     paging: Paging,
-) -> Result<CommandPage, ApiError> {
-    let dongle = dongles::owned_or_404(&state.pool, caller.user_id(), dongle_id).await?;
+) -> Result<CommandPage, CommandError> {
+    let dongle = dongles::owned_or_404(&svc.pool, caller.user_id(), dongle_id).await?;
     let items: Vec<CommandSummary> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {SUMMARY_COLUMNS} FROM commands WHERE dongle_id = $1 AND user_id = $2 \
          ORDER BY created_at DESC, id LIMIT $3 OFFSET $4"
@@ -250,13 +275,13 @@ pub async fn list(
     .bind(caller.user_id())
     .bind(paging.limit())
     .bind(paging.offset())
-    .fetch_all(&state.pool)
+    .fetch_all(&svc.pool)
     .await?;
     let total: i64 =
         sqlx::query_scalar("SELECT count(*) FROM commands WHERE dongle_id = $1 AND user_id = $2")
             .bind(dongle.id)
             .bind(caller.user_id())
-            .fetch_one(&state.pool)
+            .fetch_one(&svc.pool)
             .await?;
     Ok(CommandPage {
         items,
@@ -288,11 +313,11 @@ pub(crate) struct Ending<'a> {
 /// Ends an unfinished command and audits `command.finish`, in one transaction. Returns false, changing
 /// nothing, when the command is already finished (or not the reporter's to end).
 pub(crate) async fn finish(
-    state: &AppState,
+    svc: &CommandServices,
     command_id: Uuid,
     ending: Ending<'_>,
 ) -> Result<bool, sqlx::Error> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = svc.pool.begin().await?;
     let (agent_id, user_id, device_id) = match ending.reporter {
         Some((agent, device)) => (Some(agent.agent_id), Some(agent.user_id), Some(device)),
         None => (None, None, None),
@@ -345,25 +370,19 @@ pub(crate) async fn finish(
     )
     .await?;
     tx.commit().await?;
-    publish_status(
-        state,
-        dongle_id,
-        command_id,
-        ending.status,
-        ending.exit_code,
-    );
+    publish_status(svc, dongle_id, command_id, ending.status, ending.exit_code);
     Ok(true)
 }
 
 /// Tells the dongle's live console that a command changed state.
 pub(crate) fn publish_status(
-    state: &AppState,
+    svc: &CommandServices,
     dongle_id: Uuid,
     command_id: Uuid,
     status: &str,
     exit_code: Option<i32>,
 ) {
-    state.console.publish(
+    svc.console.publish(
         StreamKey::Dongle(dongle_id),
         ConsoleEvent::CommandStatus {
             dongle_id,
@@ -378,7 +397,7 @@ pub(crate) fn publish_status(
 /// acknowledges it once the database has answered, so the agent can drop it from its outbox. A result
 /// the database could not take is not acknowledged; the agent sends it again.
 pub async fn record_result(
-    state: &AppState,
+    svc: &CommandServices,
     agent: AgentIdentity,
     result: CommandResult,
 ) -> Result<bool, sqlx::Error> {
@@ -388,7 +407,7 @@ pub async fn record_result(
         CommandOutcome::Error => ("error", "error"),
         CommandOutcome::Timeout => ("timeout", "timeout"),
     };
-    let (stdout, cut) = crate::db::storable_text(&result.output, state.config.command_output_cap);
+    let (stdout, cut) = crate::db::storable_text(&result.output, svc.command_output_cap);
     let stderr = result
         .message
         .as_deref()
@@ -396,7 +415,7 @@ pub async fn record_result(
         .filter(|m| !m.is_empty());
     let stored = if control_proto::is_device_id(&result.device_id) {
         finish(
-            state,
+            svc,
             result.command_id,
             Ending {
                 status,
@@ -418,7 +437,7 @@ pub async fn record_result(
         tracing::debug!(agent_id = %agent.agent_id, command_id = %result.command_id,
             "a command result for no unfinished command of this agent's user: acknowledged, ignored");
     }
-    let _ = state
+    let _ = svc
         .hub
         .send(
             agent.agent_id,
@@ -430,7 +449,7 @@ pub async fn record_result(
     // The result is stored and acknowledged; the dongle's history of commands is a view of it, and
     // does not hold the acknowledgement up.
     if stored {
-        remember_in_history(state, &result, &stdout, result.truncated || cut).await?;
+        remember_in_history(svc, &result, &stdout, result.truncated || cut).await?;
     }
     Ok(stored)
 }
@@ -438,7 +457,7 @@ pub async fn record_result(
 /// A remote command that ended goes into the dongle's history of commands beside those typed on its
 /// UART console (`cli_telemetry`), with its command line as the user sent it.
 async fn remember_in_history(
-    state: &AppState,
+    svc: &CommandServices,
     result: &CommandResult,
     stdout: &str,
     truncated: bool,
@@ -446,7 +465,7 @@ async fn remember_in_history(
     let row: Option<(Uuid, Uuid, String, sqlx::types::Json<Vec<String>>)> =
         sqlx::query_as("SELECT dongle_id, user_id, command, args FROM commands WHERE id = $1")
             .bind(result.command_id)
-            .fetch_optional(&state.pool)
+            .fetch_optional(&svc.pool)
             .await?;
     let Some((dongle_id, owner, command, args)) = row else {
         return Ok(());
@@ -456,8 +475,8 @@ async fn remember_in_history(
         .collect::<Vec<_>>()
         .join(" ");
     crate::cli_telemetry::record(
-        &state.pool,
-        &state.console,
+        &svc.pool,
+        &svc.console,
         dongle_id,
         Some(owner),
         crate::cli_telemetry::Entry {
@@ -469,7 +488,7 @@ async fn remember_in_history(
             truncated,
             error: !matches!(result.outcome, CommandOutcome::Done),
         },
-        state.config.command_output_cap,
+        svc.command_output_cap,
     )
     .await?;
     Ok(())

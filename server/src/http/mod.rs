@@ -5,7 +5,6 @@ pub mod bounded;
 pub mod error;
 pub mod extract;
 pub mod first_byte;
-pub mod page;
 pub mod request_id;
 
 pub use error::{ApiError, ErrorCode};

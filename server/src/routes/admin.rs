@@ -14,8 +14,8 @@ use uuid::Uuid;
 use crate::audit::{self, AuditView, Entry, Target};
 use crate::auth::{AdminUser, session};
 use crate::http::error::ErrorBody;
-use crate::http::page::{PageInfo, Paging};
 use crate::http::{ApiError, ApiQuery, ClientInfo, ErrorCode, PathId};
+use crate::paging::{PageInfo, Paging};
 use crate::state::AppState;
 use crate::users::{self, Role, Status, User, UserView};
 

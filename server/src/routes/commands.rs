@@ -16,8 +16,8 @@ use crate::commands::{self, CommandPage, CommandView, InvokeRequest, Queued};
 use crate::dongles;
 use crate::host_commands::{HostCommandRequest, HostCommandRun};
 use crate::http::error::ErrorBody;
-use crate::http::page::Paging;
 use crate::http::{ApiError, ApiJson, ApiQuery, ClientInfo, PathId, PathIds};
+use crate::paging::Paging;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -107,7 +107,7 @@ async fn invoke(
     PathId(id): PathId,
     ApiJson(body): ApiJson<InvokeRequest>,
 ) -> Result<(StatusCode, Json<Queued>), ApiError> {
-    let queued = commands::invoke(&state, &caller, &client, id, &body).await?;
+    let queued = commands::invoke(&state.command_services(), &caller, &client, id, &body).await?;
     Ok((StatusCode::ACCEPTED, Json(queued)))
 }
 
@@ -141,7 +141,9 @@ async fn list(
     ApiQuery(q): ApiQuery<CommandListQuery>,
 ) -> Result<Json<CommandPage>, ApiError> {
     let paging = Paging::new(q.page, q.per_page);
-    Ok(Json(commands::list(&state, &caller, id, paging).await?))
+    Ok(Json(
+        commands::list(&state.command_services(), &caller, id, paging).await?,
+    ))
 }
 
 /// One command: status, times, exit code, stdout (capped at 64 KiB by default; `truncated` says so)
@@ -162,5 +164,7 @@ async fn get_command(
     caller: Caller,
     PathIds(id, command_id): PathIds,
 ) -> Result<Json<CommandView>, ApiError> {
-    Ok(Json(commands::get(&state, &caller, id, command_id).await?))
+    Ok(Json(
+        commands::get(&state.command_services(), &caller, id, command_id).await?,
+    ))
 }

@@ -1,4 +1,5 @@
-//! Paging of list endpoints: `page` (from 1) and `per_page` (default 50, at most 200).
+//! Paging of lists: `page` (from 1) and `per_page` (default 50, at most 200). The routes read them from
+//! the query string; the services page their queries with them.
 
 use serde::Serialize;
 use utoipa::ToSchema;
