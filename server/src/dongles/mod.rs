@@ -10,6 +10,7 @@
 //! - [`access`]: a dongle's row locked, who sees it, and the caller's standing with it.
 //! - [`pairing`]: the pairing state machine: start and submit, their limits and holds.
 //! - [`unpair`]: unpair and admin force-unpair.
+//! - [`holds`]: the accounts held from pairing a dongle, released by an administrator.
 //! - [`tokens`]: a dongle's verdict on its token, and tokens handed to a connecting agent.
 //! - [`owned`]: a dongle its owner acts on, and the agent that serves it.
 //! - [`error`]: why an operation on a dongle did not happen, and how an agent's failure reads.
@@ -19,6 +20,7 @@
 
 mod access;
 pub mod error;
+pub mod holds;
 pub mod owned;
 pub mod pairing;
 pub mod tokens;

@@ -1,7 +1,7 @@
 //! What a caller may see of dongles: their own, and unclaimed ones their online agents see now.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -119,6 +119,20 @@ pub struct AdminDongleView {
     pub last_seen_at: Option<DateTime<Utc>>,
     /// The group it is in, if any.
     pub group_id: Option<Uuid>,
+    /// The accounts held from pairing this dongle (five wrong PINs), oldest first; a force-unpair
+    /// releases them.
+    #[sqlx(json)]
+    pub pairing_holds: Vec<PairingHoldView>,
+}
+
+/// An account held from pairing one dongle.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PairingHoldView {
+    pub user_id: Uuid,
+    pub email: String,
+    /// Why: `too_many_wrong_pins`.
+    pub reason: String,
+    pub since: DateTime<Utc>,
 }
 
 /// The filters of the administrators' list; each absent one matches everything.
@@ -130,6 +144,8 @@ pub struct AdminFilter {
     pub owner: Option<String>,
     /// A part of the device id.
     pub device: Option<String>,
+    /// Only dongles on which an account is held.
+    pub held: bool,
 }
 
 /// Every dongle matching `filter`, most recently seen first, a page of them, and how many match.
@@ -141,13 +157,18 @@ pub async fn admin_list(
 ) -> Result<(Vec<AdminDongleView>, i64), sqlx::Error> {
     const WHERE: &str = "WHERE ($1::text IS NULL OR d.ownership_state::text = $1) \
            AND ($2::text IS NULL OR u.email LIKE $2) \
-           AND ($3::text IS NULL OR d.device_id LIKE $3)";
+           AND ($3::text IS NULL OR d.device_id LIKE $3) \
+           AND (NOT $4 OR EXISTS (SELECT 1 FROM pairing_holds h WHERE h.dongle_id = d.id))";
     let owner = filter.owner.as_deref().map(crate::db::like_contains);
     let device = filter.device.as_deref().map(crate::db::like_contains);
     let items: Vec<AdminDongleView> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT d.id, d.device_id, d.ownership_state::text AS ownership_state, d.owner_user_id, \
            u.email AS owner_email, seen.agent_id, seen.agent_name, \
-           coalesce(seen.online, false) AS agent_online, d.last_seen_at, m.group_id \
+           coalesce(seen.online, false) AS agent_online, d.last_seen_at, m.group_id, \
+           coalesce((SELECT json_agg(json_build_object('user_id', h.user_id, 'email', hu.email, \
+               'reason', h.reason, 'since', h.created_at) ORDER BY h.created_at) \
+             FROM pairing_holds h JOIN users hu ON hu.id = h.user_id WHERE h.dongle_id = d.id), \
+             '[]'::json) AS pairing_holds \
          FROM dongles d \
          LEFT JOIN users u ON u.id = d.owner_user_id \
          LEFT JOIN LATERAL ( \
@@ -156,11 +177,12 @@ pub async fn admin_list(
            WHERE s.dongle_id = d.id AND s.present \
            ORDER BY {ONLINE_SQL} DESC, s.last_seen_at DESC LIMIT 1) seen ON true \
          LEFT JOIN dongle_group_members m ON m.dongle_id = d.id \
-         {WHERE} ORDER BY d.last_seen_at DESC NULLS LAST, d.id LIMIT $4 OFFSET $5"
+         {WHERE} ORDER BY d.last_seen_at DESC NULLS LAST, d.id LIMIT $5 OFFSET $6"
     )))
     .bind(filter.state)
     .bind(&owner)
     .bind(&device)
+    .bind(filter.held)
     .bind(limit)
     .bind(offset)
     .fetch_all(pool)
@@ -171,6 +193,7 @@ pub async fn admin_list(
     .bind(filter.state)
     .bind(&owner)
     .bind(&device)
+    .bind(filter.held)
     .fetch_one(pool)
     .await?;
     Ok((items, total))

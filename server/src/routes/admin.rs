@@ -26,6 +26,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(enable_user))
         .routes(routes!(list_audit_logs))
         .routes(routes!(force_unpair))
+        .routes(routes!(release_holds))
         .routes(routes!(list_dongles))
 }
 
@@ -60,6 +61,8 @@ pub struct DongleSearch {
     pub owner: Option<String>,
     /// A part of the device id.
     pub device: Option<String>,
+    /// Only dongles on which an account is held from pairing (five wrong PINs).
+    pub held: Option<bool>,
     /// From 1 (0 counts as 1).
     #[param(value_type = Option<u64>, minimum = 0, maximum = 4294967295_u64)]
     pub page: Option<u32>,
@@ -76,7 +79,8 @@ pub struct AdminDonglePage {
 }
 
 /// Every dongle, most recently seen first, with its owner, state, the agent that sees it, when it was
-/// last seen and its group; filtered and paged. Act on one with force-unpair (which also ends a hold).
+/// last seen, its group and the accounts held from pairing it; filtered and paged. Act on one with
+/// force-unpair (which also ends a hold, and releases the held accounts).
 #[utoipa::path(get, path = "/admin/dongles", tag = "admin", security(("session" = [])),
     params(DongleSearch),
     responses(
@@ -96,6 +100,7 @@ async fn list_dongles(
         state: q.state.map(OwnershipFilter::as_str),
         owner: nonempty(q.owner),
         device: nonempty(q.device),
+        held: q.held.unwrap_or(false),
     };
     let (items, total) =
         crate::dongles::views::admin_list(&state.pool, &filter, paging.limit(), paging.offset())
@@ -124,6 +129,27 @@ async fn force_unpair(
 ) -> Result<Json<crate::dongles::Unpaired>, ApiError> {
     Ok(Json(
         crate::dongles::unpair(state.dongle_services(), admin.id, &client, id, true).await?,
+    ))
+}
+
+/// Releases every account held from pairing a dongle (five wrong PINs from that account), leaving the
+/// dongle's owner, token and group as they are; each released account may pair the dongle again.
+#[utoipa::path(post, path = "/admin/dongles/{id}/release-holds", tag = "admin", security(("session" = [], "csrf" = [])),
+    params(("id" = Uuid, Path, description = "The dongle's id")),
+    responses(
+        (status = 200, description = "Released (0 when no account was held).", body = crate::dongles::holds::HoldsReleased),
+        (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
+        (status = 403, description = "CSRF_INVALID", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: no such dongle, or the caller is not a super_admin.", body = ErrorBody),
+    ))]
+async fn release_holds(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    client: ClientInfo,
+    PathId(id): PathId,
+) -> Result<Json<crate::dongles::holds::HoldsReleased>, ApiError> {
+    Ok(Json(
+        crate::dongles::holds::release(state.dongle_services(), admin.id, &client, id).await?,
     ))
 }
 

@@ -331,7 +331,7 @@ pub async fn dongles(ctx: Ctx) -> Response {
         Ok(s) => s,
         Err(r) => return r,
     };
-    let (pairs, api_query) = query(&ctx, &["state", "owner", "device", "page"]);
+    let (pairs, api_query) = query(&ctx, &["state", "owner", "device", "held", "page"]);
     let reply = ctx.get(&format!("/admin/dongles?{api_query}")).await;
     if !reply.ok() {
         return error_page(&reply, Some(&session));
@@ -342,7 +342,7 @@ pub async fn dongles(ctx: Ctx) -> Response {
         .unwrap_or_default();
     let filters = format!(
         "<form method=\"get\" action=\"/admin/dongles\" class=\"filters\" aria-label=\"Search dongles\">\
-         {}{}{}<button type=\"submit\">Search</button></form>",
+         {}{}{}{}<button type=\"submit\">Search</button></form>",
         select(
             "dongles-state",
             "state",
@@ -371,6 +371,13 @@ pub async fn dongles(ctx: Ctx) -> Response {
             "search",
             value(&pairs, "device"),
             "autocomplete=\"off\" spellcheck=\"false\""
+        ),
+        select(
+            "dongles-held",
+            "held",
+            "Accounts held",
+            &opts(&[("", "Any"), ("true", "Some held from pairing")]),
+            value(&pairs, "held")
         ),
     );
     let listing = format!(
@@ -442,13 +449,63 @@ pub async fn dongles(ctx: Ctx) -> Response {
 
 /// One dongle of the administrators' list, with its action: force-unpair a claimed dongle, release a
 /// held one (the same operation, which ends the hold), nothing for an unclaimed one.
+/// The accounts held from pairing a dongle (five wrong PINs), under its state.
+fn held_accounts(holds: &[&Value]) -> String {
+    if holds.is_empty() {
+        return String::new();
+    }
+    let who: Vec<String> = holds
+        .iter()
+        .map(|h| format!("{} ({})", t(&h["email"]), time(&h["since"])))
+        .collect();
+    format!(
+        "<br><small data-region=\"pairing-holds\">Held from pairing: {}</small>",
+        who.join(", ")
+    )
+}
+
+/// A button that posts `/admin/dongles/{id}/{op}` after a confirmation, and comes back to the list
+/// with `notice`.
+fn action_form(
+    session: &Session,
+    id: &str,
+    device: &str,
+    op: &str,
+    notice: &'static str,
+    label: &str,
+    confirm: &str,
+) -> String {
+    let path = format!("/admin/dongles/{id}/{op}");
+    let aria = format!("{label} {device}");
+    api_form(
+        &session.csrf,
+        ApiForm {
+            path: &path,
+            next: "/admin/dongles",
+            notice,
+            ok: "redirect",
+            class: "inline",
+            label: &aria,
+            ..ApiForm::default()
+        },
+        &format!(
+            "<button type=\"submit\" class=\"danger\" aria-label=\"{}\" data-confirm=\"{}\">{label}</button>",
+            esc(&aria),
+            esc(confirm)
+        ),
+    )
+}
+
 fn dongle_row(session: &Session, d: &Value) -> String {
     let id = d["id"].as_str().unwrap_or("");
     let device = d["device_id"].as_str().unwrap_or("");
     let state = d["ownership_state"].as_str().unwrap_or("");
-    let action = if state == "UNCLAIMED" {
-        String::new()
-    } else {
+    let holds: Vec<&Value> = d["pairing_holds"]
+        .as_array()
+        .map(|h| h.iter().collect())
+        .unwrap_or_default();
+    let mut action = String::new();
+    if state != "UNCLAIMED" {
         let (label, confirm) = if state == "SECURITY_HOLD" {
             (
                 "Release hold",
@@ -460,26 +517,27 @@ fn dongle_row(session: &Session, d: &Value) -> String {
                 "Force-unpair this dongle? Its owner, token and group membership are cleared.",
             )
         };
-        let path = format!("/admin/dongles/{id}/force-unpair");
-        let aria = format!("{label} {device}");
-        api_form(
-            &session.csrf,
-            ApiForm {
-                path: &path,
-                next: "/admin/dongles",
-                notice: "force_unpaired",
-                ok: "redirect",
-                class: "inline",
-                label: &aria,
-                ..ApiForm::default()
-            },
-            &format!(
-                "<button type=\"submit\" class=\"danger\" aria-label=\"{}\" data-confirm=\"{}\">{label}</button>",
-                esc(&aria),
-                esc(confirm)
-            ),
-        )
-    };
+        action += &action_form(
+            session,
+            id,
+            device,
+            "force-unpair",
+            "force_unpaired",
+            label,
+            confirm,
+        );
+    }
+    if !holds.is_empty() {
+        action += &action_form(
+            session,
+            id,
+            device,
+            "release-holds",
+            "holds_released",
+            "Release held accounts",
+            "Release the accounts held from pairing this dongle? They may pair it again; its owner keeps it.",
+        );
+    }
     let agent = match d["agent_name"].as_str() {
         Some(name) => format!(
             "{} {}",
@@ -498,7 +556,7 @@ fn dongle_row(session: &Session, d: &Value) -> String {
         esc(id),
         esc(device),
         esc(device),
-        state_badge(state),
+        state_badge(state) + &held_accounts(&holds),
         t(&d["owner_email"]),
         time(&d["last_seen_at"]),
         t(&d["group_id"]),

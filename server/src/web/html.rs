@@ -86,6 +86,7 @@ pub fn notice_text(code: &str) -> Option<&'static str> {
         "enabled" => "The user is enabled again.",
         "revoked" => "The agent's tokens are revoked: it must log in again.",
         "force_unpaired" => "The dongle is unpaired and any security hold is cleared.",
+        "holds_released" => "The accounts held from pairing the dongle are released.",
         "group_created" => "The group is created.",
         "activated" => "The group is activated.",
         "deactivated" => "The group is deactivated.",

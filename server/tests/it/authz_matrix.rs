@@ -537,6 +537,13 @@ fn table() -> Vec<Row> {
         )
         .body(json!({})),
         row(
+            post.clone(),
+            "/api/v1/admin/dongles/{id}/release-holds",
+            "/api/v1/admin/dongles/{dongle}/release-holds",
+            Admin(200),
+        )
+        .body(json!({})),
+        row(
             get.clone(),
             "/api/v1/admin/users",
             "/api/v1/admin/users",

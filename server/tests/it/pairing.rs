@@ -186,6 +186,78 @@ async fn pairing_works_from_the_agent_token_too(pool: PgPool) {
 /// the hold; the dongle itself is not held, so a stranger whose agent sees an unclaimed dongle cannot
 /// lock out whoever holds it (issue 24). Before, the fifth wrong PIN of anyone put the dongle on
 /// SECURITY_HOLD for everybody.
+/// An administrator sees which accounts are held from pairing a dongle, in the API and on the
+/// dashboard, and releases them without touching the dongle's owner (issue 24: before, holds were
+/// invisible, and only a force-unpair, which also unpairs the owner, released them).
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_administrator_sees_and_releases_the_accounts_held_on_a_dongle(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let (mallory, _, _, _agent, dongle) = user_with_dongle(&app, "mallory@example.com").await;
+    let session = start(&mallory, dongle).await.json["pairing_session_id"].clone();
+    for _ in 0..5 {
+        submit(&mallory, dongle, &session, "000000").await;
+    }
+    start(&mallory, dongle)
+        .await
+        .assert_error(StatusCode::CONFLICT, "PAIRING_SECURITY_HOLD");
+    let (alice, alice_id, _, _alices, _) = user_with_dongle(&app, "alice@example.com").await;
+    let session = start(&alice, dongle).await;
+    submit(&alice, dongle, &session.json["pairing_session_id"], PIN).await;
+    assert_eq!(ownership_state(&pool, dongle).await, "CLAIMED_ACTIVE");
+
+    let (admin, _) = app.logged_in("admin@example.com", Role::SuperAdmin).await;
+    let held = read(admin.get("/admin/dongles?held=true").await).await;
+    assert_eq!(held.status, StatusCode::OK, "{}", held.text);
+    assert_eq!(held.json["total"], 1, "{}", held.text);
+    assert_eq!(held.json["items"][0]["id"], dongle.to_string());
+    let holds = &held.json["items"][0]["pairing_holds"];
+    assert_eq!(holds.as_array().map(Vec::len), Some(1), "{holds}");
+    assert_eq!(holds[0]["email"], "mallory@example.com");
+    assert_eq!(holds[0]["reason"], "too_many_wrong_pins");
+    assert!(holds[0]["since"].is_string(), "{holds}");
+    let page = admin
+        .http
+        .get(admin.url("/admin/dongles?held=true"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("Held from pairing: mallory@example.com"),
+        "{page}"
+    );
+    assert!(page.contains("Release held accounts"), "{page}");
+
+    // Nobody but a super_admin releases them.
+    let path = format!("/admin/dongles/{dongle}/release-holds");
+    read(mallory.post_json(&path, json!({})).await)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "NOT_FOUND");
+    let released = read(admin.post_json(&path, json!({})).await).await;
+    assert_eq!(released.status, StatusCode::OK, "{}", released.text);
+    assert_eq!(released.json["released"], 1);
+    assert_eq!(audit_count(&app, "pairing.hold_exited").await, 1);
+    let held = read(admin.get("/admin/dongles?held=true").await).await;
+    assert_eq!(held.json["total"], 0, "{}", held.text);
+    // The owner keeps the dongle; mallory is no longer held, only refused as a stranger.
+    assert_eq!(ownership_state(&pool, dongle).await, "CLAIMED_ACTIVE");
+    let owner: Uuid = sqlx::query_scalar("SELECT owner_user_id FROM dongles WHERE id = $1")
+        .bind(dongle)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(owner, alice_id);
+    start(&mallory, dongle)
+        .await
+        .assert_error(StatusCode::CONFLICT, "DONGLE_OWNED_BY_OTHER");
+    // Releasing again changes nothing.
+    let again = read(admin.post_json(&path, json!({})).await).await;
+    assert_eq!(again.json["released"], 0, "{}", again.text);
+    assert_eq!(audit_count(&app, "pairing.hold_exited").await, 1);
+}
+
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn five_wrong_pins_hold_that_account_not_the_dongle_until_an_admin_clears_it(pool: PgPool) {
     let app = spawn_app(pool.clone()).await;
