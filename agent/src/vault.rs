@@ -219,11 +219,23 @@ fn aad(device_id: &DeviceId) -> Vec<u8> {
 /// The vault key in `path`, made when absent. Where the OS seals keys (DPAPI on Windows) the file holds
 /// the sealed key, and a key an earlier agent stored in the clear is sealed the first time it is read.
 fn load_or_create_key(path: &Path) -> Result<[u8; 32], VaultError> {
+    load_or_create_key_with(path, |from, to| fs::hard_link(from, to))
+}
+
+/// [`load_or_create_key`], with `link` standing for `fs::hard_link` (tests stand in a filesystem
+/// without hard links).
+fn load_or_create_key_with(
+    path: &Path,
+    link: impl Fn(&Path, &Path) -> std::io::Result<()>,
+) -> Result<[u8; 32], VaultError> {
     let io = |source| VaultError::Io {
         path: path.to_path_buf(),
         source,
     };
     match fs::read(path) {
+        // An empty key file is one another agent is making in place (a filesystem without hard
+        // links): its key is the vault's once it is written.
+        Ok(stored) if stored.is_empty() => read_made_key(path),
         Ok(stored) => {
             let key = unseal(path, &stored)?;
             if crate::platform::SEALS_KEYS && stored.as_slice() == key.as_slice() {
@@ -240,30 +252,71 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], VaultError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key: [u8; 32] = rand::rng().random();
             let stored = crate::platform::seal_key(&key).map_err(io)?;
-            // Written whole beside it, then linked into place, which fails if the file exists: two
-            // agents starting at once never each keep a different key, and neither reads half of one.
-            let tmp = crate::home::temp_path_for(path);
-            let mut file = crate::platform::private_file_options()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(io)?;
-            let linked = file
-                .write_all(&stored)
-                .and_then(|_| file.sync_all())
-                .and_then(|_| fs::hard_link(&tmp, path));
-            let _ = fs::remove_file(&tmp);
-            match linked {
+            match create_key_file(path, &stored, link) {
                 Ok(()) => Ok(key),
                 // Another agent made it first: its key is the vault's.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    unseal(path, &fs::read(path).map_err(io)?)
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_made_key(path),
                 Err(e) => Err(io(e)),
             }
         }
         Err(source) => Err(io(source)),
+    }
+}
+
+/// Puts a new key file at `path`, never over one that exists (AlreadyExists then). It is written whole
+/// beside it and linked into place, so that two agents starting at once never each keep a different
+/// key and neither reads half of one. Where the filesystem has no hard links (FAT, some network
+/// mounts), it is created exclusively in place and written there, and another agent reading it
+/// meanwhile waits for it to be whole ([`read_made_key`]).
+fn create_key_file(
+    path: &Path,
+    stored: &[u8],
+    link: impl Fn(&Path, &Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let tmp = crate::home::temp_path_for(path);
+    let written = crate::platform::private_file_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .and_then(|mut file| file.write_all(stored).and_then(|_| file.sync_all()));
+    let placed = written.and_then(|()| match link(&tmp, path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            tracing::info!(error = %e, "no hard link for the vault key here: it is made in place");
+            let mut file = crate::platform::private_file_options()
+                .write(true)
+                .create_new(true)
+                .open(path)?;
+            file.write_all(stored).and_then(|_| file.sync_all())
+        }
+        linked => linked,
+    });
+    let _ = fs::remove_file(&tmp);
+    placed
+}
+
+/// How long an agent that found a key file being made elsewhere waits for it to be whole.
+const KEY_MADE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The key another agent has just made at `path`. On a filesystem without hard links it may still be
+/// being written: a key that does not read whole is read again until [`KEY_MADE_WAIT`] has passed.
+fn read_made_key(path: &Path) -> Result<[u8; 32], VaultError> {
+    let deadline = std::time::Instant::now() + KEY_MADE_WAIT;
+    loop {
+        let read = fs::read(path)
+            .map_err(|source| VaultError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+            .and_then(|stored| unseal(path, &stored));
+        match read {
+            Err(VaultError::KeyDamaged { .. } | VaultError::KeyNotUnsealed { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -400,6 +453,36 @@ mod tests {
                 vault.file = Vault::open(dir.path()).unwrap().file;
                 assert_eq!(vault.get(&id(1)).unwrap(), Some(token));
             }
+        }
+    }
+
+    /// FAT and some network mounts have no hard links: agents starting at once on such a folder still
+    /// make one key between them (before, none could make a vault there at all).
+    #[test]
+    fn without_hard_links_agents_opening_a_fresh_vault_at_once_agree_on_its_key() {
+        let no_links = |_: &Path, _: &Path| -> std::io::Result<()> {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "this filesystem has no hard links",
+            ))
+        };
+        for _ in 0..50 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(KEY_FILE);
+            let keys: Vec<[u8; 32]> = std::thread::scope(|scope| {
+                let opening: Vec<_> = (0..8)
+                    .map(|_| scope.spawn(|| load_or_create_key_with(&path, no_links)))
+                    .collect();
+                opening
+                    .into_iter()
+                    .map(|t| t.join().unwrap().unwrap())
+                    .collect()
+            });
+            assert!(keys.iter().all(|k| *k == keys[0]));
+            assert_eq!(load_or_create_key(&path).unwrap(), keys[0]);
+            // Nothing is left beside the key.
+            let files: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(files.len(), 1, "{files:?}");
         }
     }
 
