@@ -150,6 +150,17 @@ pub fn buffered_payload(group_id: Uuid, towards: Side) -> String {
     format!("{group_id}:{}", side_letter(towards))
 }
 
+/// The payload of a [`BUFFERED_CHANNEL`] notification that says where a side of the group is served
+/// changed: `served:<group id>`. The pipes of that group look at their sides again.
+pub fn served_payload(group_id: Uuid) -> String {
+    format!("served:{group_id}")
+}
+
+/// Reads a [`served_payload`]; None for anything else.
+pub fn parse_served_payload(payload: &str) -> Option<Uuid> {
+    payload.strip_prefix("served:")?.parse().ok()
+}
+
 /// Reads a [`BUFFERED_CHANNEL`] payload; None for anything else.
 pub fn parse_buffered_payload(payload: &str) -> Option<(Uuid, Side)> {
     let (group, side) = payload.split_once(':')?;
@@ -626,4 +637,21 @@ pub async fn set_mode(
     .bind(clear_pressure)
     .fetch_optional(pool)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_two_kinds_of_notification_are_never_taken_for_each_other() {
+        let group_id = Uuid::new_v4();
+        let buffered = buffered_payload(group_id, Side::B);
+        let served = served_payload(group_id);
+        assert_eq!(parse_buffered_payload(&buffered), Some((group_id, Side::B)));
+        assert_eq!(parse_served_payload(&served), Some(group_id));
+        assert_eq!(parse_buffered_payload(&served), None);
+        assert_eq!(parse_served_payload(&buffered), None);
+        assert_eq!(parse_served_payload("served:not-a-uuid"), None);
+    }
 }

@@ -152,6 +152,22 @@ impl Relay {
         }
     }
 
+    /// The group's pipe here, if any, looks at its sides and connections again (another instance
+    /// now holds, or no longer holds, one of them).
+    pub async fn look_at_sides(&self, group_id: Uuid) {
+        if let Some(pipe) = self.pipes.lock().await.get(&group_id) {
+            let _ = pipe.tx.try_send(PipeEvent::Refresh { done: None });
+        }
+    }
+
+    /// Every pipe here looks at its sides now: notifications may have been missed (the listening
+    /// connection was down).
+    pub async fn look_at_every_side(&self) {
+        for pipe in self.pipes.lock().await.values() {
+            let _ = pipe.tx.try_send(PipeEvent::Refresh { done: None });
+        }
+    }
+
     /// Every pipe here looks at its buffer now: notifications may have been missed (the listening
     /// connection was down).
     pub async fn look_at_every_buffer(&self) {

@@ -173,27 +173,28 @@ pub async fn sides_of(pool: &PgPool, group_id: Uuid) -> Result<Option<GroupSides
 }
 
 /// Records that this instance holds (`here`) or no longer holds the data connection serving `side`
-/// of the group. Clearing leaves a row naming another instance alone.
+/// of the group. Clearing leaves a row naming another instance alone. True when the row changed.
 pub async fn mark_served(
     pool: &PgPool,
     group_id: Uuid,
     side: Side,
     instance_id: Uuid,
     here: bool,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     let sql = if here {
         "UPDATE relay_sides SET served_by = $3 WHERE group_id = $1 AND side = $2 \
          AND served_by IS DISTINCT FROM $3"
     } else {
         "UPDATE relay_sides SET served_by = NULL WHERE group_id = $1 AND side = $2 AND served_by = $3"
     };
-    sqlx::query(sql)
+    let changed = sqlx::query(sql)
         .bind(group_id)
         .bind(side_letter(side))
         .bind(instance_id)
         .execute(pool)
-        .await?;
-    Ok(())
+        .await?
+        .rows_affected();
+    Ok(changed > 0)
 }
 
 /// Per side of the group: its data connection is held by a live instance other than `instance_id`

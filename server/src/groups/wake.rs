@@ -4,7 +4,8 @@
 //! rows at once. Without it, a group whose sides reach different instances waited for the receiving
 //! pipe's poll, which backs off to 16 times `poll_interval` while it finds nothing (p50 7.7 s measured by
 //! `bench-relay --instances 2`). The poll stays as the fallback for a missed notification, and a
-//! reopened listening connection makes every pipe look once.
+//! reopened listening connection makes every pipe look once. The same channel says when where a side
+//! is served changed (`served:<group id>`), so that the group's pipe here looks at its sides at once.
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::buffer::{BUFFERED_CHANNEL, parse_buffered_payload};
+use super::buffer::{BUFFERED_CHANNEL, parse_buffered_payload, parse_served_payload};
 use super::relay::Relay;
 use crate::listen::{WAKE_QUEUE, Wake, listen_loop};
 
@@ -27,11 +28,19 @@ pub async fn run(pool: PgPool, relay: Arc<Relay>, shutdown: CancellationToken) {
     ));
     while let Some(wake) = wake_rx.recv().await {
         match wake {
-            Wake::Notice(payload) => match parse_buffered_payload(&payload) {
-                Some((group_id, towards)) => relay.buffered(group_id, towards).await,
-                None => tracing::debug!("ignored a relay notification that does not parse"),
-            },
-            Wake::Resync => relay.look_at_every_buffer().await,
+            Wake::Notice(payload) => {
+                if let Some((group_id, towards)) = parse_buffered_payload(&payload) {
+                    relay.buffered(group_id, towards).await;
+                } else if let Some(group_id) = parse_served_payload(&payload) {
+                    relay.look_at_sides(group_id).await;
+                } else {
+                    tracing::debug!("ignored a relay notification that does not parse");
+                }
+            }
+            Wake::Resync => {
+                relay.look_at_every_buffer().await;
+                relay.look_at_every_side().await;
+            }
         }
     }
     let _ = listener.await;

@@ -830,6 +830,42 @@ async fn sides_on_two_server_instances_relay_through_the_buffer(pool: PgPool) {
     second.stop().await;
 }
 
+/// An instance learns at once that the other side of a group connected to (or left) another instance:
+/// the instance that records where a side is served announces it, and the pipes of that group look at
+/// their sides again. Here the periodic look is a minute away; before, the group's view on the first
+/// instance said side B was away until that look (10 s by default).
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_side_connecting_to_another_instance_is_seen_at_once(pool: PgPool) {
+    let slow_refresh = |c: &mut ServerConfig| c.relay.refresh_interval = Duration::from_secs(60);
+    let first = app_with(pool.clone(), slow_refresh).await;
+    let own = PgPoolOptions::new()
+        .max_connections(5)
+        .connect(&database_url_of(&pool))
+        .await
+        .unwrap();
+    let second = app_with(own, slow_refresh).await;
+    let users = two_dongles(&first, "frank@example.com", DEV_A, DEV_B).await;
+    let id = active_group(&users.client, users.dongle_a, users.dongle_b).await;
+    let _data_a = DataClient::connect(&first.base, &users.token_a).await;
+    group_until(&users.client, id, |g| {
+        g["dongle_a"]["data_connected"] == true && g["dongle_b"]["data_connected"] == false
+    })
+    .await;
+    // B connects to the other instance: the first one's view follows within the wait, not a minute.
+    let data_b = DataClient::connect(&second.base, &users.token_b).await;
+    group_until(&users.client, id, |g| {
+        g["dongle_b"]["data_connected"] == true && g["state"] == "CROSS_INSTANCE"
+    })
+    .await;
+    // And it follows B away.
+    data_b.cut();
+    group_until(&users.client, id, |g| {
+        g["dongle_b"]["data_connected"] == false && g["state"] == "DEGRADED"
+    })
+    .await;
+    second.stop().await;
+}
+
 /// Frames one instance buffers for a side connected to another wake that instance at once (a
 /// notification), rather than waiting for its poll: here the poll is a minute away, and the frames must
 /// arrive within the receive's 10 s. Before the notification they took up to the poll's backoff (8 s

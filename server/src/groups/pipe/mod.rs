@@ -459,6 +459,20 @@ impl Pipe {
     /// nothing when the row already says so): the record may be lost behind this pipe's back, when
     /// another instance took this one for dead and deleted its rows, and the instances must not then
     /// disagree for as long as the connection lasts. A failed write is retried at the next look.
+    /// Tells the instance serving the group's other side that where a side is served changed, so that
+    /// its pipe looks at the sides now rather than at its next periodic look. A lost announcement
+    /// only delays that until then.
+    async fn announce_served(&self) {
+        let announced = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(super::buffer::BUFFERED_CHANNEL)
+            .bind(super::buffer::served_payload(self.group_id))
+            .execute(&self.core.pool)
+            .await;
+        if let Err(e) = announced {
+            tracing::debug!(group_id = %self.group_id, error = %e, "could not announce where a side is served");
+        }
+    }
+
     async fn mark_served(&mut self, here: PerSide<bool>) {
         let Some((instance_id, _)) = self.core.cluster else {
             return;
@@ -476,7 +490,12 @@ impl Pipe {
             )
             .await
             {
-                Ok(()) => self.marked[side] = *here,
+                Ok(changed) => {
+                    self.marked[side] = *here;
+                    if changed {
+                        self.announce_served().await;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(group_id = %self.group_id, error = %e, "could not record where a group side is served")
                 }
