@@ -46,6 +46,31 @@ fn stdout(command: &mut Command) -> String {
 }
 
 /// An empty dpkg database under `root`, as a fresh system has.
+/// Checks that `binary` needs no shared library beyond libc6's (and libgcc_s), read with `objdump`
+/// (the one for the binary's architecture); `loader` is the architecture's dynamic loader.
+fn assert_needs_only_libc(binary: &Path, objdump: &str, loader: &str) {
+    let needed = stdout(Command::new(objdump).arg("-p").arg(binary));
+    let libs: Vec<&str> = needed
+        .lines()
+        .filter(|l| l.trim_start().starts_with("NEEDED"))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert!(
+        libs.contains(&"libc.so.6"),
+        "{}: {needed}",
+        binary.display()
+    );
+    for lib in libs {
+        assert!(
+            ["libc.so.6", "libm.so.6", "libgcc_s.so.1", loader].contains(&lib)
+                || lib.starts_with("libpthread")
+                || lib.starts_with("libdl"),
+            "{} needs {lib}, which its package does not depend on",
+            binary.display()
+        );
+    }
+}
+
 fn dpkg_root(root: &Path) {
     let admin = root.join("var/lib/dpkg");
     for dir in ["info", "updates", "triggers"] {
@@ -98,29 +123,12 @@ fn the_debian_packages_install_run_and_purge() {
     ] {
         assert!(info.contains(&field), "{field} missing from:\n{info}");
     }
-    // The binaries' shared libraries are all in libc6, which the package depends on.
-    let needed = stdout(
-        Command::new("objdump")
-            .arg("-p")
-            .arg(bin_dir.join("bridge-server")),
-    );
-    for line in needed
-        .lines()
-        .filter(|l| l.trim_start().starts_with("NEEDED"))
-    {
-        let lib = line.split_whitespace().nth(1).unwrap();
-        assert!(
-            [
-                "libc.so.6",
-                "libm.so.6",
-                "libgcc_s.so.1",
-                "ld-linux-x86-64.so.2"
-            ]
-            .contains(&lib)
-                || lib.starts_with("libpthread")
-                || lib.starts_with("libdl"),
-            "bridge-server needs {lib}, which the package does not depend on"
-        );
+    // The binaries' shared libraries are all in libc6, which the packages depend on (and libgcc-s1,
+    // which is essential).
+    let agent_info = stdout(Command::new("dpkg-deb").args(["--field"]).arg(&agent_deb));
+    assert!(agent_info.contains("libc6 (>= 2.34)"), "{agent_info}");
+    for bin in ["bridge-server", "bridge-agent"] {
+        assert_needs_only_libc(&bin_dir.join(bin), "objdump", "ld-linux-x86-64.so.2");
     }
 
     let target = tempfile::tempdir().unwrap();
@@ -351,6 +359,11 @@ fn the_arm64_agent_package_installs_and_runs_under_qemu_user() {
     let elf = std::fs::read(&installed).unwrap();
     assert_eq!(&elf[..4], b"\x7fELF");
     assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), 183, "not arm64");
+    assert_needs_only_libc(
+        &installed,
+        "aarch64-linux-gnu-objdump",
+        "ld-linux-aarch64.so.1",
+    );
     let version_line = stdout(
         Command::new(&qemu)
             .arg(&installed)
