@@ -233,12 +233,21 @@ fn load_or_create_key_with(
         source,
     };
     match fs::read(path) {
-        // An empty key file is one another agent is making in place (a filesystem without hard
-        // links): its key is the vault's once it is written.
-        Ok(stored) if stored.is_empty() => read_made_key(path),
         Ok(stored) => {
-            let key = unseal(path, &stored)?;
-            if crate::platform::SEALS_KEYS && stored.as_slice() == key.as_slice() {
+            // A key that does not read whole may be one another agent is still writing in place (a
+            // filesystem without hard links): its key is the vault's once it is written.
+            let key = match unseal(path, &stored) {
+                Err(VaultError::KeyDamaged { .. } | VaultError::KeyNotUnsealed { .. }) => {
+                    return read_made_key(path);
+                }
+                read => read?,
+            };
+            // A key stored in the clear by an earlier agent is sealed now, once the file is seen not
+            // to change (it is not a seal another agent is still writing).
+            if crate::platform::SEALS_KEYS
+                && stored.as_slice() == key.as_slice()
+                && settled(path, &stored)
+            {
                 // The key is read either way: a seal that fails now is tried again at the next open.
                 let sealed = crate::platform::seal_key(&key)
                     .map_err(io)
@@ -287,7 +296,14 @@ fn create_key_file(
                 .write(true)
                 .create_new(true)
                 .open(path)?;
-            file.write_all(stored).and_then(|_| file.sync_all())
+            let written = file.write_all(stored).and_then(|_| file.sync_all());
+            if written.is_err() {
+                // The file is this agent's (it made it): a key that was never whole must not stay
+                // behind for the next start to take for a damaged one.
+                drop(file);
+                let _ = fs::remove_file(path);
+            }
+            written
         }
         linked => linked,
     });
@@ -299,7 +315,8 @@ fn create_key_file(
 const KEY_MADE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The key another agent has just made at `path`. On a filesystem without hard links it may still be
-/// being written: a key that does not read whole is read again until [`KEY_MADE_WAIT`] has passed.
+/// being written: a key that does not read whole is read again until [`KEY_MADE_WAIT`] has passed,
+/// and then it is damaged (or sealed for someone else), which the error says.
 fn read_made_key(path: &Path) -> Result<[u8; 32], VaultError> {
     let deadline = std::time::Instant::now() + KEY_MADE_WAIT;
     loop {
@@ -318,6 +335,12 @@ fn read_made_key(path: &Path) -> Result<[u8; 32], VaultError> {
             other => return other,
         }
     }
+}
+
+/// Whether `path` still holds `stored` after a moment: nobody is writing it.
+fn settled(path: &Path, stored: &[u8]) -> bool {
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    fs::read(path).is_ok_and(|now| now == stored)
 }
 
 /// The vault key from what `path` holds.

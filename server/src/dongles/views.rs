@@ -119,11 +119,15 @@ pub struct AdminDongleView {
     pub last_seen_at: Option<DateTime<Utc>>,
     /// The group it is in, if any.
     pub group_id: Option<Uuid>,
-    /// The accounts held from pairing this dongle (five wrong PINs), oldest first; a force-unpair
-    /// releases them.
+    /// The accounts held from pairing this dongle (five wrong PINs), oldest first, at most
+    /// [`MAX_HOLDS_SHOWN`]; releasing them releases them all.
     #[sqlx(json)]
     pub pairing_holds: Vec<PairingHoldView>,
 }
+
+/// The most held accounts listed per dongle: strangers' accounts must not make one row of the list
+/// unbounded.
+pub const MAX_HOLDS_SHOWN: i64 = 20;
 
 /// An account held from pairing one dongle.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -165,9 +169,11 @@ pub async fn admin_list(
         "SELECT d.id, d.device_id, d.ownership_state::text AS ownership_state, d.owner_user_id, \
            u.email AS owner_email, seen.agent_id, seen.agent_name, \
            coalesce(seen.online, false) AS agent_online, d.last_seen_at, m.group_id, \
-           coalesce((SELECT json_agg(json_build_object('user_id', h.user_id, 'email', hu.email, \
+           coalesce((SELECT json_agg(json_build_object('user_id', h.user_id, 'email', h.email, \
                'reason', h.reason, 'since', h.created_at) ORDER BY h.created_at) \
-             FROM pairing_holds h JOIN users hu ON hu.id = h.user_id WHERE h.dongle_id = d.id), \
+             FROM (SELECT ph.user_id, hu.email, ph.reason, ph.created_at FROM pairing_holds ph \
+                   JOIN users hu ON hu.id = ph.user_id WHERE ph.dongle_id = d.id \
+                   ORDER BY ph.created_at LIMIT {MAX_HOLDS_SHOWN}) h), \
              '[]'::json) AS pairing_holds \
          FROM dongles d \
          LEFT JOIN users u ON u.id = d.owner_user_id \

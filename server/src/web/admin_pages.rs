@@ -447,8 +447,6 @@ pub async fn dongles(ctx: Ctx) -> Response {
     page.render()
 }
 
-/// One dongle of the administrators' list, with its action: force-unpair a claimed dongle, release a
-/// held one (the same operation, which ends the hold), nothing for an unclaimed one.
 /// The accounts held from pairing a dongle (five wrong PINs), under its state.
 fn held_accounts(holds: &[&Value]) -> String {
     if holds.is_empty() {
@@ -496,6 +494,9 @@ fn action_form(
     )
 }
 
+/// One dongle of the administrators' list, with its actions: force-unpair a claimed dongle, release a
+/// dongle on security hold (the same operation, which ends the hold), and release the accounts held
+/// from pairing it when there are any; nothing for an unclaimed dongle without them.
 fn dongle_row(session: &Session, d: &Value) -> String {
     let id = d["id"].as_str().unwrap_or("");
     let device = d["device_id"].as_str().unwrap_or("");

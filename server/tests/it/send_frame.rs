@@ -6,8 +6,9 @@ use crate::common;
 use std::time::Duration;
 
 use common::agent::{Answer, TestAgent};
-use common::dongle::{self, CAN_FD, Owner, audit_count};
+use common::dongle::{self, Owner, audit_count};
 use common::{Answer as Reply, read, spawn_app, spawn_app_with};
+use firmware_proto::caps::CAN_FD;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;

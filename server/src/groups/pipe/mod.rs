@@ -453,12 +453,6 @@ impl Pipe {
         }
     }
 
-    /// Records in `relay_sides.served_by` which sides' data connections this instance holds, when
-    /// several instances share the database, so that the instance serving the other side can tell
-    /// CROSS_INSTANCE from DEGRADED. A side held here is written at every look (the update changes
-    /// nothing when the row already says so): the record may be lost behind this pipe's back, when
-    /// another instance took this one for dead and deleted its rows, and the instances must not then
-    /// disagree for as long as the connection lasts. A failed write is retried at the next look.
     /// Tells the instance serving the group's other side that where a side is served changed, so that
     /// its pipe looks at the sides now rather than at its next periodic look. A lost announcement
     /// only delays that until then.
@@ -473,6 +467,17 @@ impl Pipe {
         }
     }
 
+    /// Records in `relay_sides.served_by` which sides' data connections this instance holds, when
+    /// several instances share the database, so that the instance serving the other side can tell
+    /// CROSS_INSTANCE from DEGRADED. A side held here is written at every look (the update changes
+    /// nothing when the row already says so): the record may be lost behind this pipe's back, when
+    /// another instance took this one for dead and deleted its rows, and the instances must not then
+    /// disagree for as long as the connection lasts. A failed write is retried at the next look.
+    ///
+    /// A change of this pipe's own view (a side it now holds, or no longer holds) is announced to the
+    /// other instances; rewriting a row that another instance had taken is not, so that two instances
+    /// that both hold a connection of one side (an old one not yet dead) do not wake each other in a
+    /// loop: they take the row in turn at their periodic looks, as before.
     async fn mark_served(&mut self, here: PerSide<bool>) {
         let Some((instance_id, _)) = self.core.cluster else {
             return;
@@ -491,8 +496,9 @@ impl Pipe {
             .await
             {
                 Ok(changed) => {
+                    let view_changed = self.marked[side] != *here;
                     self.marked[side] = *here;
-                    if changed {
+                    if changed && view_changed {
                         self.announce_served().await;
                     }
                 }

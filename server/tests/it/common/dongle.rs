@@ -8,9 +8,6 @@ use uuid::Uuid;
 use super::agent::{self, TestAgent};
 use super::{TestApp, TestClient};
 
-/// The capability bit of CAN FD, from the crate that defines the capability bits.
-pub use firmware_proto::caps::CAN_FD;
-
 /// A user with a paired dongle and the agent serving it.
 pub struct Owner {
     pub client: TestClient,
