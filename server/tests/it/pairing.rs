@@ -215,15 +215,7 @@ async fn an_administrator_sees_and_releases_the_accounts_held_on_a_dongle(pool: 
     assert_eq!(holds[0]["email"], "mallory@example.com");
     assert_eq!(holds[0]["reason"], "too_many_wrong_pins");
     assert!(holds[0]["since"].is_string(), "{holds}");
-    let page = admin
-        .http
-        .get(admin.url("/admin/dongles?held=true"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = admin.page("/admin/dongles?held=true").await;
     assert!(
         page.contains("Held from pairing: mallory@example.com"),
         "{page}"

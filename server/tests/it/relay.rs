@@ -37,6 +37,21 @@ async fn app_with(pool: PgPool, adjust: impl FnOnce(&mut ServerConfig)) -> TestA
     .await
 }
 
+/// Two server instances on the test's database, each with its own pool (as two processes would have),
+/// both configured by `adjust`.
+async fn two_instances(
+    pool: &PgPool,
+    adjust: impl Fn(&mut ServerConfig) + Copy,
+) -> (TestApp, TestApp) {
+    let first = app_with(pool.clone(), adjust).await;
+    let own = PgPoolOptions::new()
+        .max_connections(5)
+        .connect(&database_url_of(pool))
+        .await
+        .unwrap();
+    (first, app_with(own, adjust).await)
+}
+
 /// Two dongles on two agents, grouped and activated, both agents' data planes connected, ACTIVE.
 async fn relaying(app: &TestApp) -> (TwoDongles, Uuid, DataClient, DataClient) {
     let users = two_dongles(app, "alice@example.com", DEV_A, DEV_B).await;
@@ -754,13 +769,7 @@ async fn the_group_console_shows_relayed_frames_and_state(pool: PgPool) {
 async fn sides_on_two_server_instances_relay_through_the_buffer(pool: PgPool) {
     let quick_refresh =
         |c: &mut ServerConfig| c.relay.refresh_interval = Duration::from_millis(300);
-    let first = app_with(pool.clone(), quick_refresh).await;
-    let own = PgPoolOptions::new()
-        .max_connections(5)
-        .connect(&database_url_of(&pool))
-        .await
-        .unwrap();
-    let second = app_with(own, quick_refresh).await;
+    let (first, second) = two_instances(&pool, quick_refresh).await;
     let users = two_dongles(&first, "erin@example.com", DEV_A, DEV_B).await;
     let id = active_group(&users.client, users.dongle_a, users.dongle_b).await;
     // A's data connection on one instance, B's on the other.
@@ -784,16 +793,7 @@ async fn sides_on_two_server_instances_relay_through_the_buffer(pool: PgPool) {
     assert_eq!(view["buffer_pressure"], false);
     // The gauge counts it (both instances share this process's metrics recorder, as do other tests:
     // at least this group).
-    let metrics = users
-        .client
-        .http
-        .get(users.client.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = users.client.page("/metrics").await;
     let cross: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("relay_groups_cross_instance "))
@@ -837,13 +837,7 @@ async fn sides_on_two_server_instances_relay_through_the_buffer(pool: PgPool) {
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn a_side_connecting_to_another_instance_is_seen_at_once(pool: PgPool) {
     let slow_refresh = |c: &mut ServerConfig| c.relay.refresh_interval = Duration::from_secs(60);
-    let first = app_with(pool.clone(), slow_refresh).await;
-    let own = PgPoolOptions::new()
-        .max_connections(5)
-        .connect(&database_url_of(&pool))
-        .await
-        .unwrap();
-    let second = app_with(own, slow_refresh).await;
+    let (first, second) = two_instances(&pool, slow_refresh).await;
     let users = two_dongles(&first, "frank@example.com", DEV_A, DEV_B).await;
     let id = active_group(&users.client, users.dongle_a, users.dongle_b).await;
     let _data_a = DataClient::connect(&first.base, &users.token_a).await;
@@ -876,13 +870,7 @@ async fn frames_buffered_for_a_side_on_another_instance_wake_it_at_once(pool: Pg
         c.relay.poll_interval = Duration::from_secs(60);
         c.relay.refresh_interval = Duration::from_secs(60);
     };
-    let first = app_with(pool.clone(), slow_poll).await;
-    let own = PgPoolOptions::new()
-        .max_connections(5)
-        .connect(&database_url_of(&pool))
-        .await
-        .unwrap();
-    let second = app_with(own, slow_poll).await;
+    let (first, second) = two_instances(&pool, slow_poll).await;
     let users = two_dongles(&first, "frank@example.com", DEV_A, DEV_B).await;
     let id = active_group(&users.client, users.dongle_a, users.dongle_b).await;
     let mut data_a = DataClient::connect(&first.base, &users.token_a).await;

@@ -82,15 +82,7 @@ async fn metrics_labels_are_bounded_an_unknown_method_is_recorded_as_other(pool:
             .unwrap();
         assert!(res.status().is_client_error());
     }
-    let text = client
-        .http
-        .get(client.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = client.page("/metrics").await;
     assert!(!text.contains("INVENTED"), "{text}");
     assert!(!text.contains("PROBE"), "{text}");
     assert!(!text.contains("/no/such/route"), "{text}");

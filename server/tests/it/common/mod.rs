@@ -192,6 +192,18 @@ impl TestClient {
         self.request(Method::GET, path).send().await.unwrap()
     }
 
+    /// The text of a path outside the API (a dashboard page, `/metrics`), with the client's cookies.
+    pub async fn page(&self, path: &str) -> String {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn post_json(&self, path: &str, body: Value) -> reqwest::Response {
         self.request(Method::POST, path)
             .json(&body)
