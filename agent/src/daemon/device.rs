@@ -26,13 +26,14 @@ impl Devices {
     /// The device `id` names: one of this agent's local endpoints (open or not), else a dongle whose
     /// session is open now.
     pub(super) fn get(&self, id: &DeviceId) -> Option<Device> {
-        if self.endpoints.contains(id) {
-            return Some(Device::Local {
+        // One look at the endpoints: this runs for every batch of frames from the server.
+        match self.endpoints.lookup(id) {
+            Some(endpoint) => Some(Device::Local {
                 device_id: *id,
-                endpoint: self.endpoints.endpoint(id),
-            });
+                endpoint,
+            }),
+            None => self.dongles.session(id).map(Device::Dongle),
         }
-        self.dongles.session(id).map(Device::Dongle)
     }
 }
 

@@ -165,6 +165,18 @@ impl EndpointSet {
             .and_then(|e| e.endpoint.clone())
     }
 
+    /// The configured endpoint `device_id` in one look: `None` when there is none, else its open
+    /// endpoint, `None` inside while it is not open.
+    pub fn lookup(&self, device_id: &DeviceId) -> Option<Option<Arc<CanEndpoint>>> {
+        self.inner
+            .entries
+            .lock()
+            .unwrap()
+            .values()
+            .find(|e| e.device_id == *device_id)
+            .map(|e| e.endpoint.clone())
+    }
+
     /// Whether `device_id` is one of the configured endpoints, open or not.
     pub fn contains(&self, device_id: &DeviceId) -> bool {
         self.inner

@@ -34,9 +34,6 @@ pub enum DongleError {
     /// No agent of the caller's user that sees the dongle is connected.
     #[error("The agent serving this dongle is offline.")]
     AgentOffline,
-    /// Another pairing step of the dongle holds its lease.
-    #[error("Another pairing step of this dongle is in progress: try again in a moment.")]
-    PairingBusy,
     /// Another operation of the same kind holds the dongle's lease; the text says which.
     #[error("{0}")]
     Busy(&'static str),
@@ -105,8 +102,7 @@ impl DongleError {
                 ErrorCode::PairingSecurityHold
             }
             Self::AgentOffline => ErrorCode::AgentOffline,
-            Self::PairingBusy
-            | Self::Busy(_)
+            Self::Busy(_)
             | Self::ChangedMeanwhile
             | Self::OtherWindowOpen
             | Self::UnexpectedReply(_) => ErrorCode::Conflict,

@@ -53,7 +53,9 @@ async fn pairing_lease(svc: Services<'_>, dongle_id: Uuid) -> Result<Lease, Dong
             return Ok(lease);
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(DongleError::PairingBusy);
+            return Err(DongleError::Busy(
+                "Another pairing step of this dongle is in progress: try again in a moment.",
+            ));
         }
         tokio::time::sleep(PAIRING_LEASE_POLL).await;
     }
