@@ -156,13 +156,7 @@ impl EndpointSet {
 
     /// The open endpoint with `device_id`.
     pub fn endpoint(&self, device_id: &DeviceId) -> Option<Arc<CanEndpoint>> {
-        self.inner
-            .entries
-            .lock()
-            .unwrap()
-            .values()
-            .find(|e| e.device_id == *device_id)
-            .and_then(|e| e.endpoint.clone())
+        self.lookup(device_id).flatten()
     }
 
     /// The configured endpoint `device_id` in one look: `None` when there is none, else its open
@@ -179,12 +173,7 @@ impl EndpointSet {
 
     /// Whether `device_id` is one of the configured endpoints, open or not.
     pub fn contains(&self, device_id: &DeviceId) -> bool {
-        self.inner
-            .entries
-            .lock()
-            .unwrap()
-            .values()
-            .any(|e| e.device_id == *device_id)
+        self.lookup(device_id).is_some()
     }
 
     /// Configures the endpoint `device_id` and, where it took the configuration, keeps the new bitrate
