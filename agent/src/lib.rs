@@ -7,6 +7,7 @@
 //!   UDP socket, each turned into a [`transport::Link`] of whole packets.
 //! - [`frame`]: [`frame::Frame`], one CAN or CAN FD frame as the agent moves it.
 //! - [`session`]: [`session::DongleSession`], typed requests and answers with one dongle.
+//! - [`bus_pace`]: the pace of frames to a dongle, no faster than its bus carries them.
 //! - [`discovery`]: which serial ports and LAN interfaces may carry dongles, and one scan of both.
 //! - [`dongles`]: the dongles served, one session each, kept current as they come and go.
 //! - [`endpoints`]: local CAN endpoints (SocketCAN, slcan, socketcand) that stand in for dongles.
@@ -16,6 +17,7 @@
 //! - [`home`]: the agent's folder: credentials, vault and journal.
 //! - [`cli`]: the technician's commands, thin shells over the rest.
 //! - [`vault`]: dongle tokens on disk, encrypted with AES-256-GCM.
+pub mod bus_pace;
 pub mod cli;
 pub mod daemon;
 pub mod discovery;

@@ -36,6 +36,7 @@ use tokio::time::{Instant, timeout};
 
 use std::net::SocketAddr;
 
+use crate::bus_pace::{self, BusPace};
 use crate::transport::Link;
 use crate::transport::udp::UdpHub;
 
@@ -269,6 +270,10 @@ struct Shared {
     seq: AtomicU32,
     started: Instant,
     stats: SessionStats,
+    /// The dongle's bitrate from its last CAN_CONFIG answer; 0 until one arrives.
+    bitrate: AtomicU32,
+    /// The model of the dongle's transmit queue that paces frames to it.
+    pace: Mutex<BusPace>,
 }
 
 /// A session with one dongle. Cheap to share behind an `Arc`; requests may run concurrently.
@@ -326,6 +331,8 @@ impl DongleSession {
             seq: AtomicU32::new(1),
             started: Instant::now(),
             stats: SessionStats::default(),
+            bitrate: AtomicU32::new(0),
+            pace: Mutex::default(),
         });
         let (frames_tx, frames_rx) = mpsc::channel(config.frame_queue);
         let (telemetry_tx, telemetry_rx) = mpsc::channel(TELEMETRY_QUEUE);
@@ -622,46 +629,78 @@ impl DongleSession {
         frames: &[Frame],
         sent: &mut usize,
     ) -> Result<(), SessionError> {
+        let mut rest = frames;
+        while !rest.is_empty() {
+            // The frames that may be written now, at least one (after waiting for it); see `bus_pace`.
+            let now_allowed = self.paced(rest).await;
+            let mut part = &rest[..now_allowed];
+            while !part.is_empty() {
+                let taken = self.send_packet_of(part).await?;
+                *sent += taken;
+                part = &part[taken..];
+            }
+            rest = &rest[now_allowed..];
+        }
+        Ok(())
+    }
+
+    /// Waits until the first of `frames` may be written to the dongle without overrunning its bus, and
+    /// says how many, from the first, may be written now. Without a known bitrate, all of them.
+    async fn paced(&self, frames: &[Frame]) -> usize {
+        let bitrate = self.shared.bitrate.load(Ordering::Relaxed);
+        if bitrate == 0 {
+            return frames.len();
+        }
+        let now = tokio::time::Instant::now();
+        let (at, allowed) = self
+            .shared
+            .pace
+            .lock()
+            .unwrap()
+            .next_write(now, frames.iter().map(|f| bus_pace::frame_time(f, bitrate)));
+        if at > now {
+            tokio::time::sleep_until(at).await;
+        }
+        allowed
+    }
+
+    /// Sends one packet of frames from the start of `frames` (a batch where the dongle offers them,
+    /// otherwise one classic frame) and says how many it carried.
+    async fn send_packet_of(&self, frames: &[Frame]) -> Result<usize, SessionError> {
         if self.info.has(caps::CAN_BATCH) {
             // A batch fills a packet's payload, which leaves room for the header and the token or
             // MAC; a buffer of a whole packet would make batches the encoder must refuse.
             let mut buf = vec![0u8; firmware_proto::remp::MAX_PAYLOAD_LEN];
-            let mut rest = frames;
-            while !rest.is_empty() {
-                let mut writer = batch::BatchWriter::new(&mut buf).map_err(SessionError::Encode)?;
-                let mut taken = 0;
-                for frame in rest {
-                    if writer.push(&frame.record()).is_err() {
-                        break;
-                    }
-                    taken += 1;
-                }
-                if taken == 0 {
-                    return Err(SessionError::Encode(firmware_proto::Error::TooLarge {
-                        field: "frame",
-                        max: firmware_proto::remp::MAX_PAYLOAD_LEN,
-                    }));
-                }
-                let len = writer.finish().map_err(SessionError::Encode)?;
-                let batch = batch::Batch::parse(&buf[..len]).map_err(SessionError::Encode)?;
-                self.send(MsgType::CanBatch, Payload::CanBatch(batch))
-                    .await?;
-                *sent += taken;
-                rest = &rest[taken..];
-            }
-        } else {
+            let mut writer = batch::BatchWriter::new(&mut buf).map_err(SessionError::Encode)?;
+            let mut taken = 0;
             for frame in frames {
-                if frame.is_fd() {
-                    return Err(SessionError::Unsupported(
-                        "CAN FD frames (the batch extension)",
-                    ));
+                if writer.push(&frame.record()).is_err() {
+                    break;
                 }
-                let can = CanFrame::new(frame.id, frame.data()).map_err(SessionError::Encode)?;
-                self.send(MsgType::Can, Payload::Can(can)).await?;
-                *sent += 1;
+                taken += 1;
             }
+            if taken == 0 {
+                return Err(SessionError::Encode(firmware_proto::Error::TooLarge {
+                    field: "frame",
+                    max: firmware_proto::remp::MAX_PAYLOAD_LEN,
+                }));
+            }
+            let len = writer.finish().map_err(SessionError::Encode)?;
+            let batch = batch::Batch::parse(&buf[..len]).map_err(SessionError::Encode)?;
+            self.send(MsgType::CanBatch, Payload::CanBatch(batch))
+                .await?;
+            Ok(taken)
+        } else {
+            let frame = &frames[0];
+            if frame.is_fd() {
+                return Err(SessionError::Unsupported(
+                    "CAN FD frames (the batch extension)",
+                ));
+            }
+            let can = CanFrame::new(frame.id, frame.data()).map_err(SessionError::Encode)?;
+            self.send(MsgType::Can, Payload::Can(can)).await?;
+            Ok(1)
         }
-        Ok(())
     }
 
     async fn corr_request(
@@ -880,6 +919,11 @@ fn route(bytes: &[u8], shared: &Shared, sinks: &Sinks) -> bool {
             }),
         ),
         Payload::CanConfig(c) if c.action == remp::ConfigAction::Response => {
+            // Every answer carries the effective configuration, also a refused one's; the bitrate
+            // paces the frames sent to the dongle.
+            if c.status != remp::ConfigStatus::Invalid && c.bitrate > 0 {
+                shared.bitrate.store(c.bitrate, Ordering::Relaxed);
+            }
             (Key::Type(MsgType::CanConfig.to_u8()), Answer::Config(c))
         }
         Payload::Forget(f) if f.action == ForgetAction::Ack => {

@@ -46,16 +46,17 @@ pub fn quantile(values: &[Duration], q: f64) -> Option<Duration> {
 }
 
 /// The frame carrying `seq` of stream `stream`: the stream's tag in the first data byte, the sequence
-/// number in the next four. The benchmarks number their frames the same way.
+/// number in the next four. The benchmarks number their frames the same way. Five bytes, no more: a
+/// 1 Mbit/s bus carries 9 000 such frames a second even when each is stuffed the most (105 bits).
 pub fn numbered_frame(id: CanId, stream: u8, seq: u32) -> Frame {
     let s = seq.to_be_bytes();
-    Frame::classic(id, &[stream, s[0], s[1], s[2], s[3], 0, 0, 0]).expect("8 bytes fit")
+    Frame::classic(id, &[stream, s[0], s[1], s[2], s[3]]).expect("5 bytes fit")
 }
 
 /// The sequence number of a [`numbered_frame`] of stream `stream`, or None for any other frame.
 pub fn sequence_of(frame: &Frame, stream: u8) -> Option<u32> {
     match *frame.data() {
-        [tag, a, b, c, d, _, _, _] if tag == stream => Some(u32::from_be_bytes([a, b, c, d])),
+        [tag, a, b, c, d] if tag == stream => Some(u32::from_be_bytes([a, b, c, d])),
         _ => None,
     }
 }

@@ -16,6 +16,7 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod bus_time;
 pub mod caps;
 pub mod crc32;
 pub mod discovery;

@@ -12,6 +12,7 @@
 //! - [`state`]: the "flash", a JSON state file written atomically.
 //! - [`bus`]: the virtual CAN bus over Unix datagram sockets, and [`BusTap`].
 //! - [`traffic`]: the frame generator and `candump -L` replay.
+//! - [`transmitter`]: the dongle's transmit queue, emptied at the bus's bitrate.
 //! - [`faults`]: fault injection on the link.
 //! - [`link`]: the transports, a pseudo-terminal and UDP.
 //! - [`sim`]: the runtime that ties them together ([`Simulator`], [`SimHandle`]).
@@ -28,6 +29,7 @@ mod shared;
 pub mod sim;
 pub mod state;
 pub mod traffic;
+pub mod transmitter;
 
 pub use dongle_core::{cli, dongle, frame, pairing, timing};
 

@@ -111,6 +111,11 @@ struct RunArgs {
     /// Be an FDCAN dongle: announce CAN FD, check FDCAN ranges, generate 64-byte FD frames.
     #[arg(long)]
     fd: bool,
+    /// Let frames onto the bus as fast as they come: no transmit queue of 32 frames emptied at the
+    /// configured bitrate (and no frames dropped when it is full). For benchmarks of the software
+    /// path at rates no real CAN bus carries.
+    #[arg(long)]
+    unlimited_bus: bool,
     /// Replay a candump -L log with its timing.
     #[arg(long, value_name = "CANDUMP_LOG")]
     replay: Option<PathBuf>,
@@ -258,6 +263,7 @@ fn config(args: RunArgs) -> Result<SimConfig> {
     config.bus_root = args.bus_dir;
     config.extensions = extensions;
     config.fd = args.fd;
+    config.unlimited_bus = args.unlimited_bus;
     config.generate = args.generate;
     config.generate_id = Some(generate_id);
     config.replay = args.replay;

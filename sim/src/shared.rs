@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use crate::event::SimEvent;
 use crate::faults::Faults;
 use crate::frame::Frame;
+use crate::transmitter::Transmitter;
 use dongle_core::{Flash, Output};
 
 /// The dongle core over tokio's clock, so that the simulator's tests can pause and advance it.
@@ -48,18 +49,24 @@ pub struct BusStats {
     pub lost: u64,
     /// Frames dropped because the bus queue was full.
     pub queue_full: u64,
+    /// The dongle's own frames dropped because its transmit queue was full: the host sent them faster
+    /// than the bus at its bitrate carries.
+    pub tx_queue_full: u64,
 }
 
 /// The state shared by the tasks of one simulator.
 pub(crate) struct Shared {
     pub(crate) core: Mutex<Dongle>,
     pub(crate) host_tx: mpsc::Sender<Vec<u8>>,
-    pub(crate) bus_tx: Option<mpsc::Sender<Frame>>,
+    /// Frames for the other members of the bus, each with the time it has left the transmitter.
+    pub(crate) bus_tx: Option<mpsc::Sender<(Frame, Instant)>>,
     pub(crate) events: broadcast::Sender<SimEvent>,
     pub(crate) flash_tx: watch::Sender<Flash>,
     pub(crate) faults: Mutex<Faults>,
     pub(crate) link_stats: Mutex<LinkStats>,
     pub(crate) bus_stats: Mutex<BusStats>,
+    /// The transmit queue, unless the bus is unlimited.
+    pub(crate) transmitter: Option<Mutex<Transmitter>>,
     /// Bumped at every power cycle, so that answers delayed across one are not sent.
     pub(crate) epoch: AtomicU64,
     pub(crate) plugged: watch::Sender<bool>,
@@ -110,8 +117,19 @@ impl Shared {
                     });
                 }
                 Output::ToBus(frame) => {
+                    let now = Instant::now();
+                    let leaves = match &self.transmitter {
+                        Some(transmitter) => {
+                            lock(transmitter).offer(now, &frame, core.flash().can.bitrate)
+                        }
+                        None => Some(now),
+                    };
+                    let Some(leaves) = leaves else {
+                        lock(&self.bus_stats).tx_queue_full += 1;
+                        continue;
+                    };
                     if let Some(tx) = &self.bus_tx
-                        && tx.try_send(frame).is_err()
+                        && tx.try_send((frame, leaves)).is_err()
                     {
                         lock(&self.bus_stats).queue_full += 1;
                     }
@@ -163,8 +181,9 @@ impl Shared {
         // sees them, and so does every other member of the virtual bus.
         self.with_core(|core, out| core.on_bus_frames(Instant::now(), frames, out));
         if let Some(tx) = &self.bus_tx {
+            let now = Instant::now();
             for frame in frames {
-                if tx.try_send(*frame).is_err() {
+                if tx.try_send((*frame, now)).is_err() {
                     lock(&self.bus_stats).queue_full += 1;
                 }
             }

@@ -11,7 +11,9 @@
 //! The dongle core sits behind a `std::sync::Mutex` that is only held for pure computation,
 //! never across an await. Queues are bounded: the host queue holds [`HOST_QUEUE`] packets and
 //! the bus queue [`BUS_QUEUE`] frames; what does not fit is dropped and counted
-//! (`lost_to_host`, `BusStats::queue_full`).
+//! (`lost_to_host`, `BusStats::queue_full`). Before the bus queue, the dongle's own frames pass its
+//! transmitter ([`crate::transmitter`]), which lets them onto the bus one frame time after another
+//! and drops (`BusStats::tx_queue_full`) what finds its queue full, as the firmware does.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +35,7 @@ use crate::link::udp::UdpLink;
 use crate::shared::Dongle;
 use crate::state::{Flash, StateError, StateFile, unix_ms};
 use crate::traffic::{CandumpLog, Generator, GeneratorConfig, LogError};
+use crate::transmitter::Transmitter;
 use dongle_core::{Counters, DongleConfig, Extensions};
 
 /// Packets queued for the host at most.
@@ -94,6 +97,10 @@ pub struct SimConfig {
     pub cli_timeout: Duration,
     /// The CLI's output limit in bytes.
     pub cli_output_limit: usize,
+    /// Frames to the bus leave as fast as they come instead of one frame time after another through
+    /// a transmit queue of [`crate::transmitter::TX_QUEUE`] frames. For benchmarks of the software
+    /// path, whose rates no real bus carries.
+    pub unlimited_bus: bool,
 }
 
 impl SimConfig {
@@ -133,6 +140,7 @@ impl SimConfig {
             cooldown: defaults.cooldown,
             cli_timeout: defaults.cli_timeout,
             cli_output_limit: defaults.cli_output_limit,
+            unlimited_bus: false,
         }
     }
 
@@ -293,7 +301,7 @@ impl Simulator {
         let (garbage_tx, garbage_rx) = mpsc::channel(16);
         let (bus_tx, bus_rx) = match endpoint {
             Some(_) => {
-                let (tx, rx) = mpsc::channel(BUS_QUEUE);
+                let (tx, rx) = mpsc::channel::<(Frame, Instant)>(BUS_QUEUE);
                 (Some(tx), Some(rx))
             }
             None => (None, None),
@@ -309,6 +317,7 @@ impl Simulator {
             faults: Mutex::new(config.faults),
             link_stats: Mutex::new(LinkStats::default()),
             bus_stats: Mutex::new(BusStats::default()),
+            transmitter: (!config.unlimited_bus).then(|| Mutex::new(Transmitter::default())),
             epoch: AtomicU64::new(0),
             plugged: watch::channel(true).0,
             link_up: watch::channel(false).0,
@@ -577,27 +586,44 @@ async fn bus_receiver(
 async fn bus_sender(
     shared: Arc<Shared>,
     endpoint: Arc<Endpoint>,
-    mut frames_rx: mpsc::Receiver<Frame>,
+    mut frames_rx: mpsc::Receiver<(Frame, Instant)>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut peers = endpoint.peers();
+    // Frames taken from the queue whose time on the bus has not come yet, in order.
+    let mut held: std::collections::VecDeque<(Frame, Instant)> = Default::default();
     loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            Some(first) = frames_rx.recv() => {
-                let mut frames = vec![first];
-                while frames.len() < 256 {
-                    match frames_rx.try_recv() {
-                        Ok(frame) => frames.push(frame),
-                        Err(_) => break,
-                    }
-                }
-                let report = peers.send(&frames).await;
-                let mut stats = lock(&shared.bus_stats);
-                stats.sent += frames.len() as u64;
-                stats.lost += report.lost as u64;
+        if held.is_empty() {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                next = frames_rx.recv() => match next {
+                    Some(frame) => held.push_back(frame),
+                    None => return,
+                },
             }
         }
+        while held.len() < 256 {
+            match frames_rx.try_recv() {
+                Ok(frame) => held.push_back(frame),
+                Err(_) => break,
+            }
+        }
+        // A frame reaches the other members once it has left the transmitter, as on a real bus.
+        if let Some(&(_, at)) = held.front()
+            && at > Instant::now()
+        {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = tokio::time::sleep_until(at) => {}
+            }
+        }
+        let now = Instant::now();
+        let due = held.iter().take_while(|(_, at)| *at <= now).count();
+        let frames: Vec<Frame> = held.drain(..due).map(|(frame, _)| frame).collect();
+        let report = peers.send(&frames).await;
+        let mut stats = lock(&shared.bus_stats);
+        stats.sent += frames.len() as u64;
+        stats.lost += report.lost as u64;
     }
 }
 

@@ -31,6 +31,7 @@ use uuid::Uuid;
 
 use super::Shared;
 use super::device::{Device, Handed, Rest};
+use super::downstream::Downstream;
 use super::monitor::Monitors;
 use super::pace::Pace;
 use crate::frame::Frame;
@@ -325,59 +326,20 @@ pub(super) async fn run(shared: Arc<Shared>, creds: Credentials, mut backoff: Ba
 }
 
 /// The newest encoded ACK of each group side, waiting to be sent.
-type LatestAcks = HashMap<(Uuid, Side), Vec<u8>>;
+pub(super) type LatestAcks = HashMap<(Uuid, Side), Vec<u8>>;
 
 async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(), String> {
     let (mut sink, mut stream) = socket.split();
-    // Frames for dongles go through a queue to their own task, so that a slow dongle never holds up
-    // the acknowledgements this task reads. Acknowledgements are cumulative, so the task keeps only
-    // the latest per side for this one to send: a bounded map, however far behind the sending is.
-    let (down_tx, mut down_rx) = mpsc::channel::<(Uuid, Side, u64, Vec<Frame>)>(256);
-    let acks: Arc<Mutex<LatestAcks>> = Arc::default();
-    let acks_ready = Arc::new(Notify::new());
-    let stalled: Arc<Mutex<Stalled>> = Arc::default();
-    let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let downstream = {
-        let shared = shared.clone();
-        let (acks, acks_ready, stalled) = (acks.clone(), acks_ready.clone(), stalled.clone());
-        let closing = closing.clone();
-        tokio::spawn(async move {
-            while let Some((group_id, side, first, frames)) = down_rx.recv().await {
-                // Not acknowledged: the server sends these again on the next connection.
-                if closing.load(std::sync::atomic::Ordering::Relaxed)
-                    || stalled.lock().unwrap().contains_key(&(group_id, side))
-                {
-                    continue;
-                }
-                match shared.to_dongle(group_id, side, first, frames).await {
-                    Delivery::Ack(ack) => {
-                        acks.lock().unwrap().insert((group_id, side), ack);
-                        acks_ready.notify_one();
-                    }
-                    Delivery::Stalled(ack) => {
-                        tracing::info!(%group_id, ?side, "the side's dongle cannot take frames now: they stay with the server until it can");
-                        stalled
-                            .lock()
-                            .unwrap()
-                            .insert((group_id, side), tokio::time::Instant::now());
-                        if let Some(ack) = ack {
-                            acks.lock().unwrap().insert((group_id, side), ack);
-                            acks_ready.notify_one();
-                        }
-                    }
-                    // Frames for a side whose `groups` list has not arrived yet (it comes over the
-                    // control connection, they over this one): delivering later ones would let their
-                    // acknowledgement cover these, so the side stalls until the list is here.
-                    Delivery::UnknownSide => {
-                        stalled
-                            .lock()
-                            .unwrap()
-                            .insert((group_id, side), tokio::time::Instant::now());
-                    }
-                }
-            }
-        })
-    };
+    // Frames for dongles go through a lane per side to their own task, so that a slow dongle never
+    // holds up another side or the acknowledgements this task reads. Acknowledgements are cumulative,
+    // so the lanes keep only the latest per side for this task to send: a bounded map, however far
+    // behind the sending is.
+    let mut downstream = Downstream::new(shared.clone());
+    let (acks, acks_ready, stalled) = (
+        downstream.acks.clone(),
+        downstream.acks_ready.clone(),
+        downstream.stalled.clone(),
+    );
     let mut stall_check = tokio::time::interval(STALL_CHECK);
     stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // When the frames that woke this task go out: at once on a quiet connection, a little later on a
@@ -423,15 +385,11 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
                                 .flat_map(|b| b.iter())
                                 .filter_map(|r| Frame::from_record(&r))
                                 .collect();
-                            // A full queue means a dongle far behind: the socket waits for it (the
+                            // A full lane means a dongle far behind: the socket waits for it (the
                             // server holds the rest), rather than skip frames and deliver later ones.
-                            if down_tx
-                                .send((message.group_id, message.side, message.n, frames))
-                                .await
-                                .is_err()
-                            {
-                                return Err("the dongle task ended".to_string());
-                            }
+                            downstream
+                                .hand(message.group_id, message.side, message.n, frames)
+                                .await;
                         }
                         Kind::Drops => {}
                     }
@@ -464,14 +422,7 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
     .await;
     // What is queued for dongles is still handed over (a send cut in half would put part of a batch on
     // the bus without its acknowledgement); only a dongle that does not take it for long is cut off.
-    drop(down_tx);
-    let mut downstream = downstream;
-    if tokio::time::timeout(DRAIN_TIMEOUT, &mut downstream)
-        .await
-        .is_err()
-    {
-        downstream.abort();
-    }
+    downstream.finish().await;
     result
 }
 
@@ -480,16 +431,14 @@ const STALL_CHECK: Duration = Duration::from_millis(200);
 /// The least time a side stays stalled before the connection is opened anew for it, so that a dongle
 /// whose link fails and recovers at once cannot make the connection turn over and over.
 const STALL_MIN: Duration = Duration::from_millis(300);
-/// How long a closing connection waits for the message being handed to a dongle.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A data connection that lasted this long resets the reconnect backoff.
 const STEADY_CONNECTION: Duration = Duration::from_secs(5);
 
 /// The sides stalled on the current connection, and since when.
-type Stalled = HashMap<(Uuid, Side), tokio::time::Instant>;
+pub(super) type Stalled = HashMap<(Uuid, Side), tokio::time::Instant>;
 
 /// What became of frames from the server for a side.
-enum Delivery {
+pub(super) enum Delivery {
     /// All of them are on the dongle's link (or skipped as already delivered, or refused for good and
     /// counted as dropped): acknowledge with this message.
     Ack(Vec<u8>),
@@ -537,7 +486,7 @@ impl Shared {
     /// Hands frames from the server to the dongle of `side`, and says what to acknowledge: only frames
     /// that are on the dongle's link (or the endpoint) are, and everything after a frame the dongle
     /// could not take waits for the next connection.
-    async fn to_dongle(
+    pub(super) async fn to_dongle(
         &self,
         group_id: Uuid,
         side: Side,

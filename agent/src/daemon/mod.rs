@@ -12,6 +12,7 @@
 mod connection;
 mod dataplane;
 mod device;
+mod downstream;
 mod host;
 mod local;
 mod monitor;

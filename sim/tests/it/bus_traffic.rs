@@ -11,7 +11,7 @@ use common::*;
 use dongle_sim::traffic::sequence_of;
 use dongle_sim::{BusTap, Extensions, SimConfig, SimEvent, SimHandle};
 use firmware_proto::ids::DeviceId;
-use firmware_proto::remp::{CanConfig, CanMode};
+use firmware_proto::remp::{CanConfig, CanMode, ConfigAction};
 use tokio::io::AsyncBufReadExt;
 
 struct Bench {
@@ -222,6 +222,68 @@ async fn the_obd2_log_replays_in_order_with_its_timing_scaled() {
 }
 
 #[tokio::test]
+async fn frames_sent_faster_than_the_bus_carries_are_dropped_and_counted() {
+    // 125 kbit/s: an 8-byte frame takes about a millisecond, so 100 frames sent at once overrun the
+    // transmit queue, as they would a real dongle's.
+    let mut b = bench(false, |_| {}).await;
+    let set = CanConfig {
+        action: ConfigAction::Set,
+        bitrate: 125_000,
+        sample_point_permille: 875,
+        flags: CanConfig::FLAG_AUTO_RETX,
+        ..CanConfig::get()
+    };
+    let applied = b.host.config(set).await.expect("the dongle answers");
+    assert_eq!(applied.bitrate, 125_000, "{applied:?}");
+    let started = Instant::now();
+    for i in 0..100u8 {
+        b.host
+            .send_frame(&frame(&format!("123#{i:02X}00000000000000")))
+            .await;
+    }
+    let mut seen = Vec::new();
+    while let Some(f) = tap_recv(&mut b.tap, Duration::from_millis(500)).await {
+        seen.push(f.data()[0]);
+    }
+    let stats = b.sim.stats();
+    let queue = dongle_sim::transmitter::TX_QUEUE as u64;
+    assert_eq!(stats.dongle.frames_to_bus, 100);
+    assert!(
+        (queue..=queue + 8).contains(&(seen.len() as u64)),
+        "about a queue's worth reach the bus: {}",
+        seen.len()
+    );
+    assert_eq!(
+        stats.bus.tx_queue_full,
+        100 - seen.len() as u64,
+        "{stats:?}"
+    );
+    // What reaches the bus is in order, and takes its bit time: 32 frames at about 1 ms each.
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert!(started.elapsed() >= Duration::from_millis(25));
+
+    // Sent at the bus's pace, every frame arrives.
+    for i in 0..64u8 {
+        b.host
+            .send_frame(&frame(&format!("124#{i:02X}00000000000000")))
+            .await;
+        if i % 8 == 7 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let mut paced = 0;
+    while tap_recv(&mut b.tap, Duration::from_millis(500))
+        .await
+        .is_some()
+    {
+        paced += 1;
+    }
+    assert_eq!(paced, 64);
+    assert_eq!(b.sim.stats().bus.tx_queue_full, stats.bus.tx_queue_full);
+    b.sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn two_simulators_in_two_processes_exchange_frames() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("bus");
@@ -271,10 +333,14 @@ async fn two_simulators_in_two_processes_exchange_frames() {
     host_b.config(CanConfig::get()).await.expect("B answers");
     tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;
 
+    // Sent no faster than the bus carries them: bursts shorter than the transmit queue.
     for i in 0..50u8 {
         host_a
             .send_frame(&dongle_sim::Frame::classic(can_id(0x200), &[i]).unwrap())
             .await;
+        if i % 16 == 15 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     let at_b = host_b.recv_frames(50, WAIT).await;
     assert_eq!(
@@ -285,6 +351,9 @@ async fn two_simulators_in_two_processes_exchange_frames() {
         host_b
             .send_frame(&dongle_sim::Frame::classic(can_id(0x300), &[i]).unwrap())
             .await;
+        if i % 16 == 15 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     let at_a = host_a.recv_frames(50, WAIT).await;
     assert_eq!(

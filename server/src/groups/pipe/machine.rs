@@ -1444,7 +1444,9 @@ const WORST_CASE_FRAME_BITS: u32 = 160;
 /// The frames per second a bus at `bitrate` carries when every classic frame is as long as it can be
 /// (shorter frames only make it safer). CAN FD frames are counted as classic ones: a long FD frame sent
 /// without bit-rate switching takes up to about 700 bits, so for such traffic this is too high, by up to
-/// four times; pacing by each frame's own length is still to come.
+/// four times. This is a coarse cap on what the server sends; the agent paces each frame by its own
+/// length as it writes it to the dongle (`bridge_agent::bus_pace`), and what waits there stays in
+/// flight, then buffered.
 pub fn bus_frames_per_second(bitrate: u32) -> u32 {
     (bitrate / WORST_CASE_FRAME_BITS).max(1)
 }

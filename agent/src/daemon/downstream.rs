@@ -1,0 +1,182 @@
+//! Frames from the server on their way to dongles: one lane per group side, so that a dongle whose bus
+//! is slow (the session paces frames to its bitrate, see `bus_pace`) holds up only its own side, never
+//! another side's frames or the acknowledgements the connection reads.
+//!
+//! A lane takes the FRAMES messages of its side in order and hands them to the side's device; what the
+//! device took is acknowledged (the latest acknowledgement per side, for the connection to send). A lane
+//! holds at most [`LANE_FRAMES`] frames, more than the server keeps in flight towards one side, so that
+//! a server that keeps to its window never waits on a lane; one that does not is held up (its socket is
+//! not read) rather than given memory without end.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use control_proto::data::Side;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use super::Shared;
+use super::dataplane::{Delivery, LatestAcks, Stalled};
+use crate::frame::Frame;
+
+/// The most frames waiting in one lane.
+pub const LANE_FRAMES: usize = 32_768;
+/// The most lanes on one connection (sides served at once); frames for more sides wait like frames for
+/// a side the agent does not know.
+const MAX_LANES: usize = 4096;
+/// How long a closing connection waits for its lanes to hand over what they hold.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The lanes of one data connection, and what they report to it.
+pub(super) struct Downstream {
+    shared: Arc<Shared>,
+    lanes: HashMap<(Uuid, Side), Lane>,
+    /// The latest acknowledgement per side, for the connection to send.
+    pub acks: Arc<Mutex<LatestAcks>>,
+    /// Wakes the connection when `acks` has something.
+    pub acks_ready: Arc<Notify>,
+    /// The sides stalled on this connection, and since when.
+    pub stalled: Arc<Mutex<Stalled>>,
+}
+
+struct Lane {
+    tx: mpsc::UnboundedSender<Message>,
+    room: Arc<Semaphore>,
+    task: JoinHandle<()>,
+}
+
+/// One FRAMES message for a side: the position of its first frame, and the frames.
+struct Message {
+    first: u64,
+    frames: Vec<Frame>,
+    /// The lane's room these frames take, given back when they are handled.
+    _room: OwnedSemaphorePermit,
+}
+
+impl Downstream {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            lanes: HashMap::new(),
+            acks: Arc::default(),
+            acks_ready: Arc::new(Notify::new()),
+            stalled: Arc::default(),
+        }
+    }
+
+    /// Queues frames from the server for a side, waiting only while that side's lane is full.
+    pub async fn hand(&mut self, group_id: Uuid, side: Side, first: u64, frames: Vec<Frame>) {
+        let key = (group_id, side);
+        if !self.lanes.contains_key(&key) && self.lanes.len() >= MAX_LANES {
+            // Not acknowledged: the server sends them again on the next connection.
+            self.stalled
+                .lock()
+                .unwrap()
+                .insert(key, tokio::time::Instant::now());
+            return;
+        }
+        let lane = self.lanes.entry(key).or_insert_with(|| {
+            Lane::start(
+                &self.shared,
+                key,
+                &self.acks,
+                &self.acks_ready,
+                &self.stalled,
+            )
+        });
+        // A message of no frames still takes a place, so that such messages cannot pile up.
+        let n = frames.len().clamp(1, LANE_FRAMES) as u32;
+        let Ok(room) = lane.room.clone().acquire_many_owned(n).await else {
+            return;
+        };
+        let _ = lane.tx.send(Message {
+            first,
+            frames,
+            _room: room,
+        });
+    }
+
+    /// Lets every lane hand over what it holds (a send cut in half would put part of a batch on the bus
+    /// without its acknowledgement); a lane whose dongle does not take it within [`DRAIN_TIMEOUT`] is
+    /// cut off.
+    pub async fn finish(self) {
+        let tasks: Vec<JoinHandle<()>> = self
+            .lanes
+            .into_values()
+            .map(|lane| {
+                drop(lane.tx);
+                lane.task
+            })
+            .collect();
+        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+        if tokio::time::timeout(DRAIN_TIMEOUT, futures::future::join_all(tasks))
+            .await
+            .is_err()
+        {
+            for abort in aborts {
+                abort.abort();
+            }
+        }
+    }
+}
+
+impl Lane {
+    fn start(
+        shared: &Arc<Shared>,
+        (group_id, side): (Uuid, Side),
+        acks: &Arc<Mutex<LatestAcks>>,
+        acks_ready: &Arc<Notify>,
+        stalled: &Arc<Mutex<Stalled>>,
+    ) -> Lane {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+        let (shared, acks, acks_ready, stalled) = (
+            shared.clone(),
+            acks.clone(),
+            acks_ready.clone(),
+            stalled.clone(),
+        );
+        let task = tokio::spawn(async move {
+            while let Some(message) = rx.recv().await {
+                // Not acknowledged: the server sends these again on the next connection.
+                if stalled.lock().unwrap().contains_key(&(group_id, side)) {
+                    continue;
+                }
+                let delivery = shared
+                    .to_dongle(group_id, side, message.first, message.frames)
+                    .await;
+                let ack = match delivery {
+                    Delivery::Ack(ack) => Some(ack),
+                    Delivery::Stalled(ack) => {
+                        tracing::info!(%group_id, ?side, "the side's dongle cannot take frames now: they stay with the server until it can");
+                        stalled
+                            .lock()
+                            .unwrap()
+                            .insert((group_id, side), tokio::time::Instant::now());
+                        ack
+                    }
+                    // Frames for a side whose `groups` list has not arrived yet (it comes over the
+                    // control connection, they over this one): delivering later ones would let their
+                    // acknowledgement cover these, so the side stalls until the list is here.
+                    Delivery::UnknownSide => {
+                        stalled
+                            .lock()
+                            .unwrap()
+                            .insert((group_id, side), tokio::time::Instant::now());
+                        None
+                    }
+                };
+                if let Some(ack) = ack {
+                    acks.lock().unwrap().insert((group_id, side), ack);
+                    acks_ready.notify_one();
+                }
+            }
+        });
+        Lane {
+            tx,
+            room: Arc::new(Semaphore::new(LANE_FRAMES)),
+            task,
+        }
+    }
+}
