@@ -583,6 +583,9 @@ async fn bus_receiver(
     }
 }
 
+/// The resolution of tokio's timers.
+const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
+
 async fn bus_sender(
     shared: Arc<Shared>,
     endpoint: Arc<Endpoint>,
@@ -608,17 +611,19 @@ async fn bus_sender(
                 Err(_) => break,
             }
         }
-        // A frame reaches the other members once it has left the transmitter, as on a real bus.
+        // A frame reaches the other members once it has left the transmitter, as on a real bus. tokio's
+        // timers round up to the next millisecond, so a frame due sooner than that goes at once: a sleep
+        // would hold it longer than the bus does.
         if let Some(&(_, at)) = held.front()
-            && at > Instant::now()
+            && at > Instant::now() + TIMER_RESOLUTION
         {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 () = tokio::time::sleep_until(at) => {}
             }
         }
-        let now = Instant::now();
-        let due = held.iter().take_while(|(_, at)| *at <= now).count();
+        let soon = Instant::now() + TIMER_RESOLUTION;
+        let due = held.iter().take_while(|(_, at)| *at <= soon).count();
         let frames: Vec<Frame> = held.drain(..due).map(|(frame, _)| frame).collect();
         let report = peers.send(&frames).await;
         let mut stats = lock(&shared.bus_stats);

@@ -45,7 +45,10 @@ pub struct Paired {
 }
 /// Takes the dongle's pairing lease, waiting while another pairing step of it runs (no transaction or
 /// lock is held while the agent answers; the lease serialises the steps on every instance).
-async fn pairing_lease(svc: Services<'_>, dongle_id: Uuid) -> Result<Lease, DongleError> {
+pub(super) async fn pairing_lease(
+    svc: Services<'_>,
+    dongle_id: Uuid,
+) -> Result<Lease, DongleError> {
     let length = svc.agent_request_timeout + PAIRING_LEASE_MARGIN;
     let deadline = tokio::time::Instant::now() + length;
     loop {

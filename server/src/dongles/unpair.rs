@@ -22,7 +22,35 @@ pub struct Unpaired {
 }
 
 /// Clears owner, token, group membership and holds. `as_admin` skips the owner check.
+///
+/// An unpair changes the dongle's owner, so it takes its turn with the pairing steps (the dongle's
+/// pairing lease): one that lands while a PIN is being checked waits for the check, and then undoes
+/// the pairing the dongle has already taken, rather than being undone by it.
 pub async fn unpair(
+    svc: Services<'_>,
+    actor: Uuid,
+    client: &ClientInfo,
+    dongle_id: Uuid,
+    as_admin: bool,
+) -> Result<Unpaired, DongleError> {
+    // A stranger's unpair takes no lease: it is refused before, and again under it.
+    if !as_admin {
+        let owner: Option<Option<Uuid>> =
+            sqlx::query_scalar("SELECT owner_user_id FROM dongles WHERE id = $1")
+                .bind(dongle_id)
+                .fetch_optional(svc.pool)
+                .await?;
+        if owner.flatten() != Some(actor) {
+            return Err(DongleError::NotFound);
+        }
+    }
+    let lease = super::pairing::pairing_lease(svc, dongle_id).await?;
+    let unpaired = unpair_leased(svc, actor, client, dongle_id, as_admin).await;
+    lease.release(svc.pool).await;
+    unpaired
+}
+
+async fn unpair_leased(
     svc: Services<'_>,
     actor: Uuid,
     client: &ClientInfo,

@@ -560,6 +560,41 @@ async fn a_stranger_cannot_cancel_an_open_pairing_window(pool: PgPool) {
     );
 }
 
+/// An administrator's force-unpair that lands while a PIN is being checked waits for the check, then
+/// undoes the pairing the dongle has already taken: the dongle ends unclaimed, and is told to forget the
+/// new token (issue 24: before, the force-unpair cancelled the window and returned at once, and the
+/// submit then made the dongle its caller's, as if no administrator had acted).
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_force_unpair_during_a_pin_submit_is_not_undone_by_it(pool: PgPool) {
+    let app = spawn_app(pool.clone()).await;
+    let (alice, _, _, agent, dongle) = user_with_dongle(&app, "alice@example.com").await;
+    let session = start(&alice, dongle).await.json["pairing_session_id"].clone();
+    agent.seen.lock().unwrap().submit_delay = Duration::from_millis(1500);
+    let (admin, _) = app.logged_in("admin@example.com", Role::SuperAdmin).await;
+    let submitting = {
+        let alice = alice.clone();
+        tokio::spawn(async move { submit(&alice, dongle, &session, PIN).await })
+    };
+    agent::wait_until(|| async { agent.seen.lock().unwrap().pairing_submits == 1 }).await;
+    let unpaired = read(
+        admin
+            .post_json(&format!("/admin/dongles/{dongle}/force-unpair"), json!({}))
+            .await,
+    )
+    .await;
+    assert_eq!(unpaired.status, StatusCode::OK, "{}", unpaired.text);
+    // The dongle took the PIN before the force-unpair ran, so the submit succeeded...
+    let paired = submitting.await.unwrap();
+    assert_eq!(paired.status, StatusCode::OK, "{}", paired.text);
+    // ...and the force-unpair, which came after it, stands.
+    assert_eq!(ownership_state(&pool, dongle).await, "UNCLAIMED");
+    assert_eq!(app.count("SELECT count(*) FROM dongle_tokens").await, 0);
+    agent::wait_until(|| async { agent.seen.lock().unwrap().forgets == vec![DEV.to_string()] })
+        .await;
+    assert_eq!(audit_count(&app, "pairing.succeeded").await, 1);
+    assert_eq!(audit_count(&app, "admin.dongle_force_unpaired").await, 1);
+}
+
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn unpair_clears_owner_and_token_and_tells_the_dongle_to_forget(pool: PgPool) {
     let app = spawn_app(pool.clone()).await;
