@@ -291,6 +291,8 @@ pub struct Counters {
     pub telemetry_sent: u64,
     /// Packets lost because the host queue was full.
     pub lost_to_host: u64,
+    /// Frames from the host lost because the transmit queue was full (counted by the board).
+    pub lost_to_bus: u64,
 }
 
 /// A CLI answer to send later (a `sleep`), encoded when it is due.
@@ -429,6 +431,11 @@ impl<I: Instant> Dongle<I> {
     /// Counts packets the runtime could not queue for the host.
     pub fn note_lost_to_host(&mut self, n: u64) {
         self.counters.lost_to_host += n;
+    }
+
+    /// Counts frames the board could not queue for the bus (its transmit queue was full).
+    pub fn note_lost_to_bus(&mut self, n: u64) {
+        self.counters.lost_to_bus += n;
     }
 
     /// Whether a host has authenticated since power-up (frames flow to it).
@@ -615,7 +622,8 @@ impl<I: Instant> Dongle<I> {
                     tec: 0,
                     rec: 0,
                     rx_overflow: 0,
-                    lost_frames: self.counters.lost_to_host as u32,
+                    // Every frame the dongle lost to a full queue, either way; the count wraps.
+                    lost_frames: (self.counters.lost_to_host + self.counters.lost_to_bus) as u32,
                 };
                 self.reply(now, seq, sealed, Payload::BusStatus(report), out);
             }
@@ -1033,6 +1041,7 @@ impl<I: Instant> Dongle<I> {
                 ("frames_to_host", c.frames_to_host),
                 ("tx_refused", c.tx_refused),
                 ("lost_to_host", c.lost_to_host),
+                ("lost_to_bus", c.lost_to_bus),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))

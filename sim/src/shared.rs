@@ -126,6 +126,8 @@ impl Shared {
                     };
                     let Some(leaves) = leaves else {
                         lock(&self.bus_stats).tx_queue_full += 1;
+                        // The dongle counts it too, and reports it in BUS_STATUS.
+                        core.note_lost_to_bus(1);
                         continue;
                     };
                     if let Some(tx) = &self.bus_tx

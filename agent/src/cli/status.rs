@@ -62,6 +62,13 @@ pub async fn run(home: &Home, args: StatusArgs) -> anyhow::Result<()> {
                  and console",
                 d.frames_up, d.frames_down, d.dropped, d.unrouted
             );
+            if d.dongle_lost > 0 {
+                println!(
+                    "lost:    {} frames lost by dongles themselves (a queue of theirs was full), as they \
+                     report",
+                    d.dongle_lost
+                );
+            }
             if d.console_seen > 0 {
                 println!(
                     "console: {} frames of watched dongles, {} of them sent (a sample above {} a second)",

@@ -30,8 +30,8 @@ use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 use super::Shared;
-use super::device::{Device, Handed, Rest};
-use super::downstream::Downstream;
+use super::device::Device;
+use super::downstream::{Downstream, Stalled};
 use super::monitor::Monitors;
 use super::pace::Pace;
 use crate::frame::Frame;
@@ -56,6 +56,10 @@ pub struct DataStats {
     pub frames_down: u64,
     /// Frames dropped because a queue was full or the dongle was gone.
     pub dropped: u64,
+    /// Frames the dongles themselves reported lost (BUS_STATUS); those of group sides are also in the
+    /// side's drop count reported to the server.
+    #[serde(default)]
+    pub dongle_lost: u64,
     /// Frames from dongles that are in no group and whose console nobody watches.
     pub unrouted: u64,
     /// Frames of dongles in no group whose console somebody watches, all counted...
@@ -100,7 +104,7 @@ pub(super) struct DataPlane {
 impl DataPlane {
     /// The device of a served side and the position of the next frame it expects from the server;
     /// `None` when the side is not served.
-    fn inbound(&self, group_id: Uuid, side: Side) -> Option<(DeviceId, u64)> {
+    pub(super) fn inbound(&self, group_id: Uuid, side: Side) -> Option<(DeviceId, u64)> {
         let sides = self.sides.lock().unwrap();
         let state = sides.get(&(group_id, side))?;
         Some((state.device_id, state.inbound_next))
@@ -108,7 +112,7 @@ impl DataPlane {
 
     /// Records frames from the server that a side disposed of: `delivered` went onto its bus,
     /// `refused` could never go, and `next` is the position after them.
-    fn disposed_inbound(
+    pub(super) fn disposed_inbound(
         &self,
         group_id: Uuid,
         side: Side,
@@ -124,6 +128,18 @@ impl DataPlane {
         if let Some(state) = self.sides.lock().unwrap().get_mut(&(group_id, side)) {
             state.dropped += refused as u64;
             state.inbound_next = state.inbound_next.max(next);
+        }
+    }
+
+    /// Counts frames the dongle `device_id` itself reported lost (`bus_losses`), and with the dropped
+    /// frames of its side if it is a group side, for the server to show with the group's figures.
+    pub(super) fn dongle_lost(&self, device_id: &DeviceId, lost: u64) {
+        self.stats.lock().unwrap().dongle_lost += lost;
+        for state in self.sides.lock().unwrap().values_mut() {
+            if state.device_id == *device_id {
+                state.dropped += lost;
+                self.wake.notify_one();
+            }
         }
     }
 
@@ -325,9 +341,6 @@ pub(super) async fn run(shared: Arc<Shared>, creds: Credentials, mut backoff: Ba
     }
 }
 
-/// The newest encoded ACK of each group side, waiting to be sent.
-pub(super) type LatestAcks = HashMap<(Uuid, Side), Vec<u8>>;
-
 async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(), String> {
     let (mut sink, mut stream) = socket.split();
     // Frames for dongles go through a lane per side to their own task, so that a slow dongle never
@@ -434,20 +447,6 @@ const STALL_MIN: Duration = Duration::from_millis(300);
 /// A data connection that lasted this long resets the reconnect backoff.
 const STEADY_CONNECTION: Duration = Duration::from_secs(5);
 
-/// The sides stalled on the current connection, and since when.
-pub(super) type Stalled = HashMap<(Uuid, Side), tokio::time::Instant>;
-
-/// What became of frames from the server for a side.
-pub(super) enum Delivery {
-    /// All of them are on the dongle's link (or skipped as already delivered, or refused for good and
-    /// counted as dropped): acknowledge with this message.
-    Ack(Vec<u8>),
-    /// The dongle could not take them (all, or those after the acknowledged part): the side stalls.
-    Stalled(Option<Vec<u8>>),
-    /// No such side here (the group list has not arrived yet, or it left).
-    UnknownSide,
-}
-
 /// Sends `messages` in one write to the socket (a write per message costs a system call each), and
 /// marks the frames they carry as passing `hop` for a benchmark that traces them.
 async fn send_all<S>(sink: &mut S, messages: Vec<Vec<u8>>, hop: hops::Hop) -> Result<(), String>
@@ -483,49 +482,6 @@ async fn sleep_until_flush(at: Option<tokio::time::Instant>) {
 }
 
 impl Shared {
-    /// Hands frames from the server to the dongle of `side`, and says what to acknowledge: only frames
-    /// that are on the dongle's link (or the endpoint) are, and everything after a frame the dongle
-    /// could not take waits for the next connection.
-    pub(super) async fn to_dongle(
-        &self,
-        group_id: Uuid,
-        side: Side,
-        first: u64,
-        frames: Vec<Frame>,
-    ) -> Delivery {
-        let Some((device_id, expected)) = self.data.inbound(group_id, side) else {
-            return Delivery::UnknownSide;
-        };
-        // Frames below the expected position arrived before (a resend after a reconnect).
-        let skip = expected.saturating_sub(first) as usize;
-        let fresh = frames.get(skip..).unwrap_or(&[]);
-        let skipped_to = first + skip.min(frames.len()) as u64;
-        let handed = if fresh.is_empty() {
-            Handed::new(0, Rest::None)
-        } else {
-            match self.devices.get(&device_id) {
-                Some(device) if self.can_deliver_to(&device) => device.send_frames(fresh).await,
-                _ => Handed::new(0, Rest::Stalled),
-            }
-        };
-        let delivered = handed.delivered;
-        let (refused, stalled) = match handed.rest {
-            Rest::None => (0, false),
-            Rest::Refused => (fresh.len() - delivered, false),
-            Rest::Stalled => (0, true),
-        };
-        // The position after what this call disposed of: delivered frames, and refused ones after them.
-        let next = skipped_to + (delivered + refused) as u64;
-        self.data
-            .disposed_inbound(group_id, side, delivered, refused, next);
-        let ack = data::encode_ack(group_id, side, next);
-        if stalled {
-            Delivery::Stalled((next > first).then_some(ack))
-        } else {
-            Delivery::Ack(ack)
-        }
-    }
-
     /// Whether a side stalled on this connection (for long enough) has a dongle that can take frames
     /// again, so that a new connection would get them delivered.
     fn stall_over(&self, stalled: &Stalled) -> bool {
@@ -547,7 +503,7 @@ impl Shared {
 
     /// Whether a device can take frames now: a local endpoint that is open, or a dongle whose session
     /// is authenticated and whose dongle took the token.
-    fn can_deliver_to(&self, device: &Device) -> bool {
+    pub(super) fn can_deliver_to(&self, device: &Device) -> bool {
         match device {
             Device::Local { endpoint, .. } => endpoint.is_some(),
             Device::Dongle(session) => {

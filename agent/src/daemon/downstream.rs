@@ -17,8 +17,10 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use control_proto::data;
+
 use super::Shared;
-use super::dataplane::{Delivery, LatestAcks, Stalled};
+use super::device::{Handed, Rest};
 use crate::frame::Frame;
 
 /// The most frames waiting in one lane.
@@ -28,6 +30,22 @@ pub const LANE_FRAMES: usize = 32_768;
 const MAX_LANES: usize = 4096;
 /// How long a closing connection waits for its lanes to hand over what they hold.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The latest acknowledgement message per side, for the connection to send.
+pub(super) type LatestAcks = HashMap<(Uuid, Side), Vec<u8>>;
+/// The sides stalled on the current connection, and since when.
+pub(super) type Stalled = HashMap<(Uuid, Side), tokio::time::Instant>;
+
+/// What became of frames from the server for a side.
+enum Delivery {
+    /// All of them are on the dongle's link (or skipped as already delivered, or refused for good and
+    /// counted as dropped): acknowledge with this message.
+    Ack(Vec<u8>),
+    /// The dongle could not take them (all, or those after the acknowledged part): the side stalls.
+    Stalled(Option<Vec<u8>>),
+    /// No such side here (the group list has not arrived yet, or it left).
+    UnknownSide,
+}
 
 /// The lanes of one data connection, and what they report to it.
 pub(super) struct Downstream {
@@ -177,6 +195,51 @@ impl Lane {
             tx,
             room: Arc::new(Semaphore::new(LANE_FRAMES)),
             task,
+        }
+    }
+}
+
+impl Shared {
+    /// Hands frames from the server to the dongle of `side`, and says what to acknowledge: only frames
+    /// that are on the dongle's link (or the endpoint) are, and everything after a frame the dongle
+    /// could not take waits for the next connection.
+    async fn to_dongle(
+        &self,
+        group_id: Uuid,
+        side: Side,
+        first: u64,
+        frames: Vec<Frame>,
+    ) -> Delivery {
+        let Some((device_id, expected)) = self.data.inbound(group_id, side) else {
+            return Delivery::UnknownSide;
+        };
+        // Frames below the expected position arrived before (a resend after a reconnect).
+        let skip = expected.saturating_sub(first) as usize;
+        let fresh = frames.get(skip..).unwrap_or(&[]);
+        let skipped_to = first + skip.min(frames.len()) as u64;
+        let handed = if fresh.is_empty() {
+            Handed::new(0, Rest::None)
+        } else {
+            match self.devices.get(&device_id) {
+                Some(device) if self.can_deliver_to(&device) => device.send_frames(fresh).await,
+                _ => Handed::new(0, Rest::Stalled),
+            }
+        };
+        let delivered = handed.delivered;
+        let (refused, stalled) = match handed.rest {
+            Rest::None => (0, false),
+            Rest::Refused => (fresh.len() - delivered, false),
+            Rest::Stalled => (0, true),
+        };
+        // The position after what this call disposed of: delivered frames, and refused ones after them.
+        let next = skipped_to + (delivered + refused) as u64;
+        self.data
+            .disposed_inbound(group_id, side, delivered, refused, next);
+        let ack = data::encode_ack(group_id, side, next);
+        if stalled {
+            Delivery::Stalled((next > first).then_some(ack))
+        } else {
+            Delivery::Ack(ack)
         }
     }
 }

@@ -9,6 +9,7 @@
 //! dongle's session. Command results go through the [`Journal`] first, so that none is lost when the
 //! connection or the agent goes down.
 
+mod bus_losses;
 mod connection;
 mod dataplane;
 mod device;
@@ -280,6 +281,13 @@ impl Shared {
             .and_then(|device| device.take_frames())
         {
             self.spawn(dataplane::pump(self.clone(), device_id, frames));
+            // Once per session too (its frames are taken once): a dongle that counts its own losses
+            // is watched for them.
+            if let Some(session) = self.devices.dongles.session(&device_id)
+                && session.info().has(firmware_proto::caps::BUS_STATUS)
+            {
+                self.spawn(bus_losses::watch(self.clone(), session));
+            }
         }
     }
 

@@ -11,6 +11,7 @@ mod console_e2e;
 mod dongle_manager;
 mod faults_link;
 mod foreign_builds;
+mod group_losses;
 mod group_unplug;
 mod pairing_e2e;
 mod qemu_e2e;

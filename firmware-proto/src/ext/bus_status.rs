@@ -42,7 +42,8 @@ pub struct BusStatus {
     pub rec: u8,
     /// Frames lost because the receive FIFO overflowed, since boot (wraps).
     pub rx_overflow: u32,
-    /// Frames the dongle dropped on the way to the host (queue full), since boot (wraps).
+    /// Frames the dongle dropped because a queue was full, on the way to the host or waiting for its
+    /// bus, since boot (wraps).
     pub lost_frames: u32,
 }
 

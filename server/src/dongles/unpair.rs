@@ -33,16 +33,17 @@ pub async fn unpair(
     dongle_id: Uuid,
     as_admin: bool,
 ) -> Result<Unpaired, DongleError> {
-    // A stranger's unpair takes no lease: it is refused before, and again under it.
-    if !as_admin {
-        let owner: Option<Option<Uuid>> =
-            sqlx::query_scalar("SELECT owner_user_id FROM dongles WHERE id = $1")
-                .bind(dongle_id)
-                .fetch_optional(svc.pool)
-                .await?;
-        if owner.flatten() != Some(actor) {
-            return Err(DongleError::NotFound);
-        }
+    // A stranger's unpair, or one of a dongle that does not exist (whose lease could not even be
+    // written), takes no lease: it is refused before, and checked again under it.
+    let owner: Option<Option<Uuid>> =
+        sqlx::query_scalar("SELECT owner_user_id FROM dongles WHERE id = $1")
+            .bind(dongle_id)
+            .fetch_optional(svc.pool)
+            .await?;
+    match owner {
+        None if as_admin => return Err(DongleError::NoSuchDongle),
+        Some(owner) if as_admin || owner == Some(actor) => {}
+        _ => return Err(DongleError::NotFound),
     }
     let lease = super::pairing::pairing_lease(svc, dongle_id).await?;
     let unpaired = unpair_leased(svc, actor, client, dongle_id, as_admin).await;

@@ -92,7 +92,9 @@ pub struct GroupView {
     pub frames_trimmed: PerDirection,
     /// Frames accepted from each side's agent.
     pub frames_received: PerSide,
-    /// Frames each side's agent reported it had to drop before they reached the server.
+    /// Frames lost at each side, as its agent reports them: those the agent had to drop (a full queue,
+    /// a dongle gone), and those the side's dongle itself reports lost in its BUS_STATUS counters (a full
+    /// queue of its own, either way), where it announces that extension.
     pub agent_drops: PerSide,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

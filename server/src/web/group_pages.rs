@@ -225,7 +225,17 @@ pub async fn detail(ctx: Ctx, Path(raw): Path<String>) -> Response {
             count(&g, key, "b_to_a")
         )
     })
-    .collect();
+    .collect::<String>()
+        + &["a", "b"]
+            .iter()
+            .map(|side| {
+                format!(
+                    "<dt>Lost at side {upper}</dt><dd data-lost=\"{side}\">{}</dd>",
+                    g["agent_drops"][side].as_i64().unwrap_or(0),
+                    upper = side.to_uppercase()
+                )
+            })
+            .collect::<String>();
     let pressure = if g["buffer_pressure"] == true {
         "<p class=\"notice warn\" data-pressure role=\"status\">Buffer pressure: retention was reached and \
          the oldest kept frames were dropped (each trim is audited).</p>"

@@ -64,6 +64,10 @@
       });
     });
     ['a', 'b'].forEach(function (side) {
+      // Frames lost at a side's workstation or in its dongle (the agent's drops and what the dongle
+      // reports it lost), before they reached the server or the dongle's bus.
+      var lost = q('[data-lost="' + side + '"]');
+      if (lost && g.agent_drops) { lost.textContent = String(g.agent_drops[side] || 0); }
       var d = g['dongle_' + side];
       if (!d) { return; }
       var row = q('tr[data-side="' + side + '"]');
