@@ -28,8 +28,10 @@ pub const MAX_DEFERRED: usize = 8;
 pub trait Board {
     /// Writes one framed packet (a lone 0x00 included, when resynchronising) to the host link.
     fn to_host(&mut self, bytes: &[u8]);
-    /// Puts a frame on the CAN bus.
-    fn to_bus(&mut self, frame: Frame);
+    /// Puts a frame on the CAN bus; false when its transmit queue was full and the frame is dropped
+    /// (the dongle counts it, and reports it in BUS_STATUS). A board that learns of a drop only later
+    /// counts it with [`Dongle::note_lost_to_bus`].
+    fn to_bus(&mut self, frame: Frame) -> bool;
     /// Shows an event on the dongle's display or console (the PIN is one).
     fn event(&mut self, event: Event);
     /// Stores the flash contents (their [`Flash::to_image`]) so that they survive a restart.
@@ -199,7 +201,11 @@ impl<I: Instant> StreamHost<I> {
                         self.stats.deferred_dropped += 1;
                     }
                 }
-                Output::ToBus(frame) => board.to_bus(frame),
+                Output::ToBus(frame) => {
+                    if !board.to_bus(frame) {
+                        dongle.note_lost_to_bus(1);
+                    }
+                }
                 Output::Event(event) => board.event(event),
                 Output::FlashChanged => board.store_flash(dongle.flash()),
             }
@@ -230,6 +236,8 @@ mod tests {
     struct Bench {
         wire: Vec<u8>,
         bus: Vec<Frame>,
+        /// Frames the bus takes before its transmit queue is full (None: all).
+        bus_room: Option<usize>,
         events: Vec<Event>,
         flash: Option<Flash>,
     }
@@ -238,8 +246,12 @@ mod tests {
         fn to_host(&mut self, bytes: &[u8]) {
             self.wire.extend_from_slice(bytes);
         }
-        fn to_bus(&mut self, frame: Frame) {
+        fn to_bus(&mut self, frame: Frame) -> bool {
+            if self.bus_room.is_some_and(|room| self.bus.len() >= room) {
+                return false;
+            }
             self.bus.push(frame);
+            true
         }
         fn event(&mut self, event: Event) {
             self.events.push(event);
@@ -463,6 +475,51 @@ mod tests {
             "neither the bus nor the old host's answer reaches the new host"
         );
         assert_eq!(host.next_due(), None);
+    }
+
+    #[test]
+    fn frames_the_boards_full_queue_drops_are_reported_in_bus_status() {
+        let mut d = dongle();
+        let mut host = StreamHost::new();
+        let mut bench = Bench {
+            bus_room: Some(2),
+            ..Bench::default()
+        };
+        let token = pair(&mut d, &mut host, &mut bench);
+        let frame = |i: u8| {
+            firmware_proto::remp::CanFrame::new(
+                firmware_proto::ids::CanId::standard(0x10).unwrap(),
+                &[i],
+            )
+            .unwrap()
+        };
+        for i in 0..5u8 {
+            host.receive(
+                &mut d,
+                Ticks(1),
+                &framed(&remp_packet(
+                    Payload::Can(frame(i)),
+                    &token,
+                    10 + u32::from(i),
+                )),
+                &mut bench,
+            );
+        }
+        assert_eq!(bench.bus.len(), 2);
+        assert_eq!(d.counters().lost_to_bus, 3);
+        bench.packets();
+        let request = firmware_proto::ext::BusStatus::request();
+        host.receive(
+            &mut d,
+            Ticks(2),
+            &framed(&remp_packet(Payload::BusStatus(request), &token, 20)),
+            &mut bench,
+        );
+        let report = bench.packets().pop().expect("a report");
+        let Payload::BusStatus(report) = remp::decode(&report).unwrap().payload else {
+            panic!("not a bus status");
+        };
+        assert_eq!(report.lost_frames, 3);
     }
 
     #[test]

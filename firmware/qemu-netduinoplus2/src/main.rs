@@ -56,19 +56,20 @@ impl Board for QemuBoard {
         hw::link_write(bytes);
     }
 
-    fn to_bus(&mut self, frame: Frame) {
+    fn to_bus(&mut self, frame: Frame) -> bool {
         if self.bus.len() < BUS_DEPTH {
             self.bus.push(frame);
-        } else {
-            self.bus_dropped += 1;
-            if self.bus_dropped.is_power_of_two() {
-                let _ = writeln!(
-                    self.console,
-                    "bus full: {} frames dropped",
-                    self.bus_dropped
-                );
-            }
+            return true;
         }
+        self.bus_dropped += 1;
+        if self.bus_dropped.is_power_of_two() {
+            let _ = writeln!(
+                self.console,
+                "bus full: {} frames dropped",
+                self.bus_dropped
+            );
+        }
+        false
     }
 
     fn event(&mut self, event: Event) {

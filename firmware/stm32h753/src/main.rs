@@ -114,8 +114,10 @@ impl Board for H753Board {
         self.to_host.extend_from_slice(bytes);
     }
 
-    fn to_bus(&mut self, frame: Frame) {
+    fn to_bus(&mut self, frame: Frame) -> bool {
+        // Queued for the CAN task; a frame that finds no transmit buffer in time is counted there.
         self.to_bus.push(frame);
+        true
     }
 
     fn event(&mut self, event: Event) {
@@ -400,7 +402,11 @@ async fn main(_spawner: Spawner) {
                     match with_timeout(CAN_TX_WAIT, can.write(&frame)).await {
                         Ok(None) => {}
                         // A lower-priority frame was evicted from the controller's queue.
-                        Ok(Some(_)) | Err(_) => board.count_bus_drop(),
+                        Ok(Some(_)) | Err(_) => {
+                            board.count_bus_drop();
+                            // Reported to the host in BUS_STATUS.
+                            dongle.note_lost_to_bus(1);
+                        }
                     }
                 }
                 let out = core::mem::take(&mut board.to_host);
