@@ -6,8 +6,10 @@
 //! dongle's transmit queue, in which each frame takes its longest possible time on the bus at the
 //! dongle's bitrate ([`firmware_proto::bus_time::worst_case_bits`]), and writes a frame only when
 //! fewer than [`DEPTH`] frames are ahead of it. Counting the longest time errs towards a slower
-//! write, never an overrun; keeping half the queue free leaves room for a link that delivers two
-//! writes at once.
+//! write; keeping half the queue free leaves room for a link that delivers two writes at once. The
+//! model assumes the bus is the dongle's: other nodes' traffic, error frames and retransmissions slow
+//! the real queue, which can then still overflow; a dongle that announces bus-status counts what it
+//! dropped (`daemon::bus_losses`).
 //!
 //! CAN FD frames are paced by their own length, with the data phase at the nominal bitrate, since the
 //! dongle's configuration names no data bitrate.
@@ -22,6 +24,11 @@ use crate::frame::Frame;
 
 /// Frames written ahead of the dongle's bus at most.
 pub const DEPTH: usize = 16;
+
+/// The bitrates a dongle's CAN controller runs at (SPEC 4.2's range for a configuration).
+pub fn dongle_bitrates() -> std::ops::RangeInclusive<u32> {
+    10_000..=1_000_000
+}
 
 /// The model of one dongle's transmit queue.
 #[derive(Debug, Default)]

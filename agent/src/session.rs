@@ -36,7 +36,7 @@ use tokio::time::{Instant, timeout};
 
 use std::net::SocketAddr;
 
-use crate::bus_pace::{self, BusPace};
+use crate::bus_pace::{self, BusPace, dongle_bitrates};
 use crate::transport::Link;
 use crate::transport::udp::UdpHub;
 
@@ -523,8 +523,28 @@ impl DongleSession {
             .typed_request(MsgType::CanConfig, Payload::CanConfig(config), what)
             .await?
         {
-            Answer::Config(c) => Ok(c),
+            Answer::Config(c) => {
+                self.learn_bitrate(&c);
+                Ok(c)
+            }
             _ => unreachable!("config answers are routed by kind"),
+        }
+    }
+
+    /// Keeps the bitrate of the dongle's answer to our own CAN_CONFIG request (every answer carries the
+    /// effective configuration, a refused one's too) to pace the frames sent to it. Only an answer
+    /// that matched a request counts, never a packet that arrived unasked, and a bitrate outside what
+    /// a CAN controller runs at is not believed.
+    fn learn_bitrate(&self, answer: &CanConfig) {
+        if answer.status == remp::ConfigStatus::Invalid
+            || !dongle_bitrates().contains(&answer.bitrate)
+        {
+            return;
+        }
+        let before = self.shared.bitrate.swap(answer.bitrate, Ordering::Relaxed);
+        if before != answer.bitrate {
+            // Frames counted at the old bitrate would hold the new one's pace.
+            *self.shared.pace.lock().unwrap() = BusPace::default();
         }
     }
 
@@ -919,11 +939,6 @@ fn route(bytes: &[u8], shared: &Shared, sinks: &Sinks) -> bool {
             }),
         ),
         Payload::CanConfig(c) if c.action == remp::ConfigAction::Response => {
-            // Every answer carries the effective configuration, also a refused one's; the bitrate
-            // paces the frames sent to the dongle.
-            if c.status != remp::ConfigStatus::Invalid && c.bitrate > 0 {
-                shared.bitrate.store(c.bitrate, Ordering::Relaxed);
-            }
             (Key::Type(MsgType::CanConfig.to_u8()), Answer::Config(c))
         }
         Payload::Forget(f) if f.action == ForgetAction::Ack => {

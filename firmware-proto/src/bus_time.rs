@@ -1,8 +1,9 @@
 //! How long a CAN frame holds the bus: its bits, stuffing included, and their time at a bitrate.
 //!
 //! Two readings serve two purposes. [`worst_case_bits`] is an upper bound that needs only the frame's
-//! shape (identifier format, FD or not, data length): a host that sends no faster than it allows
-//! never overruns the bus of the dongle it sends to, whatever the data. [`classic_bits`] is the exact
+//! shape (identifier format, FD or not, data length): a host that sends no faster than it allows never
+//! outruns a bus that carries its frames alone, whatever the data (other nodes' traffic, error frames
+//! and retransmissions take their share too). [`classic_bits`] is the exact
 //! count of a classic frame, computed from its content (the CRC-15 and every stuff bit): a simulated
 //! bus that takes exactly this long per frame behaves as a real one does.
 //!

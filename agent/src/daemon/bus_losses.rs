@@ -20,6 +20,11 @@ use crate::session::DongleSession;
 /// How often a grouped dongle's counters are read.
 pub const EVERY: Duration = Duration::from_secs(2);
 
+/// The most losses one reading may add: more than a 1 Mbit/s bus carries in [`EVERY`] many times
+/// over. A larger jump is no loss a dongle could have had (a counter read wrong, or a report that is
+/// not the dongle's), and starts a new baseline instead.
+pub const MAX_PER_READING: u64 = 200_000;
+
 /// The counters of the last reading.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Losses {
@@ -28,17 +33,19 @@ pub struct Losses {
 
 impl Losses {
     /// The frames lost since the last reading. The counters wrap at 2^32; one that went back by less
-    /// than half of that is a dongle that restarted, which starts a new baseline.
+    /// than half of that is a dongle that restarted, whose counters since its boot are all new.
     pub fn update(&mut self, status: &BusStatus) -> u64 {
         let now = (status.rx_overflow, status.lost_frames);
         let Some(last) = self.last.replace(now) else {
             return 0;
         };
         let restarted = |before: u32, after: u32| after < before && before - after < 1 << 31;
-        if restarted(last.0, now.0) || restarted(last.1, now.1) {
-            return 0;
-        }
-        u64::from(now.0.wrapping_sub(last.0)) + u64::from(now.1.wrapping_sub(last.1))
+        let lost = if restarted(last.0, now.0) || restarted(last.1, now.1) {
+            u64::from(now.0) + u64::from(now.1)
+        } else {
+            u64::from(now.0.wrapping_sub(last.0)) + u64::from(now.1.wrapping_sub(last.1))
+        };
+        if lost > MAX_PER_READING { 0 } else { lost }
     }
 }
 
@@ -103,14 +110,23 @@ mod tests {
     }
 
     #[test]
-    fn a_restarted_dongle_starts_a_new_baseline() {
+    fn a_restarted_dongles_counters_since_its_boot_are_new_losses() {
         let mut losses = Losses::default();
         losses.update(&report(10, 1000));
         assert_eq!(
             losses.update(&report(0, 4)),
-            0,
-            "counters back to zero after a restart"
+            4,
+            "counters back near zero after a restart"
         );
         assert_eq!(losses.update(&report(0, 9)), 5);
+    }
+
+    #[test]
+    fn a_jump_no_dongle_could_lose_counts_nothing() {
+        let mut losses = Losses::default();
+        losses.update(&report(0, 0));
+        assert_eq!(losses.update(&report(0, 1 << 30)), 0);
+        // The jump is the new baseline.
+        assert_eq!(losses.update(&report(0, (1 << 30) + 3)), 3);
     }
 }

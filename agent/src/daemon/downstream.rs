@@ -2,22 +2,27 @@
 //! is slow (the session paces frames to its bitrate, see `bus_pace`) holds up only its own side, never
 //! another side's frames or the acknowledgements the connection reads.
 //!
-//! A lane takes the FRAMES messages of its side in order and hands them to the side's device; what the
-//! device took is acknowledged (the latest acknowledgement per side, for the connection to send). A lane
-//! holds at most [`LANE_FRAMES`] frames, more than the server keeps in flight towards one side, so that
-//! a server that keeps to its window never waits on a lane; one that does not is held up (its socket is
-//! not read) rather than given memory without end.
+//! A lane takes the FRAMES messages of its side in order and hands them to the side's device in slices
+//! of [`SLICE`] frames; what the device took is acknowledged (the latest acknowledgement per side, for
+//! the connection to send). A lane holds at most [`LANE_FRAMES`] frames: more than the server sends
+//! towards one side without its acknowledgement (its in-flight limit, 20 000 frames, live and replayed
+//! alike), so that a server that keeps to it never waits on a lane; one that does not is held up (its
+//! socket is not read) rather than given memory without end.
+//!
+//! When the connection closes, the lanes stop at the end of the slice they are handing over: what they
+//! still hold is not acknowledged, so the server sends it again on the next connection, and the frames
+//! below the position delivered are skipped then. A slice is never cut in half, which would put part of
+//! it on the bus without anyone knowing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use control_proto::data::Side;
+use control_proto::data::{self, Side};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
-
-use control_proto::data;
 
 use super::Shared;
 use super::device::{Handed, Rest};
@@ -25,10 +30,14 @@ use crate::frame::Frame;
 
 /// The most frames waiting in one lane.
 pub const LANE_FRAMES: usize = 32_768;
+/// The most frames handed to a device at once: at most about a second of a slow bus's time, which is
+/// what a closing connection waits for.
+const SLICE: usize = 16;
 /// The most lanes on one connection (sides served at once); frames for more sides wait like frames for
 /// a side the agent does not know.
 const MAX_LANES: usize = 4096;
-/// How long a closing connection waits for its lanes to hand over what they hold.
+/// How long a closing connection waits for its lanes to finish their slice (a dongle whose link hangs
+/// is cut off; its slice is then sent again).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The latest acknowledgement message per side, for the connection to send.
@@ -57,6 +66,8 @@ pub(super) struct Downstream {
     pub acks_ready: Arc<Notify>,
     /// The sides stalled on this connection, and since when.
     pub stalled: Arc<Mutex<Stalled>>,
+    /// The connection is closing: lanes stop at the end of their slice.
+    closing: Arc<AtomicBool>,
 }
 
 struct Lane {
@@ -73,6 +84,24 @@ struct Message {
     _room: OwnedSemaphorePermit,
 }
 
+/// What a lane reports to its connection.
+#[derive(Clone)]
+struct Reports {
+    acks: Arc<Mutex<LatestAcks>>,
+    acks_ready: Arc<Notify>,
+    stalled: Arc<Mutex<Stalled>>,
+    closing: Arc<AtomicBool>,
+}
+
+impl Reports {
+    fn stall(&self, key: (Uuid, Side)) {
+        self.stalled
+            .lock()
+            .unwrap()
+            .insert(key, tokio::time::Instant::now());
+    }
+}
+
 impl Downstream {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self {
@@ -81,6 +110,16 @@ impl Downstream {
             acks: Arc::default(),
             acks_ready: Arc::new(Notify::new()),
             stalled: Arc::default(),
+            closing: Arc::default(),
+        }
+    }
+
+    fn reports(&self) -> Reports {
+        Reports {
+            acks: self.acks.clone(),
+            acks_ready: self.acks_ready.clone(),
+            stalled: self.stalled.clone(),
+            closing: self.closing.clone(),
         }
     }
 
@@ -89,37 +128,37 @@ impl Downstream {
         let key = (group_id, side);
         if !self.lanes.contains_key(&key) && self.lanes.len() >= MAX_LANES {
             // Not acknowledged: the server sends them again on the next connection.
-            self.stalled
-                .lock()
-                .unwrap()
-                .insert(key, tokio::time::Instant::now());
+            self.reports().stall(key);
             return;
         }
-        let lane = self.lanes.entry(key).or_insert_with(|| {
-            Lane::start(
-                &self.shared,
-                key,
-                &self.acks,
-                &self.acks_ready,
-                &self.stalled,
-            )
-        });
+        let reports = self.reports();
+        let lane = self
+            .lanes
+            .entry(key)
+            .or_insert_with(|| Lane::start(&self.shared, key, reports));
         // A message of no frames still takes a place, so that such messages cannot pile up.
         let n = frames.len().clamp(1, LANE_FRAMES) as u32;
         let Ok(room) = lane.room.clone().acquire_many_owned(n).await else {
             return;
         };
-        let _ = lane.tx.send(Message {
+        let message = Message {
             first,
             frames,
             _room: room,
-        });
+        };
+        if lane.tx.send(message).is_err() {
+            // The lane's task ended (it cannot, short of a panic): the side waits for the next
+            // connection rather than lose these frames' place.
+            tracing::error!(%group_id, ?side, "a side's lane to its dongle ended");
+            self.reports().stall(key);
+        }
     }
 
-    /// Lets every lane hand over what it holds (a send cut in half would put part of a batch on the bus
-    /// without its acknowledgement); a lane whose dongle does not take it within [`DRAIN_TIMEOUT`] is
+    /// Closes the lanes: each finishes the slice it is handing over and drops the rest (unacknowledged,
+    /// so the server sends it again). A lane whose device does not finish within [`DRAIN_TIMEOUT`] is
     /// cut off.
     pub async fn finish(self) {
+        self.closing.store(true, Ordering::Relaxed);
         let tasks: Vec<JoinHandle<()>> = self
             .lanes
             .into_values()
@@ -141,54 +180,13 @@ impl Downstream {
 }
 
 impl Lane {
-    fn start(
-        shared: &Arc<Shared>,
-        (group_id, side): (Uuid, Side),
-        acks: &Arc<Mutex<LatestAcks>>,
-        acks_ready: &Arc<Notify>,
-        stalled: &Arc<Mutex<Stalled>>,
-    ) -> Lane {
+    fn start(shared: &Arc<Shared>, key: (Uuid, Side), reports: Reports) -> Lane {
         let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
-        let (shared, acks, acks_ready, stalled) = (
-            shared.clone(),
-            acks.clone(),
-            acks_ready.clone(),
-            stalled.clone(),
-        );
+        let shared = shared.clone();
         let task = tokio::spawn(async move {
             while let Some(message) = rx.recv().await {
-                // Not acknowledged: the server sends these again on the next connection.
-                if stalled.lock().unwrap().contains_key(&(group_id, side)) {
-                    continue;
-                }
-                let delivery = shared
-                    .to_dongle(group_id, side, message.first, message.frames)
-                    .await;
-                let ack = match delivery {
-                    Delivery::Ack(ack) => Some(ack),
-                    Delivery::Stalled(ack) => {
-                        tracing::info!(%group_id, ?side, "the side's dongle cannot take frames now: they stay with the server until it can");
-                        stalled
-                            .lock()
-                            .unwrap()
-                            .insert((group_id, side), tokio::time::Instant::now());
-                        ack
-                    }
-                    // Frames for a side whose `groups` list has not arrived yet (it comes over the
-                    // control connection, they over this one): delivering later ones would let their
-                    // acknowledgement cover these, so the side stalls until the list is here.
-                    Delivery::UnknownSide => {
-                        stalled
-                            .lock()
-                            .unwrap()
-                            .insert((group_id, side), tokio::time::Instant::now());
-                        None
-                    }
-                };
-                if let Some(ack) = ack {
-                    acks.lock().unwrap().insert((group_id, side), ack);
-                    acks_ready.notify_one();
-                }
+                hand_over(&shared, key, &message, &reports).await;
+                reports.acks_ready.notify_one();
             }
         });
         Lane {
@@ -196,6 +194,40 @@ impl Lane {
             room: Arc::new(Semaphore::new(LANE_FRAMES)),
             task,
         }
+    }
+}
+
+/// Hands one message to the side's device, slice after slice, and keeps the acknowledgement of what it
+/// took. Stops at a stall, and when the connection closes.
+async fn hand_over(shared: &Shared, key: (Uuid, Side), message: &Message, reports: &Reports) {
+    let (group_id, side) = key;
+    let mut first = message.first;
+    for slice in message.frames.chunks(SLICE) {
+        // Not acknowledged: the server sends these again on the next connection.
+        if reports.closing.load(Ordering::Relaxed)
+            || reports.stalled.lock().unwrap().contains_key(&key)
+        {
+            return;
+        }
+        let ack = match shared.to_dongle(group_id, side, first, slice).await {
+            Delivery::Ack(ack) => Some(ack),
+            Delivery::Stalled(ack) => {
+                tracing::info!(%group_id, ?side, "the side's dongle cannot take frames now: they stay with the server until it can");
+                reports.stall(key);
+                ack
+            }
+            // Frames for a side whose `groups` list has not arrived yet (it comes over the control
+            // connection, they over this one): delivering later ones would let their acknowledgement
+            // cover these, so the side stalls until the list is here.
+            Delivery::UnknownSide => {
+                reports.stall(key);
+                None
+            }
+        };
+        if let Some(ack) = ack {
+            reports.acks.lock().unwrap().insert(key, ack);
+        }
+        first += slice.len() as u64;
     }
 }
 
@@ -208,7 +240,7 @@ impl Shared {
         group_id: Uuid,
         side: Side,
         first: u64,
-        frames: Vec<Frame>,
+        frames: &[Frame],
     ) -> Delivery {
         let Some((device_id, expected)) = self.data.inbound(group_id, side) else {
             return Delivery::UnknownSide;

@@ -19,7 +19,9 @@ pub struct RelaySettings {
     pub flush_interval: Duration,
     /// A pipe reads its group's sides and agents again this often, besides when told to.
     pub refresh_interval: Duration,
-    /// Frames sent to a connected side and not acknowledged yet; past it, frames are buffered.
+    /// Frames sent to a connected side and not acknowledged yet, live and replayed; past it, frames are
+    /// buffered and replay waits. The agent holds up to this many for a dongle whose bus is slower than
+    /// the traffic, so keep it under its lane of 32 768 frames (`bridge_agent`'s `daemon::downstream`).
     pub inflight_max_frames: u64,
     /// Trims are audited at most this often per direction, each entry with the frames trimmed since
     /// the previous one (a full buffer trims with every write).

@@ -96,6 +96,8 @@ pub enum Input {
     Tick,
     /// The pipe ends: what is in flight and what waits goes to the buffer, then the counters.
     Finish,
+    /// The answer to the last [`Action::Flush`].
+    Flushed(Result<(), Failure>),
     /// The answer to the last [`Request`].
     Done(Reply),
 }
@@ -209,6 +211,10 @@ pub enum Action {
         before: Option<Uuid>,
         after: Option<Uuid>,
     },
+    /// Add both sides' counters and move their positions up, in the background: the frames go on
+    /// meanwhile, and the answer comes back as [`Input::Flushed`]. One is out at a time, so that the
+    /// agents' last drop totals are written in order.
+    Flush(PerSide<SideCounters>),
     /// Always the last action; answer with [`Input::Done`].
     Request(Request),
 }
@@ -418,6 +424,9 @@ pub struct Machine {
     finishing: bool,
     program: VecDeque<Phase>,
     waiting: Option<Waiting>,
+    /// The counters of the [`Action::Flush`] out, until its answer; they are no longer in `from` and
+    /// `towards`, and go back there if it failed.
+    flushing: Option<PerSide<SideCounters>>,
     tally: Tally,
 }
 
@@ -468,6 +477,7 @@ impl Machine {
             finishing: false,
             program: VecDeque::new(),
             waiting: None,
+            flushing: None,
             tally: Tally::default(),
             settings,
         }
@@ -485,6 +495,7 @@ impl Machine {
                 return out;
             }
             Input::Start => self.program.extend([Phase::Connections, Phase::Evaluate]),
+            Input::Flushed(result) => self.flushed(now, result),
             Input::Frames(frames) => self.frames(now, frames, false, &mut out),
             Input::Ack { agent_id, side, n } => self.ack(now, agent_id, side, n),
             Input::Drops {
@@ -643,6 +654,45 @@ impl Machine {
         }
     }
 
+    /// The side's counters to write: the counts since the last write, and the positions.
+    fn counters(&self, side: Side) -> SideCounters {
+        SideCounters {
+            next_in: self.from[side].acked_in,
+            frames_received: self.from[side].received,
+            agent_drops: self.from[side].drops,
+            agent_drops_last: self.from[side].drops_last,
+            frames_delivered: self.towards[side].delivered,
+            acked_out: self.towards[side].acked_out,
+        }
+    }
+
+    /// The counts of `counters` are written (or being written): they are no longer to be written.
+    fn counted(&mut self, side: Side, counters: &SideCounters) {
+        self.from[side].received -= counters.frames_received;
+        self.from[side].drops -= counters.agent_drops;
+        self.towards[side].delivered -= counters.frames_delivered;
+    }
+
+    /// The answer to the background flush: a failed one's counts are to be written again.
+    fn flushed(&mut self, now: Instant, result: Result<(), Failure>) {
+        let Some(counters) = self.flushing.take() else {
+            return;
+        };
+        match result {
+            Ok(()) => {}
+            Err(Failure::Gone) => self.gone = true,
+            Err(Failure::Db) => {
+                for side in PerSide::<()>::SIDES {
+                    let c = &counters[side];
+                    self.from[side].received += c.frames_received;
+                    self.from[side].drops += c.agent_drops;
+                    self.towards[side].delivered += c.frames_delivered;
+                }
+                self.dirty(now);
+            }
+        }
+    }
+
     /// The side sending towards `t` is not connected here: its frames can only come through the
     /// buffer, written by another instance.
     fn sender_elsewhere(&self, t: Side) -> bool {
@@ -756,8 +806,7 @@ impl Machine {
     fn forwardable(&self, t: Side, chunk: &Chunk) -> Option<Conn> {
         let towards = &self.towards[t];
         let conn = towards.conn?;
-        let room =
-            towards.inflight_frames + u64::from(chunk.count) <= self.settings.inflight_max_frames;
+        let room = self.unacked(t) + u64::from(chunk.count) <= self.settings.inflight_max_frames;
         (towards.pending.is_empty() && towards.tail <= towards.cursor && room).then_some(conn)
     }
 
@@ -915,23 +964,26 @@ impl Machine {
             }
             Phase::Flush => {
                 self.flush_at = None;
-                for phase in [
-                    Phase::Announce,
-                    Phase::FlushSide(Side::B),
-                    Phase::FlushSide(Side::A),
-                ] {
-                    self.program.push_front(phase);
+                self.program.push_front(Phase::Announce);
+                if self.finishing {
+                    // The pipe's last word is awaited: nothing runs after it.
+                    self.program.push_front(Phase::FlushSide(Side::B));
+                    self.program.push_front(Phase::FlushSide(Side::A));
+                } else if self.flushing.is_some() {
+                    // The last one is still being written; this one waits for the next interval.
+                    self.flush_at = Some(now + self.settings.flush_interval);
+                } else {
+                    // Written in the background: a slow database holds up no frame.
+                    let counters = PerSide::from_fn(|side| self.counters(side));
+                    for side in PerSide::<()>::SIDES {
+                        self.counted(side, &counters[side]);
+                    }
+                    self.flushing = Some(counters);
+                    out.push(Action::Flush(counters));
                 }
             }
             Phase::FlushSide(side) => {
-                let counters = SideCounters {
-                    next_in: self.from[side].acked_in,
-                    frames_received: self.from[side].received,
-                    agent_drops: self.from[side].drops,
-                    agent_drops_last: self.from[side].drops_last,
-                    frames_delivered: self.towards[side].delivered,
-                    acked_out: self.towards[side].acked_out,
-                };
+                let counters = self.counters(side);
                 self.ask(
                     out,
                     Request::Flush { side, counters },
@@ -997,12 +1049,27 @@ impl Machine {
         }
     }
 
-    /// Asks for buffered frames to send to the side's connection, within the replay rate.
-    fn replay(&mut self, now: Instant, t: Side, out: &mut Vec<Action>) {
+    /// Frames sent towards `t` on its connection and not acknowledged yet, live and replayed alike.
+    fn unacked(&self, t: Side) -> u64 {
         let towards = &self.towards[t];
-        if towards.conn.is_none() {
+        towards.sent_upto.saturating_sub(towards.acked_out)
+    }
+
+    /// Asks for buffered frames to send to the side's connection, within the replay rate and the
+    /// in-flight limit: the side's agent holds what it has not put on its dongle's bus yet, and a
+    /// slow bus must not make it hold more than the limit.
+    fn replay(&mut self, now: Instant, t: Side, out: &mut Vec<Action>) {
+        if self.towards[t].conn.is_none() {
             return;
         }
+        if self.towards[t].tail > self.towards[t].cursor
+            && self.unacked(t) >= self.settings.inflight_max_frames
+        {
+            // Tried again once acknowledgements have made room.
+            self.towards[t].replay_at = Some(now + REPLAY_BACKOFF);
+            return;
+        }
+        let towards = &self.towards[t];
         let wanted = if towards.tail > towards.cursor {
             towards.replay_at.is_none_or(|at| now >= at)
         } else {
@@ -1043,8 +1110,14 @@ impl Machine {
             towards.poll_at = Some(now + every);
             return;
         }
-        // One step sends about a twentieth of a second's worth (at least one chunk).
-        let budget = (u64::from(replay_rate(settings, towards)) / 20).max(1);
+        // One step sends about a twentieth of a second's worth, within the in-flight limit (at least
+        // one chunk).
+        let room = settings
+            .inflight_max_frames
+            .saturating_sub(towards.sent_upto.saturating_sub(towards.acked_out));
+        let budget = (u64::from(replay_rate(settings, towards)) / 20)
+            .min(room)
+            .max(1);
         let mut planned = 0u64;
         let chunks: Vec<Chunk> = chunks
             .into_iter()
@@ -1294,11 +1367,7 @@ impl Machine {
                 Reply::Replayed { sent, stopped },
             ) => self.replayed(now, t, chunks, sent, stopped),
             (Waiting::Flush { side, counters }, Reply::Flushed(result)) => match result {
-                Ok(()) => {
-                    self.from[side].received -= counters.frames_received;
-                    self.from[side].drops -= counters.agent_drops;
-                    self.towards[side].delivered -= counters.frames_delivered;
-                }
+                Ok(()) => self.counted(side, &counters),
                 Err(Failure::Gone) => {
                     self.gone = true;
                     // The rest of this flush (and its announcement) is pointless.

@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::buffer::{self, Append, BufferError, Retention};
+use super::buffer::{self, Append, BufferError, Retention, SideCounters};
 use super::chunk::Chunk;
 use super::links::{Core, PipeShared, RelayEvent, SendError};
 use super::model::Mode;
@@ -87,6 +87,8 @@ pub(crate) struct Pipe {
     counted_cross: bool,
     /// The sides whose `relay_sides.served_by` names this instance, as last written.
     marked: PerSide<bool>,
+    /// The machine's counters being written in the background ([`Action::Flush`]).
+    flushing: Option<tokio::task::JoinHandle<Result<(), Failure>>>,
 }
 
 impl Drop for Pipe {
@@ -129,6 +131,7 @@ impl Pipe {
             shared: Arc::new(PipeShared::default()),
             counted_cross: false,
             marked: PerSide::default(),
+            flushing: None,
             core,
         };
         pipe.publish();
@@ -155,15 +158,25 @@ impl Pipe {
         self.step(Input::Start).await;
         loop {
             let wake = self.machine.next_wake(Instant::now());
-            let event = tokio::select! {
-                event = rx.recv() => match event {
-                    Some(event) => Some(event),
-                    None => {
-                        self.step(Input::Finish).await;
-                        break;
-                    }
-                },
-                () = tokio::time::sleep_until(wake) => None,
+            // Taken out for the wait, so that the handling below may use `self`.
+            let mut flushing = self.flushing.take();
+            let woke = tokio::select! {
+                event = rx.recv() => Woke::Event(event),
+                result = background(&mut flushing) => Woke::Flushed(result),
+                () = tokio::time::sleep_until(wake) => Woke::Timer,
+            };
+            self.flushing = flushing;
+            let event = match woke {
+                Woke::Event(Some(event)) => Some(event),
+                Woke::Event(None) => {
+                    self.finish().await;
+                    break;
+                }
+                Woke::Flushed(result) => {
+                    self.step(Input::Flushed(result)).await;
+                    None
+                }
+                Woke::Timer => None,
             };
             if let Some(mut event) = event {
                 // A burst is handled as a whole, so that it becomes one write.
@@ -171,7 +184,7 @@ impl Pipe {
                     let input = match event {
                         PipeEvent::Stop { discard, done } => {
                             if !discard {
-                                self.step(Input::Finish).await;
+                                self.finish().await;
                             }
                             if let Some(done) = done {
                                 let _ = done.send(());
@@ -227,11 +240,40 @@ impl Pipe {
             }
             self.step(Input::Tick).await;
             if self.machine.gone() {
-                self.step(Input::Finish).await;
+                self.finish().await;
                 tracing::debug!(group_id = %self.group_id, "group relay ended: the group no longer relays");
                 return;
             }
         }
+    }
+
+    /// Ends the pipe: the counters being written in the background are written first (or given back
+    /// to the machine), so that its last flush comes after them.
+    async fn finish(&mut self) {
+        if let Some(handle) = self.flushing.take() {
+            let result = handle.await.unwrap_or(Err(Failure::Db));
+            self.step(Input::Flushed(result)).await;
+        }
+        self.step(Input::Finish).await;
+    }
+
+    /// Writes the machine's counters of both sides in a task of their own; the result comes back to the
+    /// machine as [`Input::Flushed`].
+    fn flush_in_background(&mut self, counters: PerSide<SideCounters>) {
+        let pool = self.core.pool.clone();
+        let group_id = self.group_id;
+        self.flushing = Some(tokio::spawn(async move {
+            for side in PerSide::<()>::SIDES {
+                if let Err(e) = buffer::flush_counters(&pool, group_id, side, counters[side]).await
+                {
+                    if let BufferError::Db(e) = &e {
+                        tracing::warn!(%group_id, error = %e, "could not write a group's counters");
+                    }
+                    return Err(failure_of(&pool, e));
+                }
+            }
+            Ok(())
+        }));
     }
 
     /// Feeds the machine one input and carries out what it asks, answer after answer.
@@ -293,6 +335,7 @@ impl Pipe {
                 offline: a.offline,
             }),
             Action::ServingChanged { before, after } => core.serving_changed(before, after),
+            Action::Flush(counters) => self.flush_in_background(counters),
             Action::Request(request) => return Some(self.request(request).await),
         }
         None
@@ -559,14 +602,39 @@ impl Pipe {
         self.failure(e)
     }
 
-    /// A closed pool means this server is gone (stopped or killed): the pipe ends.
     fn failure(&self, e: BufferError) -> Failure {
-        match e {
-            BufferError::Gone => Failure::Gone,
-            _ if self.core.pool.is_closed() => Failure::Gone,
-            _ => Failure::Db,
-        }
+        failure_of(&self.core.pool, e)
     }
+}
+
+/// What a buffer error means to the machine. A closed pool means this server is gone (stopped or
+/// killed): the pipe ends.
+fn failure_of(pool: &sqlx::PgPool, e: BufferError) -> Failure {
+    match e {
+        BufferError::Gone => Failure::Gone,
+        _ if pool.is_closed() => Failure::Gone,
+        _ => Failure::Db,
+    }
+}
+
+/// What woke the pipe.
+enum Woke {
+    Event(Option<PipeEvent>),
+    Flushed(Result<(), Failure>),
+    Timer,
+}
+
+/// The result of the background flush, when one is out; never otherwise. Cancel-safe: the handle
+/// stays until the task has ended.
+async fn background(
+    handle: &mut Option<tokio::task::JoinHandle<Result<(), Failure>>>,
+) -> Result<(), Failure> {
+    let Some(task) = handle.as_mut() else {
+        return std::future::pending().await;
+    };
+    let result = task.await.unwrap_or(Err(Failure::Db));
+    *handle = None;
+    result
 }
 
 /// The group's sides as the database has them, and whether each side's data connection is held by

@@ -98,6 +98,14 @@ struct World {
     requests: Vec<Request>,
     tally: Tally,
     audited_frames: u64,
+    /// Background flushes are left out (not written, not answered) instead of written at once.
+    hold_flushes: bool,
+    /// The background flushes out, oldest first.
+    flushes_out: Vec<PerSide<SideCounters>>,
+    /// Answers to background flushes, for the machine after the current input.
+    flush_answers: Vec<Result<(), Failure>>,
+    /// `relay_sides.frames_received` per side.
+    received_written: PerSide<u64>,
 }
 
 impl World {
@@ -136,6 +144,10 @@ impl World {
             requests: Vec::new(),
             tally: Tally::default(),
             audited_frames: 0,
+            hold_flushes: false,
+            flushes_out: Vec::new(),
+            flush_answers: Vec::new(),
+            received_written: PerSide::default(),
         };
         world.input(Input::Start);
         world
@@ -159,6 +171,9 @@ impl World {
                 Some(reply) => actions = self.machine.on(self.now, Input::Done(reply)),
                 None => break,
             }
+        }
+        for answer in std::mem::take(&mut self.flush_answers) {
+            self.input(Input::Flushed(answer));
         }
         let t = self.machine.take_tally();
         self.tally.accepted += t.accepted;
@@ -186,8 +201,36 @@ impl World {
             Action::Publish { chunk, .. } => self.published += u64::from(chunk.count),
             Action::Announce(a) => self.announced.push(a),
             Action::ServingChanged { .. } => {}
+            Action::Flush(counters) => {
+                self.flushes_out.push(counters);
+                if !self.hold_flushes {
+                    self.answer_flush(Ok(()));
+                }
+            }
             Action::Request(_) => unreachable!(),
         }
+    }
+
+    /// The oldest background flush is written (or fails), and the machine is told.
+    fn answer_flush(&mut self, result: Result<(), Failure>) {
+        let counters = self.flushes_out.remove(0);
+        let result = if self.db_down {
+            Err(Failure::Db)
+        } else {
+            result
+        };
+        if result.is_ok() {
+            for side in PerSide::<()>::SIDES {
+                self.write_counters(side, &counters[side]);
+            }
+        }
+        self.flush_answers.push(result);
+    }
+
+    fn write_counters(&mut self, side: Side, counters: &SideCounters) {
+        self.next_in[side] = self.next_in[side].max(counters.next_in);
+        self.acked_out[side] = self.acked_out[side].max(counters.acked_out);
+        self.received_written[side] += counters.frames_received;
     }
 
     fn queue(&mut self, conn: Conn, chunk: &Chunk) -> Result<(), SendError> {
@@ -329,10 +372,9 @@ impl World {
                 }
                 Reply::Replayed { sent, stopped }
             }
-            Request::Flush { side, counters } => Reply::Flushed(db.map(|()| {
-                self.next_in[side] = self.next_in[side].max(counters.next_in);
-                self.acked_out[side] = self.acked_out[side].max(counters.acked_out);
-            })),
+            Request::Flush { side, counters } => {
+                Reply::Flushed(db.map(|()| self.write_counters(side, &counters)))
+            }
             Request::SetMode {
                 mode,
                 clear_pressure,
@@ -571,6 +613,45 @@ fn a_receiver_that_comes_back_gets_the_buffer_in_order_then_live_frames() {
     assert_eq!(w.mode, Mode::Active);
 }
 
+/// The pipe's counters are written in the background, so that a slow database holds up no frame
+/// (issue 20: the flush was awaited inside the forwarding loop once a second), one flush at a time so
+/// that they are written in order, and the counts of one that failed are written by the next.
+#[test]
+fn counters_are_written_in_the_background_one_flush_at_a_time_and_again_after_a_failure() {
+    let mut w = both_connected();
+    w.hold_flushes = true;
+    let every = w.settings.flush_interval;
+    w.send_a(&chunk(0, 10));
+    w.advance(every + ms(1));
+    w.tick();
+    assert_eq!(w.flushes_out.len(), 1, "a flush is out");
+    assert!(
+        !w.requests
+            .iter()
+            .any(|r| matches!(r, Request::Flush { .. })),
+        "nothing waits for the counters: {:?}",
+        w.requests
+    );
+    // Frames go on while it is out.
+    w.send_a(&chunk(10, 5));
+    assert_eq!(w.taken_by_b(), (0..15).collect::<Vec<_>>());
+    assert_eq!(w.acked_to_a(), 15);
+    // No second flush while the first is out.
+    w.advance(every + ms(1));
+    w.tick();
+    assert_eq!(w.flushes_out.len(), 1, "one at a time");
+    // It fails: its counts are written by the next one, with the frames counted since.
+    w.answer_flush(Err(Failure::Db));
+    w.input(Input::Tick);
+    assert_eq!(w.received_written.a, 0);
+    w.hold_flushes = false;
+    w.advance(every * 2 + ms(1));
+    w.tick();
+    assert!(w.flushes_out.is_empty());
+    assert_eq!(w.received_written.a, 15);
+    assert_eq!(w.next_in.a, 15);
+}
+
 #[test]
 fn replay_runs_at_the_set_pace() {
     let mut w = World::new(RelaySettings {
@@ -600,6 +681,45 @@ fn replay_runs_at_the_set_pace() {
         w.tick();
     }
     assert_eq!(w.taken_by_b(), (0..300).collect::<Vec<_>>());
+}
+
+/// Replay stops at the in-flight limit until the side acknowledges: the agent holds what its dongle's
+/// bus has not taken yet, and a slow bus must not make it hold more than the limit (issue 24: replay had
+/// no limit but its rate, which a bus slower than the rate could not keep up with).
+#[test]
+fn replay_waits_for_acknowledgements_at_the_in_flight_limit() {
+    let mut w = World::new(RelaySettings {
+        replay_rate: 100_000,
+        inflight_max_frames: 200,
+        ..settings()
+    });
+    w.connect(AGENT_A);
+    for i in 0..100 {
+        w.send_a(&chunk(i * 10, 10));
+    }
+    w.advance(ms(5));
+    w.tick();
+    assert_eq!(w.buffered(Side::B), 1_000);
+    w.connect(AGENT_B);
+    for _ in 0..20 {
+        w.advance(ms(50));
+        w.tick();
+    }
+    let taken = w.taken_by_b().len();
+    assert!(
+        (200..200 + 10).contains(&taken),
+        "replay stops at the limit: {taken}"
+    );
+    // Acknowledged, the rest follows.
+    w.ack_b(taken as u64);
+    for _ in 0..20 {
+        w.advance(ms(50));
+        w.tick();
+        let n = w.taken_so_far().len() as u64;
+        w.read_b();
+        w.ack_b(n);
+    }
+    assert_eq!(w.taken_by_b(), (0..1_000).collect::<Vec<_>>());
 }
 
 /// A 125 kbit/s bus carries about 780 frames a second; replaying into it at the set 5 000 would overflow
