@@ -455,7 +455,11 @@ pub async fn report_devices(
     }
     let mut tx = pool.begin().await?;
     let mut seen = Vec::with_capacity(dongles.len());
-    for d in dongles {
+    // Rows are locked in the order of their device ids, as everything that locks several dongles does:
+    // two transactions locking the same rows in opposite orders would deadlock.
+    let mut in_order: Vec<&DongleReport> = dongles.iter().collect();
+    in_order.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    for d in in_order {
         if !admit_new && !known.contains(&d.device_id) {
             continue;
         }

@@ -274,22 +274,23 @@ fn audit_entry<'a>(
         .details(details)
 }
 
-/// A dongle the caller may put in a group: theirs and CLAIMED_ACTIVE. Locked until the transaction
-/// ends, so that an unpair cannot slip in between the check and the insert.
-async fn lock_owned_dongle(
+/// Of `dongle_ids`, those the caller may put in a group: theirs and CLAIMED_ACTIVE. Locked until the
+/// transaction ends, so that an unpair cannot slip in between the check and the insert, and locked in
+/// the order of their device ids, the order an agent's report locks them in: two transactions that
+/// lock the same dongles in opposite orders would deadlock.
+async fn lock_owned_dongles(
     conn: &mut PgConnection,
     user_id: Uuid,
-    dongle_id: Uuid,
-) -> Result<bool, sqlx::Error> {
-    let found: Option<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM dongles WHERE id = $1 AND owner_user_id = $2 \
-         AND ownership_state = 'CLAIMED_ACTIVE' FOR UPDATE",
+    dongle_ids: &[Uuid],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM dongles WHERE id = ANY($1) AND owner_user_id = $2 \
+         AND ownership_state = 'CLAIMED_ACTIVE' ORDER BY device_id FOR UPDATE",
     )
-    .bind(dongle_id)
+    .bind(dongle_ids)
     .bind(user_id)
-    .fetch_optional(conn)
-    .await?;
-    Ok(found.is_some())
+    .fetch_all(conn)
+    .await
 }
 
 /// The PostgreSQL code of a unique violation.
@@ -309,17 +310,14 @@ pub async fn create(
     }
     let user_id = caller.user_id();
     let mut tx = pool.begin().await?;
-    // Locked in a fixed order, so two requests naming the same dongles the other way round cannot
-    // deadlock.
+    let locked = lock_owned_dongles(&mut tx, user_id, &[dongle_a, dongle_b]).await?;
     let (first, second) = if dongle_a < dongle_b {
         (dongle_a, dongle_b)
     } else {
         (dongle_b, dongle_a)
     };
-    for id in [first, second] {
-        if !lock_owned_dongle(&mut tx, user_id, id).await? {
-            return Err(GroupError::DongleNotFound(id));
-        }
+    if let Some(missing) = [first, second].into_iter().find(|id| !locked.contains(id)) {
+        return Err(GroupError::DongleNotFound(missing));
     }
     let grouped: Vec<Uuid> = sqlx::query_scalar(
         "SELECT dongle_id FROM dongle_group_members WHERE dongle_id = ANY($1) ORDER BY dongle_id",
@@ -401,11 +399,11 @@ pub async fn activate(
     let user_id = caller.user_id();
     let mut tx = pool.begin().await?;
     let group = lock_group(&mut tx, user_id, group_id).await?;
-    for id in [group.dongle_a_id, group.dongle_b_id] {
-        if !lock_owned_dongle(&mut tx, user_id, id).await? {
-            // Still the caller's (unpairing deletes the group), but reset or on hold: no token, no relay.
-            return Err(GroupError::DongleNotActive(id));
-        }
+    let dongles = [group.dongle_a_id, group.dongle_b_id];
+    let locked = lock_owned_dongles(&mut tx, user_id, &dongles).await?;
+    if let Some(missing) = dongles.into_iter().find(|id| !locked.contains(id)) {
+        // Still the caller's (unpairing deletes the group), but reset or on hold: no token, no relay.
+        return Err(GroupError::DongleNotActive(missing));
     }
     let agents = serving_agents(&mut tx, &[group.dongle_a_id, group.dongle_b_id]).await?;
     let before = group.mode;

@@ -182,12 +182,14 @@ fn database_unavailable(err: &sqlx::Error) -> bool {
         // SQLSTATE class 08 is "connection exception"; 57P01..57P03 are an administrator's or a
         // crash's shutdown and "cannot connect now" (starting up); 53300 is "too many connections";
         // 55P03 (lock not available) and 57014 (query cancelled) are the pool's lock and statement
-        // timeouts (`db::Timeouts`): the database is busy, and trying again later is the answer.
+        // timeouts (`db::Timeouts`), and 40P01 and 40001 a deadlock or a serialization failure that
+        // PostgreSQL broke by failing this transaction: the database is busy, and trying again later
+        // is the answer.
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             code.starts_with("08")
                 || matches!(
                     &*code,
-                    "57P01" | "57P02" | "57P03" | "53300" | "55P03" | "57014"
+                    "57P01" | "57P02" | "57P03" | "53300" | "55P03" | "57014" | "40P01" | "40001"
                 )
         }),
         _ => false,

@@ -301,6 +301,51 @@ async fn a_request_stuck_behind_a_lock_answers_503_after_the_lock_timeout_not_a_
 /// The pool's timeouts are for requests, not for upgrades: `migrate` on a pool whose lock timeout is
 /// short still waits for another session that holds the migration table (another instance migrating,
 /// an operator's transaction) and then finishes, instead of failing half way with a lock timeout.
+/// A deadlock that PostgreSQL breaks by failing one transaction is the database being busy: 503 with
+/// Retry-After, not a 500 (seen: `POST /groups/{id}/activate` answered 500 when it met an agent's report
+/// locking the same two dongles the other way round; both now lock them in device id order).
+#[sqlx::test(migrator = "bridge_server::db::MIGRATOR")]
+async fn a_deadlock_broken_by_postgresql_answers_503_not_500(pool: sqlx::PgPool) {
+    sqlx::query("CREATE TABLE deadlock_probe (id int PRIMARY KEY)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO deadlock_probe VALUES (1), (2)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut first = pool.begin().await.unwrap();
+    let mut second = pool.begin().await.unwrap();
+    let lock = |id: i32| format!("SELECT id FROM deadlock_probe WHERE id = {id} FOR UPDATE");
+    sqlx::query(sqlx::AssertSqlSafe(lock(1)))
+        .execute(&mut *first)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(lock(2)))
+        .execute(&mut *second)
+        .await
+        .unwrap();
+    // Each now waits for the other's row; PostgreSQL fails one of them after its deadlock timeout.
+    let (a, b) = tokio::join!(
+        sqlx::query(sqlx::AssertSqlSafe(lock(2))).execute(&mut *first),
+        sqlx::query(sqlx::AssertSqlSafe(lock(1))).execute(&mut *second),
+    );
+    let err = match (a, b) {
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => e,
+        other => panic!("one of them fails: {other:?}"),
+    };
+    let code = err
+        .as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("40P01"), "{err}");
+    let api = bridge_server::http::ApiError::from(err);
+    assert_eq!(
+        api.code(),
+        bridge_server::http::ErrorCode::ServiceUnavailable
+    );
+}
+
 #[sqlx::test(migrator = "bridge_server::db::MIGRATOR")]
 async fn migrations_wait_for_a_held_lock_past_the_pools_lock_timeout(
     _: sqlx::postgres::PgPoolOptions,
