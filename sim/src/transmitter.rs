@@ -1,9 +1,10 @@
 //! The dongle's CAN transmitter: a queue of [`TX_QUEUE`] frames that the bus empties one frame at a
 //! time, each taking its bit time at the configured bitrate, stuffing included.
 //!
-//! A frame offered while the queue is full is dropped and counted, as the firmware drops a frame that
-//! finds no free transmit buffer: a host that sends faster than the bus carries loses frames here as
-//! it would on a real dongle. The queue holds only the times at which its frames finish; the frames
+//! A frame offered while the queue is full waits up to [`TX_WAIT`] for a free place, and is dropped
+//! and counted when none frees in that time, as the reference firmware waits for a transmit buffer and
+//! then drops: a host that sends faster than the bus carries loses frames here as it would on a real
+//! dongle. The queue holds only the times at which its frames finish; the frames
 //! themselves travel with those times to the task that puts them on the virtual bus.
 //!
 //! Classic frames take their exact bits ([`firmware_proto::bus_time::classic_bits`]); CAN FD frames
@@ -21,6 +22,9 @@ use crate::frame::Frame;
 
 /// The frames waiting to go onto the bus at most: the transmit buffers of the STM32's FDCAN.
 pub const TX_QUEUE: usize = 32;
+/// How long a frame that finds the queue full waits for a place before it is dropped (the reference
+/// firmware's `CAN_TX_WAIT`).
+pub const TX_WAIT: Duration = Duration::from_millis(5);
 
 /// The transmit queue's state.
 #[derive(Debug, Default)]
@@ -33,12 +37,19 @@ pub struct Transmitter {
 
 impl Transmitter {
     /// Queues `frame` at `now` on a bus at `bitrate`: the time it will have left the bus, or `None`
-    /// when the queue is full and the frame is dropped.
+    /// when the queue stays full for [`TX_WAIT`] and the frame is dropped.
     pub fn offer(&mut self, now: Instant, frame: &Frame, bitrate: u32) -> Option<Instant> {
         while self.finishing.front().is_some_and(|at| *at <= now) {
             self.finishing.pop_front();
         }
-        if self.finishing.len() >= TX_QUEUE {
+        // The frames ahead beyond the queue's places are those that wait for one, in order: this one
+        // gets a place when the frame that many places ahead has left.
+        if let Some(ahead) = self.finishing.len().checked_sub(TX_QUEUE)
+            && self
+                .finishing
+                .get(ahead)
+                .is_some_and(|free| *free > now + TX_WAIT)
+        {
             self.dropped += 1;
             return None;
         }
@@ -104,13 +115,17 @@ mod tests {
         let mut tx = Transmitter::default();
         let now = Instant::now();
         let f = frame(&[0xAA; 8]);
-        for _ in 0..TX_QUEUE {
+        let time = frame_time(&f, 125_000);
+        // The queue's places, and then as many as free a place within the wait: about 1 ms each.
+        let waiting = (TX_WAIT.as_nanos() / time.as_nanos()) as usize;
+        assert!((4..=5).contains(&waiting), "{waiting} {time:?}");
+        for _ in 0..TX_QUEUE + waiting {
             assert!(tx.offer(now, &f, 125_000).is_some());
         }
         assert_eq!(tx.offer(now, &f, 125_000), None);
         assert_eq!(tx.dropped(), 1);
         // Once the first frame has left, one more fits.
-        let first_done = now + frame_time(&f, 125_000);
+        let first_done = now + time;
         assert!(tx.offer(first_done, &f, 125_000).is_some());
         assert_eq!(tx.offer(first_done, &f, 125_000), None);
         assert_eq!(tx.dropped(), 2);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bridge_server::db::MIGRATOR;
 use bridge_server::users::Role;
-use common::{Agent, Dongle, Server, active_group, pair};
+use common::{Dongle, Server};
 use dongle_sim::{Extensions, SimConfig};
 use firmware_proto::ids::CanId;
 use firmware_proto::remp::{self, CanFrame, Header, MsgType, Packet, Payload};
@@ -25,14 +25,7 @@ async fn frames_a_grouped_dongle_loses_itself_show_in_the_groups_figures(pool: P
         config.extensions = Extensions::parse("bus-status").unwrap();
         Dongle::start(config, dir, None).await
     };
-    let mut agent = Agent::new();
-    agent.login(&server, &user).await;
-    let mut args = a.agent_args();
-    args.extend(b.agent_args());
-    agent.run(&args);
-    let a_id = pair(&user, &a).await;
-    let b_id = pair(&user, &b).await;
-    let group = active_group(&user, &a_id, &b_id).await;
+    let (mut agent, group) = common::one_agent_relaying(&server, &user, &a, &b).await;
     // The agent's first reading of B's counters, once it holds B's token, is its baseline: what B lost
     // before that is not counted. A frame relayed to B shows that the agent holds its token; the next
     // reading comes within two seconds of that.
@@ -119,6 +112,50 @@ async fn frames_a_grouped_dongle_loses_itself_show_in_the_groups_figures(pool: P
     assert!(
         status.contains(&format!("{lost} frames lost by dongles themselves")),
         "{status}"
+    );
+    agent.stop().await;
+}
+
+/// A burst from a fast bus towards a slower one arrives whole, at the slower bus's pace: the agent
+/// writes frames to dongle B no faster than its 125 kbit/s bus carries them (issue 24: it wrote them as
+/// they came, and all but the few that fit dongle B's transmit queue were lost there).
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_burst_towards_a_slower_bus_arrives_whole_at_that_buses_pace(pool: PgPool) {
+    let server = Server::start(pool).await;
+    let user = server.user("alice@example.com", Role::User).await;
+    let bus_root = tempfile::tempdir().unwrap();
+    let a = Dongle::serial().await;
+    let b = Dongle::serial_on_bus(bus_root.path(), "slow").await;
+    let mut slow_bus = dongle_sim::BusTap::join_at(bus_root.path(), "slow").unwrap();
+    let (mut agent, _) = common::one_agent_relaying(&server, &user, &a, &b).await;
+    let b_id = user.dongle(&b.device_id).await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    user.apply_can_config(&b_id, 125_000).await;
+    assert!(slow_bus.wait_for_peers(1, Duration::from_secs(5)).await);
+
+    // 500 frames at once, as a 1 Mbit/s bus brings them in a busy moment: about a third of a second of
+    // the 125 kbit/s bus's time.
+    let frames: Vec<_> = (0..500).map(common::numbered).collect();
+    let started = std::time::Instant::now();
+    a.sim.inject_bus_frames(&frames);
+    let seen = common::collect(&mut slow_bus, 500, Duration::from_secs(10)).await;
+    assert_eq!(
+        seen,
+        (0..500).collect::<Vec<u16>>(),
+        "every frame, once, in order"
+    );
+    assert_eq!(
+        b.sim.stats().bus.tx_queue_full,
+        0,
+        "nothing overran B's queue"
+    );
+    // 500 two-byte frames take at least 500 x 63 bits at 125 kbit/s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
     );
     agent.stop().await;
 }

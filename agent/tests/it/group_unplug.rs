@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bridge_server::db::MIGRATOR;
 use bridge_server::users::Role;
-use common::{Agent, Dongle, Server, active_group, collect, numbered, pair};
+use common::{Dongle, Server, collect, numbered};
 use dongle_sim::BusTap;
 use dongle_sim::frame::Frame as SimFrame;
 use sqlx::PgPool;
@@ -24,14 +24,7 @@ async fn frames_to_an_unplugged_and_replugged_dongle_arrive_once_and_in_order(po
     let a = Dongle::serial().await;
     let b = Dongle::serial_on_bus(bus_root.path(), "vehicle").await;
     let mut vehicle = BusTap::join_at(bus_root.path(), "vehicle").unwrap();
-    let mut agent = Agent::new();
-    agent.login(&server, &user).await;
-    let mut args = a.agent_args();
-    args.extend(b.agent_args());
-    agent.run(&args);
-    let a_id = pair(&user, &a).await;
-    let b_id = pair(&user, &b).await;
-    active_group(&user, &a_id, &b_id).await;
+    let (mut agent, _) = common::one_agent_relaying(&server, &user, &a, &b).await;
     assert!(vehicle.wait_for_peers(1, Duration::from_secs(5)).await);
 
     const PER_PHASE: u16 = 300;

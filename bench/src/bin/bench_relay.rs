@@ -158,6 +158,7 @@ struct SimCounters {
     b_to_bus: u64,
     b_bus_lost_datagrams: u64,
     b_bus_queue_full: u64,
+    b_tx_queue_full: u64,
     b_refused: u64,
 }
 
@@ -172,6 +173,7 @@ fn sim_counters(rig: &Rig, groups: usize) -> SimCounters {
         c.b_to_bus += b.dongle.frames_to_bus;
         c.b_bus_lost_datagrams += b.bus.lost;
         c.b_bus_queue_full += b.bus.queue_full;
+        c.b_tx_queue_full += b.bus.tx_queue_full;
         c.b_refused += b.dongle.replays_refused + b.dongle.auth_failures + b.dongle.malformed;
     }
     c
@@ -186,6 +188,7 @@ impl SimCounters {
             b_to_bus: self.b_to_bus - before.b_to_bus,
             b_bus_lost_datagrams: self.b_bus_lost_datagrams - before.b_bus_lost_datagrams,
             b_bus_queue_full: self.b_bus_queue_full - before.b_bus_queue_full,
+            b_tx_queue_full: self.b_tx_queue_full - before.b_tx_queue_full,
             b_refused: self.b_refused - before.b_refused,
         }
     }
@@ -272,8 +275,8 @@ impl Step {
                 "\n    agent A sent {up} frames up; the server accepted {accepted}, forwarded {forwarded}, had {delivered} acknowledged by agent B; agent B handed {down} to dongle B; the agents dropped {dropped}"
             ));
             line.push_str(&format!(
-                "\n    where: dongle A sent {} frames to agent A (lost {} packets to a full host queue); dongle B got {} from agent B, put {} on its bus ({} datagrams lost to a full tap, {} frames to a full bus queue); dongle B refused {} packets (replay, authentication, malformed)",
-                c.a_to_host, c.a_lost_to_host, c.b_from_host, c.b_to_bus, c.b_bus_lost_datagrams, c.b_bus_queue_full, c.b_refused
+                "\n    where: dongle A sent {} frames to agent A (lost {} packets to a full host queue); dongle B got {} from agent B, put {} on its bus ({} dropped by its full transmit queue, {} datagrams lost to a full tap, {} frames to a full bus queue); dongle B refused {} packets (replay, authentication, malformed)",
+                c.a_to_host, c.a_lost_to_host, c.b_from_host, c.b_to_bus, c.b_tx_queue_full, c.b_bus_lost_datagrams, c.b_bus_queue_full, c.b_refused
             ));
         }
         line

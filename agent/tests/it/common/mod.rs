@@ -757,6 +757,25 @@ pub async fn pair(user: &User, dongle: &Dongle) -> String {
     id
 }
 
+/// One agent of `user` serving dongles `a` and `b`, both paired, in a group that relays: the agent and
+/// the group's id.
+pub async fn one_agent_relaying(
+    server: &Server,
+    user: &User,
+    a: &Dongle,
+    b: &Dongle,
+) -> (Agent, String) {
+    let mut agent = Agent::new();
+    agent.login(server, user).await;
+    let mut args = a.agent_args();
+    args.extend(b.agent_args());
+    agent.run(&args);
+    let a_id = pair(user, a).await;
+    let b_id = pair(user, b).await;
+    let group = active_group(user, &a_id, &b_id).await;
+    (agent, group)
+}
+
 /// Makes a group of `a` and `b`, activates it and waits until it relays.
 pub async fn active_group(user: &User, a: &str, b: &str) -> String {
     let (status, group) = user

@@ -421,6 +421,17 @@ impl World {
         });
     }
 
+    /// A alone sends `frames` frames (a multiple of 10), which are buffered for B.
+    fn buffer_towards_b(&mut self, frames: u64) {
+        self.connect(AGENT_A);
+        for i in 0..frames / 10 {
+            self.send_a(&chunk(i * 10, 10));
+        }
+        self.advance(ms(5));
+        self.tick();
+        assert_eq!(self.buffered(Side::B), frames);
+    }
+
     fn advance(&mut self, by: Duration) {
         self.now += by;
     }
@@ -658,13 +669,7 @@ fn replay_runs_at_the_set_pace() {
         replay_rate: 1_000,
         ..settings()
     });
-    w.connect(AGENT_A);
-    for i in 0..30 {
-        w.send_a(&chunk(i * 10, 10));
-    }
-    w.advance(ms(5));
-    w.tick();
-    assert_eq!(w.buffered(Side::B), 300);
+    w.buffer_towards_b(300);
     w.connect(AGENT_B);
     w.tick();
     // A twentieth of a second's worth per step: 50 frames.
@@ -693,13 +698,7 @@ fn replay_waits_for_acknowledgements_at_the_in_flight_limit() {
         inflight_max_frames: 200,
         ..settings()
     });
-    w.connect(AGENT_A);
-    for i in 0..100 {
-        w.send_a(&chunk(i * 10, 10));
-    }
-    w.advance(ms(5));
-    w.tick();
-    assert_eq!(w.buffered(Side::B), 1_000);
+    w.buffer_towards_b(1_000);
     w.connect(AGENT_B);
     for _ in 0..20 {
         w.advance(ms(50));
