@@ -124,7 +124,18 @@ pub async fn run(
     config: DaemonConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    let vault = Vault::open(&config.home.vault_dir())?;
+    // Opening reads and may write files, and may wait (up to 2 s) for a key another agent is still
+    // writing: a blocking thread's work, not the runtime's.
+    let vault_dir = config.home.vault_dir();
+    let vault = tokio::task::spawn_blocking({
+        let vault_dir = vault_dir.clone();
+        move || Vault::open(&vault_dir)
+    })
+    .await
+    .map_err(|e| VaultError::Io {
+        path: vault_dir,
+        source: std::io::Error::other(e.to_string()),
+    })??;
     let journal = Journal::open(&config.home.journal_dir())?;
     let (running, waiting) = journal.counts();
     if waiting + running > 0 {
