@@ -87,11 +87,24 @@ const fn worst_stuff(bits: u32) -> u32 {
 
 /// The most bits a frame of this shape can take, stuffing included.
 pub const fn worst_case_bits(shape: FrameShape) -> FrameBits {
+    bits(shape, false)
+}
+
+/// The bits a frame of this shape takes on average: half of the worst case's stuff bits where they
+/// depend on the data (what random data needs), the fixed ones of an FD frame's CRC field in full. For
+/// estimating a bus's load, not for pacing.
+pub const fn typical_bits(shape: FrameShape) -> FrameBits {
+    bits(shape, true)
+}
+
+/// The bits of a frame of this shape, with every dynamic stuff bit the rule allows, or half of them.
+const fn bits(shape: FrameShape, half_stuff: bool) -> FrameBits {
+    let share = if half_stuff { 2 } else { 1 };
     if !shape.fd {
         let len = if shape.len > 8 { 8 } else { shape.len as u32 };
         let stuffed = if shape.extended { 54 } else { 34 } + 8 * len;
         return FrameBits {
-            nominal: stuffed + worst_stuff(stuffed) + CLASSIC_TAIL,
+            nominal: stuffed + worst_stuff(stuffed) / share + CLASSIC_TAIL,
             data: 0,
         };
     }
@@ -105,8 +118,8 @@ pub const fn worst_case_bits(shape: FrameShape) -> FrameBits {
     let crc_field = 4 + crc + (4 + crc).div_ceil(4) + 1;
     // Runs of equal bits continue from one part into the other, so each part may hold one stuff bit
     // per four of its own bits, which together bound the whole frame's.
-    let arbitration_stuff = worst_stuff(arbitration);
-    let control_stuff = control.div_ceil(4);
+    let arbitration_stuff = worst_stuff(arbitration) / share;
+    let control_stuff = control.div_ceil(4) / share;
     let (nominal, data) = if shape.brs {
         (
             arbitration + arbitration_stuff + FD_TAIL,
@@ -244,6 +257,14 @@ mod tests {
             ..FrameShape::default()
         };
         assert_eq!(worst_case_bits(extended).total(), 131 + 29);
+        // The typical frame has half the dynamic stuff bits; an FD frame's fixed ones stay.
+        assert_eq!(typical_bits(standard).total(), 111 + 12);
+        let fd = FrameShape {
+            fd: true,
+            len: 64,
+            ..FrameShape::default()
+        };
+        assert!(typical_bits(fd).total() < worst_case_bits(fd).total());
         // Lengths past 8 count as 8.
         let long = FrameShape {
             len: 64,

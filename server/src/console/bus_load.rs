@@ -12,17 +12,19 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use firmware_proto::bus_time::{FrameShape, typical_bits};
 use uuid::Uuid;
 
-/// The estimated bits one frame takes on the bus.
+/// The estimated bits one frame takes on the bus (`firmware_proto::bus_time::typical_bits`); a frame
+/// longer than 8 bytes is a CAN FD one.
 pub fn frame_bits(extended: bool, len: usize) -> u64 {
-    let data = 8 * len as u64;
-    // Start of frame through CRC: the part that is stuffed.
-    let stuffed = if extended { 54 } else { 34 } + data;
-    // CRC delimiter, ACK slot and delimiter, end of frame, intermission.
-    let fixed = 13;
-    let worst_stuff = (stuffed - 1) / 4;
-    stuffed + fixed + worst_stuff / 2
+    let shape = FrameShape {
+        extended,
+        fd: len > 8,
+        brs: false,
+        len: len.min(64) as u8,
+    };
+    u64::from(typical_bits(shape).total())
 }
 
 /// One dongle's figures over the last period.

@@ -120,6 +120,7 @@ async fn list_dongles(
         (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
         (status = 403, description = "CSRF_INVALID", body = ErrorBody),
         (status = 404, description = "NOT_FOUND: no such dongle, or the caller is not a super_admin.", body = ErrorBody),
+        (status = 409, description = "CONFLICT: a pairing step of the dongle is in progress and did not end in time; try again.", body = ErrorBody),
     ))]
 async fn force_unpair(
     State(state): State<AppState>,

@@ -156,7 +156,7 @@ async fn pairing_submit(
         (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
         (status = 403, description = "CSRF_INVALID", body = ErrorBody),
         (status = 404, description = "DONGLE_NOT_FOUND", body = ErrorBody),
-        (status = 409, description = "PAIRING_SECURITY_HOLD: only an administrator clears a hold.", body = ErrorBody),
+        (status = 409, description = "PAIRING_SECURITY_HOLD: only an administrator clears a hold; CONFLICT: a pairing step of the dongle is in progress and did not end in time; try again.", body = ErrorBody),
     ))]
 async fn unpair(
     State(state): State<AppState>,

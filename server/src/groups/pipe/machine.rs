@@ -1506,9 +1506,15 @@ impl Machine {
 mod tests;
 
 /// The bits a classic CAN frame takes on the bus at most: an extended identifier, 8 data bytes, and
-/// every stuff bit the rule can insert (one per four bits from the start of frame to the CRC), plus the
-/// CRC delimiter, acknowledgement, end of frame and the interframe space.
-const WORST_CASE_FRAME_BITS: u32 = 160;
+/// every stuff bit the rule can insert (160).
+const WORST_CASE_FRAME_BITS: u32 =
+    firmware_proto::bus_time::worst_case_bits(firmware_proto::bus_time::FrameShape {
+        extended: true,
+        fd: false,
+        brs: false,
+        len: 8,
+    })
+    .total();
 
 /// The frames per second a bus at `bitrate` carries when every classic frame is as long as it can be
 /// (shorter frames only make it safer). CAN FD frames are counted as classic ones: a long FD frame sent
