@@ -1,6 +1,6 @@
 //! The system that `bench-relay`, `bench-buffer` and `bench-console` measure, built from
-//! `bridge-demo`'s parts: an embedded PostgreSQL (fsync on, as initdb leaves it), one or more server
-//! instances on it, and `groups` pairs of simulated dongles, each dongle on a virtual CAN bus of its
+//! `bridge-rig`'s parts and the demo's user: an embedded PostgreSQL (fsync on, as initdb leaves it),
+//! one or more server instances on it, and `groups` pairs of simulated dongles, each dongle on a virtual CAN bus of its
 //! own. Every side-A dongle is on a pseudo-terminal served by agent A, every side-B dongle on UDP
 //! served by agent B, as two workstations would run them; each pair is one ACTIVE group.
 //!
@@ -17,8 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bridge_agent::discovery::scan::ScanPlan;
-use bridge_demo::api::UserClient;
-use bridge_demo::system::{AgentPart, DonglePart};
+use bridge_rig::{AgentPart, DonglePart, UserClient};
 use bridge_server::app::{self, RunningServer};
 use bridge_server::config::ServerConfig;
 use bridge_server::embedded_pg::EmbeddedPostgres;
@@ -237,10 +236,10 @@ impl Rig {
         };
         let built = async {
             for (i, (a, b)) in pairs.into_iter().enumerate() {
-                let a_id = bridge_demo::pair(&rig.user, &a)
+                let a_id = bridge_rig::pair(&rig.user, &a)
                     .await
                     .with_context(|| format!("pairing dongle a{i}"))?;
-                let b_id = bridge_demo::pair(&rig.user, &b)
+                let b_id = bridge_rig::pair(&rig.user, &b)
                     .await
                     .with_context(|| format!("pairing dongle b{i}"))?;
                 // Buses at 1 Mbit/s, the fastest classic CAN: the agents pace frames to a dongle's bus,

@@ -7,12 +7,11 @@
 //! one side's agent while frames keep coming (buffered by the server), brings it back (replayed), and
 //! prints what happened. The same library runs in the integration test with small numbers.
 //!
-//! - [`system`]: each part, and how it starts and stops.
-//! - [`api`]: the user's JSON API client.
+//! - [`system`]: the server part; the dongles, the agents and the user's API client are
+//!   [`bridge_rig`]'s.
 //! - [`traffic`]: frames onto one bus and off the other, with latency and order.
 //! - [`report`]: the summary table.
 
-pub mod api;
 pub mod report;
 pub mod system;
 pub mod traffic;
@@ -21,14 +20,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use dongle_sim::{BusTap, SimEvent};
 use firmware_proto::ids::CanId;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use api::UserClient;
+use bridge_rig::{AgentPart, DonglePart, UserClient, pair};
 use report::Summary;
-use system::{AgentPart, DonglePart, ServerPart};
+use system::ServerPart;
 
 /// How much traffic the demo sends.
 #[derive(Debug, Clone)]
@@ -127,66 +125,6 @@ impl Steps {
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
-}
-
-/// The PIN the dongle shows next.
-async fn next_pin(
-    events: &mut tokio::sync::broadcast::Receiver<SimEvent>,
-) -> anyhow::Result<String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Ok(SimEvent::Dongle(dongle_sim::Event::Pin { pin, .. }))) => {
-                return Ok(pin.as_str().to_string());
-            }
-            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-            Ok(Err(_)) => bail!("the dongle stopped"),
-            Err(_) => bail!("the dongle showed no PIN within 15 s"),
-        }
-    }
-}
-
-/// Waits until the user's listing of `device_id` satisfies `check`; answers the listing.
-async fn wait_dongle(
-    user: &UserClient,
-    device_id: &str,
-    check: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Value> {
-    for _ in 0..300 {
-        let list = user.get("/dongles").await?;
-        if let Some(d) = list["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|d| d["device_id"] == device_id)
-            && check(d)
-        {
-            return Ok(d.clone());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("dongle {device_id} did not reach the expected state within 30 s")
-}
-
-/// Pairs `dongle` to the user with the PIN it shows, as a technician would; answers the dongle's id.
-/// Public for the benchmarks (`bridge-bench`), which build larger systems from the same parts.
-pub async fn pair(user: &UserClient, dongle: &DonglePart) -> anyhow::Result<String> {
-    let listed = wait_dongle(user, &dongle.device_id, |d| d["online"] == true).await?;
-    let id = listed["id"].as_str().context("a dongle id")?.to_string();
-    let mut events = dongle.sim.events();
-    let started = user
-        .post(
-            &format!("/dongles/{id}/pairing-mode"),
-            json!({"action": "start"}),
-        )
-        .await?;
-    let pin = next_pin(&mut events).await?;
-    user.post(
-        &format!("/dongles/{id}/pairing-submit"),
-        json!({"pairing_session_id": started["pairing_session_id"], "pin": pin}),
-    )
-    .await?;
-    Ok(id)
 }
 
 /// The group's state as `GET /groups/:id` tells it.
@@ -321,7 +259,7 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
         let id_ab = CanId::standard(0x123).expect("an 11-bit id");
         let id_ba = CanId::standard(0x321).expect("an 11-bit id");
         // Frames enter through the dongles themselves (see `traffic`); taps only listen on the far buses.
-        let (rx_a, rx_b) = (BusTap::join_at(&a.bus_root, &a.bus)?, BusTap::join_at(&b.bus_root, &b.bus)?);
+        let (rx_a, rx_b) = (a.tap()?, b.tap()?);
         // A dongle looks for new members of its bus every REFRESH_INTERVAL: until it has seen a tap, the
         // frames it transmits would not reach it.
         tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;
@@ -345,7 +283,7 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
 
         // Side B's agent goes away; frames towards B are buffered, then replayed when it is back.
         steps.run("stop agent B", agent_b.stop()).await?;
-        let rx_b = BusTap::join_at(&b.bus_root, &b.bus)?;
+        let rx_b = b.tap()?;
         tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;
         let bar = steps.bar("A -> B while B is away", u64::from(options.frames));
         let progress = |n| bar.set_position(n);

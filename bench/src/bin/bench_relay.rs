@@ -82,7 +82,7 @@ struct Relayed {
 }
 
 /// One agent's data-plane counters, as its `daemon.json` status file shows them.
-fn agent_data(agent: &bridge_demo::system::AgentPart) -> serde_json::Value {
+fn agent_data(agent: &bridge_rig::AgentPart) -> serde_json::Value {
     std::fs::read_to_string(agent.home.dir().join("daemon.json"))
         .ok()
         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())

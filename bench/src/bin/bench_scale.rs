@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bridge_bench::flow::{self, ms};
 use bridge_bench::server_process::{ServerProcess, free_port, server_binary};
-use bridge_demo::api::UserClient;
-use bridge_demo::system::{AgentPart, DonglePart};
+use bridge_rig::{AgentPart, DonglePart, UserClient};
 use bridge_server::embedded_pg::EmbeddedPostgres;
 use bridge_server::users::{self, Email, Role};
 use clap::Parser;
@@ -355,7 +354,7 @@ async fn measure(
     agent.start();
     let user = UserClient::login(&url, email, password).await?;
     let outcome = async {
-        let dongle_id = bridge_demo::pair(&user, &dongle).await.context("pairing the dongle")?;
+        let dongle_id = bridge_rig::pair(&user, &dongle).await.context("pairing the dongle")?;
         // The first command warms the path (connections in the pool, the agent's session).
         command_latency(&user, &dongle_id, 1, "warm-up").await?;
         command_latency(&user, &dongle_id, args.commands, "with one agent connected").await?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bridge_server::db::MIGRATOR;
 use common::spawn_app;
 use sqlx::PgPool;
-use web_support::{OneDongle, SimDongle, pair};
+use web_support::{OneDongle, pair};
 
 /// The dongle's page, reached from the list by its device id.
 async fn open_dongle(s: &OneDongle) {
@@ -44,7 +44,7 @@ async fn pairing_with_the_pin_from_the_simulator_after_a_wrong_one(pool: PgPool)
     let mut events = s.dongle.sim.events();
     b.click("#pairing-start button[type=submit]").await;
     // The simulator's log shows the PIN, as a dongle's display would.
-    let pin = SimDongle::next_pin(&mut events).await;
+    let pin = bridge_rig::next_pin(&mut events).await.unwrap();
     let countdown = b
         .wait_text("#pairing-countdown", "left to type the PIN")
         .await;
@@ -89,7 +89,7 @@ async fn a_can_configuration_shows_the_effective_values(pool: PgPool) {
         "a_can_configuration_shows_the_effective_values",
     )
     .await;
-    pair(&s.client, &s.dongle).await;
+    pair(&s.user, &s.dongle).await;
     let b = &s.browser;
     open_dongle(&s).await;
     b.wait_text("[data-region=can-effective]", "No configuration applied")
@@ -151,7 +151,7 @@ async fn a_can_configuration_shows_the_effective_values(pool: PgPool) {
 )]
 async fn a_command_shows_its_output(pool: PgPool) {
     let s = OneDongle::start(spawn_app(pool).await, "a_command_shows_its_output").await;
-    pair(&s.client, &s.dongle).await;
+    pair(&s.user, &s.dongle).await;
     let b = &s.browser;
     open_dongle(&s).await;
     // Not a development server: neither a dangerous command nor the box that would allow one.
@@ -209,8 +209,8 @@ async fn a_frame_sent_from_the_console_reaches_the_bus(pool: PgPool) {
         "a_frame_sent_from_the_console_reaches_the_bus",
     )
     .await;
-    pair(&s.client, &s.dongle).await;
-    let mut tap = s.dongle.tap();
+    pair(&s.user, &s.dongle).await;
+    let mut tap = s.dongle.tap().unwrap();
     let b = &s.browser;
     open_dongle(&s).await;
     b.wait_text("[data-console-status]", "Live").await;
@@ -264,7 +264,7 @@ async fn a_command_typed_on_the_dongles_uart_shows_on_its_page(pool: PgPool) {
         "a_command_typed_on_the_dongles_uart_shows_on_its_page",
     )
     .await;
-    pair(&s.client, &s.dongle).await;
+    pair(&s.user, &s.dongle).await;
     let b = &s.browser;
     open_dongle(&s).await;
     b.wait_text("[data-console-status]", "Live").await;
@@ -324,7 +324,7 @@ async fn an_admin_finds_a_held_dongle_in_the_list_and_releases_it(pool: PgPool) 
         "an_admin_finds_a_held_dongle_in_the_list_and_releases_it",
     )
     .await;
-    let id = pair(&s.client, &s.dongle).await;
+    let id = pair(&s.user, &s.dongle).await;
     sqlx::query("UPDATE dongles SET ownership_state = 'SECURITY_HOLD' WHERE id = $1")
         .bind(id)
         .execute(&pool)

@@ -58,8 +58,8 @@ async fn an_active_group_shows_its_frames_in_the_live_console(pool: PgPool) {
     b.wait_text("[data-connected=a]", "connected").await;
     b.wait_text("[data-connected=b]", "connected").await;
 
-    let mut vehicle = s.a.tap();
-    let mut bench = s.b.tap();
+    let mut vehicle = s.a.tap().unwrap();
+    let mut bench = s.b.tap().unwrap();
     // A tap that has not yet met the simulator on its bus sends its first frames to nobody.
     assert!(vehicle.wait_for_peers(1, Duration::from_secs(5)).await);
     assert!(bench.wait_for_peers(1, Duration::from_secs(5)).await);
@@ -134,14 +134,14 @@ async fn a_stopped_side_degrades_the_group_with_a_growing_backlog_then_it_recove
     b.wait_text("[data-connected=b]", "connected").await;
 
     // The bench's workstation goes away.
-    s.agent_b.stop().await;
+    s.agent_b.stop().await.unwrap();
     b.wait_text("[data-group-state]", "DEGRADED").await;
     b.wait_text("[data-connected=b]", "not connected").await;
     b.wait_text("[data-group-explain]", "Side B is offline")
         .await;
 
     // The vehicle keeps talking: the server keeps its frames for B, and the backlog grows.
-    let mut vehicle = s.a.tap();
+    let mut vehicle = s.a.tap().unwrap();
     let mut seen = Vec::new();
     for round in 0..4u8 {
         for n in 0..50u8 {
@@ -167,7 +167,7 @@ async fn a_stopped_side_degrades_the_group_with_a_growing_backlog_then_it_recove
     .await;
 
     // Back: the backlog replays in order and the group is ACTIVE again.
-    let mut bench = s.b.tap();
+    let mut bench = s.b.tap().unwrap();
     s.agent_b.start();
     b.wait_text_within("[data-group-state]", "ACTIVE", Duration::from_secs(40))
         .await;

@@ -1,6 +1,7 @@
 //! What the dashboard's browser tests share: headless Chromium driven through chromedriver (started by
 //! the test on a free port), and the real parts around the server: simulated dongles on their own
-//! virtual CAN buses and agents running the real daemon in this process, as two workstations would.
+//! virtual CAN buses and agents running the real daemon in this process, as two workstations would
+//! (`bridge-rig`'s parts, which the demo and the benchmarks run too).
 //!
 //! The tests run only with the cargo feature `browser-tests` (scripts/test turns it on when Debian's
 //! chromium and chromium-driver are installed); without it they are reported as ignored. Each test
@@ -9,26 +10,17 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use bridge_agent::daemon::{self, DaemonConfig};
-use bridge_agent::discovery::scan::ScanPlan;
-use bridge_agent::dongles::ManagerConfig;
-use bridge_agent::home::{Credentials, Home};
-use bridge_agent::uplink::api::Api;
-use bridge_agent::uplink::backoff::Backoff;
-use dongle_sim::{BusTap, LinkConfig, SimConfig, SimEvent, SimHandle, Simulator};
+use bridge_rig::{AgentPart, DonglePart, UserClient};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::common::{PASSWORD, TestApp, TestClient, read};
+use crate::common::{PASSWORD, TestApp, TestClient};
 
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 pub const CHROMIUM: &str = "/usr/bin/chromium";
@@ -391,159 +383,13 @@ impl Browser {
     }
 }
 
-/// A simulated dongle on a pseudo-terminal, on its own virtual CAN bus.
-pub struct SimDongle {
-    pub sim: SimHandle,
-    pub device_id: String,
-    pub plan: ScanPlan,
-    pub bus_root: PathBuf,
-    pub bus: String,
-}
-
-impl SimDongle {
-    pub async fn usb(dir: &Path, bus: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let link = dir.join("ttyDONGLE");
-        let bus_root = dir.join("bus");
-        std::fs::create_dir_all(&bus_root).unwrap();
-        let mut config = SimConfig::serial(dir.join("flash.json")).with_bus(bus);
-        config.link = LinkConfig::Serial {
-            link: Some(link.clone()),
-        };
-        config.bus_root = Some(bus_root.clone());
-        config.extensions = dongle_sim::Extensions::ALL;
-        let sim = Simulator::start(config)
-            .await
-            .expect("the simulator starts");
-        Self {
-            device_id: sim.device_id().to_string(),
-            plan: ScanPlan {
-                usb_filter: Vec::new(),
-                explicit_ports: vec![link],
-                broadcast: false,
-                ..ScanPlan::default()
-            },
-            sim,
-            bus_root,
-            bus: bus.to_string(),
-        }
-    }
-
-    /// A simulated dongle on UDP, as if on the workstation's LAN.
-    pub async fn lan(dir: &Path, bus: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let bus_root = dir.join("bus");
-        std::fs::create_dir_all(&bus_root).unwrap();
-        let mut config = SimConfig::udp(dir.join("flash.json")).with_bus(bus);
-        config.bus_root = Some(bus_root.clone());
-        config.extensions = dongle_sim::Extensions::ALL;
-        let sim = Simulator::start(config)
-            .await
-            .expect("the simulator starts");
-        Self {
-            device_id: sim.device_id().to_string(),
-            plan: ScanPlan {
-                usb_filter: Vec::new(),
-                broadcast: false,
-                udp_targets: sim.discovery_addr().into_iter().collect(),
-                ..ScanPlan::default()
-            },
-            sim,
-            bus_root,
-            bus: bus.to_string(),
-        }
-    }
-
-    /// A tap on the dongle's bus, as another device on it.
-    pub fn tap(&self) -> BusTap {
-        BusTap::join_at(&self.bus_root, &self.bus).unwrap()
-    }
-
-    /// The next PIN the dongle shows (its log line `PIN ...`).
-    pub async fn next_pin(events: &mut tokio::sync::broadcast::Receiver<SimEvent>) -> String {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Ok(SimEvent::Dongle(dongle_sim::Event::Pin { pin, .. }))) => {
-                    return pin.as_str().to_string();
-                }
-                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-                Ok(Err(_)) => panic!("the simulator stopped"),
-                Err(_) => panic!("the dongle showed no PIN within 15 s"),
-            }
-        }
-    }
-}
-
-/// The daemon's task and what it ended with.
-type DaemonTask = JoinHandle<Result<(), daemon::DaemonError>>;
-
-/// The agent daemon as a workstation runs it, in this process.
-pub struct RunningAgent {
-    pub credentials: Credentials,
-    home: Home,
-    plan: ScanPlan,
-    running: Option<(oneshot::Sender<()>, DaemonTask)>,
-}
-
-impl RunningAgent {
-    /// Logs in as `email` (registering an agent), as `bridge-agent login` does, and starts the daemon.
-    pub async fn login(dir: &Path, base: &str, email: &str, name: &str, plan: ScanPlan) -> Self {
-        let mut api = Api::new(base, None).unwrap();
-        api.login(email, PASSWORD).await.unwrap();
-        let registered = api.register_agent(name).await.unwrap();
-        let credentials = Credentials {
-            server_url: base.to_string(),
-            agent_id: registered.agent_id,
-            agent_token: registered.agent_token,
-            ca_file: None,
-        };
-        Self::with_credentials(dir, credentials, plan)
-    }
-
-    /// Starts the daemon with credentials already made (a token shown by the dashboard, say).
-    pub fn with_credentials(dir: &Path, credentials: Credentials, plan: ScanPlan) -> Self {
-        let home = Home::at(dir);
-        home.save_credentials(&credentials).unwrap();
-        let mut agent = Self {
-            credentials,
-            home,
-            plan,
-            running: None,
-        };
-        agent.start();
-        agent
-    }
-
-    pub fn start(&mut self) {
-        if self.running.is_some() {
-            return;
-        }
-        let mut manager = ManagerConfig::new(self.plan.clone());
-        manager.lan_idle = Duration::from_secs(2);
-        manager.lan_pairing = Duration::from_secs(1);
-        let config = DaemonConfig {
-            home: self.home.clone(),
-            credentials: self.credentials.clone(),
-            manager,
-            udp_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(2)),
-            host_commands: true,
-        };
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(daemon::run(config, async {
-            let _ = stop_rx.await;
-        }));
-        self.running = Some((stop_tx, task));
-    }
-
-    /// Stops the daemon, as Ctrl-C on `bridge-agent run` would.
-    pub async fn stop(&mut self) {
-        if let Some((stop, task)) = self.running.take() {
-            let _ = stop.send(());
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-        }
-    }
+/// An agent of the user serving `dongle`, logged in and running, as a workstation runs it.
+pub async fn agent(dir: &Path, base: &str, name: &str, dongle: &DonglePart) -> AgentPart {
+    let mut agent = AgentPart::login(dir, base, EMAIL, PASSWORD, name, dongle.plan.clone())
+        .await
+        .expect("the agent logs in");
+    agent.start();
+    agent
 }
 
 /// A verified user made in the database, with a logged-in API client.
@@ -552,68 +398,23 @@ pub async fn user(app: &TestApp, email: &str) -> TestClient {
     client
 }
 
-/// Waits until the user's listing shows `device_id` satisfying `check`; answers the listing.
-pub async fn wait_dongle(
-    client: &TestClient,
-    device_id: &str,
-    check: impl Fn(&Value) -> bool,
-) -> Value {
-    for _ in 0..300 {
-        let list = read(client.get("/dongles").await).await.json;
-        if let Some(d) = list["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|d| d["device_id"] == device_id)
-            && check(d)
-        {
-            return d.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("dongle {device_id} did not reach the expected state within 30 s")
-}
-
-/// Pairs `dongle` to the client's user through the API with the PIN it shows; answers its id.
-pub async fn pair(client: &TestClient, dongle: &SimDongle) -> Uuid {
-    let listed = wait_dongle(client, &dongle.device_id, |d| d["online"] == true).await;
-    let id: Uuid = listed["id"].as_str().unwrap().parse().unwrap();
-    let mut events = dongle.sim.events();
-    let started = read(
-        client
-            .post_json(
-                &format!("/dongles/{id}/pairing-mode"),
-                json!({"action": "start"}),
-            )
-            .await,
-    )
-    .await;
-    assert!(started.status.is_success(), "{}", started.text);
-    let pin = SimDongle::next_pin(&mut events).await;
-    let paired = read(
-        client
-            .post_json(
-                &format!("/dongles/{id}/pairing-submit"),
-                json!({"pairing_session_id": started.json["pairing_session_id"], "pin": pin}),
-            )
-            .await,
-    )
-    .await;
-    assert!(paired.status.is_success(), "{}", paired.text);
-    // The agent has the dongle's token once the dongle is served as owned.
-    wait_dongle(client, &dongle.device_id, |d| {
-        d["owned"] == true && d["online"] == true
-    })
-    .await;
-    id
+/// Pairs `dongle` to the user through the API with the PIN it shows, and waits until its agent serves
+/// it as owned; answers its id.
+pub async fn pair(user: &UserClient, dongle: &DonglePart) -> Uuid {
+    let id = bridge_rig::pair(user, dongle)
+        .await
+        .expect("the dongle pairs");
+    id.parse().expect("a dongle id is a UUID")
 }
 
 /// A user with one simulated dongle served by a running agent, and a browser signed in as the user.
 pub struct OneDongle {
     pub app: TestApp,
     pub client: TestClient,
-    pub dongle: SimDongle,
-    pub agent: RunningAgent,
+    /// The same user through `bridge-rig`'s client, which pairs dongles.
+    pub user: UserClient,
+    pub dongle: DonglePart,
+    pub agent: AgentPart,
     pub browser: Browser,
     pub dir: tempfile::TempDir,
 }
@@ -623,22 +424,21 @@ pub const EMAIL: &str = "tech@example.com";
 impl OneDongle {
     pub async fn start(app: TestApp, test: &str) -> Self {
         let client = user(&app, EMAIL).await;
+        let user = UserClient::login(&app.base, EMAIL, PASSWORD).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let dongle = SimDongle::usb(&dir.path().join("dongle"), "bench").await;
-        let agent = RunningAgent::login(
-            &dir.path().join("agent"),
-            &app.base,
-            EMAIL,
-            "bench-pc",
-            dongle.plan.clone(),
-        )
-        .await;
-        wait_dongle(&client, &dongle.device_id, |d| d["online"] == true).await;
+        let dongle = DonglePart::usb(&dir.path().join("dongle"), "bench")
+            .await
+            .unwrap();
+        let agent = agent(&dir.path().join("agent"), &app.base, "bench-pc", &dongle).await;
+        bridge_rig::wait_dongle(&user, &dongle.device_id, |d| d["online"] == true)
+            .await
+            .unwrap();
         let browser = Browser::start(&app.base, test).await;
         browser.sign_in(EMAIL, PASSWORD).await;
         Self {
             app,
             client,
+            user,
             dongle,
             agent,
             browser,
@@ -648,7 +448,7 @@ impl OneDongle {
 
     pub async fn stop(mut self) {
         self.browser.close().await;
-        self.agent.stop().await;
+        self.agent.stop().await.expect("the agent stops");
         self.dongle.sim.shutdown().await;
         self.app.stop().await;
     }
@@ -659,10 +459,11 @@ impl OneDongle {
 pub struct TwoSides {
     pub app: TestApp,
     pub client: TestClient,
-    pub a: SimDongle,
-    pub b: SimDongle,
-    pub agent_a: RunningAgent,
-    pub agent_b: RunningAgent,
+    pub user: UserClient,
+    pub a: DonglePart,
+    pub b: DonglePart,
+    pub agent_a: AgentPart,
+    pub agent_b: AgentPart,
     pub a_id: Uuid,
     pub b_id: Uuid,
     pub browser: Browser,
@@ -672,33 +473,25 @@ pub struct TwoSides {
 impl TwoSides {
     pub async fn start(app: TestApp, test: &str) -> Self {
         let client = user(&app, EMAIL).await;
+        let user = UserClient::login(&app.base, EMAIL, PASSWORD).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let a = SimDongle::usb(&dir.path().join("dongle-a"), "vehicle").await;
+        let a = DonglePart::usb(&dir.path().join("dongle-a"), "vehicle")
+            .await
+            .unwrap();
         // Side B on the LAN, as in the demo: the side that a test stops and starts again.
-        let b = SimDongle::lan(&dir.path().join("dongle-b"), "bench").await;
-        let agent_a = RunningAgent::login(
-            &dir.path().join("agent-a"),
-            &app.base,
-            EMAIL,
-            "workstation-a",
-            a.plan.clone(),
-        )
-        .await;
-        let agent_b = RunningAgent::login(
-            &dir.path().join("agent-b"),
-            &app.base,
-            EMAIL,
-            "workstation-b",
-            b.plan.clone(),
-        )
-        .await;
-        let a_id = pair(&client, &a).await;
-        let b_id = pair(&client, &b).await;
+        let b = DonglePart::lan(&dir.path().join("dongle-b"), "bench")
+            .await
+            .unwrap();
+        let agent_a = agent(&dir.path().join("agent-a"), &app.base, "workstation-a", &a).await;
+        let agent_b = agent(&dir.path().join("agent-b"), &app.base, "workstation-b", &b).await;
+        let a_id = pair(&user, &a).await;
+        let b_id = pair(&user, &b).await;
         let browser = Browser::start(&app.base, test).await;
         browser.sign_in(EMAIL, PASSWORD).await;
         Self {
             app,
             client,
+            user,
             a,
             b,
             agent_a,
@@ -712,8 +505,8 @@ impl TwoSides {
 
     pub async fn stop(mut self) {
         self.browser.close().await;
-        self.agent_a.stop().await;
-        self.agent_b.stop().await;
+        self.agent_a.stop().await.expect("agent A stops");
+        self.agent_b.stop().await.expect("agent B stops");
         self.a.sim.shutdown().await;
         self.b.sim.shutdown().await;
         self.app.stop().await;

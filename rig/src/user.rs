@@ -1,4 +1,5 @@
-//! The demo's user: the JSON API with a session cookie and the CSRF token, as any client uses it.
+//! A technician using the JSON API: signed in with a session cookie and the CSRF token, as any client
+//! uses it, and pairing dongles with the PIN they show.
 
 use std::time::Duration;
 
@@ -6,6 +7,9 @@ use anyhow::{Context, bail};
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::dongle::{DonglePart, next_pin};
+
+/// A signed-in user of `/api/v1`.
 pub struct UserClient {
     http: reqwest::Client,
     base: String,
@@ -92,4 +96,51 @@ impl UserClient {
     pub async fn put(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         self.call(Method::PUT, path, Some(body)).await
     }
+}
+
+/// Waits up to 30 s until the user's listing of `device_id` satisfies `check`; answers the listing.
+pub async fn wait_dongle(
+    user: &UserClient,
+    device_id: &str,
+    check: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    for _ in 0..300 {
+        let list = user.get("/dongles").await?;
+        if let Some(d) = list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["device_id"] == device_id)
+            && check(d)
+        {
+            return Ok(d.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("dongle {device_id} did not reach the expected state within 30 s")
+}
+
+/// Pairs `dongle` to the user with the PIN it shows, as a technician would, and waits until its agent
+/// serves it as owned (the agent holds its token then); answers the dongle's id.
+pub async fn pair(user: &UserClient, dongle: &DonglePart) -> anyhow::Result<String> {
+    let listed = wait_dongle(user, &dongle.device_id, |d| d["online"] == true).await?;
+    let id = listed["id"].as_str().context("a dongle id")?.to_string();
+    let mut events = dongle.sim.events();
+    let started = user
+        .post(
+            &format!("/dongles/{id}/pairing-mode"),
+            json!({"action": "start"}),
+        )
+        .await?;
+    let pin = next_pin(&mut events).await?;
+    user.post(
+        &format!("/dongles/{id}/pairing-submit"),
+        json!({"pairing_session_id": started["pairing_session_id"], "pin": pin}),
+    )
+    .await?;
+    wait_dongle(user, &dongle.device_id, |d| {
+        d["owned"] == true && d["online"] == true
+    })
+    .await?;
+    Ok(id)
 }
