@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use control_proto::{CommandOutcome, CommandResult};
+use control_proto::{CommandOutcome, CommandResult, DeviceId};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -61,7 +61,7 @@ enum State {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Entry {
     command_id: Uuid,
-    device_id: String,
+    device_id: DeviceId,
     /// Seconds since the Unix epoch of the last change.
     updated: u64,
     #[serde(flatten)]
@@ -155,7 +155,7 @@ impl Journal {
     }
 
     /// Decides what to do with `command_id`, journalling it as running when it is new.
-    pub fn admit(&self, command_id: Uuid, device_id: &str) -> Result<Admission, JournalError> {
+    pub fn admit(&self, command_id: Uuid, device_id: DeviceId) -> Result<Admission, JournalError> {
         let mut entries = self.entries.lock().unwrap();
         if let Some(entry) = entries.get(&command_id) {
             return Ok(match &entry.state {
@@ -172,7 +172,7 @@ impl Journal {
         }
         let entry = Entry {
             command_id,
-            device_id: device_id.to_string(),
+            device_id,
             updated: now(),
             state: State::Running,
         };
@@ -310,12 +310,14 @@ fn read_entry(path: &Path) -> Option<Entry> {
 mod tests {
     use super::*;
 
-    const DEV: &str = "0123456789abcdef";
+    fn dev() -> DeviceId {
+        "0123456789abcdef".parse().unwrap()
+    }
 
     fn done(id: Uuid) -> CommandResult {
         CommandResult {
             command_id: id,
-            device_id: DEV.into(),
+            device_id: dev(),
             outcome: CommandOutcome::Done,
             exit_code: 0,
             output: "ok\n".into(),
@@ -329,8 +331,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
         let id = Uuid::new_v4();
-        assert_eq!(j.admit(id, DEV).unwrap(), Admission::Run);
-        assert_eq!(j.admit(id, DEV).unwrap(), Admission::AlreadyRunning);
+        assert_eq!(j.admit(id, dev()).unwrap(), Admission::Run);
+        assert_eq!(j.admit(id, dev()).unwrap(), Admission::AlreadyRunning);
         j.finish(done(id)).unwrap();
         // A second result for the same command does not replace the first.
         j.finish(CommandResult {
@@ -340,7 +342,7 @@ mod tests {
         .unwrap();
         assert_eq!(j.unacknowledged(), vec![done(id)]);
         assert_eq!(
-            j.admit(id, DEV).unwrap(),
+            j.admit(id, dev()).unwrap(),
             Admission::AlreadyFinished(done(id))
         );
         // The journal survives a restart as it was.
@@ -349,10 +351,10 @@ mod tests {
         assert_eq!(j.unacknowledged(), vec![done(id)]);
         j.acknowledge(id).unwrap();
         assert!(j.unacknowledged().is_empty());
-        assert_eq!(j.admit(id, DEV).unwrap(), Admission::AlreadyAcknowledged);
+        assert_eq!(j.admit(id, dev()).unwrap(), Admission::AlreadyAcknowledged);
         drop(j);
         let j = Journal::open(dir.path()).unwrap();
-        assert_eq!(j.admit(id, DEV).unwrap(), Admission::AlreadyAcknowledged);
+        assert_eq!(j.admit(id, dev()).unwrap(), Admission::AlreadyAcknowledged);
     }
 
     #[test]
@@ -361,7 +363,7 @@ mod tests {
         let id = Uuid::new_v4();
         {
             let j = Journal::open(dir.path()).unwrap();
-            assert_eq!(j.admit(id, DEV).unwrap(), Admission::Run);
+            assert_eq!(j.admit(id, dev()).unwrap(), Admission::Run);
         }
         let j = Journal::open(dir.path()).unwrap();
         let pending = j.unacknowledged();
@@ -375,7 +377,7 @@ mod tests {
                 .contains("not run again")
         );
         assert!(matches!(
-            j.admit(id, DEV).unwrap(),
+            j.admit(id, dev()).unwrap(),
             Admission::AlreadyFinished(_)
         ));
     }
@@ -388,6 +390,6 @@ mod tests {
         let j = Journal::open(dir.path()).unwrap();
         assert_eq!(j.counts(), (0, 0));
         assert!(dir.path().join(format!("{id}.damaged")).exists());
-        assert_eq!(j.admit(id, DEV).unwrap(), Admission::Run);
+        assert_eq!(j.admit(id, dev()).unwrap(), Admission::Run);
     }
 }

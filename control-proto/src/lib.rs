@@ -86,8 +86,17 @@ pub const WATCH_SINCE: u32 = 4;
 /// The heartbeat period the server asks for, in seconds.
 pub const DEFAULT_HEARTBEAT_SECS: u32 = 10;
 
-/// A dongle's device id: 16 lower-case hex characters.
-pub type DeviceId = String;
+/// A dongle's device id, 16 lower-case hex characters on the wire: every message that names a device
+/// carries this type, so a message that parses names only well-formed ids.
+pub use firmware_proto::ids::DeviceId;
+
+/// The PIN a user types (6 digits) and the dongle's token (32 bytes, standard base64 on the wire), as
+/// [`RequestBody::PairingSubmit`] and [`DongleToken`] carry them; their `Debug` output is redacted.
+pub use firmware_proto::ids::{DongleToken as Token, Pin};
+
+/// A CAN controller's mode, by its name on the wire (`normal`, `listen_only`, `loopback`,
+/// `ext_loop`).
+pub use firmware_proto::remp::CanMode;
 
 /// True when `s` is a well-formed device id (16 lower-case hex characters).
 pub fn is_device_id(s: &str) -> bool {
@@ -101,7 +110,7 @@ pub fn is_device_id(s: &str) -> bool {
 /// Both sides compute it: the agent to name its endpoint, the server to check a report. Since the
 /// agent's id is part of the input, an agent cannot claim as "local" the id of a real dongle or of
 /// another agent's endpoint, and so cannot obtain either without pairing.
-pub fn local_device_id(agent_id: Uuid, identity: &str) -> [u8; 8] {
+pub fn local_device_id(agent_id: Uuid, identity: &str) -> DeviceId {
     use sha2::{Digest, Sha256};
     let mut hash = Sha256::new();
     hash.update(b"local:");
@@ -111,15 +120,7 @@ pub fn local_device_id(agent_id: Uuid, identity: &str) -> [u8; 8] {
     let digest = hash.finalize();
     let mut id = [0x10, 0xca, 0, 0, 0, 0, 0, 0];
     id[2..].copy_from_slice(&digest[..6]);
-    id
-}
-
-/// [`local_device_id`] in its wire form, 16 lower-case hex characters.
-pub fn local_device_id_text(agent_id: Uuid, identity: &str) -> DeviceId {
-    local_device_id(agent_id, identity)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    DeviceId::from_bytes(id)
 }
 
 /// A message from the agent to the server.
@@ -337,8 +338,7 @@ pub struct CanEffective {
     pub sjw: u8,
     pub tseg1: u8,
     pub tseg2: u8,
-    /// `normal`, `listen_only`, `loopback` or `ext_loop`.
-    pub mode: String,
+    pub mode: CanMode,
     pub use_raw: bool,
     pub auto_retx: bool,
     pub tx_pause: bool,
@@ -536,11 +536,10 @@ pub enum RequestBody {
     PairingSubmit {
         device_id: DeviceId,
         corr_id: Uuid,
-        pin: String,
+        pin: Pin,
         /// 16 bytes, hex.
         pairing_nonce: String,
-        /// 32 bytes, standard base64.
-        token: String,
+        token: Token,
     },
     /// Tell the dongle to forget its token, and drop it from the agent's vault.
     Forget { device_id: DeviceId },
@@ -549,7 +548,7 @@ pub enum RequestBody {
         device_id: DeviceId,
         bitrate: u32,
         sample_point_permille: u16,
-        mode: String,
+        mode: CanMode,
         use_raw: bool,
         prescaler: Option<u16>,
         sjw: Option<u8>,
@@ -653,8 +652,7 @@ impl fmt::Debug for RequestBody {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DongleToken {
     pub device_id: DeviceId,
-    /// 32 bytes, standard base64.
-    pub token: String,
+    pub token: Token,
 }
 
 impl fmt::Debug for DongleToken {
@@ -678,7 +676,7 @@ impl AgentMessage {
 
 impl RequestBody {
     /// The device the request is about.
-    pub fn device_id(&self) -> &str {
+    pub fn device_id(&self) -> DeviceId {
         match self {
             RequestBody::PairingStart { device_id, .. }
             | RequestBody::PairingSubmit { device_id, .. }
@@ -686,7 +684,7 @@ impl RequestBody {
             | RequestBody::CanConfig { device_id, .. }
             | RequestBody::Command { device_id, .. }
             | RequestBody::HostCommand { device_id, .. }
-            | RequestBody::SendFrame { device_id, .. } => device_id,
+            | RequestBody::SendFrame { device_id, .. } => *device_id,
         }
     }
 }
@@ -734,6 +732,14 @@ mod tests {
 
     const DEV: &str = "0123456789abcdef";
 
+    fn dev() -> DeviceId {
+        DEV.parse().unwrap()
+    }
+
+    /// A token of 32 zero bytes, and its base64.
+    const TOKEN: Token = Token::from_bytes([0; 32]);
+    const TOKEN_TEXT: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
     #[test]
     fn hello_and_heartbeat() {
         agent_round_trip(
@@ -755,7 +761,7 @@ mod tests {
             AgentMessage::Devices(Devices {
                 dongles: vec![
                     DongleReport {
-                        device_id: DEV.into(),
+                        device_id: dev(),
                         fw_build: "1.4.2".into(),
                         proto_ver: 1,
                         capabilities: 3,
@@ -768,7 +774,7 @@ mod tests {
                         claimed: false,
                     },
                     DongleReport {
-                        device_id: "fedcba9876543210".into(),
+                        device_id: "fedcba9876543210".parse().unwrap(),
                         fw_build: "1.4.2".into(),
                         proto_ver: 1,
                         capabilities: 0,
@@ -795,24 +801,18 @@ mod tests {
     #[test]
     fn local_endpoints_and_their_ids() {
         let agent: Uuid = "6f1c2a9e-0b7d-4c38-9a51-3e2f8d4b7c10".parse().unwrap();
-        let id = local_device_id_text(agent, "socketcand:127.0.0.1:29536");
-        assert!(is_device_id(&id) && id.starts_with("10ca"), "{id}");
-        assert_eq!(
-            id,
-            local_device_id_text(agent, "socketcand:127.0.0.1:29536")
-        );
+        let id = local_device_id(agent, "socketcand:127.0.0.1:29536");
+        assert!(id.to_string().starts_with("10ca"), "{id}");
+        assert_eq!(id, local_device_id(agent, "socketcand:127.0.0.1:29536"));
+        assert_ne!(id, local_device_id(agent, "socketcand:127.0.0.1:29537"));
         assert_ne!(
             id,
-            local_device_id_text(agent, "socketcand:127.0.0.1:29537")
-        );
-        assert_ne!(
-            id,
-            local_device_id_text(Uuid::nil(), "socketcand:127.0.0.1:29536")
+            local_device_id(Uuid::nil(), "socketcand:127.0.0.1:29536")
         );
         agent_round_trip(
             AgentMessage::Devices(Devices {
                 dongles: vec![DongleReport {
-                    device_id: id.clone(),
+                    device_id: id,
                     fw_build: "local".into(),
                     proto_ver: 1,
                     capabilities: 2,
@@ -874,15 +874,11 @@ mod tests {
             json!({"type": "reply", "id": 8, "result": {"status": "error", "code": "invalid_pin", "message": "wrong PIN"}}),
         );
         agent_round_trip(
-            AgentMessage::Event(Event::TokenRejected {
-                device_id: DEV.into(),
-            }),
+            AgentMessage::Event(Event::TokenRejected { device_id: dev() }),
             json!({"type": "event", "event": "token_rejected", "device_id": DEV}),
         );
         agent_round_trip(
-            AgentMessage::Event(Event::TokenAccepted {
-                device_id: DEV.into(),
-            }),
+            AgentMessage::Event(Event::TokenAccepted { device_id: dev() }),
             json!({"type": "event", "event": "token_accepted", "device_id": DEV}),
         );
     }
@@ -903,7 +899,7 @@ mod tests {
                 id: 1,
                 timeout_ms: 5000,
                 body: RequestBody::PairingStart {
-                    device_id: DEV.into(),
+                    device_id: dev(),
                     corr_id: agent_id,
                 },
             }),
@@ -915,33 +911,31 @@ mod tests {
                 id: 2,
                 timeout_ms: 5000,
                 body: RequestBody::PairingSubmit {
-                    device_id: DEV.into(),
+                    device_id: dev(),
                     corr_id: agent_id,
-                    pin: "123456".into(),
+                    pin: Pin::parse("123456").unwrap(),
                     pairing_nonce: "ab".repeat(16),
-                    token: "AAAA".into(),
+                    token: TOKEN,
                 },
             }),
             json!({"type": "request", "id": 2, "timeout_ms": 5000, "body":
                 {"type": "pairing_submit", "device_id": DEV, "corr_id": agent_id, "pin": "123456",
-                 "pairing_nonce": "ab".repeat(16), "token": "AAAA"}}),
+                 "pairing_nonce": "ab".repeat(16), "token": TOKEN_TEXT}}),
         );
         server_round_trip(
             ServerMessage::Request(Request {
                 id: 3,
                 timeout_ms: 5000,
-                body: RequestBody::Forget {
-                    device_id: DEV.into(),
-                },
+                body: RequestBody::Forget { device_id: dev() },
             }),
             json!({"type": "request", "id": 3, "timeout_ms": 5000, "body": {"type": "forget", "device_id": DEV}}),
         );
         server_round_trip(
             ServerMessage::DongleToken(DongleToken {
-                device_id: DEV.into(),
-                token: "AAAA".into(),
+                device_id: dev(),
+                token: TOKEN,
             }),
-            json!({"type": "dongle_token", "device_id": DEV, "token": "AAAA"}),
+            json!({"type": "dongle_token", "device_id": DEV, "token": TOKEN_TEXT}),
         );
     }
 
@@ -949,10 +943,10 @@ mod tests {
     fn next_issue_requests_round_trip() {
         for body in [
             RequestBody::CanConfig {
-                device_id: DEV.into(),
+                device_id: dev(),
                 bitrate: 500_000,
                 sample_point_permille: 875,
-                mode: "normal".into(),
+                mode: CanMode::Normal,
                 use_raw: false,
                 prescaler: None,
                 sjw: None,
@@ -964,13 +958,13 @@ mod tests {
             },
             RequestBody::Command {
                 command_id: Uuid::nil(),
-                device_id: DEV.into(),
+                device_id: dev(),
                 line: "version".into(),
                 timeout_ms: 3000,
                 allow_dangerous: false,
             },
             RequestBody::SendFrame {
-                device_id: DEV.into(),
+                device_id: dev(),
                 can_id: 0x7df,
                 extended: false,
                 rtr: false,
@@ -993,7 +987,7 @@ mod tests {
         agent_round_trip(
             AgentMessage::CommandResult(CommandResult {
                 command_id: id,
-                device_id: DEV.into(),
+                device_id: dev(),
                 outcome: CommandOutcome::Done,
                 exit_code: 0,
                 output: "sim\n".into(),
@@ -1019,7 +1013,7 @@ mod tests {
                             sjw: 1,
                             tseg1: 13,
                             tseg2: 2,
-                            mode: "normal".into(),
+                            mode: CanMode::Normal,
                             use_raw: false,
                             auto_retx: true,
                             tx_pause: false,
@@ -1038,19 +1032,30 @@ mod tests {
     #[test]
     fn secrets_stay_out_of_debug_output() {
         let body = RequestBody::PairingSubmit {
-            device_id: DEV.into(),
+            device_id: dev(),
             corr_id: Uuid::nil(),
-            pin: "654321".into(),
+            pin: Pin::parse("654321").unwrap(),
             pairing_nonce: "ab".repeat(16),
-            token: "c2VjcmV0dG9rZW4=".into(),
+            token: Token::from_bytes([0x5a; 32]),
         };
         let text = format!("{body:?}");
-        assert!(!text.contains("654321") && !text.contains("c2VjcmV0dG9rZW4="));
+        // 0x5a is `Z`: neither the bytes as text, nor their decimal value, nor the base64.
+        assert!(
+            !text.contains("654321")
+                && !text.contains("ZZZZ")
+                && !text.contains("90, 90")
+                && !text.contains("WlpaWlpa"),
+            "{text}"
+        );
         let token = DongleToken {
-            device_id: DEV.into(),
-            token: "c2VjcmV0dG9rZW4=".into(),
+            device_id: dev(),
+            token: Token::from_bytes([0x5a; 32]),
         };
-        assert!(!format!("{token:?}").contains("c2VjcmV0dG9rZW4="));
+        let text = format!("{token:?}");
+        assert!(
+            !text.contains("90, 90") && !text.contains("WlpaWlpa"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1060,5 +1065,45 @@ mod tests {
         assert!(is_device_id(DEV));
         assert!(!is_device_id("0123456789ABCDEF"));
         assert!(!is_device_id("0123"));
+    }
+
+    /// A message that names a malformed id, PIN, token or mode does not parse at all, so no code past
+    /// the parser ever holds one; the error says which field, never what it held.
+    #[test]
+    fn malformed_values_make_the_whole_message_fail() {
+        let forget = |id: &str| {
+            format!(
+                r#"{{"type":"request","id":1,"timeout_ms":5,"body":{{"type":"forget","device_id":"{id}"}}}}"#
+            )
+        };
+        assert!(ServerMessage::from_json(&forget(DEV)).is_ok());
+        for bad in ["0123456789ABCDEF", "0123", "0123456789abcdeg"] {
+            assert!(ServerMessage::from_json(&forget(bad)).is_err(), "{bad}");
+        }
+        let submit = |pin: &str, token: &str| {
+            json!({"type": "request", "id": 2, "timeout_ms": 5, "body": {"type": "pairing_submit",
+                "device_id": DEV, "corr_id": Uuid::nil(), "pin": pin, "pairing_nonce": "ab".repeat(16),
+                "token": token}})
+            .to_string()
+        };
+        assert!(ServerMessage::from_json(&submit("123456", TOKEN_TEXT)).is_ok());
+        let error = ServerMessage::from_json(&submit("12345x", TOKEN_TEXT))
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains("12345x"), "{error}");
+        let error = ServerMessage::from_json(&submit("123456", "c2VjcmV0dG9rZW4="))
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains("c2VjcmV0"), "{error}");
+        let report = |mode: &str| {
+            json!({"type": "reply", "id": 3, "result": {"status": "ok", "body": {
+                "type": "can_config_applied", "effective": {"bitrate": 500000,
+                "sample_point_permille": 875, "prescaler": 1, "sjw": 1, "tseg1": 13, "tseg2": 2,
+                "mode": mode, "use_raw": false, "auto_retx": true, "tx_pause": false,
+                "protocol_exc": false}}}})
+            .to_string()
+        };
+        assert!(AgentMessage::from_json(&report("ext_loop")).is_ok());
+        assert!(AgentMessage::from_json(&report("warp")).is_err());
     }
 }

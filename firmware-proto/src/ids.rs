@@ -76,6 +76,16 @@ impl FromStr for DeviceId {
     }
 }
 
+/// For hosts that read ids as owned text, such as a database column (`#[sqlx(try_from = "String")]`).
+#[cfg(feature = "std")]
+impl TryFrom<std::string::String> for DeviceId {
+    type Error = Error;
+
+    fn try_from(s: std::string::String) -> Result<Self> {
+        s.parse()
+    }
+}
+
 /// A 16-byte correlation id (a UUID as raw bytes) that ties an answer to its request.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct CorrelationId(pub [u8; 16]);

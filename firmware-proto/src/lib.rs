@@ -24,6 +24,8 @@ mod error;
 pub mod ext;
 pub mod ids;
 pub mod remp;
+#[cfg(feature = "serde")]
+mod serde_text;
 pub mod stream;
 mod wire;
 

@@ -10,7 +10,7 @@
 //! applied last, also with several server instances.
 
 use chrono::{DateTime, Utc};
-use control_proto::{CanEffective, ReplyOk, RequestBody};
+use control_proto::{CanEffective, DeviceId, ReplyOk, RequestBody};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -24,11 +24,6 @@ use crate::dongles::{self, OwnedDongle};
 use crate::error_code::ErrorCode;
 use crate::rate_limit;
 use firmware_proto::remp::CanMode;
-
-/// A mode name the v0.7 `can_mode` enum knows (the names are firmware-proto's).
-fn known_mode(name: &str) -> bool {
-    CanMode::from_name(name).is_some()
-}
 
 /// The mode names, for messages.
 fn mode_names() -> String {
@@ -106,7 +101,8 @@ pub struct CanConfig {
     pub bitrate: i32,
     pub sample_point_permille: i16,
     /// `normal`, `listen_only`, `loopback` or `ext_loop`.
-    pub mode: String,
+    #[schema(value_type = String)]
+    pub mode: CanMode,
     pub use_raw: bool,
     pub prescaler: Option<i32>,
     pub sjw: Option<i16>,
@@ -126,7 +122,9 @@ pub struct CanEffectiveView {
     pub sjw: i16,
     pub tseg1: i16,
     pub tseg2: i16,
-    pub mode: String,
+    /// `normal`, `listen_only`, `loopback` or `ext_loop`.
+    #[schema(value_type = String)]
+    pub mode: CanMode,
     pub use_raw: bool,
     pub auto_retx: bool,
     pub tx_pause: bool,
@@ -142,7 +140,7 @@ impl From<&CanEffective> for CanEffectiveView {
             sjw: e.sjw.into(),
             tseg1: e.tseg1.into(),
             tseg2: e.tseg2.into(),
-            mode: e.mode.clone(),
+            mode: e.mode,
             use_raw: e.use_raw,
             auto_retx: e.auto_retx,
             tx_pause: e.tx_pause,
@@ -223,12 +221,12 @@ fn raw_field(
 pub fn validate(req: &CanConfigRequest, can_fd: bool) -> Result<CanConfig, Invalid> {
     let bitrate = in_range("bitrate", req.bitrate, 10_000, 1_000_000)?;
     let sample_point = in_range("sample_point_permille", req.sample_point_permille, 500, 950)?;
-    if !known_mode(&req.mode) {
+    let Some(mode) = CanMode::from_name(&req.mode) else {
         return Err(Invalid {
             field: "mode",
             message: format!("must be one of {}.", mode_names()),
         });
-    }
+    };
     let (prescaler, sjw, tseg1, tseg2) = if req.use_raw {
         let (limits, controller) = if can_fd {
             (FDCAN, "FDCAN")
@@ -259,7 +257,7 @@ pub fn validate(req: &CanConfigRequest, can_fd: bool) -> Result<CanConfig, Inval
     Ok(CanConfig {
         bitrate: bitrate as i32,
         sample_point_permille: sample_point as i16,
-        mode: req.mode.clone(),
+        mode,
         use_raw: req.use_raw,
         prescaler,
         sjw,
@@ -274,12 +272,12 @@ pub fn validate(req: &CanConfigRequest, can_fd: bool) -> Result<CanConfig, Inval
 impl CanConfig {
     /// The control request carrying this configuration. The ranges were checked, so every value fits
     /// its wire type.
-    fn request(&self, device_id: &str) -> RequestBody {
+    fn request(&self, device_id: DeviceId) -> RequestBody {
         RequestBody::CanConfig {
-            device_id: device_id.to_string(),
+            device_id,
             bitrate: self.bitrate as u32,
             sample_point_permille: self.sample_point_permille as u16,
-            mode: self.mode.clone(),
+            mode: self.mode,
             use_raw: self.use_raw,
             prescaler: self.prescaler.map(|v| v as u16),
             sjw: self.sjw.map(|v| v as u8),
@@ -296,7 +294,8 @@ impl CanConfig {
 struct StoredRow {
     bitrate: i32,
     sample_point_permille: i16,
-    mode: String,
+    #[sqlx(try_from = "String")]
+    mode: CanMode,
     use_raw: bool,
     prescaler: Option<i32>,
     sjw: Option<i16>,
@@ -324,7 +323,7 @@ impl StoredRow {
         CanConfig {
             bitrate: self.bitrate,
             sample_point_permille: self.sample_point_permille,
-            mode: self.mode.clone(),
+            mode: self.mode,
             use_raw: self.use_raw,
             prescaler: self.prescaler,
             sjw: self.sjw,
@@ -345,7 +344,8 @@ impl StoredRow {
             sjw: self.effective_sjw?,
             tseg1: self.effective_tseg1?,
             tseg2: self.effective_tseg2?,
-            mode: self.effective_mode.clone()?,
+            // The column is the `can_mode` enum, whose values are exactly the mode names.
+            mode: CanMode::from_name(self.effective_mode.as_deref()?)?,
             use_raw: self.effective_use_raw?,
             auto_retx: self.effective_auto_retx?,
             tx_pause: self.effective_tx_pause?,
@@ -449,12 +449,12 @@ async fn apply_leased(
         .hub
         .request(
             agent_id,
-            config.request(&dongle.device_id),
+            config.request(dongle.device_id),
             svc.dongle_request_timeout,
         )
         .await;
     let effective = match reply {
-        Ok(ReplyOk::CanConfigApplied { effective }) if known_mode(&effective.mode) => effective,
+        Ok(ReplyOk::CanConfigApplied { effective }) => effective,
         Ok(other) => {
             tracing::warn!(%agent_id, reply = ?other, "an agent answered a CAN configuration oddly");
             let error = DongleError::UnexpectedReply(
@@ -501,7 +501,7 @@ async fn apply_leased(
     .bind(dongle.id)
     .bind(config.bitrate)
     .bind(config.sample_point_permille)
-    .bind(&config.mode)
+    .bind(config.mode.name())
     .bind(config.use_raw)
     .bind(config.prescaler)
     .bind(config.sjw)
@@ -516,7 +516,7 @@ async fn apply_leased(
     .bind(effective.sjw)
     .bind(effective.tseg1)
     .bind(effective.tseg2)
-    .bind(&effective.mode)
+    .bind(effective.mode.name())
     .bind(effective.use_raw)
     .bind(effective.auto_retx)
     .bind(effective.tx_pause)

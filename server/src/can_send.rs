@@ -204,7 +204,7 @@ pub async fn send(
         .request(
             agent_id,
             RequestBody::SendFrame {
-                device_id: dongle.device_id.clone(),
+                device_id: dongle.device_id,
                 can_id: frame.can_id,
                 extended: frame.extended,
                 rtr: false,

@@ -157,9 +157,8 @@ pub async fn record_uart(
     output_cap: usize,
 ) -> Result<bool, sqlx::Error> {
     let mut recorded = false;
-    if control_proto::is_device_id(&report.device_id)
-        && report.source == Source::Uart.as_str()
-        && let Some(dongle_id) = spoken_for_by(pool, agent, &report.device_id).await?
+    if report.source == Source::Uart.as_str()
+        && let Some(dongle_id) = spoken_for_by(pool, agent, report.device_id).await?
     {
         recorded = record(
             pool,

@@ -66,6 +66,13 @@ pub fn with_timeouts(options: PgConnectOptions, timeouts: Timeouts) -> PgConnect
     ])
 }
 
+/// A device id read from `dongles.device_id`, whose CHECK constraint holds it to 16 lower-case hex
+/// digits: anything else fails as a decoding error, as a column of the wrong type would. Row structs
+/// say `#[sqlx(try_from = "String")]` instead.
+pub fn stored_device_id(text: String) -> Result<control_proto::DeviceId, sqlx::Error> {
+    control_proto::DeviceId::try_from(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
 /// `text` as a text column can hold it: NUL characters, which PostgreSQL text cannot hold, stripped,
 /// and cut to at most `cap` bytes on a character boundary. Returns the text and whether it was cut.
 pub fn storable_text(text: &str, cap: usize) -> (String, bool) {

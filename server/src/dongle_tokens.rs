@@ -26,31 +26,15 @@ pub const KEY_ENV_PREFIX: &str = "DONGLE_TOKEN_MASTER_KEY_V";
 /// The file a development server keeps its generated key in, inside its data folder.
 pub const DEV_KEY_FILE: &str = "dongle-token-master-key-v1";
 
-/// A dongle token in clear: only ever in memory, on its way to a dongle's agent.
-#[derive(Clone, PartialEq, Eq)]
-pub struct DongleToken([u8; 32]);
+/// A dongle token in clear: only ever in memory, on its way to a dongle's agent. It is the control
+/// protocol's type, so it goes into a message as it is; its `Debug` output is redacted.
+pub use control_proto::Token as DongleToken;
 
-impl DongleToken {
-    pub fn generate() -> Self {
-        let mut bytes = [0u8; 32];
-        rand::rng().fill(&mut bytes[..]);
-        Self(bytes)
-    }
-
-    pub fn bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// Standard base64, as the control channel carries it.
-    pub fn to_base64(&self) -> String {
-        B64.encode(self.0)
-    }
-}
-
-impl fmt::Debug for DongleToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("DongleToken(..)")
-    }
+/// A new token: 32 random bytes.
+pub fn generate() -> DongleToken {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill(&mut bytes[..]);
+    DongleToken::from_bytes(bytes)
 }
 
 /// What goes into a `dongle_tokens` row.
@@ -232,7 +216,7 @@ impl KeyRing {
             .encrypt(
                 &Nonce::from(nonce),
                 Payload {
-                    msg: token.bytes(),
+                    msg: token.as_bytes(),
                     aad: &aad,
                 },
             )
@@ -263,7 +247,7 @@ impl KeyRing {
             )
             .map_err(|_| TokenError::Decrypt)?;
         let bytes: [u8; 32] = plain.try_into().map_err(|_| TokenError::Decrypt)?;
-        Ok(DongleToken(bytes))
+        Ok(DongleToken::from_bytes(bytes))
     }
 }
 
@@ -521,7 +505,7 @@ mod tests {
     fn a_sealed_token_opens_only_for_its_own_row_and_version() {
         let keys = ring();
         let row = Uuid::new_v4();
-        let token = DongleToken::generate();
+        let token = generate();
         let sealed = keys.seal(row, &token).unwrap();
         assert_eq!(sealed.key_version, 2);
         assert_eq!(sealed.nonce.len(), 12);
@@ -547,7 +531,7 @@ mod tests {
     fn nonces_are_fresh() {
         let keys = ring();
         let row = Uuid::new_v4();
-        let token = DongleToken::generate();
+        let token = generate();
         assert_ne!(
             keys.seal(row, &token).unwrap().nonce,
             keys.seal(row, &token).unwrap().nonce
@@ -572,7 +556,7 @@ mod tests {
             Err(KeyError::BadKey { .. })
         ));
         assert!(KeyRing::from_vars([]).unwrap().is_none());
-        assert!(format!("{:?}", DongleToken::generate()) == "DongleToken(..)");
+        assert!(format!("{:?}", generate()) == "DongleToken(**redacted**)");
     }
 
     #[test]
@@ -592,7 +576,7 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let (b, _) = KeyRing::from_env_or_dev(dir.path()).unwrap();
         let row = Uuid::new_v4();
-        let token = DongleToken::generate();
+        let token = generate();
         assert_eq!(b.open(row, &a.seal(row, &token).unwrap()).unwrap(), token);
     }
 }

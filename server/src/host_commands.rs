@@ -5,7 +5,7 @@
 //! runs, and whole it joins the dongle's history of commands (`cli_telemetry`, source `host`) and the
 //! answer. The agent's owner may turn them off (`bridge-agent run --no-host-commands`).
 
-use control_proto::{HostCommand, ReplyOk, RequestBody};
+use control_proto::{DeviceId, HostCommand, ReplyOk, RequestBody};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -71,7 +71,7 @@ pub async fn run(
             agent_id,
             RequestBody::HostCommand {
                 run_id,
-                device_id: dongle.device_id.clone(),
+                device_id: dongle.device_id,
                 command,
             },
             WAIT,
@@ -143,12 +143,9 @@ pub async fn output(
     svc: Services<'_>,
     agent: AgentIdentity,
     run_id: Uuid,
-    device_id: &str,
+    device_id: DeviceId,
     chunk: &str,
 ) -> Result<(), sqlx::Error> {
-    if !control_proto::is_device_id(device_id) {
-        return Ok(());
-    }
     let Some(dongle_id) = dongles::owned::spoken_for_by(svc.pool, agent, device_id).await? else {
         return Ok(());
     };

@@ -47,7 +47,7 @@ pub async fn watch(
     let refresh = Duration::from_secs(u64::from(WATCH_REFRESH_SECS));
     // What the last round asked of each agent, so that a dongle nobody watches any more is stopped at
     // once instead of when its watch runs out.
-    let mut asked: HashMap<Uuid, HashSet<String>> = HashMap::new();
+    let mut asked: HashMap<Uuid, HashSet<DeviceId>> = HashMap::new();
     loop {
         let now = watched_by_agent(&pool, &hub, &console.watched_dongles()).await;
         match now {
@@ -62,7 +62,7 @@ pub async fn watch(
                     .await;
                 }
                 for (agent_id, before) in &asked {
-                    let stopped: Vec<String> = before
+                    let stopped: Vec<DeviceId> = before
                         .iter()
                         .filter(|d| !now.get(agent_id).is_some_and(|n| n.contains(*d)))
                         .cloned()
@@ -84,7 +84,7 @@ pub async fn watch(
     }
 }
 
-async fn send(hub: &AgentHub, agent_id: Uuid, device_ids: Vec<String>, seconds: u32) {
+async fn send(hub: &AgentHub, agent_id: Uuid, device_ids: Vec<DeviceId>, seconds: u32) {
     let watch = ServerMessage::Watch(Watch {
         device_ids,
         seconds,
@@ -102,8 +102,8 @@ async fn watched_by_agent(
     pool: &PgPool,
     hub: &AgentHub,
     dongles: &[Uuid],
-) -> Result<HashMap<Uuid, HashSet<String>>, sqlx::Error> {
-    let mut by_agent: HashMap<Uuid, HashSet<String>> = HashMap::new();
+) -> Result<HashMap<Uuid, HashSet<DeviceId>>, sqlx::Error> {
+    let mut by_agent: HashMap<Uuid, HashSet<DeviceId>> = HashMap::new();
     if dongles.is_empty() {
         return Ok(by_agent);
     }
@@ -116,6 +116,7 @@ async fn watched_by_agent(
     .await?;
     for (dongle_id, device_id, owner) in rows {
         if let Some(agent_id) = serving_agent(pool, hub, dongle_id, owner, None).await? {
+            let device_id = crate::db::stored_device_id(device_id)?;
             by_agent.entry(agent_id).or_default().insert(device_id);
         }
     }
@@ -254,7 +255,7 @@ impl MonitorIngest {
         {
             return Ok(Some(*dongle_id));
         }
-        let found = spoken_for_by(pool, self.agent, &device_id.to_string()).await?;
+        let found = spoken_for_by(pool, self.agent, device_id).await?;
         match found {
             Some(dongle_id) => {
                 if self.allowed.len() >= MAX_REMEMBERED {

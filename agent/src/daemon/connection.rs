@@ -170,13 +170,7 @@ fn handle(shared: &Arc<Shared>, message: ServerMessage, tx: &mpsc::Sender<AgentM
             });
         }
         ServerMessage::DongleToken(t) => {
-            let Ok(device_id) = t.device_id.parse() else {
-                return;
-            };
-            let Some(token) = decode_token(&t.token) else {
-                tracing::warn!(%device_id, "the server sent a token that is not 32 bytes of base64");
-                return;
-            };
+            let (device_id, token) = (t.device_id, t.token);
             let shared = shared.clone();
             shared
                 .clone()
@@ -199,12 +193,4 @@ fn handle(shared: &Arc<Shared>, message: ServerMessage, tx: &mpsc::Sender<AgentM
         ServerMessage::CliTelemetryAck { report_id } => shared.telemetry.acknowledged(report_id),
         ServerMessage::Welcome(_) => {}
     }
-}
-
-fn decode_token(text: &str) -> Option<firmware_proto::ids::DongleToken> {
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .ok()?;
-    firmware_proto::ids::DongleToken::from_slice(&bytes).ok()
 }

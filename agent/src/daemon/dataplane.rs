@@ -165,9 +165,7 @@ impl DataPlane {
             });
         }
         for (key, g) in wanted {
-            let Ok(device_id) = g.device_id.parse::<DeviceId>() else {
-                continue;
-            };
+            let device_id = g.device_id;
             let state = sides.entry(key).or_insert_with(|| SideState {
                 device_id,
                 acked: g.next_seq,
@@ -550,7 +548,7 @@ mod tests {
                 sides: vec![GroupSide {
                     group_id: g,
                     side: Side::A,
-                    device_id: device.to_string(),
+                    device_id: device,
                     next_seq,
                 }],
             },
@@ -603,7 +601,7 @@ mod tests {
             sides: vec![GroupSide {
                 group_id: g,
                 side: Side::A,
-                device_id: dev.to_string(),
+                device_id: dev,
                 next_seq,
             }],
         }
@@ -615,7 +613,7 @@ mod tests {
         let dev: DeviceId = "0123456789abcdef".parse().unwrap();
         assert!(!plane.has_work());
         plane.watch(&Watch {
-            device_ids: vec![dev.to_string()],
+            device_ids: vec![dev],
             seconds: 6,
         });
         assert!(plane.has_work(), "a watched dongle opens the data plane");

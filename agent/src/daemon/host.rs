@@ -7,7 +7,6 @@
 //! --no-host-commands`.
 
 use std::process::Stdio;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,7 +54,7 @@ impl Shared {
     pub(super) async fn host_command(
         self: &Arc<Self>,
         run_id: Uuid,
-        device_id: &str,
+        id: DeviceId,
         command: HostCommand,
     ) -> ReplyResult {
         if !self.host_commands {
@@ -64,9 +63,6 @@ impl Shared {
                 "host commands are turned off on this workstation (bridge-agent run --no-host-commands)",
             );
         }
-        let Ok(id) = DeviceId::from_str(device_id) else {
-            return error(ReplyErrorCode::UnknownDevice, "not a device id");
-        };
         let Some(device) = self.devices.get(&id) else {
             return error(
                 ReplyErrorCode::UnknownDevice,
@@ -124,7 +120,7 @@ impl Shared {
         if output.push(line) {
             self.send(AgentMessage::Event(Event::HostOutput {
                 run_id: run.id,
-                device_id: run.device_id.to_string(),
+                device_id: run.device_id,
                 chunk: format!("{line}\n"),
             }));
         }

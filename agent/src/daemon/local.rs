@@ -41,10 +41,10 @@ impl Shared {
                 use_raw,
                 ..
             } => {
-                let Some(mode) = EndpointMode::parse(mode) else {
+                let Some(mode) = EndpointMode::of(*mode) else {
                     return error(
                         ReplyErrorCode::NotSettable,
-                        format!("a local CAN endpoint has no {mode} mode"),
+                        format!("a local CAN endpoint has no {} mode", mode.name()),
                     );
                 };
                 let config = EndpointConfig {
@@ -93,7 +93,7 @@ impl Shared {
                         sjw: 0,
                         tseg1: 0,
                         tseg2: 0,
-                        mode: effective.mode.name().to_string(),
+                        mode: effective.mode.into(),
                         use_raw: false,
                         auto_retx: false,
                         tx_pause: false,

@@ -378,7 +378,7 @@ impl Shared {
             .list()
             .into_iter()
             .map(|(info, location)| DongleReport {
-                device_id: info.device_id.to_string(),
+                device_id: info.device_id,
                 fw_build: info.fw_build.clone(),
                 proto_ver: u8::try_from(info.proto_ver).unwrap_or(u8::MAX),
                 capabilities: info.capabilities,
@@ -484,9 +484,7 @@ impl Shared {
                 if self.server_protocol.load(Ordering::Relaxed)
                     >= control_proto::TOKEN_ACCEPTED_SINCE
                 {
-                    self.send(AgentMessage::Event(Event::TokenAccepted {
-                        device_id: device_id.to_string(),
-                    }));
+                    self.send(AgentMessage::Event(Event::TokenAccepted { device_id }));
                 }
             }
             // A dongle with session authentication refuses a wrong token in words; its silence is a
@@ -506,9 +504,7 @@ impl Shared {
                 session.deauthenticate();
                 self.authorized.lock().unwrap().remove(&device_id);
                 self.ready.lock().unwrap().remove(&device_id);
-                self.send(AgentMessage::Event(Event::TokenRejected {
-                    device_id: device_id.to_string(),
-                }));
+                self.send(AgentMessage::Event(Event::TokenRejected { device_id }));
                 // On plain REMP v1 silence is also how a bad link looks: ask again later, and a dongle
                 // that takes the token then is reported accepted (and recovers on the server).
                 if !session.uses_session_auth() {
@@ -571,7 +567,7 @@ impl Shared {
 fn local_report(endpoint: &LocalEndpoint) -> DongleReport {
     let info = endpoint.info.as_ref();
     DongleReport {
-        device_id: endpoint.device_id.to_string(),
+        device_id: endpoint.device_id,
         fw_build: info
             .and_then(|i| i.version.clone())
             .unwrap_or_else(|| format!("local {}", endpoint.spec.kind())),

@@ -102,14 +102,11 @@ pub struct Monitors {
 
 impl Monitors {
     /// Applies a watch from the server: the dongles it names are watched for its `seconds` (at most
-    /// [`control_proto::MAX_WATCH_SECS`]), or no longer with 0. Ids that do not parse are skipped.
+    /// [`control_proto::MAX_WATCH_SECS`]), or no longer with 0.
     pub fn watch(&mut self, watch: &Watch, now: Instant) {
         let seconds = watch.seconds.min(control_proto::MAX_WATCH_SECS);
         let until = now + Duration::from_secs(u64::from(seconds));
-        for id in &watch.device_ids {
-            let Ok(device_id) = id.parse::<DeviceId>() else {
-                continue;
-            };
+        for &device_id in &watch.device_ids {
             if seconds == 0 {
                 self.watched.remove(&device_id);
                 continue;
@@ -201,7 +198,7 @@ mod tests {
 
     fn watch(seconds: u32) -> Watch {
         Watch {
-            device_ids: vec![dev().to_string(), "not an id".into()],
+            device_ids: vec![dev()],
             seconds,
         }
     }

@@ -2,18 +2,16 @@
 //! with the reply the server expects. Nothing here touches the WebSocket; the connection sends what
 //! these return.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use control_proto::{
     CanEffective, CommandOutcome, CommandResult, ReplyErrorCode, ReplyOk, ReplyResult, RequestBody,
 };
 use firmware_proto::caps;
 use firmware_proto::ext::ForgetStatus;
 use firmware_proto::ids::{CanId, CorrelationId, DeviceId, DongleToken, Pin};
-use firmware_proto::remp::{self, CanMode, CliStatus, ConfigStatus, PairingStatus};
+use firmware_proto::remp::{self, CliStatus, ConfigStatus, PairingStatus};
 use uuid::Uuid;
 
 use super::Shared;
@@ -28,30 +26,27 @@ fn corr(id: Uuid) -> CorrelationId {
 }
 
 impl Shared {
-    fn session_for(&self, device_id: &str) -> Result<(DeviceId, Arc<DongleSession>), ReplyResult> {
-        let id = DeviceId::from_str(device_id)
-            .map_err(|_| error(ReplyErrorCode::UnknownDevice, "not a device id"))?;
-        let session = self.devices.dongles.session(&id).ok_or_else(|| {
+    fn session_for(&self, id: &DeviceId) -> Result<Arc<DongleSession>, ReplyResult> {
+        self.devices.dongles.session(id).ok_or_else(|| {
             error(
                 ReplyErrorCode::UnknownDevice,
                 format!("this agent does not see dongle {id} now"),
             )
-        })?;
-        Ok((id, session))
+        })
     }
 
     /// Answers one request. Commands answer at once and end later through [`Shared::run_command`].
     pub(super) async fn handle_request(self: &Arc<Self>, body: RequestBody) -> ReplyResult {
         // A local endpoint stands in for a dongle but has no pairing, token or console of its own.
         if !matches!(body, RequestBody::HostCommand { .. })
-            && let Ok(id) = DeviceId::from_str(body.device_id())
+            && let id = body.device_id()
             && let Some(device @ Device::Local { .. }) = self.devices.get(&id)
         {
             return self.local_request(&id, &device, &body).await;
         }
         match body {
             RequestBody::PairingStart { device_id, corr_id } => {
-                self.pairing_start(&device_id, corr_id).await
+                self.pairing_start(device_id, corr_id).await
             }
             RequestBody::PairingSubmit {
                 device_id,
@@ -60,10 +55,10 @@ impl Shared {
                 pairing_nonce,
                 token,
             } => {
-                self.pairing_submit(&device_id, corr_id, &pin, &pairing_nonce, &token)
+                self.pairing_submit(device_id, corr_id, pin, &pairing_nonce, token)
                     .await
             }
-            RequestBody::Forget { device_id } => self.forget(&device_id).await,
+            RequestBody::Forget { device_id } => self.forget(device_id).await,
             RequestBody::CanConfig {
                 device_id,
                 bitrate,
@@ -78,12 +73,6 @@ impl Shared {
                 tx_pause,
                 protocol_exc,
             } => {
-                let Some(mode) = CanMode::from_name(&mode) else {
-                    return error(
-                        ReplyErrorCode::Refused,
-                        format!("unknown CAN mode {mode:?}"),
-                    );
-                };
                 let mut flags = 0;
                 for (on, flag) in [
                     (use_raw, remp::CanConfig::FLAG_USE_RAW),
@@ -134,12 +123,12 @@ impl Shared {
                 run_id,
                 device_id,
                 command,
-            } => self.host_command(run_id, &device_id, command).await,
+            } => self.host_command(run_id, device_id, command).await,
         }
     }
 
-    async fn pairing_start(self: &Arc<Self>, device_id: &str, corr_id: Uuid) -> ReplyResult {
-        let (id, session) = match self.session_for(device_id) {
+    async fn pairing_start(self: &Arc<Self>, id: DeviceId, corr_id: Uuid) -> ReplyResult {
+        let session = match self.session_for(&id) {
             Ok(s) => s,
             Err(reply) => return reply,
         };
@@ -168,20 +157,17 @@ impl Shared {
 
     async fn pairing_submit(
         self: &Arc<Self>,
-        device_id: &str,
+        id: DeviceId,
         corr_id: Uuid,
-        pin: &str,
+        pin: Pin,
         nonce: &str,
-        token: &str,
+        token: DongleToken,
     ) -> ReplyResult {
-        let (id, session) = match self.session_for(device_id) {
+        let session = match self.session_for(&id) {
             Ok(s) => s,
             Err(reply) => return reply,
         };
         // The messages below never repeat the PIN or the token.
-        let Ok(pin) = Pin::parse(pin) else {
-            return error(ReplyErrorCode::InvalidPin, "the PIN is not 6 digits");
-        };
         let Some(nonce) = hex::decode(nonce)
             .ok()
             .and_then(|n| <[u8; 16]>::try_from(n).ok())
@@ -190,13 +176,6 @@ impl Shared {
                 ReplyErrorCode::Internal,
                 "the pairing nonce is not 16 bytes",
             );
-        };
-        let Some(token) = base64::engine::general_purpose::STANDARD
-            .decode(token)
-            .ok()
-            .and_then(|t| DongleToken::from_slice(&t).ok())
-        else {
-            return error(ReplyErrorCode::Internal, "the token is not 32 bytes");
         };
         match session
             .pairing_submit(corr(corr_id), pin, nonce, token)
@@ -223,10 +202,7 @@ impl Shared {
         }
     }
 
-    async fn forget(self: &Arc<Self>, device_id: &str) -> ReplyResult {
-        let Ok(id) = DeviceId::from_str(device_id) else {
-            return error(ReplyErrorCode::UnknownDevice, "not a device id");
-        };
+    async fn forget(self: &Arc<Self>, id: DeviceId) -> ReplyResult {
         let session = self.devices.dongles.session(&id);
         // The dongle forgets first, while the agent still holds the token that authenticates the
         // request; the vault lets go either way, since the server no longer counts the dongle as ours.
@@ -257,8 +233,12 @@ impl Shared {
         }
     }
 
-    async fn can_config(self: &Arc<Self>, device_id: &str, config: remp::CanConfig) -> ReplyResult {
-        let (_, session) = match self.session_for(device_id) {
+    async fn can_config(
+        self: &Arc<Self>,
+        device_id: &DeviceId,
+        config: remp::CanConfig,
+    ) -> ReplyResult {
+        let session = match self.session_for(device_id) {
             Ok(s) => s,
             Err(reply) => return reply,
         };
@@ -281,14 +261,14 @@ impl Shared {
 
     async fn send_frame(
         self: &Arc<Self>,
-        device_id: &str,
+        device_id: &DeviceId,
         can_id: u32,
         extended: bool,
         rtr: bool,
         data: &str,
         fd: bool,
     ) -> ReplyResult {
-        let (_, session) = match self.session_for(device_id) {
+        let session = match self.session_for(device_id) {
             Ok(s) => s,
             Err(reply) => return reply,
         };
@@ -302,7 +282,7 @@ impl Shared {
     async fn accept_command(
         self: &Arc<Self>,
         command_id: Uuid,
-        device_id: String,
+        device_id: DeviceId,
         line: String,
         timeout_ms: u64,
         allow_dangerous: bool,
@@ -310,8 +290,8 @@ impl Shared {
         // The journal syncs its file to disk: on a blocking thread, so that a slow disk holds up
         // neither the data plane nor the other requests on this runtime's workers.
         let admission = {
-            let (shared, device_id) = (self.clone(), device_id.clone());
-            tokio::task::spawn_blocking(move || shared.journal.admit(command_id, &device_id))
+            let shared = self.clone();
+            tokio::task::spawn_blocking(move || shared.journal.admit(command_id, device_id))
                 .await
                 .unwrap_or_else(|e| Err(JournalError::Interrupted(e.to_string())))
         };
@@ -320,7 +300,7 @@ impl Shared {
                 let shared = self.clone();
                 self.spawn(async move {
                     let result = shared
-                        .run_command(command_id, &device_id, &line, timeout_ms, allow_dangerous)
+                        .run_command(command_id, device_id, &line, timeout_ms, allow_dangerous)
                         .await;
                     shared.command_finished(result).await;
                 });
@@ -341,22 +321,22 @@ impl Shared {
     async fn run_command(
         &self,
         command_id: Uuid,
-        device_id: &str,
+        device_id: DeviceId,
         line: &str,
         timeout_ms: u64,
         allow_dangerous: bool,
     ) -> CommandResult {
         let failed = |message: String| CommandResult {
             command_id,
-            device_id: device_id.to_string(),
+            device_id,
             outcome: CommandOutcome::Error,
             exit_code: -1,
             output: String::new(),
             truncated: false,
             message: Some(message),
         };
-        let session = match self.session_for(device_id) {
-            Ok((_, s)) => s,
+        let session = match self.session_for(&device_id) {
+            Ok(s) => s,
             Err(_) => return failed(format!("this agent does not see dongle {device_id} now")),
         };
         let wait = Duration::from_millis(timeout_ms.min(600_000));
@@ -366,7 +346,7 @@ impl Shared {
         {
             Ok(outcome) => CommandResult {
                 command_id,
-                device_id: device_id.to_string(),
+                device_id,
                 outcome: match outcome.status {
                     CliStatus::Ok => CommandOutcome::Done,
                     CliStatus::Denied => CommandOutcome::Denied,
@@ -428,7 +408,7 @@ fn effective(c: &remp::CanConfig) -> CanEffective {
         sjw: c.sjw,
         tseg1: c.tseg1,
         tseg2: c.tseg2,
-        mode: CanMode::name(c.mode).to_string(),
+        mode: c.mode,
         use_raw: c.flags & remp::CanConfig::FLAG_USE_RAW != 0,
         auto_retx: c.flags & remp::CanConfig::FLAG_AUTO_RETX != 0,
         tx_pause: c.flags & remp::CanConfig::FLAG_TX_PAUSE != 0,

@@ -68,7 +68,7 @@ impl Outbox {
 fn message(device_id: DeviceId, report: UartReport) -> CliTelemetry {
     CliTelemetry {
         report_id: Uuid::from_bytes(*report.corr_id.as_bytes()),
-        device_id: device_id.to_string(),
+        device_id,
         source: match report.source {
             TelemetrySource::Uart => "uart".to_string(),
             TelemetrySource::Other(n) => format!("source_{n}"),

@@ -46,7 +46,6 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use uuid::Uuid;
 
 use crate::frame::Frame;
 
@@ -58,17 +57,15 @@ pub use store::{EndpointStore, StoreError};
 /// reading ids can tell them from dongles'. The server must not rely on it: see [`local_device_id`].
 pub const LOCAL_ID_MARKER: [u8; 2] = [0x10, 0xca];
 
-/// The device id of the local endpoint `identity` (see [`EndpointSpec::identity`]) of agent `agent_id`:
-/// [`control_proto::local_device_id`], the scheme the server checks reports against.
-///
-/// The id is stable for as long as the agent keeps its registration and the endpoint its identity
-/// (kind and place, not its bitrate), and differs between agents, so two workstations with a `can0`
-/// each get two dongles. 48 bits of hash keep the chance of two endpoints colliding negligible at any
-/// realistic number of them, and the marker keeps them out of the way of dongle ids in practice; the
-/// server refuses a local id that is already a real dongle's.
-pub fn local_device_id(agent_id: Uuid, identity: &str) -> DeviceId {
-    DeviceId::from_bytes(control_proto::local_device_id(agent_id, identity))
-}
+// The device id of the local endpoint `identity` (see [`EndpointSpec::identity`]) of agent `agent_id`:
+// the scheme the server checks reports against.
+//
+// The id is stable for as long as the agent keeps its registration and the endpoint its identity
+// (kind and place, not its bitrate), and differs between agents, so two workstations with a `can0`
+// each get two dongles. 48 bits of hash keep the chance of two endpoints colliding negligible at any
+// realistic number of them, and the marker keeps them out of the way of dongle ids in practice; the
+// server refuses a local id that is already a real dongle's.
+pub use control_proto::local_device_id;
 
 /// Whether `device_id` carries the local-endpoint marker. A hint for people and logs only.
 pub fn looks_local(device_id: &DeviceId) -> bool {
@@ -210,7 +207,12 @@ impl EndpointMode {
         if name == "silent" {
             return Some(Self::ListenOnly);
         }
-        match firmware_proto::remp::CanMode::from_name(name)? {
+        Self::of(firmware_proto::remp::CanMode::from_name(name)?)
+    }
+
+    /// The endpoint mode of a dongle's CAN mode; external loopback is no endpoint's.
+    pub fn of(mode: firmware_proto::remp::CanMode) -> Option<Self> {
+        match mode {
             firmware_proto::remp::CanMode::Normal => Some(Self::Normal),
             firmware_proto::remp::CanMode::ListenOnly => Some(Self::ListenOnly),
             firmware_proto::remp::CanMode::Loopback => Some(Self::Loopback),
@@ -633,6 +635,7 @@ pub(crate) fn check_frame(frame: &Frame, fd: bool, identity: &str) -> Result<(),
 mod tests {
     use super::*;
     use firmware_proto::ids::CanId;
+    use uuid::Uuid;
 
     #[test]
     fn device_ids_are_stable_marked_and_differ_by_agent_and_place() {

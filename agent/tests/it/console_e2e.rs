@@ -377,7 +377,9 @@ async fn every_journaled_result_reaches_the_server_however_many_wait(pool: PgPoo
         let journal = bridge_agent::journal::Journal::open(&journal_dir).unwrap();
         for _ in 0..1_500 {
             let id = uuid::Uuid::new_v4();
-            journal.admit(id, "00000000000000d1").unwrap();
+            journal
+                .admit(id, "00000000000000d1".parse().unwrap())
+                .unwrap();
             journal
                 .finish(control_proto::CommandResult {
                     command_id: id,

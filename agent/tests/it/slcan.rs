@@ -831,7 +831,7 @@ async fn the_agent_serves_an_adapter_that_the_server_configures(pool: sqlx::PgPo
     agent.run(&["--usb-id".into(), "ffff:ffff".into()]);
     adapter.expect(&["C", "V", "S6", "O", "F"]).await;
     let identity = format!("slcan:{}", adapter.path.display());
-    let local = control_proto::local_device_id_text(agent.agent_id(), &identity);
+    let local = control_proto::local_device_id(agent.agent_id(), &identity).to_string();
     let view = user
         .wait_dongle(&local, "served as a local dongle", |d| {
             d.is_some_and(|d| d["online"] == true && d["owned"] == true)

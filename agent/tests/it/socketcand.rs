@@ -526,7 +526,7 @@ async fn a_socketcand_tool_reaches_a_simulated_dongle_through_a_group(pool: PgPo
     let (added, out, err) = agent_a.exec(&["endpoint", "add", &spec], None).await;
     assert!(added, "{out}{err}");
     agent_a.run(&["--usb-id".into(), "ffff:ffff".into()]);
-    let local = control_proto::local_device_id_text(agent_a.agent_id(), &spec);
+    let local = control_proto::local_device_id(agent_a.agent_id(), &spec).to_string();
     assert!(
         out.contains(&local),
         "endpoint add names the device id: {out}"

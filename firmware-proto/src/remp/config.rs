@@ -80,6 +80,16 @@ impl CanMode {
     }
 }
 
+/// For hosts that read modes as owned text, such as a database column (`#[sqlx(try_from = "String")]`).
+#[cfg(feature = "std")]
+impl TryFrom<std::string::String> for CanMode {
+    type Error = crate::Error;
+
+    fn try_from(name: std::string::String) -> crate::Result<Self> {
+        CanMode::from_name(&name).ok_or(crate::Error::InvalidField("mode"))
+    }
+}
+
 /// A CAN_CONFIG request or response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CanConfig {

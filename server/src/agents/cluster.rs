@@ -512,7 +512,7 @@ mod tests {
             timeout_ms: 5000,
             body: RequestBody::Command {
                 command_id: Uuid::new_v4(),
-                device_id: "0123456789abcdef".into(),
+                device_id: "0123456789abcdef".parse().unwrap(),
                 line: "x".repeat(line_len),
                 timeout_ms: 3000,
                 allow_dangerous: false,
@@ -553,16 +553,17 @@ mod tests {
             agent_id: Uuid::new_v4(),
             timeout_ms: 1000,
             body: RequestBody::PairingSubmit {
-                device_id: "0123456789abcdef".into(),
+                device_id: "0123456789abcdef".parse().unwrap(),
                 corr_id: Uuid::nil(),
-                pin: "654321".into(),
+                pin: control_proto::Pin::parse("654321").unwrap(),
                 pairing_nonce: "ab".repeat(16),
-                token: "c2VjcmV0dG9rZW4=".into(),
+                // 0x5a bytes: `WlpaWlpa...` in base64.
+                token: control_proto::Token::from_bytes([0x5a; 32]),
             },
         };
         let (sealed, payload) = encode(&keys, id, from, to, &message).unwrap();
         // Neither the PIN nor the token travels in clear.
-        assert!(!payload.contains("654321") && !payload.contains("c2VjcmV0dG9rZW4="));
+        assert!(!payload.contains("654321") && !payload.contains("WlpaWlpa"));
         let notice: Notice = serde_json::from_str(&payload).unwrap();
         assert_eq!(notice.sealed, sealed);
         match decode(&keys, &notice).unwrap() {
@@ -570,7 +571,7 @@ mod tests {
                 request_id: 1,
                 body: RequestBody::PairingSubmit { pin, .. },
                 ..
-            } => assert_eq!(pin, "654321"),
+            } => assert_eq!(pin.as_str(), "654321"),
             _ => panic!("the same request"),
         }
         // Readdressed, or under other keys, it does not open.

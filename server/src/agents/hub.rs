@@ -491,7 +491,7 @@ mod tests {
             h.request(
                 agent,
                 RequestBody::Forget {
-                    device_id: "0123456789abcdef".into(),
+                    device_id: "0123456789abcdef".parse().unwrap(),
                 },
                 Duration::from_secs(5),
             )
@@ -524,7 +524,7 @@ mod tests {
         let hub = AgentHub::new();
         let agent = Uuid::new_v4();
         let body = || RequestBody::Forget {
-            device_id: "0123456789abcdef".into(),
+            device_id: "0123456789abcdef".parse().unwrap(),
         };
         assert!(matches!(
             hub.request(agent, body(), Duration::from_millis(10)).await,
@@ -558,7 +558,7 @@ mod tests {
             h.request(
                 agent,
                 RequestBody::Forget {
-                    device_id: "0123456789abcdef".into(),
+                    device_id: "0123456789abcdef".parse().unwrap(),
                 },
                 Duration::from_secs(5),
             )

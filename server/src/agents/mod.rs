@@ -11,7 +11,7 @@ pub mod hub;
 pub mod ws;
 
 use chrono::{DateTime, Utc};
-use control_proto::{DongleReport, Transport};
+use control_proto::{DeviceId, DongleReport, Transport};
 use serde::Serialize;
 use sqlx::{PgExecutor, PgPool};
 use utoipa::ToSchema;
@@ -301,8 +301,6 @@ fn clip(s: &str, max: usize) -> String {
 /// Why a device report was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("device_id {0:?} is not 16 lower-case hex characters")]
-    BadDeviceId(String),
     #[error("a report lists at most 256 dongles")]
     TooMany,
     #[error(
@@ -317,7 +315,7 @@ pub enum ReportError {
 #[derive(Debug, Clone)]
 pub struct OwnedSighting {
     pub dongle_id: Uuid,
-    pub device_id: String,
+    pub device_id: DeviceId,
 }
 
 /// Makes the local endpoint `dongle_id` the agent's user's, without pairing: the first report claims
@@ -415,19 +413,18 @@ pub async fn report_devices(
     if dongles.len() > 256 {
         return Err(ReportError::TooMany);
     }
+    // Every id is well formed (the report's type says so); a local endpoint's must also be the one
+    // derived from this agent's id.
     for d in dongles {
-        if !control_proto::is_device_id(&d.device_id) {
-            return Err(ReportError::BadDeviceId(clip(&d.device_id, 32)));
-        }
         if let Transport::Local { identity, .. } = &d.transport
-            && control_proto::local_device_id_text(agent.agent_id, identity) != d.device_id
+            && control_proto::local_device_id(agent.agent_id, identity) != d.device_id
         {
-            return Err(ReportError::ForgedLocalId(d.device_id.clone()));
+            return Err(ReportError::ForgedLocalId(d.device_id.to_string()));
         }
     }
     // Ids the server has no row for count against the user's allowance of new ids; past it, they are
     // left out of this report (known ones are still applied), so reports cannot fill the table.
-    let ids: Vec<&str> = dongles.iter().map(|d| d.device_id.as_str()).collect();
+    let ids: Vec<String> = dongles.iter().map(|d| d.device_id.to_string()).collect();
     let known: std::collections::HashSet<String> =
         sqlx::query_scalar("SELECT device_id FROM dongles WHERE device_id = ANY($1)")
             .bind(&ids)
@@ -435,10 +432,7 @@ pub async fn report_devices(
             .await?
             .into_iter()
             .collect();
-    let fresh = dongles
-        .iter()
-        .filter(|d| !known.contains(&d.device_id))
-        .count() as u32;
+    let fresh = ids.iter().filter(|id| !known.contains(*id)).count() as u32;
     let admit_new = fresh == 0
         || crate::rate_limit::hit_n(
             pool,
@@ -457,10 +451,10 @@ pub async fn report_devices(
     let mut seen = Vec::with_capacity(dongles.len());
     // Rows are locked in the order of their device ids, as everything that locks several dongles does:
     // two transactions locking the same rows in opposite orders would deadlock.
-    let mut in_order: Vec<&DongleReport> = dongles.iter().collect();
-    in_order.sort_by(|a, b| a.device_id.cmp(&b.device_id));
-    for d in in_order {
-        if !admit_new && !known.contains(&d.device_id) {
+    let mut in_order: Vec<(&DongleReport, &String)> = dongles.iter().zip(&ids).collect();
+    in_order.sort_by_key(|(d, _)| d.device_id);
+    for (d, device_id) in in_order {
+        if !admit_new && !known.contains(device_id) {
             continue;
         }
         let local = matches!(d.transport, Transport::Local { .. });
@@ -468,7 +462,7 @@ pub async fn report_devices(
         let existing: Option<Option<Uuid>> = sqlx::query_scalar(
             "SELECT local_agent_id FROM dongles WHERE device_id = $1 FOR UPDATE",
         )
-        .bind(&d.device_id)
+        .bind(device_id)
         .fetch_optional(&mut *tx)
         .await?;
         match (local, existing) {
@@ -501,7 +495,7 @@ pub async fn report_devices(
              WHERE dongles.owner_user_id IS NULL OR dongles.owner_user_id = $9 \
              RETURNING id",
         )
-        .bind(&d.device_id)
+        .bind(device_id)
         .bind(clip(&d.fw_build, 64))
         .bind(d.proto_ver as i16)
         .bind(d.capabilities as i64)
@@ -516,13 +510,13 @@ pub async fn report_devices(
             Some(id) => id,
             None => {
                 sqlx::query_scalar("SELECT id FROM dongles WHERE device_id = $1")
-                    .bind(&d.device_id)
+                    .bind(device_id)
                     .fetch_one(&mut *tx)
                     .await?
             }
         };
         if local {
-            claim_local(&mut tx, agent, dongle_id, &d.device_id).await?;
+            claim_local(&mut tx, agent, dongle_id, device_id).await?;
         }
         sqlx::query(
             "INSERT INTO dongle_sightings (dongle_id, agent_id, present, pairing_mode, transport) \
@@ -538,7 +532,7 @@ pub async fn report_devices(
         .bind(&transport)
         .execute(&mut *tx)
         .await?;
-        seen.push(d.device_id.clone());
+        seen.push(device_id.clone());
     }
     // The snapshot is complete: what this agent listed before and not now, it no longer sees.
     sqlx::query(
@@ -572,11 +566,13 @@ pub async fn report_devices(
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(owned
+    owned
         .into_iter()
-        .map(|(dongle_id, device_id)| OwnedSighting {
-            dongle_id,
-            device_id,
+        .map(|(dongle_id, device_id)| {
+            Ok(OwnedSighting {
+                dongle_id,
+                device_id: crate::db::stored_device_id(device_id)?,
+            })
         })
-        .collect())
+        .collect()
 }

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket};
-use control_proto::{AgentMessage, PROTOCOL_VERSION, ServerMessage, Welcome};
+use control_proto::{
+    AgentMessage, PROTOCOL_VERSION, ReplyError, ReplyErrorCode, ReplyResult, ServerMessage, Welcome,
+};
 use futures::{SinkExt, StreamExt};
 
 use crate::agents::{self, AgentIdentity};
@@ -149,6 +151,18 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
         let message = match AgentMessage::from_json(text.as_str()) {
             Ok(m) => m,
             Err(e) => {
+                // A reply whose body does not parse still names its request: that request fails now
+                // as the agent's, rather than its caller waiting for the timeout.
+                if let Some(id) = reply_id(text.as_str()) {
+                    state.hub.complete(
+                        agent_id,
+                        id,
+                        ReplyResult::Error(ReplyError {
+                            code: ReplyErrorCode::Internal,
+                            message: format!("the agent's reply did not parse: {e}"),
+                        }),
+                    );
+                }
                 // The parse error names a position and a field, never a value: safe to send and log.
                 let _ = state.hub.send_here(
                     agent_id,
@@ -220,6 +234,21 @@ impl MessageBudget {
         self.used = 1;
         Some(next)
     }
+}
+
+/// The request id of a text that is a `reply` (whether or not the rest of it parses), so that a
+/// malformed reply can still end its request.
+fn reply_id(text: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(rename = "type")]
+        kind: String,
+        id: u64,
+    }
+    serde_json::from_str::<Head>(text)
+        .ok()
+        .filter(|h| h.kind == "reply")
+        .map(|h| h.id)
 }
 
 /// The dongles the agent reports present now.
@@ -362,14 +391,8 @@ async fn handle(
             device_id,
             chunk,
         }) => {
-            crate::host_commands::output(
-                state.dongle_services(),
-                agent,
-                run_id,
-                &device_id,
-                &chunk,
-            )
-            .await?;
+            crate::host_commands::output(state.dongle_services(), agent, run_id, device_id, &chunk)
+                .await?;
         }
         AgentMessage::CliTelemetry(report) => {
             // The same: one row however often it comes, acknowledged every time.
@@ -384,14 +407,10 @@ async fn handle(
             .await?;
         }
         AgentMessage::Event(control_proto::Event::TokenRejected { device_id }) => {
-            if control_proto::is_device_id(&device_id) {
-                dongles::token_rejected(&state.pool, agent_id, agent.user_id, &device_id).await?;
-            }
+            dongles::token_rejected(&state.pool, agent_id, agent.user_id, device_id).await?;
         }
         AgentMessage::Event(control_proto::Event::TokenAccepted { device_id }) => {
-            if control_proto::is_device_id(&device_id)
-                && dongles::token_accepted(&state.pool, agent_id, agent.user_id, &device_id).await?
-            {
+            if dongles::token_accepted(&state.pool, agent_id, agent.user_id, device_id).await? {
                 // The dongle relays again: its groups' sides go back to this agent.
                 state.relay.agent_changed(agent, false).await;
             }

@@ -222,7 +222,7 @@ async fn dispatch_one(svc: &CommandServices, command: Claimed) -> Result<(), sql
             agent_id,
             RequestBody::Command {
                 command_id: command.id,
-                device_id: dongle.device_id.clone(),
+                device_id: dongle.device_id,
                 line,
                 timeout_ms: command.timeout_ms.max(0) as u64,
                 allow_dangerous: command.allow_dangerous,

@@ -21,7 +21,7 @@ pub mod allow_list;
 pub mod dispatch;
 
 use chrono::{DateTime, Utc};
-use control_proto::{CommandOutcome, CommandResult, ServerMessage};
+use control_proto::{CommandOutcome, CommandResult, DeviceId, ServerMessage};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -303,7 +303,7 @@ pub(crate) struct Ending<'a> {
     /// Set for a result an agent reported: only a command of that agent's user, on the device the
     /// result names, is ended. Any agent of the user may report it (the one the command went to may
     /// have been replaced, or a LAN dongle served by two workstations may have run it on either).
-    pub reporter: Option<(AgentIdentity, &'a str)>,
+    pub reporter: Option<(AgentIdentity, DeviceId)>,
     /// The command ran (a result came back): a command that ends straight from queued gets a start time.
     pub started: bool,
     /// Who ended it, for the audit entry: `agent`, `dispatcher`.
@@ -319,7 +319,11 @@ pub(crate) async fn finish(
 ) -> Result<bool, sqlx::Error> {
     let mut tx = svc.pool.begin().await?;
     let (agent_id, user_id, device_id) = match ending.reporter {
-        Some((agent, device)) => (Some(agent.agent_id), Some(agent.user_id), Some(device)),
+        Some((agent, device)) => (
+            Some(agent.agent_id),
+            Some(agent.user_id),
+            Some(device.to_string()),
+        ),
         None => (None, None, None),
     };
     let ended: Option<(Uuid, Option<Uuid>, String, Option<Uuid>)> = sqlx::query_as(
@@ -413,26 +417,22 @@ pub async fn record_result(
         .as_deref()
         .map(|m| crate::db::storable_text(m, 4096).0)
         .filter(|m| !m.is_empty());
-    let stored = if control_proto::is_device_id(&result.device_id) {
-        finish(
-            svc,
-            result.command_id,
-            Ending {
-                status,
-                outcome,
-                exit_code: Some(result.exit_code),
-                stdout: Some(&stdout),
-                stderr: stderr.as_deref(),
-                truncated: result.truncated || cut,
-                reporter: Some((agent, &result.device_id)),
-                started: true,
-                by: "agent",
-            },
-        )
-        .await?
-    } else {
-        false
-    };
+    let stored = finish(
+        svc,
+        result.command_id,
+        Ending {
+            status,
+            outcome,
+            exit_code: Some(result.exit_code),
+            stdout: Some(&stdout),
+            stderr: stderr.as_deref(),
+            truncated: result.truncated || cut,
+            reporter: Some((agent, result.device_id)),
+            started: true,
+            by: "agent",
+        },
+    )
+    .await?;
     if !stored {
         tracing::debug!(agent_id = %agent.agent_id, command_id = %result.command_id,
             "a command result for no unfinished command of this agent's user: acknowledged, ignored");

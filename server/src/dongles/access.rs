@@ -1,6 +1,7 @@
 //! What pairing and unpair share: a dongle's row locked, who sees it now, the caller's standing with
 //! it, and the audit entry of a step.
 
+use control_proto::DeviceId;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -15,7 +16,8 @@ use super::DongleError;
 /// A dongle row with what pairing needs to decide.
 #[derive(Debug, sqlx::FromRow)]
 pub(super) struct DongleRow {
-    pub(super) device_id: String,
+    #[sqlx(try_from = "String")]
+    pub(super) device_id: DeviceId,
     pub(super) owner_user_id: Option<Uuid>,
     pub(super) ownership_state: String,
 }

@@ -1,5 +1,6 @@
 //! A dongle its owner acts on (configuration, commands, frames) and the agent that serves it.
 
+use control_proto::DeviceId;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -17,7 +18,8 @@ pub fn announces_can_fd(capabilities: i64) -> bool {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OwnedDongle {
     pub id: Uuid,
-    pub device_id: String,
+    #[sqlx(try_from = "String")]
+    pub device_id: DeviceId,
     /// The capability bits of the last report (0 when none came yet).
     pub capabilities: i64,
 }
@@ -52,7 +54,7 @@ pub async fn owned(
 pub async fn spoken_for_by(
     pool: &PgPool,
     agent: crate::agents::AgentIdentity,
-    device_id: &str,
+    device_id: DeviceId,
 ) -> Result<Option<Uuid>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT d.id FROM dongles d \
@@ -62,7 +64,7 @@ pub async fn spoken_for_by(
                 SELECT 1 FROM dongle_sightings s \
                 WHERE s.dongle_id = d.id AND s.agent_id = $3 AND s.present))",
     )
-    .bind(device_id)
+    .bind(device_id.to_string())
     .bind(agent.user_id)
     .bind(agent.agent_id)
     .fetch_optional(pool)

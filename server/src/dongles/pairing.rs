@@ -2,7 +2,7 @@
 //! across the agent's round trip; wrong PINs, holds and the per-user limit on starts.
 
 use chrono::{DateTime, Utc};
-use control_proto::{ReplyErrorCode, ReplyOk, RequestBody, ServerMessage};
+use control_proto::{Pin, ReplyErrorCode, ReplyOk, RequestBody, ServerMessage};
 use serde::Serialize;
 use sqlx::PgConnection;
 use utoipa::ToSchema;
@@ -13,7 +13,7 @@ use crate::audit;
 use crate::auth::Caller;
 use crate::client::ClientInfo;
 use crate::dongle_lease::{self, Lease};
-use crate::dongle_tokens::DongleToken;
+use crate::dongle_tokens;
 use crate::rate_limit::LimitError;
 
 use super::DongleError;
@@ -201,7 +201,7 @@ async fn start_leased(
         .request(
             agent_id,
             RequestBody::PairingStart {
-                device_id: row.device_id.clone(),
+                device_id: row.device_id,
                 corr_id,
             },
             svc.agent_request_timeout,
@@ -359,9 +359,7 @@ pub async fn submit(
     session_id: Uuid,
     pin: &str,
 ) -> Result<Paired, DongleError> {
-    if pin.len() != 6 || !pin.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(DongleError::PinMalformed);
-    }
+    let pin = Pin::parse(pin).map_err(|_| DongleError::PinMalformed)?;
     // Checked before the lease (a refused caller takes nothing), and again under it.
     pairing_checks(svc, caller, client, dongle_id, "pairing.submit_refused").await?;
     crate::rate_limit::agent_request(svc.pool, svc.rate_limits, caller.user_id()).await?;
@@ -377,7 +375,7 @@ async fn submit_leased(
     client: &ClientInfo,
     dongle_id: Uuid,
     session_id: Uuid,
-    pin: &str,
+    pin: Pin,
 ) -> Result<Paired, DongleError> {
     let user_id = caller.user_id();
     let (row, standing) =
@@ -428,7 +426,7 @@ async fn submit_leased(
         _ => return Err(DongleError::PairingExpired),
     }
 
-    let token = DongleToken::generate();
+    let token = dongle_tokens::generate();
     // Sealed before the token leaves the server, so a key problem stops the pairing before the dongle
     // holds a token the server could not keep.
     let sealed = svc
@@ -440,11 +438,11 @@ async fn submit_leased(
         .request(
             agent_id,
             RequestBody::PairingSubmit {
-                device_id: row.device_id.clone(),
+                device_id: row.device_id,
                 corr_id: session_id,
-                pin: pin.to_string(),
+                pin,
                 pairing_nonce: session.pairing_nonce.clone(),
-                token: token.to_base64(),
+                token,
             },
             svc.agent_request_timeout,
         )
@@ -572,7 +570,7 @@ async fn submit_leased(
             agent_id,
             ServerMessage::DongleToken(control_proto::DongleToken {
                 device_id: row.device_id,
-                token: token.to_base64(),
+                token,
             }),
         )
         .await;

@@ -1,7 +1,7 @@
 //! A dongle's verdict on its token as its agent reports it, and the tokens handed to an agent that
 //! connects.
 
-use control_proto::ServerMessage;
+use control_proto::{DeviceId, ServerMessage};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -14,7 +14,7 @@ pub async fn token_rejected(
     pool: &PgPool,
     agent_id: Uuid,
     user_id: Uuid,
-    device_id: &str,
+    device_id: DeviceId,
 ) -> Result<bool, sqlx::Error> {
     // Any of the user's agents may say so ($3, the agent, only goes to the audit entry).
     let sql = "UPDATE dongles SET ownership_state = 'RESET_DETECTED' WHERE device_id = $1 \
@@ -38,7 +38,7 @@ pub async fn token_accepted(
     pool: &PgPool,
     agent_id: Uuid,
     user_id: Uuid,
-    device_id: &str,
+    device_id: DeviceId,
 ) -> Result<bool, sqlx::Error> {
     let sql = "UPDATE dongles d SET ownership_state = 'CLAIMED_ACTIVE' WHERE d.device_id = $1 \
          AND d.owner_user_id = $2 AND d.ownership_state = 'RESET_DETECTED' \
@@ -62,13 +62,13 @@ async fn token_verdict(
     pool: &PgPool,
     agent_id: Uuid,
     user_id: Uuid,
-    device_id: &str,
+    device_id: DeviceId,
     update: &'static str,
     action: &'static str,
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let changed: Option<Uuid> = sqlx::query_scalar(update)
-        .bind(device_id)
+        .bind(device_id.to_string())
         .bind(user_id)
         .bind(agent_id)
         .fetch_optional(&mut *tx)
@@ -109,8 +109,8 @@ pub async fn hand_out_tokens(
                     .send(
                         agent_id,
                         ServerMessage::DongleToken(control_proto::DongleToken {
-                            device_id: sighting.device_id.clone(),
-                            token: token.to_base64(),
+                            device_id: sighting.device_id,
+                            token,
                         }),
                     )
                     .await;

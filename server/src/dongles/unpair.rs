@@ -156,7 +156,7 @@ async fn unpair_leased(
         if svc.hub.is_connected(agent_id).await {
             let hub = svc.hub.clone();
             let timeout = svc.agent_request_timeout;
-            let device_id = row.device_id.clone();
+            let device_id = row.device_id;
             tokio::spawn(async move {
                 if let Err(e) = hub
                     .request(agent_id, RequestBody::Forget { device_id }, timeout)

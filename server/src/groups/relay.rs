@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use control_proto::data::{Kind, PerSide, Side};
-use control_proto::{GroupSide, Groups, ServerMessage};
+use control_proto::{DeviceId, GroupSide, Groups, ServerMessage};
 use sqlx::PgPool;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
@@ -95,7 +95,7 @@ const REFUSED_MAX: usize = 1_024;
 const PIPE_ANSWER: Duration = Duration::from_secs(2);
 
 /// A `groups` list as sent, without positions: (group, side, device id).
-type SidesSent = Vec<(Uuid, Side, String)>;
+type SidesSent = Vec<(Uuid, Side, DeviceId)>;
 
 /// The relay of this instance.
 pub struct Relay {
@@ -459,7 +459,7 @@ impl Relay {
         };
         let key: SidesSent = served
             .iter()
-            .map(|s| (s.group_id, s.side, s.device_id.clone()))
+            .map(|s| (s.group_id, s.side, s.device_id))
             .collect();
         {
             let mut sent = self.sent.lock().expect("relay lock");

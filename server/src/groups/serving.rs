@@ -1,6 +1,7 @@
 //! The queries the relay needs: which of a user's agents serves each side of a group, which sides an
 //! agent serves, and the groups a dongle is in.
 
+use control_proto::DeviceId;
 use control_proto::data::{PerSide, Side};
 use sqlx::{PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
@@ -59,7 +60,7 @@ fn serving_agent_sql(user: &str) -> String {
 pub struct ServedSide {
     pub group_id: Uuid,
     pub side: Side,
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub next_in: u64,
 }
 
@@ -86,15 +87,16 @@ pub async fn sides_served_by(
     .bind(user_id)
     .fetch_all(db)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(group_id, side, device_id, next_in)| ServedSide {
-            group_id,
-            side: if side == "a" { Side::A } else { Side::B },
-            device_id,
-            next_in: next_in.max(0) as u64,
+    rows.into_iter()
+        .map(|(group_id, side, device_id, next_in)| {
+            Ok(ServedSide {
+                group_id,
+                side: if side == "a" { Side::A } else { Side::B },
+                device_id: crate::db::stored_device_id(device_id)?,
+                next_in: next_in.max(0) as u64,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// What a pipe needs to know about its group, read when it starts and at each refresh.

@@ -273,7 +273,7 @@ async fn local_endpoints_belong_to_their_agents_user_and_nobody_else(pool: PgPoo
             .send()
     };
     let local = |device_id: &str, identity: &str| DongleReport {
-        device_id: device_id.into(),
+        device_id: device_id.parse().unwrap(),
         fw_build: "local socketcand".into(),
         proto_ver: 1,
         capabilities: 2,
@@ -288,7 +288,7 @@ async fn local_endpoints_belong_to_their_agents_user_and_nobody_else(pool: PgPoo
         claimed: true,
     };
     let identity = "socketcand:127.0.0.1:29536";
-    let id = control_proto::local_device_id_text(alice_agent, identity);
+    let id = control_proto::local_device_id(alice_agent, identity).to_string();
 
     // Mallory's agent cannot report Alice's endpoint as its own local one: the id is not its.
     read(
@@ -366,14 +366,11 @@ async fn local_endpoints_belong_to_their_agents_user_and_nobody_else(pool: PgPoo
     // A real dongle already known under an id is never served as a local endpoint: the report is
     // taken, the entry skipped, and the dongle stays unclaimed.
     sqlx::query("INSERT INTO dongles (device_id) VALUES ($1)")
-        .bind(control_proto::local_device_id_text(
-            alice_agent,
-            "socketcan:can0",
-        ))
+        .bind(control_proto::local_device_id(alice_agent, "socketcan:can0").to_string())
         .execute(&pool)
         .await
         .unwrap();
-    let real = control_proto::local_device_id_text(alice_agent, "socketcan:can0");
+    let real = control_proto::local_device_id(alice_agent, "socketcan:can0").to_string();
     let answer = read(
         report(
             &alice_token,

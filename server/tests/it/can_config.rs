@@ -98,10 +98,10 @@ async fn a_valid_config_is_applied_stored_and_returned(pool: PgPool) {
     };
     assert_eq!(
         (
-            device_id.as_str(),
+            device_id.to_string().as_str(),
             *bitrate,
             *sample_point_permille,
-            mode.as_str(),
+            mode.name(),
             *use_raw,
             *prescaler
         ),
@@ -404,4 +404,29 @@ async fn only_the_owner_reaches_the_config(pool: PgPool) {
     assert!(bob_agent.seen.lock().unwrap().can_configs.is_empty());
     assert_eq!(alice.agent.seen.lock().unwrap().can_configs.len(), 1);
     assert_eq!(audit_count(&app, "can_config.apply").await, 1);
+}
+
+/// A reply of the right id that does not parse (here a CAN configuration in a mode no controller has)
+/// ends its request at once as the agent's failure, instead of leaving the user to wait for the
+/// timeout; nothing is stored, and the connection stays up.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_reply_that_does_not_parse_fails_its_request_at_once(pool: PgPool) {
+    // A timeout far longer than the test waits: only the garbled reply can end the request in time.
+    let app = spawn_app_with(pool.clone(), |c| {
+        c.dongle_request_timeout = Duration::from_secs(60)
+    })
+    .await;
+    let owner = dongle::paired(&app, "alice@example.com", DEV, 0).await;
+    owner.agent.seen.lock().unwrap().can_config_answer = Answer::Garbled;
+    let answer = tokio::time::timeout(Duration::from_secs(20), put(&owner, listen_only_250k()))
+        .await
+        .expect("an answer before the request's timeout");
+    answer.assert_error(StatusCode::CONFLICT, "CONFLICT");
+    assert_eq!(stored_rows(&app).await, 0, "nothing is stored");
+    assert!(app.hub().is_connected(owner.agent.agent_id).await);
+
+    // The next, well-formed answer is taken as usual.
+    owner.agent.seen.lock().unwrap().can_config_answer = Answer::Ok;
+    let answer = put(&owner, listen_only_250k()).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
 }

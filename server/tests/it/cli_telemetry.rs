@@ -18,7 +18,7 @@ const DEV: &str = "00000000000000e1";
 fn report(device_id: &str, command: &str, output: &str) -> CliTelemetry {
     CliTelemetry {
         report_id: Uuid::new_v4(),
-        device_id: device_id.to_string(),
+        device_id: device_id.parse().unwrap(),
         source: "uart".into(),
         command: command.into(),
         output: output.into(),

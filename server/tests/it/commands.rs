@@ -385,7 +385,7 @@ async fn the_sweeper_times_out_a_command_without_a_result_and_late_results_chang
     // The result arrives late: acknowledged, and ignored.
     owner.agent.send(AgentMessage::CommandResult(CommandResult {
         command_id: id,
-        device_id: DEV.into(),
+        device_id: DEV.parse().unwrap(),
         outcome: CommandOutcome::Done,
         exit_code: 0,
         output: "too late\n".into(),
@@ -427,7 +427,7 @@ async fn a_result_sent_twice_is_stored_once(pool: PgPool) {
     for output in ["ran uptime\n", "something else\n"] {
         owner.agent.send(AgentMessage::CommandResult(CommandResult {
             command_id: id,
-            device_id: DEV.into(),
+            device_id: DEV.parse().unwrap(),
             outcome: CommandOutcome::Error,
             exit_code: 3,
             output: output.into(),
@@ -443,7 +443,7 @@ async fn a_result_sent_twice_is_stored_once(pool: PgPool) {
     let unknown = Uuid::new_v4();
     owner.agent.send(AgentMessage::CommandResult(CommandResult {
         command_id: unknown,
-        device_id: DEV.into(),
+        device_id: DEV.parse().unwrap(),
         outcome: CommandOutcome::Done,
         exit_code: 0,
         output: String::new(),
@@ -611,7 +611,7 @@ async fn only_the_owner_reaches_commands(pool: PgPool) {
     until_status(&alice, pending, "running").await;
     bob.agent.send(AgentMessage::CommandResult(CommandResult {
         command_id: pending,
-        device_id: DEV.into(),
+        device_id: DEV.parse().unwrap(),
         outcome: CommandOutcome::Done,
         exit_code: 0,
         output: "forged\n".into(),

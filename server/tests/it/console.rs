@@ -335,16 +335,16 @@ async fn an_open_console_asks_the_agent_for_the_dongles_traffic_and_closing_it_s
     let (_, stream, _) = Sse::open(&owner.client, &path, None).await;
     let stream = stream.unwrap();
     wait_until(|| async {
-        watches(&owner.agent)
-            .iter()
-            .any(|w| w.device_ids == [DEV] && w.seconds == control_proto::WATCH_SECS)
+        watches(&owner.agent).iter().any(|w| {
+            w.device_ids == [DEV.parse().unwrap()] && w.seconds == control_proto::WATCH_SECS
+        })
     })
     .await;
     drop(stream);
     wait_until(|| async {
         watches(&owner.agent)
             .last()
-            .is_some_and(|w| w.device_ids == [DEV] && w.seconds == 0)
+            .is_some_and(|w| w.device_ids == [DEV.parse().unwrap()] && w.seconds == 0)
     })
     .await;
 

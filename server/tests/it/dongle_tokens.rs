@@ -14,7 +14,7 @@ async fn dongles_with_tokens(pool: &PgPool, keys: &KeyRing, n: usize) -> Vec<(Uu
                 .fetch_one(pool)
                 .await
                 .unwrap();
-        let token = DongleToken::generate();
+        let token = dongle_tokens::generate();
         dongle_tokens::store(pool, keys, id, &token).await.unwrap();
         out.push((id, token));
     }

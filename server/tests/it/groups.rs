@@ -64,7 +64,7 @@ fn last_groups(agent: &TestAgent) -> Option<Vec<(Uuid, Side, String, u64)>> {
     agent.seen.lock().unwrap().groups.last().map(|g| {
         g.sides
             .iter()
-            .map(|s| (s.group_id, s.side, s.device_id.clone(), s.next_seq))
+            .map(|s| (s.group_id, s.side, s.device_id.to_string(), s.next_seq))
             .collect()
     })
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use bridge_server::db::MIGRATOR;
-use bridge_server::dongle_tokens::{self, DongleToken, KeyRing};
+use bridge_server::dongle_tokens::{self, KeyRing};
 use common::database_url_of;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -41,7 +41,7 @@ async fn keys_rotate_and_status_from_the_command_line(pool: PgPool) {
                 .fetch_one(&pool)
                 .await
                 .unwrap();
-        let token = DongleToken::generate();
+        let token = dongle_tokens::generate();
         dongle_tokens::store(&pool, &v1, id, &token).await.unwrap();
         rows.push((id, token));
     }

@@ -208,7 +208,7 @@ async fn an_agent_on_another_instance_is_paired_told_to_forget_and_kicked(pool: 
     // A request too large for a notification is refused whole, and never reaches the agent.
     let huge = RequestBody::Command {
         command_id: Uuid::new_v4(),
-        device_id: DEV.into(),
+        device_id: DEV.parse().unwrap(),
         line: "x".repeat(9000),
         timeout_ms: 1000,
         allow_dangerous: false,

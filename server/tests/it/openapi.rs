@@ -142,7 +142,7 @@ fn the_device_report_schema_is_the_agent_protocols_own() {
     assert_eq!(documented_kinds.len(), transports.len());
     for transport in transports {
         let report = serde_json::to_value(DongleReport {
-            device_id: "0011223344556677".into(),
+            device_id: "0011223344556677".parse().unwrap(),
             fw_build: "1.0".into(),
             proto_ver: 1,
             capabilities: 0,

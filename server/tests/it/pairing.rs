@@ -132,7 +132,7 @@ async fn the_right_pin_claims_the_dongle_and_its_agent_gets_the_token(pool: PgPo
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(stored.to_base64(), sent[0]);
+    assert_eq!(agent::base64_of(&stored), sent[0]);
     assert_eq!(
         base64::engine::general_purpose::STANDARD
             .decode(&sent[0])
@@ -653,7 +653,7 @@ async fn a_rejected_token_marks_the_dongle_reset_detected(pool: PgPool) {
     );
     agent.send(control_proto::AgentMessage::Event(
         control_proto::Event::TokenRejected {
-            device_id: DEV.into(),
+            device_id: DEV.parse().unwrap(),
         },
     ));
     agent::wait_until(|| async {
@@ -769,7 +769,7 @@ async fn a_dongle_in_reset_detected_recovers_when_its_token_is_accepted_again(po
     };
     agent.send(control_proto::AgentMessage::Event(
         control_proto::Event::TokenRejected {
-            device_id: DEV.into(),
+            device_id: DEV.parse().unwrap(),
         },
     ));
     agent::wait_until(|| async { state().await == "RESET_DETECTED" }).await;
@@ -780,7 +780,7 @@ async fn a_dongle_in_reset_detected_recovers_when_its_token_is_accepted_again(po
     let bobs = TestAgent::connect(&app.base, &bob_token).await;
     bobs.send(control_proto::AgentMessage::Event(
         control_proto::Event::TokenAccepted {
-            device_id: DEV.into(),
+            device_id: DEV.parse().unwrap(),
         },
     ));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -788,7 +788,7 @@ async fn a_dongle_in_reset_detected_recovers_when_its_token_is_accepted_again(po
 
     agent.send(control_proto::AgentMessage::Event(
         control_proto::Event::TokenAccepted {
-            device_id: DEV.into(),
+            device_id: DEV.parse().unwrap(),
         },
     ));
     agent::wait_until(|| async { state().await == "CLAIMED_ACTIVE" }).await;

@@ -116,7 +116,7 @@ async fn frames_go_from_a_to_b_and_back_in_order(pool: PgPool) {
             (
                 groups.sides[0].group_id,
                 groups.sides[0].side,
-                groups.sides[0].device_id.as_str(),
+                groups.sides[0].device_id.to_string().as_str(),
                 groups.sides[0].next_seq
             ),
             (id, side, dev, 0)

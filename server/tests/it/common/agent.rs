@@ -98,6 +98,9 @@ pub enum Answer {
     Refuse(String),
     /// No reply at all.
     Silent,
+    /// A reply of the right id whose body does not parse as a control message (a CAN configuration
+    /// in a mode no dongle has), as a broken or hostile agent might send.
+    Garbled,
 }
 
 /// What the test "dongle" does with an accepted command.
@@ -202,15 +205,15 @@ impl TestAgent {
         let (out, mut out_rx) = mpsc::unbounded_channel::<AgentMessage>();
         let (mut sink, mut stream) = ws.split();
         let seen2 = seen.clone();
-        let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<AgentMessage>();
+        let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<String>();
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     Some(m) = out_rx.recv() => {
                         if sink.send(Message::text(m.to_json())).await.is_err() { break; }
                     }
-                    Some(m) = reply_rx.recv() => {
-                        if sink.send(Message::text(m.to_json())).await.is_err() { break; }
+                    Some(text) = reply_rx.recv() => {
+                        if sink.send(Message::text(text)).await.is_err() { break; }
                     }
                     frame = stream.next() => {
                         let Some(Ok(Message::Text(text))) = frame else {
@@ -329,9 +332,15 @@ where
     panic!("the condition did not become true in 10 s");
 }
 
+/// A token in its wire form, standard base64, as the tests compare tokens.
+pub fn base64_of(token: &control_proto::Token) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(token.as_bytes())
+}
+
 pub fn usb_dongle(device_id: &str) -> DongleReport {
     DongleReport {
-        device_id: device_id.into(),
+        device_id: device_id.parse().expect("a device id"),
         fw_build: "1.4.2".into(),
         proto_ver: 1,
         capabilities: 1,
@@ -345,11 +354,7 @@ pub fn usb_dongle(device_id: &str) -> DongleReport {
     }
 }
 
-fn handle(
-    seen: &Arc<Mutex<Seen>>,
-    msg: ServerMessage,
-    reply: &mpsc::UnboundedSender<AgentMessage>,
-) {
+fn handle(seen: &Arc<Mutex<Seen>>, msg: ServerMessage, reply: &mpsc::UnboundedSender<String>) {
     match msg {
         ServerMessage::Request(req) => {
             let id = req.id;
@@ -368,7 +373,7 @@ fn handle(
                             .map(|d| {
                                 let base = usb_dongle(d);
                                 DongleReport {
-                                    pairing_mode: *d == device_id,
+                                    pairing_mode: *d == device_id.to_string(),
                                     capabilities: capabilities
                                         .get(d)
                                         .copied()
@@ -377,8 +382,9 @@ fn handle(
                                 }
                             })
                             .collect();
-                        let _ =
-                            reply.send(AgentMessage::Devices(control_proto::Devices { dongles }));
+                        let _ = reply.send(
+                            AgentMessage::Devices(control_proto::Devices { dongles }).to_json(),
+                        );
                         ReplyResult::Ok {
                             body: ReplyOk::PairingStarted {
                                 pairing_nonce: NONCE.into(),
@@ -399,8 +405,8 @@ fn handle(
                         };
                         tokio::time::sleep(delay).await;
                         assert_eq!(pairing_nonce, NONCE);
-                        if pin == PIN {
-                            seen.lock().unwrap().paired_tokens.push(token);
+                        if pin.as_str() == PIN {
+                            seen.lock().unwrap().paired_tokens.push(base64_of(&token));
                             ReplyResult::Ok {
                                 body: ReplyOk::Paired,
                             }
@@ -412,7 +418,7 @@ fn handle(
                         }
                     }
                     RequestBody::Forget { device_id } => {
-                        seen.lock().unwrap().forgets.push(device_id);
+                        seen.lock().unwrap().forgets.push(device_id.to_string());
                         ReplyResult::Ok {
                             body: ReplyOk::Forgotten,
                         }
@@ -431,6 +437,20 @@ fn handle(
                             },
                             Answer::Refuse(message) => refused(message),
                             Answer::Silent => return,
+                            Answer::Garbled => {
+                                let mut text = AgentMessage::Reply(Reply {
+                                    id,
+                                    result: ReplyResult::Ok {
+                                        body: ReplyOk::CanConfigApplied {
+                                            effective: effective_of(&body),
+                                        },
+                                    },
+                                })
+                                .to_json();
+                                text = text.replace(r#""mode":""#, r#""mode":"warp_"#);
+                                let _ = reply.send(text);
+                                return;
+                            }
                         }
                     }
                     RequestBody::Command {
@@ -474,7 +494,7 @@ fn handle(
                                 }
                             }
                             Answer::Refuse(message) => refused(message),
-                            Answer::Silent => return,
+                            Answer::Silent | Answer::Garbled => return,
                         }
                     }
                     RequestBody::SendFrame {
@@ -494,7 +514,7 @@ fn handle(
                                 body: ReplyOk::FrameSent,
                             },
                             Answer::Refuse(message) => refused(message),
-                            Answer::Silent => return,
+                            Answer::Silent | Answer::Garbled => return,
                         }
                     }
                     RequestBody::HostCommand {
@@ -511,13 +531,14 @@ fn handle(
                             Answer::Ok => {
                                 // The output streams first, as a real agent's does.
                                 let line = format!("{} ok\n", command.name());
-                                let _ = reply.send(AgentMessage::Event(
-                                    control_proto::Event::HostOutput {
+                                let _ = reply.send(
+                                    AgentMessage::Event(control_proto::Event::HostOutput {
                                         run_id,
                                         device_id,
                                         chunk: line.clone(),
-                                    },
-                                ));
+                                    })
+                                    .to_json(),
+                                );
                                 ReplyResult::Ok {
                                     body: ReplyOk::HostCommandDone {
                                         exit_code: 0,
@@ -527,11 +548,11 @@ fn handle(
                                 }
                             }
                             Answer::Refuse(message) => refused(message),
-                            Answer::Silent => return,
+                            Answer::Silent | Answer::Garbled => return,
                         }
                     }
                 };
-                let _ = reply.send(AgentMessage::Reply(Reply { id, result }));
+                let _ = reply.send(AgentMessage::Reply(Reply { id, result }).to_json());
             });
         }
         ServerMessage::CommandResultAck { command_id } => {
@@ -541,7 +562,7 @@ fn handle(
             seen.lock()
                 .unwrap()
                 .dongle_tokens
-                .push((t.device_id, t.token));
+                .push((t.device_id.to_string(), base64_of(&t.token)));
         }
         ServerMessage::Error { code, .. } => seen.lock().unwrap().errors.push(code),
         ServerMessage::Groups(groups) => seen.lock().unwrap().groups.push(groups),
@@ -587,7 +608,7 @@ pub fn effective_of(body: &RequestBody) -> CanEffective {
         sjw: sjw.unwrap_or(1),
         tseg1: tseg1.unwrap_or(13),
         tseg2: tseg2.unwrap_or(2),
-        mode: mode.clone(),
+        mode: *mode,
         use_raw: *use_raw,
         auto_retx: *auto_retx,
         tx_pause: *tx_pause,
@@ -599,7 +620,7 @@ pub fn effective_of(body: &RequestBody) -> CanEffective {
 /// real agent's outbox does.
 async fn send_result_until_acked(
     seen: Arc<Mutex<Seen>>,
-    out: mpsc::UnboundedSender<AgentMessage>,
+    out: mpsc::UnboundedSender<String>,
     result: CommandResult,
     plan: CommandPlan,
 ) {
@@ -610,7 +631,7 @@ async fn send_result_until_acked(
         }
         seen.lock().unwrap().results_sent.push(result.command_id);
         if out
-            .send(AgentMessage::CommandResult(result.clone()))
+            .send(AgentMessage::CommandResult(result.clone()).to_json())
             .is_err()
         {
             return;
