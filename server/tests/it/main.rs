@@ -24,6 +24,7 @@ mod hardening;
 mod host_commands;
 mod keys_cli;
 mod layers;
+mod listen;
 mod migrate_cli;
 mod multi_instance;
 mod openapi;

@@ -890,6 +890,77 @@ async fn frames_buffered_for_a_side_on_another_instance_wake_it_at_once(pool: Pg
     second.stop().await;
 }
 
+/// The relay's LISTEN connections are killed by the database while a side on another instance waits for
+/// frames: they are reopened on new connections, and frames committed right after the kill and once
+/// they are back reach that side long before the poll, a minute away. (Whether the first batch's
+/// notification is lost depends on how fast the listener is back; the resync a reopened listener makes
+/// covers that case, and `listen::a_connection_the_database_ends_is_reopened_and_says_so` checks it.)
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_lost_relay_listen_connection_is_reopened_and_no_frame_waits_for_the_poll(pool: PgPool) {
+    let slow_poll = |c: &mut ServerConfig| {
+        c.relay.poll_interval = Duration::from_secs(60);
+        c.relay.refresh_interval = Duration::from_secs(60);
+    };
+    let (first, second) = two_instances(&pool, slow_poll).await;
+    let users = two_dongles(&first, "grace@example.com", DEV_A, DEV_B).await;
+    let id = active_group(&users.client, users.dongle_a, users.dongle_b).await;
+    let mut data_a = DataClient::connect(&first.base, &users.token_a).await;
+    let mut data_b = DataClient::connect(&second.base, &users.token_b).await;
+    data_a.send_frames(id, Side::A, 0, 0..5).await;
+    data_a.wait_ack(id, Side::A, 5).await;
+    assert_eq!(
+        numbers(&data_b.receive(id, Side::B, 5, true).await),
+        (0..5).collect::<Vec<_>>()
+    );
+
+    // Both instances listen on the relay's channel; the database ends both connections.
+    let listen = format!(
+        "LISTEN \"{}\"",
+        bridge_server::groups::buffer::BUFFERED_CHANNEL
+    );
+    let listening = || async {
+        // sqlx's own reopening sends `LISTEN "..";`, with a semicolon.
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity WHERE query = $1 OR query = $1 || ';' ORDER BY pid",
+        )
+        .bind(&listen)
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    agent::wait_until(|| async { listening().await.len() == 2 }).await;
+    let before = listening().await;
+    for pid in &before {
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(killed);
+    }
+
+    // Committed right after the kill, while the listeners may still be away.
+    data_a.send_frames(id, Side::A, 5, 5..10).await;
+    data_a.wait_ack(id, Side::A, 10).await;
+    assert_eq!(
+        numbers(&data_b.receive(id, Side::B, 5, true).await),
+        (5..10).collect::<Vec<_>>()
+    );
+    // Both listen again, on new connections, and the next frames wake B's instance as before.
+    agent::wait_until(|| async {
+        let now = listening().await;
+        now.len() == 2 && now.iter().all(|p| !before.contains(p))
+    })
+    .await;
+    data_a.send_frames(id, Side::A, 10, 10..15).await;
+    data_a.wait_ack(id, Side::A, 15).await;
+    assert_eq!(
+        numbers(&data_b.receive(id, Side::B, 5, true).await),
+        (10..15).collect::<Vec<_>>()
+    );
+    second.stop().await;
+}
+
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn a_slow_side_gets_the_overflow_through_the_buffer(pool: PgPool) {
     let app = app_with(pool, |c| {
