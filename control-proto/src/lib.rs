@@ -329,8 +329,55 @@ impl HostCommand {
     }
 }
 
+/// A CAN configuration to apply, as the server asks for it: the nominal bitrate and sample point from
+/// which the dongle derives its bit timing, or with `use_raw` the raw timing fields (sent only then).
+/// The server checked every range before sending it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanSettings {
+    pub bitrate: u32,
+    pub sample_point_permille: u16,
+    pub mode: CanMode,
+    pub use_raw: bool,
+    pub prescaler: Option<u16>,
+    pub sjw: Option<u8>,
+    pub tseg1: Option<u8>,
+    pub tseg2: Option<u8>,
+    pub auto_retx: bool,
+    pub tx_pause: bool,
+    pub protocol_exc: bool,
+}
+
+impl CanSettings {
+    /// The REMP CAN_CONFIG SET request that applies these settings (raw fields absent are 0).
+    pub fn to_remp(&self) -> firmware_proto::remp::CanConfig {
+        use firmware_proto::remp::{self, ConfigAction, ConfigStatus};
+        let flags = [
+            (self.use_raw, remp::CanConfig::FLAG_USE_RAW),
+            (self.auto_retx, remp::CanConfig::FLAG_AUTO_RETX),
+            (self.tx_pause, remp::CanConfig::FLAG_TX_PAUSE),
+            (self.protocol_exc, remp::CanConfig::FLAG_PROTOCOL_EXC),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |flags, (_, flag)| flags | flag);
+        remp::CanConfig {
+            action: ConfigAction::Set,
+            status: ConfigStatus::Ok,
+            bitrate: self.bitrate,
+            sample_point_permille: self.sample_point_permille,
+            prescaler: self.prescaler.unwrap_or(0),
+            sjw: self.sjw.unwrap_or(0),
+            tseg1: self.tseg1.unwrap_or(0),
+            tseg2: self.tseg2.unwrap_or(0),
+            mode: self.mode,
+            flags,
+        }
+    }
+}
+
 /// The CAN configuration a dongle reports it uses after applying one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct CanEffective {
     pub bitrate: u32,
     pub sample_point_permille: u16,
@@ -338,11 +385,33 @@ pub struct CanEffective {
     pub sjw: u8,
     pub tseg1: u8,
     pub tseg2: u8,
+    /// `normal`, `listen_only`, `loopback` or `ext_loop`.
+    #[cfg_attr(feature = "utoipa", schema(value_type = String))]
     pub mode: CanMode,
     pub use_raw: bool,
     pub auto_retx: bool,
     pub tx_pause: bool,
     pub protocol_exc: bool,
+}
+
+impl CanEffective {
+    /// The values of a dongle's CAN_CONFIG response.
+    pub fn from_remp(c: &firmware_proto::remp::CanConfig) -> Self {
+        use firmware_proto::remp::CanConfig as C;
+        Self {
+            bitrate: c.bitrate,
+            sample_point_permille: c.sample_point_permille,
+            prescaler: c.prescaler,
+            sjw: c.sjw,
+            tseg1: c.tseg1,
+            tseg2: c.tseg2,
+            mode: c.mode,
+            use_raw: c.flags & C::FLAG_USE_RAW != 0,
+            auto_retx: c.flags & C::FLAG_AUTO_RETX != 0,
+            tx_pause: c.flags & C::FLAG_TX_PAUSE != 0,
+            protocol_exc: c.flags & C::FLAG_PROTOCOL_EXC != 0,
+        }
+    }
 }
 
 /// How a command ended, as the dongle (or the agent, for `error`) tells it.
@@ -546,17 +615,8 @@ pub enum RequestBody {
     /// Apply a CAN configuration. Optional raw timing fields are sent only with `use_raw`.
     CanConfig {
         device_id: DeviceId,
-        bitrate: u32,
-        sample_point_permille: u16,
-        mode: CanMode,
-        use_raw: bool,
-        prescaler: Option<u16>,
-        sjw: Option<u8>,
-        tseg1: Option<u8>,
-        tseg2: Option<u8>,
-        auto_retx: bool,
-        tx_pause: bool,
-        protocol_exc: bool,
+        #[serde(flatten)]
+        settings: CanSettings,
     },
     /// Run an allow-listed CLI command on the dongle; answered by `command_accepted`, ended by a
     /// `command_result`. `line` is the command and its arguments as the dongle's CLI reads them.
@@ -610,12 +670,13 @@ impl fmt::Debug for RequestBody {
                 .field("device_id", device_id)
                 .finish(),
             Self::CanConfig {
-                device_id, bitrate, ..
+                device_id,
+                settings,
             } => f
                 .debug_struct("CanConfig")
                 .field("device_id", device_id)
-                .field("bitrate", bitrate)
-                .finish_non_exhaustive(),
+                .field("settings", settings)
+                .finish(),
             Self::Command {
                 command_id,
                 device_id,
@@ -939,22 +1000,91 @@ mod tests {
         );
     }
 
+    fn settings() -> CanSettings {
+        CanSettings {
+            bitrate: 500_000,
+            sample_point_permille: 875,
+            mode: CanMode::Normal,
+            use_raw: false,
+            prescaler: None,
+            sjw: None,
+            tseg1: None,
+            tseg2: None,
+            auto_retx: true,
+            tx_pause: false,
+            protocol_exc: false,
+        }
+    }
+
+    /// The settings sit beside the device id in the request, as every protocol version had them.
+    #[test]
+    fn a_can_configuration_keeps_its_wire_shape() {
+        server_round_trip(
+            ServerMessage::Request(Request {
+                id: 9,
+                timeout_ms: 1000,
+                body: RequestBody::CanConfig {
+                    device_id: dev(),
+                    settings: settings(),
+                },
+            }),
+            json!({"type": "request", "id": 9, "timeout_ms": 1000, "body": {"type": "can_config",
+                "device_id": DEV, "bitrate": 500000, "sample_point_permille": 875, "mode": "normal",
+                "use_raw": false, "prescaler": null, "sjw": null, "tseg1": null, "tseg2": null,
+                "auto_retx": true, "tx_pause": false, "protocol_exc": false}}),
+        );
+        // Raw fields left out read as absent.
+        let sparse = json!({"type": "request", "id": 9, "timeout_ms": 1000, "body": {"type": "can_config",
+            "device_id": DEV, "bitrate": 500000, "sample_point_permille": 875, "mode": "normal",
+            "use_raw": false, "auto_retx": true, "tx_pause": false, "protocol_exc": false}});
+        let ServerMessage::Request(Request {
+            body: RequestBody::CanConfig { settings: read, .. },
+            ..
+        }) = ServerMessage::from_json(&sparse.to_string()).unwrap()
+        else {
+            panic!("a CAN configuration")
+        };
+        assert_eq!(read, settings());
+    }
+
+    #[test]
+    fn settings_become_the_remp_request_and_its_answer_the_effective_values() {
+        let raw = CanSettings {
+            use_raw: true,
+            prescaler: Some(10),
+            sjw: Some(1),
+            tseg1: Some(13),
+            tseg2: Some(2),
+            mode: CanMode::ListenOnly,
+            tx_pause: true,
+            ..settings()
+        };
+        let remp = raw.to_remp();
+        assert_eq!(
+            (remp.prescaler, remp.sjw, remp.tseg1, remp.tseg2, remp.mode),
+            (10, 1, 13, 2, CanMode::ListenOnly)
+        );
+        use firmware_proto::remp::CanConfig as C;
+        assert_eq!(
+            remp.flags,
+            C::FLAG_USE_RAW | C::FLAG_AUTO_RETX | C::FLAG_TX_PAUSE
+        );
+        let effective = CanEffective::from_remp(&remp);
+        assert!(effective.use_raw && effective.auto_retx && effective.tx_pause);
+        assert!(!effective.protocol_exc);
+        assert_eq!((effective.bitrate, effective.prescaler), (500_000, 10));
+        // Without use_raw the raw fields go as zeros, for the dongle to derive.
+        let derived = settings().to_remp();
+        assert_eq!((derived.prescaler, derived.tseg1), (0, 0));
+        assert_eq!(derived.flags, C::FLAG_AUTO_RETX);
+    }
+
     #[test]
     fn next_issue_requests_round_trip() {
         for body in [
             RequestBody::CanConfig {
                 device_id: dev(),
-                bitrate: 500_000,
-                sample_point_permille: 875,
-                mode: CanMode::Normal,
-                use_raw: false,
-                prescaler: None,
-                sjw: None,
-                tseg1: None,
-                tseg2: None,
-                auto_retx: true,
-                tx_pause: false,
-                protocol_exc: false,
+                settings: settings(),
             },
             RequestBody::Command {
                 command_id: Uuid::nil(),

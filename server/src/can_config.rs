@@ -10,7 +10,7 @@
 //! applied last, also with several server instances.
 
 use chrono::{DateTime, Utc};
-use control_proto::{CanEffective, DeviceId, ReplyOk, RequestBody};
+use control_proto::{CanEffective, CanSettings, DeviceId, ReplyOk, RequestBody};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -113,42 +113,6 @@ pub struct CanConfig {
     pub protocol_exc: bool,
 }
 
-/// The values the dongle reported it runs with after applying a configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct CanEffectiveView {
-    pub bitrate: i64,
-    pub sample_point_permille: i32,
-    pub prescaler: i32,
-    pub sjw: i16,
-    pub tseg1: i16,
-    pub tseg2: i16,
-    /// `normal`, `listen_only`, `loopback` or `ext_loop`.
-    #[schema(value_type = String)]
-    pub mode: CanMode,
-    pub use_raw: bool,
-    pub auto_retx: bool,
-    pub tx_pause: bool,
-    pub protocol_exc: bool,
-}
-
-impl From<&CanEffective> for CanEffectiveView {
-    fn from(e: &CanEffective) -> Self {
-        Self {
-            bitrate: e.bitrate.into(),
-            sample_point_permille: e.sample_point_permille.into(),
-            prescaler: e.prescaler.into(),
-            sjw: e.sjw.into(),
-            tseg1: e.tseg1.into(),
-            tseg2: e.tseg2.into(),
-            mode: e.mode,
-            use_raw: e.use_raw,
-            auto_retx: e.auto_retx,
-            tx_pause: e.tx_pause,
-            protocol_exc: e.protocol_exc,
-        }
-    }
-}
-
 /// `GET /dongles/:id/can-config`: what is stored, and what the dongle acknowledged last.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CanConfigState {
@@ -156,7 +120,7 @@ pub struct CanConfigState {
     /// The configuration last applied (null when none was ever applied through the server).
     pub config: Option<CanConfig>,
     /// The effective values the dongle reported for it.
-    pub effective: Option<CanEffectiveView>,
+    pub effective: Option<CanEffective>,
     pub applied_at: Option<DateTime<Utc>>,
 }
 
@@ -169,7 +133,7 @@ pub struct CanConfigApplied {
     /// The configuration as requested (and now stored).
     pub config: CanConfig,
     /// The values the dongle reports it runs with.
-    pub effective: CanEffectiveView,
+    pub effective: CanEffective,
     pub applied_at: DateTime<Utc>,
 }
 
@@ -275,17 +239,19 @@ impl CanConfig {
     fn request(&self, device_id: DeviceId) -> RequestBody {
         RequestBody::CanConfig {
             device_id,
-            bitrate: self.bitrate as u32,
-            sample_point_permille: self.sample_point_permille as u16,
-            mode: self.mode,
-            use_raw: self.use_raw,
-            prescaler: self.prescaler.map(|v| v as u16),
-            sjw: self.sjw.map(|v| v as u8),
-            tseg1: self.tseg1.map(|v| v as u8),
-            tseg2: self.tseg2.map(|v| v as u8),
-            auto_retx: self.auto_retx,
-            tx_pause: self.tx_pause,
-            protocol_exc: self.protocol_exc,
+            settings: CanSettings {
+                bitrate: self.bitrate as u32,
+                sample_point_permille: self.sample_point_permille as u16,
+                mode: self.mode,
+                use_raw: self.use_raw,
+                prescaler: self.prescaler.map(|v| v as u16),
+                sjw: self.sjw.map(|v| v as u8),
+                tseg1: self.tseg1.map(|v| v as u8),
+                tseg2: self.tseg2.map(|v| v as u8),
+                auto_retx: self.auto_retx,
+                tx_pause: self.tx_pause,
+                protocol_exc: self.protocol_exc,
+            },
         }
     }
 }
@@ -335,15 +301,16 @@ impl StoredRow {
         }
     }
 
-    /// The effective values, when the dongle acknowledged this configuration (all are written at once).
-    fn effective(&self) -> Option<CanEffectiveView> {
-        Some(CanEffectiveView {
-            bitrate: self.effective_bitrate?,
-            sample_point_permille: self.effective_sample_point_permille?,
-            prescaler: self.effective_prescaler?,
-            sjw: self.effective_sjw?,
-            tseg1: self.effective_tseg1?,
-            tseg2: self.effective_tseg2?,
+    /// The effective values, when the dongle acknowledged this configuration (all are written at once,
+    /// from a [`CanEffective`], so each fits its type).
+    fn effective(&self) -> Option<CanEffective> {
+        Some(CanEffective {
+            bitrate: u32::try_from(self.effective_bitrate?).ok()?,
+            sample_point_permille: u16::try_from(self.effective_sample_point_permille?).ok()?,
+            prescaler: u16::try_from(self.effective_prescaler?).ok()?,
+            sjw: u8::try_from(self.effective_sjw?).ok()?,
+            tseg1: u8::try_from(self.effective_tseg1?).ok()?,
+            tseg2: u8::try_from(self.effective_tseg2?).ok()?,
             // The column is the `can_mode` enum, whose values are exactly the mode names.
             mode: CanMode::from_name(self.effective_mode.as_deref()?)?,
             use_raw: self.effective_use_raw?,
@@ -473,7 +440,6 @@ async fn apply_leased(
             return Err(error);
         }
     };
-    let effective = CanEffectiveView::from(&effective);
     let mut tx = svc.pool.begin().await?;
     let applied_at: DateTime<Utc> = sqlx::query_scalar(
         "INSERT INTO can_configs (dongle_id, bitrate, sample_point_permille, mode, use_raw, prescaler, \
@@ -510,12 +476,12 @@ async fn apply_leased(
     .bind(config.auto_retx)
     .bind(config.tx_pause)
     .bind(config.protocol_exc)
-    .bind(effective.bitrate)
-    .bind(effective.sample_point_permille)
-    .bind(effective.prescaler)
-    .bind(effective.sjw)
-    .bind(effective.tseg1)
-    .bind(effective.tseg2)
+    .bind(i64::from(effective.bitrate))
+    .bind(i32::from(effective.sample_point_permille))
+    .bind(i32::from(effective.prescaler))
+    .bind(i16::from(effective.sjw))
+    .bind(i16::from(effective.tseg1))
+    .bind(i16::from(effective.tseg2))
     .bind(effective.mode.name())
     .bind(effective.use_raw)
     .bind(effective.auto_retx)

@@ -34,26 +34,20 @@ impl Shared {
                 ReplyErrorCode::Refused,
                 "a local CAN endpoint has no command console; commands run on dongles",
             ),
-            RequestBody::CanConfig {
-                bitrate,
-                sample_point_permille,
-                mode,
-                use_raw,
-                ..
-            } => {
-                let Some(mode) = EndpointMode::of(*mode) else {
+            RequestBody::CanConfig { settings, .. } => {
+                let Some(mode) = EndpointMode::of(settings.mode) else {
                     return error(
                         ReplyErrorCode::NotSettable,
-                        format!("a local CAN endpoint has no {} mode", mode.name()),
+                        format!("a local CAN endpoint has no {} mode", settings.mode.name()),
                     );
                 };
                 let config = EndpointConfig {
-                    bitrate: *bitrate,
+                    bitrate: settings.bitrate,
                     data_bitrate: None,
                     mode,
-                    sample_point_permille: (*sample_point_permille != 0)
-                        .then_some(*sample_point_permille),
-                    raw_timing: *use_raw,
+                    sample_point_permille: (settings.sample_point_permille != 0)
+                        .then_some(settings.sample_point_permille),
+                    raw_timing: settings.use_raw,
                 };
                 self.configure_local(device_id, &config).await
             }

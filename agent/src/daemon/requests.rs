@@ -61,43 +61,8 @@ impl Shared {
             RequestBody::Forget { device_id } => self.forget(device_id).await,
             RequestBody::CanConfig {
                 device_id,
-                bitrate,
-                sample_point_permille,
-                mode,
-                use_raw,
-                prescaler,
-                sjw,
-                tseg1,
-                tseg2,
-                auto_retx,
-                tx_pause,
-                protocol_exc,
-            } => {
-                let mut flags = 0;
-                for (on, flag) in [
-                    (use_raw, remp::CanConfig::FLAG_USE_RAW),
-                    (auto_retx, remp::CanConfig::FLAG_AUTO_RETX),
-                    (tx_pause, remp::CanConfig::FLAG_TX_PAUSE),
-                    (protocol_exc, remp::CanConfig::FLAG_PROTOCOL_EXC),
-                ] {
-                    if on {
-                        flags |= flag;
-                    }
-                }
-                let config = remp::CanConfig {
-                    action: remp::ConfigAction::Set,
-                    status: ConfigStatus::Ok,
-                    bitrate,
-                    sample_point_permille,
-                    prescaler: prescaler.unwrap_or(0),
-                    sjw: sjw.unwrap_or(0),
-                    tseg1: tseg1.unwrap_or(0),
-                    tseg2: tseg2.unwrap_or(0),
-                    mode,
-                    flags,
-                };
-                self.can_config(&device_id, config).await
-            }
+                settings,
+            } => self.can_config(&device_id, settings.to_remp()).await,
             RequestBody::Command {
                 command_id,
                 device_id,
@@ -244,7 +209,7 @@ impl Shared {
         };
         match session.can_config_set(config).await {
             Ok(answer) if answer.status == ConfigStatus::Ok => ok(ReplyOk::CanConfigApplied {
-                effective: effective(&answer),
+                effective: CanEffective::from_remp(&answer),
             }),
             Ok(answer) => error(
                 ReplyErrorCode::Refused,
@@ -397,21 +362,4 @@ pub(super) fn build_frame(
         Frame::classic(id, &data)
     };
     frame.ok_or_else(|| error(ReplyErrorCode::Refused, "too many data bytes for the frame"))
-}
-
-/// The dongle's answer as the values it now uses.
-fn effective(c: &remp::CanConfig) -> CanEffective {
-    CanEffective {
-        bitrate: c.bitrate,
-        sample_point_permille: c.sample_point_permille,
-        prescaler: c.prescaler,
-        sjw: c.sjw,
-        tseg1: c.tseg1,
-        tseg2: c.tseg2,
-        mode: c.mode,
-        use_raw: c.flags & remp::CanConfig::FLAG_USE_RAW != 0,
-        auto_retx: c.flags & remp::CanConfig::FLAG_AUTO_RETX != 0,
-        tx_pause: c.flags & remp::CanConfig::FLAG_TX_PAUSE != 0,
-        protocol_exc: c.flags & remp::CanConfig::FLAG_PROTOCOL_EXC != 0,
-    }
 }

@@ -86,12 +86,7 @@ async fn a_valid_config_is_applied_stored_and_returned(pool: PgPool) {
     assert_eq!(sent.len(), 1);
     let RequestBody::CanConfig {
         device_id,
-        bitrate,
-        sample_point_permille,
-        mode,
-        use_raw,
-        prescaler,
-        ..
+        settings,
     } = &sent[0]
     else {
         panic!("a CAN configuration")
@@ -99,11 +94,11 @@ async fn a_valid_config_is_applied_stored_and_returned(pool: PgPool) {
     assert_eq!(
         (
             device_id.to_string().as_str(),
-            *bitrate,
-            *sample_point_permille,
-            mode.name(),
-            *use_raw,
-            *prescaler
+            settings.bitrate,
+            settings.sample_point_permille,
+            settings.mode.name(),
+            settings.use_raw,
+            settings.prescaler
         ),
         (DEV, 250_000, 800, "listen_only", false, None)
     );

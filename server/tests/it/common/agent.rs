@@ -584,35 +584,21 @@ fn refused(message: String) -> ReplyResult {
 /// The effective values a dongle reports for a CAN configuration: the request itself, with the timing a
 /// 500 kbit/s default would use when the request leaves it to the dongle.
 pub fn effective_of(body: &RequestBody) -> CanEffective {
-    let RequestBody::CanConfig {
-        bitrate,
-        sample_point_permille,
-        mode,
-        use_raw,
-        prescaler,
-        sjw,
-        tseg1,
-        tseg2,
-        auto_retx,
-        tx_pause,
-        protocol_exc,
-        ..
-    } = body
-    else {
+    let RequestBody::CanConfig { settings: s, .. } = body else {
         panic!("not a CAN configuration: {body:?}")
     };
     CanEffective {
-        bitrate: *bitrate,
-        sample_point_permille: *sample_point_permille,
-        prescaler: prescaler.unwrap_or(10),
-        sjw: sjw.unwrap_or(1),
-        tseg1: tseg1.unwrap_or(13),
-        tseg2: tseg2.unwrap_or(2),
-        mode: *mode,
-        use_raw: *use_raw,
-        auto_retx: *auto_retx,
-        tx_pause: *tx_pause,
-        protocol_exc: *protocol_exc,
+        bitrate: s.bitrate,
+        sample_point_permille: s.sample_point_permille,
+        prescaler: s.prescaler.unwrap_or(10),
+        sjw: s.sjw.unwrap_or(1),
+        tseg1: s.tseg1.unwrap_or(13),
+        tseg2: s.tseg2.unwrap_or(2),
+        mode: s.mode,
+        use_raw: s.use_raw,
+        auto_retx: s.auto_retx,
+        tx_pause: s.tx_pause,
+        protocol_exc: s.protocol_exc,
     }
 }
 
