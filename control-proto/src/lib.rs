@@ -331,11 +331,14 @@ impl HostCommand {
 
 /// A CAN configuration to apply, as the server asks for it: the nominal bitrate and sample point from
 /// which the dongle derives its bit timing, or with `use_raw` the raw timing fields (sent only then).
-/// The server checked every range before sending it.
+/// The server checked every range before sending it, and stores and shows it in this shape too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct CanSettings {
     pub bitrate: u32,
     pub sample_point_permille: u16,
+    /// `normal`, `listen_only`, `loopback` or `ext_loop`.
+    #[cfg_attr(feature = "utoipa", schema(value_type = String))]
     pub mode: CanMode,
     pub use_raw: bool,
     pub prescaler: Option<u16>,

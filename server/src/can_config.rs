@@ -10,7 +10,7 @@
 //! applied last, also with several server instances.
 
 use chrono::{DateTime, Utc};
-use control_proto::{CanEffective, CanSettings, DeviceId, ReplyOk, RequestBody};
+use control_proto::{CanEffective, CanSettings, ReplyOk, RequestBody};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -95,30 +95,12 @@ pub struct CanConfigRequest {
     pub protocol_exc: bool,
 }
 
-/// A configuration that passed every check, as it is sent and stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
-pub struct CanConfig {
-    pub bitrate: i32,
-    pub sample_point_permille: i16,
-    /// `normal`, `listen_only`, `loopback` or `ext_loop`.
-    #[schema(value_type = String)]
-    pub mode: CanMode,
-    pub use_raw: bool,
-    pub prescaler: Option<i32>,
-    pub sjw: Option<i16>,
-    pub tseg1: Option<i16>,
-    pub tseg2: Option<i16>,
-    pub auto_retx: bool,
-    pub tx_pause: bool,
-    pub protocol_exc: bool,
-}
-
 /// `GET /dongles/:id/can-config`: what is stored, and what the dongle acknowledged last.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CanConfigState {
     pub dongle_id: Uuid,
     /// The configuration last applied (null when none was ever applied through the server).
-    pub config: Option<CanConfig>,
+    pub config: Option<CanSettings>,
     /// The effective values the dongle reported for it.
     pub effective: Option<CanEffective>,
     pub applied_at: Option<DateTime<Utc>>,
@@ -131,7 +113,7 @@ pub struct CanConfigApplied {
     /// Always true: any other outcome is an error answer.
     pub applied: bool,
     /// The configuration as requested (and now stored).
-    pub config: CanConfig,
+    pub config: CanSettings,
     /// The values the dongle reports it runs with.
     pub effective: CanEffective,
     pub applied_at: DateTime<Utc>,
@@ -182,7 +164,7 @@ fn raw_field(
 }
 
 /// Checks a request against SPEC 3.6; `can_fd` picks the FDCAN timing ranges over bxCAN's.
-pub fn validate(req: &CanConfigRequest, can_fd: bool) -> Result<CanConfig, Invalid> {
+pub fn validate(req: &CanConfigRequest, can_fd: bool) -> Result<CanSettings, Invalid> {
     let bitrate = in_range("bitrate", req.bitrate, 10_000, 1_000_000)?;
     let sample_point = in_range("sample_point_permille", req.sample_point_permille, 500, 950)?;
     let Some(mode) = CanMode::from_name(&req.mode) else {
@@ -207,20 +189,21 @@ pub fn validate(req: &CanConfigRequest, can_fd: bool) -> Result<CanConfig, Inval
                 message: "must not be greater than tseg2.".into(),
             });
         }
+        // The limits keep every value within its wire type.
         (
-            Some(prescaler as i32),
-            Some(sjw as i16),
-            Some(tseg1 as i16),
-            Some(tseg2 as i16),
+            Some(prescaler as u16),
+            Some(sjw as u8),
+            Some(tseg1 as u8),
+            Some(tseg2 as u8),
         )
     } else {
         // Without use_raw the dongle derives its timing from bitrate and sample point; raw fields a
         // client sends along are not used, so they are neither sent nor stored.
         (None, None, None, None)
     };
-    Ok(CanConfig {
-        bitrate: bitrate as i32,
-        sample_point_permille: sample_point as i16,
+    Ok(CanSettings {
+        bitrate: bitrate as u32,
+        sample_point_permille: sample_point as u16,
         mode,
         use_raw: req.use_raw,
         prescaler,
@@ -231,29 +214,6 @@ pub fn validate(req: &CanConfigRequest, can_fd: bool) -> Result<CanConfig, Inval
         tx_pause: req.tx_pause,
         protocol_exc: req.protocol_exc,
     })
-}
-
-impl CanConfig {
-    /// The control request carrying this configuration. The ranges were checked, so every value fits
-    /// its wire type.
-    fn request(&self, device_id: DeviceId) -> RequestBody {
-        RequestBody::CanConfig {
-            device_id,
-            settings: CanSettings {
-                bitrate: self.bitrate as u32,
-                sample_point_permille: self.sample_point_permille as u16,
-                mode: self.mode,
-                use_raw: self.use_raw,
-                prescaler: self.prescaler.map(|v| v as u16),
-                sjw: self.sjw.map(|v| v as u8),
-                tseg1: self.tseg1.map(|v| v as u8),
-                tseg2: self.tseg2.map(|v| v as u8),
-                auto_retx: self.auto_retx,
-                tx_pause: self.tx_pause,
-                protocol_exc: self.protocol_exc,
-            },
-        }
-    }
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -285,20 +245,22 @@ struct StoredRow {
 }
 
 impl StoredRow {
-    fn config(&self) -> CanConfig {
-        CanConfig {
-            bitrate: self.bitrate,
-            sample_point_permille: self.sample_point_permille,
+    /// The stored configuration; None only if a value no longer fits its type, which the checks
+    /// before every write rule out.
+    fn config(&self) -> Option<CanSettings> {
+        Some(CanSettings {
+            bitrate: u32::try_from(self.bitrate).ok()?,
+            sample_point_permille: u16::try_from(self.sample_point_permille).ok()?,
             mode: self.mode,
             use_raw: self.use_raw,
-            prescaler: self.prescaler,
-            sjw: self.sjw,
-            tseg1: self.tseg1,
-            tseg2: self.tseg2,
+            prescaler: self.prescaler.map(u16::try_from).transpose().ok()?,
+            sjw: self.sjw.map(u8::try_from).transpose().ok()?,
+            tseg1: self.tseg1.map(u8::try_from).transpose().ok()?,
+            tseg2: self.tseg2.map(u8::try_from).transpose().ok()?,
             auto_retx: self.auto_retx,
             tx_pause: self.tx_pause,
             protocol_exc: self.protocol_exc,
-        }
+        })
     }
 
     /// The effective values, when the dongle acknowledged this configuration (all are written at once,
@@ -348,7 +310,7 @@ pub async fn get(
     let row = load(svc.pool, dongle.id).await?;
     Ok(CanConfigState {
         dongle_id,
-        config: row.as_ref().map(StoredRow::config),
+        config: row.as_ref().and_then(StoredRow::config),
         effective: row.as_ref().and_then(StoredRow::effective),
         applied_at: row.and_then(|r| r.applied_at),
     })
@@ -407,7 +369,7 @@ async fn apply_leased(
     caller: &Caller,
     client: &ClientInfo,
     dongle: &dongles::OwnedDongle,
-    config: CanConfig,
+    config: CanSettings,
     agent_id: Uuid,
 ) -> Result<CanConfigApplied, DongleError> {
     let dongle_id = dongle.id;
@@ -416,7 +378,10 @@ async fn apply_leased(
         .hub
         .request(
             agent_id,
-            config.request(dongle.device_id),
+            RequestBody::CanConfig {
+                device_id: dongle.device_id,
+                settings: config,
+            },
             svc.dongle_request_timeout,
         )
         .await;
@@ -465,14 +430,14 @@ async fn apply_leased(
          RETURNING applied_at",
     )
     .bind(dongle.id)
-    .bind(config.bitrate)
-    .bind(config.sample_point_permille)
+    .bind(i32::try_from(config.bitrate).unwrap_or(i32::MAX))
+    .bind(i16::try_from(config.sample_point_permille).unwrap_or(i16::MAX))
     .bind(config.mode.name())
     .bind(config.use_raw)
-    .bind(config.prescaler)
-    .bind(config.sjw)
-    .bind(config.tseg1)
-    .bind(config.tseg2)
+    .bind(config.prescaler.map(i32::from))
+    .bind(config.sjw.map(i16::from))
+    .bind(config.tseg1.map(i16::from))
+    .bind(config.tseg2.map(i16::from))
     .bind(config.auto_retx)
     .bind(config.tx_pause)
     .bind(config.protocol_exc)
@@ -525,7 +490,7 @@ async fn audit_failure(
     caller: &Caller,
     client: &ClientInfo,
     dongle: &OwnedDongle,
-    config: &CanConfig,
+    config: &CanSettings,
     error: &DongleError,
 ) {
     let entry = Entry::new("can_config.apply_failed", Some(caller.user_id()), client)
@@ -567,7 +532,7 @@ mod tests {
         }
     }
 
-    fn field(r: Result<CanConfig, Invalid>) -> &'static str {
+    fn field(r: Result<CanSettings, Invalid>) -> &'static str {
         r.unwrap_err().field
     }
 

@@ -88,7 +88,8 @@ struct StoredCan {
     sjw: u8,
     tseg1: u8,
     tseg2: u8,
-    mode: String,
+    /// By its name (`normal`, `listen_only`, ...), checked as it is read.
+    mode: CanMode,
     flags: u8,
 }
 
@@ -187,7 +188,7 @@ impl StateFile for Flash {
                 sjw: c.sjw,
                 tseg1: c.tseg1,
                 tseg2: c.tseg2,
-                mode: c.mode.name().into(),
+                mode: c.mode,
                 flags: c.flags,
             },
         };
@@ -234,8 +235,6 @@ fn parse(text: &str) -> Result<Flash, String> {
         }
     };
     let c = f.can;
-    let mode =
-        CanMode::from_name(&c.mode).ok_or_else(|| format!("unknown CAN mode {:?}", c.mode))?;
     let can = CanSettings {
         bitrate: c.bitrate,
         sample_point_permille: c.sample_point_permille,
@@ -243,7 +242,7 @@ fn parse(text: &str) -> Result<Flash, String> {
         sjw: c.sjw,
         tseg1: c.tseg1,
         tseg2: c.tseg2,
-        mode,
+        mode: c.mode,
         flags: c.flags,
     };
     Ok(Flash {
@@ -292,5 +291,15 @@ mod tests {
             Flash::load(&path),
             Err(StateError::Damaged { .. })
         ));
+        // A mode no controller has, in a file otherwise whole, says which field is wrong.
+        let good = Flash::load_or_create(&dir.path().join("good.json"), None).unwrap();
+        good.save(&path).unwrap();
+        let text = fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"normal\"", "\"warp\"");
+        fs::write(&path, text).unwrap();
+        let err = Flash::load(&path).unwrap_err();
+        assert!(matches!(err, StateError::Damaged { .. }));
+        assert!(err.to_string().contains("CAN mode"), "{err}");
     }
 }

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::common;
+
 use bridge_server::db::MIGRATOR;
 use bridge_server::listen::{Wake, listen_loop};
 use sqlx::PgPool;
@@ -46,20 +48,9 @@ async fn a_connection_the_database_ends_is_reopened_and_says_so(pool: PgPool) {
     notify(&pool, "one").await;
     assert_eq!(next(&mut wakes).await, "one");
 
-    let listening: Vec<i32> = sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity WHERE query = $1 OR query = $1 || ';'",
-    )
-    .bind(format!("LISTEN \"{CHANNEL}\""))
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let listening = common::listening_pids(&pool, CHANNEL).await;
     assert_eq!(listening.len(), 1, "one listening connection");
-    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-        .bind(listening[0])
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert!(killed);
+    common::terminate_backend(&pool, listening[0]).await;
     // Whatever was sent while it was away may be lost; the reopened connection says so first.
     assert_eq!(next(&mut wakes).await, "resync");
     notify(&pool, "two").await;

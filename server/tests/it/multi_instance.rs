@@ -334,28 +334,16 @@ async fn a_lost_listen_connection_is_reopened_and_nothing_is_lost(pool: PgPool) 
     agent.report(&pool, &[DEV]).await;
     let dongle = dongle_id(&pool).await;
 
-    let listen = format!(
-        "LISTEN \"{}\"",
-        bridge_server::agents::cluster::channel_of(second.instance_id())
-    );
+    let channel = bridge_server::agents::cluster::channel_of(second.instance_id());
     let listening = || async {
-        // sqlx's own reopening sends `LISTEN "..";`, with a semicolon.
-        sqlx::query_scalar::<_, i32>(
-            "SELECT pid FROM pg_stat_activity WHERE query = $1 OR query = $1 || ';'",
-        )
-        .bind(&listen)
-        .fetch_optional(&pool)
-        .await
-        .unwrap()
+        common::listening_pids(&pool, &channel)
+            .await
+            .first()
+            .copied()
     };
     agent::wait_until(|| async { listening().await.is_some() }).await;
     let pid = listening().await.unwrap();
-    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-        .bind(pid)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert!(killed);
+    common::terminate_backend(&pool, pid).await;
 
     let started = start_pairing(&alice, dongle).await;
     assert_eq!(started.status, StatusCode::OK, "{}", started.text);

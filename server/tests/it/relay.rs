@@ -914,29 +914,12 @@ async fn a_lost_relay_listen_connection_is_reopened_and_no_frame_waits_for_the_p
     );
 
     // Both instances listen on the relay's channel; the database ends both connections.
-    let listen = format!(
-        "LISTEN \"{}\"",
-        bridge_server::groups::buffer::BUFFERED_CHANNEL
-    );
-    let listening = || async {
-        // sqlx's own reopening sends `LISTEN "..";`, with a semicolon.
-        sqlx::query_scalar::<_, i32>(
-            "SELECT pid FROM pg_stat_activity WHERE query = $1 OR query = $1 || ';' ORDER BY pid",
-        )
-        .bind(&listen)
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-    };
+    let listening =
+        || common::listening_pids(&pool, bridge_server::groups::buffer::BUFFERED_CHANNEL);
     agent::wait_until(|| async { listening().await.len() == 2 }).await;
     let before = listening().await;
     for pid in &before {
-        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-            .bind(pid)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert!(killed);
+        common::terminate_backend(&pool, *pid).await;
     }
 
     // Committed right after the kill, while the listeners may still be away.

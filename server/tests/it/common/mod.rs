@@ -329,3 +329,25 @@ pub fn database_url_of(pool: &PgPool) -> String {
         .unwrap_or(head.len());
     format!("{}/{}{}", &head[..path_start], db, query)
 }
+
+/// The server processes of the connections that LISTEN on `channel` now, in pid order.
+pub async fn listening_pids(pool: &PgPool, channel: &str) -> Vec<i32> {
+    // sqlx's own reopening sends `LISTEN "..";`, with a semicolon.
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE query = $1 OR query = $1 || ';' ORDER BY pid",
+    )
+    .bind(format!("LISTEN \"{channel}\""))
+    .fetch_all(pool)
+    .await
+    .expect("pg_stat_activity reads")
+}
+
+/// Ends the server process `pid`, as a database restart or an administrator would.
+pub async fn terminate_backend(pool: &PgPool, pid: i32) {
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(pool)
+        .await
+        .expect("pg_terminate_backend runs");
+    assert!(killed, "backend {pid} ended");
+}
