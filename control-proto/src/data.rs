@@ -61,6 +61,22 @@ pub enum Side {
 }
 
 impl Side {
+    /// The side as text everywhere it is text (its JSON form, the server's database, notification
+    /// payloads): `a` or `b`.
+    pub fn letter(self) -> &'static str {
+        match self {
+            Side::A => "a",
+            Side::B => "b",
+        }
+    }
+
+    /// The side of a [`Side::letter`]; None for anything else.
+    pub fn from_letter(letter: &str) -> Option<Self> {
+        [Side::A, Side::B]
+            .into_iter()
+            .find(|s| s.letter() == letter)
+    }
+
     pub fn other(self) -> Self {
         match self {
             Side::A => Side::B,
@@ -392,6 +408,19 @@ mod tests {
         let n = encode_batch(&records, &mut buf).unwrap();
         buf.truncate(n);
         buf
+    }
+
+    #[test]
+    fn a_sides_letter_is_its_json_name_and_reads_back() {
+        for side in [Side::A, Side::B] {
+            assert_eq!(Side::from_letter(side.letter()), Some(side));
+            assert_eq!(
+                serde_json::to_string(&side).unwrap(),
+                format!("\"{}\"", side.letter())
+            );
+        }
+        assert_eq!(Side::from_letter("A"), None);
+        assert_eq!(Side::from_letter(""), None);
     }
 
     #[test]

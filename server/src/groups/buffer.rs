@@ -13,7 +13,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::chunk::Chunk;
-use super::model::{Mode, direction_to, side_letter};
+use super::model::{Mode, direction_to};
 use crate::audit::{self, Entry, Target};
 
 /// Why a buffer operation failed.
@@ -73,7 +73,7 @@ async fn ensure_side(
         "INSERT INTO relay_sides (group_id, side) VALUES ($1, $2) ON CONFLICT (group_id, side) DO NOTHING",
     )
     .bind(group_id)
-    .bind(side_letter(side))
+    .bind(side.letter())
     .execute(conn)
     .await?;
     Ok(())
@@ -90,7 +90,7 @@ async fn lock_direction(
         "SELECT buffered_frames FROM relay_sides WHERE group_id = $1 AND side = $2 FOR UPDATE",
     )
     .bind(group_id)
-    .bind(side_letter(target))
+    .bind(target.letter())
     .fetch_one(conn)
     .await?;
     Ok(buffered.max(0) as u64)
@@ -116,7 +116,7 @@ async fn lock_both_directions(
     .bind(group_id)
     .fetch_all(conn)
     .await?;
-    let target = side_letter(target);
+    let target = target.letter();
     Ok(rows
         .iter()
         .find(|(side, _)| side == target)
@@ -147,7 +147,7 @@ pub const BUFFERED_CHANNEL: &str = "relay_buffered";
 
 /// The payload of a [`BUFFERED_CHANNEL`] notification: `<group id>:<a|b>`, the side frames go to.
 pub fn buffered_payload(group_id: Uuid, towards: Side) -> String {
-    format!("{group_id}:{}", side_letter(towards))
+    format!("{group_id}:{}", towards.letter())
 }
 
 /// The payload of a [`BUFFERED_CHANNEL`] notification that says where a side of the group is served
@@ -164,12 +164,7 @@ pub fn parse_served_payload(payload: &str) -> Option<Uuid> {
 /// Reads a [`BUFFERED_CHANNEL`] payload; None for anything else.
 pub fn parse_buffered_payload(payload: &str) -> Option<(Uuid, Side)> {
     let (group, side) = payload.split_once(':')?;
-    let side = match side {
-        "a" => Side::A,
-        "b" => Side::B,
-        _ => return None,
-    };
-    Some((group.parse().ok()?, side))
+    Some((group.parse().ok()?, Side::from_letter(side)?))
 }
 
 /// Writes the chunks in one transaction, records how far the source side's stream is accepted, and
@@ -231,7 +226,7 @@ async fn append_in(tx: &mut PgConnection, req: Append<'_>) -> Result<Appended, s
             "UPDATE relay_sides SET next_in = GREATEST(next_in, $3) WHERE group_id = $1 AND side = $2",
         )
         .bind(group_id)
-        .bind(side_letter(source))
+        .bind(source.letter())
         .bind(pos(next_in))
         .execute(&mut *tx)
         .await?;
@@ -286,7 +281,7 @@ async fn append_in(tx: &mut PgConnection, req: Append<'_>) -> Result<Appended, s
          WHERE group_id = $1 AND side = $2",
     )
     .bind(group_id)
-    .bind(side_letter(target))
+    .bind(target.letter())
     .bind(pos(buffered))
     .bind(pos(trimmed))
     .execute(&mut *tx)
@@ -441,7 +436,7 @@ pub async fn audit_trim(
         "SELECT buffered_frames FROM relay_sides WHERE group_id = $1 AND side = $2",
     )
     .bind(group_id)
-    .bind(side_letter(target))
+    .bind(target.letter())
     .fetch_optional(&mut *conn)
     .await?
     .ok_or(BufferError::Gone)?;
@@ -493,7 +488,7 @@ pub async fn acknowledge(
            frames_delivered = frames_delivered + $5 WHERE group_id = $1 AND side = $2",
     )
     .bind(group_id)
-    .bind(side_letter(target))
+    .bind(target.letter())
     .bind(pos(next))
     .bind(pos(buffered.saturating_sub(removed)))
     .bind(pos(removed))
@@ -605,7 +600,7 @@ pub async fn flush_counters(
            acked_out = GREATEST(relay_sides.acked_out, EXCLUDED.acked_out)",
     )
     .bind(group_id)
-    .bind(side_letter(side))
+    .bind(side.letter())
     .bind(pos(c.next_in))
     .bind(pos(c.frames_received))
     .bind(pos(c.agent_drops))

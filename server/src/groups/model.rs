@@ -4,14 +4,6 @@ use control_proto::data::Side;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-/// The letter of a side in the database (`dongle_group_members.side`, `relay_sides.side`).
-pub fn side_letter(side: Side) -> &'static str {
-    match side {
-        Side::A => "a",
-        Side::B => "b",
-    }
-}
-
 /// The direction of the frames going TO `target`, as `relay_buffer.direction` names it.
 pub fn direction_to(target: Side) -> &'static str {
     match target {

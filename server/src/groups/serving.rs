@@ -6,7 +6,7 @@ use control_proto::data::{PerSide, Side};
 use sqlx::{PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
-use super::model::{Mode, side_letter};
+use super::model::Mode;
 use crate::agents::ONLINE_SQL;
 
 /// The agents that see any of `dongle_ids` now (present in their last report): those whose `groups`
@@ -91,7 +91,9 @@ pub async fn sides_served_by(
         .map(|(group_id, side, device_id, next_in)| {
             Ok(ServedSide {
                 group_id,
-                side: if side == "a" { Side::A } else { Side::B },
+                // `dongle_group_members.side` is `a` or `b` by its CHECK constraint.
+                side: Side::from_letter(&side)
+                    .ok_or_else(|| sqlx::Error::Decode(format!("a group side {side:?}").into()))?,
                 device_id: crate::db::stored_device_id(device_id)?,
                 next_in: next_in.max(0) as u64,
             })
@@ -191,7 +193,7 @@ pub async fn mark_served(
     };
     let changed = sqlx::query(sql)
         .bind(group_id)
-        .bind(side_letter(side))
+        .bind(side.letter())
         .bind(instance_id)
         .execute(pool)
         .await?
@@ -219,7 +221,7 @@ pub async fn served_elsewhere(
     .fetch_all(pool)
     .await?;
     Ok(PerSide::from_fn(|side| {
-        sides.iter().any(|s| s == side_letter(side))
+        sides.iter().any(|s| s == side.letter())
     }))
 }
 
