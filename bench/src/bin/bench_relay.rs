@@ -9,6 +9,10 @@
 //!    and then halving the last interval twice;
 //! 3. how many groups carry 9 000 frames/s each at the same time, trying 1, 2, 4, ... `--max-groups`.
 //!
+//! With `--soak-minutes M` it runs a soak instead: `--soak-groups` groups at `--group-rate` each for M
+//! minutes, in rounds of a minute, with agent B stopped (as Ctrl-C would) for 5 s in every third round
+//! and started again, printing each round's loss, latency and the process's memory.
+//!
 //! A step is clean when every frame arrived once and in order and the p99 latency stayed under
 //! `--max-p99-ms`: the relay never loses a frame (past its in-flight limit it buffers them in
 //! PostgreSQL and replays them), so "nothing lost" alone would pass any rate the buffer can hold; the
@@ -65,6 +69,12 @@ struct Args {
     /// that with two or more every group's sides reach different instances.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
     instances: u16,
+    /// Run a soak of this many minutes instead of the three measurements.
+    #[arg(long)]
+    soak_minutes: Option<u32>,
+    /// Groups sending at `--group-rate` throughout the soak.
+    #[arg(long, default_value_t = 10)]
+    soak_groups: usize,
 }
 
 /// The server's relay counters at one moment: where frames went.
@@ -351,7 +361,9 @@ async fn step(
 }
 
 async fn bench(dir: std::path::PathBuf, args: Args) -> anyhow::Result<()> {
-    let groups = if args.skip_groups {
+    let groups = if args.soak_minutes.is_some() {
+        args.soak_groups.max(1)
+    } else if args.skip_groups {
         1
     } else {
         args.max_groups.max(1)
@@ -371,7 +383,11 @@ async fn bench(dir: std::path::PathBuf, args: Args) -> anyhow::Result<()> {
     )
     .await?;
     println!("set up in {:.1} s", setup.elapsed().as_secs_f64());
-    let outcome = measure(&rig, &args, groups, max_p99).await;
+    let mut rig = rig;
+    let outcome = match args.soak_minutes {
+        Some(minutes) => soak(&mut rig, &args, minutes).await,
+        None => measure(&rig, &args, groups, max_p99).await,
+    };
     rig.stop().await;
     outcome
 }
@@ -474,6 +490,138 @@ async fn measure(rig: &Rig, args: &Args, groups: usize, max_p99: Duration) -> an
         }
         println!("groups held at {} frames/s each: {held}", args.group_rate);
     }
+    Ok(())
+}
+
+/// This process's resident memory in MiB (the server, the agents and the simulators all run in it).
+fn rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024
+}
+
+/// Every group at `--group-rate` for `minutes`, a minute a round; agent B is away for 5 s in every
+/// third round. A round waits for its last frame (or 2 minutes) before the next begins, so that no
+/// round's frames are counted in another's.
+async fn soak(rig: &mut Rig, args: &Args, minutes: u32) -> anyhow::Result<()> {
+    const ROUND: Duration = Duration::from_secs(60);
+    const AWAY: Duration = Duration::from_secs(5);
+    let rate = args.group_rate;
+    let per_round = (f64::from(rate) * ROUND.as_secs_f64()) as usize;
+    let away_from = per_round / 3;
+    let away_to = away_from + (f64::from(rate) * AWAY.as_secs_f64()) as usize;
+    println!(
+        "\nsoak: {} groups at {rate} frames/s each (A -> B) for {minutes} minutes; agent B stopped for {} s in every third round",
+        rig.groups.len(),
+        AWAY.as_secs()
+    );
+    let rss_start = rss_mib();
+    let mut total = FlowResult::default();
+    // The worst p99 of the rounds without a restart, and of those with one (frames wait in the buffer
+    // while B is away). Every round's latencies are dropped after its line: 30 minutes of them would
+    // take gigabytes.
+    let (mut worst_steady, mut worst_restart) = (Duration::ZERO, Duration::ZERO);
+    for round in 0..minutes {
+        for g in &rig.groups {
+            rig.wait_state(&g.group_id, rig.relaying_state(), Duration::from_secs(120))
+                .await
+                .context("the relay did not recover from the previous round")?;
+        }
+        // A tag per round and group, so that nothing of another round is counted in this one.
+        let trackers: Vec<flow::Tracker> = rig
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let tag = ((round as usize * rig.groups.len() + i) % 250) as u8;
+                let rx = BusTap::join_at(&g.b.bus_root, &g.b.bus)?;
+                Ok(flow::Tracker::start(rx, tag, per_round))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;
+        let cpu = Cpu::now(rig);
+        let inject = |seqs: std::ops::Range<usize>| {
+            futures::future::join_all(
+                trackers
+                    .iter()
+                    .zip(&rig.groups)
+                    .map(move |(t, g)| t.inject(&g.a.sim, seqs.clone(), rate)),
+            )
+        };
+        let restart = round % 3 == 2;
+        if restart {
+            inject(0..away_from).await;
+            rig.agent_b.stop().await.context("stopping agent B")?;
+            inject(away_from..away_to).await;
+            rig.agent_b.start();
+            inject(away_to..per_round).await;
+        } else {
+            inject(0..per_round).await;
+        }
+        let mut round_result = FlowResult::default();
+        for t in trackers {
+            let r = t
+                .finish(Duration::from_secs(5), Duration::from_secs(120))
+                .await;
+            round_result.sent += r.sent;
+            round_result.delivered += r.delivered;
+            round_result.duplicates += r.duplicates;
+            round_result.out_of_order += r.out_of_order;
+            round_result.latencies.extend(r.latencies);
+        }
+        let cpu = Cpu::now(rig).since(cpu);
+        println!(
+            "round {:>2}{} sent {:>8} lost {:>3} dup {:>2} reordered {:>2} p50 {:>7} ms p99 {:>8} ms max {:>8} ms  CPU servers {:.2} s agents {:.2} s  RSS {} MiB",
+            round + 1,
+            if restart {
+                " (B restarted)"
+            } else {
+                "              "
+            },
+            round_result.sent,
+            round_result.lost(),
+            round_result.duplicates,
+            round_result.out_of_order,
+            ms(round_result.quantile(0.5)),
+            ms(round_result.quantile(0.99)),
+            ms(round_result
+                .latencies
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or_default()),
+            cpu.servers.as_secs_f64(),
+            (cpu.agent_a + cpu.agent_b).as_secs_f64(),
+            rss_mib(),
+        );
+        total.sent += round_result.sent;
+        total.delivered += round_result.delivered;
+        total.duplicates += round_result.duplicates;
+        total.out_of_order += round_result.out_of_order;
+        let worst = if restart {
+            &mut worst_restart
+        } else {
+            &mut worst_steady
+        };
+        *worst = (*worst).max(round_result.quantile(0.99));
+    }
+    println!(
+        "soak: sent {} lost {} dup {} reordered {}; worst p99 of a round {} ms without a restart, {} ms with one; RSS {} MiB at the start, {} MiB at the end (the benchmark's own buffers included)",
+        total.sent,
+        total.lost(),
+        total.duplicates,
+        total.out_of_order,
+        ms(worst_steady),
+        ms(worst_restart),
+        rss_start,
+        rss_mib()
+    );
     Ok(())
 }
 
