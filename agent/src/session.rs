@@ -227,10 +227,6 @@ pub struct UartReport {
 /// How many UART reports may wait for the consumer before new ones are dropped and counted.
 const TELEMETRY_QUEUE: usize = 64;
 
-/// How long frames wait for the dongle's bitrate, which the agent asks for right after authenticating,
-/// before they are written unpaced (a dongle that never tells it).
-pub const BITRATE_WAIT: Duration = Duration::from_secs(2);
-
 /// Counters of a session.
 #[derive(Debug, Default)]
 pub struct SessionStats {
@@ -276,10 +272,6 @@ struct Shared {
     stats: SessionStats,
     /// The dongle's bitrate from its last CAN_CONFIG answer; 0 until one arrives.
     bitrate: AtomicU32,
-    /// Told when a bitrate is learnt, to the frames waiting for one.
-    bitrate_known: tokio::sync::Notify,
-    /// Frames waited [`BITRATE_WAIT`] for a bitrate that did not come: later ones do not wait again.
-    bitrate_waited: std::sync::atomic::AtomicBool,
     /// The model of the dongle's transmit queue that paces frames to it.
     pace: Mutex<BusPace>,
 }
@@ -340,8 +332,6 @@ impl DongleSession {
             started: Instant::now(),
             stats: SessionStats::default(),
             bitrate: AtomicU32::new(0),
-            bitrate_known: tokio::sync::Notify::new(),
-            bitrate_waited: std::sync::atomic::AtomicBool::new(false),
             pace: Mutex::default(),
         });
         let (frames_tx, frames_rx) = mpsc::channel(config.frame_queue);
@@ -556,7 +546,6 @@ impl DongleSession {
             // Frames counted at the old bitrate would hold the new one's pace.
             *self.shared.pace.lock().unwrap() = BusPace::default();
         }
-        self.shared.bitrate_known.notify_waiters();
     }
 
     /// Runs a command on the dongle's CLI and waits up to `wait` (plus the request timeout) for its
@@ -676,10 +665,9 @@ impl DongleSession {
     }
 
     /// Waits until the first of `frames` may be written to the dongle without overrunning its bus, and
-    /// says how many, from the first, may be written now. Frames that come before the bitrate is known
-    /// wait for it (up to [`BITRATE_WAIT`], once per session), and go all at once without it.
+    /// says how many, from the first, may be written now. Without a known bitrate, all of them.
     async fn paced(&self, frames: &[Frame]) -> usize {
-        let bitrate = self.bitrate_or_wait().await;
+        let bitrate = self.shared.bitrate.load(Ordering::Relaxed);
         if bitrate == 0 {
             return frames.len();
         }
@@ -694,26 +682,6 @@ impl DongleSession {
             tokio::time::sleep_until(at).await;
         }
         allowed
-    }
-
-    /// The dongle's bitrate, waiting for it when it is not known yet: the agent asks for it right after
-    /// authenticating, and frames that come first (a replay right after the agent started again)
-    /// would overrun the dongle's transmit queue if written unpaced. 0 when it did not come in time.
-    async fn bitrate_or_wait(&self) -> u32 {
-        let known = self.shared.bitrate_known.notified();
-        tokio::pin!(known);
-        // Registered before the check, so that a bitrate learnt in between is not missed.
-        known.as_mut().enable();
-        let bitrate = self.shared.bitrate.load(Ordering::Relaxed);
-        if bitrate != 0 || self.shared.bitrate_waited.load(Ordering::Relaxed) {
-            return bitrate;
-        }
-        if tokio::time::timeout(BITRATE_WAIT, known).await.is_err() {
-            self.shared.bitrate_waited.store(true, Ordering::Relaxed);
-            tracing::warn!(device_id = %self.info.device_id,
-                "the dongle did not tell its bitrate: frames to it go unpaced");
-        }
-        self.shared.bitrate.load(Ordering::Relaxed)
     }
 
     /// Sends one packet of frames from the start of `frames` (a batch where the dongle offers them,
@@ -1075,60 +1043,5 @@ mod tests {
         assert_eq!((got.output.as_str(), got.exit_code), ("ok\n", 0));
         assert!(reports.try_recv().is_err(), "nothing else got through");
         assert_eq!(session.stats().packets_ignored.load(Ordering::Relaxed), 3);
-    }
-
-    /// Frames that come before the dongle's bitrate is known (a replay right after the agent started
-    /// again, say) wait for it, up to [`BITRATE_WAIT`]: written unpaced, they overran the dongle's
-    /// transmit queue (4 619 frames lost in one `bench-relay --soak-minutes` round). A dongle that never
-    /// tells its bitrate is waited for once, not at every write.
-    #[tokio::test(start_paused = true)]
-    async fn frames_wait_for_the_dongles_bitrate_before_they_are_written() {
-        let (_to_session, incoming) = mpsc::channel(16);
-        let (outgoing, mut sent) = mpsc::channel(64);
-        let link = Link {
-            outgoing,
-            incoming,
-            stats: Arc::default(),
-            peer: "test".into(),
-        };
-        let info = DongleInfo {
-            device_id: DEV,
-            fw_build: "test".into(),
-            udp_port: 0,
-            capabilities: 0,
-            proto_ver: SUPPORTED_PROTO_VER,
-            lan_ip: None,
-            pairing_mode: false,
-            pairing_nonce: None,
-        };
-        let session = Arc::new(DongleSession::start(link, info, SessionConfig::default()).unwrap());
-        session
-            .authenticate(DongleToken::from_bytes([0x42; 32]))
-            .await
-            .unwrap();
-        let frames: Vec<Frame> = (0..4u8)
-            .map(|i| {
-                Frame::classic(firmware_proto::ids::CanId::standard(0x100).unwrap(), &[i]).unwrap()
-            })
-            .collect();
-        let writer = {
-            let session = session.clone();
-            tokio::spawn(async move { session.send_frames(&frames).await })
-        };
-        tokio::time::sleep(BITRATE_WAIT / 2).await;
-        assert!(
-            sent.try_recv().is_err(),
-            "nothing written before the bitrate is known"
-        );
-        tokio::time::sleep(BITRATE_WAIT).await;
-        writer.await.unwrap().unwrap();
-        for _ in 0..4 {
-            sent.try_recv().expect("written once the wait is over");
-        }
-        // The wait is over for this session: the next frame goes at once.
-        let one =
-            Frame::classic(firmware_proto::ids::CanId::standard(0x100).unwrap(), &[9]).unwrap();
-        session.send_frames(&[one]).await.unwrap();
-        sent.try_recv().expect("written without a second wait");
     }
 }

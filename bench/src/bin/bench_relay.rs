@@ -545,10 +545,7 @@ async fn soak(rig: &mut Rig, args: &Args, minutes: u32) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?;
         tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;
-        let before = relayed(rig);
-        let sims_before = sim_counters(rig, rig.groups.len());
         let cpu = Cpu::now(rig);
-        let started = Instant::now();
         let inject = |seqs: std::ops::Range<usize>| {
             futures::future::join_all(
                 trackers
@@ -567,45 +564,42 @@ async fn soak(rig: &mut Rig, args: &Args, minutes: u32) -> anyhow::Result<()> {
         } else {
             inject(0..per_round).await;
         }
-        let mut results = Vec::with_capacity(trackers.len());
-        for t in trackers {
-            results.push(
-                t.finish(Duration::from_secs(5), Duration::from_secs(120))
-                    .await,
-            );
-        }
-        // A restarted agent's counters start again from zero: the differences saturate.
-        let after = relayed(rig);
-        let round_step = Step {
-            sims: sim_counters(rig, rig.groups.len()).since(sims_before),
-            results,
-            relayed_buffered: after.buffered.saturating_sub(before.buffered),
-            relayed: [
-                after.a_up.saturating_sub(before.a_up),
-                after.accepted.saturating_sub(before.accepted),
-                after.forwarded.saturating_sub(before.forwarded),
-                after.delivered.saturating_sub(before.delivered),
-                after.b_down.saturating_sub(before.b_down),
-                after.dropped.saturating_sub(before.dropped),
-            ],
-            cpu: Cpu::now(rig).since(cpu),
-            wall: started.elapsed(),
-            hops: None,
-        };
-        let label = format!(
-            "round {}{}",
-            round + 1,
-            if restart { " (B restarted)" } else { "" }
-        );
-        println!("{}\n    RSS {} MiB", round_step.line(&label), rss_mib());
         let mut round_result = FlowResult::default();
-        for r in &round_step.results {
+        for t in trackers {
+            let r = t
+                .finish(Duration::from_secs(5), Duration::from_secs(120))
+                .await;
             round_result.sent += r.sent;
             round_result.delivered += r.delivered;
             round_result.duplicates += r.duplicates;
             round_result.out_of_order += r.out_of_order;
+            round_result.latencies.extend(r.latencies);
         }
-        round_result.latencies = round_step.all_latencies();
+        let cpu = Cpu::now(rig).since(cpu);
+        println!(
+            "round {:>2}{} sent {:>8} lost {:>3} dup {:>2} reordered {:>2} p50 {:>7} ms p99 {:>8} ms max {:>8} ms  CPU servers {:.2} s agents {:.2} s  RSS {} MiB",
+            round + 1,
+            if restart {
+                " (B restarted)"
+            } else {
+                "              "
+            },
+            round_result.sent,
+            round_result.lost(),
+            round_result.duplicates,
+            round_result.out_of_order,
+            ms(round_result.quantile(0.5)),
+            ms(round_result.quantile(0.99)),
+            ms(round_result
+                .latencies
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or_default()),
+            cpu.servers.as_secs_f64(),
+            (cpu.agent_a + cpu.agent_b).as_secs_f64(),
+            rss_mib(),
+        );
         total.sent += round_result.sent;
         total.delivered += round_result.delivered;
         total.duplicates += round_result.duplicates;
