@@ -63,7 +63,7 @@ pub fn load_average() -> String {
 }
 
 /// Runs `bench` on a multi-threaded runtime with a fresh temporary folder, and cleans up whatever the
-/// outcome: on Ctrl-C the benchmark's future is dropped (which stops PostgreSQL, simulators and child
+/// outcome: on Ctrl-C or SIGTERM the benchmark's future is dropped (which stops PostgreSQL, simulators and child
 /// processes through their `Drop`), then the runtime is shut down (which ends every task it spawned,
 /// the agents and the server among them), and only then is the folder removed, so that nothing still
 /// writes into it. Prints the machine first and the load average last.
@@ -96,9 +96,20 @@ where
         .context("could not start the async runtime")?;
     let path = dir.path().to_path_buf();
     let outcome = runtime.block_on(async move {
+        // SIGTERM (`kill`, `pkill`, a CI job's timeout) as Ctrl-C: without it the embedded PostgreSQL
+        // and the folder outlived the benchmark.
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             outcome = bench(path) => Some(outcome),
             _ = tokio::signal::ctrl_c() => None,
+            () = terminate => None,
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(10));
