@@ -35,6 +35,25 @@ impl<T> Visitor<'_> for TextVisitor<T> {
         // field, and errors reach logs.
         (self.parse)(v).ok_or_else(|| E::invalid_value(de::Unexpected::Other("text"), &self))
     }
+
+    // Values of other types are refused without their value either: serde's own refusal names it (a
+    // PIN sent as the number 123456 would be in the message). Booleans, null, lists and maps keep
+    // serde's refusal, which holds no secret.
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<T, E> {
+        Err(E::invalid_type(de::Unexpected::Other("a number"), &self))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<T, E> {
+        Err(E::invalid_type(de::Unexpected::Other("a number"), &self))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<T, E> {
+        Err(E::invalid_type(de::Unexpected::Other("a number"), &self))
+    }
+
+    fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<T, E> {
+        Err(E::invalid_type(de::Unexpected::Other("bytes"), &self))
+    }
 }
 
 fn read_text<'de, D: Deserializer<'de>, T>(
@@ -42,7 +61,10 @@ fn read_text<'de, D: Deserializer<'de>, T>(
     expected: &'static str,
     parse: fn(&str) -> Option<T>,
 ) -> Result<T, D::Error> {
-    deserializer.deserialize_str(TextVisitor { expected, parse })
+    // `deserialize_any`, so that a value of another type reaches the visitor, which refuses it without
+    // naming it; asked for a string, a format such as JSON names the number it found itself. These are
+    // text forms: the formats they are for (JSON) describe their own types.
+    deserializer.deserialize_any(TextVisitor { expected, parse })
 }
 
 impl Serialize for DeviceId {
@@ -170,6 +192,11 @@ mod tests {
         }
         let error = read::<Pin>(r#""98765x""#).unwrap_err().to_string();
         assert!(!error.contains("98765"), "{error}");
+        // Nor as a number, which serde's own refusal would name.
+        let error = read::<Pin>("987654").unwrap_err().to_string();
+        assert!(!error.contains("987654"), "{error}");
+        let error = read::<Pin>("-987654").unwrap_err().to_string();
+        assert!(!error.contains("987654"), "{error}");
     }
 
     #[test]

@@ -111,11 +111,16 @@ impl AgentPart {
             return Ok(());
         };
         let _ = stop.send(());
+        let abort = task.abort_handle();
         match tokio::time::timeout(Duration::from_secs(10), task).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(e))) => Err(e.into()),
             Ok(Err(e)) => bail!("the agent task failed: {e}"),
-            Err(_) => bail!("the agent did not stop within 10 s"),
+            Err(_) => {
+                // Cut off, so that a later `start` does not run a second daemon beside it.
+                abort.abort();
+                bail!("the agent did not stop within 10 s and was cut off")
+            }
         }
     }
 }
