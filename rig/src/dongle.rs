@@ -77,9 +77,10 @@ impl DonglePart {
         })
     }
 
-    /// A tap on the dongle's bus, as another device on it (an ECU, a tester).
+    /// A tap on the dongle's bus, as another device on it (an ECU, a tester), which records what the
+    /// others send whenever its caller reads ([`BusTap::recorder_at`]).
     pub fn tap(&self) -> anyhow::Result<BusTap> {
-        BusTap::join_at(&self.bus_root, &self.bus)
+        BusTap::recorder_at(&self.bus_root, &self.bus)
             .with_context(|| format!("could not join the bus {}", self.bus))
     }
 }

@@ -16,10 +16,13 @@
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use firmware_proto::ext::CanRecord;
 use tokio::net::UnixDatagram;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::frame::Frame;
@@ -114,8 +117,18 @@ fn decode_datagram(mut bytes: &[u8], out: &mut VecDeque<Frame>) -> Option<()> {
 #[derive(Debug)]
 pub(crate) struct Endpoint {
     socket: UnixDatagram,
-    path: PathBuf,
+    file: SocketFile,
     dir: PathBuf,
+}
+
+/// A member's socket file, removed when it is dropped so that senders stop finding the member.
+#[derive(Debug)]
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 impl Endpoint {
@@ -136,7 +149,11 @@ impl Endpoint {
             path: path.clone(),
             source,
         })?;
-        Ok(Self { socket, path, dir })
+        Ok(Self {
+            socket,
+            file: SocketFile(path),
+            dir,
+        })
     }
 
     /// Waits for the next datagram and appends its frames to `out`; returns false for a
@@ -150,16 +167,10 @@ impl Endpoint {
     pub(crate) fn peers(&self) -> Peers {
         Peers {
             dir: self.dir.clone(),
-            own: self.path.clone(),
+            own: self.file.0.clone(),
             members: Vec::new(),
             refreshed: None,
         }
-    }
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -267,17 +278,37 @@ impl Peers {
 /// A passive bus member for tests and tools: sends frames onto a bus and receives what the
 /// other members send.
 pub struct BusTap {
-    endpoint: Endpoint,
+    incoming: Incoming,
     peers: Peers,
     pending: VecDeque<Frame>,
-    malformed: u64,
+    malformed: Arc<AtomicU64>,
 }
+
+/// Where a tap's frames come from.
+enum Incoming {
+    /// Its socket, read when the caller receives: a caller that does not read for a while makes the
+    /// senders wait, and past [`SEND_TIMEOUT`] they lose datagrams to it.
+    Socket(Endpoint),
+    /// A queue that a thread of the tap's own fills from its socket, whenever the caller reads.
+    Recorded {
+        datagrams: mpsc::Receiver<Vec<Frame>>,
+        file: SocketFile,
+    },
+}
+
+/// Datagrams a recording tap keeps for its caller at most (up to 32 frames each); past it the
+/// recorder waits, and senders then wait as they do for any member.
+const RECORDED_DATAGRAMS: usize = 65_536;
+/// How often a recorder that has nothing to read looks whether its tap is gone.
+const RECORDER_POLL: Duration = Duration::from_millis(100);
 
 impl std::fmt::Debug for BusTap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BusTap")
-            .field("socket", &self.endpoint.path)
-            .finish()
+        let path = match &self.incoming {
+            Incoming::Socket(endpoint) => &endpoint.file.0,
+            Incoming::Recorded { file, .. } => &file.0,
+        };
+        f.debug_struct("BusTap").field("socket", path).finish()
     }
 }
 
@@ -292,10 +323,44 @@ impl BusTap {
         let endpoint = Endpoint::bind(root, name)?;
         let peers = endpoint.peers();
         Ok(Self {
-            endpoint,
+            incoming: Incoming::Socket(endpoint),
             peers,
             pending: VecDeque::new(),
-            malformed: 0,
+            malformed: Arc::default(),
+        })
+    }
+
+    /// Joins bus `name` under `root` as a recorder: a thread of the tap's own reads what the other
+    /// members send as it comes, so that a caller may read it much later (after a stream, or from
+    /// a runtime that is busy with other work) without the senders losing any of it meanwhile.
+    /// Linux queues only ten datagrams for a socket nobody reads.
+    pub fn recorder_at(root: &Path, name: &str) -> Result<Self, BusError> {
+        let Endpoint { socket, file, dir } = Endpoint::bind(root, name)?;
+        let io = |source| BusError::Io {
+            path: file.0.clone(),
+            source,
+        };
+        let socket = socket.into_std().map_err(io)?;
+        socket.set_nonblocking(false).map_err(io)?;
+        socket.set_read_timeout(Some(RECORDER_POLL)).map_err(io)?;
+        let (tx, datagrams) = mpsc::channel(RECORDED_DATAGRAMS);
+        let malformed = Arc::new(AtomicU64::new(0));
+        let counted = malformed.clone();
+        std::thread::Builder::new()
+            .name("bus-recorder".into())
+            .spawn(move || record(&socket, &tx, &counted))
+            .map_err(io)?;
+        let peers = Peers {
+            dir,
+            own: file.0.clone(),
+            members: Vec::new(),
+            refreshed: None,
+        };
+        Ok(Self {
+            incoming: Incoming::Recorded { datagrams, file },
+            peers,
+            pending: VecDeque::new(),
+            malformed,
         })
     }
 
@@ -315,8 +380,20 @@ impl BusTap {
             if let Some(frame) = self.pending.pop_front() {
                 return Ok(frame);
             }
-            if !self.endpoint.recv(&mut self.pending).await? {
-                self.malformed += 1;
+            match &mut self.incoming {
+                Incoming::Socket(endpoint) => {
+                    if !endpoint.recv(&mut self.pending).await? {
+                        self.malformed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Incoming::Recorded { datagrams, .. } => match datagrams.recv().await {
+                    Some(frames) => self.pending.extend(frames),
+                    None => {
+                        return Err(io::Error::other(
+                            "the bus recorder stopped: its socket failed",
+                        ));
+                    }
+                },
             }
         }
     }
@@ -343,7 +420,42 @@ impl BusTap {
 
     /// Datagrams received that were not valid bus datagrams.
     pub fn malformed(&self) -> u64 {
-        self.malformed
+        self.malformed.load(Ordering::Relaxed)
+    }
+}
+
+/// A recording tap's thread: reads datagrams into the tap's queue until the tap is dropped.
+fn record(
+    socket: &std::os::unix::net::UnixDatagram,
+    datagrams: &mpsc::Sender<Vec<Frame>>,
+    malformed: &AtomicU64,
+) {
+    let mut buf = [0u8; MAX_DATAGRAM + 1];
+    loop {
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                let mut frames = VecDeque::new();
+                let valid = n <= MAX_DATAGRAM
+                    && decode_datagram(buf.get(..n).unwrap_or(&[]), &mut frames).is_some();
+                if !valid {
+                    malformed.fetch_add(1, Ordering::Relaxed);
+                } else if datagrams.blocking_send(frames.into()).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if datagrams.is_closed() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
     }
 }
 
@@ -375,6 +487,34 @@ mod tests {
             }
         };
         tokio::join!(sender, receiver);
+    }
+
+    /// A test reads its tap after the stream it watches: Linux queues ten datagrams for an unread
+    /// socket, and the senders lost the rest to a plain tap (frames went missing from the relay tests
+    /// on a busy machine). A recorder keeps them all.
+    #[tokio::test]
+    async fn a_recorder_read_late_has_every_frame_sent_meanwhile() {
+        let root = tempfile::tempdir().unwrap();
+        let mut sender = BusTap::join_at(root.path(), "t3").unwrap();
+        let mut recorder = BusTap::recorder_at(root.path(), "t3").unwrap();
+        assert!(sender.wait_for_peers(1, Duration::from_secs(2)).await);
+        let id = CanId::standard(0x123).unwrap();
+        for i in 0..300u32 {
+            // One datagram each, none read meanwhile.
+            let frame = Frame::classic(id, &i.to_be_bytes()).unwrap();
+            assert_eq!(sender.send(&frame).await.lost, 0, "frame {i} was lost");
+        }
+        for i in 0..300u32 {
+            assert_eq!(recorder.recv().await.unwrap().data(), i.to_be_bytes());
+        }
+        assert_eq!(recorder.malformed(), 0);
+        let socket = std::fs::read_dir(root.path().join("t3")).unwrap().count();
+        drop(recorder);
+        assert_eq!(
+            std::fs::read_dir(root.path().join("t3")).unwrap().count(),
+            socket - 1,
+            "the recorder's socket file goes with it"
+        );
     }
 
     #[tokio::test]

@@ -15,6 +15,12 @@
 //! in its durable buffer). Once the dongle is ready again the connection is opened anew, and the server
 //! sends everything unacknowledged again from its oldest frame; frames below the position already
 //! delivered are skipped, so each reaches the bus once.
+//!
+//! When the daemon stops, the connection takes its leave rather than vanish ([`farewell`]): the
+//! lanes finish their slice and what they delivered is acknowledged, the dongles' frames the server
+//! has not acknowledged are sent and waited for, and the server's answer to the close is awaited.
+//! The positions delivered live only in this process, so a restarted agent depends on the server
+//! never sending again what it acknowledged.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -31,7 +37,7 @@ use uuid::Uuid;
 
 use super::Shared;
 use super::device::Device;
-use super::downstream::{Downstream, Stalled};
+use super::downstream::{Downstream, LatestAcks, Stalled};
 use super::monitor::Monitors;
 use super::pace::Pace;
 use crate::frame::Frame;
@@ -299,6 +305,16 @@ impl DataPlane {
         messages
     }
 
+    /// The frames of the agent's dongles that the server has not acknowledged yet.
+    fn unacknowledged(&self) -> usize {
+        self.sides
+            .lock()
+            .unwrap()
+            .values()
+            .map(|state| state.unacked.len())
+            .sum()
+    }
+
     /// The server acknowledged `side`'s frames below `next`.
     fn acknowledged(&self, group_id: Uuid, side: Side, next: u64) {
         let mut sides = self.sides.lock().unwrap();
@@ -312,14 +328,25 @@ impl DataPlane {
 }
 
 /// Keeps `/ws/data` open while the agent serves any group side or watched dongle; reconnects with
-/// backoff.
+/// backoff. Ends when the daemon stops, after the connection of the moment took its leave (see
+/// [`farewell`]), so it is started as a task that the daemon's cancellation does not cut short.
 pub(super) async fn run(shared: Arc<Shared>, creds: Credentials, mut backoff: Backoff) {
     let url = ws_url(&creds.server_url, "/ws/data");
+    let stopping = shared.cancel.clone();
     loop {
-        while !shared.data.has_work() {
-            shared.data.wake.notified().await;
-        }
-        match control::connect(&url, &creds.agent_token, creds.ca_file.as_deref()).await {
+        let has_work = async {
+            while !shared.data.has_work() {
+                shared.data.wake.notified().await;
+            }
+        };
+        let connected = tokio::select! {
+            () = stopping.cancelled() => return,
+            connected = async {
+                has_work.await;
+                control::connect(&url, &creds.agent_token, creds.ca_file.as_deref()).await
+            } => connected,
+        };
+        match connected {
             Ok(socket) => {
                 tracing::info!("data plane connected");
                 shared.data.rewind();
@@ -335,8 +362,19 @@ pub(super) async fn run(shared: Arc<Shared>, creds: Credentials, mut backoff: Ba
             }
             Err(e) => tracing::warn!(error = %e, "could not open the data plane"),
         }
-        tokio::time::sleep(backoff.next_delay()).await;
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+        }
     }
+}
+
+/// How a connection's loop ended.
+enum End {
+    /// The server closed it, or it asked to be opened anew.
+    Closed,
+    /// The daemon is stopping: the connection takes its leave.
+    Stopping,
 }
 
 async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(), String> {
@@ -357,7 +395,7 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
     // busy one so that frames share messages (see `pace`), while the socket goes on being read meanwhile.
     let mut pace = Pace::default();
     let mut flush_at: Option<tokio::time::Instant> = None;
-    let result = async {
+    let result: Result<End, String> = async {
         loop {
             // Only when the pace allows: this loop also turns for every acknowledgement and every frame
             // from the server, and flushing on each of those would send a small message per turn.
@@ -371,7 +409,7 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
                 frame = stream.next() => {
                     let bytes = match frame {
                         Some(Ok(Message::Binary(bytes))) => bytes,
-                        Some(Ok(Message::Close(_))) | None => return Ok(()),
+                        Some(Ok(Message::Close(_))) | None => return Ok(End::Closed),
                         Some(Ok(_)) => continue,
                         Some(Err(e)) => return Err(e.to_string()),
                     };
@@ -424,9 +462,10 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
                         send_all(&mut sink, ready, hops::Hop::SenderSent).await?;
                         tracing::info!("a stalled side's dongle is ready: reconnecting the data plane so that the server sends its frames again");
                         let _ = sink.close().await;
-                        return Ok(());
+                        return Ok(End::Closed);
                     }
                 }
+                () = shared.cancel.cancelled() => return Ok(End::Stopping),
             }
         }
     }
@@ -434,7 +473,71 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
     // What is queued for dongles is still handed over (a send cut in half would put part of a batch on
     // the bus without its acknowledgement); only a dongle that does not take it for long is cut off.
     downstream.finish().await;
-    result
+    match result {
+        Ok(End::Stopping) => farewell(shared, &mut sink, &mut stream, &acks).await,
+        Ok(End::Closed) => Ok(()),
+        Err(reason) => Err(reason),
+    }
+}
+
+/// The most a stopping daemon's data connection waits for the server to acknowledge the frames it
+/// sent and to answer its close: within the daemon's own grace.
+const FAREWELL: Duration = Duration::from_secs(3);
+
+/// The least time a stopping daemon's data connection waits for the server to answer its close.
+const CLOSE_ANSWER: Duration = Duration::from_secs(1);
+
+/// Takes leave of the server when the daemon stops, so that a stop and a start lose no frame and put
+/// none on a bus twice: the frames the lanes put on dongles' links are acknowledged (the server would
+/// send them again otherwise), and the frames of the agent's dongles that the server has not
+/// acknowledged yet are sent and waited for, up to [`FAREWELL`] (the agent keeps them in memory only).
+/// Frames that arrive from the server meanwhile are not taken: unacknowledged, they stay with it.
+async fn farewell<S, R>(
+    shared: &Shared,
+    sink: &mut S,
+    stream: &mut R,
+    acks: &Mutex<LatestAcks>,
+) -> Result<(), String>
+where
+    S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    R: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let delivered: Vec<Vec<u8>> = acks.lock().unwrap().drain().map(|(_, ack)| ack).collect();
+    send_all(sink, delivered, hops::Hop::SenderSent).await?;
+    send_all(sink, shared.data.outgoing(), hops::Hop::SenderSent).await?;
+    let deadline = tokio::time::Instant::now() + FAREWELL;
+    while shared.data.unacknowledged() > 0 {
+        let next = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(Message::Binary(bytes)))) => bytes,
+            Ok(Some(Ok(Message::Close(_))) | None) => break,
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Err(_) => {
+                tracing::warn!(
+                    frames = shared.data.unacknowledged(),
+                    "stopping before the server acknowledged every frame of the dongles: those are lost"
+                );
+                break;
+            }
+        };
+        if let Ok(message) = DataMessage::decode(&next)
+            && message.kind == Kind::Ack
+        {
+            shared
+                .data
+                .acknowledged(message.group_id, message.side, message.n);
+        }
+    }
+    // The server answers the close once it has read everything before it: until then, the last
+    // acknowledgements may still be in the socket, and a process that exits loses them.
+    let _ = sink.close().await;
+    let answered_by = deadline.max(tokio::time::Instant::now() + CLOSE_ANSWER);
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(answered_by, stream.next()).await {
+        if matches!(message, Message::Close(_)) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// How often a connection looks whether a stalled side's dongle can take frames again.

@@ -180,7 +180,9 @@ pub async fn run(
     for endpoint in shared.devices.endpoints.list() {
         shared.start_pump(endpoint.device_id);
     }
-    shared.spawn(dataplane::run(
+    // Tracked but not cut short at shutdown: the data plane ends by itself when the daemon stops,
+    // once it has told the server what it delivered (see `dataplane::farewell`).
+    shared.tasks.spawn(dataplane::run(
         shared.clone(),
         config.credentials.clone(),
         config.backoff.clone(),

@@ -287,7 +287,7 @@ async fn a_frame_sent_by_hand_reaches_the_bus(pool: PgPool) {
     let server = Server::start(pool).await;
     let mut config = SimConfig::serial("unused").with_bus("bench");
     config.bus_root = Some(bus_root.path().to_path_buf());
-    let mut tap = dongle_sim::BusTap::join_at(bus_root.path(), "bench").unwrap();
+    let mut tap = dongle_sim::BusTap::recorder_at(bus_root.path(), "bench").unwrap();
     let (user, _dongle, mut agent, id) = setup(&server, Some(config)).await;
     assert!(tap.wait_for_peers(1, Duration::from_secs(5)).await);
 

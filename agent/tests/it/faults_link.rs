@@ -398,7 +398,7 @@ async fn a_burst_larger_than_one_batch_reaches_the_bus_whole() {
             .with_extensions(extensions);
         sim_config.bus_root = Some(bus_root.path().to_path_buf());
         let sim = Simulator::start(sim_config).await.unwrap();
-        let mut tap = dongle_sim::BusTap::join_at(bus_root.path(), "burst").unwrap();
+        let mut tap = dongle_sim::BusTap::recorder_at(bus_root.path(), "burst").unwrap();
         assert!(tap.wait_for_peers(1, Duration::from_secs(5)).await);
         let path = sim.serial_path().expect("a serial dongle");
         let session = DongleSession::open(

@@ -201,8 +201,8 @@ async fn the_windows_agent_pairs_configures_commands_and_bridges_under_wine(pool
     // serial, on the vehicle's.
     let lan = Dongle::udp_on_bus(bus_root.path(), "workshop").await;
     let usb = Dongle::serial_on_bus(bus_root.path(), "vehicle").await;
-    let mut workshop = BusTap::join_at(bus_root.path(), "workshop").unwrap();
-    let mut vehicle = BusTap::join_at(bus_root.path(), "vehicle").unwrap();
+    let mut workshop = BusTap::recorder_at(bus_root.path(), "workshop").unwrap();
+    let mut vehicle = BusTap::recorder_at(bus_root.path(), "vehicle").unwrap();
 
     let mut windows = Agent::windows();
     windows.login(&server, &user).await;

@@ -127,7 +127,7 @@ async fn a_burst_towards_a_slower_bus_arrives_whole_at_that_buses_pace(pool: PgP
     let bus_root = tempfile::tempdir().unwrap();
     let a = Dongle::serial().await;
     let b = Dongle::serial_on_bus(bus_root.path(), "slow").await;
-    let mut slow_bus = dongle_sim::BusTap::join_at(bus_root.path(), "slow").unwrap();
+    let mut slow_bus = dongle_sim::BusTap::recorder_at(bus_root.path(), "slow").unwrap();
     let (mut agent, _) = common::one_agent_relaying(&server, &user, &a, &b).await;
     let b_id = user.dongle(&b.device_id).await.unwrap()["id"]
         .as_str()

@@ -23,7 +23,7 @@ async fn frames_to_an_unplugged_and_replugged_dongle_arrive_once_and_in_order(po
     let bus_root = tempfile::tempdir().unwrap();
     let a = Dongle::serial().await;
     let b = Dongle::serial_on_bus(bus_root.path(), "vehicle").await;
-    let mut vehicle = BusTap::join_at(bus_root.path(), "vehicle").unwrap();
+    let mut vehicle = BusTap::recorder_at(bus_root.path(), "vehicle").unwrap();
     let (mut agent, _) = common::one_agent_relaying(&server, &user, &a, &b).await;
     assert!(vehicle.wait_for_peers(1, Duration::from_secs(5)).await);
 

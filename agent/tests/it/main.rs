@@ -12,6 +12,7 @@ mod dongle_manager;
 mod faults_link;
 mod foreign_builds;
 mod group_losses;
+mod group_restart;
 mod group_unplug;
 mod pairing_e2e;
 mod qemu_e2e;

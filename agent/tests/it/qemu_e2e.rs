@@ -35,7 +35,7 @@ async fn the_qemu_board_is_paired_configured_commanded_and_bridged(pool: PgPool)
     // The far side: a simulated dongle on a vehicle bus that a tap watches.
     let bus_root = tempfile::tempdir().unwrap();
     let sim = Dongle::serial_on_bus(bus_root.path(), "vehicle").await;
-    let mut vehicle = BusTap::join_at(bus_root.path(), "vehicle").unwrap();
+    let mut vehicle = BusTap::recorder_at(bus_root.path(), "vehicle").unwrap();
 
     let mut agent = Agent::new();
     agent.login(&server, &user).await;

@@ -508,7 +508,7 @@ async fn a_socketcand_tool_reaches_a_simulated_dongle_through_a_group(pool: PgPo
     // Side B: a simulated dongle on the bus "vehicle", served and paired through agent B.
     let bus_root = tempfile::tempdir().unwrap();
     let dongle = Dongle::serial_on_bus(bus_root.path(), "vehicle").await;
-    let mut vehicle = BusTap::join_at(bus_root.path(), "vehicle").unwrap();
+    let mut vehicle = BusTap::recorder_at(bus_root.path(), "vehicle").unwrap();
     let mut agent_b = Agent::new();
     agent_b.login(&server, &user).await;
     agent_b.run(&dongle.agent_args());

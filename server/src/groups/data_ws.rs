@@ -69,6 +69,9 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
     let mut monitor_ingest = MonitorIngest::new(agent);
     loop {
         tokio::select! {
+            // What the agent sent is read before anything ends the connection: its last
+            // acknowledgements come just before it closes, and the writer may see the socket end first.
+            biased;
             frame = stream.next() => {
                 let bytes = match frame {
                     Some(Ok(Message::Binary(bytes))) => bytes,

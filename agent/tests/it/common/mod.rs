@@ -2,7 +2,9 @@
 //! `#[sqlx::test]` made, simulated dongles on real pseudo-terminals and UDP sockets, and `bridge-agent`
 //! as a real process with its own folder.
 //!
-//! Set `TEST_LOG=1` to see the server's logs and the agent's stderr.
+//! Set `TEST_LOG=1` to see the server's logs and the agent's stderr, or `AGENT_LOG_DIR=<folder>` to
+//! keep each agent's log in a file of its own there (the way to read the agents of a whole parallel
+//! run, when a test fails only among the others).
 
 #![allow(dead_code)]
 
@@ -652,6 +654,8 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(if verbose() {
                 Stdio::inherit()
+            } else if let Some(dir) = std::env::var_os("AGENT_LOG_DIR") {
+                Stdio::from(agent_log_file(Path::new(&dir)))
             } else {
                 Stdio::null()
             });
@@ -795,4 +799,13 @@ pub async fn active_group(user: &User, a: &str, b: &str) -> String {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("the group did not become ACTIVE");
+}
+
+/// A new file in `dir` for one agent's log, for `AGENT_LOG_DIR`.
+fn agent_log_file(dir: &Path) -> std::fs::File {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static STARTED: AtomicU32 = AtomicU32::new(0);
+    let n = STARTED.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!("agent-{}-{n}.log", std::process::id()));
+    std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

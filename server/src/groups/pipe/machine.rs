@@ -1110,6 +1110,27 @@ impl Machine {
             towards.poll_at = Some(now + every);
             return;
         }
+        // What the receiver acknowledged is never sent again, not even the front of a chunk it took
+        // part of: an agent that restarted remembers nothing of what it put on its bus, so it could
+        // not skip it. (The rows wholly below are on their way out of the buffer.) A row that does
+        // not parse goes as it is, for the agent to refuse.
+        let acked = towards.acked_out;
+        let chunks: Vec<Chunk> = chunks
+            .into_iter()
+            .filter_map(|chunk| {
+                if chunk.end() <= acked {
+                    towards.cursor = towards.cursor.max(chunk.end());
+                    return None;
+                }
+                let skip = u32::try_from(acked.saturating_sub(chunk.seq)).unwrap_or(u32::MAX);
+                Some(chunk.skip(skip).unwrap_or(chunk))
+            })
+            .collect();
+        if chunks.is_empty() {
+            // All of them were acknowledged: the next rows are fetched at once.
+            towards.replay_at = Some(now);
+            return;
+        }
         // One step sends about a twentieth of a second's worth, within the in-flight limit (at least
         // one chunk).
         let room = settings

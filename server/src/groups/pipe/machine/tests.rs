@@ -794,6 +794,27 @@ fn what_was_in_flight_when_the_receiver_left_is_buffered_and_sent_again() {
     assert_eq!(w.taken_by_b(), vec![0, 1, 2, 3]);
 }
 
+/// A receiving agent that stopped and started again remembers nothing of what it put on its bus, so it
+/// cannot skip it: what it acknowledged of a chunk before it left must not be sent to it again (issue
+/// 20's soak found frames put on B's bus twice after every stop of agent B).
+#[test]
+fn what_the_receiver_acknowledged_of_a_chunk_before_it_left_is_not_sent_to_it_again() {
+    let mut w = both_connected();
+    w.send_a(&chunk(0, 10));
+    w.read_b();
+    // B's agent put four of the ten on its bus, said so, and stopped.
+    w.ack_b(4);
+    w.disconnect(AGENT_B);
+    w.tick();
+    w.to_b.clear();
+    w.connect(AGENT_B);
+    w.advance(ms(5));
+    w.tick();
+    w.read_b();
+    let sent_again: Vec<u64> = w.to_b.iter().flat_map(carried).collect();
+    assert_eq!(sent_again, (4..10).collect::<Vec<_>>());
+}
+
 #[test]
 fn an_acknowledgement_never_reaches_beyond_what_was_sent() {
     let mut w = World::new(settings());
