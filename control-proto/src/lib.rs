@@ -738,6 +738,47 @@ impl AgentMessage {
     }
 }
 
+/// The answer to a server message that does not parse but is a request with an id: a request type
+/// this side does not know, or a field it reads otherwise (a newer server). Answered as unsupported at
+/// once, so that the server does not wait for its timeout. The answer names the request's type when
+/// it is a plain word, and never repeats any value of the request (a PIN or a token may be among
+/// them). `None` for anything else, which there is nobody to answer.
+pub fn unreadable_request_reply(text: &str) -> Option<AgentMessage> {
+    #[derive(Deserialize)]
+    struct Envelope {
+        #[serde(rename = "type")]
+        kind: String,
+        id: u64,
+        #[serde(default)]
+        body: Option<serde_json::Value>,
+    }
+    let envelope: Envelope = serde_json::from_str(text).ok()?;
+    if envelope.kind != "request" {
+        return None;
+    }
+    let kind = envelope
+        .body
+        .as_ref()
+        .and_then(|body| body.get("type"))
+        .and_then(serde_json::Value::as_str)
+        .filter(|k| !k.is_empty() && k.len() <= 40)
+        .filter(|k| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+    let message = match kind {
+        Some(kind) => format!(
+            "this agent cannot read the request `{kind}` (a request it does not know, or one of its \
+             fields in a form it does not read): update the agent"
+        ),
+        None => "this agent cannot read the request: update the agent".to_string(),
+    };
+    Some(AgentMessage::Reply(Reply {
+        id: envelope.id,
+        result: ReplyResult::Error(ReplyError {
+            code: ReplyErrorCode::Unsupported,
+            message,
+        }),
+    }))
+}
+
 impl RequestBody {
     /// The device the request is about.
     pub fn device_id(&self) -> DeviceId {
@@ -781,6 +822,45 @@ impl ServerMessage {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    /// A request a newer server sends (a type this side does not know, or a field it reads otherwise)
+    /// is answered as unsupported at once, rather than left to the server's timeout; the reply names
+    /// the request's type and never repeats its values.
+    #[test]
+    fn a_request_this_side_cannot_read_is_answered_as_unsupported() {
+        let text = r#"{"type": "request", "id": 7, "timeout_ms": 5000, "body": {"type": "frobnicate", "device_id": "0011223344556677", "pin": 123456}}"#;
+        assert!(ServerMessage::from_json(text).is_err());
+        let reply = unreadable_request_reply(text).expect("answered");
+        let AgentMessage::Reply(Reply { id, result }) = reply else {
+            panic!("not a reply: {reply:?}");
+        };
+        assert_eq!(id, 7);
+        let ReplyResult::Error(ReplyError { code, message }) = result else {
+            panic!("not an error: {result:?}");
+        };
+        assert_eq!(code, ReplyErrorCode::Unsupported);
+        assert!(message.contains("frobnicate"), "{message}");
+        assert!(!message.contains("123456"), "{message}");
+
+        // A known type with a field of the wrong type: the same answer.
+        let text = r#"{"type": "request", "id": 8, "timeout_ms": 5000, "body": {"type": "forget", "device_id": 5}}"#;
+        assert!(matches!(
+            unreadable_request_reply(text),
+            Some(AgentMessage::Reply(Reply {
+                id: 8,
+                result: ReplyResult::Error(_)
+            }))
+        ));
+        // Not a request, no id, or not JSON at all: nothing to answer.
+        for text in [
+            r#"{"type": "groups", "sides": 5}"#,
+            r#"{"type": "request", "body": {"type": "frobnicate"}}"#,
+            r#"{"type": "request", "id": -1}"#,
+            "not json",
+        ] {
+            assert!(unreadable_request_reply(text).is_none(), "{text}");
+        }
+    }
 
     fn agent_round_trip(msg: AgentMessage, expected: Value) {
         let text = msg.to_json();

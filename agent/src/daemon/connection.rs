@@ -82,7 +82,7 @@ async fn serve(
     send(&mut sink, &hello()).await?;
     let welcome = tokio::time::timeout(WELCOME_WAIT, async {
         while let Some(frame) = stream.next().await {
-            if let Some(ServerMessage::Welcome(w)) = parse(frame.map_err(|e| e.to_string())?)? {
+            if let Some(ServerMessage::Welcome(w)) = parse(&frame.map_err(|e| e.to_string())?)? {
                 return Ok(w);
             }
         }
@@ -113,12 +113,20 @@ async fn serve(
         tokio::select! {
             frame = stream.next() => {
                 let Some(frame) = frame else { return Ok(()) };
-                let message = match parse(frame.map_err(|e| e.to_string())?) {
+                let frame = frame.map_err(|e| e.to_string())?;
+                let message = match parse(&frame) {
                     Ok(Some(message)) => message,
                     Ok(None) => continue,
                     Err(closed) if closed.is_empty() => return Ok(()),
                     Err(e) => {
                         tracing::warn!(error = %e, "ignored a message from the server");
+                        // A request this agent cannot read (a newer server's) is answered at once,
+                        // rather than left to the server's timeout.
+                        if let Message::Text(text) = &frame
+                            && let Some(reply) = control_proto::unreadable_request_reply(text.as_str())
+                        {
+                            send(&mut sink, &reply).await?;
+                        }
                         continue;
                     }
                 };
@@ -131,7 +139,7 @@ async fn serve(
 }
 
 /// A frame as a server message: `Ok(None)` for frames that carry none (pings), `Err("")` for a close.
-fn parse(frame: Message) -> Result<Option<ServerMessage>, String> {
+fn parse(frame: &Message) -> Result<Option<ServerMessage>, String> {
     match frame {
         Message::Text(text) if text.len() <= MAX_MESSAGE => ServerMessage::from_json(text.as_str())
             .map(Some)

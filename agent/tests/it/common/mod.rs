@@ -649,7 +649,14 @@ impl Agent {
             .arg("run")
             .args(["--no-broadcast", "--lan-scan-secs", "1"])
             .args(args)
-            .env("BRIDGE_AGENT_LOG", if verbose() { "debug" } else { "info" })
+            .env(
+                "BRIDGE_AGENT_LOG",
+                if verbose() || std::env::var_os("AGENT_LOG_DIR").is_some() {
+                    "debug"
+                } else {
+                    "info"
+                },
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(if verbose() {
