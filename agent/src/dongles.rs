@@ -89,7 +89,6 @@ struct State {
 /// Finds and serves dongles until dropped.
 pub struct DongleManager {
     state: Arc<Mutex<State>>,
-    events: broadcast::Sender<DongleEvent>,
     pairing_active: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -103,10 +102,12 @@ impl Drop for DongleManager {
 }
 
 impl DongleManager {
-    /// Starts scanning as `config` says, with `hub` as the one UDP socket for LAN dongles.
-    pub fn start(config: ManagerConfig, hub: UdpHub) -> Self {
+    /// Starts scanning as `config` says, with `hub` as the one UDP socket for LAN dongles. The
+    /// receiver is subscribed before the scans start, so it sees every change, the first dongle's
+    /// arrival included (there is no later subscription, which would miss what came before it).
+    pub fn start(config: ManagerConfig, hub: UdpHub) -> (Self, broadcast::Receiver<DongleEvent>) {
         let state = Arc::new(Mutex::new(State::default()));
-        let (events, _) = broadcast::channel(256);
+        let (events, first) = broadcast::channel(256);
         let pairing_active = Arc::new(AtomicBool::new(false));
         let serial = tokio::spawn(serial_loop(
             config.plan.clone(),
@@ -118,20 +119,15 @@ impl DongleManager {
             config,
             hub,
             state.clone(),
-            events.clone(),
+            events,
             pairing_active.clone(),
         ));
-        Self {
+        let manager = Self {
             state,
-            events,
             pairing_active,
             tasks: vec![serial, lan],
-        }
-    }
-
-    /// Every change from now on.
-    pub fn events(&self) -> broadcast::Receiver<DongleEvent> {
-        self.events.subscribe()
+        };
+        (manager, first)
     }
 
     /// The dongles served now.

@@ -131,9 +131,19 @@ impl DataPlane {
             stats.frames_down += delivered as u64;
             stats.dropped += refused as u64;
         }
-        if let Some(state) = self.sides.lock().unwrap().get_mut(&(group_id, side)) {
+        let mut sides = self.sides.lock().unwrap();
+        if let Some(state) = sides.get_mut(&(group_id, side)) {
             state.dropped += refused as u64;
             state.inbound_next = state.inbound_next.max(next);
+        } else {
+            // The side left the list while these frames went onto its dongle's bus: kept with the
+            // positions of the sides that left, so that it skips them if it comes back.
+            let mut remembered = self.remembered.lock().unwrap();
+            if remembered.len() >= MAX_REMEMBERED {
+                remembered.clear();
+            }
+            let position = remembered.entry((group_id, side)).or_insert(0);
+            *position = (*position).max(next);
         }
     }
 
@@ -708,6 +718,30 @@ mod tests {
                 next_seq,
             }],
         }
+    }
+
+    /// A lane may be putting frames on a dongle's bus while its side leaves the list for a moment (the
+    /// server's list comes and goes as an agent's dongles reappear after a restart): what it delivered
+    /// then still counts when the side comes back, or the server's resend put those frames on the bus
+    /// twice (seen under load: 16 frames, one slice, twice).
+    #[test]
+    fn what_reaches_a_dongle_while_its_side_is_out_of_the_list_counts_when_the_side_returns() {
+        let plane = DataPlane::default();
+        let dev: DeviceId = "0123456789abcdef".parse().unwrap();
+        let (g, list) = groups(dev, 0);
+        plane.set_groups(&list);
+        plane.disposed_inbound(g, Side::A, 16, 0, 16);
+        assert_eq!(plane.inbound(g, Side::A), Some((dev, 16)));
+        // The lane reads position 16, the side leaves the list, the slice reaches the dongle.
+        plane.set_groups(&Groups { sides: Vec::new() });
+        plane.disposed_inbound(g, Side::A, 16, 0, 32);
+        plane.set_groups(&list);
+        assert_eq!(
+            plane.inbound(g, Side::A),
+            Some((dev, 32)),
+            "frames below 32 are on the bus already"
+        );
+        assert_eq!(plane.stats().frames_down, 32);
     }
 
     #[test]

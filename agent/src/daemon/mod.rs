@@ -150,8 +150,8 @@ pub async fn run(
             addr: config.udp_bind,
             source,
         })?;
-    let manager = DongleManager::start(config.manager.clone(), hub);
-    let events = manager.events();
+    // Subscribed before the first scan: a dongle that answers at once is not missed.
+    let (manager, events) = DongleManager::start(config.manager.clone(), hub);
     let endpoints = EndpointSet::start(&config.home, config.credentials.agent_id);
     let endpoint_events = endpoints.events();
     let shared = Arc::new(Shared {

@@ -75,7 +75,9 @@ async fn an_agent_stopped_while_it_delivers_a_backlog_puts_every_frame_on_the_bu
     assert_eq!(
         seen,
         (0..FRAMES).collect::<Vec<u16>>(),
-        "every frame once and in order; {before_restart} arrived before the restart, {duplicates} more than were sent"
+        "every frame once and in order; {before_restart} arrived before the restart, {duplicates} more than were sent\nA: {:?}\nB: {:?}",
+        a.sim.stats(),
+        b.sim.stats()
     );
     assert_eq!(
         b.sim.stats().bus.tx_queue_full,
