@@ -123,17 +123,14 @@ async fn frames_a_grouped_dongle_loses_itself_show_in_the_groups_figures(pool: P
 async fn a_burst_towards_a_slower_bus_arrives_whole_at_that_buses_pace(pool: PgPool) {
     let server = Server::start(pool).await;
     let user = server.user("alice@example.com", Role::User).await;
-    let bus_root = tempfile::tempdir().unwrap();
-    let a = Dongle::serial().await;
-    let b = Dongle::serial_on_bus(bus_root.path(), "slow").await;
-    let mut slow_bus = dongle_sim::BusTap::recorder_at(bus_root.path(), "slow").unwrap();
-    let (mut agent, _) = common::one_agent_relaying(&server, &user, &a, &b).await;
-    let b_id = user.dongle(&b.device_id).await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    user.apply_can_config(&b_id, 125_000).await;
-    assert!(slow_bus.wait_for_peers(1, Duration::from_secs(5)).await);
+    let common::TowardsASlowBus {
+        a,
+        b,
+        mut slow_bus,
+        mut agent,
+        bus_root: _bus_root,
+        ..
+    } = common::towards_a_slow_bus(&server, &user).await;
 
     // 500 frames at once, as a 1 Mbit/s bus brings them in a busy moment: about a third of a second of
     // the 125 kbit/s bus's time.

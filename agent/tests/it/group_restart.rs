@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use bridge_server::db::MIGRATOR;
 use bridge_server::users::Role;
-use common::{Dongle, Server, collect, numbered};
-use dongle_sim::BusTap;
+use common::{Server, collect, numbered};
 use sqlx::PgPool;
 
 /// Frames the test sends through the group at once.
@@ -24,17 +23,14 @@ async fn an_agent_stopped_while_it_delivers_a_backlog_puts_every_frame_on_the_bu
 ) {
     let server = Server::start(pool).await;
     let user = server.user("alice@example.com", Role::User).await;
-    let bus_root = tempfile::tempdir().unwrap();
-    let a = Dongle::serial().await;
-    let b = Dongle::serial_on_bus(bus_root.path(), "slow").await;
-    let mut slow_bus = BusTap::recorder_at(bus_root.path(), "slow").unwrap();
-    let (mut agent, group) = common::one_agent_relaying(&server, &user, &a, &b).await;
-    let b_id = user.dongle(&b.device_id).await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    user.apply_can_config(&b_id, 125_000).await;
-    assert!(slow_bus.wait_for_peers(1, Duration::from_secs(5)).await);
+    let common::TowardsASlowBus {
+        a,
+        b,
+        mut slow_bus,
+        mut agent,
+        group,
+        bus_root: _bus_root,
+    } = common::towards_a_slow_bus(&server, &user).await;
 
     // A stream that A's queue towards its host keeps up with: 100 frames every 20 ms.
     let frames: Vec<_> = (0..FRAMES).map(numbered).collect();

@@ -787,6 +787,41 @@ pub async fn one_agent_relaying(
     (agent, group)
 }
 
+/// Two serial dongles relaying A -> B through one agent, with B on a bus of its own at 125 kbit/s
+/// and a tap recording that bus: a receiving bus much slower than the sending one.
+pub struct TowardsASlowBus {
+    pub a: Dongle,
+    pub b: Dongle,
+    pub slow_bus: dongle_sim::BusTap,
+    pub agent: Agent,
+    pub group: String,
+    /// The folder of the buses, which must live as long as they do: a caller that takes the parts
+    /// apart binds it to a name (`bus_root: _bus_root`), since `..` would drop it at once.
+    pub bus_root: tempfile::TempDir,
+}
+
+pub async fn towards_a_slow_bus(server: &Server, user: &User) -> TowardsASlowBus {
+    let bus_root = tempfile::tempdir().unwrap();
+    let a = Dongle::serial().await;
+    let b = Dongle::serial_on_bus(bus_root.path(), "slow").await;
+    let mut slow_bus = dongle_sim::BusTap::recorder_at(bus_root.path(), "slow").unwrap();
+    let (agent, group) = one_agent_relaying(server, user, &a, &b).await;
+    let b_id = user.dongle(&b.device_id).await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    user.apply_can_config(&b_id, 125_000).await;
+    assert!(slow_bus.wait_for_peers(1, Duration::from_secs(5)).await);
+    TowardsASlowBus {
+        a,
+        b,
+        slow_bus,
+        agent,
+        group,
+        bus_root,
+    }
+}
+
 /// Makes a group of `a` and `b`, activates it and waits until it relays.
 pub async fn active_group(user: &User, a: &str, b: &str) -> String {
     let (status, group) = user
