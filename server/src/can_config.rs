@@ -308,9 +308,15 @@ pub async fn get(
 ) -> Result<CanConfigState, DongleError> {
     let dongle = dongles::owned_or_404(svc.pool, caller.user_id(), dongle_id).await?;
     let row = load(svc.pool, dongle.id).await?;
+    let config = row.as_ref().and_then(StoredRow::config);
+    if row.is_some() && config.is_none() {
+        // Only a row written by another tool can hold such a value (the schema allows a tseg1 of 256,
+        // as FDCAN does, but REMP carries one byte): said, not hidden behind "no configuration".
+        tracing::warn!(%dongle_id, "the stored CAN configuration has a value this server cannot send (a tseg1 of 256?): shown as none until a configuration is applied again");
+    }
     Ok(CanConfigState {
         dongle_id,
-        config: row.as_ref().and_then(StoredRow::config),
+        config,
         effective: row.as_ref().and_then(StoredRow::effective),
         applied_at: row.and_then(|r| r.applied_at),
     })
