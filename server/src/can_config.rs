@@ -245,8 +245,8 @@ struct StoredRow {
 }
 
 impl StoredRow {
-    /// The stored configuration; None only if a value no longer fits its type, which the checks
-    /// before every write rule out.
+    /// The stored configuration; None only if a value does not fit its type, which the checks before
+    /// this server's writes rule out (another tool may write a tseg1 of 256, which the schema allows).
     fn config(&self) -> Option<CanSettings> {
         Some(CanSettings {
             bitrate: u32::try_from(self.bitrate).ok()?,

@@ -123,6 +123,7 @@ async fn serve(
                         // A request this agent cannot read (a newer server's) is answered at once,
                         // rather than left to the server's timeout.
                         if let Message::Text(text) = &frame
+                            && text.len() <= MAX_MESSAGE
                             && let Some(reply) = control_proto::unreadable_request_reply(text.as_str())
                         {
                             send(&mut sink, &reply).await?;

@@ -37,7 +37,7 @@ use uuid::Uuid;
 
 use super::Shared;
 use super::device::Device;
-use super::downstream::{Downstream, LatestAcks, Stalled};
+use super::downstream::{DRAIN_TIMEOUT, Downstream, LatestAcks, Stalled};
 use super::monitor::Monitors;
 use super::pace::Pace;
 use crate::frame::Frame;
@@ -103,6 +103,8 @@ pub(super) struct DataPlane {
     stats: Mutex<DataStats>,
     /// The dongles whose console somebody watches.
     monitors: Mutex<Monitors>,
+    /// Acknowledgements of frames delivered after the connection they came on closed, for the next one.
+    carried_acks: Mutex<LatestAcks>,
     /// Wakes the connection task: frames to send, or the sides or watches changed.
     wake: Notify,
 }
@@ -315,6 +317,17 @@ impl DataPlane {
         messages
     }
 
+    /// Keeps acknowledgements that could not go on their connection for the next one (the latest per
+    /// side: they are cumulative).
+    fn carry_acks(&self, acks: LatestAcks) {
+        self.carried_acks.lock().unwrap().extend(acks);
+    }
+
+    /// The acknowledgements kept for this connection.
+    fn take_carried_acks(&self) -> LatestAcks {
+        std::mem::take(&mut *self.carried_acks.lock().unwrap())
+    }
+
     /// The frames of the agent's dongles that the server has not acknowledged yet.
     fn unacknowledged(&self) -> usize {
         self.sides
@@ -360,8 +373,9 @@ pub(super) async fn run(shared: Arc<Shared>, creds: Credentials, mut backoff: Ba
             Ok(socket) => {
                 tracing::info!("data plane connected");
                 shared.data.rewind();
+                let carried: Vec<Vec<u8>> = shared.data.take_carried_acks().into_values().collect();
                 let started = tokio::time::Instant::now();
-                if let Err(reason) = serve(&shared, socket).await {
+                if let Err(reason) = serve(&shared, socket, carried).await {
                     tracing::warn!(%reason, "the data plane connection failed");
                 }
                 // Only a connection that lasted resets the backoff: one that ends at once (a side that
@@ -387,8 +401,15 @@ enum End {
     Stopping,
 }
 
-async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(), String> {
+/// Serves one connection; `carried` are acknowledgements of frames delivered after an earlier
+/// connection closed, sent first.
+async fn serve(
+    shared: &Arc<Shared>,
+    socket: control::ControlSocket,
+    carried: Vec<Vec<u8>>,
+) -> Result<(), String> {
     let (mut sink, mut stream) = socket.split();
+    send_all(&mut sink, carried, hops::Hop::SenderSent).await?;
     // Frames for dongles go through a lane per side to their own task, so that a slow dongle never
     // holds up another side or the acknowledgements this task reads. Acknowledgements are cumulative,
     // so the lanes keep only the latest per side for this task to send: a bounded map, however far
@@ -481,43 +502,65 @@ async fn serve(shared: &Arc<Shared>, socket: control::ControlSocket) -> Result<(
     }
     .await;
     // What is queued for dongles is still handed over (a send cut in half would put part of a batch on
-    // the bus without its acknowledgement); only a dongle that does not take it for long is cut off.
-    downstream.finish().await;
+    // the bus without its acknowledgement); only a dongle that does not take it for long is cut off,
+    // and sooner when the daemon stops, which has its own budget.
+    let stopping = matches!(result, Ok(End::Stopping));
+    let started = tokio::time::Instant::now();
+    downstream
+        .finish(if stopping { STOP_DRAIN } else { DRAIN_TIMEOUT })
+        .await;
     match result {
-        Ok(End::Stopping) => farewell(shared, &mut sink, &mut stream, &acks).await,
-        Ok(End::Closed) => Ok(()),
-        Err(reason) => Err(reason),
+        Ok(End::Stopping) => {
+            farewell(shared, &mut sink, &mut stream, &acks, started + STOP_BUDGET).await
+        }
+        Ok(End::Closed) | Err(_) => {
+            // What the lanes delivered while finishing is acknowledged on the next connection (the
+            // server takes an acknowledgement of anything it ever sent), or the server would send it
+            // again to an agent that may have restarted meanwhile.
+            shared
+                .data
+                .carry_acks(std::mem::take(&mut *acks.lock().unwrap()));
+            result.map(|_| ())
+        }
     }
 }
 
-/// The most a stopping daemon's data connection waits for the server to acknowledge the frames it
-/// sent and to answer its close: within the daemon's own grace.
-const FAREWELL: Duration = Duration::from_secs(3);
-
-/// The least time a stopping daemon's data connection waits for the server to answer its close.
-const CLOSE_ANSWER: Duration = Duration::from_secs(1);
+/// The most a stopping daemon's data connection takes to take its leave, within the daemon's own grace
+/// of five seconds.
+const STOP_BUDGET: Duration = Duration::from_secs(4);
+/// The most a stopping connection waits for its lanes to finish their slice.
+const STOP_DRAIN: Duration = Duration::from_secs(1);
+/// The part of the budget kept for the server's answer to the close.
+const CLOSE_ANSWER: Duration = Duration::from_millis(500);
 
 /// Takes leave of the server when the daemon stops, so that a stop and a start lose no frame and put
 /// none on a bus twice: the frames the lanes put on dongles' links are acknowledged (the server would
-/// send them again otherwise), and the frames of the agent's dongles that the server has not
-/// acknowledged yet are sent and waited for, up to [`FAREWELL`] (the agent keeps them in memory only).
-/// Frames that arrive from the server meanwhile are not taken: unacknowledged, they stay with it.
+/// send them again otherwise), the frames of the agent's dongles that the server has not acknowledged
+/// yet are sent and waited for (the agent keeps them in memory only), and the server's answer to the
+/// close is awaited, all by `deadline`. Frames that arrive from the server meanwhile are not taken:
+/// unacknowledged, they stay with it.
 async fn farewell<S, R>(
     shared: &Shared,
     sink: &mut S,
     stream: &mut R,
     acks: &Mutex<LatestAcks>,
+    deadline: tokio::time::Instant,
 ) -> Result<(), String>
 where
     S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
     R: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
-    let delivered: Vec<Vec<u8>> = acks.lock().unwrap().drain().map(|(_, ack)| ack).collect();
-    send_all(sink, delivered, hops::Hop::SenderSent).await?;
-    send_all(sink, shared.data.outgoing(), hops::Hop::SenderSent).await?;
-    let deadline = tokio::time::Instant::now() + FAREWELL;
+    let late = || "the server did not take the last messages in time".to_string();
+    let mut delivered = shared.data.take_carried_acks();
+    delivered.extend(acks.lock().unwrap().drain());
+    let mut messages: Vec<Vec<u8>> = delivered.into_values().collect();
+    messages.extend(shared.data.outgoing());
+    tokio::time::timeout_at(deadline, send_all(sink, messages, hops::Hop::SenderSent))
+        .await
+        .map_err(|_| late())??;
+    let acknowledged_by = deadline - CLOSE_ANSWER;
     while shared.data.unacknowledged() > 0 {
-        let next = match tokio::time::timeout_at(deadline, stream.next()).await {
+        let next = match tokio::time::timeout_at(acknowledged_by, stream.next()).await {
             Ok(Some(Ok(Message::Binary(bytes)))) => bytes,
             Ok(Some(Ok(Message::Close(_))) | None) => break,
             Ok(Some(Ok(_))) => continue,
@@ -540,9 +583,11 @@ where
     }
     // The server answers the close once it has read everything before it: until then, the last
     // acknowledgements may still be in the socket, and a process that exits loses them.
-    let _ = sink.close().await;
-    let answered_by = deadline.max(tokio::time::Instant::now() + CLOSE_ANSWER);
-    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(answered_by, stream.next()).await {
+    tokio::time::timeout_at(deadline, sink.close())
+        .await
+        .map_err(|_| late())?
+        .map_err(|e| e.to_string())?;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, stream.next()).await {
         if matches!(message, Message::Close(_)) {
             break;
         }

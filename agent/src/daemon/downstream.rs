@@ -38,7 +38,7 @@ const SLICE: usize = 16;
 const MAX_LANES: usize = 4096;
 /// How long a closing connection waits for its lanes to finish their slice (a dongle whose link hangs
 /// is cut off; its slice is then sent again).
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The latest acknowledgement message per side, for the connection to send.
 pub(super) type LatestAcks = HashMap<(Uuid, Side), Vec<u8>>;
@@ -155,9 +155,8 @@ impl Downstream {
     }
 
     /// Closes the lanes: each finishes the slice it is handing over and drops the rest (unacknowledged,
-    /// so the server sends it again). A lane whose device does not finish within [`DRAIN_TIMEOUT`] is
-    /// cut off.
-    pub async fn finish(self) {
+    /// so the server sends it again). A lane whose device does not finish `within` is cut off.
+    pub async fn finish(self, within: Duration) {
         self.closing.store(true, Ordering::Relaxed);
         let tasks: Vec<JoinHandle<()>> = self
             .lanes
@@ -168,7 +167,7 @@ impl Downstream {
             })
             .collect();
         let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
-        if tokio::time::timeout(DRAIN_TIMEOUT, futures::future::join_all(tasks))
+        if tokio::time::timeout(within, futures::future::join_all(tasks))
             .await
             .is_err()
         {

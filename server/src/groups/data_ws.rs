@@ -24,6 +24,9 @@ const MAX_REFUSED_IN_A_ROW: u32 = 100;
 /// The most queued messages the writer puts in one write to the socket.
 const WRITE_BATCH: usize = 64;
 
+/// How long a connection whose writer ended goes on reading what the agent sent before.
+const WRITER_GONE_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves one agent's data connection until either side closes it, the agent's token stops being
 /// valid, or a newer data connection of the same agent replaces it.
 pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
@@ -67,12 +70,21 @@ pub async fn serve(state: AppState, agent: AgentIdentity, socket: WebSocket) {
     // Messages in a row for groups this agent does not serve: past the limit, the connection closes.
     let mut refused = 0u32;
     let mut monitor_ingest = MonitorIngest::new(agent);
+    let mut drain_until: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             // What the agent sent is read before anything ends the connection: its last
             // acknowledgements come just before it closes, and the writer may see the socket end first.
             biased;
             frame = stream.next() => {
+                // Against an agent that never pauses, which would keep this branch first for ever: once
+                // the writer ended, what had arrived is read for a moment more, then the loop ends.
+                if writer.is_finished() {
+                    let until = *drain_until.get_or_insert_with(|| tokio::time::Instant::now() + WRITER_GONE_DRAIN);
+                    if tokio::time::Instant::now() >= until {
+                        break;
+                    }
+                }
                 let bytes = match frame {
                     Some(Ok(Message::Binary(bytes))) => bytes,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,

@@ -293,8 +293,12 @@ struct Towards {
     tail: u64,
     /// Buffered frames below this were sent on the current connection.
     cursor: u64,
-    /// The highest position sent on the current connection: an ACK never reaches beyond it.
+    /// The highest position sent on the current connection (the in-flight window is counted from it).
     sent_upto: u64,
+    /// The highest position ever sent towards the side, on any connection: an ACK never reaches
+    /// beyond it. An agent's last acknowledgement may arrive after the pipe learnt that its connection
+    /// closed, and still counts.
+    sent_ever: u64,
     /// Everything below this was acknowledged by the side's agent.
     acked_out: u64,
     /// An acknowledgement to apply to the buffer (deferred, so that many become one write).
@@ -454,6 +458,7 @@ impl Machine {
             tail: rows[side].tail,
             acked_out: rows[side].acked_out,
             sent_upto: rows[side].acked_out,
+            sent_ever: rows[side].acked_out,
             bus_rate: bitrates[side].map(bus_frames_per_second),
             ..Towards::default()
         });
@@ -834,6 +839,7 @@ impl Machine {
                 let towards = &mut self.towards[t];
                 towards.inflight_frames += u64::from(chunk.count);
                 towards.sent_upto = towards.sent_upto.max(chunk.end());
+                towards.sent_ever = towards.sent_ever.max(chunk.end());
                 self.tally.forwarded += u64::from(chunk.count);
                 towards.inflight.push_back(chunk);
                 // Everything of this source below its next position is now forwarded or written.
@@ -861,11 +867,12 @@ impl Machine {
         }
         let towards = &mut self.towards[side];
         // Never beyond what was sent: an agent cannot acknowledge frames away unseen.
-        let n = n.min(towards.sent_upto);
+        let n = n.min(towards.sent_ever);
         if n <= towards.acked_out {
             return;
         }
         towards.acked_out = n;
+        towards.sent_upto = towards.sent_upto.max(n);
         let mut delivered = 0u64;
         while let Some(front) = towards.inflight.front() {
             if front.end() > n {
@@ -874,6 +881,16 @@ impl Machine {
             delivered += u64::from(front.count);
             towards.inflight_frames -= u64::from(front.count);
             towards.inflight.pop_front();
+        }
+        // What was in flight on a connection that closed went back to wait for the buffer; an
+        // acknowledgement that arrives after the close covers it all the same.
+        let covered = towards.pending.iter().take_while(|c| c.end() <= n).count();
+        for chunk in towards.pending.drain(..covered) {
+            delivered += u64::from(chunk.count);
+            towards.pending_frames -= u64::from(chunk.count);
+        }
+        if towards.pending.is_empty() {
+            towards.pending_since = None;
         }
         towards.delivered += delivered;
         if towards.buffered > 0 {
@@ -1176,6 +1193,7 @@ impl Machine {
         for chunk in chunks.iter().take(sent) {
             towards.cursor = chunk.end();
             towards.sent_upto = towards.sent_upto.max(chunk.end());
+            towards.sent_ever = towards.sent_ever.max(chunk.end());
             towards.tail = towards.tail.max(chunk.end());
             frames += u64::from(chunk.count);
         }
