@@ -140,12 +140,7 @@ impl DataPlane {
         } else {
             // The side left the list while these frames went onto its dongle's bus: kept with the
             // positions of the sides that left, so that it skips them if it comes back.
-            let mut remembered = self.remembered.lock().unwrap();
-            if remembered.len() >= MAX_REMEMBERED {
-                remembered.clear();
-            }
-            let position = remembered.entry((group_id, side)).or_insert(0);
-            *position = (*position).max(next);
+            remember(&mut self.remembered.lock().unwrap(), (group_id, side), next);
         }
     }
 
@@ -174,10 +169,7 @@ impl DataPlane {
             sides.retain(|key, state| {
                 let keep = wanted.contains_key(key);
                 if !keep && state.inbound_next > 0 {
-                    if remembered.len() >= MAX_REMEMBERED {
-                        remembered.clear();
-                    }
-                    remembered.insert(*key, state.inbound_next);
+                    remember(&mut remembered, *key, state.inbound_next);
                 }
                 keep
             });
@@ -350,6 +342,21 @@ impl DataPlane {
     }
 }
 
+/// Keeps the position of the next frame expected for a side that left the list (the highest one
+/// seen), forgetting every side at once past [`MAX_REMEMBERED`].
+fn remember(remembered: &mut HashMap<(Uuid, Side), u64>, key: (Uuid, Side), next: u64) {
+    if remembered.len() >= MAX_REMEMBERED && !remembered.contains_key(&key) {
+        remembered.clear();
+    }
+    let position = remembered.entry(key).or_insert(0);
+    *position = (*position).max(next);
+}
+
+/// The latest acknowledgement of every side that has one, taken out for sending.
+fn take_acks(acks: &Mutex<LatestAcks>) -> Vec<Vec<u8>> {
+    acks.lock().unwrap().drain().map(|(_, ack)| ack).collect()
+}
+
 /// Keeps `/ws/data` open while the agent serves any group side or watched dongle; reconnects with
 /// backoff. Ends when the daemon stops, after the connection of the moment took its leave (see
 /// [`farewell`]), so it is started as a task that the daemon's cancellation does not cut short.
@@ -426,6 +433,10 @@ async fn serve(
     // busy one so that frames share messages (see `pace`), while the socket goes on being read meanwhile.
     let mut pace = Pace::default();
     let mut flush_at: Option<tokio::time::Instant> = None;
+    // Made once: this loop turns for every message, and a new wait on the token each turn would
+    // register and drop a waiter every time.
+    let stopping = shared.cancel.cancelled();
+    tokio::pin!(stopping);
     let result: Result<End, String> = async {
         loop {
             // Only when the pace allows: this loop also turns for every acknowledgement and every frame
@@ -475,8 +486,7 @@ async fn serve(
                     }
                 }
                 () = acks_ready.notified() => {
-                    let ready: Vec<Vec<u8>> = acks.lock().unwrap().drain().map(|(_, ack)| ack).collect();
-                    send_all(&mut sink, ready, hops::Hop::SenderSent).await?;
+                    send_all(&mut sink, take_acks(&acks), hops::Hop::SenderSent).await?;
                 }
                 () = shared.data.wake.notified(), if flush_at.is_none() => {
                     // A flush due now happens at the top of the loop.
@@ -489,14 +499,13 @@ async fn serve(
                 _ = stall_check.tick() => {
                     if shared.stall_over(&stalled.lock().unwrap()) {
                         // Acknowledgements of other sides go out first, so they are not sent again.
-                        let ready: Vec<Vec<u8>> = acks.lock().unwrap().drain().map(|(_, ack)| ack).collect();
-                        send_all(&mut sink, ready, hops::Hop::SenderSent).await?;
+                        send_all(&mut sink, take_acks(&acks), hops::Hop::SenderSent).await?;
                         tracing::info!("a stalled side's dongle is ready: reconnecting the data plane so that the server sends its frames again");
                         let _ = sink.close().await;
                         return Ok(End::Closed);
                     }
                 }
-                () = shared.cancel.cancelled() => return Ok(End::Stopping),
+                () = &mut stopping => return Ok(End::Stopping),
             }
         }
     }
