@@ -242,6 +242,23 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
     }));
     // The instance joins the cluster (its first beat) before it accepts any agent.
     tasks.push(agents::cluster_tasks::start(state.hub.clone(), shutdown.clone()).await);
+    // Console events travel to the other instances whose clients watch their streams (by NOTIFY, so
+    // only where the instances may LISTEN).
+    if let Some(cluster) = state.hub.cluster()
+        && cluster.settings.listen
+    {
+        let settings = crate::console::peers::PeerSettings {
+            pool: state.pool.clone(),
+            keys: state.keys.clone(),
+            instance_id: cluster.instance_id,
+            stale_after: cluster.settings.stale_after,
+        };
+        tasks.push(tokio::spawn(crate::console::peers::run(
+            settings,
+            state.console.clone(),
+            shutdown.clone(),
+        )));
+    }
 
     // Every accepted connection turns Nagle's algorithm off. Control and data messages are small and
     // each must go out at once: with Nagle on, a message written while the previous small one is not

@@ -15,9 +15,10 @@
 //! bus is (the `console::bus_load` meter, fed by the relay, by MONITOR counts and by frames sent by
 //! hand), with the share of the bus at the dongle's configured bitrate.
 //!
-//! Like the rest of the console this is per instance: the frames reach the console of the instance
-//! holding the agent's data connection, so a console on another instance of a cluster sees them only
-//! with sticky routing (the console's module documentation says so too).
+//! With several instances, the instance whose client watches a dongle asks its agent (through the hub,
+//! wherever the agent is connected); the frames reach the console of the instance holding the agent's
+//! data connection, which sends them on to the watching instance (`console::peers`), with its counts
+//! of the bus.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -407,10 +407,10 @@ async fn upsert_instance(
 }
 
 /// The associated data of a sealed message: label, key version, id, sender and recipient, so a sealed
-/// message copied into another notice does not open.
-fn aad(version: i32, id: Uuid, from: Uuid, to: Uuid) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(SEAL_LABEL.len() + 1 + 4 + 48);
-    aad.extend_from_slice(SEAL_LABEL);
+/// message copied into another notice (or onto another channel, whose label differs) does not open.
+fn aad(label: &[u8], version: i32, id: Uuid, from: Uuid, to: Uuid) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(label.len() + 1 + 4 + 48);
+    aad.extend_from_slice(label);
     aad.push(0);
     aad.extend_from_slice(&version.to_be_bytes());
     aad.extend_from_slice(id.as_bytes());
@@ -419,11 +419,88 @@ fn aad(version: i32, id: Uuid, from: Uuid, to: Uuid) -> Vec<u8> {
     aad
 }
 
-fn cipher(keys: &KeyRing, version: i32) -> Result<Aes256Gcm, ClusterError> {
+fn cipher(keys: &KeyRing, label: &[u8], version: i32) -> Result<Aes256Gcm, ClusterError> {
     let key = keys
-        .derive(version, SEAL_LABEL)
+        .derive(version, label)
         .ok_or(ClusterError::NoKey(version))?;
     Ok(Aes256Gcm::new_from_slice(&key).expect("a 32-byte key"))
+}
+
+/// Who a sealed message is from and for, and its id: what its seal is bound to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Envelope<'a> {
+    /// What the message is (each kind of traffic between instances has its own label).
+    pub label: &'a [u8],
+    pub id: Uuid,
+    pub from: Uuid,
+    pub to: Uuid,
+}
+
+/// Seals `plain` under the newest dongle-token master key, bound to `envelope`: base64 of the key's
+/// version, the nonce and the ciphertext.
+pub(crate) fn seal(
+    keys: &KeyRing,
+    envelope: Envelope<'_>,
+    plain: &[u8],
+) -> Result<String, ClusterError> {
+    let version = keys.write_version();
+    let mut nonce = [0u8; 12];
+    rand::rng().fill(&mut nonce[..]);
+    let Envelope {
+        label,
+        id,
+        from,
+        to,
+    } = envelope;
+    let ciphertext = cipher(keys, label, version)?
+        .encrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: plain,
+                aad: &aad(label, version, id, from, to),
+            },
+        )
+        .expect("AES-GCM encryption of a short message cannot fail");
+    let mut bytes = Vec::with_capacity(4 + 12 + ciphertext.len());
+    bytes.extend_from_slice(&version.to_be_bytes());
+    bytes.extend_from_slice(&nonce);
+    bytes.extend_from_slice(&ciphertext);
+    Ok(B64.encode(bytes))
+}
+
+/// Opens what [`seal`] sealed for `envelope`.
+pub(crate) fn unseal(
+    keys: &KeyRing,
+    envelope: Envelope<'_>,
+    sealed: &str,
+) -> Result<Vec<u8>, ClusterError> {
+    let bytes = B64
+        .decode(sealed)
+        .map_err(|_| ClusterError::Malformed("the sealed message is not base64".into()))?;
+    if bytes.len() < 4 + 12 + 16 {
+        return Err(ClusterError::Malformed(
+            "the sealed message is too short".into(),
+        ));
+    }
+    let (version, rest) = bytes.split_at(4);
+    let version = i32::from_be_bytes(version.try_into().expect("4 bytes"));
+    let (nonce, ciphertext) = rest.split_at(12);
+    let nonce: [u8; 12] = nonce.try_into().expect("12 bytes");
+    let Envelope {
+        label,
+        id,
+        from,
+        to,
+    } = envelope;
+    cipher(keys, label, version)?
+        .decrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: ciphertext,
+                aad: &aad(label, version, id, from, to),
+            },
+        )
+        .map_err(|_| ClusterError::Unsealable)
 }
 
 /// Seals `message` and builds the notification payload: (sealed, payload). Fails with
@@ -436,23 +513,16 @@ fn encode(
     message: &Message,
 ) -> Result<(String, String), ClusterError> {
     let plain = serde_json::to_vec(message).expect("messages always serialize");
-    let version = keys.write_version();
-    let mut nonce = [0u8; 12];
-    rand::rng().fill(&mut nonce[..]);
-    let ciphertext = cipher(keys, version)?
-        .encrypt(
-            &Nonce::from(nonce),
-            Payload {
-                msg: &plain,
-                aad: &aad(version, id, from, to),
-            },
-        )
-        .expect("AES-GCM encryption of a short message cannot fail");
-    let mut bytes = Vec::with_capacity(4 + 12 + ciphertext.len());
-    bytes.extend_from_slice(&version.to_be_bytes());
-    bytes.extend_from_slice(&nonce);
-    bytes.extend_from_slice(&ciphertext);
-    let sealed = B64.encode(bytes);
+    let sealed = seal(
+        keys,
+        Envelope {
+            label: SEAL_LABEL,
+            id,
+            from,
+            to,
+        },
+        &plain,
+    )?;
     let payload = serde_json::to_string(&Notice {
         id,
         to,
@@ -476,27 +546,16 @@ fn check_size(payload: &str) -> Result<(), ClusterError> {
 
 /// Opens the message of a notice.
 fn decode(keys: &KeyRing, notice: &Notice) -> Result<Message, ClusterError> {
-    let bytes = B64
-        .decode(&notice.sealed)
-        .map_err(|_| ClusterError::Malformed("the sealed message is not base64".into()))?;
-    if bytes.len() < 4 + 12 + 16 {
-        return Err(ClusterError::Malformed(
-            "the sealed message is too short".into(),
-        ));
-    }
-    let (version, rest) = bytes.split_at(4);
-    let version = i32::from_be_bytes(version.try_into().expect("4 bytes"));
-    let (nonce, ciphertext) = rest.split_at(12);
-    let nonce: [u8; 12] = nonce.try_into().expect("12 bytes");
-    let plain = cipher(keys, version)?
-        .decrypt(
-            &Nonce::from(nonce),
-            Payload {
-                msg: ciphertext,
-                aad: &aad(version, notice.id, notice.from, notice.to),
-            },
-        )
-        .map_err(|_| ClusterError::Unsealable)?;
+    let plain = unseal(
+        keys,
+        Envelope {
+            label: SEAL_LABEL,
+            id: notice.id,
+            from: notice.from,
+            to: notice.to,
+        },
+        &notice.sealed,
+    )?;
     // The error names a position and a field, never a value.
     serde_json::from_slice(&plain).map_err(|e| ClusterError::Malformed(e.to_string()))
 }

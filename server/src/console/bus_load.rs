@@ -45,24 +45,71 @@ impl Rate {
 }
 
 /// Frames and bits per dongle since the last [`BusMeter::take`].
+///
+/// Several instances may each see part of one dongle's traffic (the relay on one, frames sent by hand
+/// on another). An instance counts what it sees and, while sharing is on, also keeps it for the
+/// instances whose clients watch the dongle (`console::peers`), which add it with
+/// [`BusMeter::add_from_peer`]: so every instance's figure covers all of it, and nothing is counted
+/// twice, since counts from a peer are never shared on.
 #[derive(Default)]
 pub struct BusMeter {
     counts: Mutex<HashMap<Uuid, (u64, u64)>>,
+    /// What this instance saw since the last [`BusMeter::take_shared`], while sharing is on.
+    shared: Mutex<Option<HashMap<Uuid, (u64, u64)>>>,
 }
 
 /// The most dongles counted between two takes; past it new ones are not counted until the next take.
 const MAX_DONGLES: usize = 100_000;
 
+fn count(counts: &mut HashMap<Uuid, (u64, u64)>, dongle_id: Uuid, frames: u64, bits: u64) {
+    if counts.len() >= MAX_DONGLES && !counts.contains_key(&dongle_id) {
+        return;
+    }
+    let c = counts.entry(dongle_id).or_default();
+    c.0 = c.0.saturating_add(frames);
+    c.1 = c.1.saturating_add(bits);
+}
+
 impl BusMeter {
     /// Counts `frames` frames of `bits` bits in all on dongle `dongle_id`'s bus.
     pub fn add(&self, dongle_id: Uuid, frames: u64, bits: u64) {
-        let mut counts = self.counts.lock().expect("meter lock");
-        if counts.len() >= MAX_DONGLES && !counts.contains_key(&dongle_id) {
-            return;
+        count(
+            &mut self.counts.lock().expect("meter lock"),
+            dongle_id,
+            frames,
+            bits,
+        );
+        if let Some(shared) = &mut *self.shared.lock().expect("meter lock") {
+            count(shared, dongle_id, frames, bits);
         }
-        let c = counts.entry(dongle_id).or_default();
-        c.0 += frames;
-        c.1 += bits;
+    }
+
+    /// Counts what another instance saw of dongle `dongle_id`'s bus.
+    pub fn add_from_peer(&self, dongle_id: Uuid, frames: u64, bits: u64) {
+        count(
+            &mut self.counts.lock().expect("meter lock"),
+            dongle_id,
+            frames,
+            bits,
+        );
+    }
+
+    /// Starts keeping what this instance sees for other instances.
+    pub fn share(&self) {
+        self.shared
+            .lock()
+            .expect("meter lock")
+            .get_or_insert_with(HashMap::new);
+    }
+
+    /// What this instance saw since the last call (frames and bits per dongle), when sharing is on.
+    pub fn take_shared(&self) -> HashMap<Uuid, (u64, u64)> {
+        self.shared
+            .lock()
+            .expect("meter lock")
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// The rates over `period` of every dongle counted in it, and starts counting anew.

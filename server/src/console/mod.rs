@@ -10,21 +10,22 @@
 //! they keep increasing across a server restart (an id from before the restart is simply too old, and
 //! its client gets `stream_reset`).
 //!
-//! The console is this instance's: events are published where they happen (the relay runs on the
-//! instance holding the data connections, a command's status where the command changes), and a client
-//! sees the events of the instance it is connected to. Behind a load balancer, console streams need
-//! sticky routing to the instance that serves the group; everything that must not be lost (frames,
-//! command results) lives in PostgreSQL, not here.
+//! Events are published where they happen (the relay runs on the instance holding the data
+//! connections, a command's status where the command changes). When several instances share one
+//! database, [`peers`] carries the events of a stream to the other instances whose clients watch it, so
+//! a client sees a stream's events whichever instance it reached. Everything that must not be lost
+//! (frames, command results) lives in PostgreSQL, not here: the console is a view.
 
 pub mod bus_load;
+pub mod peers;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -36,14 +37,16 @@ pub const RING_AGE: Duration = Duration::from_secs(60);
 const SUBSCRIBER_QUEUE: usize = 1024;
 
 /// Which stream an event belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StreamKey {
     Dongle(Uuid),
     Group(Uuid),
 }
 
-/// An event of the console, as its `data:` line carries it (the `event:` line is its `type`).
-#[derive(Debug, Clone, Serialize)]
+/// An event of the console, as its `data:` line carries it (the `event:` line is its `type`). It is read
+/// back only from another instance of this server ([`peers`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ConsoleEvent {
     /// A dongle's agent went online or offline, or the dongle was plugged in or out: `agent_id` is the
@@ -64,7 +67,8 @@ pub enum ConsoleEvent {
         /// batch extension): for intervals between frames, not a time of day.
         #[serde(skip_serializing_if = "Option::is_none")]
         dongle_ts_us: Option<u64>,
-        direction: &'static str,
+        #[serde(deserialize_with = "known_word")]
+        direction: Word,
         /// The dongle's CAN channel: 0, since a dongle has one.
         bus: u8,
         /// The identifier as v0.7 shows it: `0x` and 3 upper-case hex digits (standard) or 8
@@ -83,7 +87,8 @@ pub enum ConsoleEvent {
     },
     /// Something people should read.
     Log {
-        level: &'static str,
+        #[serde(deserialize_with = "known_word")]
+        level: Word,
         message: String,
     },
     /// A command changed state.
@@ -98,7 +103,8 @@ pub enum ConsoleEvent {
     /// API (`remote`); `at` is when the server recorded it (RFC 3339).
     CliTelemetry {
         dongle_id: Uuid,
-        source: &'static str,
+        #[serde(deserialize_with = "known_word")]
+        source: Word,
         command: String,
         output: String,
         exit_code: Option<i32>,
@@ -129,6 +135,25 @@ pub enum ConsoleEvent {
     StreamReset { reason: String },
     /// The last event of a stream whose caller lost access (signed out, unpaired, token revoked...).
     AccessEnded { reason: String },
+}
+
+/// The words the console's events hold in `&'static str` fields (a direction, a log level, a command's
+/// source), for reading an event another instance sent.
+const KNOWN_WORDS: &[&str] = &[
+    "rx", "tx", "info", "warning", "warn", "error", "debug", "uart", "remote", "host",
+];
+
+/// One of [`KNOWN_WORDS`]. A name of its own, because serde takes a field written `&str` to borrow from
+/// its input, which an event read from a notification cannot.
+pub type Word = &'static str;
+
+fn known_word<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    let word = String::deserialize(d)?;
+    KNOWN_WORDS
+        .iter()
+        .find(|w| **w == word)
+        .copied()
+        .ok_or_else(|| serde::de::Error::custom("a word this console does not use"))
 }
 
 /// A time as the console's events carry it: RFC 3339, UTC, microseconds.
@@ -247,7 +272,7 @@ impl Stream {
     /// Counts one CAN frame in the rate window ending at `now` and says whether it is shown: None when
     /// the sampling skips it, else the sample size to mark it with (None: every frame is shown). A
     /// window that ends decides the next one's sampling and says so with a `log` event when it changes.
-    fn admit_frame(&mut self, now: Instant, limit: u32) -> Option<Option<u32>> {
+    fn admit_frame(&mut self, now: Instant, limit: u32, out: Outlet<'_>) -> Option<Option<u32>> {
         if now.duration_since(self.window_start) >= Duration::from_secs(1) {
             let seen = self.window_frames;
             let sample = seen.div_ceil(limit).max(1);
@@ -263,10 +288,13 @@ impl Stream {
                 } else {
                     "the console shows every frame again".to_string()
                 };
-                self.push(ConsoleEvent::Log {
-                    level: "info",
-                    message,
-                });
+                self.push(
+                    ConsoleEvent::Log {
+                        level: "info",
+                        message,
+                    },
+                    out,
+                );
             }
         }
         self.window_frames = self.window_frames.saturating_add(1);
@@ -281,7 +309,8 @@ impl Stream {
         Some(None)
     }
 
-    fn push(&mut self, event: ConsoleEvent) {
+    /// Adds `event` to the ring, sends it to the subscribers, and hands it to `out` for other instances.
+    fn push(&mut self, event: ConsoleEvent, out: Outlet<'_>) {
         let now = Instant::now();
         let stored = Arc::new(Stored {
             id: self.next_id,
@@ -298,9 +327,58 @@ impl Stream {
         {
             self.ring.pop_front();
         }
+        if let Some((key, forward)) = out {
+            forward.offer(key, &stored);
+        }
         // No subscriber is fine: the ring keeps the event for one that resumes.
         let _ = self.tx.send(stored);
     }
+}
+
+/// Where a pushed event also goes: the stream's key and the forwarding to other instances, or None for
+/// an event that came from another instance (it is never sent on again) or when nothing is forwarded.
+type Outlet<'a> = Option<(StreamKey, &'a Forward)>;
+
+/// An event for the instances that watch its stream ([`peers`]).
+#[derive(Debug)]
+pub struct Outgoing {
+    pub key: StreamKey,
+    pub stored: Arc<Stored>,
+}
+
+/// The forwarding of events to other instances: which streams they watch, and the queue to the task
+/// that sends them.
+struct Forward {
+    /// The streams that clients of other instances watch now.
+    wanted: std::collections::HashSet<StreamKey>,
+    tx: mpsc::Sender<Outgoing>,
+}
+
+impl Forward {
+    fn offer(&self, key: StreamKey, stored: &Arc<Stored>) {
+        if !self.wanted.contains(&key) {
+            return;
+        }
+        if self
+            .tx
+            .try_send(Outgoing {
+                key,
+                stored: stored.clone(),
+            })
+            .is_err()
+        {
+            // The sending task is behind (the database is slow): the other instances' views miss this
+            // event, which is counted; this instance's subscribers still get it.
+            metrics::counter!("console_forward_dropped_total").increment(1);
+        }
+    }
+}
+
+/// The streams of this instance, and the forwarding of their events.
+#[derive(Default)]
+struct Streams {
+    map: HashMap<StreamKey, Stream>,
+    forward: Option<Forward>,
 }
 
 /// What a new subscriber gets: a reset notice if it asked for too old an event, the events it missed,
@@ -313,12 +391,15 @@ pub struct Subscription {
 
 /// The console of this instance.
 pub struct Console {
-    streams: Mutex<HashMap<StreamKey, Stream>>,
+    streams: Mutex<Streams>,
     /// CAN frames per second per stream above which the stream samples.
     frame_rate_limit: u32,
     /// Told when a dongle's stream gets a subscriber, so that its agent is asked for the dongle's
     /// traffic at once rather than at the next round (`monitor::watch`).
     pub dongle_watched: tokio::sync::Notify,
+    /// Told when any stream gets a subscriber, so that other instances learn at once that this one
+    /// watches it ([`peers`]).
+    pub watched_changed: tokio::sync::Notify,
     /// The frames seen of each dongle's bus, for its `bus_load` events.
     pub bus_meter: bus_load::BusMeter,
 }
@@ -326,24 +407,77 @@ pub struct Console {
 impl Console {
     pub fn new(frame_rate_limit: u32) -> Self {
         Self {
-            streams: Mutex::new(HashMap::new()),
+            streams: Mutex::new(Streams::default()),
             frame_rate_limit: frame_rate_limit.max(1),
             dongle_watched: tokio::sync::Notify::new(),
+            watched_changed: tokio::sync::Notify::new(),
             bus_meter: bus_load::BusMeter::default(),
         }
     }
 
-    /// The dongles whose stream somebody watches now.
+    /// The dongles whose stream a client of this instance watches now.
     pub fn watched_dongles(&self) -> Vec<Uuid> {
         self.streams
             .lock()
             .expect("console lock")
+            .map
             .iter()
             .filter_map(|(key, stream)| match key {
                 StreamKey::Dongle(id) if stream.tx.receiver_count() > 0 => Some(*id),
                 _ => None,
             })
             .collect()
+    }
+
+    /// Whether a client of another instance watches `key`'s stream now.
+    pub fn wanted_by_peers(&self, key: StreamKey) -> bool {
+        self.streams
+            .lock()
+            .expect("console lock")
+            .forward
+            .as_ref()
+            .is_some_and(|f| f.wanted.contains(&key))
+    }
+
+    /// The streams that clients of this instance watch now.
+    pub fn watched_here(&self) -> Vec<StreamKey> {
+        self.streams
+            .lock()
+            .expect("console lock")
+            .map
+            .iter()
+            .filter(|(_, stream)| stream.tx.receiver_count() > 0)
+            .map(|(key, _)| *key)
+            .collect()
+    }
+
+    /// Starts forwarding events to other instances: the events of the streams that [`Self::set_wanted`]
+    /// names are queued (at most `queue` of them) on the receiver returned.
+    pub fn forward_to_peers(&self, queue: usize) -> mpsc::Receiver<Outgoing> {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        self.streams.lock().expect("console lock").forward = Some(Forward {
+            wanted: Default::default(),
+            tx,
+        });
+        rx
+    }
+
+    /// The streams that clients of other instances watch now.
+    pub fn set_wanted(&self, wanted: std::collections::HashSet<StreamKey>) {
+        if let Some(forward) = &mut self.streams.lock().expect("console lock").forward {
+            forward.wanted = wanted;
+        }
+    }
+
+    /// Publishes an event that another instance published (and sampled) on `key`'s stream: it is shown
+    /// as it is and sent nowhere else.
+    pub fn publish_from_peer(&self, key: StreamKey, event: ConsoleEvent) {
+        let mut streams = self.streams.lock().expect("console lock");
+        streams
+            .map
+            .entry(key)
+            .or_insert_with(Stream::new)
+            .push(event, None);
     }
 
     /// Publishes `event` on `key`'s stream. CAN frames above the rate limit are sampled: one in N is
@@ -354,7 +488,9 @@ impl Console {
             return;
         }
         let mut streams = self.streams.lock().expect("console lock");
-        streams.entry(key).or_insert_with(Stream::new).push(event);
+        let Streams { map, forward } = &mut *streams;
+        let out = forward.as_ref().map(|f| (key, f));
+        map.entry(key).or_insert_with(Stream::new).push(event, out);
     }
 
     /// Publishes CAN frames on `key`'s stream, sampled as [`publish`](Self::publish) does: `make`
@@ -368,28 +504,31 @@ impl Console {
         mut make: impl FnMut(T) -> ConsoleEvent,
     ) {
         let mut streams = self.streams.lock().expect("console lock");
-        let stream = streams.entry(key).or_insert_with(Stream::new);
+        let Streams { map, forward } = &mut *streams;
+        let out = forward.as_ref().map(|f| (key, f));
+        let stream = map.entry(key).or_insert_with(Stream::new);
         let now = Instant::now();
         for frame in frames {
-            let Some(sampled) = stream.admit_frame(now, self.frame_rate_limit) else {
+            let Some(sampled) = stream.admit_frame(now, self.frame_rate_limit, out) else {
                 continue;
             };
             let mut event = make(frame);
             if let ConsoleEvent::CanFrame { sampled: s, .. } = &mut event {
                 *s = sampled.or(*s);
             }
-            stream.push(event);
+            stream.push(event, out);
         }
     }
 
     /// Subscribes to `key`'s stream, resuming after `last_event_id` when given.
     pub fn subscribe(&self, key: StreamKey, last_event_id: Option<u64>) -> Subscription {
         let mut streams = self.streams.lock().expect("console lock");
-        let stream = streams.entry(key).or_insert_with(Stream::new);
+        let stream = streams.map.entry(key).or_insert_with(Stream::new);
         let live = stream.tx.subscribe();
         if matches!(key, StreamKey::Dongle(_)) {
             self.dongle_watched.notify_one();
         }
+        self.watched_changed.notify_one();
         let Some(last) = last_event_id else {
             return Subscription {
                 reset: false,
@@ -424,12 +563,16 @@ impl Console {
     /// Forgets streams nobody watches whose last event is older than the ring keeps.
     pub fn sweep(&self) {
         let now = Instant::now();
-        self.streams.lock().expect("console lock").retain(|_, s| {
-            s.tx.receiver_count() > 0
-                || s.ring
-                    .back()
-                    .is_some_and(|e| now.duration_since(e.at) <= RING_AGE)
-        });
+        self.streams
+            .lock()
+            .expect("console lock")
+            .map
+            .retain(|_, s| {
+                s.tx.receiver_count() > 0
+                    || s.ring
+                        .back()
+                        .is_some_and(|e| now.duration_since(e.at) <= RING_AGE)
+            });
     }
 }
 
@@ -546,7 +689,7 @@ mod tests {
         drop(sub);
         tokio::time::advance(RING_AGE + Duration::from_secs(1)).await;
         console.sweep();
-        assert!(console.streams.lock().unwrap().is_empty());
+        assert!(console.streams.lock().unwrap().map.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

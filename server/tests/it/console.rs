@@ -17,21 +17,21 @@ use bridge_server::users::Role;
 const DEV: &str = "00000000000000c1";
 
 /// An open SSE stream and the text read so far.
-struct Sse {
+pub(crate) struct Sse {
     response: reqwest::Response,
     buffer: String,
 }
 
 /// One event: its id (if any), name and JSON data.
 #[derive(Debug)]
-struct Event {
-    id: Option<u64>,
-    name: String,
-    data: Value,
+pub(crate) struct Event {
+    pub(crate) id: Option<u64>,
+    pub(crate) name: String,
+    pub(crate) data: Value,
 }
 
 impl Sse {
-    async fn open(
+    pub(crate) async fn open(
         client: &TestClient,
         path: &str,
         last_event_id: Option<u64>,
@@ -84,7 +84,7 @@ impl Sse {
     }
 
     /// The next event (comments such as keep-alives are skipped).
-    async fn next(&mut self) -> Event {
+    pub(crate) async fn next(&mut self) -> Event {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();

@@ -467,3 +467,87 @@ async fn listening_takes_nothing_from_the_pool(pool: PgPool) {
     drop(all);
     app.stop().await;
 }
+
+/// A console opened on one instance shows what happens on another: the frames that an agent connected
+/// to instance 2 streams for a dongle in no group, an event of instance 2 (a frame sent by hand) and
+/// the bus load of the traffic, which only instance 2 sees.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_console_on_one_instance_shows_what_an_agent_on_another_streams(pool: PgPool) {
+    use crate::console::Sse;
+    use common::data::{DataClient, batch};
+    use control_proto::data::{Direction, encode_monitor};
+    let app = spawn_app_with(pool.clone(), |c| c.cluster = notify_settings()).await;
+    let second = Instance::start(&app, notify_settings()).await;
+    let (alice, _) = app.logged_in("alice@example.com", Role::User).await;
+    let (_, token) = agent::register(&alice).await;
+    let agent = TestAgent::connect(&second.base(), &token).await;
+    agent.report_caps(&pool, &[(DEV, 0)]).await;
+    let dongle = common::data::pair(&app, &alice, DEV).await;
+
+    // Alice watches on instance 1; the agent is asked for the dongle's traffic all the same.
+    let path = format!("/streams/dongles/{dongle}/console");
+    let (_, stream, _) = Sse::open(&alice, &path, None).await;
+    let mut stream = stream.expect("the console opens");
+    agent::wait_until(|| async {
+        agent
+            .seen
+            .lock()
+            .unwrap()
+            .watches
+            .iter()
+            .any(|w| w.seconds > 0)
+    })
+    .await;
+    let key = bridge_server::console::StreamKey::Dongle(dongle);
+    agent::wait_until(|| async { second.server().state.console.wanted_by_peers(key) }).await;
+
+    // The agent streams 4 000 frames seen, a sample of 2, on its data connection to instance 2.
+    let mut data = DataClient::connect(&second.base(), &token).await;
+    data.send_raw(encode_monitor(
+        DEV.parse().unwrap(),
+        Direction::Rx,
+        4000,
+        &batch([0x0102_0304, 0x0506_0708]),
+    ))
+    .await;
+    let mut frames = Vec::new();
+    let mut load = None;
+    while frames.len() < 2 || load.is_none() {
+        let event = stream.next().await;
+        match event.name.as_str() {
+            "can_frame" => frames.push(event.data),
+            "bus_load" if event.data["frames_per_sec"].as_f64().unwrap() > 0.0 => {
+                load = Some(event.data)
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(frames[0]["dongle_id"], dongle.to_string());
+    assert_eq!(frames[0]["direction"], "rx");
+    assert_eq!(frames[0]["data_hex"], "01020304");
+    assert_eq!(frames[1]["data_hex"], "05060708");
+    assert_eq!(frames[0]["sampled"], 2000, "{}", frames[0]);
+    let load = load.unwrap();
+    assert!(load["frames_per_sec"].as_f64().unwrap() >= 1000.0, "{load}");
+
+    // An event published on instance 2 by other means: a log line of the relay, for example.
+    second.server().state.console.publish(
+        key,
+        bridge_server::console::ConsoleEvent::Log {
+            level: "warning",
+            message: "from instance 2".into(),
+        },
+    );
+    let log = loop {
+        let event = stream.next().await;
+        if event.name == "log" {
+            break event.data;
+        }
+    };
+    assert_eq!(log["message"], "from instance 2");
+
+    // Closed on instance 1: instance 2 stops forwarding the stream.
+    drop(stream);
+    agent::wait_until(|| async { !second.server().state.console.wanted_by_peers(key) }).await;
+    second.stop().await;
+}
