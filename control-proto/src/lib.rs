@@ -55,6 +55,7 @@
 //! channel; neither side logs them, and the `Debug` output of those messages redacts them.
 
 pub mod data;
+pub mod probe;
 
 use std::fmt;
 
@@ -71,7 +72,9 @@ use uuid::Uuid;
 /// console), sent only to agents whose `hello` says 4 or more ([`ServerMessage::since`]), and
 /// [`AgentMessage::CliTelemetry`] (acknowledged by `cli_telemetry_ack`), sent only to servers whose
 /// `welcome` says 4 or more.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Version 5 added [`RequestBody::LatencyProbe`] (the dashboard's latency benchmark through a group),
+/// sent only to agents whose `hello` says 5 or more.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The first protocol version that carries local endpoints.
 pub const LOCAL_ENDPOINTS_SINCE: u32 = 2;
@@ -82,6 +85,9 @@ pub const TOKEN_ACCEPTED_SINCE: u32 = 3;
 /// The first protocol version that carries [`ServerMessage::Watch`] and MONITOR data messages, and
 /// [`AgentMessage::CliTelemetry`] with its acknowledgement.
 pub const WATCH_SINCE: u32 = 4;
+
+/// The first protocol version that carries [`RequestBody::LatencyProbe`].
+pub const PROBE_SINCE: u32 = 5;
 
 /// The heartbeat period the server asks for, in seconds.
 pub const DEFAULT_HEARTBEAT_SECS: u32 = 10;
@@ -292,6 +298,52 @@ pub enum ReplyOk {
         output: String,
         truncated: bool,
     },
+    /// The agent sends the run's probes back from now on (protocol 5).
+    ProbeArmed,
+    /// The agent sent its probes and counted their echoes (protocol 5).
+    ProbeDone {
+        summary: ProbeSummary,
+    },
+}
+
+/// What an agent does in a latency benchmark ([`RequestBody::LatencyProbe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum ProbeRole {
+    /// Send `count` probes at `rate` a second into the side's stream, as if its dongle had received
+    /// them, and time their echoes; answer with [`ReplyOk::ProbeDone`] once every echo is back, or once
+    /// none came for `settle_ms` after the last probe left.
+    Send {
+        count: u32,
+        rate: u32,
+        settle_ms: u64,
+    },
+    /// For `seconds`, send every probe of the run that arrives for the side back into the side's own
+    /// stream instead of putting it on the dongle's bus; answer with [`ReplyOk::ProbeArmed`] at once.
+    Echo { seconds: u32 },
+}
+
+/// Round-trip times of a latency benchmark, in microseconds (nearest-rank quantiles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundTrips {
+    pub min_us: u64,
+    pub p50_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+/// What the sending agent of a latency benchmark counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeSummary {
+    pub sent: u32,
+    /// Probes whose echo came back (each counted once).
+    pub received: u32,
+    pub duplicates: u64,
+    /// Echoes that came after one of a higher number.
+    pub out_of_order: u64,
+    /// None when no echo came back.
+    pub round_trip: Option<RoundTrips>,
 }
 
 /// The network diagnostics an agent runs on its workstation for a dongle it serves: allow-listed,
@@ -638,6 +690,16 @@ pub enum RequestBody {
         device_id: DeviceId,
         command: HostCommand,
     },
+    /// Take part in a latency benchmark through the group `group_id`, whose side `side` this agent
+    /// serves (protocol 5; see [`probe`]).
+    LatencyProbe {
+        run_id: Uuid,
+        /// The dongle of the side.
+        device_id: DeviceId,
+        group_id: Uuid,
+        side: data::Side,
+        role: ProbeRole,
+    },
     /// Transmit one CAN frame by hand.
     SendFrame {
         device_id: DeviceId,
@@ -707,6 +769,20 @@ impl fmt::Debug for RequestBody {
                 .field("run_id", run_id)
                 .field("device_id", device_id)
                 .field("command", command)
+                .finish(),
+            Self::LatencyProbe {
+                run_id,
+                device_id,
+                group_id,
+                side,
+                role,
+            } => f
+                .debug_struct("LatencyProbe")
+                .field("run_id", run_id)
+                .field("device_id", device_id)
+                .field("group_id", group_id)
+                .field("side", side)
+                .field("role", role)
                 .finish(),
         }
     }
@@ -789,6 +865,7 @@ impl RequestBody {
             | RequestBody::CanConfig { device_id, .. }
             | RequestBody::Command { device_id, .. }
             | RequestBody::HostCommand { device_id, .. }
+            | RequestBody::LatencyProbe { device_id, .. }
             | RequestBody::SendFrame { device_id, .. } => *device_id,
         }
     }
@@ -804,6 +881,10 @@ impl ServerMessage {
                 body: RequestBody::HostCommand { .. },
                 ..
             }) => WATCH_SINCE,
+            Self::Request(Request {
+                body: RequestBody::LatencyProbe { .. },
+                ..
+            }) => PROBE_SINCE,
             _ => 1,
         }
     }

@@ -12,6 +12,8 @@
 //! allocates is all the tracing ever holds. A frame whose data is not a numbered frame's (shorter than
 //! five bytes) is ignored too; a product frame that happens to look numbered only adds a mark.
 
+pub mod tally;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;

@@ -229,9 +229,13 @@ impl DataPlane {
     /// else into its console's sample when somebody watches it, else they are counted as unrouted.
     pub(super) fn take_from_dongle(&self, device_id: DeviceId, frames: &[Frame]) {
         hops::mark_all(hops::Hop::SenderRead, frames.iter().map(Frame::data));
-        let mut sides = self.sides.lock().unwrap();
-        let Some(state) = sides.values_mut().find(|s| s.device_id == device_id) else {
-            drop(sides);
+        let sides = self.sides.lock().unwrap();
+        let side = sides
+            .iter()
+            .find(|(_, s)| s.device_id == device_id)
+            .map(|(key, _)| *key);
+        drop(sides);
+        let Some((group_id, side)) = side else {
             let now = tokio::time::Instant::now();
             if self.monitors.lock().unwrap().take(device_id, frames, now) {
                 self.wake.notify_one();
@@ -239,6 +243,20 @@ impl DataPlane {
                 self.stats.lock().unwrap().unrouted += frames.len() as u64;
             }
             return;
+        };
+        // The side may leave between the two locks: its frames then count as unrouted, as they would
+        // a moment later.
+        if !self.inject(group_id, side, frames) {
+            self.stats.lock().unwrap().unrouted += frames.len() as u64;
+        }
+    }
+
+    /// Puts frames into the stream of a served side as if its dongle had received them (latency
+    /// probes, and their echoes). False when the side is not served here.
+    pub(super) fn inject(&self, group_id: Uuid, side: Side, frames: &[Frame]) -> bool {
+        let mut sides = self.sides.lock().unwrap();
+        let Some(state) = sides.get_mut(&(group_id, side)) else {
+            return false;
         };
         let room = MAX_UNACKED.saturating_sub(state.unacked.len());
         let taken = frames.len().min(room);
@@ -250,6 +268,7 @@ impl DataPlane {
             self.stats.lock().unwrap().dropped += dropped;
         }
         self.wake.notify_one();
+        true
     }
 
     /// Starts a new connection: everything unacknowledged is to be sent again.

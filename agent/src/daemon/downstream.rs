@@ -20,12 +20,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use control_proto::data::{self, Side};
+use firmware_proto::ids::DeviceId;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::Shared;
 use super::device::{Handed, Rest};
+use super::probe::Split;
 use crate::frame::Frame;
 
 /// The most frames waiting in one lane.
@@ -230,7 +232,84 @@ async fn hand_over(shared: &Shared, key: (Uuid, Side), message: &Message, report
     }
 }
 
+/// What became of frames from the server for a side's dongle.
+#[derive(Default)]
+struct Handover {
+    /// Frames now on the dongle's link.
+    delivered: usize,
+    /// Frames that could never go (counted as dropped).
+    refused: usize,
+    /// Frames disposed of from the first on: the delivered and refused ones, and latency probes.
+    disposed: usize,
+    /// The dongle could not take the frames after the disposed ones.
+    stalled: bool,
+}
+
+impl Handover {
+    /// What a device did with `n` frames.
+    fn of(n: usize, handed: Handed) -> Self {
+        let delivered = handed.delivered;
+        let (refused, stalled) = match handed.rest {
+            Rest::None => (0, false),
+            Rest::Refused => (n - delivered, false),
+            Rest::Stalled => (0, true),
+        };
+        Self {
+            delivered,
+            refused,
+            disposed: delivered + refused,
+            stalled,
+        }
+    }
+}
+
 impl Shared {
+    async fn hand_to_device(&self, device_id: DeviceId, frames: &[Frame]) -> Handed {
+        match self.devices.get(&device_id) {
+            Some(device) if self.can_deliver_to(&device) => device.send_frames(frames).await,
+            _ => Handed::new(0, Rest::Stalled),
+        }
+    }
+
+    /// Hands frames to a side's dongle while a latency run is armed for the side: the run's probes
+    /// never reach the bus (an echoing side sends them back into its own stream, the sender counts
+    /// them), and the frames between them go to the dongle as usual, in order.
+    async fn hand_with_probes(
+        &self,
+        group_id: Uuid,
+        side: Side,
+        device_id: DeviceId,
+        split: &Split,
+        frames: &[Frame],
+    ) -> Handover {
+        let mut total = Handover::default();
+        let mut echoes = Vec::new();
+        let mut rest = frames;
+        while !rest.is_empty() {
+            let real = rest.iter().take_while(|f| !split.is_probe(f)).count();
+            if real > 0 {
+                let handed =
+                    Handover::of(real, self.hand_to_device(device_id, &rest[..real]).await);
+                total.delivered += handed.delivered;
+                total.refused += handed.refused;
+                total.disposed += handed.disposed;
+                if handed.stalled {
+                    total.stalled = true;
+                    break;
+                }
+                rest = &rest[real..];
+            }
+            let probes = rest.iter().take_while(|f| split.is_probe(f)).count();
+            echoes.extend(split.take(&rest[..probes]));
+            total.disposed += probes;
+            rest = &rest[probes..];
+        }
+        if !echoes.is_empty() {
+            self.data.inject(group_id, side, &echoes);
+        }
+        total
+    }
+
     /// Hands frames from the server to the dongle of `side`, and says what to acknowledge: only frames
     /// that are on the dongle's link (or the endpoint) are, and everything after a frame the dongle
     /// could not take waits for the next connection.
@@ -248,22 +327,23 @@ impl Shared {
         let skip = expected.saturating_sub(first) as usize;
         let fresh = frames.get(skip..).unwrap_or(&[]);
         let skipped_to = first + skip.min(frames.len()) as u64;
-        let handed = if fresh.is_empty() {
-            Handed::new(0, Rest::None)
-        } else {
-            match self.devices.get(&device_id) {
-                Some(device) if self.can_deliver_to(&device) => device.send_frames(fresh).await,
-                _ => Handed::new(0, Rest::Stalled),
+        let handed = match self.probes.split(group_id, side) {
+            _ if fresh.is_empty() => Handover::default(),
+            Some(split) => {
+                self.hand_with_probes(group_id, side, device_id, &split, fresh)
+                    .await
             }
+            None => Handover::of(fresh.len(), self.hand_to_device(device_id, fresh).await),
         };
-        let delivered = handed.delivered;
-        let (refused, stalled) = match handed.rest {
-            Rest::None => (0, false),
-            Rest::Refused => (fresh.len() - delivered, false),
-            Rest::Stalled => (0, true),
-        };
-        // The position after what this call disposed of: delivered frames, and refused ones after them.
-        let next = skipped_to + (delivered + refused) as u64;
+        let Handover {
+            delivered,
+            refused,
+            disposed,
+            stalled,
+        } = handed;
+        // The position after what this call disposed of: delivered frames, refused ones after them,
+        // and latency probes.
+        let next = skipped_to + disposed as u64;
         self.data
             .disposed_inbound(group_id, side, delivered, refused, next);
         let ack = data::encode_ack(group_id, side, next);

@@ -13,8 +13,9 @@ use super::requests::build_frame;
 use crate::endpoints::{EndpointConfig, EndpointMode};
 
 impl Shared {
-    /// Answers `body` for `device`, the local endpoint `device_id` (open or not). Host commands
-    /// never come here: they are about the workstation, the same for an endpoint as for a dongle.
+    /// Answers `body` for `device`, the local endpoint `device_id` (open or not). Host commands and
+    /// latency probes never come here: they are about the workstation or a group side, the same for an
+    /// endpoint as for a dongle.
     pub(super) async fn local_request(
         &self,
         device_id: &DeviceId,
@@ -62,9 +63,9 @@ impl Shared {
                 Ok(frame) => device.send_frame(frame).await,
                 Err(reply) => reply,
             },
-            RequestBody::HostCommand { .. } => error(
+            RequestBody::HostCommand { .. } | RequestBody::LatencyProbe { .. } => error(
                 ReplyErrorCode::Internal,
-                "a host command reached the local endpoints' path",
+                "a request about the workstation or a group reached the local endpoints' path",
             ),
         }
     }

@@ -18,6 +18,7 @@ mod host;
 mod local;
 mod monitor;
 mod pace;
+mod probe;
 mod reply;
 mod requests;
 mod status;
@@ -106,6 +107,8 @@ pub(crate) struct Shared {
     ready: Mutex<HashSet<DeviceId>>,
     status: status::StatusFile,
     data: dataplane::DataPlane,
+    /// Latency benchmarks in progress through the groups served here.
+    probes: probe::Probes,
     /// Commands typed on the dongles' UART consoles, until the server has them.
     telemetry: telemetry::Outbox,
     /// The workstation's owner lets the server run network diagnostics here.
@@ -168,6 +171,7 @@ pub async fn run(
         ready: Mutex::new(HashSet::new()),
         status: status::StatusFile::new(&config.home, &config.credentials.server_url),
         data: dataplane::DataPlane::default(),
+        probes: probe::Probes::default(),
         telemetry: telemetry::Outbox::default(),
         host_commands: config.host_commands,
         tasks: TaskTracker::new(),

@@ -38,8 +38,10 @@ impl Shared {
     /// Answers one request. Commands answer at once and end later through [`Shared::run_command`].
     pub(super) async fn handle_request(self: &Arc<Self>, body: RequestBody) -> ReplyResult {
         // A local endpoint stands in for a dongle but has no pairing, token or console of its own.
-        if !matches!(body, RequestBody::HostCommand { .. })
-            && let id = body.device_id()
+        if !matches!(
+            body,
+            RequestBody::HostCommand { .. } | RequestBody::LatencyProbe { .. }
+        ) && let id = body.device_id()
             && let Some(device @ Device::Local { .. }) = self.devices.get(&id)
         {
             return self.local_request(&id, &device, &body).await;
@@ -89,6 +91,16 @@ impl Shared {
                 device_id,
                 command,
             } => self.host_command(run_id, device_id, command).await,
+            RequestBody::LatencyProbe {
+                run_id,
+                device_id,
+                group_id,
+                side,
+                role,
+            } => {
+                self.latency_probe(run_id, device_id, group_id, side, role)
+                    .await
+            }
         }
     }
 

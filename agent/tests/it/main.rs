@@ -14,6 +14,7 @@ mod foreign_builds;
 mod group_losses;
 mod group_restart;
 mod group_unplug;
+mod latency_e2e;
 mod pairing_e2e;
 mod qemu_e2e;
 mod slcan;

@@ -15,6 +15,7 @@
 //! - [`buffer`]: the durable buffer in PostgreSQL (`relay_buffer`, `relay_sides`) and its retention.
 //! - [`chunk`]: a run of frames with consecutive positions, and cutting frames off its front.
 //! - [`console`]: the relay's events on the live console.
+//! - [`latency`]: the admins' latency test of a relaying group (probes echoed between its agents).
 //! - [`wake`]: wakes this instance's pipes when another instance buffered frames for a side they serve.
 //!
 //! A group's `mode` column is its state: INACTIVE until activated; once active, ACTIVE while both sides'
@@ -27,6 +28,7 @@ pub mod buffer;
 pub mod chunk;
 pub mod console;
 pub mod data_ws;
+pub mod latency;
 pub mod links;
 pub mod model;
 pub mod pipe;

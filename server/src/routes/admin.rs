@@ -28,6 +28,48 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(force_unpair))
         .routes(routes!(release_holds))
         .routes(routes!(list_dongles))
+        .routes(routes!(latency_test))
+}
+
+/// Measures a relaying group's path: numbered probes go from side A's agent through the relay to side
+/// B's agent and back, at `rate` a second for `seconds`, and never reach either dongle's bus. Answers
+/// when the run is over (up to `seconds` and 12 s more) with what came back and the round trips.
+#[utoipa::path(post, path = "/admin/groups/{id}/latency-test", tag = "admin", security(("session" = [], "csrf" = [])),
+    params(("id" = Uuid, Path, description = "The group's id")),
+    request_body = crate::groups::latency::LatencyTest,
+    responses(
+        (status = 200, description = "The run's figures.", body = crate::groups::latency::LatencyReport),
+        (status = 400, description = "VALIDATION_ERROR: a rate, a time or a count out of bounds.", body = ErrorBody),
+        (status = 401, description = "AUTH_REQUIRED", body = ErrorBody),
+        (status = 403, description = "CSRF_INVALID", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: no such group, or the caller is not a super_admin.", body = ErrorBody),
+        (status = 409, description = "CONFLICT: the group is not relaying, or an agent is too old or refused; AGENT_OFFLINE: no agent serves a side.", body = ErrorBody),
+    ))]
+async fn latency_test(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    client: ClientInfo,
+    PathId(id): PathId,
+    crate::http::ApiJson(test): crate::http::ApiJson<crate::groups::latency::LatencyTest>,
+) -> Result<Json<crate::groups::latency::LatencyReport>, ApiError> {
+    use crate::groups::latency::{self, LatencyError};
+    let report = latency::run(&state.pool, &state.hub, admin.id, &client, id, test)
+        .await
+        .map_err(|e| {
+            let message = e.to_string();
+            match e {
+                LatencyError::NotFound => ApiError::new(ErrorCode::NotFound, message),
+                LatencyError::Invalid(_) => ApiError::validation(message),
+                LatencyError::SideOffline(side) => ApiError::new(ErrorCode::AgentOffline, message)
+                    .with_detail("side", side.letter()),
+                LatencyError::NotRelaying(_) => ApiError::new(ErrorCode::Conflict, message),
+                LatencyError::AgentTooOld(side) | LatencyError::Agent(side, _) => {
+                    ApiError::new(ErrorCode::Conflict, message).with_detail("side", side.letter())
+                }
+                LatencyError::Db(e) => e.into(),
+            }
+        })?;
+    Ok(Json(report))
 }
 
 /// An ownership state to filter on.

@@ -8,7 +8,7 @@ use super::api::Ctx;
 use super::html::{
     ApiForm, Nav, api_form, esc, input, pager, select, state_badge, t, table, time, url_encode,
 };
-use super::{Session, error_page, query_pairs, signed_in};
+use super::{Session, error_page, not_found, parse_id, query_pairs, signed_in};
 
 fn tabs(current: &str) -> String {
     let items = [
@@ -560,6 +560,90 @@ fn dongle_row(session: &Session, d: &Value) -> String {
         state_badge(state) + &held_accounts(&holds),
         t(&d["owner_email"]),
         time(&d["last_seen_at"]),
-        t(&d["group_id"]),
+        group_cell(&d["group_id"]),
     )
+}
+
+/// A dongle's group in the admins' list: a link to the group's latency test.
+fn group_cell(group_id: &Value) -> String {
+    match group_id.as_str() {
+        Some(id) => format!(
+            "<a href=\"/admin/groups/{id}/latency\" title=\"Measure this group's latency\"><code>{id}</code></a>",
+            id = esc(id)
+        ),
+        None => "<span class=\"muted\">none</span>".to_string(),
+    }
+}
+
+/// `GET /admin/groups/{id}/latency`: runs the latency test of a relaying group
+/// (`POST /admin/groups/{id}/latency-test`) and shows what it found.
+pub async fn latency(ctx: Ctx, axum::extract::Path(raw): axum::extract::Path<String>) -> Response {
+    let session = match signed_in(&ctx).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    // For anyone but a super_admin this page does not exist, as its API route does not.
+    let Some(id) = parse_id(&raw).filter(|_| session.me.admin) else {
+        return not_found(Some(&session));
+    };
+    let path = format!("/admin/groups/{id}/latency-test");
+    let next = format!("/admin/groups/{id}/latency");
+    let form = api_form(
+        &session.csrf,
+        ApiForm {
+            path: &path,
+            next: &next,
+            ok: "latency-measured",
+            show_result: true,
+            id: "latency-test",
+            label: "Run a latency test",
+            class: "narrow",
+            ..ApiForm::default()
+        },
+        &format!(
+            "{}{}<button type=\"submit\">Run the test</button>",
+            input(
+                "latency-rate",
+                "rate:int",
+                "Probes a second (1 to 5 000)",
+                "number",
+                "1000",
+                "required min=\"1\" max=\"5000\""
+            ),
+            input(
+                "latency-seconds",
+                "seconds:int",
+                "For how many seconds (1 to 60)",
+                "number",
+                "5",
+                "required min=\"1\" max=\"60\""
+            ),
+        ),
+    );
+    let mut page = session.page(&ctx, "Latency test", Nav::Admin);
+    page.body = format!(
+        "{}<p>Group <code>{id}</code>. Numbered probes go from side A's agent through the server to \
+         side B's agent and back, as the group's frames travel, at the rate you choose; neither \
+         dongle's bus sees them. The group must be relaying with both agents connected, and both \
+         agents must be version 5 of the protocol or newer. Its own frames keep flowing meanwhile.</p>\
+         {form}\
+         <section aria-labelledby=\"latency-h\" data-latency-result hidden>\
+         <h2 id=\"latency-h\" tabindex=\"-1\">Result</h2>\
+         <dl class=\"facts\">\
+         <dt>Sent</dt><dd data-latency=\"sent\"></dd>\
+         <dt>Came back</dt><dd data-latency=\"received\"></dd>\
+         <dt>Lost</dt><dd data-latency=\"lost\"></dd>\
+         <dt>Duplicates</dt><dd data-latency=\"duplicates\"></dd>\
+         <dt>Out of order</dt><dd data-latency=\"out_of_order\"></dd>\
+         <dt>Round trip, min</dt><dd data-latency=\"rtt.min\"></dd>\
+         <dt>Round trip, p50</dt><dd data-latency=\"rtt.p50\"></dd>\
+         <dt>Round trip, p95</dt><dd data-latency=\"rtt.p95\"></dd>\
+         <dt>Round trip, p99</dt><dd data-latency=\"rtt.p99\"></dd>\
+         <dt>Round trip, max</dt><dd data-latency=\"rtt.max\"></dd>\
+         </dl><p class=\"hint\">Round trips are measured on side A's clock; one way is about half. \
+         Each run is in the audit log (<code>group.latency_test</code>).</p></section>",
+        tabs("/admin/dongles"),
+    );
+    page.scripts = &["latency.js"];
+    page.render()
 }

@@ -35,6 +35,11 @@ const FILES: &[(&str, &str, &str)] = &[
         "text/javascript; charset=utf-8",
         include_str!("assets/group.js"),
     ),
+    (
+        "latency.js",
+        "text/javascript; charset=utf-8",
+        include_str!("assets/latency.js"),
+    ),
     ("icon.svg", "image/svg+xml", include_str!("assets/icon.svg")),
 ];
 

@@ -61,6 +61,7 @@ pub fn router() -> Router<AppState> {
         .route("/admin/users", get(admin_pages::users))
         .route("/admin/audit", get(admin_pages::audit))
         .route("/admin/dongles", get(admin_pages::dongles))
+        .route("/admin/groups/{id}/latency", get(admin_pages::latency))
         .route("/forms", post(forms::submit))
         .route("/assets/{file}", get(assets::serve))
         .layer(from_fn(security_headers))

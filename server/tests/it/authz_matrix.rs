@@ -459,6 +459,15 @@ fn table() -> Vec<Row> {
             },
         )
         .body(json!({})),
+        // The fixture's group has no data connection, so it does not relay: the admin gets past
+        // authorization to the check that it relays (409), everyone else is told there is no such route.
+        row(
+            post.clone(),
+            "/api/v1/admin/groups/{id}/latency-test",
+            "/api/v1/admin/groups/{group}/latency-test",
+            Admin(409),
+        )
+        .body(json!({"rate": 100, "seconds": 1})),
         row(
             get.clone(),
             "/api/v1/streams/groups/{id}/console",

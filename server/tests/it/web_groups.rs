@@ -221,3 +221,69 @@ async fn a_stopped_side_degrades_the_group_with_a_growing_backlog_then_it_recove
     b.screenshot().await;
     s.stop().await;
 }
+
+/// An admin measures a relaying group's latency from the dashboard: the dongle list links to the
+/// group's test, and the page shows what came back and the round trips, measured by the real agents.
+#[sqlx::test(migrator = "MIGRATOR")]
+#[cfg_attr(
+    not(feature = "browser-tests"),
+    ignore = "browser test: needs Debian's chromium and chromium-driver and the `browser-tests` feature (scripts/test installs them as root and turns the feature on)"
+)]
+async fn an_admin_measures_a_groups_latency_from_the_dashboard(pool: PgPool) {
+    use bridge_server::users::Role;
+    use web_support::Browser;
+    let s = TwoSides::start(
+        spawn_app(pool).await,
+        "an_admin_measures_a_groups_latency_from_the_dashboard",
+    )
+    .await;
+    create_and_activate(&s).await;
+    s.browser.wait_text("[data-connected=a]", "connected").await;
+    s.browser.wait_text("[data-connected=b]", "connected").await;
+    s.app
+        .create_user("boss@example.com", Role::SuperAdmin)
+        .await;
+    let admin = Browser::start(
+        &s.app.base,
+        "an_admin_measures_a_groups_latency_from_the_dashboard-admin",
+    )
+    .await;
+    admin
+        .sign_in("boss@example.com", crate::common::PASSWORD)
+        .await;
+    admin.goto("/admin/dongles").await;
+    admin
+        .click("[data-region=admin-dongles] a[href$='/latency']")
+        .await;
+    admin.wait_path("/admin/groups/").await;
+    admin.check_page().await;
+    admin.fill("#latency-rate", "500").await;
+    admin.fill("#latency-seconds", "1").await;
+    admin.click("#latency-test button[type=submit]").await;
+    admin
+        .wait_text("#latency-test .form-status", "Measuring for 1 s")
+        .await;
+    admin
+        .wait_text_within(
+            "#latency-test .form-status",
+            "every probe came back",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(
+        admin.text_of("[data-latency=received]").await.as_deref(),
+        Some("500")
+    );
+    assert_eq!(
+        admin.text_of("[data-latency=lost]").await.as_deref(),
+        Some("0")
+    );
+    let p50 = admin.text_of("[data-latency='rtt.p50']").await.unwrap();
+    assert!(p50.ends_with(" ms"), "{p50}");
+    admin.check_page().await;
+    admin
+        .screenshot_as("an_admin_measures_a_groups_latency_from_the_dashboard")
+        .await;
+    admin.close().await;
+    s.stop().await;
+}

@@ -497,6 +497,30 @@ fn handle(seen: &Arc<Mutex<Seen>>, msg: ServerMessage, reply: &mpsc::UnboundedSe
                             Answer::Silent | Answer::Garbled => return,
                         }
                     }
+                    // A latency run: the echoing side arms at once; the sender answers with fixed figures
+                    // (one probe of the run lost), as if the run had taken no time.
+                    RequestBody::LatencyProbe { role, .. } => match role {
+                        control_proto::ProbeRole::Echo { .. } => ReplyResult::Ok {
+                            body: ReplyOk::ProbeArmed,
+                        },
+                        control_proto::ProbeRole::Send { count, .. } => ReplyResult::Ok {
+                            body: ReplyOk::ProbeDone {
+                                summary: control_proto::ProbeSummary {
+                                    sent: count,
+                                    received: count - 1,
+                                    duplicates: 0,
+                                    out_of_order: 0,
+                                    round_trip: Some(control_proto::RoundTrips {
+                                        min_us: 900,
+                                        p50_us: 1_250,
+                                        p95_us: 2_000,
+                                        p99_us: 3_500,
+                                        max_us: 9_000,
+                                    }),
+                                },
+                            },
+                        },
+                    },
                     RequestBody::SendFrame {
                         can_id,
                         extended,
