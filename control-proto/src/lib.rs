@@ -36,8 +36,9 @@
 //! | `error` | before the server closes the socket for a protocol violation, or after a `hello` of a protocol older than [`MIN_AGENT_PROTOCOL`] (`agent_too_old`: served, but told to upgrade) | `code`, `message` |
 //!
 //! Request bodies ([`RequestBody`], field `body.type`): `pairing_start`, `pairing_submit`, `forget`,
-//! `can_config`, `command`, `send_frame`, and from protocol 4 `host_command` (a network diagnostic on
-//! the agent's workstation, whose output also streams as `host_output` events). The agent answers each with exactly one `reply` of the same `id`;
+//! `can_config`, `command`, `send_frame`, from protocol 4 `host_command` (a network diagnostic on
+//! the agent's workstation, whose output also streams as `host_output` events), and from protocol 5
+//! `latency_probe` (a part in an admin's latency test of a group: see [`probe`]). The agent answers each with exactly one `reply` of the same `id`;
 //! a reply after the timeout is dropped by the server. The `ok` body of each reply is [`ReplyOk`]; error
 //! codes are [`ReplyErrorCode`].
 //!
