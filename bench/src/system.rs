@@ -164,7 +164,12 @@ impl Rig {
             runtimes.push((name, rt));
         }
         let email = "bench@bench.example";
-        let password = bridge_demo::system::create_user(&servers[0].state.pool, email).await?;
+        let password = bridge_demo::system::create_user(
+            &servers[0].state.pool,
+            email,
+            bridge_server::users::Role::User,
+        )
+        .await?;
         let url = servers[0].base_url.clone();
         let url_b = servers[servers.len() - 1].base_url.clone();
 

@@ -148,6 +148,12 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
     let password = steps
         .run("user account", server.create_user(&email))
         .await?;
+    let server_admin_password = steps
+        .run(
+            "administrator account",
+            server.create_admin("admin@demo.example"),
+        )
+        .await?;
     let a = steps
         .run(
             "dongle A on a pseudo-terminal (bus A)",
@@ -322,6 +328,19 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
             "✔ buffered and replayed: {}/{} frames, backlog peaked at {}",
             summary.buffered.delivered, summary.buffered.sent, summary.backlog_peak
         );
+
+        // An administrator measures the group's path: probes echoed between the two agents.
+        let admin_email = "admin@demo.example";
+        let admin_password = server_admin_password;
+        let latency = steps
+            .run("latency test of the group, as an administrator (1 000 probes/s for 3 s)", async {
+                let admin = UserClient::login(&url, admin_email, &admin_password).await?;
+                admin
+                    .post(&format!("/admin/groups/{group}/latency-test"), json!({"rate": 1000, "seconds": 3}))
+                    .await
+            })
+            .await?;
+        summary.latency = Some(latency);
         anyhow::Ok(())
     }
     .await;

@@ -18,6 +18,8 @@ pub struct Summary {
     pub backlog_peak: u64,
     /// Group states in the order first seen.
     pub states: Vec<String>,
+    /// The administrator's latency test of the group (`POST /admin/groups/{id}/latency-test`).
+    pub latency: Option<serde_json::Value>,
     pub elapsed: Duration,
 }
 
@@ -28,12 +30,19 @@ impl Summary {
         }
     }
 
-    /// Frames lost, repeated or reordered over every phase.
+    /// Frames (and latency probes) lost, repeated or reordered over every phase.
     pub fn faults(&self) -> u64 {
+        let probes = self.latency.as_ref().map_or(0, |l| {
+            ["lost", "duplicates", "out_of_order"]
+                .iter()
+                .map(|k| l[k].as_u64().unwrap_or(0))
+                .sum()
+        });
         [&self.live_ab, &self.live_ba, &self.buffered]
             .iter()
             .map(|f| f.lost() + f.duplicates + f.out_of_order)
-            .sum()
+            .sum::<u64>()
+            + probes
     }
 
     /// The demo worked: every frame arrived once and in order.
@@ -90,6 +99,14 @@ impl Summary {
             self.live_ab.out_of_order + self.live_ba.out_of_order + self.buffered.out_of_order
         );
         let _ = writeln!(out, "  group states seen: {}", self.states.join(" -> "));
+        if let Some(l) = &self.latency {
+            let rtt = &l["round_trip_ms"];
+            let _ = writeln!(
+                out,
+                "  latency test ({} probes/s for {} s, A -> B -> A): {}/{} back, round trip p50 {} ms, p99 {} ms",
+                l["rate"], l["seconds"], l["received"], l["sent"], rtt["p50"], rtt["p99"]
+            );
+        }
         let _ = writeln!(
             out,
             "  {} in {:.1} s",

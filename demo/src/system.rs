@@ -42,7 +42,12 @@ impl ServerPart {
 
     /// Makes a verified user with a random password; answers the password.
     pub async fn create_user(&self, email: &str) -> anyhow::Result<String> {
-        create_user(&self.server.state.pool, email).await
+        create_user(&self.server.state.pool, email, Role::User).await
+    }
+
+    /// A super_admin, who may run a group's latency test.
+    pub async fn create_admin(&self, email: &str) -> anyhow::Result<String> {
+        create_user(&self.server.state.pool, email, Role::SuperAdmin).await
     }
 
     pub async fn stop(self) {
@@ -51,8 +56,9 @@ impl ServerPart {
     }
 }
 
-/// Makes a verified user with a random password in the server's database; answers the password.
-pub async fn create_user(pool: &sqlx::PgPool, email: &str) -> anyhow::Result<String> {
+/// Makes a verified user of `role` with a random password in the server's database; answers the
+/// password.
+pub async fn create_user(pool: &sqlx::PgPool, email: &str, role: Role) -> anyhow::Result<String> {
     let password: String = {
         use rand::RngExt;
         let mut rng = rand::rng();
@@ -64,7 +70,7 @@ pub async fn create_user(pool: &sqlx::PgPool, email: &str) -> anyhow::Result<Str
             .collect()
     };
     let hash = bridge_server::auth::password::hash(&password, Default::default())?;
-    let user = users::insert(pool, &Email::parse(email)?, &hash, Role::User)
+    let user = users::insert(pool, &Email::parse(email)?, &hash, role)
         .await?
         .context("the demo user exists already")?;
     users::mark_email_verified(pool, user.id).await?;

@@ -1,5 +1,6 @@
 //! The demo end to end with small numbers: every part starts, the dongles pair, configure and group,
-//! frames cross both ways and survive one side's absence, and the summary says so.
+//! frames cross both ways and survive one side's absence, an administrator measures the group's
+//! latency, and the summary says so.
 
 use std::os::unix::fs::PermissionsExt;
 
@@ -25,6 +26,9 @@ async fn the_demo_runs_and_loses_nothing() {
         summary.buffered.delivered, 300,
         "every buffered frame replayed"
     );
+    let latency = summary.latency.as_ref().expect("the latency test ran");
+    assert_eq!(latency["sent"], 3000, "{latency}");
+    assert_eq!(latency["received"], 3000, "{latency}");
     assert!(
         summary.backlog_peak > 0,
         "the server buffered while B was away"
