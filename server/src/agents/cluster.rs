@@ -408,14 +408,14 @@ async fn upsert_instance(
 
 /// The associated data of a sealed message: label, key version, id, sender and recipient, so a sealed
 /// message copied into another notice (or onto another channel, whose label differs) does not open.
-fn aad(label: &[u8], version: i32, id: Uuid, from: Uuid, to: Uuid) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(label.len() + 1 + 4 + 48);
-    aad.extend_from_slice(label);
+fn aad(envelope: &Envelope<'_>, version: i32) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(envelope.label.len() + 1 + 4 + 48);
+    aad.extend_from_slice(envelope.label);
     aad.push(0);
     aad.extend_from_slice(&version.to_be_bytes());
-    aad.extend_from_slice(id.as_bytes());
-    aad.extend_from_slice(from.as_bytes());
-    aad.extend_from_slice(to.as_bytes());
+    aad.extend_from_slice(envelope.id.as_bytes());
+    aad.extend_from_slice(envelope.from.as_bytes());
+    aad.extend_from_slice(envelope.to.as_bytes());
     aad
 }
 
@@ -446,18 +446,12 @@ pub(crate) fn seal(
     let version = keys.write_version();
     let mut nonce = [0u8; 12];
     rand::rng().fill(&mut nonce[..]);
-    let Envelope {
-        label,
-        id,
-        from,
-        to,
-    } = envelope;
-    let ciphertext = cipher(keys, label, version)?
+    let ciphertext = cipher(keys, envelope.label, version)?
         .encrypt(
             &Nonce::from(nonce),
             Payload {
                 msg: plain,
-                aad: &aad(label, version, id, from, to),
+                aad: &aad(&envelope, version),
             },
         )
         .expect("AES-GCM encryption of a short message cannot fail");
@@ -486,18 +480,12 @@ pub(crate) fn unseal(
     let version = i32::from_be_bytes(version.try_into().expect("4 bytes"));
     let (nonce, ciphertext) = rest.split_at(12);
     let nonce: [u8; 12] = nonce.try_into().expect("12 bytes");
-    let Envelope {
-        label,
-        id,
-        from,
-        to,
-    } = envelope;
-    cipher(keys, label, version)?
+    cipher(keys, envelope.label, version)?
         .decrypt(
             &Nonce::from(nonce),
             Payload {
                 msg: ciphertext,
-                aad: &aad(label, version, id, from, to),
+                aad: &aad(&envelope, version),
             },
         )
         .map_err(|_| ClusterError::Unsealable)

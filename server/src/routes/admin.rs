@@ -52,24 +52,29 @@ async fn latency_test(
     PathId(id): PathId,
     crate::http::ApiJson(test): crate::http::ApiJson<crate::groups::latency::LatencyTest>,
 ) -> Result<Json<crate::groups::latency::LatencyReport>, ApiError> {
-    use crate::groups::latency::{self, LatencyError};
-    let report = latency::run(&state.pool, &state.hub, admin.id, &client, id, test)
-        .await
-        .map_err(|e| {
-            let message = e.to_string();
-            match e {
-                LatencyError::NotFound => ApiError::new(ErrorCode::NotFound, message),
-                LatencyError::Invalid(_) => ApiError::validation(message),
-                LatencyError::SideOffline(side) => ApiError::new(ErrorCode::AgentOffline, message)
-                    .with_detail("side", side.letter()),
-                LatencyError::NotRelaying(_) => ApiError::new(ErrorCode::Conflict, message),
-                LatencyError::AgentTooOld(side) | LatencyError::Agent(side, _) => {
-                    ApiError::new(ErrorCode::Conflict, message).with_detail("side", side.letter())
-                }
-                LatencyError::Db(e) => e.into(),
-            }
-        })?;
+    let report =
+        crate::groups::latency::run(&state.pool, &state.hub, admin.id, &client, id, test).await?;
     Ok(Json(report))
+}
+
+/// How the API answers each refusal of a latency test.
+impl From<crate::groups::latency::LatencyError> for ApiError {
+    fn from(e: crate::groups::latency::LatencyError) -> Self {
+        use crate::groups::latency::LatencyError;
+        let message = e.to_string();
+        match e {
+            LatencyError::NotFound => ApiError::new(ErrorCode::NotFound, message),
+            LatencyError::Invalid(_) => ApiError::validation(message),
+            LatencyError::SideOffline(side) => {
+                ApiError::new(ErrorCode::AgentOffline, message).with_detail("side", side.letter())
+            }
+            LatencyError::NotRelaying(_) => ApiError::new(ErrorCode::Conflict, message),
+            LatencyError::AgentTooOld(side) | LatencyError::Agent(side, _) => {
+                ApiError::new(ErrorCode::Conflict, message).with_detail("side", side.letter())
+            }
+            LatencyError::Db(e) => e.into(),
+        }
+    }
 }
 
 /// An ownership state to filter on.
