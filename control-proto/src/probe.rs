@@ -19,8 +19,11 @@
 //! | 20 | 8 | when the sender sent it: microseconds since the run began on the sender's clock, big-endian |
 //! | 28 | 4 | zero |
 //!
-//! A receiver keeps recognising a run's probes for a while after its echo ends
-//! ([`ECHO_GRACE_SECS`]), and drops late ones rather than put them on the bus.
+//! An agent keeps recognising a run's probes for a while after its part ends ([`ECHO_GRACE_SECS`]),
+//! and drops late ones rather than put them on the bus. It keeps its runs in memory only: probes the
+//! server still holds for a side whose agent restarted during a run reach that agent as ordinary
+//! frames, which its dongle puts on the bus if it takes CAN FD (a classic-only dongle refuses them,
+//! and they are counted as dropped).
 
 use uuid::Uuid;
 
@@ -28,8 +31,9 @@ use uuid::Uuid;
 pub const CAN_ID: u32 = 0x1FFF_FFFF;
 /// The data length of a probe (a CAN FD length).
 pub const LEN: usize = 32;
-/// How long after its echo ends a receiver still drops the run's late probes.
-pub const ECHO_GRACE_SECS: u64 = 60;
+/// How long after its part ends an agent still drops the run's late probes (replayed from the
+/// server's buffer, say), rather than put them on the bus.
+pub const ECHO_GRACE_SECS: u64 = 600;
 /// The most probes one run sends.
 pub const MAX_COUNT: u32 = 120_000;
 /// The highest rate of a run, in probes a second.

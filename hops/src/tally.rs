@@ -48,6 +48,11 @@ impl Arrivals {
 pub fn quantile(values: &[Duration], q: f64) -> Option<Duration> {
     let mut sorted = values.to_vec();
     sorted.sort_unstable();
+    quantile_sorted(&sorted, q)
+}
+
+/// [`quantile`] of values already sorted, for several quantiles of one set without sorting each time.
+pub fn quantile_sorted(sorted: &[Duration], q: f64) -> Option<Duration> {
     let index = ((sorted.len().checked_sub(1)?) as f64 * q).round() as usize;
     sorted.get(index.min(sorted.len() - 1)).copied()
 }

@@ -273,7 +273,10 @@ impl Shared {
 
     /// Hands frames to a side's dongle while a latency run is armed for the side: the run's probes
     /// never reach the bus (an echoing side sends them back into its own stream, the sender counts
-    /// them), and the frames between them go to the dongle as usual, in order.
+    /// them), and the frames between them go to the dongle as usual, in order. Each stretch is recorded
+    /// as it is done (the frames of `frames` start at position `first`), since a lane cut off between
+    /// two stretches must not forget frames already on the bus; the answer therefore carries only how
+    /// many were disposed of, and whether the dongle stalled.
     async fn hand_with_probes(
         &self,
         group_id: Uuid,
@@ -281,18 +284,23 @@ impl Shared {
         device_id: DeviceId,
         split: &Split,
         frames: &[Frame],
+        first: u64,
     ) -> Handover {
         let mut total = Handover::default();
-        let mut echoes = Vec::new();
         let mut rest = frames;
         while !rest.is_empty() {
             let real = rest.iter().take_while(|f| !split.is_probe(f)).count();
             if real > 0 {
                 let handed =
                     Handover::of(real, self.hand_to_device(device_id, &rest[..real]).await);
-                total.delivered += handed.delivered;
-                total.refused += handed.refused;
                 total.disposed += handed.disposed;
+                self.data.disposed_inbound(
+                    group_id,
+                    side,
+                    handed.delivered,
+                    handed.refused,
+                    first + total.disposed as u64,
+                );
                 if handed.stalled {
                     total.stalled = true;
                     break;
@@ -300,12 +308,14 @@ impl Shared {
                 rest = &rest[real..];
             }
             let probes = rest.iter().take_while(|f| split.is_probe(f)).count();
-            echoes.extend(split.take(&rest[..probes]));
+            let echoes = split.take(&rest[..probes]);
+            if !echoes.is_empty() {
+                self.data.inject(group_id, side, &echoes);
+            }
             total.disposed += probes;
+            self.data
+                .disposed_inbound(group_id, side, 0, 0, first + total.disposed as u64);
             rest = &rest[probes..];
-        }
-        if !echoes.is_empty() {
-            self.data.inject(group_id, side, &echoes);
         }
         total
     }
@@ -330,7 +340,7 @@ impl Shared {
         let handed = match self.probes.split(group_id, side) {
             _ if fresh.is_empty() => Handover::default(),
             Some(split) => {
-                self.hand_with_probes(group_id, side, device_id, &split, fresh)
+                self.hand_with_probes(group_id, side, device_id, &split, fresh, skipped_to)
                     .await
             }
             None => Handover::of(fresh.len(), self.hand_to_device(device_id, fresh).await),
@@ -342,7 +352,8 @@ impl Shared {
             stalled,
         } = handed;
         // The position after what this call disposed of: delivered frames, refused ones after them,
-        // and latency probes.
+        // and latency probes. (`hand_with_probes` recorded its frames as it went, and answers no
+        // counts: this record then only confirms the position.)
         let next = skipped_to + disposed as u64;
         self.data
             .disposed_inbound(group_id, side, delivered, refused, next);

@@ -16,7 +16,7 @@ use control_proto::probe;
 use control_proto::{ProbeRole, ProbeSummary, ReplyErrorCode, ReplyOk, ReplyResult, RoundTrips};
 use firmware_proto::ext::batch::flags;
 use firmware_proto::ids::{CanId, DeviceId};
-use hops::tally::{Arrivals, quantile};
+use hops::tally::{Arrivals, quantile_sorted};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -25,25 +25,31 @@ use super::Shared;
 use super::reply::{error, ok};
 use crate::frame::Frame;
 
-/// The most runs armed at once on one agent.
-const MAX_RUNS: usize = 64;
+/// The most runs held at once on one agent (running, or ended and still recognised).
+const MAX_RUNS: usize = 16;
 /// The longest echo a server may ask for.
 const MAX_ECHO: Duration = Duration::from_secs(3600);
 /// The longest a sender waits for echoes after its last probe left, whatever the server asked.
 const MAX_SETTLE: Duration = Duration::from_secs(30);
+/// The longest a sender sends.
+const MAX_SENDING: Duration = Duration::from_secs(3600);
 
-/// The runs in progress, per group side.
+/// A run's part on one side: the run's id, and the side's group and side. One agent serving both
+/// sides of a group takes part twice in the same run.
+type Part = (Uuid, Uuid, Side);
+
+/// The runs on this agent, running or ended, by part.
 #[derive(Default)]
 pub(super) struct Probes {
-    runs: Mutex<HashMap<(Uuid, Side), Run>>,
+    runs: Mutex<HashMap<Part, Run>>,
     /// How many runs there are, read without the lock on every slice of frames from the server.
-    armed: AtomicUsize,
+    held: AtomicUsize,
 }
 
 struct Run {
-    run_id: Uuid,
     role: Role,
-    /// After this the run is forgotten (and its late probes would reach the bus as ordinary frames).
+    /// When the role ends: a running run then drops its late probes for the grace period
+    /// ([`probe::ECHO_GRACE_SECS`]), and a dropping one is forgotten.
     until: Instant,
 }
 
@@ -53,8 +59,32 @@ enum Role {
     Echo,
     /// The run's sender: count the echoes.
     Measure(Arc<Measure>),
-    /// The run ended here: drop its late probes.
+    /// The run ended here: drop its late probes rather than put them on the bus.
     Drop,
+}
+
+/// Why a run could not be armed.
+#[derive(Debug, PartialEq, Eq)]
+enum ArmError {
+    /// Another run is going on for the side.
+    Busy,
+    /// The agent holds as many runs as it may.
+    Full,
+}
+
+impl ArmError {
+    fn reply(&self) -> ReplyResult {
+        match self {
+            Self::Busy => error(
+                ReplyErrorCode::Refused,
+                "a latency test of this group side is already running: wait for it to end",
+            ),
+            Self::Full => error(
+                ReplyErrorCode::Refused,
+                "too many latency tests on this agent: wait a few minutes",
+            ),
+        }
+    }
 }
 
 /// A sender's count of its echoes.
@@ -71,53 +101,67 @@ struct Counted {
     last_arrival: Option<Instant>,
 }
 
-/// What became of a slice of frames from the server for a side with a run.
+/// The runs of one side, for a slice of frames from the server towards it.
 pub(super) struct Split {
-    /// The run's id, to tell the probes.
-    pub run_id: Uuid,
-    /// What to do with its probes.
-    role: Role,
+    runs: Vec<(Uuid, Role)>,
 }
 
 impl Probes {
-    /// The run of a side, when there is one: what [`Self::take`] needs to handle its probes.
+    /// Moves runs whose role ended on: a running one to dropping, a dropping one out.
+    fn age(runs: &mut HashMap<Part, Run>, now: Instant) {
+        runs.retain(|_, run| {
+            if run.until > now {
+                return true;
+            }
+            if matches!(run.role, Role::Drop) {
+                return false;
+            }
+            run.role = Role::Drop;
+            run.until = now + Duration::from_secs(probe::ECHO_GRACE_SECS);
+            true
+        });
+    }
+
+    /// The runs of a side, when it has any: what [`Split::take`] needs to handle their probes.
     pub(super) fn split(&self, group_id: Uuid, side: Side) -> Option<Split> {
-        if self.armed.load(Ordering::Relaxed) == 0 {
+        if self.held.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let mut runs = self.runs.lock().unwrap();
-        let now = Instant::now();
-        let before = runs.len();
-        runs.retain(|_, run| run.until > now);
-        if runs.len() != before {
-            self.armed.store(runs.len(), Ordering::Relaxed);
-        }
-        let run = runs.get(&(group_id, side))?;
-        Some(Split {
-            run_id: run.run_id,
-            role: run.role.clone(),
-        })
+        Self::age(&mut runs, Instant::now());
+        self.held.store(runs.len(), Ordering::Relaxed);
+        let of_side: Vec<(Uuid, Role)> = runs
+            .iter()
+            .filter(|((_, g, s), _)| *g == group_id && *s == side)
+            .map(|((run_id, ..), run)| (*run_id, run.role.clone()))
+            .collect();
+        (!of_side.is_empty()).then_some(Split { runs: of_side })
     }
 
-    /// Arms a run for a side, replacing the side's previous one. False when too many are armed.
-    fn arm(&self, group_id: Uuid, side: Side, run: Run) -> bool {
+    /// Arms a run's part on a side. Refused while another run of the side is going on (its probes
+    /// would otherwise be taken for nobody's and reach the bus), and when the agent holds too many.
+    fn arm(&self, part: Part, run: Run) -> Result<(), ArmError> {
         let mut runs = self.runs.lock().unwrap();
-        let now = Instant::now();
-        runs.retain(|_, run| run.until > now);
-        if runs.len() >= MAX_RUNS && !runs.contains_key(&(group_id, side)) {
-            return false;
+        Self::age(&mut runs, Instant::now());
+        let (run_id, group_id, side) = part;
+        let busy = runs.iter().any(|((id, g, s), other)| {
+            *id != run_id && *g == group_id && *s == side && !matches!(other.role, Role::Drop)
+        });
+        if busy {
+            return Err(ArmError::Busy);
         }
-        runs.insert((group_id, side), run);
-        self.armed.store(runs.len(), Ordering::Relaxed);
-        true
+        if runs.len() >= MAX_RUNS && !runs.contains_key(&part) {
+            return Err(ArmError::Full);
+        }
+        runs.insert(part, run);
+        self.held.store(runs.len(), Ordering::Relaxed);
+        Ok(())
     }
 
-    /// Ends a side's run as `run_id`'s sender: its late echoes are dropped for the grace period.
-    fn end(&self, group_id: Uuid, side: Side, run_id: Uuid) {
+    /// Ends a run's part here: its late probes are dropped for the grace period.
+    fn end(&self, part: Part) {
         let mut runs = self.runs.lock().unwrap();
-        if let Some(run) = runs.get_mut(&(group_id, side))
-            && run.run_id == run_id
-        {
+        if let Some(run) = runs.get_mut(&part) {
             run.role = Role::Drop;
             run.until = Instant::now() + Duration::from_secs(probe::ECHO_GRACE_SECS);
         }
@@ -125,22 +169,33 @@ impl Probes {
 }
 
 impl Split {
-    /// Whether `frame` is one of the run's probes.
-    pub(super) fn is_probe(&self, frame: &Frame) -> bool {
-        probe::decode(self.run_id, frame.data()).is_some()
+    /// The run `frame` is a probe of, if any.
+    fn run_of(&self, frame: &Frame) -> Option<&(Uuid, Role)> {
+        self.runs
+            .iter()
+            .find(|(run_id, _)| probe::decode(*run_id, frame.data()).is_some())
     }
 
-    /// Takes the run's probes among `frames` (all of them probes): the echoes to send back, if any.
+    /// Whether `frame` is a probe of one of the side's runs.
+    pub(super) fn is_probe(&self, frame: &Frame) -> bool {
+        self.run_of(frame).is_some()
+    }
+
+    /// Takes the runs' probes among `frames` (all of them probes): the echoes to send back, if any.
     pub(super) fn take(&self, frames: &[Frame]) -> Vec<Frame> {
-        match &self.role {
-            Role::Echo => frames.to_vec(),
-            Role::Measure(measure) => {
-                let now = Instant::now();
-                let mut counted = measure.state.lock().unwrap();
-                for frame in frames {
-                    let Some((seq, sent_us)) = probe::decode(self.run_id, frame.data()) else {
+        let now = Instant::now();
+        let mut echoes = Vec::new();
+        for frame in frames {
+            let Some((run_id, role)) = self.run_of(frame) else {
+                continue;
+            };
+            match role {
+                Role::Echo => echoes.push(*frame),
+                Role::Measure(measure) => {
+                    let Some((seq, sent_us)) = probe::decode(*run_id, frame.data()) else {
                         continue;
                     };
+                    let mut counted = measure.state.lock().unwrap();
                     if counted.arrivals.arrive(seq) {
                         counted.received += 1;
                         let sent = measure.base + Duration::from_micros(sent_us);
@@ -149,13 +204,13 @@ impl Split {
                             .push(now.saturating_duration_since(sent));
                     }
                     counted.last_arrival = Some(now);
+                    drop(counted);
+                    measure.arrived.notify_one();
                 }
-                drop(counted);
-                measure.arrived.notify_one();
-                Vec::new()
+                Role::Drop => {}
             }
-            Role::Drop => Vec::new(),
         }
+        echoes
     }
 }
 
@@ -192,50 +247,50 @@ impl Shared {
             ProbeRole::Echo { seconds } => {
                 let until = Instant::now() + Duration::from_secs(u64::from(seconds)).min(MAX_ECHO);
                 let run = Run {
-                    run_id,
                     role: Role::Echo,
                     until,
                 };
-                if !self.probes.arm(group_id, side, run) {
-                    return error(
-                        ReplyErrorCode::Refused,
-                        "too many latency runs on this agent",
-                    );
+                match self.probes.arm((run_id, group_id, side), run) {
+                    Ok(()) => ok(ReplyOk::ProbeArmed),
+                    Err(e) => e.reply(),
                 }
-                ok(ReplyOk::ProbeArmed)
             }
             ProbeRole::Send {
                 count,
                 rate,
                 settle_ms,
             } => {
-                if count == 0 || count > probe::MAX_COUNT || rate == 0 || rate > probe::MAX_RATE {
+                let sending = f64::from(count) / f64::from(rate.max(1));
+                if count == 0
+                    || count > probe::MAX_COUNT
+                    || rate == 0
+                    || rate > probe::MAX_RATE
+                    || sending > MAX_SENDING.as_secs_f64()
+                {
                     return error(
                         ReplyErrorCode::Refused,
                         format!(
-                            "a latency run sends 1 to {} probes at 1 to {} a second",
+                            "a latency run sends 1 to {} probes at 1 to {} a second, for at most {} s",
                             probe::MAX_COUNT,
-                            probe::MAX_RATE
+                            probe::MAX_RATE,
+                            MAX_SENDING.as_secs()
                         ),
                     );
                 }
                 let settle = Duration::from_millis(settle_ms).min(MAX_SETTLE);
-                let summary = self
+                match self
                     .send_probes(run_id, group_id, side, count, rate, settle)
-                    .await;
-                match summary {
-                    Some(summary) => ok(ReplyOk::ProbeDone { summary }),
-                    None => error(
-                        ReplyErrorCode::Refused,
-                        "too many latency runs on this agent",
-                    ),
+                    .await
+                {
+                    Ok(summary) => ok(ReplyOk::ProbeDone { summary }),
+                    Err(e) => e.reply(),
                 }
             }
         }
     }
 
     /// Sends the probes at `rate` a second on a 1 ms tick, then waits for their echoes until all are
-    /// back or none came for `settle`. None when the run could not be armed.
+    /// back or none came for `settle`.
     async fn send_probes(
         &self,
         run_id: Uuid,
@@ -244,7 +299,7 @@ impl Shared {
         count: u32,
         rate: u32,
         settle: Duration,
-    ) -> Option<ProbeSummary> {
+    ) -> Result<ProbeSummary, ArmError> {
         let base = Instant::now();
         let measure = Arc::new(Measure {
             base,
@@ -257,14 +312,14 @@ impl Shared {
             arrived: Notify::new(),
         });
         let sending = Duration::from_secs_f64(f64::from(count) / f64::from(rate));
+        // The run's end is set when its wait ends (`Probes::end`); this bound only keeps a run whose
+        // sender was cancelled from staying forever.
         let run = Run {
-            run_id,
             role: Role::Measure(measure.clone()),
-            until: base + sending + settle + Duration::from_secs(5),
+            until: base + sending + MAX_SETTLE + Duration::from_secs(60),
         };
-        if !self.probes.arm(group_id, side, run) {
-            return None;
-        }
+        let part = (run_id, group_id, side);
+        self.probes.arm(part, run)?;
         let mut sent = 0u32;
         let mut tick = tokio::time::interval(Duration::from_millis(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -307,21 +362,31 @@ impl Shared {
                 () = self.cancel.cancelled() => break,
             }
         }
-        self.probes.end(group_id, side, run_id);
-        let counted = measure.state.lock().unwrap();
-        let q = |q: f64| quantile(&counted.round_trips, q).map_or(0, |d| d.as_micros() as u64);
-        let round_trip = (!counted.round_trips.is_empty()).then(|| RoundTrips {
+        self.probes.end(part);
+        let (received, duplicates, out_of_order, mut round_trips) = {
+            let mut counted = measure.state.lock().unwrap();
+            (
+                counted.received,
+                counted.arrivals.duplicates,
+                counted.arrivals.out_of_order,
+                std::mem::take(&mut counted.round_trips),
+            )
+        };
+        // Sorted once, outside the lock, for every quantile.
+        round_trips.sort_unstable();
+        let q = |q: f64| quantile_sorted(&round_trips, q).map_or(0, |d| d.as_micros() as u64);
+        let round_trip = (!round_trips.is_empty()).then(|| RoundTrips {
             min_us: q(0.0),
             p50_us: q(0.5),
             p95_us: q(0.95),
             p99_us: q(0.99),
             max_us: q(1.0),
         });
-        Some(ProbeSummary {
+        Ok(ProbeSummary {
             sent,
-            received: counted.received,
-            duplicates: counted.arrivals.duplicates,
-            out_of_order: counted.arrivals.out_of_order,
+            received,
+            duplicates,
+            out_of_order,
             round_trip,
         })
     }
@@ -335,17 +400,19 @@ mod tests {
         seqs.map(|s| probe_frame(run_id, s, 0)).collect()
     }
 
+    fn echo(secs: u64) -> Run {
+        Run {
+            role: Role::Echo,
+            until: Instant::now() + Duration::from_secs(secs),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_echoing_side_sends_its_runs_probes_back_and_nothing_else_is_a_probe() {
         let probes = Probes::default();
         let (group, run) = (Uuid::new_v4(), Uuid::new_v4());
         assert!(probes.split(group, Side::B).is_none(), "nothing armed");
-        let armed = Run {
-            run_id: run,
-            role: Role::Echo,
-            until: Instant::now() + Duration::from_secs(10),
-        };
-        assert!(probes.arm(group, Side::B, armed));
+        probes.arm((run, group, Side::B), echo(10)).unwrap();
         let split = probes.split(group, Side::B).unwrap();
         let probes_of_run = frames(run, 0..3);
         assert!(probes_of_run.iter().all(|f| split.is_probe(f)));
@@ -357,9 +424,60 @@ mod tests {
         assert!(!split.is_probe(&real));
         assert_eq!(split.take(&probes_of_run), probes_of_run);
         assert!(probes.split(group, Side::A).is_none(), "the other side");
-        // The run ends: the side's frames go to the bus again.
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_that_runs_out_still_drops_its_late_probes_for_the_grace_period() {
+        let probes = Probes::default();
+        let (group, run) = (Uuid::new_v4(), Uuid::new_v4());
+        probes.arm((run, group, Side::B), echo(10)).unwrap();
         tokio::time::advance(Duration::from_secs(11)).await;
+        // Past its echo: a late probe is neither echoed nor left for the bus.
+        let split = probes.split(group, Side::B).unwrap();
+        assert!(split.is_probe(&frames(run, 5..6)[0]));
+        assert!(split.take(&frames(run, 5..6)).is_empty());
+        // Past the grace period too: forgotten.
+        tokio::time::advance(Duration::from_secs(probe::ECHO_GRACE_SECS + 1)).await;
         assert!(probes.split(group, Side::B).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_run_on_a_busy_side_is_refused_and_an_ended_one_keeps_being_recognised() {
+        let probes = Probes::default();
+        let (group, first, second) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        probes.arm((first, group, Side::B), echo(10)).unwrap();
+        assert_eq!(
+            probes.arm((second, group, Side::B), echo(10)),
+            Err(ArmError::Busy)
+        );
+        probes.arm((second, group, Side::A), echo(10)).unwrap();
+        // One agent serving both sides of a group takes part twice in one run.
+        let (both_sides, run) = (Uuid::new_v4(), Uuid::new_v4());
+        probes.arm((run, both_sides, Side::A), echo(10)).unwrap();
+        probes.arm((run, both_sides, Side::B), echo(10)).unwrap();
+        assert!(probes.split(both_sides, Side::A).is_some());
+        assert!(probes.split(both_sides, Side::B).is_some());
+        // Once the first has ended, a new run may start, and the first's late probes are still taken.
+        probes.end((first, group, Side::B));
+        let third = Uuid::new_v4();
+        probes.arm((third, group, Side::B), echo(10)).unwrap();
+        let split = probes.split(group, Side::B).unwrap();
+        assert!(split.take(&frames(first, 0..1)).is_empty(), "dropped");
+        assert_eq!(split.take(&frames(third, 0..1)).len(), 1, "echoed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_holds_a_bounded_number_of_runs() {
+        let probes = Probes::default();
+        for _ in 0..MAX_RUNS {
+            probes
+                .arm((Uuid::new_v4(), Uuid::new_v4(), Side::A), echo(10))
+                .unwrap();
+        }
+        assert_eq!(
+            probes.arm((Uuid::new_v4(), Uuid::new_v4(), Side::A), echo(10)),
+            Err(ArmError::Full)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -377,11 +495,10 @@ mod tests {
             arrived: Notify::new(),
         });
         let armed = Run {
-            run_id: run,
             role: Role::Measure(measure.clone()),
             until: Instant::now() + Duration::from_secs(10),
         };
-        assert!(probes.arm(group, Side::A, armed));
+        probes.arm((run, group, Side::A), armed).unwrap();
         tokio::time::advance(Duration::from_millis(3)).await;
         let split = probes.split(group, Side::A).unwrap();
         assert!(
@@ -395,7 +512,7 @@ mod tests {
             assert_eq!(counted.arrivals.duplicates, 1);
             assert_eq!(counted.round_trips, vec![Duration::from_millis(3); 2]);
         }
-        probes.end(group, Side::A, run);
+        probes.end((run, group, Side::A));
         let late = probes.split(group, Side::A).unwrap();
         assert!(late.is_probe(&frames(run, 3..4)[0]), "still recognised");
         assert!(late.take(&frames(run, 3..4)).is_empty());

@@ -356,7 +356,9 @@ struct Forward {
 
 impl Forward {
     fn offer(&self, key: StreamKey, stored: &Arc<Stored>) {
-        if !self.wanted.contains(&key) {
+        // A `bus_load` is each instance's own: the instances share the counts it is made of instead
+        // (`peers`), and one forwarded would reach the other's clients beside their own.
+        if !self.wanted.contains(&key) || matches!(stored.event, ConsoleEvent::BusLoad { .. }) {
             return;
         }
         if self
@@ -635,6 +637,38 @@ mod tests {
         assert_eq!(standard["dlc"], 1);
         assert!(standard.get("dongle_ts_us").is_none());
         assert!(standard.get("sampled").is_none());
+    }
+
+    #[tokio::test]
+    async fn events_of_streams_other_instances_watch_are_forwarded_except_bus_load() {
+        let console = Console::new(1000);
+        let (watched, other) = (
+            StreamKey::Dongle(Uuid::new_v4()),
+            StreamKey::Dongle(Uuid::new_v4()),
+        );
+        let mut out = console.forward_to_peers(8);
+        console.set_wanted([watched].into_iter().collect());
+        console.publish(other, log(1));
+        // Each instance makes its own `bus_load` from the shared counts: one forwarded would be
+        // shown twice there.
+        console.publish(
+            watched,
+            ConsoleEvent::BusLoad {
+                dongle_id: Uuid::nil(),
+                frames_per_sec: 1.0,
+                load_percent: None,
+                bitrate: None,
+            },
+        );
+        console.publish(watched, log(2));
+        // An event from a peer is shown here and sent nowhere.
+        console.publish_from_peer(watched, log(3));
+        let forwarded = out.try_recv().unwrap();
+        assert_eq!(forwarded.key, watched);
+        assert!(
+            matches!(&forwarded.stored.event, ConsoleEvent::Log { message, .. } if message == "2")
+        );
+        assert!(out.try_recv().is_err(), "nothing else");
     }
 
     #[tokio::test]

@@ -52,9 +52,18 @@ pub const LINGER: Duration = Duration::from_millis(10);
 pub const SHARE_PERIOD: Duration = Duration::from_secs(1);
 /// How many events may wait to be sent to other instances.
 const QUEUE: usize = 4096;
-/// The most JSON one notification carries before sealing: sealed and in base64 with its envelope it
-/// stays under PostgreSQL's limit for a payload ([`NOTIFY_PAYLOAD_MAX`]).
-const MAX_PLAIN: usize = (NOTIFY_PAYLOAD_MAX - 400) / 4 * 3 - 32;
+/// The most JSON one notification carries before sealing (its items, their brackets and the time it
+/// was sent): sealed and in base64 with its envelope it stays under PostgreSQL's limit for a payload
+/// ([`NOTIFY_PAYLOAD_MAX`]).
+const MAX_PLAIN: usize = (NOTIFY_PAYLOAD_MAX - 400) / 4 * 3 - 32 - PLAIN_HEAD;
+/// The bytes of a notification's plain text besides its items: `{"at":<ms>,"items":[` and `]}`.
+const PLAIN_HEAD: usize = 48;
+/// A notification older than this (or this far in the future, by the sender's clock) is not shown:
+/// with the ids of the last [`SEEN_IDS`] notifications, this keeps a notification that a database
+/// session captured and sent again from being shown twice.
+const FRESH: Duration = Duration::from_secs(30);
+/// How many notification ids a receiver remembers.
+const SEEN_IDS: usize = 8192;
 /// The label the sealing key of console traffic is derived with.
 const SEAL_LABEL: &[u8] = b"bridge-server/console/v1";
 
@@ -86,6 +95,21 @@ enum Item {
         frames: u64,
         bits: u64,
     },
+}
+
+/// What a notification seals: when it was sent (milliseconds since the Unix epoch) and its items, each
+/// read on its own, so that one a receiver cannot read (from a newer version, during an upgrade)
+/// costs only itself.
+#[derive(Deserialize)]
+struct Sealed {
+    at: u64,
+    items: Vec<serde_json::Value>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A notification's payload: routing in clear, the items sealed.
@@ -354,7 +378,7 @@ async fn notify(settings: &PeerSettings, to: Uuid, batch: Batch) {
     if batch.items == 0 {
         return;
     }
-    let plain = format!("[{}]", batch.json);
+    let plain = format!("{{\"at\":{},\"items\":[{}]}}", now_ms(), batch.json);
     let id = Uuid::new_v4();
     let envelope = Envelope {
         label: SEAL_LABEL,
@@ -390,6 +414,29 @@ async fn notify(settings: &PeerSettings, to: Uuid, batch: Batch) {
     }
 }
 
+/// The ids of the notifications shown lately, to show none twice.
+#[derive(Default)]
+struct Seen {
+    ids: HashSet<Uuid>,
+    order: std::collections::VecDeque<Uuid>,
+}
+
+impl Seen {
+    /// Remembers `id`; false when it was seen already.
+    fn first_time(&mut self, id: Uuid) -> bool {
+        if !self.ids.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > SEEN_IDS
+            && let Some(old) = self.order.pop_front()
+        {
+            self.ids.remove(&old);
+        }
+        true
+    }
+}
+
 /// Shows here the events other instances send this one.
 async fn receive(settings: PeerSettings, console: Arc<Console>, shutdown: CancellationToken) {
     let (wake_tx, mut wake_rx) = mpsc::channel(WAKE_QUEUE);
@@ -399,27 +446,34 @@ async fn receive(settings: PeerSettings, console: Arc<Console>, shutdown: Cancel
         wake_tx,
         shutdown,
     ));
+    let mut seen = Seen::default();
     while let Some(wake) = wake_rx.recv().await {
         // A reopened connection missed what was sent meanwhile: a view, nothing to recover.
         let Wake::Notice(payload) = wake else {
             continue;
         };
-        match open(&settings, &payload) {
+        match open(&settings, &payload, &mut seen, now_ms()) {
             Ok(items) => show(&console, items),
-            Err(error) => {
+            Err(why) => {
                 metrics::counter!("console_forward_unreadable_total").increment(1);
-                tracing::debug!(%error, "ignored console events from another instance that do not open");
+                tracing::debug!(why, "ignored console events from another instance");
             }
         }
     }
     let _ = listener.await;
 }
 
-/// Opens a notification's items.
-fn open(settings: &PeerSettings, payload: &str) -> Result<Vec<Item>, String> {
-    let notice: Notice = serde_json::from_str(payload).map_err(|e| e.to_string())?;
+/// Opens a notification's items, at `now` (milliseconds since the Unix epoch). The reason it was not
+/// shown names what was wrong, never a value.
+fn open(
+    settings: &PeerSettings,
+    payload: &str,
+    seen: &mut Seen,
+    now: u64,
+) -> Result<Vec<Item>, &'static str> {
+    let notice: Notice = serde_json::from_str(payload).map_err(|_| "not a notice")?;
     if notice.to != settings.instance_id {
-        return Err("addressed to another instance".into());
+        return Err("addressed to another instance");
     }
     let envelope = Envelope {
         label: SEAL_LABEL,
@@ -427,9 +481,22 @@ fn open(settings: &PeerSettings, payload: &str) -> Result<Vec<Item>, String> {
         from: notice.from,
         to: notice.to,
     };
-    let plain = unseal(&settings.keys, envelope, &notice.sealed).map_err(|e| e.to_string())?;
-    // The error names a position and a field, never a value.
-    serde_json::from_slice(&plain).map_err(|e| e.to_string())
+    let plain = unseal(&settings.keys, envelope, &notice.sealed).map_err(|_| "does not open")?;
+    let sealed: Sealed = serde_json::from_slice(&plain).map_err(|_| "malformed")?;
+    if sealed.at.abs_diff(now) > FRESH.as_millis() as u64 {
+        return Err("too old (or from the future)");
+    }
+    if !seen.first_time(notice.id) {
+        return Err("shown already");
+    }
+    let mut items = Vec::with_capacity(sealed.items.len());
+    for item in sealed.items {
+        match serde_json::from_value::<Item>(item) {
+            Ok(item) => items.push(item),
+            Err(_) => metrics::counter!("console_forward_unreadable_total").increment(1),
+        }
+    }
+    Ok(items)
 }
 
 fn show(console: &Console, items: Vec<Item>) {
@@ -452,7 +519,9 @@ mod tests {
     #[test]
     fn a_full_batch_fits_in_a_notification() {
         let keys = KeyRing::default();
-        let plain = vec![b'x'; MAX_PLAIN + 2];
+        let items = "x".repeat(MAX_PLAIN + 2);
+        let plain = format!("{{\"at\":{},\"items\":[{items}]}}", u64::MAX).into_bytes();
+        assert!(plain.len() <= MAX_PLAIN + 2 + PLAIN_HEAD);
         let envelope = Envelope {
             label: SEAL_LABEL,
             id: Uuid::new_v4(),
@@ -468,6 +537,72 @@ mod tests {
         };
         let payload = serde_json::to_string(&notice).unwrap();
         assert!(payload.len() <= NOTIFY_PAYLOAD_MAX, "{}", payload.len());
+    }
+
+    /// A notice of `items` from another instance to `me`, sent at `at`.
+    fn notice(keys: &KeyRing, me: Uuid, at: u64, items: &str) -> (Uuid, String) {
+        let id = Uuid::new_v4();
+        let from = Uuid::new_v4();
+        let envelope = Envelope {
+            label: SEAL_LABEL,
+            id,
+            from,
+            to: me,
+        };
+        let plain = format!("{{\"at\":{at},\"items\":[{items}]}}");
+        let sealed = seal(keys, envelope, plain.as_bytes()).unwrap();
+        let payload = serde_json::to_string(&Notice {
+            id,
+            from,
+            to: me,
+            sealed,
+        })
+        .unwrap();
+        (id, payload)
+    }
+
+    #[tokio::test]
+    async fn a_notice_is_shown_once_while_fresh_and_an_unreadable_item_costs_only_itself() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap();
+        let settings = PeerSettings {
+            pool,
+            keys: Arc::new(KeyRing::default()),
+            instance_id: Uuid::new_v4(),
+            stale_after: Duration::from_secs(15),
+        };
+        let counts = |d: Uuid| {
+            format!("{{\"kind\":\"bus_counts\",\"dongle_id\":\"{d}\",\"frames\":3,\"bits\":300}}")
+        };
+        let d = Uuid::new_v4();
+        let now = now_ms();
+        let mut seen = Seen::default();
+        let items = format!("{},{{\"kind\":\"from_a_newer_version\"}}", counts(d));
+        let (_, payload) = notice(&settings.keys, settings.instance_id, now, &items);
+        let shown = open(&settings, &payload, &mut seen, now).unwrap();
+        assert_eq!(
+            shown.len(),
+            1,
+            "the unreadable item is left out, the other shown"
+        );
+        assert_eq!(
+            open(&settings, &payload, &mut seen, now).err(),
+            Some("shown already"),
+            "sent again"
+        );
+        let (_, stale) = notice(
+            &settings.keys,
+            settings.instance_id,
+            now - 31_000,
+            &counts(d),
+        );
+        assert!(open(&settings, &stale, &mut seen, now).is_err(), "too old");
+        let (_, elsewhere) = notice(&settings.keys, Uuid::new_v4(), now, &counts(d));
+        assert!(
+            open(&settings, &elsewhere, &mut seen, now).is_err(),
+            "not ours"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::model::Mode;
+use super::pipe::bus_frames_per_second;
 use super::serving::sides_of;
 use crate::agents::hub::{AgentHub, RequestError};
 use crate::audit::{self, Entry, Target};
@@ -133,6 +134,15 @@ pub async fn run(
     if !matches!(sides.mode, Mode::Active | Mode::CrossInstance) {
         return Err(LatencyError::NotRelaying(sides.mode.as_str()));
     }
+    // Faster than the slower bus carries, probes would queue behind the relay's pacing towards it (and
+    // take the group's own frames' place there), past the run's end.
+    if let Some(most) = max_rate(sides.sides.iter().map(|s| s.bitrate))
+        && test.rate > most
+    {
+        return Err(LatencyError::Invalid(format!(
+            "rate must be at most {most} probes a second for this group: the slower side's bus carries no more"
+        )));
+    }
     let mut agents = Vec::with_capacity(2);
     for (side, info) in [(Side::A, &sides.sides[0]), (Side::B, &sides.sides[1])] {
         let agent = info
@@ -197,6 +207,16 @@ pub async fn run(
     Ok(report)
 }
 
+/// The highest rate a group's buses carry, from the sides' configured bit rates (None when neither
+/// has one).
+fn max_rate(bitrates: impl IntoIterator<Item = Option<u32>>) -> Option<u32> {
+    bitrates
+        .into_iter()
+        .flatten()
+        .map(bus_frames_per_second)
+        .min()
+}
+
 fn agent_error(side: Side, e: RequestError) -> LatencyError {
     match e {
         RequestError::Offline => LatencyError::SideOffline(side),
@@ -246,5 +266,14 @@ mod tests {
         assert!(t(100, 61).is_err());
         assert_eq!(t(2000, 60).unwrap(), 120_000);
         assert!(t(5000, 60).is_err(), "300 000 probes are too many");
+    }
+
+    #[test]
+    fn the_slower_bus_bounds_the_rate() {
+        assert_eq!(max_rate([None, None]), None);
+        let slow = bus_frames_per_second(125_000);
+        assert_eq!(max_rate([Some(1_000_000), Some(125_000)]), Some(slow));
+        assert_eq!(max_rate([None, Some(125_000)]), Some(slow));
+        assert!(slow < 1000, "{slow}");
     }
 }

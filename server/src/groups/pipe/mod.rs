@@ -43,8 +43,8 @@ use super::buffer::{self, Append, BufferError, Retention, SideCounters};
 use super::chunk::Chunk;
 use super::links::{Core, PipeShared, RelayEvent, SendError};
 use super::model::Mode;
-pub use machine::MAX_POSITION;
 use machine::{Action, Conn, Failure, Frames, Input, Loaded, Machine, Reply, Request, SidesRead};
+pub use machine::{MAX_POSITION, bus_frames_per_second};
 
 /// What a pipe is told.
 pub(crate) enum PipeEvent {
