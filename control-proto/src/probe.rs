@@ -32,8 +32,9 @@ pub const CAN_ID: u32 = 0x1FFF_FFFF;
 /// The data length of a probe (a CAN FD length).
 pub const LEN: usize = 32;
 /// How long after its part ends an agent still drops the run's late probes (replayed from the
-/// server's buffer, say), rather than put them on the bus.
-pub const ECHO_GRACE_SECS: u64 = 600;
+/// server's buffer, say), rather than put them on the bus: a day, far longer than the buffer keeps
+/// frames (10 minutes by default).
+pub const ECHO_GRACE_SECS: u64 = 24 * 3600;
 /// The most probes one run sends.
 pub const MAX_COUNT: u32 = 120_000;
 /// The highest rate of a run, in probes a second.

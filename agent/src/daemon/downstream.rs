@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use super::Shared;
 use super::device::{Handed, Rest};
-use super::probe::Split;
+use super::probe::{Split, looks_like_probe};
 use crate::frame::Frame;
 
 /// The most frames waiting in one lane.
@@ -337,7 +337,13 @@ impl Shared {
         let skip = expected.saturating_sub(first) as usize;
         let fresh = frames.get(skip..).unwrap_or(&[]);
         let skipped_to = first + skip.min(frames.len()) as u64;
-        let handed = match self.probes.split(group_id, side) {
+        // Only a slice with a frame of a probe's shape may hold a latency run's probes.
+        let split = if fresh.iter().any(looks_like_probe) {
+            self.probes.split(group_id, side)
+        } else {
+            None
+        };
+        let handed = match split {
             _ if fresh.is_empty() => Handover::default(),
             Some(split) => {
                 self.hand_with_probes(group_id, side, device_id, &split, fresh, skipped_to)

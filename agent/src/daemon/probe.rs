@@ -2,9 +2,11 @@
 //! puts numbered probes into its side's stream and times their echoes; the receiving side sends the
 //! run's probes back instead of putting them on its dongle's bus.
 //!
-//! [`Probes`] holds the runs in progress per group side. The frames from the server on their way to a
-//! dongle pass [`Probes::split`] first, but only while some run is armed (one atomic load otherwise),
-//! so the relay's hot path pays nothing for the benchmark it does not run.
+//! [`Probes`] holds each run's part per group side: running (echoing, or counting the echoes), then
+//! dropping its late probes for [`probe::ECHO_GRACE_SECS`]. Frames from the server on their way to a
+//! dongle are looked at by [`Probes::split`] only when one of them has a probe's shape
+//! ([`looks_like_probe`]: the probe's id and length) and the agent holds a run, so the relay's hot path
+//! pays a comparison per frame, and no lock, for the benchmark.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,8 +27,10 @@ use super::Shared;
 use super::reply::{error, ok};
 use crate::frame::Frame;
 
-/// The most runs held at once on one agent (running, or ended and still recognised).
+/// The most runs running at once on one agent.
 const MAX_RUNS: usize = 16;
+/// The most ended runs whose late probes an agent still drops; past it the oldest are forgotten.
+const MAX_DROPPING: usize = 1024;
 /// The longest echo a server may ask for.
 const MAX_ECHO: Duration = Duration::from_secs(3600);
 /// The longest a sender waits for echoes after its last probe left, whatever the server asked.
@@ -107,7 +111,8 @@ pub(super) struct Split {
 }
 
 impl Probes {
-    /// Moves runs whose role ended on: a running one to dropping, a dropping one out.
+    /// Moves runs whose role ended on: a running one to dropping, a dropping one out; and forgets the
+    /// dropping ones that end soonest past [`MAX_DROPPING`].
     fn age(runs: &mut HashMap<Part, Run>, now: Instant) {
         runs.retain(|_, run| {
             if run.until > now {
@@ -120,6 +125,20 @@ impl Probes {
             run.until = now + Duration::from_secs(probe::ECHO_GRACE_SECS);
             true
         });
+        let dropping = runs
+            .values()
+            .filter(|r| matches!(r.role, Role::Drop))
+            .count();
+        if dropping > MAX_DROPPING {
+            let mut ends: Vec<Instant> = runs
+                .values()
+                .filter(|r| matches!(r.role, Role::Drop))
+                .map(|r| r.until)
+                .collect();
+            ends.sort_unstable();
+            let cut = ends[dropping - MAX_DROPPING];
+            runs.retain(|_, r| !matches!(r.role, Role::Drop) || r.until >= cut);
+        }
     }
 
     /// The runs of a side, when it has any: what [`Split::take`] needs to handle their probes.
@@ -150,7 +169,11 @@ impl Probes {
         if busy {
             return Err(ArmError::Busy);
         }
-        if runs.len() >= MAX_RUNS && !runs.contains_key(&part) {
+        let running = runs
+            .values()
+            .filter(|r| !matches!(r.role, Role::Drop))
+            .count();
+        if running >= MAX_RUNS && !runs.contains_key(&part) {
             return Err(ArmError::Full);
         }
         runs.insert(part, run);
@@ -212,6 +235,11 @@ impl Split {
         }
         echoes
     }
+}
+
+/// Whether `frame` has a probe's shape (its id and length): only then can it be one.
+pub(super) fn looks_like_probe(frame: &Frame) -> bool {
+    frame.id.is_extended() && frame.id.raw() == probe::CAN_ID && frame.data().len() == probe::LEN
 }
 
 /// Probe `seq` of `run_id`, sent `sent_us` after the run began.
@@ -478,6 +506,12 @@ mod tests {
             probes.arm((Uuid::new_v4(), Uuid::new_v4(), Side::A), echo(10)),
             Err(ArmError::Full)
         );
+        // Ended runs still drop their late probes but leave room for new ones.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        probes
+            .arm((Uuid::new_v4(), Uuid::new_v4(), Side::A), echo(10))
+            .unwrap();
+        assert_eq!(probes.runs.lock().unwrap().len(), MAX_RUNS + 1);
     }
 
     #[tokio::test(start_paused = true)]

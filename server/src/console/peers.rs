@@ -14,7 +14,10 @@
 //!   the dongle-token master key as the messages between agents' hubs are (command output may be
 //!   secret, and any database session can LISTEN), and sent with `NOTIFY` on that instance's own
 //!   console channel ([`channel_of`]). The receiver shows them as they are: the sender already sampled
-//!   the frames, and an event from a peer is never sent on again, so nothing loops.
+//!   the frames, and an event from a peer is never sent on again, so nothing loops. A notice seals the
+//!   time it was sent; a receiver shows it only within [`FRESH`] and only once, so a notice that a
+//!   database session captured and sent again is not shown twice. Refusals are counted in
+//!   `console_forward_refused_total`, items a receiver cannot read in `console_forward_unreadable_total`.
 //! - **Bus load.** An instance counts the frames it sees of a dongle; every [`SHARE_PERIOD`] it sends
 //!   what it counted of the dongles other instances watch, and they add it to their own meter. So a
 //!   `bus_load` event covers the dongle's traffic wherever the server saw it.
@@ -52,9 +55,9 @@ pub const LINGER: Duration = Duration::from_millis(10);
 pub const SHARE_PERIOD: Duration = Duration::from_secs(1);
 /// How many events may wait to be sent to other instances.
 const QUEUE: usize = 4096;
-/// The most JSON one notification carries before sealing (its items, their brackets and the time it
-/// was sent): sealed and in base64 with its envelope it stays under PostgreSQL's limit for a payload
-/// ([`NOTIFY_PAYLOAD_MAX`]).
+/// The most JSON of items (and their brackets) one notification carries: with the rest of its plain
+/// text ([`PLAIN_HEAD`]), sealed and in base64 with its envelope, it stays under PostgreSQL's limit
+/// for a payload ([`NOTIFY_PAYLOAD_MAX`]).
 const MAX_PLAIN: usize = (NOTIFY_PAYLOAD_MAX - 400) / 4 * 3 - 32 - PLAIN_HEAD;
 /// The bytes of a notification's plain text besides its items: `{"at":<ms>,"items":[` and `]}`.
 const PLAIN_HEAD: usize = 48;
@@ -418,20 +421,25 @@ async fn notify(settings: &PeerSettings, to: Uuid, batch: Batch) {
 #[derive(Default)]
 struct Seen {
     ids: HashSet<Uuid>,
-    order: std::collections::VecDeque<Uuid>,
+    order: std::collections::VecDeque<(Uuid, u64)>,
+    /// The latest send time of the ids forgotten: a notice sent no later than that might be one of
+    /// them, so it is not shown (past [`SEEN_IDS`] notices in [`FRESH`], that costs a view, never a
+    /// duplicate).
+    forgotten_until: u64,
 }
 
 impl Seen {
-    /// Remembers `id`; false when it was seen already.
-    fn first_time(&mut self, id: Uuid) -> bool {
-        if !self.ids.insert(id) {
+    /// Remembers `id`, sent at `at`; false when it was (or may have been) seen already.
+    fn first_time(&mut self, id: Uuid, at: u64) -> bool {
+        if at <= self.forgotten_until || !self.ids.insert(id) {
             return false;
         }
-        self.order.push_back(id);
+        self.order.push_back((id, at));
         if self.order.len() > SEEN_IDS
-            && let Some(old) = self.order.pop_front()
+            && let Some((old, old_at)) = self.order.pop_front()
         {
             self.ids.remove(&old);
+            self.forgotten_until = self.forgotten_until.max(old_at);
         }
         true
     }
@@ -455,7 +463,7 @@ async fn receive(settings: PeerSettings, console: Arc<Console>, shutdown: Cancel
         match open(&settings, &payload, &mut seen, now_ms()) {
             Ok(items) => show(&console, items),
             Err(why) => {
-                metrics::counter!("console_forward_unreadable_total").increment(1);
+                metrics::counter!("console_forward_refused_total").increment(1);
                 tracing::debug!(why, "ignored console events from another instance");
             }
         }
@@ -486,7 +494,7 @@ fn open(
     if sealed.at.abs_diff(now) > FRESH.as_millis() as u64 {
         return Err("too old (or from the future)");
     }
-    if !seen.first_time(notice.id) {
+    if !seen.first_time(notice.id, sealed.at) {
         return Err("shown already");
     }
     let mut items = Vec::with_capacity(sealed.items.len());
@@ -502,6 +510,11 @@ fn open(
 fn show(console: &Console, items: Vec<Item>) {
     for item in items {
         match item {
+            // Each instance makes its own from the shared counts; one from a peer would show twice.
+            Item::Event {
+                event: ConsoleEvent::BusLoad { .. },
+                ..
+            } => {}
             Item::Event { key, event } => console.publish_from_peer(key, event),
             Item::BusCounts {
                 dongle_id,
@@ -603,6 +616,18 @@ mod tests {
             open(&settings, &elsewhere, &mut seen, now).is_err(),
             "not ours"
         );
+    }
+
+    #[test]
+    fn a_notice_older_than_the_ids_forgotten_is_not_shown() {
+        let mut seen = Seen::default();
+        for at in 0..=SEEN_IDS as u64 {
+            assert!(seen.first_time(Uuid::new_v4(), 1_000 + at));
+        }
+        // The first id is forgotten now: a notice sent no later than it might be that one again.
+        assert!(!seen.first_time(Uuid::new_v4(), 1_000));
+        assert!(seen.first_time(Uuid::new_v4(), 1_000 + SEEN_IDS as u64 + 1));
+        assert!(seen.ids.len() <= SEEN_IDS + 1);
     }
 
     #[test]
