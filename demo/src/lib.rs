@@ -37,6 +37,9 @@ pub struct Options {
     pub rate: u32,
     /// Draw progress (spinners and bars); off in tests.
     pub progress: bool,
+    /// Server instances on the one database: with 2, agent B connects to the second, and the group
+    /// relays across instances (CROSS_INSTANCE).
+    pub instances: usize,
 }
 
 /// The running system, kept for `--keep-running`.
@@ -141,9 +144,24 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
     let steps = Steps::new(options.progress);
     let mut summary = Summary::default();
 
+    let instances = options.instances.max(1);
     let server = steps
-        .run("server on an embedded PostgreSQL", ServerPart::start(dir))
+        .run(
+            &if instances > 1 {
+                format!("{instances} server instances on an embedded PostgreSQL")
+            } else {
+                "server on an embedded PostgreSQL".to_string()
+            },
+            ServerPart::start(dir, instances),
+        )
         .await?;
+    // The state of a group relaying with both sides connected: across instances when the agents
+    // reach different ones.
+    let relaying = if instances > 1 {
+        "CROSS_INSTANCE"
+    } else {
+        "ACTIVE"
+    };
     let email = "technician@demo.example".to_string();
     let password = steps
         .run("user account", server.create_user(&email))
@@ -167,6 +185,8 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
         )
         .await?;
     let url = server.url().to_string();
+    // Agent B reaches the last instance, as a load balancer might send it.
+    let url_b = server.url_of(instances).to_string();
     let mut agent_a = steps
         .run(
             "agent A logs in",
@@ -185,7 +205,7 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
             "agent B logs in",
             AgentPart::login(
                 &dir.join("agent-b"),
-                &url,
+                &url_b,
                 &email,
                 &password,
                 "workstation-b",
@@ -252,12 +272,12 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
                 for _ in 0..100 {
                     let (state, _) = group_state(&user, &gid).await?;
                     summary.saw_state(&state);
-                    if state == "ACTIVE" {
+                    if state == relaying {
                         return Ok(gid);
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                bail!("the group did not become ACTIVE within 10 s")
+                bail!("the group did not become {relaying} within 10 s")
             })
             .await?;
 
@@ -319,7 +339,7 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
         for _ in 0..100 {
             let (state, _) = group_state(&user, &group).await?;
             summary.saw_state(&state);
-            if state == "ACTIVE" {
+            if state == relaying {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

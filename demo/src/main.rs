@@ -24,6 +24,10 @@ struct Args {
     /// Frames per second per direction.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=20_000))]
     rate: u32,
+    /// Server instances on the one database (1 or 2). With 2, agent B connects to the second
+    /// instance, as a load balancer might send it, and the group relays across instances.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    instances: u8,
     /// Leave the system up at the end and print the URL and the credentials to try the API by hand
     /// (until Ctrl-C).
     #[arg(long)]
@@ -139,6 +143,12 @@ async fn demo(args: &Args) -> (ExitCode, Option<tempfile::TempDir>) {
             running.password,
             running.server.url()
         );
+        for other in &running.server.others {
+            println!(
+                "  also     {} (another instance on the same database)",
+                other.base_url
+            );
+        }
         // Here Ctrl-C is the expected way out: the system is then stopped in order, as below.
         interruptions.next().await;
     }
@@ -169,6 +179,7 @@ async fn run(
         frames: args.frames,
         rate: args.rate,
         progress: true,
+        instances: usize::from(args.instances),
     };
     eprintln!("bridge-demo: everything runs in {}", dir.display());
     bridge_demo::run(dir, &options).await

@@ -11,15 +11,18 @@ use bridge_server::config::ServerConfig;
 use bridge_server::embedded_pg::EmbeddedPostgres;
 use bridge_server::users::{self, Email, Role};
 
-/// The server and its database.
+/// The server and its database, and any further instances of the server on that database.
 pub struct ServerPart {
     pub server: RunningServer,
+    /// Instances 2 and on, each with a pool of its own, as separate processes behind a load balancer.
+    pub others: Vec<RunningServer>,
     pub postgres: EmbeddedPostgres,
 }
 
 impl ServerPart {
-    /// Starts a PostgreSQL cluster in `dir` and the server on it, on 127.0.0.1 with a free port.
-    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+    /// Starts a PostgreSQL cluster in `dir` and `instances` server instances on it (at least one), on
+    /// 127.0.0.1 with free ports.
+    pub async fn start(dir: &Path, instances: usize) -> anyhow::Result<Self> {
         let postgres = EmbeddedPostgres::start(dir.join("postgres"))
             .await
             .context("could not start the embedded PostgreSQL")?;
@@ -33,11 +36,38 @@ impl ServerPart {
         let server = app::spawn(config, pool)
             .await
             .context("could not start the server")?;
-        Ok(Self { server, postgres })
+        let mut others = Vec::new();
+        for n in 2..=instances {
+            let pool = bridge_server::db::connect(&postgres.url(), 20).await?;
+            let config = ServerConfig {
+                bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+                // Instances share the keys, which also seal what they hand each other.
+                dongle_keys: server.state.keys.as_ref().clone(),
+                ..ServerConfig::default()
+            };
+            others.push(
+                app::spawn(config, pool)
+                    .await
+                    .with_context(|| format!("could not start server instance {n}"))?,
+            );
+        }
+        Ok(Self {
+            server,
+            others,
+            postgres,
+        })
     }
 
     pub fn url(&self) -> &str {
         &self.server.base_url
+    }
+
+    /// The URL of instance `n` (from 1); the last one when there are fewer.
+    pub fn url_of(&self, n: usize) -> &str {
+        match n.checked_sub(2).and_then(|i| self.others.get(i)) {
+            Some(other) => &other.base_url,
+            None => self.others.last().map_or(self.url(), |o| &o.base_url),
+        }
     }
 
     /// Makes a verified user with a random password; answers the password.
@@ -51,6 +81,9 @@ impl ServerPart {
     }
 
     pub async fn stop(self) {
+        for other in self.others {
+            let _ = other.shutdown().await;
+        }
         let _ = self.server.shutdown().await;
         let _ = self.postgres.stop().await;
     }

@@ -1,11 +1,12 @@
 //! The demo end to end with small numbers: every part starts, the dongles pair, configure and group,
 //! frames cross both ways and survive one side's absence, an administrator measures the group's
-//! latency, and the summary says so.
+//! latency, and the summary says so; on one server instance, and with the two agents on two.
 
 use std::os::unix::fs::PermissionsExt;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_runs_and_loses_nothing() {
+/// Runs the demo on `instances` server instances and checks what every run must show; answers the
+/// summary for the caller's own checks.
+async fn demo_on(instances: usize) -> bridge_demo::report::Summary {
     let dir = tempfile::tempdir().unwrap();
     // As root, the embedded PostgreSQL runs as the postgres user, which must reach its folder.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -13,6 +14,7 @@ async fn the_demo_runs_and_loses_nothing() {
         frames: 300,
         rate: 1000,
         progress: false,
+        instances,
     };
     let (summary, running) = bridge_demo::run(dir.path(), &options)
         .await
@@ -38,11 +40,6 @@ async fn the_demo_runs_and_loses_nothing() {
         "{:?}",
         summary.states
     );
-    assert!(
-        summary.states.iter().any(|s| s == "ACTIVE"),
-        "{:?}",
-        summary.states
-    );
     assert_eq!(summary.configs.len(), 2);
     assert!(
         summary.configs[0].contains("500000"),
@@ -55,4 +52,32 @@ async fn the_demo_runs_and_loses_nothing() {
         summary.command_output
     );
     assert!(summary.live_ab.quantile(0.99).is_some());
+    summary
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_and_loses_nothing() {
+    let summary = demo_on(1).await;
+    assert!(
+        summary.states.iter().any(|s| s == "ACTIVE"),
+        "{:?}",
+        summary.states
+    );
+}
+
+/// `bridge-demo --instances 2`: agent B on a second instance of the server, so that the group relays
+/// across instances, and still nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_on_two_instances_relays_across_them_and_loses_nothing() {
+    let summary = demo_on(2).await;
+    assert!(
+        summary.states.iter().any(|s| s == "CROSS_INSTANCE"),
+        "{:?}",
+        summary.states
+    );
+    assert!(
+        !summary.states.iter().any(|s| s == "ACTIVE"),
+        "both agents on one instance: {:?}",
+        summary.states
+    );
 }
