@@ -186,7 +186,7 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
         .await?;
     let url = server.url().to_string();
     // Agent B reaches the last instance, as a load balancer might send it.
-    let url_b = server.url_of(instances).to_string();
+    let url_b = server.last_url().to_string();
     let mut agent_a = steps
         .run(
             "agent A logs in",

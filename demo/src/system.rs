@@ -62,12 +62,9 @@ impl ServerPart {
         &self.server.base_url
     }
 
-    /// The URL of instance `n` (from 1); the last one when there are fewer.
-    pub fn url_of(&self, n: usize) -> &str {
-        match n.checked_sub(2).and_then(|i| self.others.get(i)) {
-            Some(other) => &other.base_url,
-            None => self.others.last().map_or(self.url(), |o| &o.base_url),
-        }
+    /// The URL of the last instance (the first when there is one).
+    pub fn last_url(&self) -> &str {
+        self.others.last().map_or(self.url(), |o| &o.base_url)
     }
 
     /// Makes a verified user with a random password; answers the password.

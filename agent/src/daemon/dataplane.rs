@@ -92,6 +92,19 @@ struct SideState {
     dropped_reported: u64,
 }
 
+impl SideState {
+    /// Queues frames for the server as far as there is room; answers how many did not fit (dropped,
+    /// and counted in the side's drops).
+    fn queue(&mut self, frames: &[Frame]) -> u64 {
+        let room = MAX_UNACKED.saturating_sub(self.unacked.len());
+        let taken = frames.len().min(room);
+        self.unacked.extend(frames[..taken].iter().copied());
+        let dropped = (frames.len() - taken) as u64;
+        self.dropped += dropped;
+        dropped
+    }
+}
+
 /// The sides served and their queues.
 #[derive(Default)]
 pub(super) struct DataPlane {
@@ -229,13 +242,9 @@ impl DataPlane {
     /// else into its console's sample when somebody watches it, else they are counted as unrouted.
     pub(super) fn take_from_dongle(&self, device_id: DeviceId, frames: &[Frame]) {
         hops::mark_all(hops::Hop::SenderRead, frames.iter().map(Frame::data));
-        let sides = self.sides.lock().unwrap();
-        let side = sides
-            .iter()
-            .find(|(_, s)| s.device_id == device_id)
-            .map(|(key, _)| *key);
-        drop(sides);
-        let Some((group_id, side)) = side else {
+        let mut sides = self.sides.lock().unwrap();
+        let Some(state) = sides.values_mut().find(|s| s.device_id == device_id) else {
+            drop(sides);
             let now = tokio::time::Instant::now();
             if self.monitors.lock().unwrap().take(device_id, frames, now) {
                 self.wake.notify_one();
@@ -244,11 +253,9 @@ impl DataPlane {
             }
             return;
         };
-        // The side may leave between the two locks: its frames then count as unrouted, as they would
-        // a moment later.
-        if !self.inject(group_id, side, frames) {
-            self.stats.lock().unwrap().unrouted += frames.len() as u64;
-        }
+        let dropped = state.queue(frames);
+        drop(sides);
+        self.queued(dropped);
     }
 
     /// Puts frames into the stream of a served side as if its dongle had received them (latency
@@ -258,17 +265,18 @@ impl DataPlane {
         let Some(state) = sides.get_mut(&(group_id, side)) else {
             return false;
         };
-        let room = MAX_UNACKED.saturating_sub(state.unacked.len());
-        let taken = frames.len().min(room);
-        state.unacked.extend(frames[..taken].iter().copied());
-        let dropped = (frames.len() - taken) as u64;
-        state.dropped += dropped;
+        let dropped = state.queue(frames);
         drop(sides);
+        self.queued(dropped);
+        true
+    }
+
+    /// After frames were queued for a side: counts what did not fit and wakes the connection.
+    fn queued(&self, dropped: u64) {
         if dropped > 0 {
             self.stats.lock().unwrap().dropped += dropped;
         }
         self.wake.notify_one();
-        true
     }
 
     /// Starts a new connection: everything unacknowledged is to be sent again.

@@ -337,8 +337,9 @@ impl Shared {
         let skip = expected.saturating_sub(first) as usize;
         let fresh = frames.get(skip..).unwrap_or(&[]);
         let skipped_to = first + skip.min(frames.len()) as u64;
-        // Only a slice with a frame of a probe's shape may hold a latency run's probes.
-        let split = if fresh.iter().any(looks_like_probe) {
+        // Only a slice with a frame of a probe's shape may hold a latency run's probes, and only while
+        // the agent holds a run (one atomic load otherwise).
+        let split = if self.probes.any() && fresh.iter().any(looks_like_probe) {
             self.probes.split(group_id, side)
         } else {
             None

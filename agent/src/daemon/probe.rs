@@ -141,9 +141,14 @@ impl Probes {
         }
     }
 
+    /// Whether the agent holds any run (running or dropping), without the lock.
+    pub(super) fn any(&self) -> bool {
+        self.held.load(Ordering::Relaxed) > 0
+    }
+
     /// The runs of a side, when it has any: what [`Split::take`] needs to handle their probes.
     pub(super) fn split(&self, group_id: Uuid, side: Side) -> Option<Split> {
-        if self.held.load(Ordering::Relaxed) == 0 {
+        if !self.any() {
             return None;
         }
         let mut runs = self.runs.lock().unwrap();

@@ -419,14 +419,11 @@ impl Console {
 
     /// The dongles whose stream a client of this instance watches now.
     pub fn watched_dongles(&self) -> Vec<Uuid> {
-        self.streams
-            .lock()
-            .expect("console lock")
-            .map
-            .iter()
-            .filter_map(|(key, stream)| match key {
-                StreamKey::Dongle(id) if stream.tx.receiver_count() > 0 => Some(*id),
-                _ => None,
+        self.watched_here()
+            .into_iter()
+            .filter_map(|key| match key {
+                StreamKey::Dongle(id) => Some(id),
+                StreamKey::Group(_) => None,
             })
             .collect()
     }
