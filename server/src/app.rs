@@ -20,6 +20,8 @@ use crate::config::ServerConfig;
 use crate::console::Console;
 use crate::email::smtp::{MailError, SmtpMailer};
 use crate::email::worker::{self, WorkerSettings};
+use crate::groups::jetstream::JetStreamBuffer;
+use crate::groups::store::FrameStore;
 use crate::http::{ApiError, error, request_id};
 pub use crate::state::AppState;
 use crate::{agents, auth, commands, email, groups, rate_limit, routes, telemetry, web};
@@ -73,6 +75,8 @@ pub enum StartError {
     Tls(std::io::Error),
     #[error("could not set up outgoing mail: {0}")]
     Mail(#[from] MailError),
+    #[error(transparent)]
+    Nats(#[from] crate::groups::jetstream::ConnectError),
 }
 
 /// A server running in this process.
@@ -167,7 +171,19 @@ pub async fn spawn(config: ServerConfig, pool: PgPool) -> Result<RunningServer, 
              if it serves plain HTTP, set --public-url http://... or browsers will drop the cookie"
         );
     }
-    let state = AppState::new(pool, config, public_url);
+    let frames = match &config.nats {
+        Some(nats) => {
+            let buffer = JetStreamBuffer::connect(nats, &config.relay).await?;
+            tracing::info!(
+                stream = buffer.stream_name(),
+                replicas = nats.replicas,
+                "the relay buffers frames on NATS JetStream"
+            );
+            FrameStore::JetStream(Arc::new(buffer))
+        }
+        None => FrameStore::Postgres,
+    };
+    let state = AppState::with_frames(pool, config, public_url, frames);
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
     if let Some(smtp) = &state.config.smtp {

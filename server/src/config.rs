@@ -97,6 +97,57 @@ pub struct ServeArgs {
     /// that side's CAN bus carries at its configured bit rate.
     #[arg(long, env = "RELAY_REPLAY_RATE", default_value_t = 5_000)]
     pub relay_replay_rate: u32,
+
+    /// Keep the relay's buffered frames in NATS JetStream instead of PostgreSQL: for several instances
+    /// whose relay outgrows one database's write rate. `nats://host:4222` (several servers of a cluster
+    /// comma-separated). JetStream must be enabled on the server (`nats-server -js`). See
+    /// docs/QUICKSTART.md, "Several instances".
+    #[arg(
+        long,
+        env = "BRIDGE_NATS_URL",
+        hide_env_values = true,
+        help_heading = "NATS JetStream"
+    )]
+    pub nats_url: Option<String>,
+
+    /// A NATS credentials file (`.creds`: a user JWT and its NKey seed).
+    #[arg(
+        long,
+        env = "BRIDGE_NATS_CREDS",
+        requires = "nats_url",
+        help_heading = "NATS JetStream"
+    )]
+    pub nats_creds: Option<PathBuf>,
+
+    /// A CA certificate (PEM) to verify the NATS servers' TLS certificates with; turns TLS on.
+    #[arg(
+        long,
+        env = "BRIDGE_NATS_TLS_CA",
+        requires = "nats_url",
+        help_heading = "NATS JetStream"
+    )]
+    pub nats_tls_ca: Option<PathBuf>,
+
+    /// A client certificate (PEM) for NATS servers that verify clients (with --nats-tls-key).
+    #[arg(long, env = "BRIDGE_NATS_TLS_CERT", requires_all = ["nats_url", "nats_tls_key"], help_heading = "NATS JetStream")]
+    pub nats_tls_cert: Option<PathBuf>,
+
+    /// The key (PEM) of --nats-tls-cert.
+    #[arg(long, env = "BRIDGE_NATS_TLS_KEY", requires_all = ["nats_url", "nats_tls_cert"], help_heading = "NATS JetStream")]
+    pub nats_tls_key: Option<PathBuf>,
+
+    /// Copies the JetStream stream keeps: 1 on one NATS server, 3 on a three-node cluster.
+    #[arg(long, env = "BRIDGE_NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5), help_heading = "NATS JetStream")]
+    pub nats_replicas: u8,
+
+    /// The JetStream stream's name (also its subjects' first token).
+    #[arg(
+        long,
+        env = "BRIDGE_NATS_STREAM",
+        default_value = "RELAY",
+        help_heading = "NATS JetStream"
+    )]
+    pub nats_stream: String,
 }
 
 /// PEM files of the server's certificate chain and key.
@@ -172,6 +223,8 @@ pub struct ServerConfig {
     pub stream_recheck: Duration,
     /// The relay of groups' frames: retention, replay rate, batching (SPEC 3.8 defaults).
     pub relay: crate::groups::settings::RelaySettings,
+    /// NATS JetStream for the relay's buffer (`--nats-url`); None: PostgreSQL.
+    pub nats: Option<crate::groups::jetstream::NatsSettings>,
 }
 
 impl Default for ServerConfig {
@@ -207,6 +260,7 @@ impl Default for ServerConfig {
             console_frame_rate: 200,
             stream_recheck: Duration::from_secs(2),
             relay: Default::default(),
+            nats: None,
         }
     }
 }
@@ -240,6 +294,17 @@ impl ServerConfig {
                 replay_rate: args.relay_replay_rate.max(1),
                 ..Default::default()
             },
+            nats: args
+                .nats_url
+                .as_ref()
+                .map(|url| crate::groups::jetstream::NatsSettings {
+                    url: url.clone(),
+                    credentials: args.nats_creds.clone(),
+                    tls_ca: args.nats_tls_ca.clone(),
+                    tls_client: args.nats_tls_cert.clone().zip(args.nats_tls_key.clone()),
+                    replicas: usize::from(args.nats_replicas),
+                    stream: args.nats_stream.clone(),
+                }),
             ..Self::default()
         }
     }

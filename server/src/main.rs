@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the HTTP API (and apply pending migrations first, unless --no-migrate).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the database migrations embedded in this binary. Running it twice is a no-op.
     Migrate {
         /// The PostgreSQL database to migrate.
@@ -111,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init_logging();
     telemetry::install_crypto_provider();
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Migrate { database_url } => migrate(&database_url).await,
         Command::Admin {
             command:

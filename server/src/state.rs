@@ -13,6 +13,7 @@ use crate::config::ServerConfig;
 use crate::console::Console;
 use crate::dongle_tokens::KeyRing;
 use crate::groups::relay::Relay;
+use crate::groups::store::FrameStore;
 use crate::telemetry;
 
 /// What every handler can reach. Cheap to clone.
@@ -38,14 +39,30 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The state with the relay's frames kept in PostgreSQL.
     pub fn new(pool: PgPool, config: ServerConfig, public_url: String) -> Self {
+        Self::with_frames(pool, config, public_url, FrameStore::Postgres)
+    }
+
+    /// The state with the relay's frames kept in `frames`.
+    pub fn with_frames(
+        pool: PgPool,
+        config: ServerConfig,
+        public_url: String,
+        frames: FrameStore,
+    ) -> Self {
         let keys = Arc::new(config.dongle_keys.clone());
         let hub = Arc::new(AgentHub::clustered(
             pool.clone(),
             config.cluster.clone(),
             keys.clone(),
         ));
-        let relay = Arc::new(Relay::new(pool.clone(), config.relay.clone(), hub.clone()));
+        let relay = Arc::new(Relay::new(
+            pool.clone(),
+            config.relay.clone(),
+            frames,
+            hub.clone(),
+        ));
         Self {
             hub,
             relay,

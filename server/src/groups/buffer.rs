@@ -25,6 +25,9 @@ pub enum BufferError {
     Gone,
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The JetStream buffer (`serve --nats-url`) failed: NATS is down, or the stream is gone.
+    #[error("NATS: {0}")]
+    Nats(String),
 }
 
 /// The PostgreSQL code of a foreign-key violation (the group's rows are gone).
@@ -193,7 +196,7 @@ pub async fn append(pool: &PgPool, req: Append<'_>) -> Result<Appended, BufferEr
 /// write would make every group's writes on every instance commit one at a time. This one commits
 /// without waiting for the flush (a notification lost in a crash costs a poll), and a failure is only
 /// logged: the write is done, and the receiving pipe's poll finds the frames anyway.
-async fn announce_buffered(pool: &PgPool, group_id: Uuid, target: Side) {
+pub async fn announce_buffered(pool: &PgPool, group_id: Uuid, target: Side) {
     let announced =
         sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)")
             .bind(BUFFERED_CHANNEL)
@@ -528,6 +531,58 @@ pub async fn fetch(
             batch: frames.into(),
         })
         .collect())
+}
+
+/// Records a write to a buffer kept elsewhere (the JetStream buffer): how far the source side's stream is
+/// accepted, and the frames now waiting towards `target`. A deleted group is [`BufferError::Gone`].
+pub async fn record_written(
+    pool: &PgPool,
+    group_id: Uuid,
+    target: Side,
+    source_next_in: Option<u64>,
+    buffered: u64,
+) -> Result<(), BufferError> {
+    sqlx::query(
+        "INSERT INTO relay_sides (group_id, side, next_in) VALUES ($1, $2, $3), ($1, $4, 0) \
+         ON CONFLICT (group_id, side) DO UPDATE SET \
+           next_in = GREATEST(relay_sides.next_in, EXCLUDED.next_in), \
+           buffered_frames = CASE WHEN relay_sides.side = $4 THEN $5 \
+             ELSE relay_sides.buffered_frames END",
+    )
+    .bind(group_id)
+    .bind(target.other().letter())
+    .bind(pos(source_next_in.unwrap_or(0)))
+    .bind(target.letter())
+    .bind(pos(buffered))
+    .execute(pool)
+    .await
+    .map_err(classify)?;
+    Ok(())
+}
+
+/// Records an acknowledgement applied to a buffer kept elsewhere (the JetStream buffer): `removed`
+/// frames left it and `buffered` are still waiting towards `target`.
+pub async fn record_acknowledged(
+    pool: &PgPool,
+    group_id: Uuid,
+    target: Side,
+    next: u64,
+    buffered: u64,
+    removed: u64,
+) -> Result<(), BufferError> {
+    sqlx::query(
+        "UPDATE relay_sides SET acked_out = GREATEST(acked_out, $3), buffered_frames = $4, \
+           frames_delivered = frames_delivered + $5 WHERE group_id = $1 AND side = $2",
+    )
+    .bind(group_id)
+    .bind(target.letter())
+    .bind(pos(next))
+    .bind(pos(buffered))
+    .bind(pos(removed))
+    .execute(pool)
+    .await
+    .map_err(classify)?;
+    Ok(())
 }
 
 /// What the database holds about one side (index 0 is A).

@@ -90,6 +90,8 @@ pub(crate) struct Core {
     /// share the database (the agent hub's cluster).
     pub cluster: Option<(Uuid, std::time::Duration)>,
     pub settings: RelaySettings,
+    /// Where frames wait for a side: PostgreSQL, or JetStream with `--nats-url`.
+    pub frames: super::store::FrameStore,
     pub stats: RelayStats,
     pub(super) conns: Mutex<HashMap<Uuid, DataConn>>,
     pub(super) events: broadcast::Sender<RelayEvent>,

@@ -12,7 +12,10 @@
 //! - [`relay`]: the relay of this instance: its data-plane connections, one pipe per active group, and
 //!   the events a live console can subscribe to.
 //! - [`pipe`]: one group's relay, both directions: acceptance, forwarding, buffering, replay, the state.
-//! - [`buffer`]: the durable buffer in PostgreSQL (`relay_buffer`, `relay_sides`) and its retention.
+//! - [`store`]: where frames wait for a side, one interface over two stores:
+//!   - [`buffer`]: the durable buffer in PostgreSQL (`relay_buffer`, `relay_sides`) and its retention;
+//!   - [`jetstream`]: the same on a NATS JetStream stream (`serve --nats-url`), positions still in
+//!     `relay_sides`.
 //! - [`chunk`]: a run of frames with consecutive positions, and cutting frames off its front.
 //! - [`console`]: the relay's events on the live console.
 //! - [`latency`]: the admins' latency test of a relaying group (probes echoed between its agents).
@@ -28,6 +31,7 @@ pub mod buffer;
 pub mod chunk;
 pub mod console;
 pub mod data_ws;
+pub mod jetstream;
 pub mod latency;
 pub mod links;
 pub mod model;
@@ -35,4 +39,5 @@ pub mod pipe;
 pub mod relay;
 pub mod serving;
 pub mod settings;
+pub mod store;
 pub mod wake;

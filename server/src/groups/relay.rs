@@ -45,6 +45,7 @@ use crate::agents::AgentIdentity;
 use crate::agents::hub::AgentHub;
 
 pub use super::settings::RelaySettings;
+use super::store::FrameStore;
 
 use super::links::{Core, DataConn, PipeShared};
 pub use super::links::{RelayEvent, RelayStats, SendError};
@@ -112,13 +113,19 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(pool: PgPool, settings: RelaySettings, hub: Arc<AgentHub>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        settings: RelaySettings,
+        frames: FrameStore,
+        hub: Arc<AgentHub>,
+    ) -> Self {
         let (events, _) = broadcast::channel(1_024);
         Self {
             core: Arc::new(Core {
                 cluster: hub.cluster_identity(),
                 pool,
                 settings,
+                frames,
                 stats: RelayStats::default(),
                 conns: Mutex::new(HashMap::new()),
                 events,
@@ -368,6 +375,14 @@ impl Relay {
                 let _ = tokio::time::timeout(PIPE_ANSWER, stopped).await;
             }
         }
+        if discard {
+            self.core.frames.discard(group_id).await;
+        }
+    }
+
+    /// Where this instance keeps frames waiting for a side.
+    pub fn frame_store(&self) -> &FrameStore {
+        &self.core.frames
     }
 
     /// Groups were deleted with a dongle (unpair): their pipes stop, and the agents get new lists.

@@ -103,3 +103,53 @@ async fn outbox_lists_queued_mail_with_its_link(pool: PgPool) {
         "{stdout}"
     );
 }
+
+/// `serve --nats-url` pointing at no NATS server stops at once with what to check, and the URL's
+/// password appears nowhere in what it prints; a stream name that would change the subjects is refused
+/// before connecting.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn serve_on_an_unreachable_nats_says_so_without_the_password(pool: PgPool) {
+    let url = database_url_of(&pool);
+    let (ok, stdout, stderr) = run(
+        &[
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--no-migrate",
+            "--nats-url",
+            "nats://relay:sesame-secret@127.0.0.1:1",
+        ],
+        &url,
+        "",
+    );
+    assert!(!ok, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("could not connect to NATS (--nats-url)")
+            && stderr.contains("check that nats-server runs"),
+        "{stderr}"
+    );
+    assert!(
+        !format!("{stdout}{stderr}").contains("sesame-secret"),
+        "{stdout}{stderr}"
+    );
+
+    let (ok, _, stderr) = run(
+        &[
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--no-migrate",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--nats-stream",
+            "relay.all",
+        ],
+        &url,
+        "",
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("the NATS stream name \"relay.all\" is not valid"),
+        "{stderr}"
+    );
+}

@@ -106,7 +106,7 @@ impl Pipe {
         if !group.mode.relaying() {
             return Ok(None);
         }
-        let rows = buffer::load(&core.pool, group_id).await?;
+        let rows = core.frames.load(&core.pool, group_id).await?;
         let buffer_pressure: bool =
             sqlx::query_scalar("SELECT buffer_pressure FROM dongle_groups WHERE id = $1")
                 .bind(group_id)
@@ -151,6 +151,7 @@ impl Pipe {
         self.relay(rx).await;
         // The group's sides are no longer served here, whatever their connections do next.
         self.mark_served(PerSide::default()).await;
+        self.core.frames.forget(self.group_id);
     }
 
     async fn relay(&mut self, mut rx: mpsc::Receiver<PipeEvent>) {
@@ -409,7 +410,8 @@ impl Pipe {
                 self.failure(BufferError::Db(e))
             })),
             Request::Rows => Reply::Rows(
-                buffer::load(pool, group_id)
+                core.frames
+                    .load(pool, group_id)
                     .await
                     .map(|rows| PerSide::new(rows[0], rows[1]))
                     .map_err(|e| self.failed(e, "could not read a group's buffer rows")),
@@ -420,7 +422,8 @@ impl Pipe {
                 chunk,
             } => Reply::Forwarded(self.queue(towards, conn, &chunk)),
             Request::Delete { towards, n } => Reply::Deleted(
-                buffer::acknowledge(pool, group_id, towards, n)
+                core.frames
+                    .acknowledge(pool, group_id, towards, n)
                     .await
                     .map_err(|e| {
                         self.failed(e, "could not apply an acknowledgement to the buffer")
@@ -456,7 +459,8 @@ impl Pipe {
                 from,
                 limit,
             } => Reply::Fetched(
-                buffer::fetch(pool, group_id, towards, from, limit as i64)
+                core.frames
+                    .fetch(pool, group_id, towards, from, limit)
                     .await
                     .map_err(|e| self.failed(e, "could not read the buffer to replay it")),
             ),
@@ -591,7 +595,7 @@ impl Pipe {
             audit_due,
             carried,
         };
-        buffer::append(&self.core.pool, append).await
+        self.core.frames.append(&self.core.pool, append).await
     }
 
     /// Logs a failed request and says what it means for the machine.

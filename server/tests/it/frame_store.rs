@@ -1,0 +1,348 @@
+//! The relay's frame store, one suite on both stores: PostgreSQL (`relay_buffer`) and NATS JetStream
+//! (`serve --nats-url`, against the nats-server that scripts/test starts, named by
+//! `BRIDGE_TEST_NATS_URL`). Every scenario runs on each store (`postgres::*` and `jetstream::*`), with
+//! two store handles on one database standing for two server instances: what one writes, the other
+//! reads and acknowledges.
+
+use std::time::Duration;
+
+use bridge_server::db::MIGRATOR;
+use bridge_server::groups::buffer::{Append, BufferError, Retention};
+use bridge_server::groups::chunk::Chunk;
+use bridge_server::groups::store::FrameStore;
+use control_proto::data::Side;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Two instances' handles on one store.
+struct Stores {
+    writer: FrameStore,
+    reader: FrameStore,
+}
+
+impl Stores {
+    fn postgres() -> Self {
+        Stores {
+            writer: FrameStore::Postgres,
+            reader: FrameStore::Postgres,
+        }
+    }
+
+    /// Two connections to the test's NATS server, on a stream of the test's own.
+    async fn jetstream() -> Self {
+        use bridge_server::groups::jetstream::{JetStreamBuffer, NatsSettings};
+        use bridge_server::groups::settings::RelaySettings;
+        let url = std::env::var("BRIDGE_TEST_NATS_URL")
+            .expect("BRIDGE_TEST_NATS_URL names the nats-server of the test run (scripts/test)");
+        let settings = NatsSettings {
+            stream: format!("T{}", Uuid::new_v4().simple()),
+            ..NatsSettings::new(url)
+        };
+        let relay = RelaySettings::default();
+        let connect = || async {
+            FrameStore::JetStream(std::sync::Arc::new(
+                JetStreamBuffer::connect(&settings, &relay).await.unwrap(),
+            ))
+        };
+        Stores {
+            writer: connect().await,
+            reader: connect().await,
+        }
+    }
+}
+
+/// A user, two dongles and their group, as rows.
+async fn group(pool: &PgPool) -> Uuid {
+    let user: Uuid = sqlx::query_scalar(
+        "INSERT INTO users (email, password_hash) VALUES ('store@example.com', 'x') RETURNING id",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let mut dongles = Vec::new();
+    for device in ["00000000000000a1", "00000000000000b1"] {
+        let id: Uuid = sqlx::query_scalar(
+            "INSERT INTO dongles (device_id, owner_user_id) VALUES ($1, $2) RETURNING id",
+        )
+        .bind(device)
+        .bind(user)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        dongles.push(id);
+    }
+    sqlx::query_scalar(
+        "INSERT INTO dongle_groups (user_id, dongle_a_id, dongle_b_id, mode) \
+         VALUES ($1, $2, $3, 'ACTIVE') RETURNING id",
+    )
+    .bind(user)
+    .bind(dongles[0])
+    .bind(dongles[1])
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Frames `seq .. seq + n` as a stored batch, each frame's data its position.
+fn chunk(seq: u64, n: u32) -> Chunk {
+    use firmware_proto::ext::batch::{BatchWriter, CanRecord};
+    let mut buf = vec![0u8; control_proto::data::MAX_MESSAGE_LEN];
+    let mut writer = BatchWriter::new(&mut buf).unwrap();
+    for i in 0..n {
+        writer
+            .push(&CanRecord {
+                timestamp_us: 0,
+                id: firmware_proto::ids::CanId::standard(0x123).unwrap(),
+                flags: 0,
+                data: &(seq + u64::from(i)).to_be_bytes(),
+            })
+            .unwrap();
+    }
+    let len = writer.finish().unwrap();
+    Chunk {
+        seq,
+        count: n,
+        batch: buf[..len].into(),
+    }
+}
+
+const RETENTION: Retention = Retention {
+    max_frames: 200_000,
+    max_age: Duration::from_secs(600),
+};
+
+/// Writes chunks towards B, as side A's stream accepted up to the last one's end.
+async fn write(store: &FrameStore, pool: &PgPool, group_id: Uuid, chunks: &[Chunk]) -> u64 {
+    let next_in = chunks.iter().map(Chunk::end).max().unwrap_or(0);
+    let appended = store
+        .append(
+            pool,
+            Append {
+                group_id,
+                target: Side::B,
+                chunks,
+                source_next_in: Some(next_in),
+                retention: RETENTION,
+                audit_due: false,
+                carried: 0,
+            },
+        )
+        .await
+        .unwrap();
+    appended.buffered
+}
+
+async fn read(store: &FrameStore, pool: &PgPool, group_id: Uuid, from: u64) -> Vec<(u64, u32)> {
+    store
+        .fetch(pool, group_id, Side::B, from, 32)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| (c.seq, c.count))
+        .collect()
+}
+
+/// What the database says of B's direction: acknowledged up to, frames waiting.
+async fn side_b(pool: &PgPool, group_id: Uuid) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT acked_out, buffered_frames FROM relay_sides WHERE group_id = $1 AND side = 'b'",
+    )
+    .bind(group_id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn what_one_instance_writes_another_reads_by_position(stores: Stores, pool: PgPool) {
+    let id = group(&pool).await;
+    assert_eq!(
+        write(&stores.writer, &pool, id, &[chunk(0, 10), chunk(10, 5)]).await,
+        15
+    );
+    assert_eq!(write(&stores.writer, &pool, id, &[chunk(15, 1)]).await, 16);
+    assert_eq!(
+        read(&stores.reader, &pool, id, 0).await,
+        [(0, 10), (10, 5), (15, 1)]
+    );
+    assert_eq!(
+        read(&stores.reader, &pool, id, 10).await,
+        [(10, 5), (15, 1)]
+    );
+    assert_eq!(read(&stores.reader, &pool, id, 16).await, []);
+    // The frames themselves come back as written.
+    let fetched = stores
+        .reader
+        .fetch(&pool, id, Side::B, 10, 1)
+        .await
+        .unwrap();
+    assert_eq!(fetched, [chunk(10, 5)]);
+    // Both instances load the same rows: A's stream accepted up to 16, 16 waiting towards B.
+    for store in [&stores.writer, &stores.reader] {
+        let rows = store.load(&pool, id).await.unwrap();
+        assert_eq!(rows[0].next_in, 16);
+        assert_eq!((rows[1].buffered, rows[1].tail), (16, 16));
+        assert_eq!((rows[0].buffered, rows[0].tail), (0, 0));
+    }
+}
+
+async fn a_chunk_written_twice_is_stored_once(stores: Stores, pool: PgPool) {
+    let id = group(&pool).await;
+    write(&stores.writer, &pool, id, &[chunk(0, 4)]).await;
+    // A write repeated after its answer was lost, and the same again from the other instance.
+    assert_eq!(write(&stores.writer, &pool, id, &[chunk(0, 4)]).await, 4);
+    write(&stores.reader, &pool, id, &[chunk(0, 4)]).await;
+    assert_eq!(read(&stores.reader, &pool, id, 0).await, [(0, 4)]);
+    assert_eq!(stores.reader.load(&pool, id).await.unwrap()[1].buffered, 4);
+}
+
+async fn writes_out_of_position_order_are_read_in_position_order(stores: Stores, pool: PgPool) {
+    let id = group(&pool).await;
+    // Frames 20.. were buffered while 0..20 were in flight to B; B's connection closed, and the frames
+    // in flight were written after them.
+    write(&stores.writer, &pool, id, &[chunk(20, 10)]).await;
+    write(&stores.writer, &pool, id, &[chunk(0, 10), chunk(10, 10)]).await;
+    assert_eq!(
+        read(&stores.reader, &pool, id, 0).await,
+        [(0, 10), (10, 10), (20, 10)]
+    );
+    // Acknowledging the first two removes them although the stream holds them after the third.
+    let acked = stores
+        .reader
+        .acknowledge(&pool, id, Side::B, 20)
+        .await
+        .unwrap();
+    assert_eq!((acked.removed, acked.buffered), (20, 10));
+    assert_eq!(read(&stores.reader, &pool, id, 0).await, [(20, 10)]);
+    assert_eq!(stores.writer.load(&pool, id).await.unwrap()[1].buffered, 10);
+}
+
+async fn an_acknowledgement_removes_exactly_the_chunks_wholly_below_it(
+    stores: Stores,
+    pool: PgPool,
+) {
+    let id = group(&pool).await;
+    write(
+        &stores.writer,
+        &pool,
+        id,
+        &[chunk(0, 10), chunk(10, 10), chunk(20, 10)],
+    )
+    .await;
+    // 15 is inside the second chunk: it stays, to be sent again from its start.
+    let acked = stores
+        .reader
+        .acknowledge(&pool, id, Side::B, 15)
+        .await
+        .unwrap();
+    assert_eq!((acked.removed, acked.buffered), (10, 20));
+    assert_eq!(
+        read(&stores.reader, &pool, id, 10).await,
+        [(10, 10), (20, 10)]
+    );
+    assert_eq!(side_b(&pool, id).await, (15, 20));
+    // An acknowledgement below what was already acknowledged changes nothing.
+    let acked = stores
+        .reader
+        .acknowledge(&pool, id, Side::B, 5)
+        .await
+        .unwrap();
+    assert_eq!((acked.removed, acked.buffered), (0, 20));
+    assert_eq!(side_b(&pool, id).await, (15, 20));
+    let acked = stores
+        .reader
+        .acknowledge(&pool, id, Side::B, 30)
+        .await
+        .unwrap();
+    assert_eq!((acked.removed, acked.buffered), (20, 0));
+    assert_eq!(read(&stores.reader, &pool, id, 0).await, []);
+    assert_eq!(side_b(&pool, id).await, (30, 0));
+    // The writer sees the direction empty too, and writes after it are read from where they start.
+    assert_eq!(write(&stores.writer, &pool, id, &[chunk(30, 2)]).await, 2);
+    assert_eq!(read(&stores.reader, &pool, id, 30).await, [(30, 2)]);
+}
+
+async fn a_read_returns_at_most_its_limit(stores: Stores, pool: PgPool) {
+    let id = group(&pool).await;
+    let chunks: Vec<Chunk> = (0..40).map(|i| chunk(i * 2, 2)).collect();
+    write(&stores.writer, &pool, id, &chunks).await;
+    let first = stores
+        .reader
+        .fetch(&pool, id, Side::B, 0, 32)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 32);
+    assert_eq!(first.last().map(Chunk::end), Some(64));
+    let rest = stores
+        .reader
+        .fetch(&pool, id, Side::B, 64, 32)
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        [64, 66, 68, 70, 72, 74, 76, 78]
+    );
+}
+
+async fn writes_for_a_deleted_group_fail_as_gone(stores: Stores, pool: PgPool) {
+    let id = group(&pool).await;
+    write(&stores.writer, &pool, id, &[chunk(0, 3)]).await;
+    sqlx::query("DELETE FROM dongle_groups WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    stores.writer.discard(id).await;
+    let append = Append {
+        group_id: id,
+        target: Side::B,
+        chunks: &[chunk(3, 3)],
+        source_next_in: Some(6),
+        retention: RETENTION,
+        audit_due: false,
+        carried: 0,
+    };
+    let written = stores.writer.append(&pool, append).await;
+    assert!(
+        matches!(written, Err(BufferError::Gone)),
+        "a write for a deleted group: {written:?}"
+    );
+    // What the group left is gone too.
+    assert_eq!(read(&stores.reader, &pool, id, 0).await, []);
+}
+
+/// Each scenario as a test on each store.
+macro_rules! on_both_stores {
+    ($($scenario:ident),* $(,)?) => {
+        mod postgres {
+            use super::*;
+            $(
+                #[sqlx::test(migrator = "MIGRATOR")]
+                async fn $scenario(pool: PgPool) {
+                    super::$scenario(Stores::postgres(), pool).await
+                }
+            )*
+        }
+        mod jetstream {
+            use super::*;
+            $(
+                #[sqlx::test(migrator = "MIGRATOR")]
+                #[cfg_attr(
+                    not(feature = "nats-tests"),
+                    ignore = "needs a nats-server with JetStream (BRIDGE_TEST_NATS_URL): scripts/test starts one where nats-server is installed"
+                )]
+                async fn $scenario(pool: PgPool) {
+                    super::$scenario(Stores::jetstream().await, pool).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    what_one_instance_writes_another_reads_by_position,
+    a_chunk_written_twice_is_stored_once,
+    writes_out_of_position_order_are_read_in_position_order,
+    an_acknowledgement_removes_exactly_the_chunks_wholly_below_it,
+    a_read_returns_at_most_its_limit,
+    writes_for_a_deleted_group_fail_as_gone,
+);
