@@ -34,6 +34,8 @@ pub struct GroupRig {
 /// The running system.
 pub struct Rig {
     pub postgres: EmbeddedPostgres,
+    /// The nats-server the relay buffers on, with `--nats`.
+    pub nats: Option<bridge_demo::nats::NatsNode>,
     /// The server instances, all on the one database.
     pub servers: Vec<RunningServer>,
     pub user: UserClient,
@@ -110,26 +112,36 @@ impl Rig {
     /// `relay` replaces the server's relay settings (the buffering benchmark raises the retention so
     /// that nothing is trimmed).
     pub async fn start(dir: &Path, groups: usize, relay: RelaySettings) -> anyhow::Result<Self> {
-        Self::start_instances(dir, groups, relay, 1).await
+        Self::start_instances(dir, groups, relay, 1, false).await
     }
 
-    /// As [`start`](Self::start), with `instances` server instances on the one database.
+    /// As [`start`](Self::start), with `instances` server instances on the one database; with `nats`,
+    /// a nats-server with JetStream in `dir` holds the relay's buffer (`serve --nats-url`).
     pub async fn start_instances(
         dir: &Path,
         groups: usize,
         relay: RelaySettings,
         instances: usize,
+        nats: bool,
     ) -> anyhow::Result<Self> {
         let postgres = EmbeddedPostgres::start(dir.join("postgres"))
             .await
             .context("could not start the embedded PostgreSQL (is PostgreSQL installed?)")?;
+        let nats = if nats {
+            Some(bridge_demo::nats::start(dir)?)
+        } else {
+            None
+        };
+        let nats_settings = nats
+            .as_ref()
+            .map(|node| bridge_server::groups::jetstream::NatsSettings::new(node.url()));
         let url = postgres.url();
         let mut runtimes = Vec::new();
         let mut servers = Vec::new();
         for n in 0..instances.max(1) {
             let name = server_part(n);
             let rt = runtime(&name)?;
-            let (url, relay) = (url.clone(), relay.clone());
+            let (url, relay, nats) = (url.clone(), relay.clone(), nats_settings.clone());
             // Instances must share the dongle-token keys, which also seal what they hand each other.
             let dongle_keys = servers
                 .first()
@@ -150,6 +162,7 @@ impl Rig {
                         bind: SocketAddr::from(([127, 0, 0, 1], 0)),
                         relay,
                         dongle_keys,
+                        nats,
                         ..ServerConfig::default()
                     };
                     anyhow::Ok(app::spawn(config, pool).await?)
@@ -232,6 +245,7 @@ impl Rig {
 
         let mut rig = Rig {
             postgres,
+            nats,
             servers,
             user,
             agent_a,
@@ -346,6 +360,7 @@ impl Rig {
             let _ = server.shutdown().await;
         }
         let _ = self.postgres.stop().await;
+        drop(self.nats);
         // The runtimes go last, without blocking (`PartRuntime`'s drop).
         drop(self.runtimes);
     }

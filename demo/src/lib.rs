@@ -12,6 +12,7 @@
 //! - [`traffic`]: frames onto one bus and off the other, with latency and order.
 //! - [`report`]: the summary table.
 
+pub mod nats;
 pub mod report;
 pub mod system;
 pub mod traffic;
@@ -40,6 +41,8 @@ pub struct Options {
     /// Server instances on the one database: with 2, agent B connects to the second, and the group
     /// relays across instances (CROSS_INSTANCE).
     pub instances: usize,
+    /// Keep the relay's buffer on a nats-server with JetStream that the demo starts (`--nats`).
+    pub nats: bool,
 }
 
 /// The running system, kept for `--keep-running`.
@@ -147,12 +150,20 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
     let instances = options.instances.max(1);
     let server = steps
         .run(
-            &if instances > 1 {
-                format!("{instances} server instances on an embedded PostgreSQL")
-            } else {
-                "server on an embedded PostgreSQL".to_string()
-            },
-            ServerPart::start(dir, instances),
+            &format!(
+                "{} on an embedded PostgreSQL{}",
+                if instances > 1 {
+                    format!("{instances} server instances")
+                } else {
+                    "server".to_string()
+                },
+                if options.nats {
+                    ", the relay's buffer on NATS JetStream"
+                } else {
+                    ""
+                }
+            ),
+            ServerPart::start(dir, instances, options.nats),
         )
         .await?;
     // The state of a group relaying with both sides connected: across instances when the agents
@@ -336,6 +347,7 @@ pub async fn run(dir: &Path, options: &Options) -> anyhow::Result<(Summary, Runn
         bar.finish();
         summary.buffered = flow;
         summary.backlog_peak = peak;
+        summary.frame_store = running.server.server.state.relay.frame_store().kind().to_string();
         for _ in 0..100 {
             let (state, _) = group_state(&user, &group).await?;
             summary.saw_state(&state);

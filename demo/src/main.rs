@@ -28,6 +28,10 @@ struct Args {
     /// instance, as a load balancer might send it, and the group relays across instances.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     instances: u8,
+    /// Keep the relay's buffer on NATS JetStream (serve --nats-url) instead of PostgreSQL: the demo
+    /// starts a nats-server with JetStream (Debian: apt-get install nats-server) next to PostgreSQL.
+    #[arg(long)]
+    nats: bool,
     /// Leave the system up at the end and print the URL and the credentials to try the API by hand
     /// (until Ctrl-C).
     #[arg(long)]
@@ -180,6 +184,7 @@ async fn run(
         rate: args.rate,
         progress: true,
         instances: usize::from(args.instances),
+        nats: args.nats,
     };
     eprintln!("bridge-demo: everything runs in {}", dir.display());
     bridge_demo::run(dir, &options).await

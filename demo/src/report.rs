@@ -16,6 +16,8 @@ pub struct Summary {
     /// A -> B while B's agent was away, then replayed.
     pub buffered: Flow,
     pub backlog_peak: u64,
+    /// Where the relay kept the backlog: `postgres` or `jetstream`.
+    pub frame_store: String,
     /// Group states in the order first seen.
     pub states: Vec<String>,
     /// The administrator's latency test of the group (`POST /admin/groups/{id}/latency-test`).
@@ -93,8 +95,12 @@ impl Summary {
         }
         let _ = writeln!(
             out,
-            "\n  backlog peak {} frames; duplicates {}; out of order {}",
+            "\n  backlog peak {} frames (buffered in {}); duplicates {}; out of order {}",
             self.backlog_peak,
+            match self.frame_store.as_str() {
+                "jetstream" => "NATS JetStream",
+                _ => "PostgreSQL",
+            },
             self.live_ab.duplicates + self.live_ba.duplicates + self.buffered.duplicates,
             self.live_ab.out_of_order + self.live_ba.out_of_order + self.buffered.out_of_order
         );

@@ -17,19 +17,36 @@ pub struct ServerPart {
     /// Instances 2 and on, each with a pool of its own, as separate processes behind a load balancer.
     pub others: Vec<RunningServer>,
     pub postgres: EmbeddedPostgres,
+    /// The NATS server the relay buffers on, when started with it.
+    pub nats: Option<crate::nats::NatsNode>,
 }
 
 impl ServerPart {
     /// Starts a PostgreSQL cluster in `dir` and `instances` server instances on it (at least one), on
-    /// 127.0.0.1 with free ports.
-    pub async fn start(dir: &Path, instances: usize) -> anyhow::Result<Self> {
+    /// 127.0.0.1 with free ports; with `nats`, also a nats-server with JetStream in `dir`, on which the
+    /// instances keep the relay's buffer (`serve --nats-url`).
+    pub async fn start(dir: &Path, instances: usize, nats: bool) -> anyhow::Result<Self> {
         let postgres = EmbeddedPostgres::start(dir.join("postgres"))
             .await
             .context("could not start the embedded PostgreSQL")?;
+        let nats = if nats {
+            let dir = dir.to_path_buf();
+            Some(
+                tokio::task::spawn_blocking(move || crate::nats::start(&dir))
+                    .await
+                    .context("the nats-server start-up task failed")??,
+            )
+        } else {
+            None
+        };
+        let nats_settings = nats
+            .as_ref()
+            .map(|node| bridge_server::groups::jetstream::NatsSettings::new(node.url()));
         let pool = bridge_server::db::connect(&postgres.url(), 20).await?;
         bridge_server::db::migrate(&pool).await?;
         let config = ServerConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            nats: nats_settings.clone(),
             // The demo's dongle tokens need a key; a random one lives as long as the demo.
             ..ServerConfig::default()
         };
@@ -43,6 +60,7 @@ impl ServerPart {
                 bind: SocketAddr::from(([127, 0, 0, 1], 0)),
                 // Instances share the keys, which also seal what they hand each other.
                 dongle_keys: server.state.keys.as_ref().clone(),
+                nats: nats_settings.clone(),
                 ..ServerConfig::default()
             };
             others.push(
@@ -55,6 +73,7 @@ impl ServerPart {
             server,
             others,
             postgres,
+            nats,
         })
     }
 
@@ -83,6 +102,7 @@ impl ServerPart {
         }
         let _ = self.server.shutdown().await;
         let _ = self.postgres.stop().await;
+        drop(self.nats);
     }
 }
 

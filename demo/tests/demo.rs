@@ -1,12 +1,13 @@
 //! The demo end to end with small numbers: every part starts, the dongles pair, configure and group,
 //! frames cross both ways and survive one side's absence, an administrator measures the group's
-//! latency, and the summary says so; on one server instance, and with the two agents on two.
+//! latency, and the summary says so; on one server instance, with the two agents on two, and on two
+//! with the relay's buffer on NATS JetStream.
 
 use std::os::unix::fs::PermissionsExt;
 
 /// Runs the demo on `instances` server instances and checks what every run must show; answers the
 /// summary for the caller's own checks.
-async fn demo_on(instances: usize) -> bridge_demo::report::Summary {
+async fn demo_on(instances: usize, nats: bool) -> bridge_demo::report::Summary {
     let dir = tempfile::tempdir().unwrap();
     // As root, the embedded PostgreSQL runs as the postgres user, which must reach its folder.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -15,6 +16,7 @@ async fn demo_on(instances: usize) -> bridge_demo::report::Summary {
         rate: 1000,
         progress: false,
         instances,
+        nats,
     };
     let (summary, running) = bridge_demo::run(dir.path(), &options)
         .await
@@ -57,7 +59,8 @@ async fn demo_on(instances: usize) -> bridge_demo::report::Summary {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_and_loses_nothing() {
-    let summary = demo_on(1).await;
+    let summary = demo_on(1, false).await;
+    assert_eq!(summary.frame_store, "postgres");
     assert!(
         summary.states.iter().any(|s| s == "ACTIVE"),
         "{:?}",
@@ -69,7 +72,7 @@ async fn the_demo_runs_and_loses_nothing() {
 /// across instances, and still nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_on_two_instances_relays_across_them_and_loses_nothing() {
-    let summary = demo_on(2).await;
+    let summary = demo_on(2, false).await;
     assert!(
         summary.states.iter().any(|s| s == "CROSS_INSTANCE"),
         "{:?}",
@@ -78,6 +81,23 @@ async fn the_demo_on_two_instances_relays_across_them_and_loses_nothing() {
     assert!(
         !summary.states.iter().any(|s| s == "ACTIVE"),
         "both agents on one instance: {:?}",
+        summary.states
+    );
+}
+
+/// `bridge-demo --instances 2 --nats`: the same across two instances, with the relay's buffer on a
+/// nats-server with JetStream that the demo starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "nats-tests"),
+    ignore = "needs nats-server (Debian: nats-server); scripts/test turns this on where it is installed"
+)]
+async fn the_demo_on_two_instances_with_nats_loses_nothing() {
+    let summary = demo_on(2, true).await;
+    assert_eq!(summary.frame_store, "jetstream");
+    assert!(
+        summary.states.iter().any(|s| s == "CROSS_INSTANCE"),
+        "{:?}",
         summary.states
     );
 }

@@ -69,6 +69,10 @@ struct Args {
     /// that with two or more every group's sides reach different instances.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
     instances: u16,
+    /// Keep the relay's buffer on NATS JetStream (`serve --nats-url`): a nats-server with JetStream is
+    /// started for the run (Debian: apt-get install nats-server).
+    #[arg(long)]
+    nats: bool,
     /// Run a soak of this many minutes instead of the three measurements.
     #[arg(long)]
     soak_minutes: Option<u32>,
@@ -380,6 +384,7 @@ async fn bench(dir: std::path::PathBuf, args: Args) -> anyhow::Result<()> {
         groups,
         RelaySettings::default(),
         usize::from(args.instances),
+        args.nats,
     )
     .await?;
     println!("set up in {:.1} s", setup.elapsed().as_secs_f64());

@@ -196,7 +196,7 @@ pub async fn append(pool: &PgPool, req: Append<'_>) -> Result<Appended, BufferEr
 /// write would make every group's writes on every instance commit one at a time. This one commits
 /// without waiting for the flush (a notification lost in a crash costs a poll), and a failure is only
 /// logged: the write is done, and the receiving pipe's poll finds the frames anyway.
-pub async fn announce_buffered(pool: &PgPool, group_id: Uuid, target: Side) {
+async fn announce_buffered(pool: &PgPool, group_id: Uuid, target: Side) {
     let announced =
         sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)")
             .bind(BUFFERED_CHANNEL)
@@ -534,30 +534,48 @@ pub async fn fetch(
 }
 
 /// Records a write to a buffer kept elsewhere (the JetStream buffer): how far the source side's stream is
-/// accepted, and the frames now waiting towards `target`. A deleted group is [`BufferError::Gone`].
+/// accepted, and `written` more frames waiting towards `target`. Answers the frames now waiting. A
+/// deleted group is [`BufferError::Gone`].
+///
+/// Both sides' rows change in one statement that takes side A's first, as every write does: an instance
+/// writing towards B and another writing towards A at the same moment would otherwise each hold one
+/// row and wait for the other's, until PostgreSQL broke the deadlock a second later.
 pub async fn record_written(
     pool: &PgPool,
     group_id: Uuid,
     target: Side,
     source_next_in: Option<u64>,
-    buffered: u64,
-) -> Result<(), BufferError> {
-    sqlx::query(
-        "INSERT INTO relay_sides (group_id, side, next_in) VALUES ($1, $2, $3), ($1, $4, 0) \
+    written: u64,
+) -> Result<u64, BufferError> {
+    let row = |side: Side| {
+        if side == target {
+            (0, pos(written))
+        } else {
+            (pos(source_next_in.unwrap_or(0)), 0)
+        }
+    };
+    let ((a_next_in, a_written), (b_next_in, b_written)) = (row(Side::A), row(Side::B));
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "INSERT INTO relay_sides (group_id, side, next_in, buffered_frames) \
+           VALUES ($1, 'a', $2, $3), ($1, 'b', $4, $5) \
          ON CONFLICT (group_id, side) DO UPDATE SET \
            next_in = GREATEST(relay_sides.next_in, EXCLUDED.next_in), \
-           buffered_frames = CASE WHEN relay_sides.side = $4 THEN $5 \
-             ELSE relay_sides.buffered_frames END",
+           buffered_frames = relay_sides.buffered_frames + EXCLUDED.buffered_frames \
+         RETURNING side::text, buffered_frames",
     )
     .bind(group_id)
-    .bind(target.other().letter())
-    .bind(pos(source_next_in.unwrap_or(0)))
-    .bind(target.letter())
-    .bind(pos(buffered))
-    .execute(pool)
+    .bind(a_next_in)
+    .bind(a_written)
+    .bind(b_next_in)
+    .bind(b_written)
+    .fetch_all(pool)
     .await
     .map_err(classify)?;
-    Ok(())
+    let target = target.letter();
+    Ok(rows
+        .iter()
+        .find(|(side, _)| side == target)
+        .map_or(0, |(_, buffered)| (*buffered).max(0) as u64))
 }
 
 /// Records an acknowledgement applied to a buffer kept elsewhere (the JetStream buffer): `removed`

@@ -22,23 +22,25 @@
 //!
 //! A stream is ordered by arrival, but a direction's frames must go out by position: frames that were in
 //! flight to a side whose connection closed are written after newer ones that were buffered behind them.
-//! So each instance keeps, per direction it touches, an index from position to stream sequence
-//! ([`Index`]), learnt from the stream itself (every message after the last one seen, read once) and
-//! from its own writes. Reads go by position through the index; an acknowledgement removes the messages
-//! wholly below it: the stream's prefix by one purge. One written out of order stays in the stream until
-//! the purge passes it; every load leaves it out meanwhile, being below the acknowledged position. The
-//! index holds positions only, never frames, and at most as many entries as the subject
-//! may hold messages.
+//! So each instance keeps, per direction its pipes use, an index from position to stream sequence
+//! ([`Index`]), fed by an ordered consumer on the direction's subject ([`follow`]) that also keeps the
+//! frames of the first messages in memory and wakes the group's pipe as each message arrives: the
+//! receiving instance learns of a write within a network hop, and reads the frames without asking the
+//! stream again. An acknowledgement removes the messages wholly below it: the stream's prefix by one
+//! purge. One written out of order stays in the stream until the purge passes it; every load leaves it
+//! out meanwhile, being below the acknowledged position. The index holds at most as many entries as the
+//! subject may hold messages, and at most [`CACHE_BYTES`] of frames; the others are read by sequence.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
 use control_proto::data::Side;
 use sqlx::PgPool;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::buffer::{self, Acknowledged, Append, Appended, BufferError, SideRow};
@@ -101,6 +103,17 @@ pub enum ConnectError {
     },
 }
 
+/// The frames kept in memory per direction; past it, messages are read from the stream when sent.
+pub const CACHE_BYTES: usize = 1 << 20;
+
+/// How often a direction's index is checked against the stream's front (what other instances
+/// acknowledged, what the limits removed).
+const PRUNE_EVERY: Duration = Duration::from_millis(500);
+
+/// How many wakes may wait for the relay; past that they are dropped, and the pipes' polls find the
+/// frames instead.
+const WAKE_QUEUE: usize = 4_096;
+
 /// One direction's messages as this instance knows them.
 #[derive(Debug, Default)]
 struct Index {
@@ -109,12 +122,20 @@ struct Index {
     /// The last stream sequence read from the subject: every message at or below it is in the index
     /// (or was removed).
     scanned: u64,
+    /// The bytes of frames held in the entries.
+    cached: usize,
+    /// When the index was last checked against the stream's front.
+    pruned_at: Option<tokio::time::Instant>,
+    /// The consumer that feeds the index, while it runs.
+    follower: Option<tokio::task::JoinHandle<()>>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Entry {
     sequence: u64,
     count: u32,
+    /// The message's frames, when kept in memory.
+    batch: Option<Arc<[u8]>>,
 }
 
 impl Index {
@@ -131,23 +152,78 @@ impl Index {
             .unwrap_or(0)
     }
 
-    /// Forgets the messages the stream no longer has below `first` (the subject's first sequence):
-    /// acknowledged by another instance, or removed by the stream's limits.
-    fn forget_below(&mut self, first: Option<u64>) {
-        match first {
-            Some(first) => self.by_position.retain(|_, e| e.sequence >= first),
-            None => self.by_position.clear(),
+    /// Adds a message; its frames are kept while the cache has room.
+    fn insert(
+        &mut self,
+        position: u64,
+        sequence: u64,
+        count: u32,
+        batch: Option<Arc<[u8]>>,
+        limit: usize,
+    ) {
+        let batch = batch.filter(|b| self.cached + b.len() <= CACHE_BYTES);
+        self.cached += batch.as_ref().map_or(0, |b| b.len());
+        if let Some(old) = self.by_position.insert(
+            position,
+            Entry {
+                sequence,
+                count,
+                batch,
+            },
+        ) {
+            self.uncache(&old);
+        }
+        // Within the subject's own message limit, forgetting the oldest positions: the stream drops
+        // its oldest messages at that limit too.
+        while self.by_position.len() > limit {
+            if let Some((_, old)) = self.by_position.pop_first() {
+                self.uncache(&old);
+            }
         }
     }
 
-    /// Keeps the index within the subject's own message limit, forgetting the oldest positions: the
-    /// stream drops its oldest messages at that limit too.
-    fn bound(&mut self, limit: usize) {
-        while self.by_position.len() > limit {
-            self.by_position.pop_first();
+    fn remove(&mut self, position: u64) -> Option<Entry> {
+        let entry = self.by_position.remove(&position)?;
+        self.uncache(&entry);
+        Some(entry)
+    }
+
+    fn uncache(&mut self, entry: &Entry) {
+        self.cached -= entry.batch.as_ref().map_or(0, |b| b.len());
+    }
+
+    /// Keeps only the entries `keep` says yes to.
+    fn retain(&mut self, mut keep: impl FnMut(u64, &Entry) -> bool) {
+        let gone: Vec<u64> = self
+            .by_position
+            .iter()
+            .filter(|(pos, e)| !keep(**pos, e))
+            .map(|(pos, _)| *pos)
+            .collect();
+        for pos in gone {
+            self.remove(pos);
+        }
+    }
+
+    /// Forgets the messages the stream no longer has below `first` (the subject's first sequence):
+    /// acknowledged by another instance, or removed by the stream's limits.
+    fn forget_below(&mut self, first: Option<u64>) {
+        let first = first.unwrap_or(u64::MAX);
+        // Never what the follower has not read yet: it is above `scanned`.
+        let first = first.min(self.scanned + 1);
+        self.retain(|_, e| e.sequence >= first);
+    }
+}
+
+impl Drop for Index {
+    fn drop(&mut self) {
+        if let Some(follower) = self.follower.take() {
+            follower.abort();
         }
     }
 }
+
+type Indexes = Arc<Mutex<HashMap<(Uuid, Side), Index>>>;
 
 /// The relay buffer on a JetStream stream.
 pub struct JetStreamBuffer {
@@ -155,7 +231,9 @@ pub struct JetStreamBuffer {
     stream: stream::Stream<()>,
     name: String,
     max_messages: usize,
-    indexes: Mutex<HashMap<(Uuid, Side), Index>>,
+    indexes: Indexes,
+    wake_tx: mpsc::Sender<(Uuid, Side)>,
+    wake_rx: Mutex<Option<mpsc::Receiver<(Uuid, Side)>>>,
 }
 
 impl std::fmt::Debug for JetStreamBuffer {
@@ -182,6 +260,10 @@ fn valid_stream_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn lock(indexes: &Indexes) -> std::sync::MutexGuard<'_, HashMap<(Uuid, Side), Index>> {
+    indexes.lock().expect("jetstream index lock")
 }
 
 impl JetStreamBuffer {
@@ -245,12 +327,15 @@ impl JetStreamBuffer {
                     e,
                 ),
             })?;
+        let (wake_tx, wake_rx) = mpsc::channel(WAKE_QUEUE);
         Ok(Self {
             context,
             stream,
             name: settings.stream.clone(),
             max_messages: usize::try_from(max_messages).unwrap_or(usize::MAX),
-            indexes: Mutex::new(HashMap::new()),
+            indexes: Arc::new(Mutex::new(HashMap::new())),
+            wake_tx,
+            wake_rx: Mutex::new(Some(wake_rx)),
         })
     }
 
@@ -259,61 +344,109 @@ impl JetStreamBuffer {
         &self.name
     }
 
+    /// The directions whose stream received a message, as the followers read them: for
+    /// [`super::wake`], which hands them to the groups' pipes. There is one receiver; the first call
+    /// takes it.
+    pub fn take_wakes(&self) -> Option<mpsc::Receiver<(Uuid, Side)>> {
+        self.wake_rx.lock().expect("jetstream wake lock").take()
+    }
+
     fn subject(&self, group_id: Uuid, towards: Side) -> String {
         format!("{}.{group_id}.{}", self.name, towards.letter())
     }
 
     fn with_index<R>(&self, key: (Uuid, Side), f: impl FnOnce(&mut Index) -> R) -> R {
-        let mut indexes = self.indexes.lock().expect("jetstream index lock");
-        f(indexes.entry(key).or_default())
+        f(lock(&self.indexes).entry(key).or_default())
     }
 
     /// The first message of the subject at or after `sequence`; None when there is none.
-    async fn first_from(
-        &self,
-        subject: &str,
-        sequence: u64,
-    ) -> Result<Option<jetstream::message::StreamMessage>, BufferError> {
+    async fn first_from(&self, subject: &str, sequence: u64) -> Result<Option<u64>, BufferError> {
         match self
             .stream
             .get_first_raw_message_by_subject(subject, sequence.max(1))
             .await
         {
-            Ok(message) => Ok(Some(message)),
+            Ok(message) => Ok(Some(message.sequence)),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(nats(e)),
         }
     }
 
-    /// Brings a direction's index up to the stream: forgets what left the front of the subject and reads
-    /// every message after the last one seen.
-    async fn refresh(&self, group_id: Uuid, towards: Side) -> Result<(), BufferError> {
+    /// Whether a follower feeds the direction's index now.
+    fn following(&self, key: (Uuid, Side)) -> bool {
+        self.with_index(key, |index| {
+            index.follower.as_ref().is_some_and(|f| !f.is_finished())
+        })
+    }
+
+    /// Makes sure a follower feeds the direction's index, and waits until it has read every message
+    /// the subject held when asked: what another instance wrote before a load or a read here is in
+    /// the index when it runs.
+    async fn follow(&self, group_id: Uuid, towards: Side) -> Result<(), BufferError> {
         let key = (group_id, towards);
         let subject = self.subject(group_id, towards);
-        let first = self.first_from(&subject, 1).await?;
-        let mut next = self.with_index(key, |index| {
-            index.forget_below(first.as_ref().map(|m| m.sequence));
-            index.scanned + 1
-        });
-        let mut message = match first {
-            Some(m) if m.sequence >= next => Some(m),
-            _ => self.first_from(&subject, next).await?,
-        };
-        while let Some(m) = message {
-            let entry = read_headers(&m.headers);
-            let sequence = m.sequence;
+        if !self.following(key) {
+            let start = self.with_index(key, |index| index.scanned + 1);
+            let consumer = self
+                .stream
+                .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: subject.clone(),
+                    deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: start,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(nats)?;
+            let messages = consumer.messages().await.map_err(nats)?;
+            let task = tokio::spawn(follow(
+                messages,
+                key,
+                self.indexes.clone(),
+                self.wake_tx.clone(),
+                self.max_messages,
+            ));
             self.with_index(key, |index| {
-                if let Some((position, count)) = entry {
-                    index.by_position.insert(position, Entry { sequence, count });
-                } else {
-                    tracing::warn!(%group_id, sequence, "a buffered NATS message without its position headers is skipped");
+                if let Some(old) = index.follower.replace(task) {
+                    old.abort();
                 }
-                index.scanned = index.scanned.max(sequence);
-                index.bound(self.max_messages);
             });
-            next = sequence + 1;
-            message = self.first_from(&subject, next).await?;
         }
+        // The last message the subject holds now: the follower has read up to it before this returns.
+        let last = match self.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => m.sequence,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
+            Err(e) => return Err(nats(e)),
+        };
+        let deadline = tokio::time::Instant::now() + CATCH_UP;
+        while self.with_index(key, |index| index.scanned) < last {
+            if tokio::time::Instant::now() > deadline {
+                return Err(BufferError::Nats(format!(
+                    "the stream's follower did not reach sequence {last} within {CATCH_UP:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    /// Forgets what left the front of the direction's subject since the last look, at most every
+    /// [`PRUNE_EVERY`].
+    async fn prune(&self, group_id: Uuid, towards: Side, force: bool) -> Result<(), BufferError> {
+        let key = (group_id, towards);
+        let now = tokio::time::Instant::now();
+        let due = force
+            || self.with_index(key, |index| {
+                index.pruned_at.is_none_or(|at| now >= at + PRUNE_EVERY)
+            });
+        if !due {
+            return Ok(());
+        }
+        let first = self.first_from(&self.subject(group_id, towards), 1).await?;
+        self.with_index(key, |index| {
+            index.forget_below(first);
+            index.pruned_at = Some(now);
+        });
         Ok(())
     }
 
@@ -322,12 +455,11 @@ impl JetStreamBuffer {
     pub async fn load(&self, pool: &PgPool, group_id: Uuid) -> Result<[SideRow; 2], BufferError> {
         let mut rows = buffer::load(pool, group_id).await?;
         for (i, side) in [Side::A, Side::B].into_iter().enumerate() {
-            self.refresh(group_id, side).await?;
+            self.follow(group_id, side).await?;
+            self.prune(group_id, side, true).await?;
             let acked_out = rows[i].acked_out;
             let (buffered, tail) = self.with_index((group_id, side), |index| {
-                index
-                    .by_position
-                    .retain(|pos, e| pos + u64::from(e.count) > acked_out);
+                index.retain(|pos, e| pos + u64::from(e.count) > acked_out);
                 (index.frames(), index.tail())
             });
             rows[i].buffered = buffered;
@@ -341,6 +473,7 @@ impl JetStreamBuffer {
     pub async fn append(&self, pool: &PgPool, req: Append<'_>) -> Result<Appended, BufferError> {
         let key = (req.group_id, req.target);
         let subject = self.subject(req.group_id, req.target);
+        let mut written = 0u64;
         if !req.chunks.is_empty() {
             // Published together and awaited together: the stream groups their writes.
             let mut acks = Vec::with_capacity(req.chunks.len());
@@ -356,42 +489,36 @@ impl JetStreamBuffer {
                     .publish_with_headers(subject.clone(), headers, payload)
                     .await
                     .map_err(nats)?;
-                acks.push((chunk.seq, chunk.count, ack));
+                acks.push((chunk, ack));
             }
-            for (position, count, ack) in acks {
+            for (chunk, ack) in acks {
                 let ack = ack.await.map_err(nats)?;
                 if !ack.duplicate {
+                    written += u64::from(chunk.count);
                     self.with_index(key, |index| {
-                        index.by_position.insert(
-                            position,
-                            Entry {
-                                sequence: ack.sequence,
-                                count,
-                            },
+                        index.insert(
+                            chunk.seq,
+                            ack.sequence,
+                            chunk.count,
+                            Some(chunk.batch.clone()),
+                            self.max_messages,
                         );
-                        index.bound(self.max_messages);
                     });
                 }
             }
         }
         // What another instance acknowledged, or the limits removed, leaves the index here.
-        let first = self.first_from(&subject, 1).await?;
-        let buffered = self.with_index(key, |index| {
-            index.forget_below(first.map(|m| m.sequence));
-            index.frames()
-        });
+        self.prune(req.group_id, req.target, false).await?;
+        // The count of frames waiting is PostgreSQL's: the receiving instance takes off what its
+        // acknowledgements remove, which this instance's index learns only at its next look.
         let recorded =
-            buffer::record_written(pool, req.group_id, req.target, req.source_next_in, buffered)
+            buffer::record_written(pool, req.group_id, req.target, req.source_next_in, written)
                 .await;
         if let Err(BufferError::Gone) = recorded {
             // The group was deleted meanwhile: what was just published goes with it.
             self.discard(req.group_id).await;
         }
-        recorded?;
-        if !req.chunks.is_empty() {
-            // The instance serving the receiving side reads them at once, not at its next poll.
-            buffer::announce_buffered(pool, req.group_id, req.target).await;
-        }
+        let buffered = recorded?;
         Ok(Appended {
             buffered,
             // The stream's own limits trim; what they removed shows as a gap in the positions.
@@ -411,7 +538,11 @@ impl JetStreamBuffer {
     ) -> Result<Acknowledged, BufferError> {
         let key = (group_id, target);
         let subject = self.subject(group_id, target);
-        self.refresh(group_id, target).await?;
+        // What the receiver acknowledges, this instance sent it, so read it into the index already;
+        // only a first use here needs the follower started.
+        if !self.following(key) {
+            self.follow(group_id, target).await?;
+        }
         let (removed, purge_below, buffered) = self.with_index(key, |index| {
             let done: Vec<u64> = index
                 .by_position
@@ -422,12 +553,12 @@ impl JetStreamBuffer {
                 .collect();
             let mut removed = 0u64;
             for pos in done {
-                if let Some(entry) = index.by_position.remove(&pos) {
+                if let Some(entry) = index.remove(pos) {
                     removed += u64::from(entry.count);
                 }
             }
             // Every message below `purge_below` is known and acknowledged: they go in one purge.
-            // Messages not yet seen are above `scanned`, so never below the bound. An acknowledged
+            // Messages not yet read are above `scanned`, so never below the bound. An acknowledged
             // message written out of order (after one still waiting) stays in the stream until the
             // purge passes it; every instance's load leaves it out, being below `acked_out`.
             let keep = index.by_position.values().map(|e| e.sequence).min();
@@ -457,17 +588,36 @@ impl JetStreamBuffer {
         limit: usize,
     ) -> Result<Vec<Chunk>, BufferError> {
         let key = (group_id, target);
-        self.refresh(group_id, target).await?;
-        let wanted: Vec<(u64, Entry)> = self.with_index(key, |index| {
+        let indexed = |index: &mut Index| -> Vec<(u64, Entry)> {
             index
                 .by_position
                 .range(from..)
                 .take(limit)
-                .map(|(pos, e)| (*pos, *e))
+                .map(|(pos, e)| (*pos, e.clone()))
                 .collect()
-        });
+        };
+        let mut wanted = if self.following(key) {
+            self.with_index(key, indexed)
+        } else {
+            Vec::new()
+        };
+        // Nothing known here: make sure of it with the stream (its last message read first), so that
+        // an empty answer is never an index behind the stream. When something is known, it goes out
+        // at once, and the follower's wakes bring the rest.
+        if wanted.is_empty() {
+            self.follow(group_id, target).await?;
+            wanted = self.with_index(key, indexed);
+        }
         let mut chunks = Vec::with_capacity(wanted.len());
         for (position, entry) in wanted {
+            if let Some(batch) = entry.batch {
+                chunks.push(Chunk {
+                    seq: position,
+                    count: entry.count,
+                    batch,
+                });
+                continue;
+            }
             match self.stream.get_raw_message(entry.sequence).await {
                 Ok(message) => chunks.push(Chunk {
                     seq: position,
@@ -476,7 +626,7 @@ impl JetStreamBuffer {
                 }),
                 Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
                     // The stream's limits removed it meanwhile: the receiver sees the gap.
-                    self.with_index(key, |index| index.by_position.remove(&position));
+                    self.with_index(key, |index| index.remove(position));
                     metrics::counter!("relay_frames_trimmed_total").increment(entry.count.into());
                 }
                 Err(e) => return Err(nats(e)),
@@ -488,10 +638,7 @@ impl JetStreamBuffer {
     /// Drops both directions of a group that is gone.
     pub async fn discard(&self, group_id: Uuid) {
         for side in [Side::A, Side::B] {
-            self.indexes
-                .lock()
-                .expect("jetstream index lock")
-                .remove(&(group_id, side));
+            lock(&self.indexes).remove(&(group_id, side));
             if let Err(e) = self
                 .stream
                 .purge()
@@ -503,11 +650,68 @@ impl JetStreamBuffer {
         }
     }
 
-    /// Forgets a group's index here (its pipe ended); the stream keeps its messages.
+    /// Forgets a group's index here (its pipe ended), stopping its followers; the stream keeps its
+    /// messages.
     pub fn forget(&self, group_id: Uuid) {
-        let mut indexes = self.indexes.lock().expect("jetstream index lock");
+        let mut indexes = lock(&self.indexes);
         indexes.remove(&(group_id, Side::A));
         indexes.remove(&(group_id, Side::B));
+    }
+}
+
+/// How long a load waits for a follower to read what the subject already holds.
+const CATCH_UP: Duration = Duration::from_secs(10);
+
+/// Reads a direction's messages as they arrive, into its index, and wakes its pipe for each.
+async fn follow(
+    mut messages: jetstream::consumer::pull::Ordered,
+    key: (Uuid, Side),
+    indexes: Indexes,
+    wake: mpsc::Sender<(Uuid, Side)>,
+    limit: usize,
+) {
+    use futures::StreamExt;
+    while let Some(message) = messages.next().await {
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => {
+                // The ordered consumer recreates itself after a gap or a reconnect; an error that
+                // reaches here ends the follower, and the next load or read starts another.
+                tracing::warn!(group_id = %key.0, error = %e, "the NATS buffer's follower stopped");
+                return;
+            }
+        };
+        let Ok(info) = message.info() else {
+            continue;
+        };
+        let sequence = info.stream_sequence;
+        let entry = message.headers.as_ref().and_then(read_headers);
+        let batch: Arc<[u8]> = message.payload.to_vec().into();
+        {
+            let mut indexes = lock(&indexes);
+            // The pipe ended and its index went: so does its follower.
+            let Some(index) = indexes.get_mut(&key) else {
+                return;
+            };
+            match entry {
+                Some((position, count)) => {
+                    // Written here, it is known already (with its frames).
+                    if index
+                        .by_position
+                        .get(&position)
+                        .is_none_or(|e| e.sequence != sequence)
+                    {
+                        index.insert(position, sequence, count, Some(batch), limit);
+                    }
+                }
+                None => {
+                    tracing::warn!(group_id = %key.0, sequence, "a buffered NATS message without its position headers is skipped")
+                }
+            }
+            index.scanned = index.scanned.max(sequence);
+        }
+        // A full queue loses a wake, never a frame: the pipe's poll reads it.
+        let _ = wake.try_send(key);
     }
 }
 
@@ -532,27 +736,48 @@ mod tests {
     }
 
     #[test]
-    fn the_index_forgets_what_left_the_front_and_stays_within_the_limit() {
+    fn the_index_forgets_what_left_the_front_and_stays_within_its_limits() {
         let mut index = Index::default();
+        let batch: Arc<[u8]> = vec![0u8; 100].into();
         for (pos, sequence) in [(0, 1), (10, 2), (20, 3)] {
-            index.by_position.insert(
-                pos,
-                Entry {
-                    sequence,
-                    count: 10,
-                },
-            );
+            index.insert(pos, sequence, 10, Some(batch.clone()), 3);
         }
-        assert_eq!((index.frames(), index.tail()), (30, 30));
+        index.scanned = 3;
+        assert_eq!((index.frames(), index.tail(), index.cached), (30, 30, 300));
         index.forget_below(Some(2));
         assert_eq!(
             index.by_position.keys().copied().collect::<Vec<_>>(),
             [10, 20]
         );
-        index.bound(1);
-        assert_eq!(index.by_position.keys().copied().collect::<Vec<_>>(), [20]);
+        assert_eq!(index.cached, 200);
+        // The message limit forgets the oldest positions.
+        index.insert(30, 4, 10, None, 2);
+        assert_eq!(
+            index.by_position.keys().copied().collect::<Vec<_>>(),
+            [20, 30]
+        );
+        assert_eq!(index.cached, 100);
+        // What the follower has not read (above `scanned`) is never taken for gone.
         index.forget_below(None);
-        assert_eq!((index.frames(), index.tail()), (0, 0));
+        assert_eq!(index.by_position.keys().copied().collect::<Vec<_>>(), [30]);
+        index.scanned = 4;
+        index.forget_below(None);
+        assert_eq!((index.frames(), index.tail(), index.cached), (0, 0, 0));
+    }
+
+    #[test]
+    fn frames_past_the_cache_are_not_kept() {
+        let mut index = Index::default();
+        let big: Arc<[u8]> = vec![0u8; CACHE_BYTES - 10].into();
+        index.insert(0, 1, 1, Some(big), 10);
+        index.insert(1, 2, 1, Some(vec![0u8; 20].into()), 10);
+        assert!(index.by_position[&0].batch.is_some());
+        assert!(
+            index.by_position[&1].batch.is_none(),
+            "read from the stream when sent"
+        );
+        index.remove(0);
+        assert_eq!(index.cached, 0);
     }
 
     #[test]

@@ -310,6 +310,37 @@ async fn writes_for_a_deleted_group_fail_as_gone(stores: Stores, pool: PgPool) {
     assert_eq!(read(&stores.reader, &pool, id, 0).await, []);
 }
 
+/// Two instances, each writing one direction of a group at the same moment, never wait on each other:
+/// each write records its sender's position in one side's row and the frames waiting in the other's.
+/// Taken in opposite orders, the two writes deadlocked, and PostgreSQL failed one of them a second
+/// later (seen with `bench-relay --instances 2 --nats --both-directions`: p50 0.5 s).
+async fn writes_of_both_directions_at_once_never_deadlock(stores: Stores, pool: PgPool) {
+    let id = group(&pool).await;
+    fn towards(group_id: Uuid, target: Side, chunks: &[Chunk]) -> Append<'_> {
+        Append {
+            group_id,
+            target,
+            chunks,
+            source_next_in: chunks.last().map(Chunk::end),
+            retention: RETENTION,
+            audit_due: false,
+            carried: 0,
+        }
+    }
+    for round in 0..40u64 {
+        let (to_b, to_a) = ([chunk(round * 4, 4)], [chunk(round * 4, 4)]);
+        let (b, a) = tokio::join!(
+            stores.writer.append(&pool, towards(id, Side::B, &to_b)),
+            stores.reader.append(&pool, towards(id, Side::A, &to_a)),
+        );
+        b.unwrap_or_else(|e| panic!("round {round}, the write towards B: {e}"));
+        a.unwrap_or_else(|e| panic!("round {round}, the write towards A: {e}"));
+    }
+    let rows = stores.reader.load(&pool, id).await.unwrap();
+    assert_eq!((rows[0].next_in, rows[1].next_in), (160, 160));
+    assert_eq!((rows[0].buffered, rows[1].buffered), (160, 160));
+}
+
 /// Each scenario as a test on each store.
 macro_rules! on_both_stores {
     ($($scenario:ident),* $(,)?) => {
@@ -345,4 +376,5 @@ on_both_stores!(
     an_acknowledgement_removes_exactly_the_chunks_wholly_below_it,
     a_read_returns_at_most_its_limit,
     writes_for_a_deleted_group_fail_as_gone,
+    writes_of_both_directions_at_once_never_deadlock,
 );
