@@ -35,7 +35,7 @@ pub struct GroupRig {
 pub struct Rig {
     pub postgres: EmbeddedPostgres,
     /// The nats-server the relay buffers on, with `--nats`.
-    pub nats: Option<bridge_demo::nats::NatsNode>,
+    pub nats: Option<bridge_rig::nats::NatsNode>,
     /// The server instances, all on the one database.
     pub servers: Vec<RunningServer>,
     pub user: UserClient,
@@ -128,7 +128,7 @@ impl Rig {
             .await
             .context("could not start the embedded PostgreSQL (is PostgreSQL installed?)")?;
         let nats = if nats {
-            Some(bridge_demo::nats::start(dir)?)
+            Some(bridge_rig::nats::start(dir)?)
         } else {
             None
         };

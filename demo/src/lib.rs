@@ -12,7 +12,6 @@
 //! - [`traffic`]: frames onto one bus and off the other, with latency and order.
 //! - [`report`]: the summary table.
 
-pub mod nats;
 pub mod report;
 pub mod system;
 pub mod traffic;

@@ -18,7 +18,7 @@ pub struct ServerPart {
     pub others: Vec<RunningServer>,
     pub postgres: EmbeddedPostgres,
     /// The NATS server the relay buffers on, when started with it.
-    pub nats: Option<crate::nats::NatsNode>,
+    pub nats: Option<bridge_rig::nats::NatsNode>,
 }
 
 impl ServerPart {
@@ -32,7 +32,7 @@ impl ServerPart {
         let nats = if nats {
             let dir = dir.to_path_buf();
             Some(
-                tokio::task::spawn_blocking(move || crate::nats::start(&dir))
+                tokio::task::spawn_blocking(move || bridge_rig::nats::start(&dir))
                     .await
                     .context("the nats-server start-up task failed")??,
             )

@@ -5,7 +5,9 @@
 //!   plugged into USB) or on UDP (as if on the LAN);
 //! - [`AgentPart`]: the agent daemon as a workstation runs it, with its own folder and credentials;
 //! - [`UserClient`] and [`pair`]: a technician using the JSON API, pairing a dongle with the PIN it
-//!   shows.
+//!   shows;
+//! - [`nats`]: a throwaway `nats-server` with JetStream (one node or a cluster) for a server whose
+//!   relay buffers on NATS (`serve --nats-url`).
 //!
 //! Each caller starts its own server (the demo and the benchmarks on an embedded PostgreSQL, the
 //! browser tests on the test's database), so the server is not a part here; see the crate's manifest
@@ -13,6 +15,7 @@
 
 mod agent;
 mod dongle;
+pub mod nats;
 mod user;
 
 pub use agent::AgentPart;
