@@ -153,3 +153,25 @@ async fn serve_on_an_unreachable_nats_says_so_without_the_password(pool: PgPool)
         "{stderr}"
     );
 }
+
+/// The three-node NATS configuration that docs/QUICKSTART.md section 2.6 installs is one nats-server
+/// accepts.
+#[test]
+#[cfg_attr(
+    not(feature = "nats-tests"),
+    ignore = "needs nats-server (Debian: nats-server): scripts/test turns this on where it is installed"
+)]
+fn the_documented_nats_node_configuration_is_valid() {
+    let conf = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/nats/nats-server.conf"
+    );
+    let bin = bridge_rig::nats::binary().expect("nats-server is installed");
+    let out = Command::new(bin).args(["-t", "-c", conf]).output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.contains("is valid"), "{said}");
+}
