@@ -159,6 +159,21 @@ pub fn served_payload(group_id: Uuid) -> String {
     format!("served:{group_id}")
 }
 
+/// Tells every instance that where a side of `group_id` is served changed, or that the group was
+/// activated: the pipes of that group look at its sides, and an instance holding a data connection of
+/// one of its agents starts the group's pipe ([`super::relay::Relay::look_at_sides`]). A lost
+/// announcement only delays that until the next periodic look or connection.
+pub async fn announce_served(pool: &PgPool, group_id: Uuid) {
+    let announced = sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(BUFFERED_CHANNEL)
+        .bind(served_payload(group_id))
+        .execute(pool)
+        .await;
+    if let Err(e) = announced {
+        tracing::debug!(%group_id, error = %e, "could not announce where a side is served");
+    }
+}
+
 /// Reads a [`served_payload`]; None for anything else.
 pub fn parse_served_payload(payload: &str) -> Option<Uuid> {
     payload.strip_prefix("served:")?.parse().ok()
@@ -486,17 +501,8 @@ pub async fn acknowledge(
     .fetch_one(&mut *tx)
     .await?;
     let removed = removed.max(0) as u64;
-    sqlx::query(
-        "UPDATE relay_sides SET acked_out = GREATEST(acked_out, $3), buffered_frames = $4, \
-           frames_delivered = frames_delivered + $5 WHERE group_id = $1 AND side = $2",
-    )
-    .bind(group_id)
-    .bind(target.letter())
-    .bind(pos(next))
-    .bind(pos(buffered.saturating_sub(removed)))
-    .bind(pos(removed))
-    .execute(&mut *tx)
-    .await?;
+    let left = buffered.saturating_sub(removed);
+    record_acknowledged(&mut *tx, group_id, target, next, left, removed).await?;
     tx.commit().await.map_err(classify)?;
     Ok(Acknowledged {
         removed,
@@ -578,10 +584,11 @@ pub async fn record_written(
         .map_or(0, |(_, buffered)| (*buffered).max(0) as u64))
 }
 
-/// Records an acknowledgement applied to a buffer kept elsewhere (the JetStream buffer): `removed`
-/// frames left it and `buffered` are still waiting towards `target`.
+/// Records an acknowledgement of the frames towards `target` below `next` in its side's row: `removed`
+/// frames left the buffer and `buffered` are still waiting. The PostgreSQL store calls it inside the
+/// transaction that deleted the rows, the JetStream store after its purge.
 pub async fn record_acknowledged(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     group_id: Uuid,
     target: Side,
     next: u64,
@@ -597,7 +604,7 @@ pub async fn record_acknowledged(
     .bind(pos(next))
     .bind(pos(buffered))
     .bind(pos(removed))
-    .execute(pool)
+    .execute(db)
     .await
     .map_err(classify)?;
     Ok(())

@@ -386,31 +386,7 @@ impl JetStreamBuffer {
         let key = (group_id, towards);
         let subject = self.subject(group_id, towards);
         if !self.following(key) {
-            let start = self.with_index(key, |index| index.scanned + 1);
-            let consumer = self
-                .stream
-                .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                    filter_subject: subject.clone(),
-                    deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: start,
-                    },
-                    ..Default::default()
-                })
-                .await
-                .map_err(nats)?;
-            let messages = consumer.messages().await.map_err(nats)?;
-            let task = tokio::spawn(follow(
-                messages,
-                key,
-                self.indexes.clone(),
-                self.wake_tx.clone(),
-                self.max_messages,
-            ));
-            self.with_index(key, |index| {
-                if let Some(old) = index.follower.replace(task) {
-                    old.abort();
-                }
-            });
+            self.start_follower(key, &subject).await?;
         }
         // The last message the subject holds now: the follower has read up to it before this returns.
         let last = match self.stream.get_last_raw_message_by_subject(&subject).await {
@@ -418,16 +394,61 @@ impl JetStreamBuffer {
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
             Err(e) => return Err(nats(e)),
         };
+        if self.caught_up(key, last).await {
+            return Ok(());
+        }
+        // A follower whose consumer went with a NATS node (an ordered consumer has one replica) may
+        // wait without an error: another takes over from where it got to.
+        tracing::info!(%group_id, ?towards, last, "the NATS buffer's follower is behind: starting another");
+        self.start_follower(key, &subject).await?;
+        if self.caught_up(key, last).await {
+            return Ok(());
+        }
+        Err(BufferError::Nats(format!(
+            "the stream's follower did not reach sequence {last} within {CATCH_UP:?}"
+        )))
+    }
+
+    /// Starts (or replaces) the follower of a direction, from the message after the last one read.
+    async fn start_follower(&self, key: (Uuid, Side), subject: &str) -> Result<(), BufferError> {
+        let start = self.with_index(key, |index| index.scanned + 1);
+        let consumer = self
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subject.to_string(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(nats)?;
+        let messages = consumer.messages().await.map_err(nats)?;
+        let task = tokio::spawn(follow(
+            messages,
+            key,
+            self.indexes.clone(),
+            self.wake_tx.clone(),
+            self.max_messages,
+        ));
+        self.with_index(key, |index| {
+            if let Some(old) = index.follower.replace(task) {
+                old.abort();
+            }
+        });
+        Ok(())
+    }
+
+    /// Waits up to [`CATCH_UP`] for the direction's follower to read up to stream sequence `last`.
+    async fn caught_up(&self, key: (Uuid, Side), last: u64) -> bool {
         let deadline = tokio::time::Instant::now() + CATCH_UP;
         while self.with_index(key, |index| index.scanned) < last {
             if tokio::time::Instant::now() > deadline {
-                return Err(BufferError::Nats(format!(
-                    "the stream's follower did not reach sequence {last} within {CATCH_UP:?}"
-                )));
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        Ok(())
+        true
     }
 
     /// Forgets what left the front of the direction's subject since the last look, at most every
@@ -659,8 +680,9 @@ impl JetStreamBuffer {
     }
 }
 
-/// How long a load waits for a follower to read what the subject already holds.
-const CATCH_UP: Duration = Duration::from_secs(10);
+/// How long a load or a read waits for a follower to read what the subject already holds before it
+/// starts another.
+const CATCH_UP: Duration = Duration::from_secs(3);
 
 /// Reads a direction's messages as they arrive, into its index, and wakes its pipe for each.
 async fn follow(

@@ -124,7 +124,7 @@ impl Relay {
             core: Arc::new(Core {
                 cluster: hub.cluster_identity(),
                 pool,
-                settings,
+                settings: frames.tune(settings),
                 frames,
                 stats: RelayStats::default(),
                 conns: Mutex::new(HashMap::new()),
@@ -159,11 +159,32 @@ impl Relay {
         }
     }
 
-    /// The group's pipe here, if any, looks at its sides and connections again (another instance
-    /// now holds, or no longer holds, one of them).
+    /// The group's pipe here looks at its sides and connections again (another instance now holds, or
+    /// no longer holds, one of them, or the group was activated there). Without a pipe here, one
+    /// starts when an agent serving a side of the group has its data connection here: a group
+    /// activated through another instance would otherwise have no pipe on the instance that holds its
+    /// receiving side until that agent connected again, and its frames would wait in the buffer.
     pub async fn look_at_sides(&self, group_id: Uuid) {
         if let Some(pipe) = self.pipes.lock().await.get(&group_id) {
             let _ = pipe.tx.try_send(PipeEvent::Refresh { done: None });
+            return;
+        }
+        let sides = match super::serving::sides_of(&self.core.pool, group_id).await {
+            Ok(Some(sides)) if sides.mode.relaying() => sides,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(%group_id, error = %e, "could not read a group's sides");
+                return;
+            }
+        };
+        let served_here = sides
+            .sides
+            .iter()
+            .flat_map(|side| &side.agents)
+            .any(|agent| self.core.conn_of(*agent).is_some());
+        if served_here {
+            self.forget_refused(group_id);
+            let _ = self.pipe(group_id).await;
         }
     }
 
@@ -355,6 +376,10 @@ impl Relay {
         }
         self.groups_changed(agents).await;
         self.refresh_user(user_id).await;
+        if self.core.cluster.is_some() {
+            // The instances holding the sides' data connections start their pipes now.
+            super::buffer::announce_served(&self.core.pool, group_id).await;
+        }
     }
 
     /// Stops a group's pipe here: with `discard` (the group is gone) at once; otherwise after it wrote

@@ -12,6 +12,7 @@
 //! Either way, the positions and counters of each direction live in PostgreSQL's `relay_sides`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use control_proto::data::Side;
 use sqlx::PgPool;
@@ -20,6 +21,7 @@ use uuid::Uuid;
 use super::buffer::{self, Acknowledged, Append, Appended, BufferError, SideRow};
 use super::chunk::Chunk;
 use super::jetstream::JetStreamBuffer;
+use super::settings::RelaySettings;
 
 /// The relay's frame store. Cheap to clone.
 #[derive(Debug, Clone, Default)]
@@ -32,6 +34,17 @@ pub enum FrameStore {
 }
 
 impl FrameStore {
+    /// The relay's settings as this store wants them. PostgreSQL's writes are transactions that each
+    /// wait for a flush, so frames gather for `gather` to make each one count; JetStream's publishes are
+    /// pipelined and acknowledged in a fraction of a millisecond, so a pipe writes what it holds at
+    /// once, and what arrives while a write is out gathers by itself for the next one.
+    pub fn tune(&self, mut settings: RelaySettings) -> RelaySettings {
+        if let FrameStore::JetStream(_) = self {
+            settings.gather = Duration::ZERO;
+        }
+        settings
+    }
+
     /// What `/health` and the logs call it.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -4,12 +4,15 @@
 //! two store handles on one database standing for two server instances: what one writes, the other
 //! reads and acknowledges.
 
+use crate::common;
+
 use std::time::Duration;
 
 use bridge_server::db::MIGRATOR;
 use bridge_server::groups::buffer::{Append, BufferError, Retention};
 use bridge_server::groups::chunk::Chunk;
 use bridge_server::groups::store::FrameStore;
+use common::data::stored_chunk as chunk;
 use control_proto::data::Side;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -81,29 +84,6 @@ async fn group(pool: &PgPool) -> Uuid {
     .fetch_one(pool)
     .await
     .unwrap()
-}
-
-/// Frames `seq .. seq + n` as a stored batch, each frame's data its position.
-fn chunk(seq: u64, n: u32) -> Chunk {
-    use firmware_proto::ext::batch::{BatchWriter, CanRecord};
-    let mut buf = vec![0u8; control_proto::data::MAX_MESSAGE_LEN];
-    let mut writer = BatchWriter::new(&mut buf).unwrap();
-    for i in 0..n {
-        writer
-            .push(&CanRecord {
-                timestamp_us: 0,
-                id: firmware_proto::ids::CanId::standard(0x123).unwrap(),
-                flags: 0,
-                data: &(seq + u64::from(i)).to_be_bytes(),
-            })
-            .unwrap();
-    }
-    let len = writer.finish().unwrap();
-    Chunk {
-        seq,
-        count: n,
-        batch: buf[..len].into(),
-    }
 }
 
 const RETENTION: Retention = Retention {

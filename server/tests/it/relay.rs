@@ -830,6 +830,30 @@ async fn sides_on_two_server_instances_relay_through_the_buffer(pool: PgPool) {
     second.stop().await;
 }
 
+/// A group activated through one instance while its agents' data connections are already open, one on
+/// each instance, relays at once. Before, the instance holding B's connection started no pipe for the
+/// new group (pipes started there only when an agent connected or reported), so the group stayed
+/// DEGRADED and A's frames waited in the buffer until B's agent reconnected (`bench-relay --instances 2
+/// --max-groups 8` stopped at set-up: a group "stayed DEGRADED, not CROSS_INSTANCE, for 20 s").
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_group_activated_while_its_agents_are_connected_to_two_instances_relays(pool: PgPool) {
+    let slow = |c: &mut ServerConfig| {
+        c.relay.refresh_interval = Duration::from_secs(60);
+        c.relay.poll_interval = Duration::from_secs(60);
+    };
+    let (first, second) = two_instances(&pool, slow).await;
+    let users = two_dongles(&first, "gail@example.com", DEV_A, DEV_B).await;
+    let mut data_a = DataClient::connect(&first.base, &users.token_a).await;
+    let mut data_b = DataClient::connect(&second.base, &users.token_b).await;
+    let id = active_group(&users.client, users.dongle_a, users.dongle_b).await;
+    group_until(&users.client, id, |g| g["state"] == "CROSS_INSTANCE").await;
+    data_a.send_frames(id, Side::A, 0, 0..5).await;
+    data_a.wait_ack(id, Side::A, 5).await;
+    let got = data_b.receive(id, Side::B, 5, true).await;
+    assert_eq!(numbers(&got), (0..5).collect::<Vec<_>>());
+    second.stop().await;
+}
+
 /// An instance learns at once that the other side of a group connected to (or left) another instance:
 /// the instance that records where a side is served announces it, and the pipes of that group look at
 /// their sides again. Here the periodic look is a minute away; before, the group's view on the first
@@ -1059,29 +1083,6 @@ async fn messages_for_groups_an_agent_does_not_serve_are_refused_cheaply_and_clo
     let _ = users;
 }
 
-/// One chunk of `n` frames at `seq`, as the relay stores them.
-fn stored_chunk(seq: u64, n: u32) -> bridge_server::groups::chunk::Chunk {
-    use firmware_proto::ext::batch::{BatchWriter, CanRecord};
-    let mut buf = vec![0u8; data::MAX_MESSAGE_LEN];
-    let mut writer = BatchWriter::new(&mut buf).unwrap();
-    for i in 0..n {
-        writer
-            .push(&CanRecord {
-                timestamp_us: 0,
-                id: firmware_proto::ids::CanId::standard(0x123).unwrap(),
-                flags: 0,
-                data: &(seq + u64::from(i)).to_be_bytes(),
-            })
-            .unwrap();
-    }
-    let len = writer.finish().unwrap();
-    bridge_server::groups::chunk::Chunk {
-        seq,
-        count: n,
-        batch: buf[..len].into(),
-    }
-}
-
 /// Two instances, each relaying one direction of a group through the buffer, write at the same moment:
 /// each write locks its direction's row and then records its sender's position in the other row. Taken
 /// in opposite orders, the two writes deadlocked, PostgreSQL aborted one after its deadlock timeout (a
@@ -1104,7 +1105,10 @@ async fn writes_of_both_directions_at_once_never_deadlock(pool: PgPool) {
         max_age: Duration::from_secs(3600),
     };
     for round in 0..40u64 {
-        let (to_b, to_a) = ([stored_chunk(round * 4, 4)], [stored_chunk(round * 4, 4)]);
+        let (to_b, to_a) = (
+            [common::data::stored_chunk(round * 4, 4)],
+            [common::data::stored_chunk(round * 4, 4)],
+        );
         let write = |target: Side, chunks| Append {
             group_id: id,
             target,

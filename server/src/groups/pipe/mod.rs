@@ -500,20 +500,6 @@ impl Pipe {
         }
     }
 
-    /// Tells the instance serving the group's other side that where a side is served changed, so that
-    /// its pipe looks at the sides now rather than at its next periodic look. A lost announcement
-    /// only delays that until then.
-    async fn announce_served(&self) {
-        let announced = sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(super::buffer::BUFFERED_CHANNEL)
-            .bind(super::buffer::served_payload(self.group_id))
-            .execute(&self.core.pool)
-            .await;
-        if let Err(e) = announced {
-            tracing::debug!(group_id = %self.group_id, error = %e, "could not announce where a side is served");
-        }
-    }
-
     /// Records in `relay_sides.served_by` which sides' data connections this instance holds, when
     /// several instances share the database, so that the instance serving the other side can tell
     /// CROSS_INSTANCE from DEGRADED. A side held here is written at every look (the update changes
@@ -546,7 +532,9 @@ impl Pipe {
                     let view_changed = self.marked[side] != *here;
                     self.marked[side] = *here;
                     if changed && view_changed {
-                        self.announce_served().await;
+                        // The instance serving the other side looks at the sides now rather
+                        // than at its next periodic look.
+                        buffer::announce_served(&self.core.pool, self.group_id).await;
                     }
                 }
                 Err(e) => {

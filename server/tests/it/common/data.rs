@@ -52,6 +52,30 @@ pub enum Received {
     Closed,
 }
 
+/// One chunk of `n` frames at `seq`, as the relay stores them: each frame's data is its position
+/// (8 bytes, big-endian).
+pub fn stored_chunk(seq: u64, n: u32) -> bridge_server::groups::chunk::Chunk {
+    use firmware_proto::ext::batch::BatchWriter;
+    let mut buf = vec![0u8; data::MAX_MESSAGE_LEN];
+    let mut writer = BatchWriter::new(&mut buf).unwrap();
+    for i in 0..n {
+        writer
+            .push(&CanRecord {
+                timestamp_us: 0,
+                id: CanId::standard(0x123).unwrap(),
+                flags: 0,
+                data: &(seq + u64::from(i)).to_be_bytes(),
+            })
+            .unwrap();
+    }
+    let len = writer.finish().unwrap();
+    bridge_server::groups::chunk::Chunk {
+        seq,
+        count: n,
+        batch: buf[..len].into(),
+    }
+}
+
 /// A batch of test frames numbered `numbers` (id 0x100, 4 data bytes).
 pub fn batch(numbers: impl IntoIterator<Item = u32>) -> Vec<u8> {
     let data: Vec<[u8; 4]> = numbers.into_iter().map(u32::to_be_bytes).collect();
