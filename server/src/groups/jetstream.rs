@@ -29,10 +29,12 @@
 //! stream again. An acknowledgement removes the messages wholly below it: the stream's prefix by one
 //! purge. One written out of order stays in the stream until the purge passes it; every load leaves it
 //! out meanwhile, being below the acknowledged position. The index holds at most as many entries as the
-//! subject may hold messages, and at most [`CACHE_BYTES`] of frames; the others are read by sequence.
+//! subject may hold messages, and at most [`CACHE_BYTES`] of frames (and all the directions of an
+//! instance together at most [`CACHE_BYTES_TOTAL`]); the others are read by sequence.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -106,6 +108,10 @@ pub enum ConnectError {
 /// The frames kept in memory per direction; past it, messages are read from the stream when sent.
 pub const CACHE_BYTES: usize = 1 << 20;
 
+/// The frames kept in memory by all the directions of this instance together, however many groups
+/// relay here.
+pub const CACHE_BYTES_TOTAL: usize = 64 << 20;
+
 /// How often a direction's index is checked against the stream's front (what other instances
 /// acknowledged, what the limits removed).
 const PRUNE_EVERY: Duration = Duration::from_millis(500);
@@ -115,7 +121,7 @@ const PRUNE_EVERY: Duration = Duration::from_millis(500);
 const WAKE_QUEUE: usize = 4_096;
 
 /// One direction's messages as this instance knows them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Index {
     /// The messages by the position of their first frame.
     by_position: BTreeMap<u64, Entry>,
@@ -124,6 +130,8 @@ struct Index {
     scanned: u64,
     /// The bytes of frames held in the entries.
     cached: usize,
+    /// The bytes of frames held by every index of the store, this one's included.
+    budget: Arc<AtomicUsize>,
     /// When the index was last checked against the stream's front.
     pruned_at: Option<tokio::time::Instant>,
     /// The consumer that feeds the index, while it runs.
@@ -139,6 +147,17 @@ struct Entry {
 }
 
 impl Index {
+    fn new(budget: Arc<AtomicUsize>) -> Self {
+        Index {
+            by_position: BTreeMap::new(),
+            scanned: 0,
+            cached: 0,
+            budget,
+            pruned_at: None,
+            follower: None,
+        }
+    }
+
     fn frames(&self) -> u64 {
         self.by_position.values().map(|e| u64::from(e.count)).sum()
     }
@@ -161,8 +180,13 @@ impl Index {
         batch: Option<Arc<[u8]>>,
         limit: usize,
     ) {
-        let batch = batch.filter(|b| self.cached + b.len() <= CACHE_BYTES);
-        self.cached += batch.as_ref().map_or(0, |b| b.len());
+        let batch = batch.filter(|b| {
+            self.cached + b.len() <= CACHE_BYTES
+                && self.budget.load(Ordering::Relaxed) + b.len() <= CACHE_BYTES_TOTAL
+        });
+        let len = batch.as_ref().map_or(0, |b| b.len());
+        self.cached += len;
+        self.budget.fetch_add(len, Ordering::Relaxed);
         if let Some(old) = self.by_position.insert(
             position,
             Entry {
@@ -189,7 +213,9 @@ impl Index {
     }
 
     fn uncache(&mut self, entry: &Entry) {
-        self.cached -= entry.batch.as_ref().map_or(0, |b| b.len());
+        let len = entry.batch.as_ref().map_or(0, |b| b.len());
+        self.cached -= len;
+        self.budget.fetch_sub(len, Ordering::Relaxed);
     }
 
     /// Keeps only the entries `keep` says yes to.
@@ -217,6 +243,7 @@ impl Index {
 
 impl Drop for Index {
     fn drop(&mut self) {
+        self.budget.fetch_sub(self.cached, Ordering::Relaxed);
         if let Some(follower) = self.follower.take() {
             follower.abort();
         }
@@ -232,6 +259,8 @@ pub struct JetStreamBuffer {
     name: String,
     max_messages: usize,
     indexes: Indexes,
+    /// The bytes of frames every index holds ([`CACHE_BYTES_TOTAL`]).
+    cache_budget: Arc<AtomicUsize>,
     wake_tx: mpsc::Sender<(Uuid, Side)>,
     wake_rx: Mutex<Option<mpsc::Receiver<(Uuid, Side)>>>,
 }
@@ -334,6 +363,7 @@ impl JetStreamBuffer {
             name: settings.stream.clone(),
             max_messages: usize::try_from(max_messages).unwrap_or(usize::MAX),
             indexes: Arc::new(Mutex::new(HashMap::new())),
+            cache_budget: Arc::new(AtomicUsize::new(0)),
             wake_tx,
             wake_rx: Mutex::new(Some(wake_rx)),
         })
@@ -356,7 +386,10 @@ impl JetStreamBuffer {
     }
 
     fn with_index<R>(&self, key: (Uuid, Side), f: impl FnOnce(&mut Index) -> R) -> R {
-        f(lock(&self.indexes).entry(key).or_default())
+        let budget = &self.cache_budget;
+        f(lock(&self.indexes)
+            .entry(key)
+            .or_insert_with(|| Index::new(budget.clone())))
     }
 
     /// The first message of the subject at or after `sequence`; None when there is none.
@@ -759,7 +792,7 @@ mod tests {
 
     #[test]
     fn the_index_forgets_what_left_the_front_and_stays_within_its_limits() {
-        let mut index = Index::default();
+        let mut index = Index::new(Arc::default());
         let batch: Arc<[u8]> = vec![0u8; 100].into();
         for (pos, sequence) in [(0, 1), (10, 2), (20, 3)] {
             index.insert(pos, sequence, 10, Some(batch.clone()), 3);
@@ -788,8 +821,28 @@ mod tests {
     }
 
     #[test]
+    fn the_indexes_of_an_instance_share_one_budget() {
+        let budget = Arc::new(AtomicUsize::new(CACHE_BYTES_TOTAL - 100));
+        let mut index = Index::new(budget.clone());
+        index.insert(0, 1, 1, Some(vec![0u8; 60].into()), 10);
+        index.insert(1, 2, 1, Some(vec![0u8; 60].into()), 10);
+        assert!(index.by_position[&0].batch.is_some());
+        assert!(
+            index.by_position[&1].batch.is_none(),
+            "past the instance's budget"
+        );
+        assert_eq!(budget.load(Ordering::Relaxed), CACHE_BYTES_TOTAL - 40);
+        drop(index);
+        assert_eq!(
+            budget.load(Ordering::Relaxed),
+            CACHE_BYTES_TOTAL - 100,
+            "given back"
+        );
+    }
+
+    #[test]
     fn frames_past_the_cache_are_not_kept() {
-        let mut index = Index::default();
+        let mut index = Index::new(Arc::default());
         let big: Arc<[u8]> = vec![0u8; CACHE_BYTES - 10].into();
         index.insert(0, 1, 1, Some(big), 10);
         index.insert(1, 2, 1, Some(vec![0u8; 20].into()), 10);
