@@ -125,6 +125,11 @@ const WAKE_QUEUE: usize = 4_096;
 struct Index {
     /// The messages by the position of their first frame.
     by_position: BTreeMap<u64, Entry>,
+    /// The same messages by stream sequence (to their position), so that the first one still waiting
+    /// and those below a sequence are found without a scan: an acknowledgement runs on the relay path.
+    by_sequence: BTreeMap<u64, u64>,
+    /// The frames in the entries.
+    frames: u64,
     /// The last stream sequence read from the subject: every message at or below it is in the index
     /// (or was removed).
     scanned: u64,
@@ -150,6 +155,8 @@ impl Index {
     fn new(budget: Arc<AtomicUsize>) -> Self {
         Index {
             by_position: BTreeMap::new(),
+            by_sequence: BTreeMap::new(),
+            frames: 0,
             scanned: 0,
             cached: 0,
             budget,
@@ -159,7 +166,12 @@ impl Index {
     }
 
     fn frames(&self) -> u64 {
-        self.by_position.values().map(|e| u64::from(e.count)).sum()
+        self.frames
+    }
+
+    /// The stream sequence of the first message still in the index.
+    fn first_sequence(&self) -> Option<u64> {
+        self.by_sequence.keys().next().copied()
     }
 
     /// The position after the last frame (0 when empty).
@@ -187,43 +199,47 @@ impl Index {
         let len = batch.as_ref().map_or(0, |b| b.len());
         self.cached += len;
         self.budget.fetch_add(len, Ordering::Relaxed);
-        if let Some(old) = self.by_position.insert(
-            position,
-            Entry {
-                sequence,
-                count,
-                batch,
-            },
-        ) {
-            self.uncache(&old);
+        self.frames += u64::from(count);
+        self.by_sequence.insert(sequence, position);
+        let entry = Entry {
+            sequence,
+            count,
+            batch,
+        };
+        if let Some(old) = self.by_position.insert(position, entry) {
+            self.forget_entry(&old);
         }
         // Within the subject's own message limit, forgetting the oldest positions: the stream drops
         // its oldest messages at that limit too.
         while self.by_position.len() > limit {
             if let Some((_, old)) = self.by_position.pop_first() {
-                self.uncache(&old);
+                self.forget_entry(&old);
             }
         }
     }
 
     fn remove(&mut self, position: u64) -> Option<Entry> {
         let entry = self.by_position.remove(&position)?;
-        self.uncache(&entry);
+        self.forget_entry(&entry);
         Some(entry)
     }
 
-    fn uncache(&mut self, entry: &Entry) {
+    /// Takes an entry that left `by_position` out of the counts and the sequence map.
+    fn forget_entry(&mut self, entry: &Entry) {
         let len = entry.batch.as_ref().map_or(0, |b| b.len());
         self.cached -= len;
         self.budget.fetch_sub(len, Ordering::Relaxed);
+        self.frames -= u64::from(entry.count);
+        self.by_sequence.remove(&entry.sequence);
     }
 
-    /// Keeps only the entries `keep` says yes to.
-    fn retain(&mut self, mut keep: impl FnMut(u64, &Entry) -> bool) {
+    /// Forgets the entries that end at or below `acked_out`: acknowledged, whatever the stream holds.
+    fn forget_acknowledged(&mut self, acked_out: u64) {
         let gone: Vec<u64> = self
             .by_position
             .iter()
-            .filter(|(pos, e)| !keep(**pos, e))
+            .take_while(|(pos, _)| **pos < acked_out)
+            .filter(|(pos, e)| **pos + u64::from(e.count) <= acked_out)
             .map(|(pos, _)| *pos)
             .collect();
         for pos in gone {
@@ -237,7 +253,14 @@ impl Index {
         let first = first.unwrap_or(u64::MAX);
         // Never what the follower has not read yet: it is above `scanned`.
         let first = first.min(self.scanned + 1);
-        self.retain(|_, e| e.sequence >= first);
+        let gone: Vec<u64> = self
+            .by_sequence
+            .range(..first)
+            .map(|(_, pos)| *pos)
+            .collect();
+        for pos in gone {
+            self.remove(pos);
+        }
     }
 }
 
@@ -513,7 +536,7 @@ impl JetStreamBuffer {
             self.prune(group_id, side, true).await?;
             let acked_out = rows[i].acked_out;
             let (buffered, tail) = self.with_index((group_id, side), |index| {
-                index.retain(|pos, e| pos + u64::from(e.count) > acked_out);
+                index.forget_acknowledged(acked_out);
                 (index.frames(), index.tail())
             });
             rows[i].buffered = buffered;
@@ -598,24 +621,14 @@ impl JetStreamBuffer {
             self.follow(group_id, target).await?;
         }
         let (removed, purge_below, buffered) = self.with_index(key, |index| {
-            let done: Vec<u64> = index
-                .by_position
-                .iter()
-                .take_while(|(pos, _)| **pos < next)
-                .filter(|(pos, e)| **pos + u64::from(e.count) <= next)
-                .map(|(pos, _)| *pos)
-                .collect();
-            let mut removed = 0u64;
-            for pos in done {
-                if let Some(entry) = index.remove(pos) {
-                    removed += u64::from(entry.count);
-                }
-            }
+            let before = index.frames();
+            index.forget_acknowledged(next);
+            let removed = before - index.frames();
             // Every message below `purge_below` is known and acknowledged: they go in one purge.
             // Messages not yet read are above `scanned`, so never below the bound. An acknowledged
             // message written out of order (after one still waiting) stays in the stream until the
             // purge passes it; every instance's load leaves it out, being below `acked_out`.
-            let keep = index.by_position.values().map(|e| e.sequence).min();
+            let keep = index.first_sequence();
             let purge_below = keep.unwrap_or(u64::MAX).min(index.scanned + 1);
             (removed, purge_below, index.frames())
         });
@@ -741,7 +754,7 @@ async fn follow(
         };
         let sequence = info.stream_sequence;
         let entry = message.headers.as_ref().and_then(read_headers);
-        let batch: Arc<[u8]> = message.payload.to_vec().into();
+        let mut new = false;
         {
             let mut indexes = lock(&indexes);
             // The pipe ended and its index went: so does its follower.
@@ -756,7 +769,9 @@ async fn follow(
                         .get(&position)
                         .is_none_or(|e| e.sequence != sequence)
                     {
+                        let batch: Arc<[u8]> = message.payload.to_vec().into();
                         index.insert(position, sequence, count, Some(batch), limit);
+                        new = true;
                     }
                 }
                 None => {
@@ -765,8 +780,11 @@ async fn follow(
             }
             index.scanned = index.scanned.max(sequence);
         }
-        // A full queue loses a wake, never a frame: the pipe's poll reads it.
-        let _ = wake.try_send(key);
+        // Only for a message written elsewhere: this instance's pipe knows of its own writes. A full
+        // queue loses a wake, never a frame: the pipe's poll reads it.
+        if new {
+            let _ = wake.try_send(key);
+        }
     }
 }
 
@@ -818,6 +836,29 @@ mod tests {
         index.scanned = 4;
         index.forget_below(None);
         assert_eq!((index.frames(), index.tail(), index.cached), (0, 0, 0));
+    }
+
+    #[test]
+    fn an_acknowledgement_finds_the_first_message_still_waiting_by_sequence() {
+        let mut index = Index::new(Arc::default());
+        // Frames 20.. were written first (sequence 1), the ones in flight before them after.
+        index.insert(20, 1, 10, None, 10);
+        index.insert(0, 2, 10, None, 10);
+        index.insert(10, 3, 10, None, 10);
+        index.scanned = 3;
+        assert_eq!((index.frames(), index.first_sequence()), (30, Some(1)));
+        index.forget_acknowledged(25);
+        assert_eq!(index.by_position.keys().copied().collect::<Vec<_>>(), [20]);
+        assert_eq!((index.frames(), index.first_sequence()), (10, Some(1)));
+        index.forget_acknowledged(30);
+        assert_eq!((index.frames(), index.first_sequence()), (0, None));
+        // A position written again (a second copy) replaces the first in both maps.
+        index.insert(30, 4, 5, None, 10);
+        index.insert(30, 5, 5, None, 10);
+        assert_eq!((index.frames(), index.first_sequence()), (5, Some(5)));
+        index.scanned = 5;
+        index.forget_below(Some(6));
+        assert_eq!((index.frames(), index.first_sequence()), (0, None));
     }
 
     #[test]

@@ -45,7 +45,7 @@ impl FrameStore {
         settings
     }
 
-    /// What `/health` and the logs call it.
+    /// Its name in the demo's summary.
     pub fn kind(&self) -> &'static str {
         match self {
             FrameStore::Postgres => "postgres",
