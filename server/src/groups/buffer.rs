@@ -540,40 +540,34 @@ pub async fn fetch(
 }
 
 /// Records a write to a buffer kept elsewhere (the JetStream buffer): how far the source side's stream is
-/// accepted, and `written` more frames waiting towards `target`. Answers the frames now waiting. A
-/// deleted group is [`BufferError::Gone`].
+/// accepted. Answers how far the receiver of `target` acknowledged, for [`record_waiting`]. A deleted
+/// group is [`BufferError::Gone`].
 ///
-/// Both sides' rows change in one statement that takes side A's first, as every write does: an instance
+/// Both sides' rows are taken in one statement, side A's first, as every write does: an instance
 /// writing towards B and another writing towards A at the same moment would otherwise each hold one
 /// row and wait for the other's, until PostgreSQL broke the deadlock a second later.
-pub async fn record_written(
+pub async fn record_sent(
     pool: &PgPool,
     group_id: Uuid,
     target: Side,
     source_next_in: Option<u64>,
-    written: u64,
 ) -> Result<u64, BufferError> {
-    let row = |side: Side| {
+    let next_in = |side: Side| {
         if side == target {
-            (0, pos(written))
+            0
         } else {
-            (pos(source_next_in.unwrap_or(0)), 0)
+            pos(source_next_in.unwrap_or(0))
         }
     };
-    let ((a_next_in, a_written), (b_next_in, b_written)) = (row(Side::A), row(Side::B));
     let rows: Vec<(String, i64)> = sqlx::query_as(
-        "INSERT INTO relay_sides (group_id, side, next_in, buffered_frames) \
-           VALUES ($1, 'a', $2, $3), ($1, 'b', $4, $5) \
+        "INSERT INTO relay_sides (group_id, side, next_in) VALUES ($1, 'a', $2), ($1, 'b', $3) \
          ON CONFLICT (group_id, side) DO UPDATE SET \
-           next_in = GREATEST(relay_sides.next_in, EXCLUDED.next_in), \
-           buffered_frames = relay_sides.buffered_frames + EXCLUDED.buffered_frames \
-         RETURNING side::text, buffered_frames",
+           next_in = GREATEST(relay_sides.next_in, EXCLUDED.next_in) \
+         RETURNING side::text, acked_out",
     )
     .bind(group_id)
-    .bind(a_next_in)
-    .bind(a_written)
-    .bind(b_next_in)
-    .bind(b_written)
+    .bind(next_in(Side::A))
+    .bind(next_in(Side::B))
     .fetch_all(pool)
     .await
     .map_err(classify)?;
@@ -581,12 +575,40 @@ pub async fn record_written(
     Ok(rows
         .iter()
         .find(|(side, _)| side == target)
-        .map_or(0, |(_, buffered)| (*buffered).max(0) as u64))
+        .map_or(0, |(_, acked_out)| (*acked_out).max(0) as u64))
+}
+
+/// Sets the frames waiting towards `target`, counted by a buffer kept elsewhere above the
+/// acknowledgement `counted_above`, unless the acknowledgement moved meanwhile: then the count is
+/// stale, and the answer is the new acknowledgement to count above. Several instances count one
+/// direction (the one writing it and the one sending it), and this keeps a count taken before an
+/// acknowledgement from overwriting one taken after it.
+pub async fn record_waiting(
+    pool: &PgPool,
+    group_id: Uuid,
+    target: Side,
+    counted_above: u64,
+    waiting: u64,
+) -> Result<Option<u64>, BufferError> {
+    let acked_out: Option<i64> = sqlx::query_scalar(
+        "UPDATE relay_sides SET buffered_frames = CASE WHEN acked_out = $3 THEN $4 \
+           ELSE buffered_frames END WHERE group_id = $1 AND side = $2 RETURNING acked_out",
+    )
+    .bind(group_id)
+    .bind(target.letter())
+    .bind(pos(counted_above))
+    .bind(pos(waiting))
+    .fetch_optional(pool)
+    .await
+    .map_err(classify)?;
+    Ok(acked_out
+        .map(|a| a.max(0) as u64)
+        .filter(|a| *a != counted_above))
 }
 
 /// Records an acknowledgement of the frames towards `target` below `next` in its side's row: `removed`
 /// frames left the buffer and `buffered` are still waiting. The PostgreSQL store calls it inside the
-/// transaction that deleted the rows, the JetStream store after its purge.
+/// transaction that deleted the rows, the JetStream store before its purge.
 pub async fn record_acknowledged(
     db: impl sqlx::PgExecutor<'_>,
     group_id: Uuid,
@@ -595,8 +617,10 @@ pub async fn record_acknowledged(
     buffered: u64,
     removed: u64,
 ) -> Result<(), BufferError> {
+    // A count taken at an older acknowledgement than the row's is stale: it stays as it is.
     sqlx::query(
-        "UPDATE relay_sides SET acked_out = GREATEST(acked_out, $3), buffered_frames = $4, \
+        "UPDATE relay_sides SET acked_out = GREATEST(acked_out, $3), \
+           buffered_frames = CASE WHEN $3 >= acked_out THEN $4 ELSE buffered_frames END, \
            frames_delivered = frames_delivered + $5 WHERE group_id = $1 AND side = $2",
     )
     .bind(group_id)

@@ -9,7 +9,9 @@
 //! trims to the frame limit exactly and audits the trim; JetStream applies its per-subject message limit
 //! and age itself, and the receiver sees what they removed as a gap in the positions.
 //!
-//! Either way, the positions and counters of each direction live in PostgreSQL's `relay_sides`.
+//! Either way, the positions and counters of each direction live in PostgreSQL's `relay_sides`: with
+//! the frames on PostgreSQL, written in the same transaction; on JetStream, written behind the relay
+//! within about 50 ms, which [`FrameStore::settle`] waits for.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,6 +108,16 @@ impl FrameStore {
     pub async fn discard(&self, group_id: Uuid) {
         if let FrameStore::JetStream(js) = self {
             js.discard(group_id).await;
+        }
+    }
+
+    /// Waits until the positions and counts written so far are in PostgreSQL's `relay_sides`, or
+    /// `limit` passed (false then). PostgreSQL's store writes them with the frames; JetStream's
+    /// behind the relay ([`super::jetstream`]).
+    pub async fn settle(&self, limit: Duration) -> bool {
+        match self {
+            FrameStore::Postgres => true,
+            FrameStore::JetStream(js) => js.settle(limit).await,
         }
     }
 

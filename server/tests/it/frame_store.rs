@@ -17,10 +17,11 @@ use control_proto::data::Side;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// Two instances' handles on one store.
+/// Two instances' handles on one store, and a third for an instance started after one of them died.
 struct Stores {
     writer: FrameStore,
     reader: FrameStore,
+    spare: FrameStore,
 }
 
 impl Stores {
@@ -28,6 +29,7 @@ impl Stores {
         Stores {
             writer: FrameStore::Postgres,
             reader: FrameStore::Postgres,
+            spare: FrameStore::Postgres,
         }
     }
 
@@ -50,6 +52,7 @@ impl Stores {
         Stores {
             writer: connect().await,
             reader: connect().await,
+            spare: connect().await,
         }
     }
 }
@@ -122,8 +125,13 @@ async fn read(store: &FrameStore, pool: &PgPool, group_id: Uuid, from: u64) -> V
         .collect()
 }
 
-/// What the database says of B's direction: acknowledged up to, frames waiting.
-async fn side_b(pool: &PgPool, group_id: Uuid) -> (i64, i64) {
+/// What the database says of B's direction: acknowledged up to, frames waiting, once `store` has
+/// written what it recorded (JetStream's store writes the rows behind the relay).
+async fn side_b(store: &FrameStore, pool: &PgPool, group_id: Uuid) -> (i64, i64) {
+    assert!(
+        store.settle(Duration::from_secs(5)).await,
+        "the rows were written"
+    );
     sqlx::query_as(
         "SELECT acked_out, buffered_frames FROM relay_sides WHERE group_id = $1 AND side = 'b'",
     )
@@ -193,6 +201,8 @@ async fn writes_out_of_position_order_are_read_in_position_order(stores: Stores,
         .unwrap();
     assert_eq!((acked.removed, acked.buffered), (20, 10));
     assert_eq!(read(&stores.reader, &pool, id, 0).await, [(20, 10)]);
+    // The other instance loads the same, once the acknowledgement is written.
+    assert!(stores.reader.settle(Duration::from_secs(5)).await);
     assert_eq!(stores.writer.load(&pool, id).await.unwrap()[1].buffered, 10);
 }
 
@@ -219,7 +229,7 @@ async fn an_acknowledgement_removes_exactly_the_chunks_wholly_below_it(
         read(&stores.reader, &pool, id, 10).await,
         [(10, 10), (20, 10)]
     );
-    assert_eq!(side_b(&pool, id).await, (15, 20));
+    assert_eq!(side_b(&stores.reader, &pool, id).await, (15, 20));
     // An acknowledgement below what was already acknowledged changes nothing.
     let acked = stores
         .reader
@@ -227,7 +237,7 @@ async fn an_acknowledgement_removes_exactly_the_chunks_wholly_below_it(
         .await
         .unwrap();
     assert_eq!((acked.removed, acked.buffered), (0, 20));
-    assert_eq!(side_b(&pool, id).await, (15, 20));
+    assert_eq!(side_b(&stores.reader, &pool, id).await, (15, 20));
     let acked = stores
         .reader
         .acknowledge(&pool, id, Side::B, 30)
@@ -235,10 +245,13 @@ async fn an_acknowledgement_removes_exactly_the_chunks_wholly_below_it(
         .unwrap();
     assert_eq!((acked.removed, acked.buffered), (20, 0));
     assert_eq!(read(&stores.reader, &pool, id, 0).await, []);
-    assert_eq!(side_b(&pool, id).await, (30, 0));
-    // The writer sees the direction empty too, and writes after it are read from where they start.
-    assert_eq!(write(&stores.writer, &pool, id, &[chunk(30, 2)]).await, 2);
+    assert_eq!(side_b(&stores.reader, &pool, id).await, (30, 0));
+    // The writer's load sees the direction empty too, and writes after it are read from where they
+    // start.
+    assert_eq!(stores.writer.load(&pool, id).await.unwrap()[1].buffered, 0);
+    write(&stores.writer, &pool, id, &[chunk(30, 2)]).await;
     assert_eq!(read(&stores.reader, &pool, id, 30).await, [(30, 2)]);
+    assert_eq!(stores.reader.load(&pool, id).await.unwrap()[1].buffered, 2);
 }
 
 async fn a_read_returns_at_most_its_limit(stores: Stores, pool: PgPool) {
@@ -349,7 +362,54 @@ macro_rules! on_both_stores {
     };
 }
 
+/// A server killed right after a write (before JetStream's store wrote the rows behind it): the
+/// sender's agent was acknowledged, so the next instance must expect its stream from past those frames,
+/// or the agent, which no longer holds them, could never fill the gap.
+async fn a_sender_position_survives_a_kill_right_after_the_write(stores: Stores, pool: PgPool) {
+    let id = group(&pool).await;
+    write(&stores.writer, &pool, id, &[chunk(0, 10), chunk(10, 6)]).await;
+    // Killed: nothing more of it runs (its task writing the rows is aborted with it).
+    drop(stores.writer);
+    let rows = stores.reader.load(&pool, id).await.unwrap();
+    assert_eq!(rows[0].next_in, 16, "A's stream is accepted up to 16");
+    assert_eq!((rows[1].buffered, rows[1].tail), (16, 16));
+}
+
+/// A server killed right after its receiver acknowledged frames: whatever the rows then say, the next
+/// instance reads on from where they say without a gap (the receiver skips by position what it had).
+async fn an_acknowledgement_lost_in_a_kill_leaves_no_gap(stores: Stores, pool: PgPool) {
+    let id = group(&pool).await;
+    write(
+        &stores.writer,
+        &pool,
+        id,
+        &[chunk(0, 10), chunk(10, 10), chunk(20, 10)],
+    )
+    .await;
+    assert_eq!(read(&stores.reader, &pool, id, 0).await.len(), 3);
+    stores
+        .reader
+        .acknowledge(&pool, id, Side::B, 20)
+        .await
+        .unwrap();
+    drop(stores.reader);
+    let rows = stores.spare.load(&pool, id).await.unwrap();
+    let from = rows[1].acked_out;
+    assert!(from <= 20, "never past what was acknowledged: {from}");
+    let chunks = read(&stores.spare, &pool, id, from).await;
+    assert_eq!(chunks.first().map(|c| c.0), Some(from), "{chunks:?}");
+    assert_eq!(chunks.last(), Some(&(20, 10)));
+    assert!(
+        chunks
+            .windows(2)
+            .all(|w| w[0].0 + u64::from(w[0].1) == w[1].0),
+        "no gap: {chunks:?}"
+    );
+}
+
 on_both_stores!(
+    a_sender_position_survives_a_kill_right_after_the_write,
+    an_acknowledgement_lost_in_a_kill_leaves_no_gap,
     what_one_instance_writes_another_reads_by_position,
     a_chunk_written_twice_is_stored_once,
     writes_out_of_position_order_are_read_in_position_order,
@@ -395,6 +455,7 @@ async fn a_three_node_cluster_loses_nothing_when_a_node_dies(pool: PgPool) {
     let stores = Stores {
         writer: connect().await,
         reader: connect().await,
+        spare: connect().await,
     };
     let id = group(&pool).await;
     // Written as a pipe writes: a failed write is written again until it succeeds.

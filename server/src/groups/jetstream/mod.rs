@@ -16,7 +16,9 @@
 //!
 //! Each direction's positions and counters (`relay_sides`: how far the sender's stream is accepted, how
 //! far the receiver acknowledged, the frames waiting) stay where the dashboard, the audit and the other
-//! instances read them: one small row update per write or acknowledgement, instead of a row per batch.
+//! instances read them: a few small row updates per direction every 50 ms, written behind the relay by
+//! [`ledger`], instead of a row per batch. A pipe waits only for the stream; the ledger's module says
+//! why nothing is lost when the rows lag.
 //!
 //! # Positions and the index
 //!
@@ -32,9 +34,12 @@
 //! subject may hold messages, and at most [`CACHE_BYTES`] of frames (and all the directions of an
 //! instance together at most [`CACHE_BYTES_TOTAL`]); the others are read by sequence.
 
-use std::collections::{BTreeMap, HashMap};
+mod index;
+mod ledger;
+
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +53,8 @@ use uuid::Uuid;
 use super::buffer::{self, Acknowledged, Append, Appended, BufferError, SideRow};
 use super::chunk::Chunk;
 use super::settings::RelaySettings;
+use index::{Entry, Index};
+use ledger::{Acked, Ledger, Pending};
 
 /// How to reach NATS (`serve --nats-url` and its companions).
 #[derive(Debug, Clone)]
@@ -120,159 +127,6 @@ const PRUNE_EVERY: Duration = Duration::from_millis(500);
 /// frames instead.
 const WAKE_QUEUE: usize = 4_096;
 
-/// One direction's messages as this instance knows them.
-#[derive(Debug)]
-struct Index {
-    /// The messages by the position of their first frame.
-    by_position: BTreeMap<u64, Entry>,
-    /// The same messages by stream sequence (to their position), so that the first one still waiting
-    /// and those below a sequence are found without a scan: an acknowledgement runs on the relay path.
-    by_sequence: BTreeMap<u64, u64>,
-    /// The frames in the entries.
-    frames: u64,
-    /// The last stream sequence read from the subject: every message at or below it is in the index
-    /// (or was removed).
-    scanned: u64,
-    /// The bytes of frames held in the entries.
-    cached: usize,
-    /// The bytes of frames held by every index of the store, this one's included.
-    budget: Arc<AtomicUsize>,
-    /// When the index was last checked against the stream's front.
-    pruned_at: Option<tokio::time::Instant>,
-    /// The consumer that feeds the index, while it runs.
-    follower: Option<tokio::task::JoinHandle<()>>,
-}
-
-#[derive(Debug, Clone)]
-struct Entry {
-    sequence: u64,
-    count: u32,
-    /// The message's frames, when kept in memory.
-    batch: Option<Arc<[u8]>>,
-}
-
-impl Index {
-    fn new(budget: Arc<AtomicUsize>) -> Self {
-        Index {
-            by_position: BTreeMap::new(),
-            by_sequence: BTreeMap::new(),
-            frames: 0,
-            scanned: 0,
-            cached: 0,
-            budget,
-            pruned_at: None,
-            follower: None,
-        }
-    }
-
-    fn frames(&self) -> u64 {
-        self.frames
-    }
-
-    /// The stream sequence of the first message still in the index.
-    fn first_sequence(&self) -> Option<u64> {
-        self.by_sequence.keys().next().copied()
-    }
-
-    /// The position after the last frame (0 when empty).
-    fn tail(&self) -> u64 {
-        self.by_position
-            .iter()
-            .map(|(pos, e)| pos + u64::from(e.count))
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// Adds a message; its frames are kept while the cache has room.
-    fn insert(
-        &mut self,
-        position: u64,
-        sequence: u64,
-        count: u32,
-        batch: Option<Arc<[u8]>>,
-        limit: usize,
-    ) {
-        let batch = batch.filter(|b| {
-            self.cached + b.len() <= CACHE_BYTES
-                && self.budget.load(Ordering::Relaxed) + b.len() <= CACHE_BYTES_TOTAL
-        });
-        let len = batch.as_ref().map_or(0, |b| b.len());
-        self.cached += len;
-        self.budget.fetch_add(len, Ordering::Relaxed);
-        self.frames += u64::from(count);
-        self.by_sequence.insert(sequence, position);
-        let entry = Entry {
-            sequence,
-            count,
-            batch,
-        };
-        if let Some(old) = self.by_position.insert(position, entry) {
-            self.forget_entry(&old);
-        }
-        // Within the subject's own message limit, forgetting the oldest positions: the stream drops
-        // its oldest messages at that limit too.
-        while self.by_position.len() > limit {
-            if let Some((_, old)) = self.by_position.pop_first() {
-                self.forget_entry(&old);
-            }
-        }
-    }
-
-    fn remove(&mut self, position: u64) -> Option<Entry> {
-        let entry = self.by_position.remove(&position)?;
-        self.forget_entry(&entry);
-        Some(entry)
-    }
-
-    /// Takes an entry that left `by_position` out of the counts and the sequence map.
-    fn forget_entry(&mut self, entry: &Entry) {
-        let len = entry.batch.as_ref().map_or(0, |b| b.len());
-        self.cached -= len;
-        self.budget.fetch_sub(len, Ordering::Relaxed);
-        self.frames -= u64::from(entry.count);
-        self.by_sequence.remove(&entry.sequence);
-    }
-
-    /// Forgets the entries that end at or below `acked_out`: acknowledged, whatever the stream holds.
-    fn forget_acknowledged(&mut self, acked_out: u64) {
-        let gone: Vec<u64> = self
-            .by_position
-            .iter()
-            .take_while(|(pos, _)| **pos < acked_out)
-            .filter(|(pos, e)| **pos + u64::from(e.count) <= acked_out)
-            .map(|(pos, _)| *pos)
-            .collect();
-        for pos in gone {
-            self.remove(pos);
-        }
-    }
-
-    /// Forgets the messages the stream no longer has below `first` (the subject's first sequence):
-    /// acknowledged by another instance, or removed by the stream's limits.
-    fn forget_below(&mut self, first: Option<u64>) {
-        let first = first.unwrap_or(u64::MAX);
-        // Never what the follower has not read yet: it is above `scanned`.
-        let first = first.min(self.scanned + 1);
-        let gone: Vec<u64> = self
-            .by_sequence
-            .range(..first)
-            .map(|(_, pos)| *pos)
-            .collect();
-        for pos in gone {
-            self.remove(pos);
-        }
-    }
-}
-
-impl Drop for Index {
-    fn drop(&mut self) {
-        self.budget.fetch_sub(self.cached, Ordering::Relaxed);
-        if let Some(follower) = self.follower.take() {
-            follower.abort();
-        }
-    }
-}
-
 type Indexes = Arc<Mutex<HashMap<(Uuid, Side), Index>>>;
 
 /// The relay buffer on a JetStream stream.
@@ -286,6 +140,8 @@ pub struct JetStreamBuffer {
     cache_budget: Arc<AtomicUsize>,
     wake_tx: mpsc::Sender<(Uuid, Side)>,
     wake_rx: Mutex<Option<mpsc::Receiver<(Uuid, Side)>>>,
+    /// The rows' changes on their way to PostgreSQL.
+    ledger: Arc<Ledger>,
 }
 
 impl std::fmt::Debug for JetStreamBuffer {
@@ -389,6 +245,7 @@ impl JetStreamBuffer {
             cache_budget: Arc::new(AtomicUsize::new(0)),
             wake_tx,
             wake_rx: Mutex::new(Some(wake_rx)),
+            ledger: Arc::default(),
         })
     }
 
@@ -405,7 +262,23 @@ impl JetStreamBuffer {
     }
 
     fn subject(&self, group_id: Uuid, towards: Side) -> String {
-        format!("{}.{group_id}.{}", self.name, towards.letter())
+        subject_of(&self.name, group_id, towards)
+    }
+
+    /// Records a change of a direction's row, for the ledger's writer.
+    fn record(&self, pool: &PgPool, key: (Uuid, Side), change: Pending) {
+        self.ledger.record(key, change, || ledger::Context {
+            pool: pool.clone(),
+            stream: self.stream.clone(),
+            name: self.name.clone(),
+            indexes: self.indexes.clone(),
+        });
+    }
+
+    /// Waits until the positions and counts recorded so far are in PostgreSQL, or `limit` passed;
+    /// false then.
+    pub async fn settle(&self, limit: Duration) -> bool {
+        self.ledger.settle(limit).await
     }
 
     fn with_index<R>(&self, key: (Uuid, Side), f: impl FnOnce(&mut Index) -> R) -> R {
@@ -413,19 +286,6 @@ impl JetStreamBuffer {
         f(lock(&self.indexes)
             .entry(key)
             .or_insert_with(|| Index::new(budget.clone())))
-    }
-
-    /// The first message of the subject at or after `sequence`; None when there is none.
-    async fn first_from(&self, subject: &str, sequence: u64) -> Result<Option<u64>, BufferError> {
-        match self
-            .stream
-            .get_first_raw_message_by_subject(subject, sequence.max(1))
-            .await
-        {
-            Ok(message) => Ok(Some(message.sequence)),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(nats(e)),
-        }
     }
 
     /// Whether a follower feeds the direction's index now.
@@ -519,7 +379,7 @@ impl JetStreamBuffer {
         if !due {
             return Ok(());
         }
-        let first = self.first_from(&self.subject(group_id, towards), 1).await?;
+        let first = first_from(&self.stream, &self.subject(group_id, towards), 1).await?;
         self.with_index(key, |index| {
             index.forget_below(first);
             index.pruned_at = Some(now);
@@ -528,26 +388,38 @@ impl JetStreamBuffer {
     }
 
     /// Both sides' rows: the positions and counters from PostgreSQL, the frames waiting and the end of
-    /// each direction's buffer from the stream.
+    /// each direction's buffer from the stream. A sender's position is at least the end of what the
+    /// stream holds from it, and an acknowledgement at least what this instance recorded: the rows
+    /// lag both ([`ledger`]).
     pub async fn load(&self, pool: &PgPool, group_id: Uuid) -> Result<[SideRow; 2], BufferError> {
         let mut rows = buffer::load(pool, group_id).await?;
         for (i, side) in [Side::A, Side::B].into_iter().enumerate() {
             self.follow(group_id, side).await?;
             self.prune(group_id, side, true).await?;
+            let key = (group_id, side);
+            if let Some(next) = self.ledger.pending_ack(key) {
+                rows[i].acked_out = rows[i].acked_out.max(next);
+            }
             let acked_out = rows[i].acked_out;
-            let (buffered, tail) = self.with_index((group_id, side), |index| {
-                index.forget_acknowledged(acked_out);
-                (index.frames(), index.tail())
-            });
+            // Counted, not forgotten: only this instance's acknowledgements take entries out, so that
+            // they count what they remove (an acknowledgement in the rows may be ahead of them).
+            let (buffered, tail) =
+                self.with_index(key, |index| (index.frames_above(acked_out), index.tail()));
             rows[i].buffered = buffered;
             rows[i].tail = tail;
+            // The frames towards this side came from the other one.
+            let source = &mut rows[1 - i];
+            source.next_in = source.next_in.max(tail);
         }
         Ok(rows)
     }
 
-    /// Publishes the chunks and waits until the stream has them all; only then are the sender's
-    /// position and the direction's count written, and may the sender be acknowledged.
+    /// Publishes the chunks and waits until the stream has them all; then the sender may be
+    /// acknowledged. Its position and the frames written reach PostgreSQL behind (see [`ledger`]).
     pub async fn append(&self, pool: &PgPool, req: Append<'_>) -> Result<Appended, BufferError> {
+        if self.ledger.is_gone(req.group_id) {
+            return Err(BufferError::Gone);
+        }
         let key = (req.group_id, req.target);
         let subject = self.subject(req.group_id, req.target);
         let mut written = 0u64;
@@ -586,18 +458,21 @@ impl JetStreamBuffer {
         }
         // What another instance acknowledged, or the limits removed, leaves the index here.
         self.prune(req.group_id, req.target, false).await?;
-        // The count of frames waiting is PostgreSQL's: the receiving instance takes off what its
-        // acknowledgements remove, which this instance's index learns only at its next look.
-        let recorded =
-            buffer::record_written(pool, req.group_id, req.target, req.source_next_in, written)
-                .await;
-        if let Err(BufferError::Gone) = recorded {
-            // The group was deleted meanwhile: what was just published goes with it.
-            self.discard(req.group_id).await;
+        if written > 0 || req.source_next_in.is_some() {
+            self.record(
+                pool,
+                key,
+                Pending {
+                    source_next_in: req.source_next_in,
+                    written,
+                    acked: None,
+                },
+            );
         }
-        let buffered = recorded?;
         Ok(Appended {
-            buffered,
+            // As this instance knows it: what another instance acknowledged leaves this count at the
+            // next prune, within PRUNE_EVERY.
+            buffered: self.with_index(key, |index| index.frames()),
             // The stream's own limits trim; what they removed shows as a gap in the positions.
             trimmed: 0,
             audited: false,
@@ -605,7 +480,8 @@ impl JetStreamBuffer {
     }
 
     /// The receiver of `target` acknowledged every frame below `next`: the messages wholly below it
-    /// leave the stream.
+    /// leave this instance's index at once, and the stream once the acknowledgement is in PostgreSQL
+    /// ([`ledger`]).
     pub async fn acknowledge(
         &self,
         pool: &PgPool,
@@ -614,7 +490,6 @@ impl JetStreamBuffer {
         next: u64,
     ) -> Result<Acknowledged, BufferError> {
         let key = (group_id, target);
-        let subject = self.subject(group_id, target);
         // What the receiver acknowledges, this instance sent it, so read it into the index already;
         // only a first use here needs the follower started.
         if !self.following(key) {
@@ -632,17 +507,18 @@ impl JetStreamBuffer {
             let purge_below = keep.unwrap_or(u64::MAX).min(index.scanned + 1);
             (removed, purge_below, index.frames())
         });
-        // A purge "below 1" purges nothing, but the server reads a sequence of 1 (or 0) as no bound at
-        // all and would purge the whole subject.
-        if removed > 0 && purge_below > 1 {
-            self.stream
-                .purge()
-                .filter(subject.as_str())
-                .sequence(purge_below)
-                .await
-                .map_err(nats)?;
-        }
-        buffer::record_acknowledged(pool, group_id, target, next, buffered, removed).await?;
+        self.record(
+            pool,
+            key,
+            Pending {
+                acked: Some(Acked {
+                    next,
+                    removed,
+                    purge_below,
+                }),
+                ..Pending::default()
+            },
+        );
         Ok(Acknowledged { removed, buffered })
     }
 
@@ -702,19 +578,11 @@ impl JetStreamBuffer {
         Ok(chunks)
     }
 
-    /// Drops both directions of a group that is gone.
+    /// Drops both directions of a group that is gone; its writes fail as gone from now on.
     pub async fn discard(&self, group_id: Uuid) {
-        for side in [Side::A, Side::B] {
-            lock(&self.indexes).remove(&(group_id, side));
-            if let Err(e) = self
-                .stream
-                .purge()
-                .filter(self.subject(group_id, side))
-                .await
-            {
-                tracing::warn!(%group_id, error = %e, "could not purge a deleted group's NATS buffer; its frames expire with the stream's age limit");
-            }
-        }
+        self.ledger.mark_gone(group_id);
+        self.forget(group_id);
+        purge_group(&self.stream, &self.name, group_id).await;
     }
 
     /// Forgets a group's index here (its pipe ended), stopping its followers; the stream keeps its
@@ -723,6 +591,58 @@ impl JetStreamBuffer {
         let mut indexes = lock(&self.indexes);
         indexes.remove(&(group_id, Side::A));
         indexes.remove(&(group_id, Side::B));
+    }
+}
+
+/// The subject of a direction: `<stream>.<group id>.<a|b>`, named after the side the frames go to.
+fn subject_of(stream: &str, group_id: Uuid, towards: Side) -> String {
+    format!("{stream}.{group_id}.{}", towards.letter())
+}
+
+/// The frames of a direction above `acked_out` that the stream still holds, as this instance's index
+/// knows them after a look at the stream's front; None when no pipe here uses the direction.
+async fn count_waiting(
+    context: &ledger::Context,
+    key: (Uuid, Side),
+    acked_out: u64,
+) -> Result<Option<u64>, BufferError> {
+    if !lock(&context.indexes).contains_key(&key) {
+        return Ok(None);
+    }
+    let subject = subject_of(&context.name, key.0, key.1);
+    let first = first_from(&context.stream, &subject, 1).await?;
+    Ok(lock(&context.indexes).get_mut(&key).map(|index| {
+        index.forget_below(first);
+        index.frames_above(acked_out)
+    }))
+}
+
+/// The first message of the subject at or after `sequence`; None when there is none.
+async fn first_from(
+    stream: &stream::Stream<()>,
+    subject: &str,
+    sequence: u64,
+) -> Result<Option<u64>, BufferError> {
+    match stream
+        .get_first_raw_message_by_subject(subject, sequence.max(1))
+        .await
+    {
+        Ok(message) => Ok(Some(message.sequence)),
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(nats(e)),
+    }
+}
+
+/// Purges both directions of a deleted group from the stream.
+async fn purge_group(stream: &stream::Stream<()>, name: &str, group_id: Uuid) {
+    for side in [Side::A, Side::B] {
+        if let Err(e) = stream
+            .purge()
+            .filter(subject_of(name, group_id, side))
+            .await
+        {
+            tracing::warn!(%group_id, error = %e, "could not purge a deleted group's NATS buffer; its frames expire with the stream's age limit");
+        }
     }
 }
 
@@ -806,94 +726,6 @@ mod tests {
         for bad in ["", "a.b", "a b", "a*", "a>", &"x".repeat(65)] {
             assert!(!valid_stream_name(bad), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn the_index_forgets_what_left_the_front_and_stays_within_its_limits() {
-        let mut index = Index::new(Arc::default());
-        let batch: Arc<[u8]> = vec![0u8; 100].into();
-        for (pos, sequence) in [(0, 1), (10, 2), (20, 3)] {
-            index.insert(pos, sequence, 10, Some(batch.clone()), 3);
-        }
-        index.scanned = 3;
-        assert_eq!((index.frames(), index.tail(), index.cached), (30, 30, 300));
-        index.forget_below(Some(2));
-        assert_eq!(
-            index.by_position.keys().copied().collect::<Vec<_>>(),
-            [10, 20]
-        );
-        assert_eq!(index.cached, 200);
-        // The message limit forgets the oldest positions.
-        index.insert(30, 4, 10, None, 2);
-        assert_eq!(
-            index.by_position.keys().copied().collect::<Vec<_>>(),
-            [20, 30]
-        );
-        assert_eq!(index.cached, 100);
-        // What the follower has not read (above `scanned`) is never taken for gone.
-        index.forget_below(None);
-        assert_eq!(index.by_position.keys().copied().collect::<Vec<_>>(), [30]);
-        index.scanned = 4;
-        index.forget_below(None);
-        assert_eq!((index.frames(), index.tail(), index.cached), (0, 0, 0));
-    }
-
-    #[test]
-    fn an_acknowledgement_finds_the_first_message_still_waiting_by_sequence() {
-        let mut index = Index::new(Arc::default());
-        // Frames 20.. were written first (sequence 1), the ones in flight before them after.
-        index.insert(20, 1, 10, None, 10);
-        index.insert(0, 2, 10, None, 10);
-        index.insert(10, 3, 10, None, 10);
-        index.scanned = 3;
-        assert_eq!((index.frames(), index.first_sequence()), (30, Some(1)));
-        index.forget_acknowledged(25);
-        assert_eq!(index.by_position.keys().copied().collect::<Vec<_>>(), [20]);
-        assert_eq!((index.frames(), index.first_sequence()), (10, Some(1)));
-        index.forget_acknowledged(30);
-        assert_eq!((index.frames(), index.first_sequence()), (0, None));
-        // A position written again (a second copy) replaces the first in both maps.
-        index.insert(30, 4, 5, None, 10);
-        index.insert(30, 5, 5, None, 10);
-        assert_eq!((index.frames(), index.first_sequence()), (5, Some(5)));
-        index.scanned = 5;
-        index.forget_below(Some(6));
-        assert_eq!((index.frames(), index.first_sequence()), (0, None));
-    }
-
-    #[test]
-    fn the_indexes_of_an_instance_share_one_budget() {
-        let budget = Arc::new(AtomicUsize::new(CACHE_BYTES_TOTAL - 100));
-        let mut index = Index::new(budget.clone());
-        index.insert(0, 1, 1, Some(vec![0u8; 60].into()), 10);
-        index.insert(1, 2, 1, Some(vec![0u8; 60].into()), 10);
-        assert!(index.by_position[&0].batch.is_some());
-        assert!(
-            index.by_position[&1].batch.is_none(),
-            "past the instance's budget"
-        );
-        assert_eq!(budget.load(Ordering::Relaxed), CACHE_BYTES_TOTAL - 40);
-        drop(index);
-        assert_eq!(
-            budget.load(Ordering::Relaxed),
-            CACHE_BYTES_TOTAL - 100,
-            "given back"
-        );
-    }
-
-    #[test]
-    fn frames_past_the_cache_are_not_kept() {
-        let mut index = Index::new(Arc::default());
-        let big: Arc<[u8]> = vec![0u8; CACHE_BYTES - 10].into();
-        index.insert(0, 1, 1, Some(big), 10);
-        index.insert(1, 2, 1, Some(vec![0u8; 20].into()), 10);
-        assert!(index.by_position[&0].batch.is_some());
-        assert!(
-            index.by_position[&1].batch.is_none(),
-            "read from the stream when sent"
-        );
-        index.remove(0);
-        assert_eq!(index.cached, 0);
     }
 
     #[test]
