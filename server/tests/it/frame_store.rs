@@ -419,6 +419,68 @@ on_both_stores!(
     writes_of_both_directions_at_once_never_deadlock,
 );
 
+/// Frames published live (core NATS, beside the stream) reach the instance that follows the direction
+/// without waiting for the stream: they are sent, but never counted as buffered nor taken as the end of
+/// the sender's stream, since the writer may die before the stream has them. Whatever else arrives on
+/// the live subject (another client of the NATS server may publish anything) is skipped.
+#[sqlx::test(migrator = "MIGRATOR")]
+#[cfg_attr(
+    not(feature = "nats-tests"),
+    ignore = "needs a nats-server with JetStream (BRIDGE_TEST_NATS_URL): scripts/test starts one where nats-server is installed"
+)]
+async fn live_frames_are_sent_but_not_counted_until_the_stream_has_them(pool: PgPool) {
+    use control_proto::data::encode_frames;
+    let stores = Stores::jetstream().await;
+    let FrameStore::JetStream(js) = &stores.reader else {
+        unreachable!("a JetStream store")
+    };
+    let subject = |group: Uuid, side: &str| format!("{}-live.{group}.{side}", js.stream_name());
+    let id = group(&pool).await;
+    // The reader follows B's direction from here on.
+    assert_eq!(read(&stores.reader, &pool, id, 0).await, []);
+    let url = std::env::var("BRIDGE_TEST_NATS_URL").unwrap();
+    let client = async_nats::connect(url).await.unwrap();
+    let frames = chunk(0, 3);
+    for (to, message) in [
+        (subject(id, "b"), b"not a data message".to_vec()),
+        (
+            subject(id, "b"),
+            encode_frames(Uuid::new_v4(), Side::B, 0, &frames.batch),
+        ),
+        (subject(id, "b"), encode_frames(id, Side::A, 0, &frames.batch)),
+        (
+            subject(id, "b"),
+            encode_frames(id, Side::B, u64::MAX - 1, &frames.batch),
+        ),
+        (subject(id, "b"), encode_frames(id, Side::B, 0, &frames.batch)),
+    ] {
+        client.publish(to, message.into()).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..250 {
+        got = read(&stores.reader, &pool, id, 0).await;
+        if !got.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(got, [(0, 3)], "the live frames, and nothing else");
+    let fetched = stores
+        .reader
+        .fetch(&pool, id, Side::B, 0, 8)
+        .await
+        .unwrap();
+    assert_eq!(fetched, [frames.clone()]);
+    let rows = stores.reader.load(&pool, id).await.unwrap();
+    assert_eq!((rows[1].buffered, rows[1].tail, rows[0].next_in), (0, 0, 0));
+    // Once the stream has them, they count.
+    write(&stores.writer, &pool, id, &[frames]).await;
+    let rows = stores.reader.load(&pool, id).await.unwrap();
+    assert_eq!((rows[1].buffered, rows[1].tail, rows[0].next_in), (3, 3, 3));
+    assert_eq!(read(&stores.reader, &pool, id, 0).await, [(0, 3)]);
+}
+
 /// A three-node NATS cluster, a stream of three replicas, and one node killed in the middle of a
 /// buffered stream: writes that fail while the cluster elects a new leader are written again (as a
 /// pipe does), and the reader gets every frame once and in order, before and after the node returns.

@@ -28,9 +28,18 @@ pub(super) struct Index {
     pub(super) pruned_at: Option<tokio::time::Instant>,
     /// The consumer that feeds the index, while it runs.
     pub(super) follower: Option<tokio::task::JoinHandle<()>>,
+    /// Frames received live from the instance that wrote them (core NATS, see the parent module's
+    /// "Live frames"), by position, until the stream's copy is read: sent at once, but never counted
+    /// as buffered, nor in the end of the stream, since the stream may never get them (the writer
+    /// died first, and its sender was not acknowledged for them).
+    live: BTreeMap<u64, (u32, Arc<[u8]>)>,
+    /// The subscription that receives the live frames, while it runs.
+    pub(super) live_reader: Option<tokio::task::JoinHandle<()>>,
+    /// Every frame below it was acknowledged here: later live copies of them are not kept.
+    acked: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Entry {
     pub(super) sequence: u64,
     pub(super) count: u32,
@@ -49,6 +58,9 @@ impl Index {
             budget,
             pruned_at: None,
             follower: None,
+            live: BTreeMap::new(),
+            live_reader: None,
+            acked: 0,
         }
     }
 
@@ -70,7 +82,77 @@ impl Index {
             .unwrap_or(0)
     }
 
-    /// Adds a message; its frames are kept while the cache has room.
+    /// Whether the cache has room for `len` more bytes, in this index and in the instance's.
+    fn room_for(&self, len: usize) -> bool {
+        self.cached + len <= CACHE_BYTES
+            && self.budget.load(Ordering::Relaxed) + len <= CACHE_BYTES_TOTAL
+    }
+
+    fn cache(&mut self, len: usize) {
+        self.cached += len;
+        self.budget.fetch_add(len, Ordering::Relaxed);
+    }
+
+    fn uncache(&mut self, len: usize) {
+        self.cached -= len;
+        self.budget.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    /// Keeps frames received live; false when they are known already (or acknowledged, or there is
+    /// no room: the stream's copy brings them then).
+    pub(super) fn insert_live(&mut self, position: u64, count: u32, batch: Arc<[u8]>) -> bool {
+        let known = position + u64::from(count) <= self.acked
+            || self.by_position.contains_key(&position)
+            || self.live.contains_key(&position);
+        if known || !self.room_for(batch.len()) {
+            return false;
+        }
+        self.cache(batch.len());
+        self.live.insert(position, (count, batch));
+        true
+    }
+
+    fn forget_live(&mut self, position: u64) -> bool {
+        match self.live.remove(&position) {
+            Some((_, batch)) => {
+                self.uncache(batch.len());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Up to `limit` entries from position `from` on, in position order, the live frames among them
+    /// (with no stream sequence).
+    pub(super) fn range(&self, from: u64, limit: usize) -> Vec<(u64, Entry)> {
+        let stored = self
+            .by_position
+            .range(from..)
+            .take(limit)
+            .map(|(pos, e)| (*pos, e.clone()));
+        let live = self
+            .live
+            .range(from..)
+            .take(limit)
+            .map(|(pos, (count, batch))| {
+                (
+                    *pos,
+                    Entry {
+                        sequence: 0,
+                        count: *count,
+                        batch: Some(batch.clone()),
+                    },
+                )
+            });
+        let mut all: Vec<(u64, Entry)> = stored.chain(live).collect();
+        // Stable: of a position both stored and live, the stored one comes first and stays.
+        all.sort_by_key(|(pos, _)| *pos);
+        all.dedup_by_key(|(pos, _)| *pos);
+        all.truncate(limit);
+        all
+    }
+
+    /// Adds a message; its frames are kept while the cache has room. True when it was not known live.
     pub(super) fn insert(
         &mut self,
         position: u64,
@@ -78,14 +160,10 @@ impl Index {
         count: u32,
         batch: Option<Arc<[u8]>>,
         limit: usize,
-    ) {
-        let batch = batch.filter(|b| {
-            self.cached + b.len() <= CACHE_BYTES
-                && self.budget.load(Ordering::Relaxed) + b.len() <= CACHE_BYTES_TOTAL
-        });
-        let len = batch.as_ref().map_or(0, |b| b.len());
-        self.cached += len;
-        self.budget.fetch_add(len, Ordering::Relaxed);
+    ) -> bool {
+        let was_live = self.forget_live(position);
+        let batch = batch.filter(|b| self.room_for(b.len()));
+        self.cache(batch.as_ref().map_or(0, |b| b.len()));
         self.frames += u64::from(count);
         self.by_sequence.insert(sequence, position);
         let entry = Entry {
@@ -103,6 +181,7 @@ impl Index {
                 self.forget_entry(&old);
             }
         }
+        !was_live
     }
 
     pub(super) fn remove(&mut self, position: u64) -> Option<Entry> {
@@ -113,9 +192,7 @@ impl Index {
 
     /// Takes an entry that left `by_position` out of the counts and the sequence map.
     fn forget_entry(&mut self, entry: &Entry) {
-        let len = entry.batch.as_ref().map_or(0, |b| b.len());
-        self.cached -= len;
-        self.budget.fetch_sub(len, Ordering::Relaxed);
+        self.uncache(entry.batch.as_ref().map_or(0, |b| b.len()));
         self.frames -= u64::from(entry.count);
         self.by_sequence.remove(&entry.sequence);
     }
@@ -134,6 +211,16 @@ impl Index {
 
     /// Forgets the entries that end at or below `acked_out`: acknowledged, whatever the stream holds.
     pub(super) fn forget_acknowledged(&mut self, acked_out: u64) {
+        self.acked = self.acked.max(acked_out);
+        let live: Vec<u64> = self
+            .live
+            .range(..acked_out)
+            .filter(|(pos, (count, _))| **pos + u64::from(*count) <= acked_out)
+            .map(|(pos, _)| *pos)
+            .collect();
+        for pos in live {
+            self.forget_live(pos);
+        }
         let gone: Vec<u64> = self
             .by_position
             .iter()
@@ -166,6 +253,9 @@ impl Index {
 impl Drop for Index {
     fn drop(&mut self) {
         self.budget.fetch_sub(self.cached, Ordering::Relaxed);
+        if let Some(reader) = self.live_reader.take() {
+            reader.abort();
+        }
         if let Some(follower) = self.follower.take() {
             follower.abort();
         }
@@ -230,6 +320,46 @@ mod tests {
         index.scanned = 5;
         index.forget_below(Some(6));
         assert_eq!((index.frames(), index.first_sequence()), (0, None));
+    }
+
+    #[test]
+    fn live_frames_are_sent_but_never_counted_until_the_stream_has_them() {
+        let budget = Arc::new(AtomicUsize::new(0));
+        let mut index = Index::new(budget.clone());
+        let batch: Arc<[u8]> = vec![0u8; 10].into();
+        index.insert(0, 1, 5, Some(batch.clone()), 10);
+        assert!(index.insert_live(5, 5, batch.clone()));
+        assert!(!index.insert_live(5, 5, batch.clone()), "known live");
+        assert!(!index.insert_live(0, 5, batch.clone()), "known stored");
+        assert_eq!(
+            index
+                .range(0, 10)
+                .iter()
+                .map(|(pos, e)| (*pos, e.sequence))
+                .collect::<Vec<_>>(),
+            [(0, 1), (5, 0)]
+        );
+        assert_eq!(index.range(0, 1).len(), 1);
+        assert_eq!(
+            (index.frames(), index.tail()),
+            (5, 5),
+            "live is not buffered"
+        );
+        assert_eq!(budget.load(Ordering::Relaxed), 20);
+        // The stream's copy replaces it, and needs no wake.
+        assert!(!index.insert(5, 2, 5, Some(batch.clone()), 10));
+        assert_eq!((index.frames(), index.tail()), (10, 10));
+        assert_eq!(index.range(5, 10)[0].1.sequence, 2);
+        assert_eq!(budget.load(Ordering::Relaxed), 20);
+        // Acknowledged live frames go, and a late copy of them is not kept.
+        assert!(index.insert_live(10, 5, batch.clone()));
+        index.forget_acknowledged(15);
+        assert_eq!(index.range(0, 10), []);
+        assert!(!index.insert_live(10, 5, batch.clone()));
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
+        assert!(index.insert_live(15, 5, batch));
+        drop(index);
+        assert_eq!(budget.load(Ordering::Relaxed), 0, "given back");
     }
 
     #[test]

@@ -131,6 +131,8 @@ type Indexes = Arc<Mutex<HashMap<(Uuid, Side), Index>>>;
 
 /// The relay buffer on a JetStream stream.
 pub struct JetStreamBuffer {
+    /// The connection, for the live frames; it never receives what it publishes itself.
+    client: async_nats::Client,
     context: jetstream::Context,
     stream: stream::Stream<()>,
     name: String,
@@ -183,7 +185,11 @@ impl JetStreamBuffer {
         if !valid_stream_name(&settings.stream) {
             return Err(ConnectError::StreamName(settings.stream.clone()));
         }
-        let mut options = async_nats::ConnectOptions::new().name("bridge-server relay");
+        // No echo: an instance that writes a direction and follows it too would otherwise read its
+        // own live frames back.
+        let mut options = async_nats::ConnectOptions::new()
+            .name("bridge-server relay")
+            .no_echo();
         if let Some(path) = &settings.credentials {
             options = options.credentials_file(path).await.map_err(|source| {
                 ConnectError::Credentials {
@@ -205,7 +211,7 @@ impl JetStreamBuffer {
             .connect(servers.as_slice())
             .await
             .map_err(ConnectError::Connect)?;
-        let context = jetstream::new(client);
+        let context = jetstream::new(client.clone());
         let max_messages = relay.buffer_max_frames.clamp(1, i64::MAX as u64);
         let config = stream::Config {
             name: settings.stream.clone(),
@@ -237,6 +243,7 @@ impl JetStreamBuffer {
             })?;
         let (wake_tx, wake_rx) = mpsc::channel(WAKE_QUEUE);
         Ok(Self {
+            client,
             context,
             stream,
             name: settings.stream.clone(),
@@ -263,6 +270,10 @@ impl JetStreamBuffer {
 
     fn subject(&self, group_id: Uuid, towards: Side) -> String {
         subject_of(&self.name, group_id, towards)
+    }
+
+    fn live_subject(&self, group_id: Uuid, towards: Side) -> String {
+        live_subject_of(&self.name, group_id, towards)
     }
 
     /// Records a change of a direction's row, for the ledger's writer.
@@ -340,6 +351,27 @@ impl JetStreamBuffer {
             .await
             .map_err(nats)?;
         let messages = consumer.messages().await.map_err(nats)?;
+        let live_wanted = self.with_index(key, |index| {
+            index.live_reader.as_ref().is_none_or(|r| r.is_finished())
+        });
+        if live_wanted {
+            let subscriber = self
+                .client
+                .subscribe(live_subject_of(&self.name, key.0, key.1))
+                .await
+                .map_err(nats)?;
+            let reader = tokio::spawn(read_live(
+                subscriber,
+                key,
+                self.indexes.clone(),
+                self.wake_tx.clone(),
+            ));
+            self.with_index(key, |index| {
+                if let Some(old) = index.live_reader.replace(reader) {
+                    old.abort();
+                }
+            });
+        }
         let task = tokio::spawn(follow(
             messages,
             key,
@@ -424,6 +456,20 @@ impl JetStreamBuffer {
         let subject = self.subject(req.group_id, req.target);
         let mut written = 0u64;
         if !req.chunks.is_empty() {
+            // Live first, for an instance that sends this direction now: it needs not wait for the
+            // stream. Nothing waits for it, and a live copy lost is read from the stream instead.
+            let live = self.live_subject(req.group_id, req.target);
+            for chunk in req.chunks {
+                let message = control_proto::data::encode_frames(
+                    req.group_id,
+                    req.target,
+                    chunk.seq,
+                    &chunk.batch,
+                );
+                if let Err(e) = self.client.publish(live.clone(), message.into()).await {
+                    tracing::debug!(group_id = %req.group_id, error = %e, "a live copy of buffered frames was not sent");
+                }
+            }
             // Published together and awaited together: the stream groups their writes.
             let mut acks = Vec::with_capacity(req.chunks.len());
             for chunk in req.chunks {
@@ -531,14 +577,7 @@ impl JetStreamBuffer {
         limit: usize,
     ) -> Result<Vec<Chunk>, BufferError> {
         let key = (group_id, target);
-        let indexed = |index: &mut Index| -> Vec<(u64, Entry)> {
-            index
-                .by_position
-                .range(from..)
-                .take(limit)
-                .map(|(pos, e)| (*pos, e.clone()))
-                .collect()
-        };
+        let indexed = |index: &mut Index| -> Vec<(u64, Entry)> { index.range(from, limit) };
         let mut wanted = if self.following(key) {
             self.with_index(key, indexed)
         } else {
@@ -633,6 +672,56 @@ async fn first_from(
     }
 }
 
+/// The core NATS subject of a direction's live frames: `<stream>-live.<group id>.<a|b>`, outside the
+/// stream's subjects, so that the stream does not store them a second time.
+fn live_subject_of(stream: &str, group_id: Uuid, towards: Side) -> String {
+    format!("{stream}-live.{group_id}.{}", towards.letter())
+}
+
+/// Reads a direction's live frames into its index, and wakes its pipe for each new one. A message
+/// that is not a FRAMES message of this direction (another client of the NATS server may publish
+/// anything) is skipped.
+async fn read_live(
+    mut subscriber: async_nats::Subscriber,
+    key: (Uuid, Side),
+    indexes: Indexes,
+    wake: mpsc::Sender<(Uuid, Side)>,
+) {
+    use futures::StreamExt;
+    while let Some(message) = subscriber.next().await {
+        let Ok(frames) = control_proto::data::DataMessage::decode(&message.payload) else {
+            tracing::debug!(group_id = %key.0, "a live NATS message that does not parse is skipped");
+            continue;
+        };
+        let count = u32::try_from(frames.frame_count()).unwrap_or(0);
+        // Positions are stored as PostgreSQL bigints; one past them is no frame of a relay.
+        let in_range = frames
+            .n
+            .checked_add(u64::from(count))
+            .is_some_and(|end| i64::try_from(end).is_ok());
+        if frames.kind != control_proto::data::Kind::Frames
+            || (frames.group_id, frames.side) != key
+            || count == 0
+            || !in_range
+        {
+            tracing::debug!(group_id = %key.0, "a live NATS message for something else is skipped");
+            continue;
+        }
+        let batch: Arc<[u8]> = message.payload[control_proto::data::HEADER_LEN..].into();
+        let new = {
+            let mut indexes = lock(&indexes);
+            // The pipe ended and its index went: so does this reader.
+            let Some(index) = indexes.get_mut(&key) else {
+                return;
+            };
+            index.insert_live(frames.n, count, batch)
+        };
+        if new {
+            let _ = wake.try_send(key);
+        }
+    }
+}
+
 /// Purges both directions of a deleted group from the stream.
 async fn purge_group(stream: &stream::Stream<()>, name: &str, group_id: Uuid) {
     for side in [Side::A, Side::B] {
@@ -690,8 +779,8 @@ async fn follow(
                         .is_none_or(|e| e.sequence != sequence)
                     {
                         let batch: Arc<[u8]> = message.payload.to_vec().into();
-                        index.insert(position, sequence, count, Some(batch), limit);
-                        new = true;
+                        // Received live already: woken then.
+                        new = index.insert(position, sequence, count, Some(batch), limit);
                     }
                 }
                 None => {
