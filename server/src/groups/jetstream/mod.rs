@@ -12,6 +12,17 @@
 //! per subject (a message holds at least one frame, so the frame limit is an upper bound of messages,
 //! never fewer frames than PostgreSQL keeps) and `buffer_max_age`, file storage, `--nats-replicas` copies.
 //!
+//! # Live frames
+//!
+//! A write publishes each chunk first on a plain NATS subject, `<stream>-live.<group id>.<a|b>` (outside
+//! the stream's subjects, so not stored), as a FRAMES message of the data plane. The instance following
+//! the direction ([`read_live`]) keeps it in its index as live and wakes the group's pipe, which sends
+//! it at once instead of waiting for the stream to store the message and its consumer to deliver it.
+//! A live frame is never counted as buffered nor as the end of the sender's stream: the writer may die
+//! before the stream has it, and its sender, not acknowledged, then sends it again (the receiver skips
+//! it by position). The stream's copy replaces it in the index. The connection does not echo, so an
+//! instance never reads its own live frames back.
+//!
 //! # What stays in PostgreSQL
 //!
 //! Each direction's positions and counters (`relay_sides`: how far the sender's stream is accepted, how
