@@ -8,6 +8,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
+use crate::agents::cluster::NatsMailbox;
 use crate::agents::hub::AgentHub;
 use crate::config::ServerConfig;
 use crate::console::Console;
@@ -52,10 +53,19 @@ impl AppState {
         frames: FrameStore,
     ) -> Self {
         let keys = Arc::new(config.dongle_keys.clone());
+        // With the relay on NATS, the instances' messages to each other go there first too.
+        let mailbox = match &frames {
+            FrameStore::JetStream(js) => Some(NatsMailbox {
+                client: js.client(),
+                prefix: format!("{}-mailbox", js.stream_name()),
+            }),
+            FrameStore::Postgres => None,
+        };
         let hub = Arc::new(AgentHub::clustered(
             pool.clone(),
             config.cluster.clone(),
             keys.clone(),
+            mailbox,
         ));
         let relay = Arc::new(Relay::new(
             pool.clone(),

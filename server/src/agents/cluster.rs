@@ -26,6 +26,18 @@
 //!   work stops. A graceful stop deletes the instance's row,
 //!   so its agents count as disconnected everywhere at once instead of after the staleness window.
 //!
+//! # On NATS
+//!
+//! With the relay on NATS (`serve --nats-url`), a message travels first as a NATS request on the
+//! recipient's own subject ([`NatsMailbox`]), which the recipient answers as soon as it has it, before
+//! it acts: the same sealed notice, without a row, a NOTIFY or a poll. When no answer comes (the
+//! recipient has no subscription, an older instance or one between two NATS connections, or NATS is
+//! unreachable), the message goes to the PostgreSQL mailbox as above, with the same id. So a message
+//! may reach its recipient twice (its answer was lost): the recipient remembers the ids it acted on
+//! lately ([`Cluster::first_time`]) and acts on each once. Whoever may publish on the mailbox subjects
+//! still cannot forge a message without the keys, but could replay one it saw after the recipient has
+//! forgotten its id: the NATS account is reserved to the instances, as the relay's subjects are.
+//!
 //! # Limits and secrets
 //!
 //! A notification carries the whole message, and PostgreSQL refuses payloads of 8000 bytes or more:
@@ -175,24 +187,57 @@ pub fn channel_of(instance_id: Uuid) -> String {
     format!("agent_hub_{}", instance_id.simple())
 }
 
+/// The instances' mailboxes on NATS: a subject per instance under `prefix`.
+#[derive(Clone)]
+pub struct NatsMailbox {
+    pub client: async_nats::Client,
+    /// The subjects' first token, the relay stream's name with `-mailbox` (`RELAY-mailbox`).
+    pub prefix: String,
+}
+
+impl NatsMailbox {
+    /// The subject an instance reads its messages on.
+    pub fn subject_of(&self, instance_id: Uuid) -> String {
+        format!("{}.{}", self.prefix, instance_id.simple())
+    }
+}
+
+/// How long a message posted on NATS waits for the recipient's receipt before it goes to the
+/// PostgreSQL mailbox instead.
+const NATS_RECEIPT_WAIT: Duration = Duration::from_secs(1);
+
+/// How many message ids an instance remembers, to act on a message that arrived both ways once.
+const IDS_REMEMBERED: usize = 4_096;
+
 /// This instance in the cluster: what the hub needs to reach the others.
 pub(crate) struct Cluster {
     pub pool: PgPool,
     pub instance_id: Uuid,
     pub settings: ClusterSettings,
     keys: Arc<KeyRing>,
+    /// The mailboxes on NATS, tried before PostgreSQL's.
+    pub nats: Option<NatsMailbox>,
+    /// The ids of the messages acted on lately, oldest first.
+    acted_on: std::sync::Mutex<std::collections::VecDeque<Uuid>>,
     /// Serialises this instance's writes to its `agent_connections` rows with the reconciliation of a
     /// beat, which would otherwise delete a row written between its snapshot and its delete.
     pub rows: tokio::sync::Mutex<()>,
 }
 
 impl Cluster {
-    pub fn new(pool: PgPool, settings: ClusterSettings, keys: Arc<KeyRing>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        settings: ClusterSettings,
+        keys: Arc<KeyRing>,
+        nats: Option<NatsMailbox>,
+    ) -> Self {
         Self {
             pool,
             instance_id: Uuid::new_v4(),
             settings,
             keys,
+            nats,
+            acted_on: Default::default(),
             rows: tokio::sync::Mutex::new(()),
         }
     }
@@ -300,9 +345,10 @@ impl Cluster {
         tx.commit().await
     }
 
-    /// Seals `message` for `to`, writes it to the mailbox and notifies `to`, in one statement (the
-    /// notification leaves at commit, when the row is there to claim). A recipient that is gone fails
-    /// the mailbox's foreign key, which the caller sees as an error like any other.
+    /// Seals `message` for `to` and hands it over: on NATS when the recipient confirms it there,
+    /// otherwise to the mailbox with a notification, in one statement (the notification leaves at
+    /// commit, when the row is there to claim). A recipient that is gone fails the mailbox's foreign
+    /// key, which the caller sees as an error like any other.
     pub async fn post(
         &self,
         to: Uuid,
@@ -311,6 +357,24 @@ impl Cluster {
     ) -> Result<(), ClusterError> {
         let id = Uuid::new_v4();
         let (sealed, payload) = encode(&self.keys, id, self.instance_id, to, message)?;
+        if let Some(nats) = &self.nats {
+            let request = nats
+                .client
+                .request(nats.subject_of(to), payload.clone().into());
+            match tokio::time::timeout(NATS_RECEIPT_WAIT, request).await {
+                Ok(Ok(_receipt)) => {
+                    metrics::counter!("agent_hub_messages_posted_total", "kind" => message.kind(), "path" => "nats")
+                        .increment(1);
+                    return Ok(());
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%to, error = %e, "a message goes to the database's mailbox: NATS did not take it")
+                }
+                Err(_) => {
+                    tracing::debug!(%to, "a message goes to the database's mailbox: no receipt on NATS")
+                }
+            }
+        }
         sqlx::query(
             "WITH m AS (INSERT INTO agent_mailbox (id, to_instance, from_instance, sealed, expires_at) \
                VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) RETURNING id) \
@@ -325,7 +389,8 @@ impl Cluster {
         .bind(&payload)
         .execute(&self.pool)
         .await?;
-        metrics::counter!("agent_hub_messages_posted_total", "kind" => message.kind()).increment(1);
+        metrics::counter!("agent_hub_messages_posted_total", "kind" => message.kind(), "path" => "database")
+            .increment(1);
         Ok(())
     }
 
@@ -389,6 +454,20 @@ impl Cluster {
 
     pub(super) fn open(&self, notice: &Notice) -> Result<Message, ClusterError> {
         decode(&self.keys, notice)
+    }
+
+    /// True the first time a message id comes here (within the last [`IDS_REMEMBERED`]): a message
+    /// whose receipt on NATS was lost comes again through the database's mailbox.
+    pub(super) fn first_time(&self, id: Uuid) -> bool {
+        let mut acted_on = self.acted_on.lock().expect("cluster lock");
+        if acted_on.contains(&id) {
+            return false;
+        }
+        if acted_on.len() == IDS_REMEMBERED {
+            acted_on.pop_front();
+        }
+        acted_on.push_back(id);
+        true
     }
 }
 
@@ -565,6 +644,25 @@ mod tests {
                 allow_dangerous: false,
             },
         }
+    }
+
+    #[tokio::test]
+    async fn a_message_that_came_both_ways_is_acted_on_once_within_the_memory() {
+        let pool = PgPool::connect_lazy("postgres://nowhere/none").unwrap();
+        let cluster = Cluster::new(
+            pool,
+            ClusterSettings::default(),
+            Arc::new(KeyRing::default()),
+            None,
+        );
+        let first = Uuid::new_v4();
+        assert!(cluster.first_time(first));
+        assert!(!cluster.first_time(first), "the second arrival");
+        for _ in 0..IDS_REMEMBERED {
+            assert!(cluster.first_time(Uuid::new_v4()));
+        }
+        assert_eq!(cluster.acted_on.lock().unwrap().len(), IDS_REMEMBERED);
+        assert!(cluster.first_time(first), "forgotten after the newest ones");
     }
 
     #[test]

@@ -52,6 +52,22 @@ pub async fn run(hub: Arc<AgentHub>, shutdown: CancellationToken) {
             shutdown.clone(),
         )))
     });
+    // Messages on NATS, when the relay is there; a subscription that cannot be made leaves them to
+    // the database's mailbox (the senders fall back to it when no receipt comes).
+    let mut nats = match &cluster.nats {
+        Some(mailbox) => match mailbox
+            .client
+            .subscribe(mailbox.subject_of(instance_id))
+            .await
+        {
+            Ok(subscriber) => Some((mailbox.client.clone(), subscriber)),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read this instance's messages on NATS; they come through the database");
+                None
+            }
+        },
+        None => None,
+    };
     let mut poll = tokio::time::interval(settings.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let pool_closed = cluster.pool.close_event();
@@ -69,6 +85,13 @@ pub async fn run(hub: Arc<AgentHub>, shutdown: CancellationToken) {
                 None => return,
             },
             _ = poll.tick() => drain(&hub).await,
+            message = next_on_nats(&mut nats) => match message {
+                Some((client, message)) => on_nats(&hub, &client, message).await,
+                None => {
+                    tracing::warn!("this instance's NATS subscription ended; messages come through the database");
+                    nats = None;
+                }
+            },
         }
     }
     // A beat still in flight would write the instance's row back after it left.
@@ -129,6 +152,43 @@ async fn on_notice(hub: &Arc<AgentHub>, payload: &str) {
     }
 }
 
+/// The next message on this instance's NATS subject; never without a subscription.
+async fn next_on_nats(
+    nats: &mut Option<(async_nats::Client, async_nats::Subscriber)>,
+) -> Option<(async_nats::Client, async_nats::Message)> {
+    use futures::StreamExt;
+    let Some((client, subscriber)) = nats.as_mut() else {
+        return std::future::pending().await;
+    };
+    let message = subscriber.next().await?;
+    Some((client.clone(), message))
+}
+
+/// A message on NATS: its receipt first (the sender then does not write it to the database's
+/// mailbox), then the same as a claimed row.
+async fn on_nats(hub: &Arc<AgentHub>, client: &async_nats::Client, message: async_nats::Message) {
+    let Some(cluster) = hub.cluster() else {
+        return;
+    };
+    let notice: Notice = match serde_json::from_slice(&message.payload) {
+        Ok(notice) => notice,
+        Err(e) => {
+            tracing::warn!(error = %e, "a malformed message on this instance's NATS subject");
+            return;
+        }
+    };
+    if notice.to != cluster.instance_id {
+        return;
+    }
+    if let Some(reply) = message.reply
+        && let Err(e) = client.publish(reply, Vec::new().into()).await
+    {
+        // The sender writes it to the mailbox too; it is acted on once all the same.
+        tracing::debug!(error = %e, "could not confirm a message on NATS");
+    }
+    deliver(hub, &notice, "nats").await;
+}
+
 async fn drain(hub: &Arc<AgentHub>) {
     let Some(cluster) = hub.cluster() else {
         return;
@@ -156,6 +216,12 @@ async fn deliver(hub: &Arc<AgentHub>, notice: &Notice, path: &'static str) {
             return;
         }
     };
+    // Only a message that opens is remembered: an id is no secret, and a forged notice must not make
+    // the real one be skipped.
+    if !cluster.first_time(notice.id) {
+        tracing::debug!(from = %notice.from, "a message that came both ways was acted on once");
+        return;
+    }
     metrics::counter!("agent_hub_messages_delivered_total", "kind" => message.kind(), "path" => path)
         .increment(1);
     match message {

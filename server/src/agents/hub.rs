@@ -79,9 +79,15 @@ impl AgentHub {
     /// A hub that also reaches agents connected to the other instances on `pool`'s database. The
     /// instance gets a fresh id; [`cluster::start`] must run for it to beat, listen and poll. `keys`
     /// seal the messages between instances, so every instance needs the same ones.
-    pub fn clustered(pool: PgPool, settings: ClusterSettings, keys: Arc<KeyRing>) -> Self {
+    /// With `nats`, messages between instances go on NATS first.
+    pub fn clustered(
+        pool: PgPool,
+        settings: ClusterSettings,
+        keys: Arc<KeyRing>,
+        nats: Option<cluster::NatsMailbox>,
+    ) -> Self {
         Self {
-            cluster: Some(Cluster::new(pool, settings, keys)),
+            cluster: Some(Cluster::new(pool, settings, keys, nats)),
             ..Self::default()
         }
     }

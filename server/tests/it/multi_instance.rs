@@ -57,6 +57,15 @@ struct Instance {
 impl Instance {
     /// Starts an instance on `first`'s database, with its keys and `settings`.
     async fn start(first: &TestApp, settings: ClusterSettings) -> Self {
+        Self::start_with(first, settings, None).await
+    }
+
+    /// The same, with the relay (and so the instances' messages) on `nats`.
+    async fn start_with(
+        first: &TestApp,
+        settings: ClusterSettings,
+        nats: Option<bridge_server::groups::jetstream::NatsSettings>,
+    ) -> Self {
         let options = first.pool.connect_options().as_ref().clone();
         let pool = PgPoolOptions::new()
             .max_connections(5)
@@ -67,6 +76,7 @@ impl Instance {
             bind: "127.0.0.1:0".parse().unwrap(),
             dongle_keys: first.keys(),
             cluster: settings,
+            nats,
             ..ServerConfig::default()
         };
         let server = app::spawn(config, pool.clone())
@@ -317,6 +327,110 @@ async fn without_notifications_the_mailbox_poll_delivers_everything(pool: PgPool
     assert_eq!(unpaired.status, StatusCode::OK, "{}", unpaired.text);
     agent::wait_until(|| async { agent.seen.lock().unwrap().forgets.len() == 1 }).await;
 
+    agent.close();
+    second.stop().await;
+    app.stop().await;
+}
+
+/// The test's own stream (and so mailbox subjects) on the test run's NATS server.
+fn nats() -> bridge_server::groups::jetstream::NatsSettings {
+    let url = std::env::var("BRIDGE_TEST_NATS_URL")
+        .expect("BRIDGE_TEST_NATS_URL names the nats-server of the test run (scripts/test)");
+    bridge_server::groups::jetstream::NatsSettings {
+        stream: format!("T{}", Uuid::new_v4().simple()),
+        ..bridge_server::groups::jetstream::NatsSettings::new(url)
+    }
+}
+
+/// Pairing and unpairing an agent on another instance: a request, its reply and a message.
+async fn pair_and_unpair_across(alice: &TestClient, agent: &TestAgent, pool: &PgPool) {
+    let dongle = dongle_id(pool).await;
+    let started = start_pairing(alice, dongle).await;
+    assert_eq!(started.status, StatusCode::OK, "{}", started.text);
+    let paired = read(
+        alice
+            .post_json(
+                &format!("/dongles/{dongle}/pairing-submit"),
+                json!({"pairing_session_id": started.json["pairing_session_id"], "pin": PIN}),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(paired.status, StatusCode::OK, "{}", paired.text);
+    agent::wait_until(|| async { agent.seen.lock().unwrap().dongle_tokens.len() == 1 }).await;
+    let unpaired = read(
+        alice
+            .post_json(&format!("/dongles/{dongle}/unpair"), json!({}))
+            .await,
+    )
+    .await;
+    assert_eq!(unpaired.status, StatusCode::OK, "{}", unpaired.text);
+    agent::wait_until(|| async { agent.seen.lock().unwrap().forgets.len() == 1 }).await;
+}
+
+/// With the relay on NATS, the instances' messages go there too: the database's mailbox is made to
+/// refuse every row, and a pairing and an unpairing across two instances still work, with the poll
+/// and NOTIFY turned off.
+#[sqlx::test(migrator = "MIGRATOR")]
+#[cfg_attr(
+    not(feature = "nats-tests"),
+    ignore = "needs a nats-server (BRIDGE_TEST_NATS_URL): scripts/test starts one where nats-server is installed"
+)]
+async fn with_the_relay_on_nats_the_instances_messages_go_there(pool: PgPool) {
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_mail() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE EXCEPTION 'the database mailbox was used'; END $$; \
+         CREATE TRIGGER refuse_mail BEFORE INSERT ON agent_mailbox \
+           FOR EACH ROW EXECUTE FUNCTION refuse_mail();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let nats = nats();
+    let settings = ClusterSettings {
+        poll_interval: Duration::from_secs(60),
+        listen: false,
+        ..notify_settings()
+    };
+    let (first_nats, first_settings) = (nats.clone(), settings.clone());
+    let app = spawn_app_with(pool.clone(), move |c| {
+        c.cluster = first_settings;
+        c.nats = Some(first_nats);
+    })
+    .await;
+    let second = Instance::start_with(&app, settings, Some(nats)).await;
+    let (alice, _) = app.logged_in("alice@example.com", Role::User).await;
+    let (agent_id, token) = agent::register(&alice).await;
+    let agent = TestAgent::connect(&second.base(), &token).await;
+    agent.report(&pool, &[DEV]).await;
+    assert!(app.hub().is_connected(agent_id).await);
+    pair_and_unpair_across(&alice, &agent, &pool).await;
+    agent.close();
+    second.stop().await;
+    app.stop().await;
+}
+
+/// An instance whose relay is on NATS and one whose relay is not (an upgrade in progress): the first
+/// finds no one reading its messages on NATS and writes them to the database's mailbox instead.
+#[sqlx::test(migrator = "MIGRATOR")]
+#[cfg_attr(
+    not(feature = "nats-tests"),
+    ignore = "needs a nats-server (BRIDGE_TEST_NATS_URL): scripts/test starts one where nats-server is installed"
+)]
+async fn a_message_no_one_reads_on_nats_goes_through_the_database(pool: PgPool) {
+    let nats = nats();
+    let app = spawn_app_with(pool.clone(), move |c| {
+        c.cluster = notify_settings();
+        c.nats = Some(nats);
+    })
+    .await;
+    let second = Instance::start(&app, notify_settings()).await;
+    let (alice, _) = app.logged_in("alice@example.com", Role::User).await;
+    let (agent_id, token) = agent::register(&alice).await;
+    let agent = TestAgent::connect(&second.base(), &token).await;
+    agent.report(&pool, &[DEV]).await;
+    assert!(app.hub().is_connected(agent_id).await);
+    pair_and_unpair_across(&alice, &agent, &pool).await;
     agent.close();
     second.stop().await;
     app.stop().await;

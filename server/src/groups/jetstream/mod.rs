@@ -272,6 +272,11 @@ impl JetStreamBuffer {
         &self.name
     }
 
+    /// The connection to NATS, which the agent hub's messages between instances share.
+    pub fn client(&self) -> async_nats::Client {
+        self.client.clone()
+    }
+
     /// The directions whose stream received a message, as the followers read them: for
     /// [`super::wake`], which hands them to the groups' pipes. There is one receiver; the first call
     /// takes it.
