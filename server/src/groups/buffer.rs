@@ -502,7 +502,7 @@ pub async fn acknowledge(
     .await?;
     let removed = removed.max(0) as u64;
     let left = buffered.saturating_sub(removed);
-    record_acknowledged(&mut *tx, group_id, target, next, left, removed).await?;
+    record_acknowledged(&mut *tx, group_id, target, next, Some(left), removed).await?;
     tx.commit().await.map_err(classify)?;
     Ok(Acknowledged {
         removed,
@@ -607,30 +607,35 @@ pub async fn record_waiting(
 }
 
 /// Records an acknowledgement of the frames towards `target` below `next` in its side's row: `removed`
-/// frames left the buffer and `buffered` are still waiting. The PostgreSQL store calls it inside the
-/// transaction that deleted the rows, the JetStream store before its purge.
+/// frames left the buffer and `buffered` (when counted) are still waiting. The PostgreSQL store calls it
+/// inside the transaction that deleted the rows, the JetStream store before its purge.
 pub async fn record_acknowledged(
     db: impl sqlx::PgExecutor<'_>,
     group_id: Uuid,
     target: Side,
     next: u64,
-    buffered: u64,
+    buffered: Option<u64>,
     removed: u64,
 ) -> Result<(), BufferError> {
-    // A count taken at an older acknowledgement than the row's is stale: it stays as it is.
-    sqlx::query(
+    // Without a count, the row's stays: JetStream's store counts after this, above the row's
+    // acknowledgement (`record_waiting`), which a pipe's flush may have moved past `next`.
+    let updated = sqlx::query(
         "UPDATE relay_sides SET acked_out = GREATEST(acked_out, $3), \
-           buffered_frames = CASE WHEN $3 >= acked_out THEN $4 ELSE buffered_frames END, \
+           buffered_frames = coalesce($4, buffered_frames), \
            frames_delivered = frames_delivered + $5 WHERE group_id = $1 AND side = $2",
     )
     .bind(group_id)
     .bind(target.letter())
     .bind(pos(next))
-    .bind(pos(buffered))
+    .bind(buffered.map(pos))
     .bind(pos(removed))
     .execute(db)
     .await
     .map_err(classify)?;
+    // The rows go only with their group: without them, the acknowledgement is recorded nowhere.
+    if updated.rows_affected() == 0 {
+        return Err(BufferError::Gone);
+    }
     Ok(())
 }
 

@@ -77,7 +77,7 @@ async fn group(pool: &PgPool) -> Uuid {
         .unwrap();
         dongles.push(id);
     }
-    sqlx::query_scalar(
+    let id: Uuid = sqlx::query_scalar(
         "INSERT INTO dongle_groups (user_id, dongle_a_id, dongle_b_id, mode) \
          VALUES ($1, $2, $3, 'ACTIVE') RETURNING id",
     )
@@ -86,7 +86,14 @@ async fn group(pool: &PgPool) -> Uuid {
     .bind(dongles[1])
     .fetch_one(pool)
     .await
-    .unwrap()
+    .unwrap();
+    // As the API makes a group: with its two sides' rows.
+    sqlx::query("INSERT INTO relay_sides (group_id, side) VALUES ($1, 'a'), ($1, 'b')")
+        .bind(id)
+        .execute(pool)
+        .await
+        .unwrap();
+    id
 }
 
 const RETENTION: Retention = Retention {
@@ -407,7 +414,52 @@ async fn an_acknowledgement_lost_in_a_kill_leaves_no_gap(stores: Stores, pool: P
     );
 }
 
+/// The receiver acknowledged frames (and their messages were purged) before the writer, killed, wrote
+/// its sender's position: the next instance expects the sender's stream from past them all the same.
+async fn a_sender_position_survives_a_kill_after_the_receiver_took_its_frames(
+    stores: Stores,
+    pool: PgPool,
+) {
+    let id = group(&pool).await;
+    write(&stores.writer, &pool, id, &[chunk(0, 10), chunk(10, 6)]).await;
+    // Killed at once: nothing more of it runs.
+    drop(stores.writer);
+    assert_eq!(read(&stores.reader, &pool, id, 0).await.len(), 2);
+    stores
+        .reader
+        .acknowledge(&pool, id, Side::B, 16)
+        .await
+        .unwrap();
+    assert!(stores.reader.settle(Duration::from_secs(5)).await);
+    let rows = stores.spare.load(&pool, id).await.unwrap();
+    assert_eq!(rows[0].next_in, 16, "A's stream is accepted up to 16");
+    assert_eq!(rows[1].buffered, 0);
+}
+
+/// A pipe's periodic write of its positions may put the receiver's acknowledgement in the row ahead
+/// of the store's own: the frames waiting are then counted above the row's, not left as they were.
+async fn the_count_waiting_follows_an_acknowledgement_written_ahead(stores: Stores, pool: PgPool) {
+    let id = group(&pool).await;
+    write(&stores.writer, &pool, id, &[chunk(0, 10), chunk(10, 6)]).await;
+    assert!(stores.writer.settle(Duration::from_secs(5)).await);
+    assert_eq!(read(&stores.reader, &pool, id, 0).await.len(), 2);
+    // Frames 16..20 went to B straight from memory, and the pipe wrote B's acknowledgement of them.
+    sqlx::query("UPDATE relay_sides SET acked_out = 20 WHERE group_id = $1 AND side = 'b'")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    stores
+        .reader
+        .acknowledge(&pool, id, Side::B, 16)
+        .await
+        .unwrap();
+    assert_eq!(side_b(&stores.reader, &pool, id).await, (20, 0));
+}
+
 on_both_stores!(
+    the_count_waiting_follows_an_acknowledgement_written_ahead,
+    a_sender_position_survives_a_kill_after_the_receiver_took_its_frames,
     a_sender_position_survives_a_kill_right_after_the_write,
     an_acknowledgement_lost_in_a_kill_leaves_no_gap,
     what_one_instance_writes_another_reads_by_position,

@@ -123,7 +123,9 @@ impl Index {
     }
 
     /// Up to `limit` entries from position `from` on, in position order, the live frames among them
-    /// (with no stream sequence).
+    /// (with no stream sequence). A live entry comes only in an unbroken run from `from`: after a hole
+    /// (its live copy lost, or not kept for room), the receiver would skip the missing frames, so the
+    /// list ends there until the stream's copy fills it.
     pub(super) fn range(&self, from: u64, limit: usize) -> Vec<(u64, Entry)> {
         let stored = self
             .by_position
@@ -149,10 +151,19 @@ impl Index {
         all.sort_by_key(|(pos, _)| *pos);
         all.dedup_by_key(|(pos, _)| *pos);
         all.truncate(limit);
+        let mut end = from;
+        if let Some(hole) = all.iter().position(|(pos, e)| {
+            let after_hole = e.sequence == 0 && *pos > end;
+            end = end.max(pos.saturating_add(u64::from(e.count)));
+            after_hole
+        }) {
+            all.truncate(hole);
+        }
         all
     }
 
-    /// Adds a message; its frames are kept while the cache has room. True when it was not known live.
+    /// Adds a message; its frames are kept while the cache has room. True when it is new here: not
+    /// known live, and not acknowledged already (such a copy is not kept: the next purge passes it).
     pub(super) fn insert(
         &mut self,
         position: u64,
@@ -162,6 +173,14 @@ impl Index {
         limit: usize,
     ) -> bool {
         let was_live = self.forget_live(position);
+        if position.saturating_add(u64::from(count)) <= self.acked {
+            return false;
+        }
+        // The same message again (the follower read it before its write recorded it), or another
+        // copy of the position: the old one goes first, so that the maps name only the new one.
+        if let Some(old) = self.by_position.remove(&position) {
+            self.forget_entry(&old);
+        }
         let batch = batch.filter(|b| self.room_for(b.len()));
         self.cache(batch.as_ref().map_or(0, |b| b.len()));
         self.frames += u64::from(count);
@@ -171,9 +190,7 @@ impl Index {
             count,
             batch,
         };
-        if let Some(old) = self.by_position.insert(position, entry) {
-            self.forget_entry(&old);
-        }
+        self.by_position.insert(position, entry);
         // Within the subject's own message limit, forgetting the oldest positions: the stream drops
         // its oldest messages at that limit too.
         while self.by_position.len() > limit {
@@ -360,6 +377,63 @@ mod tests {
         assert!(index.insert_live(15, 5, batch));
         drop(index);
         assert_eq!(budget.load(Ordering::Relaxed), 0, "given back");
+    }
+
+    /// The follower may read a message of this instance before the write that published it records
+    /// it: the second insert of the same position and sequence must keep the message findable by its
+    /// sequence, or the next purge would pass it unacknowledged.
+    #[test]
+    fn a_message_inserted_twice_stays_known_by_its_sequence() {
+        let mut index = Index::new(Arc::default());
+        index.insert(10, 5, 4, None, 10);
+        index.insert(10, 5, 4, None, 10);
+        index.scanned = 5;
+        assert_eq!((index.frames(), index.first_sequence()), (4, Some(5)));
+        index.insert(14, 6, 4, None, 10);
+        index.forget_acknowledged(12);
+        assert_eq!(index.first_sequence(), Some(5), "10..14 still waits");
+    }
+
+    /// Live frames are sent only in an unbroken run from where the receiver is: one whose live copy
+    /// before it was lost waits until the stream's copy fills the hole, or the receiver would skip it.
+    #[test]
+    fn a_live_frame_after_a_hole_waits_for_the_stream() {
+        let mut index = Index::new(Arc::default());
+        let batch: Arc<[u8]> = vec![0u8; 10].into();
+        assert!(index.insert_live(110, 10, batch.clone()));
+        assert_eq!(index.range(100, 10), [], "100..110 is missing");
+        assert_eq!(index.range(110, 10).len(), 1);
+        index.insert(100, 7, 10, Some(batch.clone()), 10);
+        assert_eq!(
+            index
+                .range(100, 10)
+                .iter()
+                .map(|(p, _)| *p)
+                .collect::<Vec<_>>(),
+            [100, 110]
+        );
+        assert!(index.insert_live(130, 10, batch));
+        assert_eq!(
+            index
+                .range(100, 10)
+                .iter()
+                .map(|(p, _)| *p)
+                .collect::<Vec<_>>(),
+            [100, 110],
+            "120..130 is missing"
+        );
+    }
+
+    /// A stream copy of frames acknowledged already (their live copy was sent) is not kept: it would
+    /// count as waiting, and hold the purge back.
+    #[test]
+    fn a_stream_copy_of_acknowledged_frames_is_not_kept() {
+        let mut index = Index::new(Arc::default());
+        index.forget_acknowledged(20);
+        assert!(!index.insert(10, 3, 10, None, 10));
+        assert_eq!((index.frames(), index.first_sequence()), (0, None));
+        assert!(index.insert(20, 4, 10, None, 10));
+        assert_eq!(index.frames(), 10);
     }
 
     #[test]

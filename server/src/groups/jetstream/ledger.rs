@@ -62,6 +62,8 @@ pub(super) struct Acked {
     pub(super) removed: u64,
     /// Every message of the subject below this stream sequence may be purged.
     pub(super) purge_below: u64,
+    /// A purge is due (something left the index).
+    pub(super) purge: bool,
 }
 
 impl Pending {
@@ -77,6 +79,7 @@ impl Pending {
                 next: a.next.max(b.next),
                 removed: a.removed + b.removed,
                 purge_below: a.purge_below.max(b.purge_below),
+                purge: a.purge || b.purge,
             }),
             (a, b) => b.or(a),
         };
@@ -197,26 +200,35 @@ async fn write_rows(ledger: Weak<Ledger>, context: Context) {
         };
         let mut failed = false;
         for (key, change) in taken {
-            match write_one(&context, key, change).await {
-                Ok(()) => {}
-                Err(BufferError::Gone) => {
+            let again = match write_one(&context, key, change).await {
+                Ok(()) => None,
+                Err(Failed::Row(BufferError::Gone)) => {
                     ledger.mark_gone(key.0);
                     super::purge_group(&context.stream, &context.name, key.0).await;
+                    None
                 }
-                Err(e) => {
-                    if !pool.is_closed() {
-                        tracing::warn!(group_id = %key.0, error = %e, "could not record the NATS buffer's positions in the database; retrying");
-                    }
-                    failed = true;
-                    // Written again together with what came meanwhile.
-                    let mut pending = ledger.pending.lock().expect("ledger lock");
-                    let mut merged = change;
-                    if let Some(later) = pending.remove(&key) {
-                        merged.merge(later);
-                    }
-                    pending.insert(key, merged);
-                    ledger.wake.notify_one();
+                Err(Failed::Row(e)) => Some((change, e)),
+                Err(Failed::Purge(acked, e)) => Some((
+                    Pending {
+                        acked: Some(acked),
+                        ..Pending::default()
+                    },
+                    e,
+                )),
+            };
+            if let Some((change, e)) = again {
+                if !pool.is_closed() {
+                    tracing::warn!(group_id = %key.0, error = %e, "could not record the NATS buffer's positions in the database; retrying");
                 }
+                failed = true;
+                // Written again together with what came meanwhile.
+                let mut pending = ledger.pending.lock().expect("ledger lock");
+                let mut merged = change;
+                if let Some(later) = pending.remove(&key) {
+                    merged.merge(later);
+                }
+                pending.insert(key, merged);
+                ledger.wake.notify_one();
             }
             *ledger.writing.lock().expect("ledger lock") -= 1;
         }
@@ -232,44 +244,80 @@ async fn write_rows(ledger: Weak<Ledger>, context: Context) {
 /// was written; past that, the instance that acknowledged has the last word, as it should.
 const RECOUNTS: usize = 3;
 
+/// Why a direction's changes were not all written.
+enum Failed {
+    /// The rows were not written: everything is to be written again.
+    Row(BufferError),
+    /// The rows were written, the purge was not: only the purge is to be made again (the frames
+    /// delivered must not be added twice).
+    Purge(Acked, BufferError),
+}
+
+impl From<BufferError> for Failed {
+    fn from(e: BufferError) -> Self {
+        Failed::Row(e)
+    }
+}
+
 /// One direction's changes: the rows first, then the purge that the acknowledgement allows. The frames
-/// waiting are counted now, not when the change was recorded, from this instance's index above the
-/// acknowledgement the row holds (see [`buffer::record_waiting`]).
+/// waiting are counted now, not when the change was recorded, above the acknowledgement the row holds
+/// ([`recount`]).
 async fn write_one(
     context: &Context,
     key @ (group_id, towards): (Uuid, Side),
     change: Pending,
-) -> Result<(), BufferError> {
+) -> Result<(), Failed> {
     let pool = &context.pool;
     if change.written > 0 || change.source_next_in.is_some() {
-        let mut acked_out =
-            buffer::record_sent(pool, group_id, towards, change.source_next_in).await?;
-        for _ in 0..RECOUNTS {
-            let Some(waiting) = super::count_waiting(context, key, acked_out).await? else {
-                break;
-            };
-            match buffer::record_waiting(pool, group_id, towards, acked_out, waiting).await? {
-                Some(moved) => acked_out = moved,
-                None => break,
-            }
-        }
+        let acked_out = buffer::record_sent(pool, group_id, towards, change.source_next_in).await?;
+        recount(context, key, acked_out).await?;
     }
     if let Some(acked) = change.acked {
-        let waiting = super::count_waiting(context, key, acked.next)
-            .await?
-            .unwrap_or(0);
-        buffer::record_acknowledged(pool, group_id, towards, acked.next, waiting, acked.removed)
-            .await?;
+        if acked.removed > 0 || acked.next > 0 {
+            // The rows made first if the group has none yet (groups made before the relay had
+            // rows): an acknowledgement recorded nowhere must not let the purge pass its frames.
+            buffer::record_sent(pool, group_id, towards, None).await?;
+            buffer::record_acknowledged(pool, group_id, towards, acked.next, None, acked.removed)
+                .await?;
+            recount(context, key, acked.next).await?;
+        }
         // A purge "below 1" purges nothing, but the server reads a sequence of 1 (or 0) as no bound at
         // all and would purge the whole subject.
-        if acked.removed > 0 && acked.purge_below > 1 {
-            context
+        if acked.purge && acked.purge_below > 1 {
+            let purged = context
                 .stream
                 .purge()
                 .filter(super::subject_of(&context.name, group_id, towards))
                 .sequence(acked.purge_below)
-                .await
-                .map_err(super::nats)?;
+                .await;
+            if let Err(e) = purged {
+                let again = Acked {
+                    next: 0,
+                    removed: 0,
+                    ..acked
+                };
+                return Err(Failed::Purge(again, super::nats(e)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the frames waiting towards a side, counted by this instance above the row's acknowledgement
+/// (first taken to be `acked_out`), taken again when the row's moved meanwhile. Without an index here
+/// (the direction's pipe ended), the row's count stays as it is.
+async fn recount(
+    context: &Context,
+    key @ (group_id, towards): (Uuid, Side),
+    mut acked_out: u64,
+) -> Result<(), BufferError> {
+    for _ in 0..RECOUNTS {
+        let Some(waiting) = super::count_waiting(context, key, acked_out).await? else {
+            return Ok(());
+        };
+        match buffer::record_waiting(&context.pool, group_id, towards, acked_out, waiting).await? {
+            Some(moved) => acked_out = moved,
+            None => return Ok(()),
         }
     }
     Ok(())
@@ -288,6 +336,7 @@ mod tests {
                 next: 8,
                 removed: 2,
                 purge_below: 3,
+                purge: false,
             }),
         };
         p.merge(Pending {
@@ -297,6 +346,7 @@ mod tests {
                 next: 5,
                 removed: 1,
                 purge_below: 2,
+                purge: true,
             }),
         });
         assert_eq!(p.source_next_in, Some(10));
@@ -307,6 +357,7 @@ mod tests {
                 next: 8,
                 removed: 3,
                 purge_below: 3,
+                purge: true,
             })
         );
         p.merge(Pending::default());

@@ -455,9 +455,12 @@ impl JetStreamBuffer {
                 self.with_index(key, |index| (index.frames_above(acked_out), index.tail()));
             rows[i].buffered = buffered;
             rows[i].tail = tail;
-            // The frames towards this side came from the other one.
+            // The frames towards this side came from the other one, which was acknowledged for all
+            // of them: for those still in the stream, and for those the receiver acknowledged (their
+            // messages may be purged while the writer died before its row said so).
+            let acked_out = rows[i].acked_out;
             let source = &mut rows[1 - i];
-            source.next_in = source.next_in.max(tail);
+            source.next_in = source.next_in.max(tail).max(acked_out);
         }
         Ok(rows)
     }
@@ -577,6 +580,7 @@ impl JetStreamBuffer {
                     next,
                     removed,
                     purge_below,
+                    purge: removed > 0,
                 }),
                 ..Pending::default()
             },
@@ -815,9 +819,11 @@ async fn follow(
 
 /// A message's position and frame count; None when a header is missing or does not parse.
 fn read_headers(headers: &HeaderMap) -> Option<(u64, u32)> {
-    let position = headers.get(SEQ_HEADER)?.as_str().parse().ok()?;
+    let position: u64 = headers.get(SEQ_HEADER)?.as_str().parse().ok()?;
     let count: u32 = headers.get(COUNT_HEADER)?.as_str().parse().ok()?;
-    (count > 0).then_some((position, count))
+    // Positions are PostgreSQL bigints: one past them is no message of a relay.
+    let end = position.checked_add(u64::from(count))?;
+    (count > 0 && i64::try_from(end).is_ok()).then_some((position, count))
 }
 
 #[cfg(test)]
