@@ -302,31 +302,8 @@ async fn without_notifications_the_mailbox_poll_delivers_everything(pool: PgPool
     let (agent_id, token) = agent::register(&alice).await;
     let agent = TestAgent::connect(&second.base(), &token).await;
     agent.report(&pool, &[DEV]).await;
-    let dongle = dongle_id(&pool).await;
     assert!(app.hub().is_connected(agent_id).await);
-
-    let started = start_pairing(&alice, dongle).await;
-    assert_eq!(started.status, StatusCode::OK, "{}", started.text);
-    let paired = read(
-        alice
-            .post_json(
-                &format!("/dongles/{dongle}/pairing-submit"),
-                json!({"pairing_session_id": started.json["pairing_session_id"], "pin": PIN}),
-            )
-            .await,
-    )
-    .await;
-    assert_eq!(paired.status, StatusCode::OK, "{}", paired.text);
-    agent::wait_until(|| async { agent.seen.lock().unwrap().dongle_tokens.len() == 1 }).await;
-    let unpaired = read(
-        alice
-            .post_json(&format!("/dongles/{dongle}/unpair"), json!({}))
-            .await,
-    )
-    .await;
-    assert_eq!(unpaired.status, StatusCode::OK, "{}", unpaired.text);
-    agent::wait_until(|| async { agent.seen.lock().unwrap().forgets.len() == 1 }).await;
-
+    pair_and_unpair_across(&alice, &agent, &pool).await;
     agent.close();
     second.stop().await;
     app.stop().await;
