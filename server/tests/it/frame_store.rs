@@ -457,8 +457,30 @@ async fn the_count_waiting_follows_an_acknowledgement_written_ahead(stores: Stor
     assert_eq!(side_b(&stores.reader, &pool, id).await, (20, 0));
 }
 
+/// A group made before the relay had rows for its sides: its acknowledgement is recorded all the
+/// same (the rows are made), never lost while the frames it covers are purged.
+async fn an_acknowledgement_for_a_group_without_rows_is_recorded(stores: Stores, pool: PgPool) {
+    let id = group(&pool).await;
+    sqlx::query("DELETE FROM relay_sides WHERE group_id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    write(&stores.writer, &pool, id, &[chunk(0, 10), chunk(10, 6)]).await;
+    // Killed at once, before it wrote any row.
+    drop(stores.writer);
+    assert_eq!(read(&stores.reader, &pool, id, 0).await.len(), 2);
+    stores
+        .reader
+        .acknowledge(&pool, id, Side::B, 16)
+        .await
+        .unwrap();
+    assert_eq!(side_b(&stores.reader, &pool, id).await, (16, 0));
+}
+
 on_both_stores!(
     the_count_waiting_follows_an_acknowledgement_written_ahead,
+    an_acknowledgement_for_a_group_without_rows_is_recorded,
     a_sender_position_survives_a_kill_after_the_receiver_took_its_frames,
     a_sender_position_survives_a_kill_right_after_the_write,
     an_acknowledgement_lost_in_a_kill_leaves_no_gap,

@@ -298,15 +298,7 @@ async fn an_agent_on_another_instance_is_paired_told_to_forget_and_kicked(pool: 
 async fn without_notifications_the_mailbox_poll_delivers_everything(pool: PgPool) {
     let app = spawn_app_with(pool.clone(), |c| c.cluster = polling_settings()).await;
     let second = Instance::start(&app, polling_settings()).await;
-    let (alice, _) = app.logged_in("alice@example.com", Role::User).await;
-    let (agent_id, token) = agent::register(&alice).await;
-    let agent = TestAgent::connect(&second.base(), &token).await;
-    agent.report(&pool, &[DEV]).await;
-    assert!(app.hub().is_connected(agent_id).await);
-    pair_and_unpair_across(&alice, &agent, &pool).await;
-    agent.close();
-    second.stop().await;
-    app.stop().await;
+    pair_and_unpair_on_the_second(app, second, &pool).await;
 }
 
 /// The test's own stream (and so mailbox subjects) on the test run's NATS server.
@@ -317,6 +309,20 @@ fn nats() -> bridge_server::groups::jetstream::NatsSettings {
         stream: format!("T{}", Uuid::new_v4().simple()),
         ..bridge_server::groups::jetstream::NatsSettings::new(url)
     }
+}
+
+/// A user of instance 1 pairs and unpairs a dongle of an agent connected to `second`: a request, its
+/// reply and a message between the instances. Both instances stop at the end.
+async fn pair_and_unpair_on_the_second(app: TestApp, second: Instance, pool: &PgPool) {
+    let (alice, _) = app.logged_in("alice@example.com", Role::User).await;
+    let (agent_id, token) = agent::register(&alice).await;
+    let agent = TestAgent::connect(&second.base(), &token).await;
+    agent.report(pool, &[DEV]).await;
+    assert!(app.hub().is_connected(agent_id).await);
+    pair_and_unpair_across(&alice, &agent, pool).await;
+    agent.close();
+    second.stop().await;
+    app.stop().await;
 }
 
 /// Pairing and unpairing an agent on another instance: a request, its reply and a message.
@@ -376,15 +382,7 @@ async fn with_the_relay_on_nats_the_instances_messages_go_there(pool: PgPool) {
     })
     .await;
     let second = Instance::start_with(&app, settings, Some(nats)).await;
-    let (alice, _) = app.logged_in("alice@example.com", Role::User).await;
-    let (agent_id, token) = agent::register(&alice).await;
-    let agent = TestAgent::connect(&second.base(), &token).await;
-    agent.report(&pool, &[DEV]).await;
-    assert!(app.hub().is_connected(agent_id).await);
-    pair_and_unpair_across(&alice, &agent, &pool).await;
-    agent.close();
-    second.stop().await;
-    app.stop().await;
+    pair_and_unpair_on_the_second(app, second, &pool).await;
 }
 
 /// An instance whose relay is on NATS and one whose relay is not (an upgrade in progress): the first
@@ -402,15 +400,7 @@ async fn a_message_no_one_reads_on_nats_goes_through_the_database(pool: PgPool) 
     })
     .await;
     let second = Instance::start(&app, notify_settings()).await;
-    let (alice, _) = app.logged_in("alice@example.com", Role::User).await;
-    let (agent_id, token) = agent::register(&alice).await;
-    let agent = TestAgent::connect(&second.base(), &token).await;
-    agent.report(&pool, &[DEV]).await;
-    assert!(app.hub().is_connected(agent_id).await);
-    pair_and_unpair_across(&alice, &agent, &pool).await;
-    agent.close();
-    second.stop().await;
-    app.stop().await;
+    pair_and_unpair_on_the_second(app, second, &pool).await;
 }
 
 /// The LISTEN connection of instance 2 is killed by the database; it comes back, and a request posted

@@ -21,6 +21,7 @@
 //!   and the store's next write for it fails as gone.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -48,8 +49,8 @@ const GONE_REMEMBERED: usize = 1_024;
 pub(super) struct Pending {
     /// The sending side's stream is accepted up to here.
     pub(super) source_next_in: Option<u64>,
-    /// Frames written to the stream.
-    pub(super) written: u64,
+    /// Frames were written to the stream (their count is taken from the index when the row is written).
+    pub(super) wrote: bool,
     /// The receiver's latest acknowledgement.
     pub(super) acked: Option<Acked>,
 }
@@ -73,7 +74,7 @@ impl Pending {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
-        self.written += later.written;
+        self.wrote |= later.wrote;
         self.acked = match (self.acked, later.acked) {
             (Some(a), Some(b)) => Some(Acked {
                 next: a.next.max(b.next),
@@ -91,7 +92,7 @@ impl Pending {
 pub(super) struct Ledger {
     pending: Mutex<HashMap<(Uuid, Side), Pending>>,
     /// Directions taken by the writer and not written yet.
-    writing: Mutex<usize>,
+    writing: AtomicUsize,
     wake: Arc<Notify>,
     gone: Mutex<VecDeque<Uuid>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -132,7 +133,7 @@ impl Ledger {
         self.wake.notify_one();
         loop {
             let idle = self.pending.lock().expect("ledger lock").is_empty()
-                && *self.writing.lock().expect("ledger lock") == 0;
+                && self.writing.load(Ordering::Acquire) == 0;
             if idle {
                 return true;
             }
@@ -195,7 +196,7 @@ async fn write_rows(ledger: Weak<Ledger>, context: Context) {
         let taken: Vec<((Uuid, Side), Pending)> = {
             let mut pending = ledger.pending.lock().expect("ledger lock");
             let taken: Vec<_> = pending.drain().collect();
-            *ledger.writing.lock().expect("ledger lock") = taken.len();
+            ledger.writing.store(taken.len(), Ordering::Release);
             taken
         };
         let mut failed = false;
@@ -230,7 +231,7 @@ async fn write_rows(ledger: Weak<Ledger>, context: Context) {
                 pending.insert(key, merged);
                 ledger.wake.notify_one();
             }
-            *ledger.writing.lock().expect("ledger lock") -= 1;
+            ledger.writing.fetch_sub(1, Ordering::AcqRel);
         }
         drop(ledger);
         if pool.is_closed() {
@@ -268,7 +269,7 @@ async fn write_one(
     change: Pending,
 ) -> Result<(), Failed> {
     let pool = &context.pool;
-    if change.written > 0 || change.source_next_in.is_some() {
+    if change.wrote || change.source_next_in.is_some() {
         let acked_out = buffer::record_sent(pool, group_id, towards, change.source_next_in).await?;
         recount(context, key, acked_out).await?;
     }
@@ -331,7 +332,7 @@ mod tests {
     fn changes_merge_with_positions_that_only_move_up() {
         let mut p = Pending {
             source_next_in: Some(10),
-            written: 4,
+            wrote: true,
             acked: Some(Acked {
                 next: 8,
                 removed: 2,
@@ -341,7 +342,7 @@ mod tests {
         };
         p.merge(Pending {
             source_next_in: Some(7),
-            written: 3,
+            wrote: false,
             acked: Some(Acked {
                 next: 5,
                 removed: 1,
@@ -350,7 +351,7 @@ mod tests {
             }),
         });
         assert_eq!(p.source_next_in, Some(10));
-        assert_eq!(p.written, 7);
+        assert!(p.wrote);
         assert_eq!(
             p.acked,
             Some(Acked {

@@ -473,7 +473,7 @@ impl JetStreamBuffer {
         }
         let key = (req.group_id, req.target);
         let subject = self.subject(req.group_id, req.target);
-        let mut written = 0u64;
+        let mut wrote = false;
         if !req.chunks.is_empty() {
             // Live first, for an instance that sends this direction now: it needs not wait for the
             // stream. Nothing waits for it, and a live copy lost is read from the stream instead.
@@ -508,7 +508,7 @@ impl JetStreamBuffer {
             for (chunk, ack) in acks {
                 let ack = ack.await.map_err(nats)?;
                 if !ack.duplicate {
-                    written += u64::from(chunk.count);
+                    wrote = true;
                     self.with_index(key, |index| {
                         index.insert(
                             chunk.seq,
@@ -523,13 +523,13 @@ impl JetStreamBuffer {
         }
         // What another instance acknowledged, or the limits removed, leaves the index here.
         self.prune(req.group_id, req.target, false).await?;
-        if written > 0 || req.source_next_in.is_some() {
+        if wrote || req.source_next_in.is_some() {
             self.record(
                 pool,
                 key,
                 Pending {
                     source_next_in: req.source_next_in,
-                    written,
+                    wrote,
                     acked: None,
                 },
             );
@@ -850,5 +850,10 @@ mod tests {
         assert_eq!(read_headers(&headers), Some((7, 3)));
         headers.insert(SEQ_HEADER, "x");
         assert_eq!(read_headers(&headers), None);
+        // Positions past what PostgreSQL stores (and `u64` overflowing) are no relay's.
+        headers.insert(SEQ_HEADER, (u64::MAX - 1).to_string().as_str());
+        assert_eq!(read_headers(&headers), None);
+        headers.insert(SEQ_HEADER, (i64::MAX as u64 - 3).to_string().as_str());
+        assert_eq!(read_headers(&headers), Some((i64::MAX as u64 - 3, 3)));
     }
 }
