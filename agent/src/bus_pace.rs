@@ -25,11 +25,6 @@ use crate::frame::Frame;
 /// Frames written ahead of the dongle's bus at most.
 pub const DEPTH: usize = 16;
 
-/// The bitrates a dongle's CAN controller runs at (SPEC 4.2's range for a configuration).
-pub fn dongle_bitrates() -> std::ops::RangeInclusive<u32> {
-    10_000..=1_000_000
-}
-
 /// The model of one dongle's transmit queue.
 #[derive(Debug, Default)]
 pub struct BusPace {

@@ -36,7 +36,7 @@ use tokio::time::{Instant, timeout};
 
 use std::net::SocketAddr;
 
-use crate::bus_pace::{self, BusPace, dongle_bitrates};
+use crate::bus_pace::{self, BusPace};
 use crate::transport::Link;
 use crate::transport::udp::UdpHub;
 
@@ -537,7 +537,7 @@ impl DongleSession {
     /// a CAN controller runs at is not believed.
     fn learn_bitrate(&self, answer: &CanConfig) {
         if answer.status == remp::ConfigStatus::Invalid
-            || !dongle_bitrates().contains(&answer.bitrate)
+            || !firmware_proto::remp::BITRATE_RANGE.contains(&answer.bitrate)
         {
             return;
         }

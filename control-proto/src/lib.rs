@@ -404,6 +404,24 @@ pub struct CanSettings {
 }
 
 impl CanSettings {
+    /// Settings from which a dongle derives its timing: `bitrate` at `sample_point_permille`, in
+    /// `mode`, with automatic retransmission (the firmware's default) and no raw fields.
+    pub fn derived(bitrate: u32, sample_point_permille: u16, mode: CanMode) -> Self {
+        Self {
+            bitrate,
+            sample_point_permille,
+            mode,
+            use_raw: false,
+            prescaler: None,
+            sjw: None,
+            tseg1: None,
+            tseg2: None,
+            auto_retx: true,
+            tx_pause: false,
+            protocol_exc: false,
+        }
+    }
+
     /// The REMP CAN_CONFIG SET request that applies these settings (raw fields absent are 0).
     pub fn to_remp(&self) -> firmware_proto::remp::CanConfig {
         use firmware_proto::remp::{self, ConfigAction, ConfigStatus};

@@ -46,6 +46,7 @@ use firmware_proto::ids::{CorrelationId, DeviceId, Pin};
 use firmware_proto::remp::{
     self, CanConfig, CliResponse, CliStatus, CliTelemetry, ConfigAction, ConfigStatus, Header,
     MAX_PAYLOAD_LEN, MsgType, Packet, PairingAck, PairingStatus, Payload, TelemetrySource,
+    TimingLimits,
 };
 use firmware_proto::{MAX_PACKET_LEN, caps};
 use rand::{Rng, RngExt};
@@ -55,7 +56,7 @@ use crate::flash::Flash;
 use crate::frame::Frame;
 use crate::pairing::{Pairing, StartOutcome, SubmitOutcome};
 use crate::time::{Instant, since};
-use crate::timing::{self, Limits, TimingError};
+use crate::timing::{self, TimingError};
 
 /// Which REMP extensions the dongle speaks (and announces).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -857,11 +858,7 @@ impl<I: Instant> Dongle<I> {
         let status = match request.action {
             ConfigAction::Get => ConfigStatus::Ok,
             ConfigAction::Set => {
-                let limits = if self.cfg.fd {
-                    Limits::FDCAN_NOMINAL
-                } else {
-                    Limits::BXCAN
-                };
+                let (limits, _) = TimingLimits::of_controller(self.cfg.fd);
                 match timing::apply(request, &limits, self.cfg.can_clock_hz) {
                     Ok(settings) => {
                         self.flash.can = settings;

@@ -7,52 +7,16 @@
 //! A request is checked in this order, and the first failure decides the status:
 //! 1. invalid: the mode or flags are unknown, the bitrate is outside 10 000..=1 000 000 bit/s
 //!    (when derived), the sample point outside 500..=950 permille (when derived), or raw
-//!    values outside the controller's ranges ([`Limits::BXCAN`], or [`Limits::FDCAN_NOMINAL`]
+//!    values outside the controller's ranges ([`TimingLimits::BXCAN`], or [`TimingLimits::FDCAN_NOMINAL`]
 //!    when the dongle announces FD);
 //! 2. apply_failed: no prescaler and segment split reaches the bitrate within 1 %.
 
-use firmware_proto::remp::{CanConfig, CanMode};
+use firmware_proto::remp::{BITRATE_RANGE, CanConfig, CanMode, SAMPLE_POINT_RANGE, TimingLimits};
 
 /// The simulated CAN kernel clock in Hz.
 pub const CAN_CLOCK_HZ: u32 = 80_000_000;
 /// The largest bitrate error, in parts per million, that a derived timing may have.
 pub const MAX_BITRATE_ERROR_PPM: u64 = 10_000;
-/// Bitrates accepted when the timing is derived.
-pub const BITRATE_RANGE: core::ops::RangeInclusive<u32> = 10_000..=1_000_000;
-/// Sample points accepted when the timing is derived, in permille.
-pub const SAMPLE_POINT_RANGE: core::ops::RangeInclusive<u16> = 500..=950;
-
-/// The ranges of a controller's nominal bit timing registers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Largest prescaler (the smallest is 1).
-    pub prescaler_max: u16,
-    /// Largest time segment 1.
-    pub tseg1_max: u8,
-    /// Largest time segment 2.
-    pub tseg2_max: u8,
-    /// Largest synchronisation jump width.
-    pub sjw_max: u8,
-}
-
-impl Limits {
-    /// STM32 bxCAN: prescaler 1..=1024, tseg1 1..=16, tseg2 1..=8, sjw 1..=4.
-    pub const BXCAN: Limits = Limits {
-        prescaler_max: 1024,
-        tseg1_max: 16,
-        tseg2_max: 8,
-        sjw_max: 4,
-    };
-    /// STM32 FDCAN nominal timing: NBRP 1..=512, NTSEG1 1..=256 (255 is the most the
-    /// one-byte wire field holds), NTSEG2 1..=128, NSJW 1..=128.
-    pub const FDCAN_NOMINAL: Limits = Limits {
-        prescaler_max: 512,
-        tseg1_max: 255,
-        tseg2_max: 128,
-        sjw_max: 128,
-    };
-}
-
 /// The controller's effective configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CanSettings {
@@ -127,7 +91,7 @@ const KNOWN_FLAGS: u8 = CanConfig::FLAG_USE_RAW
 /// Checks a SET request and returns the settings the controller would run with.
 pub fn apply(
     request: &CanConfig,
-    limits: &Limits,
+    limits: &TimingLimits,
     clock_hz: u32,
 ) -> Result<CanSettings, TimingError> {
     if request.flags & !KNOWN_FLAGS != 0 {
@@ -181,7 +145,7 @@ pub fn apply(
     })
 }
 
-fn check_raw(r: &CanConfig, l: &Limits) -> Result<(), TimingError> {
+fn check_raw(r: &CanConfig, l: &TimingLimits) -> Result<(), TimingError> {
     if !(1..=l.prescaler_max).contains(&r.prescaler) {
         return Err(TimingError::Invalid("prescaler out of range"));
     }
@@ -207,7 +171,12 @@ type Score = (u64, u64, i64);
 /// Finds prescaler, tseg1 and tseg2 for `bitrate` and `sample_point` (permille): the smallest
 /// bitrate error first, then the closest sample point, then the most time quanta per bit (finer
 /// resynchronisation). `None` when nothing is within [`MAX_BITRATE_ERROR_PPM`].
-pub fn derive(bitrate: u32, sample_point: u16, l: &Limits, clock_hz: u32) -> Option<(u16, u8, u8)> {
+pub fn derive(
+    bitrate: u32,
+    sample_point: u16,
+    l: &TimingLimits,
+    clock_hz: u32,
+) -> Option<(u16, u8, u8)> {
     let clock = u64::from(clock_hz);
     let bitrate = u64::from(bitrate);
     let sp = u64::from(sample_point);
@@ -239,7 +208,7 @@ pub fn derive(bitrate: u32, sample_point: u16, l: &Limits, clock_hz: u32) -> Opt
 }
 
 /// Splits `quanta` into tseg1 and tseg2 with the sample point closest to `sp` permille.
-fn split(quanta: u64, sp: u64, l: &Limits) -> Option<(u64, u64)> {
+fn split(quanta: u64, sp: u64, l: &TimingLimits) -> Option<(u64, u64)> {
     let tseg1_ideal = (quanta * sp + 500) / 1000;
     let tseg1_ideal = tseg1_ideal.saturating_sub(1);
     let low = quanta.saturating_sub(1 + u64::from(l.tseg2_max)).max(1);
@@ -274,7 +243,7 @@ mod tests {
             (1_000_000, 800),
             (83_333, 875),
         ] {
-            let s = apply(&set(bitrate, sp), &Limits::BXCAN, CAN_CLOCK_HZ).unwrap();
+            let s = apply(&set(bitrate, sp), &TimingLimits::BXCAN, CAN_CLOCK_HZ).unwrap();
             assert!(
                 s.bitrate.abs_diff(bitrate) * 100 <= bitrate,
                 "{bitrate}: {s:?}"
@@ -285,7 +254,7 @@ mod tests {
                 "{bitrate}: {s:?}"
             );
         }
-        let s = apply(&set(500_000, 875), &Limits::BXCAN, CAN_CLOCK_HZ).unwrap();
+        let s = apply(&set(500_000, 875), &TimingLimits::BXCAN, CAN_CLOCK_HZ).unwrap();
         assert_eq!(
             (s.prescaler, s.tseg1, s.tseg2, s.sample_point_permille),
             (10, 13, 2, 875)
@@ -294,18 +263,18 @@ mod tests {
 
     #[test]
     fn unreachable_bitrate_fails_to_apply() {
-        let err = apply(&set(970_000, 875), &Limits::BXCAN, CAN_CLOCK_HZ).unwrap_err();
+        let err = apply(&set(970_000, 875), &TimingLimits::BXCAN, CAN_CLOCK_HZ).unwrap_err();
         assert!(matches!(err, TimingError::ApplyFailed(_)));
     }
 
     #[test]
     fn out_of_range_values_are_invalid() {
         assert!(matches!(
-            apply(&set(5_000, 875), &Limits::BXCAN, CAN_CLOCK_HZ),
+            apply(&set(5_000, 875), &TimingLimits::BXCAN, CAN_CLOCK_HZ),
             Err(TimingError::Invalid(_))
         ));
         assert!(matches!(
-            apply(&set(500_000, 990), &Limits::BXCAN, CAN_CLOCK_HZ),
+            apply(&set(500_000, 990), &TimingLimits::BXCAN, CAN_CLOCK_HZ),
             Err(TimingError::Invalid(_))
         ));
         let raw = |p, s1, s2, j| CanConfig {
@@ -316,7 +285,7 @@ mod tests {
             flags: CanConfig::FLAG_USE_RAW,
             ..set(0, 0)
         };
-        assert!(apply(&raw(10, 13, 2, 1), &Limits::BXCAN, CAN_CLOCK_HZ).is_ok());
+        assert!(apply(&raw(10, 13, 2, 1), &TimingLimits::BXCAN, CAN_CLOCK_HZ).is_ok());
         for bad in [
             raw(0, 13, 2, 1),
             raw(1025, 13, 2, 1),
@@ -327,14 +296,21 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    apply(&bad, &Limits::BXCAN, CAN_CLOCK_HZ),
+                    apply(&bad, &TimingLimits::BXCAN, CAN_CLOCK_HZ),
                     Err(TimingError::Invalid(_))
                 ),
                 "{bad:?}"
             );
         }
         // FDCAN's wider ranges accept what bxCAN refuses.
-        assert!(apply(&raw(10, 40, 9, 5), &Limits::FDCAN_NOMINAL, CAN_CLOCK_HZ).is_ok());
+        assert!(
+            apply(
+                &raw(10, 40, 9, 5),
+                &TimingLimits::FDCAN_NOMINAL,
+                CAN_CLOCK_HZ
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -347,7 +323,7 @@ mod tests {
             flags: CanConfig::FLAG_USE_RAW,
             ..set(0, 0)
         };
-        let s = apply(&req, &Limits::BXCAN, CAN_CLOCK_HZ).unwrap();
+        let s = apply(&req, &TimingLimits::BXCAN, CAN_CLOCK_HZ).unwrap();
         assert_eq!((s.bitrate, s.sample_point_permille), (250_000, 875));
     }
 }

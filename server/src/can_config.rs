@@ -23,38 +23,12 @@ use crate::dongles::Services;
 use crate::dongles::{self, OwnedDongle};
 use crate::error_code::ErrorCode;
 use crate::rate_limit;
-use firmware_proto::remp::CanMode;
+use firmware_proto::remp::{BITRATE_RANGE, CanMode, SAMPLE_POINT_RANGE, TimingLimits};
 
 /// The mode names, for messages.
 fn mode_names() -> String {
     CanMode::ALL.map(CanMode::name).join(", ")
 }
-
-/// Inclusive ranges of raw bit timing for one CAN controller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TimingLimits {
-    pub prescaler: u16,
-    pub tseg1: u16,
-    pub tseg2: u16,
-    pub sjw: u16,
-}
-
-/// STM32 bxCAN: prescaler 1..=1024, tseg1 1..=16, tseg2 1..=8, sjw 1..=4.
-pub const BXCAN: TimingLimits = TimingLimits {
-    prescaler: 1024,
-    tseg1: 16,
-    tseg2: 8,
-    sjw: 4,
-};
-
-/// STM32 FDCAN nominal timing: prescaler 1..=512, tseg1 1..=256, tseg2 1..=128, sjw 1..=128. The
-/// control protocol carries tseg1 in one byte (as REMP does), so 255 is the most that can be sent.
-pub const FDCAN: TimingLimits = TimingLimits {
-    prescaler: 512,
-    tseg1: 255,
-    tseg2: 128,
-    sjw: 128,
-};
 
 fn default_true() -> bool {
     true
@@ -136,7 +110,12 @@ impl From<Invalid> for DongleError {
     }
 }
 
-fn in_range(field: &'static str, value: i64, min: i64, max: i64) -> Result<i64, Invalid> {
+fn in_range<T: Copy + Into<i64>>(
+    field: &'static str,
+    value: i64,
+    range: &std::ops::RangeInclusive<T>,
+) -> Result<i64, Invalid> {
+    let (min, max) = ((*range.start()).into(), (*range.end()).into());
     if (min..=max).contains(&value) {
         Ok(value)
     } else {
@@ -150,14 +129,15 @@ fn in_range(field: &'static str, value: i64, min: i64, max: i64) -> Result<i64, 
 fn raw_field(
     field: &'static str,
     value: Option<i64>,
-    max: u16,
+    max: impl Into<u16>,
     controller: &str,
 ) -> Result<i64, Invalid> {
+    let max: u16 = max.into();
     let value = value.ok_or_else(|| Invalid {
         field,
         message: "is required with use_raw.".into(),
     })?;
-    in_range(field, value, 1, max.into()).map_err(|_| Invalid {
+    in_range(field, value, &(1..=max)).map_err(|_| Invalid {
         field,
         message: format!("must be between 1 and {max} for this dongle's {controller} controller."),
     })
@@ -165,8 +145,12 @@ fn raw_field(
 
 /// Checks a request against SPEC 3.6; `can_fd` picks the FDCAN timing ranges over bxCAN's.
 pub fn validate(req: &CanConfigRequest, can_fd: bool) -> Result<CanSettings, Invalid> {
-    let bitrate = in_range("bitrate", req.bitrate, 10_000, 1_000_000)?;
-    let sample_point = in_range("sample_point_permille", req.sample_point_permille, 500, 950)?;
+    let bitrate = in_range("bitrate", req.bitrate, &BITRATE_RANGE)?;
+    let sample_point = in_range(
+        "sample_point_permille",
+        req.sample_point_permille,
+        &SAMPLE_POINT_RANGE,
+    )?;
     let Some(mode) = CanMode::from_name(&req.mode) else {
         return Err(Invalid {
             field: "mode",
@@ -174,15 +158,11 @@ pub fn validate(req: &CanConfigRequest, can_fd: bool) -> Result<CanSettings, Inv
         });
     };
     let (prescaler, sjw, tseg1, tseg2) = if req.use_raw {
-        let (limits, controller) = if can_fd {
-            (FDCAN, "FDCAN")
-        } else {
-            (BXCAN, "bxCAN")
-        };
-        let prescaler = raw_field("prescaler", req.prescaler, limits.prescaler, controller)?;
-        let tseg1 = raw_field("tseg1", req.tseg1, limits.tseg1, controller)?;
-        let tseg2 = raw_field("tseg2", req.tseg2, limits.tseg2, controller)?;
-        let sjw = raw_field("sjw", req.sjw, limits.sjw, controller)?;
+        let (limits, controller) = TimingLimits::of_controller(can_fd);
+        let prescaler = raw_field("prescaler", req.prescaler, limits.prescaler_max, controller)?;
+        let tseg1 = raw_field("tseg1", req.tseg1, limits.tseg1_max, controller)?;
+        let tseg2 = raw_field("tseg2", req.tseg2, limits.tseg2_max, controller)?;
+        let sjw = raw_field("sjw", req.sjw, limits.sjw_max, controller)?;
         if sjw > tseg2 {
             return Err(Invalid {
                 field: "sjw",

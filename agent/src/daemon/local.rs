@@ -3,14 +3,13 @@
 //! can apply one, and is refused with [`ReplyErrorCode::NotSettable`] and the way to do it where it
 //! cannot (SocketCAN takes its timing from `ip link`); a frame sent by hand goes onto the endpoint.
 
-use control_proto::{CanEffective, ReplyErrorCode, ReplyOk, ReplyResult, RequestBody};
+use control_proto::{CanEffective, CanSettings, ReplyErrorCode, ReplyOk, ReplyResult, RequestBody};
 use firmware_proto::ids::DeviceId;
 
 use super::Shared;
 use super::device::{Device, endpoint_error, not_open};
 use super::reply::{error, ok};
 use super::requests::build_frame;
-use crate::endpoints::{EndpointConfig, EndpointMode};
 
 impl Shared {
     /// Answers `body` for `device`, the local endpoint `device_id` (open or not). Host commands and
@@ -36,21 +35,7 @@ impl Shared {
                 "a local CAN endpoint has no command console; commands run on dongles",
             ),
             RequestBody::CanConfig { settings, .. } => {
-                let Some(mode) = EndpointMode::of(settings.mode) else {
-                    return error(
-                        ReplyErrorCode::NotSettable,
-                        format!("a local CAN endpoint has no {} mode", settings.mode.name()),
-                    );
-                };
-                let config = EndpointConfig {
-                    bitrate: settings.bitrate,
-                    data_bitrate: None,
-                    mode,
-                    sample_point_permille: (settings.sample_point_permille != 0)
-                        .then_some(settings.sample_point_permille),
-                    raw_timing: settings.use_raw,
-                };
-                self.configure_local(device_id, &config).await
+                self.configure_local(device_id, settings).await
             }
             RequestBody::SendFrame {
                 can_id,
@@ -70,7 +55,7 @@ impl Shared {
         }
     }
 
-    async fn configure_local(&self, device_id: &DeviceId, config: &EndpointConfig) -> ReplyResult {
+    async fn configure_local(&self, device_id: &DeviceId, config: &CanSettings) -> ReplyResult {
         let Some(endpoint) = self.devices.endpoints.endpoint(device_id) else {
             return not_open(device_id);
         };
@@ -88,7 +73,7 @@ impl Shared {
                         sjw: 0,
                         tseg1: 0,
                         tseg2: 0,
-                        mode: effective.mode.into(),
+                        mode: effective.mode,
                         use_raw: false,
                         auto_retx: false,
                         tx_pause: false,

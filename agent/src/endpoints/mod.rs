@@ -40,8 +40,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use control_proto::CanSettings;
 use firmware_proto::ext::batch;
 use firmware_proto::ids::DeviceId;
+use firmware_proto::remp::CanMode;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -188,73 +190,12 @@ impl EndpointInfo {
     }
 }
 
-/// How the controller takes part in the bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum EndpointMode {
-    #[default]
-    Normal,
-    /// Receives and never transmits or acknowledges.
-    ListenOnly,
-    /// Transmits to itself only.
-    Loopback,
-}
-
-impl EndpointMode {
-    /// The mode from the control channel's name for it (`normal`, `listen_only`, `loopback`).
-    /// `silent` is accepted too, as socketcand calls it. External loopback is no endpoint's.
-    pub fn parse(name: &str) -> Option<Self> {
-        if name == "silent" {
-            return Some(Self::ListenOnly);
-        }
-        Self::of(firmware_proto::remp::CanMode::from_name(name)?)
-    }
-
-    /// The endpoint mode of a dongle's CAN mode; external loopback is no endpoint's.
-    pub fn of(mode: firmware_proto::remp::CanMode) -> Option<Self> {
-        match mode {
-            firmware_proto::remp::CanMode::Normal => Some(Self::Normal),
-            firmware_proto::remp::CanMode::ListenOnly => Some(Self::ListenOnly),
-            firmware_proto::remp::CanMode::Loopback => Some(Self::Loopback),
-            firmware_proto::remp::CanMode::ExtLoop => None,
-        }
-    }
-
-    /// The mode's name on the control channel (firmware-proto's names).
-    pub fn name(self) -> &'static str {
-        firmware_proto::remp::CanMode::from(self).name()
-    }
-}
-
-impl From<EndpointMode> for firmware_proto::remp::CanMode {
-    fn from(mode: EndpointMode) -> Self {
-        match mode {
-            EndpointMode::Normal => Self::Normal,
-            EndpointMode::ListenOnly => Self::ListenOnly,
-            EndpointMode::Loopback => Self::Loopback,
-        }
-    }
-}
-
-/// A CAN configuration asked of an endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointConfig {
-    pub bitrate: u32,
-    /// The data-phase bitrate for CAN FD; `None` keeps the current one.
-    pub data_bitrate: Option<u32>,
-    pub mode: EndpointMode,
-    /// The sample point asked for, if any. No local endpoint can set it; see [`Effective::notes`].
-    pub sample_point_permille: Option<u16>,
-    /// Raw timing (prescaler and segments) was asked for; no local endpoint can set it.
-    pub raw_timing: bool,
-}
-
 /// The configuration an endpoint applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Effective {
     pub bitrate: u32,
     pub data_bitrate: Option<u32>,
-    pub mode: EndpointMode,
+    pub mode: CanMode,
     /// `None`: the adapter uses its own sample point, which the agent cannot read.
     pub sample_point_permille: Option<u16>,
     /// What was asked and not applied, in words, for the reply and the log.
@@ -387,8 +328,9 @@ impl Shared {
 pub(crate) enum Request {
     /// Frames to put on the bus (already checked against the endpoint's abilities).
     Send(Vec<Frame>),
+    /// A CAN configuration, with the answer's way back.
     Configure(
-        EndpointConfig,
+        CanSettings,
         oneshot::Sender<Result<Effective, EndpointError>>,
     ),
     /// Refresh the bus status from the controller where it can be asked.
@@ -540,10 +482,13 @@ impl CanEndpoint {
             .map_err(|_| self.closed_error())
     }
 
-    /// Applies a CAN configuration where the endpoint can. A SocketCAN interface takes its timing from
-    /// the kernel and a socketcand port has no bus of its own: both refuse with
-    /// [`EndpointError::TimingNotSettable`], saying what to do instead.
-    pub async fn configure(&self, config: &EndpointConfig) -> Result<Effective, EndpointError> {
+    /// Applies a CAN configuration, the one the server sends dongles, where the endpoint can. A
+    /// SocketCAN interface takes its timing from the kernel and a socketcand port has no bus of its
+    /// own: both refuse with [`EndpointError::TimingNotSettable`], saying what to do instead. What
+    /// the endpoint's kind cannot set is refused, or where harmless (the sample point) applied without
+    /// and said in [`Effective::notes`]; the data-phase bitrate of a CAN FD endpoint stays as its spec
+    /// set it, since the configuration carries none.
+    pub async fn configure(&self, config: &CanSettings) -> Result<Effective, EndpointError> {
         let info = self.info();
         let identity = info.identity.clone();
         match info.kind {
@@ -569,7 +514,7 @@ impl CanEndpoint {
         }
         let (tx, rx) = oneshot::channel();
         self.requests
-            .send(Request::Configure(config.clone(), tx))
+            .send(Request::Configure(*config, tx))
             .await
             .map_err(|_| self.closed_error())?;
         // Closing, setting the bitrates and reopening are several commands, each with its own wait.

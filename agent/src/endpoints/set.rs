@@ -16,11 +16,14 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use control_proto::CanSettings;
+use firmware_proto::remp::CanMode;
+
 use super::spec::EndpointSpec;
 use super::store::EndpointStore;
 use super::{
-    AbortOnDrop, CanEndpoint, Effective, EndpointConfig, EndpointError, EndpointInfo, EndpointMode,
-    EndpointOptions, local_device_id,
+    AbortOnDrop, CanEndpoint, Effective, EndpointError, EndpointInfo, EndpointOptions,
+    local_device_id,
 };
 use crate::home::Home;
 
@@ -181,7 +184,7 @@ impl EndpointSet {
     pub async fn configure(
         &self,
         device_id: &DeviceId,
-        config: &EndpointConfig,
+        config: &CanSettings,
     ) -> Result<Effective, EndpointError> {
         let Some(endpoint) = self.endpoint(device_id) else {
             return Err(EndpointError::Closed {
@@ -197,7 +200,7 @@ impl EndpointSet {
             let mut settings = settings.clone();
             settings.bitrate = effective.bitrate;
             settings.data_bitrate = effective.data_bitrate;
-            settings.listen_only = effective.mode == EndpointMode::ListenOnly;
+            settings.listen_only = effective.mode == CanMode::ListenOnly;
             let spec = EndpointSpec::Slcan(settings);
             // Written under the lock, so that the reloader never sees the file and the entry disagree
             // (it would take that for an edit and reopen the endpoint).

@@ -42,14 +42,14 @@ use tokio::time::Instant;
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
 
 use super::{
-    AbortOnDrop, BusHealth, BusState, Driver, Effective, EndpointConfig, EndpointError,
-    EndpointInfo, EndpointKind, EndpointMode, EndpointOptions, Plumbing, Request, Shared, bump,
+    AbortOnDrop, BusHealth, BusState, Driver, Effective, EndpointError, EndpointInfo, EndpointKind,
+    EndpointOptions, Plumbing, Request, Shared, bump,
 };
-use crate::endpoints::slcan_rates::{
-    bitrate_code, bitrate_list, data_bitrate_code, data_bitrate_list,
-};
+use crate::endpoints::slcan_rates::{bitrate_code, bitrate_list, data_bitrate_code};
 use crate::endpoints::spec::SlcanSettings;
 use crate::frame::Frame;
+use control_proto::CanSettings;
+use firmware_proto::remp::CanMode;
 
 /// The longest line accepted from an adapter. The longest valid one, an extended FD frame of 64 bytes
 /// with a timestamp, has 142 characters.
@@ -370,7 +370,7 @@ enum CommandFailure {
 struct Current {
     bitrate: u32,
     data_bitrate: Option<u32>,
-    mode: EndpointMode,
+    mode: CanMode,
 }
 
 /// The controller's side of the serial port: it writes commands and frames, and reads the answers the
@@ -424,9 +424,9 @@ pub(crate) async fn open(
             bitrate: settings.bitrate,
             data_bitrate: settings.data_bitrate,
             mode: if settings.listen_only {
-                EndpointMode::ListenOnly
+                CanMode::ListenOnly
             } else {
-                EndpointMode::Normal
+                CanMode::Normal
             },
         },
     };
@@ -685,7 +685,7 @@ impl Adapter {
             )
             .await?;
         }
-        if to.mode != EndpointMode::ListenOnly {
+        if to.mode != CanMode::ListenOnly {
             if self.silent_by_m {
                 self.expect_ok("M0", "the mode command", "it would not leave silent mode")
                     .await?;
@@ -773,9 +773,9 @@ impl Adapter {
 
     /// Closes the channel, sets the new bitrates and mode, and opens it again. A refused setting puts the
     /// old ones back, so that a bad request leaves the bus as it was.
-    async fn configure(&mut self, config: &EndpointConfig) -> Result<Effective, EndpointError> {
+    async fn configure(&mut self, config: &CanSettings) -> Result<Effective, EndpointError> {
         let identity = self.identity.clone();
-        if config.raw_timing {
+        if config.use_raw {
             return Err(EndpointError::TimingNotSettable {
                 identity,
                 what: "raw bit timing (prescaler and segments)",
@@ -792,29 +792,14 @@ impl Adapter {
                 how: format!("slcan sets only {} bit/s", bitrate_list()),
             });
         }
-        if config.mode == EndpointMode::Loopback {
+        if matches!(config.mode, CanMode::Loopback | CanMode::ExtLoop) {
             return Err(EndpointError::Unsupported {
                 identity,
-                what: "loopback mode (slcan has normal and listen-only)",
+                what: "loopback modes (slcan has normal and listen-only)",
             });
         }
-        let data_bitrate = match (config.data_bitrate, self.current.data_bitrate) {
-            (None, current) => current,
-            (Some(_), None) => {
-                return Err(EndpointError::Unsupported {
-                    identity,
-                    what: "a data bitrate on a classic endpoint (add ,fd to its spec)",
-                });
-            }
-            (Some(d), Some(_)) if data_bitrate_code(d).is_none() => {
-                return Err(EndpointError::TimingNotSettable {
-                    identity,
-                    what: "this data bitrate",
-                    how: format!("slcan sets only {} bit/s", data_bitrate_list()),
-                });
-            }
-            (Some(d), Some(_)) => Some(d),
-        };
+        // The configuration carries no data-phase bitrate: a CAN FD adapter keeps its spec's.
+        let data_bitrate = self.current.data_bitrate;
         let wanted = Current {
             bitrate: config.bitrate,
             data_bitrate,
@@ -830,7 +815,7 @@ impl Adapter {
             Ok(()) => {
                 self.current = wanted;
                 let mut notes = Vec::new();
-                if config.sample_point_permille.is_some() {
+                if config.sample_point_permille != 0 {
                     notes.push(
                         "the sample point is the adapter's own: slcan's S commands do not set it"
                             .to_string(),

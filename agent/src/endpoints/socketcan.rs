@@ -428,13 +428,11 @@ mod tests {
         }
         assert!(matches!(
             endpoint
-                .configure(&crate::endpoints::EndpointConfig {
-                    bitrate: 500_000,
-                    data_bitrate: None,
-                    mode: crate::endpoints::EndpointMode::Normal,
-                    sample_point_permille: None,
-                    raw_timing: false,
-                })
+                .configure(&control_proto::CanSettings::derived(
+                    500_000,
+                    875,
+                    firmware_proto::remp::CanMode::Normal
+                ))
                 .await,
             Err(EndpointError::TimingNotSettable { .. })
         ));

@@ -12,13 +12,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bridge_agent::endpoints::{
-    BusState, CanEndpoint, EndpointConfig, EndpointError, EndpointEvent, EndpointMode,
-    EndpointOptions, EndpointSet, EndpointSpec, EndpointStore, SetOptions,
+    BusState, CanEndpoint, EndpointError, EndpointEvent, EndpointOptions, EndpointSet,
+    EndpointSpec, EndpointStore, SetOptions,
 };
 use bridge_agent::home::Home;
 use bridge_agent::session::Frame;
+use control_proto::CanSettings;
 use firmware_proto::ext::batch::flags;
 use firmware_proto::ids::CanId;
+use firmware_proto::remp::CanMode;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
 use tokio::io::Interest;
@@ -440,21 +442,15 @@ async fn configure_sets_bitrate_and_mode_and_says_what_it_cannot() {
         .await
         .unwrap();
     adapter.expect(&["C", "V", "S6", "O", "F"]).await;
-    let config = |bitrate, mode| EndpointConfig {
-        bitrate,
-        data_bitrate: None,
-        mode,
-        sample_point_permille: Some(875),
-        raw_timing: false,
-    };
+    let config = |bitrate, mode| CanSettings::derived(bitrate, 875, mode);
 
     let effective = endpoint
-        .configure(&config(250_000, EndpointMode::ListenOnly))
+        .configure(&config(250_000, CanMode::ListenOnly))
         .await
         .unwrap();
     adapter.expect(&["C", "S5", "L"]).await;
     assert_eq!(effective.bitrate, 250_000);
-    assert_eq!(effective.mode, EndpointMode::ListenOnly);
+    assert_eq!(effective.mode, CanMode::ListenOnly);
     assert_eq!(effective.sample_point_permille, None);
     assert!(
         effective.notes[0].contains("sample point"),
@@ -480,11 +476,15 @@ async fn configure_sets_bitrate_and_mode_and_says_what_it_cannot() {
 
     // What slcan cannot do is refused, saying so, and nothing is sent.
     for (bad, what) in [
-        (config(300_000, EndpointMode::Normal), "bitrate"),
+        (config(300_000, CanMode::Normal), "bitrate"),
         (
-            EndpointConfig {
-                raw_timing: true,
-                ..config(500_000, EndpointMode::Normal)
+            CanSettings {
+                use_raw: true,
+                prescaler: Some(10),
+                sjw: Some(1),
+                tseg1: Some(13),
+                tseg2: Some(2),
+                ..config(500_000, CanMode::Normal)
             },
             "raw bit timing",
         ),
@@ -496,25 +496,18 @@ async fn configure_sets_bitrate_and_mode_and_says_what_it_cannot() {
         );
         assert!(err.to_string().contains(what), "{err}");
     }
-    assert!(matches!(
-        endpoint
-            .configure(&config(500_000, EndpointMode::Loopback))
-            .await,
-        Err(EndpointError::Unsupported { .. })
-    ));
-    assert!(matches!(
-        endpoint
-            .configure(&EndpointConfig {
-                data_bitrate: Some(2_000_000),
-                ..config(500_000, EndpointMode::Normal)
-            })
-            .await,
-        Err(EndpointError::Unsupported { .. })
-    ));
+    for mode in [CanMode::Loopback, CanMode::ExtLoop] {
+        let err = endpoint
+            .configure(&config(500_000, mode))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EndpointError::Unsupported { .. }), "{err}");
+        assert!(err.to_string().contains("loopback"), "{err}");
+    }
 
     // A bitrate the adapter refuses leaves it as it was.
     let err = endpoint
-        .configure(&config(1_000_000, EndpointMode::Normal))
+        .configure(&config(1_000_000, CanMode::Normal))
         .await
         .unwrap_err();
     assert!(matches!(err, EndpointError::Refused { .. }), "{err}");
@@ -627,22 +620,13 @@ async fn the_first_canable_firmware_is_served_too() {
     assert_eq!(next_frame(&mut frames).await.id, std_id(0x7e8));
 
     // Listen-only through M1, since this firmware has no L; and back with M0.
-    let config = |mode| EndpointConfig {
-        bitrate: 250_000,
-        data_bitrate: None,
-        mode,
-        sample_point_permille: None,
-        raw_timing: false,
-    };
+    let config = |mode| CanSettings::derived(250_000, 875, mode);
     endpoint
-        .configure(&config(EndpointMode::ListenOnly))
+        .configure(&config(CanMode::ListenOnly))
         .await
         .unwrap();
     adapter.expect(&["C", "S5", "L", "M1", "O"]).await;
-    endpoint
-        .configure(&config(EndpointMode::Normal))
-        .await
-        .unwrap();
+    endpoint.configure(&config(CanMode::Normal)).await.unwrap();
     adapter.expect(&["C", "S5", "M0", "O"]).await;
     let stats = endpoint.stats();
     assert_eq!(
@@ -777,13 +761,7 @@ async fn the_set_serves_an_adapter_again_after_it_is_plugged_back_in() {
     let effective = set
         .configure(
             &expected_id,
-            &EndpointConfig {
-                bitrate: 125_000,
-                data_bitrate: None,
-                mode: EndpointMode::Normal,
-                sample_point_permille: None,
-                raw_timing: false,
-            },
+            &CanSettings::derived(125_000, 875, CanMode::Normal),
         )
         .await
         .unwrap();

@@ -20,13 +20,15 @@ use sqlx::PgPool;
 
 use bridge_agent::endpoints::socketcand::MAX_CLIENTS;
 use bridge_agent::endpoints::{
-    CanEndpoint, EndpointConfig, EndpointError, EndpointEvent, EndpointMode, EndpointOptions,
-    EndpointSet, EndpointSpec, EndpointStore, SetOptions,
+    CanEndpoint, EndpointError, EndpointEvent, EndpointOptions, EndpointSet, EndpointSpec,
+    EndpointStore, SetOptions,
 };
 use bridge_agent::home::Home;
 use bridge_agent::session::Frame;
+use control_proto::CanSettings;
 use firmware_proto::ext::batch::flags;
 use firmware_proto::ids::CanId;
+use firmware_proto::remp::CanMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -317,13 +319,7 @@ async fn malformed_and_unsupported_commands_are_answered_and_the_connection_surv
 async fn the_port_has_no_bit_timing_and_says_so() {
     let (endpoint, _) = open().await;
     let err = endpoint
-        .configure(&EndpointConfig {
-            bitrate: 500_000,
-            data_bitrate: None,
-            mode: EndpointMode::Normal,
-            sample_point_permille: None,
-            raw_timing: false,
-        })
+        .configure(&CanSettings::derived(500_000, 875, CanMode::Normal))
         .await
         .unwrap_err();
     assert!(

@@ -90,6 +90,54 @@ impl TryFrom<std::string::String> for CanMode {
     }
 }
 
+/// Nominal bitrates a CAN_CONFIG SET may ask a dongle to derive its timing from, in bit/s (SPEC 3.6).
+/// The server checks a request against them before sending it, and the dongle checks again.
+pub const BITRATE_RANGE: core::ops::RangeInclusive<u32> = 10_000..=1_000_000;
+/// Sample points a CAN_CONFIG SET may ask for when the timing is derived, in permille (SPEC 3.6).
+pub const SAMPLE_POINT_RANGE: core::ops::RangeInclusive<u16> = 500..=950;
+
+/// The ranges of a controller's nominal bit timing registers, which raw timing (`FLAG_USE_RAW`) must
+/// respect; every value starts at 1. Which one a dongle has follows from its capabilities: FDCAN when it
+/// announces CAN FD, bxCAN otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimingLimits {
+    /// Largest prescaler.
+    pub prescaler_max: u16,
+    /// Largest time segment 1.
+    pub tseg1_max: u8,
+    /// Largest time segment 2.
+    pub tseg2_max: u8,
+    /// Largest synchronisation jump width.
+    pub sjw_max: u8,
+}
+
+impl TimingLimits {
+    /// STM32 bxCAN: prescaler 1..=1024, tseg1 1..=16, tseg2 1..=8, sjw 1..=4.
+    pub const BXCAN: TimingLimits = TimingLimits {
+        prescaler_max: 1024,
+        tseg1_max: 16,
+        tseg2_max: 8,
+        sjw_max: 4,
+    };
+    /// STM32 FDCAN nominal timing: NBRP 1..=512, NTSEG1 1..=256 (255 is the most the one-byte wire
+    /// field holds), NTSEG2 1..=128, NSJW 1..=128.
+    pub const FDCAN_NOMINAL: TimingLimits = TimingLimits {
+        prescaler_max: 512,
+        tseg1_max: 255,
+        tseg2_max: 128,
+        sjw_max: 128,
+    };
+
+    /// The controller's ranges and its name: FDCAN's for a dongle that announces CAN FD, else bxCAN's.
+    pub fn of_controller(can_fd: bool) -> (TimingLimits, &'static str) {
+        if can_fd {
+            (TimingLimits::FDCAN_NOMINAL, "FDCAN")
+        } else {
+            (TimingLimits::BXCAN, "bxCAN")
+        }
+    }
+}
+
 /// A CAN_CONFIG request or response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CanConfig {

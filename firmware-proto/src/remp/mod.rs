@@ -24,7 +24,9 @@ mod telemetry;
 
 pub use can::CanFrame;
 pub use cli::{CliRequest, CliResponse, CliStatus};
-pub use config::{CanConfig, CanMode, ConfigAction, ConfigStatus};
+pub use config::{
+    BITRATE_RANGE, CanConfig, CanMode, ConfigAction, ConfigStatus, SAMPLE_POINT_RANGE, TimingLimits,
+};
 pub use pairing::{PairingAck, PairingStart, PairingStatus, PairingSubmit};
 pub use telemetry::{CliTelemetry, TelemetrySource};
 

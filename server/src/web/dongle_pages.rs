@@ -12,6 +12,7 @@ use super::html::{
 use super::{Session, error_page, not_found, parse_id, query_value, signed_in};
 use crate::commands::allow_list::ALLOW_LIST;
 use crate::dongles::announces_can_fd;
+use firmware_proto::remp::{BITRATE_RANGE, CanMode, SAMPLE_POINT_RANGE, TimingLimits};
 
 /// Where a dongle is plugged in, in a few words.
 pub fn link_text(transport: &Value) -> String {
@@ -292,28 +293,44 @@ fn num(v: &Value, default: i64) -> String {
 
 fn can_section(session: &Session, id: uuid::Uuid, state: &Value, fd: bool) -> String {
     let c = &state["config"];
-    let modes: Vec<(String, String)> = [
-        ("normal", "Normal"),
-        ("listen_only", "Listen only"),
-        ("loopback", "Loopback"),
-        ("ext_loop", "External loopback"),
-    ]
-    .iter()
-    .map(|(v, l)| (v.to_string(), l.to_string()))
-    .collect();
-    let limits = if fd {
-        "FDCAN ranges: prescaler 1–512, tseg1 1–255, tseg2 1–128, sjw 1–128 and at most tseg2."
-    } else {
-        "bxCAN ranges: prescaler 1–1024, tseg1 1–16, tseg2 1–8, sjw 1–4 and at most tseg2."
-    };
+    let modes: Vec<(String, String)> = CanMode::ALL
+        .into_iter()
+        .map(|mode| {
+            let label = match mode {
+                CanMode::Normal => "Normal",
+                CanMode::ListenOnly => "Listen only",
+                CanMode::Loopback => "Loopback",
+                CanMode::ExtLoop => "External loopback",
+            };
+            (mode.name().to_string(), label.to_string())
+        })
+        .collect();
+    // The ranges are firmware-proto's, the ones the API checks: the form and the timing preview read
+    // them from here rather than keeping copies of their own.
+    let (limits, controller) = TimingLimits::of_controller(fd);
+    let TimingLimits {
+        prescaler_max,
+        tseg1_max,
+        tseg2_max,
+        sjw_max,
+    } = limits;
+    let hint = format!(
+        "{controller} ranges: prescaler 1–{prescaler_max}, tseg1 1–{tseg1_max}, tseg2 1–{tseg2_max}, \
+         sjw 1–{sjw_max} and at most tseg2."
+    );
+    let (bitrate_min, bitrate_max) = (BITRATE_RANGE.start(), BITRATE_RANGE.end());
+    let (sp_min, sp_max) = (SAMPLE_POINT_RANGE.start(), SAMPLE_POINT_RANGE.end());
     let fields = format!(
         "<div class=\"grid\">{}{}{}</div>\
          <datalist id=\"common-bitrates\"><option value=\"125000\"><option value=\"250000\">\
          <option value=\"500000\"><option value=\"1000000\"></datalist>\
          <div class=\"timing-preview\" id=\"timing-preview\" role=\"status\" aria-live=\"polite\" \
-         data-fd=\"{fd}\"><p>The timing preview needs JavaScript.</p></div>\
+         data-prescaler-max=\"{prescaler_max}\" data-tseg1-max=\"{tseg1_max}\" \
+         data-tseg2-max=\"{tseg2_max}\" data-sjw-max=\"{sjw_max}\" data-bitrate-min=\"{bitrate_min}\" \
+         data-bitrate-max=\"{bitrate_max}\" data-sample-point-min=\"{sp_min}\" data-sample-point-max=\"{sp_max}\">\
+         <p>The timing preview needs JavaScript.</p></div>\
          {}\
-         <fieldset><legend>Raw timing</legend><p class=\"hint\">{limits}</p><div class=\"grid\">{}{}{}{}</div></fieldset>\
+         <fieldset><legend>Raw timing</legend><p class=\"hint\">{hint}</p><div class=\"grid\">{}{}{}{}</div></fieldset>\
          <fieldset><legend>Options</legend>{}{}{}</fieldset>\
          <button type=\"submit\">Apply</button>",
         input(
@@ -322,7 +339,9 @@ fn can_section(session: &Session, id: uuid::Uuid, state: &Value, fd: bool) -> St
             "Bitrate (bit/s)",
             "number",
             &num(&c["bitrate"], 500_000),
-            "min=\"10000\" max=\"1000000\" step=\"1\" list=\"common-bitrates\" required"
+            &format!(
+                "min=\"{bitrate_min}\" max=\"{bitrate_max}\" step=\"1\" list=\"common-bitrates\" required"
+            )
         ),
         input(
             "can-sample-point",
@@ -330,7 +349,7 @@ fn can_section(session: &Session, id: uuid::Uuid, state: &Value, fd: bool) -> St
             "Sample point (‰)",
             "number",
             &num(&c["sample_point_permille"], 875),
-            "min=\"500\" max=\"950\" step=\"1\" required"
+            &format!("min=\"{sp_min}\" max=\"{sp_max}\" step=\"1\" required")
         ),
         select(
             "can-mode",
@@ -355,7 +374,7 @@ fn can_section(session: &Session, id: uuid::Uuid, state: &Value, fd: bool) -> St
                 .map(|v| v.to_string())
                 .as_deref()
                 .unwrap_or(""),
-            "min=\"1\" max=\"1024\""
+            &format!("min=\"1\" max=\"{prescaler_max}\"")
         ),
         input(
             "can-tseg1",
@@ -367,7 +386,7 @@ fn can_section(session: &Session, id: uuid::Uuid, state: &Value, fd: bool) -> St
                 .map(|v| v.to_string())
                 .as_deref()
                 .unwrap_or(""),
-            "min=\"1\" max=\"255\""
+            &format!("min=\"1\" max=\"{tseg1_max}\"")
         ),
         input(
             "can-tseg2",
@@ -379,7 +398,7 @@ fn can_section(session: &Session, id: uuid::Uuid, state: &Value, fd: bool) -> St
                 .map(|v| v.to_string())
                 .as_deref()
                 .unwrap_or(""),
-            "min=\"1\" max=\"128\""
+            &format!("min=\"1\" max=\"{tseg2_max}\"")
         ),
         input(
             "can-sjw",
@@ -391,7 +410,7 @@ fn can_section(session: &Session, id: uuid::Uuid, state: &Value, fd: bool) -> St
                 .map(|v| v.to_string())
                 .as_deref()
                 .unwrap_or(""),
-            "min=\"1\" max=\"128\""
+            &format!("min=\"1\" max=\"{sjw_max}\"")
         ),
         checkbox(
             "can-auto-retx",

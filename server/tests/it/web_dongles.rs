@@ -128,12 +128,28 @@ async fn a_can_configuration_shows_the_effective_values(pool: PgPool) {
 
     // A value out of range is refused with the field named, and nothing changes.
     b.fill("#can-bitrate", "5000").await;
+    // The preview states the range the API checks (firmware-proto's, handed to the page).
+    b.wait_text("#timing-preview", "Bitrate: 10,000 to 1,000,000 bit/s")
+        .await;
     b.js("document.getElementById('can-bitrate').removeAttribute('min');")
         .await;
     b.click("#can-config button[type=submit]").await;
     b.wait_text("#can-config .form-error", "bitrate").await;
     assert_eq!(effective("bitrate").await, "250000");
     b.fill("#can-bitrate", "250000").await;
+    // Raw timing within FDCAN's ranges but beyond bxCAN's, which this dongle has (it does not announce
+    // CAN FD): the page says so before anything is sent.
+    b.wait_text("#can-config", "bxCAN ranges: prescaler 1–1024, tseg1 1–16")
+        .await;
+    b.click("#can-use-raw").await;
+    b.fill("#can-prescaler", "10").await;
+    b.fill("#can-tseg2", "8").await;
+    b.fill("#can-tseg1", "40").await;
+    b.wait_text("#timing-preview", "outside the controller")
+        .await;
+    b.fill("#can-tseg1", "13").await;
+    b.wait_text("#timing-preview", "quanta per bit").await;
+    b.click("#can-use-raw").await;
     // The whole dongle page reads on a phone.
     b.phone(true).await;
     b.check_page().await;

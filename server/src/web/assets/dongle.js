@@ -94,8 +94,6 @@
 
   // ---- CAN timing preview (80 MHz CAN clock, as the dongle and its simulator) ------------------
   var CLOCK = 80000000;
-  var BXCAN = { prescaler: 1024, tseg1: 16, tseg2: 8, sjw: 4 };
-  var FDCAN = { prescaler: 512, tseg1: 255, tseg2: 128, sjw: 128 };
 
   function split(quanta, sp, l) {
     var ideal = Math.max(0, Math.floor((quanta * sp + 500) / 1000) - 1);
@@ -140,7 +138,19 @@
   function preview() {
     var out = document.getElementById('timing-preview');
     if (!out) { return; }
-    var limits = out.getAttribute('data-fd') === 'true' ? FDCAN : BXCAN;
+    // The dongle's controller's ranges, as the page states them (bxCAN's, or FDCAN's for a CAN FD dongle).
+    var limits = {
+      prescaler: parseInt(out.getAttribute('data-prescaler-max'), 10),
+      tseg1: parseInt(out.getAttribute('data-tseg1-max'), 10),
+      tseg2: parseInt(out.getAttribute('data-tseg2-max'), 10),
+      sjw: parseInt(out.getAttribute('data-sjw-max'), 10)
+    };
+    var range = function (name) {
+      return [parseInt(out.getAttribute('data-' + name + '-min'), 10),
+        parseInt(out.getAttribute('data-' + name + '-max'), 10)];
+    };
+    var bitrates = range('bitrate');
+    var samplePoints = range('sample-point');
     var raw = document.getElementById('can-use-raw');
     var t;
     if (raw && raw.checked) {
@@ -157,12 +167,13 @@
     } else {
       var bitrate = value('can-bitrate');
       var sp = value('can-sample-point');
-      if (isNaN(bitrate) || bitrate < 10000 || bitrate > 1000000) {
-        out.innerHTML = '<p>Bitrate: 10 000 to 1 000 000 bit/s.</p>';
+      if (isNaN(bitrate) || bitrate < bitrates[0] || bitrate > bitrates[1]) {
+        out.innerHTML = '<p>Bitrate: ' + bitrates[0].toLocaleString('en') + ' to ' +
+          bitrates[1].toLocaleString('en') + ' bit/s.</p>';
         return;
       }
-      if (isNaN(sp) || sp < 500 || sp > 950) {
-        out.innerHTML = '<p>Sample point: 500 to 950 \u2030.</p>';
+      if (isNaN(sp) || sp < samplePoints[0] || sp > samplePoints[1]) {
+        out.innerHTML = '<p>Sample point: ' + samplePoints[0] + ' to ' + samplePoints[1] + ' \u2030.</p>';
         return;
       }
       t = derive(bitrate, sp, limits);
