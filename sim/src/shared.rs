@@ -36,6 +36,9 @@ pub struct LinkStats {
     pub tx_discarded_unplugged: u64,
     /// Writes that failed or timed out.
     pub tx_write_failures: u64,
+    /// The longest a packet waited between its arrival (the kernel's receive time, UDP on Linux) and
+    /// the simulator reading it: how long the simulator was kept from running.
+    pub rx_late_max: std::time::Duration,
 }
 
 /// Counters of the bus.
@@ -85,14 +88,27 @@ impl Shared {
         self: &Arc<Self>,
         f: impl FnOnce(&mut Dongle, &mut Vec<Output>) -> R,
     ) -> R {
+        self.with_core_since(None, f)
+    }
+
+    /// [`Self::with_core`] for what a packet that arrived at `arrived` asks; see [`Self::dispatch`].
+    fn with_core_since<R>(
+        self: &Arc<Self>,
+        arrived: Option<Instant>,
+        f: impl FnOnce(&mut Dongle, &mut Vec<Output>) -> R,
+    ) -> R {
         let mut core = lock(&self.core);
         let mut out = Vec::new();
         let result = f(&mut core, &mut out);
-        self.dispatch(&mut core, out);
+        self.dispatch(&mut core, out, arrived);
         result
     }
 
-    fn dispatch(self: &Arc<Self>, core: &mut Dongle, out: Vec<Output>) {
+    /// Carries out the core's outputs. Frames for the bus are offered to the transmit queue as of
+    /// `arrived`, when the packet that carried them reached the dongle, where that is known: a real
+    /// controller queues a frame when it comes, and the simulator, which shares its machine, may read
+    /// a packet long after (see [`LinkStats::rx_late_max`]). The core itself runs on the time it runs.
+    fn dispatch(self: &Arc<Self>, core: &mut Dongle, out: Vec<Output>, arrived: Option<Instant>) {
         for output in out {
             match output {
                 Output::ToHost(packet) => {
@@ -119,9 +135,11 @@ impl Shared {
                 Output::ToBus(frame) => {
                     let now = Instant::now();
                     let leaves = match &self.transmitter {
-                        Some(transmitter) => {
-                            lock(transmitter).offer(now, &frame, core.flash().can.bitrate)
-                        }
+                        Some(transmitter) => lock(transmitter).offer(
+                            arrived.unwrap_or(now).min(now),
+                            &frame,
+                            core.flash().can.bitrate,
+                        ),
                         None => Some(now),
                     };
                     let Some(leaves) = leaves else {
@@ -149,6 +167,13 @@ impl Shared {
     /// Hands one link packet to the dongle; false when it did not decode.
     pub(crate) fn handle_packet(self: &Arc<Self>, bytes: &[u8]) -> bool {
         self.with_core(|core, out| core.handle_packet(Instant::now(), bytes, out))
+    }
+
+    /// [`Self::handle_packet`] for a packet that reached the dongle at `arrived`, before it was read.
+    pub(crate) fn handle_packet_since(self: &Arc<Self>, bytes: &[u8], arrived: Instant) -> bool {
+        self.with_core_since(Some(arrived), |core, out| {
+            core.handle_packet(Instant::now(), bytes, out)
+        })
     }
 
     pub(crate) fn event(&self, event: SimEvent) {

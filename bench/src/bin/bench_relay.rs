@@ -174,6 +174,8 @@ struct SimCounters {
     b_bus_queue_full: u64,
     b_tx_queue_full: u64,
     b_refused: u64,
+    /// The longest any dongle B's simulator was kept from reading its link, so far (not a count).
+    b_read_lag_max: Duration,
 }
 
 fn sim_counters(rig: &Rig, groups: usize) -> SimCounters {
@@ -189,6 +191,7 @@ fn sim_counters(rig: &Rig, groups: usize) -> SimCounters {
         c.b_bus_queue_full += b.bus.queue_full;
         c.b_tx_queue_full += b.bus.tx_queue_full;
         c.b_refused += b.dongle.replays_refused + b.dongle.auth_failures + b.dongle.malformed;
+        c.b_read_lag_max = c.b_read_lag_max.max(b.link.rx_late_max);
     }
     c
 }
@@ -204,6 +207,7 @@ impl SimCounters {
             b_bus_queue_full: self.b_bus_queue_full - before.b_bus_queue_full,
             b_tx_queue_full: self.b_tx_queue_full - before.b_tx_queue_full,
             b_refused: self.b_refused - before.b_refused,
+            b_read_lag_max: self.b_read_lag_max,
         }
     }
 }
@@ -551,6 +555,7 @@ async fn soak(rig: &mut Rig, args: &Args, minutes: u32) -> anyhow::Result<()> {
             .collect::<anyhow::Result<_>>()?;
         tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;
         let cpu = Cpu::now(rig);
+        let sims = sim_counters(rig, rig.groups.len());
         let inject = |seqs: std::ops::Range<usize>| {
             futures::future::join_all(
                 trackers
@@ -581,8 +586,9 @@ async fn soak(rig: &mut Rig, args: &Args, minutes: u32) -> anyhow::Result<()> {
             round_result.latencies.extend(r.latencies);
         }
         let cpu = Cpu::now(rig).since(cpu);
+        let sims = sim_counters(rig, rig.groups.len()).since(sims);
         println!(
-            "round {:>2}{} sent {:>8} lost {:>3} dup {:>2} reordered {:>2} p50 {:>7} ms p99 {:>8} ms max {:>8} ms  CPU servers {:.2} s agents {:.2} s  RSS {} MiB",
+            "round {:>2}{} sent {:>8} lost {:>3} dup {:>2} reordered {:>2} p50 {:>7} ms p99 {:>8} ms max {:>8} ms  CPU servers {:.2} s agents {:.2} s  RSS {} MiB  B's transmit queues dropped {} (simulators kept from reading up to {} ms so far)",
             round + 1,
             if restart {
                 " (B restarted)"
@@ -604,6 +610,8 @@ async fn soak(rig: &mut Rig, args: &Args, minutes: u32) -> anyhow::Result<()> {
             cpu.servers.as_secs_f64(),
             (cpu.agent_a + cpu.agent_b).as_secs_f64(),
             rss_mib(),
+            sims.b_tx_queue_full,
+            ms(sims.b_read_lag_max),
         );
         total.sent += round_result.sent;
         total.delivered += round_result.delivered;

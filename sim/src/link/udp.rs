@@ -30,6 +30,7 @@ impl UdpLink {
     /// Binds REMP on `addr` and discovery on the same IP at `discovery_port` (0: any free port).
     pub async fn bind(addr: SocketAddr, discovery_port: u16) -> std::io::Result<Self> {
         let remp = UdpSocket::bind(addr).await?;
+        arrival::enable(&remp)?;
         let discovery = UdpSocket::bind(SocketAddr::new(addr.ip(), discovery_port)).await?;
         Ok(Self { remp, discovery })
     }
@@ -77,8 +78,8 @@ pub(crate) async fn run(
                     send(&shared, &link.discovery, from, announce).await;
                 }
             }
-            received = link.remp.recv_from(&mut remp_buf) => {
-                let Ok((n, from)) = received else { continue };
+            received = arrival::recv_from(&link.remp, &mut remp_buf) => {
+                let Ok((n, from, waited)) = received else { continue };
                 if !up {
                     continue;
                 }
@@ -90,7 +91,16 @@ pub(crate) async fn run(
                 {
                     peer = Some(from);
                 }
-                shared.handle_packet(bytes);
+                match waited {
+                    Some(waited) => {
+                        shared.link_stats(|s| s.rx_late_max = s.rx_late_max.max(waited));
+                        let now = Instant::now();
+                        shared.handle_packet_since(bytes, now.checked_sub(waited).unwrap_or(now));
+                    }
+                    None => {
+                        shared.handle_packet(bytes);
+                    }
+                }
             }
             Some(packet) = host_rx.recv() => match peer.filter(|_| up) {
                 Some(to) => send(&shared, &link.remp, to, packet).await,
@@ -131,5 +141,87 @@ async fn send(shared: &Shared, socket: &UdpSocket, to: SocketAddr, mut datagram:
     match socket.send_to(&datagram, to).await {
         Ok(_) => shared.link_stats(|s| s.tx_packets += 1),
         Err(_) => shared.link_stats(|s| s.tx_write_failures += 1),
+    }
+}
+
+/// When a datagram arrived, from the kernel's receive timestamp (`SO_TIMESTAMPNS`, Linux): the
+/// simulator runs beside other programs and may read a datagram well after it came, while a dongle's
+/// firmware takes it at once (see `Shared::dispatch`).
+mod arrival {
+    use std::io;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tokio::net::UdpSocket;
+
+    /// Asks the kernel to stamp every datagram `socket` receives.
+    #[cfg(target_os = "linux")]
+    pub fn enable(socket: &UdpSocket) -> io::Result<()> {
+        use nix::sys::socket::{setsockopt, sockopt::ReceiveTimestampns};
+        setsockopt(socket, ReceiveTimestampns, &true).map_err(io::Error::from)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn enable(_socket: &UdpSocket) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Receives a datagram: its length, its source, and how long it waited to be read (`None` where
+    /// the kernel gave no stamp). The wait is bounded by a second, against a clock set meanwhile.
+    #[cfg(target_os = "linux")]
+    pub async fn recv_from(
+        socket: &UdpSocket,
+        buf: &mut [u8],
+    ) -> io::Result<(usize, SocketAddr, Option<Duration>)> {
+        use std::io::IoSliceMut;
+        use std::os::fd::AsRawFd;
+
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+        use nix::sys::time::TimeSpec;
+        use tokio::io::Interest;
+
+        let (n, from, stamp) = socket
+            .async_io(Interest::READABLE, || {
+                let mut iov = [IoSliceMut::new(buf)];
+                let mut space = nix::cmsg_space!(TimeSpec);
+                let msg = recvmsg::<SockaddrStorage>(
+                    socket.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_DONTWAIT,
+                )
+                .map_err(io::Error::from)?;
+                let stamp = msg.cmsgs().ok().and_then(|mut cmsgs| {
+                    cmsgs.find_map(|c| match c {
+                        ControlMessageOwned::ScmTimestampns(ts) => Some(Duration::from(ts)),
+                        _ => None,
+                    })
+                });
+                let from = msg.address.and_then(|a| {
+                    a.as_sockaddr_in()
+                        .map(|v4| SocketAddr::from(*v4))
+                        .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
+                });
+                Ok((msg.bytes, from, stamp))
+            })
+            .await?;
+        let from = from.ok_or_else(|| io::Error::other("a datagram without a source address"))?;
+        let waited = stamp.map(|stamp| {
+            std::time::SystemTime::UNIX_EPOCH
+                .elapsed()
+                .unwrap_or_default()
+                .saturating_sub(stamp)
+                .min(Duration::from_secs(1))
+        });
+        Ok((n, from, waited))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub async fn recv_from(
+        socket: &UdpSocket,
+        buf: &mut [u8],
+    ) -> io::Result<(usize, SocketAddr, Option<Duration>)> {
+        let (n, from) = socket.recv_from(buf).await?;
+        Ok((n, from, None))
     }
 }

@@ -221,6 +221,68 @@ async fn the_obd2_log_replays_in_order_with_its_timing_scaled() {
     sim.shutdown().await;
 }
 
+/// A dongle's controller queues a frame when the frame reaches it, however busy its firmware is. The
+/// simulator shares a machine with other programs and may not run for a while; frames that arrived
+/// over UDP at the bus's pace meanwhile must then queue as of their arrival, not all at once when the
+/// simulator wakes (which overran its transmit queue and dropped frames a real dongle keeps).
+#[test]
+fn frames_that_arrive_at_the_bus_pace_while_the_simulator_stalls_all_reach_the_bus() {
+    // The simulator gets a runtime of its own, with one thread, which the test blocks.
+    let sim_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("bus");
+    let state = state_in(&dir);
+    provision_claimed(&state, DeviceId([0xB0, 0, 0, 0, 0, 0, 0, 2]));
+    let mut config = SimConfig::udp(&state);
+    config.bus = Some("stall".into());
+    config.bus_root = Some(root.clone());
+    let sim = sim_rt.block_on(start(config));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut tap = BusTap::join_at(&root, "stall").unwrap();
+        assert!(tap.wait_for_peers(1, WAIT).await);
+        let mut host = Host::connect(&sim).await;
+        let set = CanConfig {
+            action: ConfigAction::Set,
+            bitrate: 125_000,
+            sample_point_permille: 875,
+            flags: CanConfig::FLAG_AUTO_RETX,
+            ..CanConfig::get()
+        };
+        assert_eq!(host.config(set).await.unwrap().bitrate, 125_000);
+        tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;
+
+        // 100 frames of about 1 ms each, one every 2 ms or a little more: half the bus at most. The
+        // simulator does not run for 150 ms of that time, in which more frames arrive than its
+        // transmit queue holds.
+        sim_rt.spawn(async { std::thread::sleep(Duration::from_millis(150)) });
+        for i in 0..100u8 {
+            host.send_frame(&frame(&format!("125#{i:02X}00000000000000")))
+                .await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut seen = Vec::new();
+        while let Some(f) = tap_recv(&mut tap, Duration::from_millis(500)).await {
+            seen.push(f.data()[0]);
+        }
+        let stats = sim.stats();
+        assert_eq!(stats.bus.tx_queue_full, 0, "{stats:?}");
+        assert_eq!(seen, (0..100).collect::<Vec<u8>>());
+        assert!(
+            stats.link.rx_late_max >= Duration::from_millis(100),
+            "the stall shows in the link's counters: {stats:?}"
+        );
+    });
+    sim_rt.block_on(sim.shutdown());
+}
+
 #[tokio::test]
 async fn frames_sent_faster_than_the_bus_carries_are_dropped_and_counted() {
     // 125 kbit/s: an 8-byte frame takes about a millisecond, so 100 frames sent at once overrun the
