@@ -6,7 +6,10 @@
 //! dongle's transmit queue, in which each frame takes its longest possible time on the bus at the
 //! dongle's bitrate ([`firmware_proto::bus_time::worst_case_bits`]), and writes a frame only when
 //! fewer than [`DEPTH`] frames are ahead of it. Counting the longest time errs towards a slower
-//! write; keeping half the queue free leaves room for a link that delivers two writes at once. The
+//! write; keeping half the queue free leaves room for a link that delivers two writes at once. A
+//! frame counts from the moment it is written, not from the moment it was allowed: a writer that
+//! waited and woke late would otherwise leave the model ahead of the dongle, which starts a frame
+//! only when it comes, and every late wake-up would add to the difference. The
 //! model assumes the bus is the dongle's: other nodes' traffic, error frames and retransmissions slow
 //! the real queue, which can then still overflow; a dongle that announces bus-status counts what it
 //! dropped (`daemon::bus_losses`).
@@ -33,52 +36,42 @@ pub struct BusPace {
 }
 
 impl BusPace {
-    /// Schedules a frame that takes `time` on the bus, offered at `now`: returns when it may be
-    /// written (`now` when the queue has room). The caller writes it then; the model counts it from
-    /// that moment.
-    pub fn schedule(&mut self, now: Instant, time: Duration) -> Instant {
+    /// When one more frame may be written, asked at `now`: `now` while fewer than [`DEPTH`] frames
+    /// are ahead, otherwise when the frame `DEPTH` places ahead has left. Records nothing.
+    pub fn ready_at(&mut self, now: Instant) -> Instant {
         while self.finishing.front().is_some_and(|at| *at <= now) {
             self.finishing.pop_front();
         }
-        let write_at = match self.finishing.len().checked_sub(DEPTH) {
-            // Once the frame `DEPTH` places ahead of this one has left, this one may be written.
+        match self.finishing.len().checked_sub(DEPTH) {
             Some(ahead) => self.finishing.get(ahead).copied().unwrap_or(now).max(now),
             None => now,
-        };
-        let start = self
-            .finishing
-            .back()
-            .copied()
-            .unwrap_or(write_at)
-            .max(write_at);
-        self.finishing.push_back(start + time);
-        write_at
+        }
     }
 
-    /// Schedules the frames at the start of a run that may be written together, each taking its time
-    /// from `times`: returns when they may be written and how many they are (at least one, unless
-    /// `times` is empty).
+    /// The frames at the start of a run that may be written together at `now`, each taking its time
+    /// from `times`: returns `(now, how many)` and counts them as written at `now`, when the queue has
+    /// room; otherwise `(when it will have, 0)`, counting nothing. A writer that waited asks again when
+    /// it wakes, so that a frame is counted from the moment it went, however late the writer woke: a
+    /// dongle whose queue ran dry meanwhile starts it only then.
     pub fn next_write(
         &mut self,
         now: Instant,
-        mut times: impl Iterator<Item = Duration>,
+        times: impl Iterator<Item = Duration>,
     ) -> (Instant, usize) {
-        let Some(first) = times.next() else {
-            return (now, 0);
-        };
-        let at = self.schedule(now, first);
-        let mut count = 1;
+        let ready = self.ready_at(now);
+        if ready > now {
+            return (ready, 0);
+        }
+        let mut count = 0;
         for time in times {
-            // The frames still in the queue when these are written: the finishing times are sorted.
-            let left_by_then = self.finishing.partition_point(|f| *f <= at);
-            if self.finishing.len() - left_by_then >= DEPTH {
+            if self.finishing.len() >= DEPTH {
                 break;
             }
-            let start = self.finishing.back().copied().unwrap_or(at).max(at);
+            let start = self.finishing.back().copied().unwrap_or(now).max(now);
             self.finishing.push_back(start + time);
             count += 1;
         }
-        (at, count)
+        (now, count)
     }
 }
 
@@ -109,12 +102,14 @@ mod tests {
         // 135 bits at 500 kbit/s.
         assert_eq!(time, Duration::from_micros(270));
         let mut pace = BusPace::default();
-        let writes: Vec<Instant> = (0..DEPTH + 3).map(|_| pace.schedule(now, time)).collect();
-        assert!(writes[..DEPTH].iter().all(|at| *at == now));
-        // The next ones wait for the first, second and third frame to leave.
-        assert_eq!(writes[DEPTH], now + time);
-        assert_eq!(writes[DEPTH + 1], now + 2 * time);
-        assert_eq!(writes[DEPTH + 2], now + 3 * time);
+        let one = || std::iter::once(time);
+        let writes: Vec<(Instant, usize)> =
+            (0..DEPTH).map(|_| pace.next_write(now, one())).collect();
+        assert!(writes.iter().all(|w| *w == (now, 1)));
+        // The next one waits for the first frame to leave, and then goes.
+        assert_eq!(pace.next_write(now, one()), (now + time, 0));
+        assert_eq!(pace.next_write(now + time, one()), (now + time, 1));
+        assert_eq!(pace.next_write(now + time, one()), (now + 2 * time, 0));
     }
 
     #[test]
@@ -123,9 +118,13 @@ mod tests {
         let time = frame_time(&eight_bytes(), 125_000);
         let mut pace = BusPace::default();
         let mut now = start;
-        for _ in 0..1000 {
+        let mut written = 0;
+        while written < 1000 {
             // The writer waits as told, then offers the next frame.
-            now = pace.schedule(now, time);
+            match pace.next_write(now, std::iter::once(time)) {
+                (_, 1) => written += 1,
+                (at, _) => now = at,
+            }
         }
         let elapsed = now - start;
         // 1000 frames, the first DEPTH of them at once: (1000 - DEPTH) frame times.
@@ -139,14 +138,61 @@ mod tests {
         let mut pace = BusPace::default();
         let (at, n) = pace.next_write(now, std::iter::repeat_n(time, 40));
         assert_eq!((at, n), (now, DEPTH));
-        // The rest wait, and go one frame time apart as the queue empties.
+        // The rest wait until the first frame has left.
         let (at, n) = pace.next_write(now, std::iter::repeat_n(time, 24));
-        assert_eq!((at, n), (now + time, 1));
+        assert_eq!((at, n), (now + time, 0));
         // Asked later, when several frames have left, several go together.
         let later = now + 4 * time;
-        let (at, n) = pace.next_write(later, std::iter::repeat_n(time, 23));
-        assert_eq!((at, n), (later, 3));
-        assert_eq!(pace.next_write(later, std::iter::empty()), (later, 0));
+        let (at, n) = pace.next_write(later, std::iter::repeat_n(time, 24));
+        assert_eq!((at, n), (later, 4));
+        assert_eq!(
+            pace.next_write(later, std::iter::empty()),
+            (later + time, 0)
+        );
+    }
+
+    /// A writer told to wait often wakes later than told (a timer's granularity, a busy machine). If
+    /// the model counted the frame from when it was allowed rather than from when it went, a dongle
+    /// whose queue ran dry meanwhile would start it later than the model thinks, and the model would
+    /// let more frames ahead of it than [`DEPTH`]; every late wake-up would add to that.
+    #[test]
+    fn a_frame_written_late_is_counted_from_when_it_was_written() {
+        let start = Instant::now();
+        let time = frame_time(&eight_bytes(), 500_000);
+        let mut pace = BusPace::default();
+        // The dongle's queue as it is: when each frame written finishes, a frame starting when it
+        // comes or when the one before it has left.
+        let mut dongle: VecDeque<Instant> = VecDeque::new();
+        let mut write = |at: Instant, n: usize| {
+            for _ in 0..n {
+                while dongle.front().is_some_and(|f| *f <= at) {
+                    dongle.pop_front();
+                }
+                let begin = dongle.back().copied().unwrap_or(at).max(at);
+                dongle.push_back(begin + time);
+                assert!(dongle.len() <= DEPTH, "{} frames ahead", dongle.len());
+            }
+        };
+        let (at, n) = pace.next_write(start, std::iter::repeat_n(time, DEPTH));
+        assert_eq!((at, n), (start, DEPTH));
+        write(at, n);
+        // The next frame must wait for the first to leave; its writer wakes 20 frame times late, when
+        // the dongle's queue is empty, and then writes all it may.
+        let mut left = DEPTH + 1;
+        let (at, n) = pace.next_write(start, std::iter::repeat_n(time, left));
+        assert_eq!(at, start + time);
+        let woke = at + 19 * time;
+        write(woke, n);
+        left -= n;
+        while left > 0 {
+            let (at, n) = pace.next_write(woke, std::iter::repeat_n(time, left));
+            if at > woke || n == 0 {
+                break;
+            }
+            write(woke, n);
+            left -= n;
+        }
+        assert_eq!(left, 1, "a queue's depth goes at once, the last one waits");
     }
 
     #[test]
@@ -154,11 +200,15 @@ mod tests {
         let start = Instant::now();
         let time = frame_time(&eight_bytes(), 500_000);
         let mut pace = BusPace::default();
-        for _ in 0..DEPTH {
-            pace.schedule(start, time);
-        }
+        assert_eq!(
+            pace.next_write(start, std::iter::repeat_n(time, DEPTH)),
+            (start, DEPTH)
+        );
         let later = start + Duration::from_secs(1);
-        assert_eq!(pace.schedule(later, time), later);
+        assert_eq!(
+            pace.next_write(later, std::iter::repeat_n(time, DEPTH)),
+            (later, DEPTH)
+        );
     }
 
     #[test]

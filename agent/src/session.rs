@@ -668,20 +668,23 @@ impl DongleSession {
     /// says how many, from the first, may be written now. Without a known bitrate, all of them.
     async fn paced(&self, frames: &[Frame]) -> usize {
         let bitrate = self.shared.bitrate.load(Ordering::Relaxed);
-        if bitrate == 0 {
+        if bitrate == 0 || frames.is_empty() {
             return frames.len();
         }
-        let now = tokio::time::Instant::now();
-        let (at, allowed) = self
-            .shared
-            .pace
-            .lock()
-            .unwrap()
-            .next_write(now, frames.iter().map(|f| bus_pace::frame_time(f, bitrate)));
-        if at > now {
+        loop {
+            // Asked again after every wait, so that the frames count from when they go (`bus_pace`).
+            let now = tokio::time::Instant::now();
+            let (at, allowed) = self
+                .shared
+                .pace
+                .lock()
+                .unwrap()
+                .next_write(now, frames.iter().map(|f| bus_pace::frame_time(f, bitrate)));
+            if allowed > 0 {
+                return allowed;
+            }
             tokio::time::sleep_until(at).await;
         }
-        allowed
     }
 
     /// Sends one packet of frames from the start of `frames` (a batch where the dongle offers them,

@@ -43,7 +43,7 @@ pub struct Rig {
     pub agent_b: AgentPart,
     pub groups: Vec<GroupRig>,
     /// The runtimes of the servers and agents, by part name.
-    runtimes: Vec<(String, PartRuntime)>,
+    pub runtimes: Runtimes,
 }
 
 /// A part's runtime, shut down without blocking when dropped: a rig that fails half-built is dropped
@@ -64,6 +64,25 @@ impl Drop for PartRuntime {
         if let Some(rt) = self.0.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// The runtimes of the parts, by name.
+pub struct Runtimes(Vec<(String, PartRuntime)>);
+
+impl Runtimes {
+    /// Shuts the runtime `name` down and puts a new one of the same name in its place, whose handle it
+    /// returns. What ran on the old one ends as a killed process's threads end: every task dropped
+    /// where it stood, nothing acknowledged or flushed, its sockets closed.
+    pub fn kill_and_renew(&mut self, name: &str) -> anyhow::Result<tokio::runtime::Handle> {
+        let fresh = runtime(name)?;
+        let handle = fresh.handle();
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            // The old runtime drops here (`PartRuntime`'s drop shuts it down without waiting).
+            Some((_, rt)) => *rt = fresh,
+            None => self.0.push((name.to_string(), fresh)),
+        }
+        Ok(handle)
     }
 }
 
@@ -251,7 +270,7 @@ impl Rig {
             agent_a,
             agent_b,
             groups: Vec::new(),
-            runtimes,
+            runtimes: Runtimes(runtimes),
         };
         let built = async {
             for (i, (a, b)) in pairs.into_iter().enumerate() {
@@ -344,7 +363,11 @@ impl Rig {
 
     /// The names of the parts whose CPU time [`cpu_by_part`] tells apart.
     pub fn parts(&self) -> Vec<String> {
-        self.runtimes.iter().map(|(name, _)| name.clone()).collect()
+        self.runtimes
+            .0
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Stops everything: agents first, so that nothing talks to a server that is going, then the

@@ -1184,19 +1184,7 @@ mod tests {
     }
 
     fn settings() -> CanSettings {
-        CanSettings {
-            bitrate: 500_000,
-            sample_point_permille: 875,
-            mode: CanMode::Normal,
-            use_raw: false,
-            prescaler: None,
-            sjw: None,
-            tseg1: None,
-            tseg2: None,
-            auto_retx: true,
-            tx_pause: false,
-            protocol_exc: false,
-        }
+        CanSettings::derived(500_000, 875, CanMode::Normal)
     }
 
     /// The settings sit beside the device id in the request, as every protocol version had them.

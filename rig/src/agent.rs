@@ -105,6 +105,14 @@ impl AgentPart {
         self.running = Some((stop_tx, task));
     }
 
+    /// Forgets the daemon after the runtime it ran on was shut down, which ends it as a killed process
+    /// ends: every task dropped where it stood, nothing acknowledged or flushed. A later
+    /// [`start`](Self::start) (on a new runtime, [`run_on`](Self::run_on)) runs a new daemon, as a
+    /// restarted process would.
+    pub fn killed(&mut self) {
+        self.running = None;
+    }
+
     /// Stops the daemon, as Ctrl-C on `bridge-agent run` would; waits up to 10 s for it to end.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         let Some((stop, task)) = self.running.take() else {

@@ -10,8 +10,9 @@
 //! 3. how many groups carry 9 000 frames/s each at the same time, trying 1, 2, 4, ... `--max-groups`.
 //!
 //! With `--soak-minutes M` it runs a soak instead: `--soak-groups` groups at `--group-rate` each for M
-//! minutes, in rounds of a minute, with agent B stopped (as Ctrl-C would) for 5 s in every third round
-//! and started again, printing each round's loss, latency and the process's memory.
+//! minutes, in rounds of a minute, with agent B away for 5 s in every third round and started again
+//! (stopped as Ctrl-C would in rounds 3, 9, 15, ...; killed as `kill -9` would in rounds 6, 12, ...:
+//! its runtime shut down under it), printing each round's loss, latency and the process's memory.
 //!
 //! A step is clean when every frame arrived once and in order and the p99 latency stayed under
 //! `--max-p99-ms`: the relay never loses a frame (past its in-flight limit it buffers them in
@@ -73,7 +74,8 @@ struct Args {
     /// started for the run (Debian: apt-get install nats-server).
     #[arg(long)]
     nats: bool,
-    /// Run a soak of this many minutes instead of the three measurements.
+    /// Run a soak of this many minutes instead of the three measurements: rounds of a minute, agent
+    /// B stopped in rounds 3, 9, 15, ... and killed in rounds 6, 12, ... (away 5 s each time).
     #[arg(long)]
     soak_minutes: Option<u32>,
     /// Groups sending at `--group-rate` throughout the soak.
@@ -102,6 +104,39 @@ fn agent_data(agent: &bridge_rig::AgentPart) -> serde_json::Value {
         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
         .map(|v| v["data"].clone())
         .unwrap_or_default()
+}
+
+impl Relayed {
+    /// The counts since `before`: A's frames up, the servers' accepted, forwarded and delivered, B's
+    /// frames down, the agents' drops. An agent restarted in between starts its own counts again, so
+    /// its part reads from zero then (saturating), and says less.
+    fn since(&self, before: &Relayed) -> [u64; 6] {
+        [
+            self.a_up.saturating_sub(before.a_up),
+            self.accepted.saturating_sub(before.accepted),
+            self.forwarded.saturating_sub(before.forwarded),
+            self.delivered.saturating_sub(before.delivered),
+            self.b_down.saturating_sub(before.b_down),
+            self.dropped.saturating_sub(before.dropped),
+        ]
+    }
+}
+
+/// Where frames went missing, from the relay's, the agents' and the simulators' own counters.
+fn where_lost(c: SimCounters, relayed: [u64; 6]) -> String {
+    let [up, accepted, forwarded, delivered, down, dropped] = relayed;
+    format!(
+        "\n    agent A sent {up} frames up; the server accepted {accepted}, forwarded {forwarded}, had {delivered} acknowledged by agent B; agent B handed {down} to dongle B; the agents dropped {dropped}\
+         \n    where: dongle A sent {} frames to agent A (lost {} packets to a full host queue); dongle B got {} from agent B, put {} on its bus ({} dropped by its full transmit queue, {} datagrams lost to a full tap, {} frames to a full bus queue); dongle B refused {} packets (replay, authentication, malformed)",
+        c.a_to_host,
+        c.a_lost_to_host,
+        c.b_from_host,
+        c.b_to_bus,
+        c.b_tx_queue_full,
+        c.b_bus_lost_datagrams,
+        c.b_bus_queue_full,
+        c.b_refused
+    )
 }
 
 fn relayed(rig: &Rig) -> Relayed {
@@ -286,16 +321,7 @@ impl Step {
             self.share(self.cpu.rest),
         ));
         if self.faults() > 0 {
-            // Where the frames went missing, from the simulators' own counters.
-            let c = self.sims;
-            let [up, accepted, forwarded, delivered, down, dropped] = self.relayed;
-            line.push_str(&format!(
-                "\n    agent A sent {up} frames up; the server accepted {accepted}, forwarded {forwarded}, had {delivered} acknowledged by agent B; agent B handed {down} to dongle B; the agents dropped {dropped}"
-            ));
-            line.push_str(&format!(
-                "\n    where: dongle A sent {} frames to agent A (lost {} packets to a full host queue); dongle B got {} from agent B, put {} on its bus ({} dropped by its full transmit queue, {} datagrams lost to a full tap, {} frames to a full bus queue); dongle B refused {} packets (replay, authentication, malformed)",
-                c.a_to_host, c.a_lost_to_host, c.b_from_host, c.b_to_bus, c.b_tx_queue_full, c.b_bus_lost_datagrams, c.b_bus_queue_full, c.b_refused
-            ));
+            line.push_str(&where_lost(self.sims, self.relayed));
         }
         line
     }
@@ -354,14 +380,7 @@ async fn step(
         sims: sim_counters(rig, groups).since(sims_before),
         results,
         relayed_buffered: after.buffered - before.buffered,
-        relayed: [
-            after.a_up - before.a_up,
-            after.accepted - before.accepted,
-            after.forwarded - before.forwarded,
-            after.delivered - before.delivered,
-            after.b_down - before.b_down,
-            after.dropped - before.dropped,
-        ],
+        relayed: after.since(&before),
         cpu: Cpu::now(rig).since(cpu),
         wall: started.elapsed(),
         hops,
@@ -526,7 +545,7 @@ async fn soak(rig: &mut Rig, args: &Args, minutes: u32) -> anyhow::Result<()> {
     let away_from = per_round / 3;
     let away_to = away_from + (f64::from(rate) * AWAY.as_secs_f64()) as usize;
     println!(
-        "\nsoak: {} groups at {rate} frames/s each (A -> B) for {minutes} minutes; agent B stopped for {} s in every third round",
+        "\nsoak: {} groups at {rate} frames/s each (A -> B) for {minutes} minutes; agent B away for {} s in every third round, stopped as Ctrl-C stops it and every other time killed as kill -9 ends it",
         rig.groups.len(),
         AWAY.as_secs()
     );
@@ -556,6 +575,7 @@ async fn soak(rig: &mut Rig, args: &Args, minutes: u32) -> anyhow::Result<()> {
         tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;
         let cpu = Cpu::now(rig);
         let sims = sim_counters(rig, rig.groups.len());
+        let relayed_before = relayed(rig);
         let inject = |seqs: std::ops::Range<usize>| {
             futures::future::join_all(
                 trackers
@@ -564,10 +584,20 @@ async fn soak(rig: &mut Rig, args: &Args, minutes: u32) -> anyhow::Result<()> {
                     .map(move |(t, g)| t.inject(&g.a.sim, seqs.clone(), rate)),
             )
         };
+        // Every third round agent B goes away for a while: stopped as Ctrl-C stops it, and every
+        // other time killed as `kill -9` ends it.
         let restart = round % 3 == 2;
+        let kill = restart && (round / 3) % 2 == 1;
         if restart {
             inject(0..away_from).await;
-            rig.agent_b.stop().await.context("stopping agent B")?;
+            if kill {
+                // As `kill -9` ends its process: its runtime shut down under it.
+                let fresh = rig.runtimes.kill_and_renew(system::AGENT_B)?;
+                rig.agent_b.killed();
+                rig.agent_b.run_on(fresh);
+            } else {
+                rig.agent_b.stop().await.context("stopping agent B")?;
+            }
             inject(away_from..away_to).await;
             rig.agent_b.start();
             inject(away_to..per_round).await;
@@ -590,10 +620,10 @@ async fn soak(rig: &mut Rig, args: &Args, minutes: u32) -> anyhow::Result<()> {
         println!(
             "round {:>2}{} sent {:>8} lost {:>3} dup {:>2} reordered {:>2} p50 {:>7} ms p99 {:>8} ms max {:>8} ms  CPU servers {:.2} s agents {:.2} s  RSS {} MiB  B's transmit queues dropped {} (simulators kept from reading up to {} ms so far)",
             round + 1,
-            if restart {
-                " (B restarted)"
-            } else {
-                "              "
+            match (restart, kill) {
+                (true, true) => " (B killed)   ",
+                (true, false) => " (B restarted)",
+                _ => "              ",
             },
             round_result.sent,
             round_result.lost(),
@@ -613,6 +643,12 @@ async fn soak(rig: &mut Rig, args: &Args, minutes: u32) -> anyhow::Result<()> {
             sims.b_tx_queue_full,
             ms(sims.b_read_lag_max),
         );
+        if round_result.lost() + round_result.duplicates + round_result.out_of_order > 0 {
+            println!(
+                "{}",
+                where_lost(sims, relayed(rig).since(&relayed_before)).trim_start()
+            );
+        }
         total.sent += round_result.sent;
         total.delivered += round_result.delivered;
         total.duplicates += round_result.duplicates;

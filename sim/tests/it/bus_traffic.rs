@@ -221,6 +221,17 @@ async fn the_obd2_log_replays_in_order_with_its_timing_scaled() {
     sim.shutdown().await;
 }
 
+/// A CAN_CONFIG SET to 125 kbit/s, where an 8-byte frame takes about a millisecond.
+fn at_125_kbits() -> CanConfig {
+    CanConfig {
+        action: ConfigAction::Set,
+        bitrate: 125_000,
+        sample_point_permille: 875,
+        flags: CanConfig::FLAG_AUTO_RETX,
+        ..CanConfig::get()
+    }
+}
+
 /// A dongle's controller queues a frame when the frame reaches it, however busy its firmware is. The
 /// simulator shares a machine with other programs and may not run for a while; frames that arrived
 /// over UDP at the bus's pace meanwhile must then queue as of their arrival, not all at once when the
@@ -249,14 +260,8 @@ fn frames_that_arrive_at_the_bus_pace_while_the_simulator_stalls_all_reach_the_b
         let mut tap = BusTap::join_at(&root, "stall").unwrap();
         assert!(tap.wait_for_peers(1, WAIT).await);
         let mut host = Host::connect(&sim).await;
-        let set = CanConfig {
-            action: ConfigAction::Set,
-            bitrate: 125_000,
-            sample_point_permille: 875,
-            flags: CanConfig::FLAG_AUTO_RETX,
-            ..CanConfig::get()
-        };
-        assert_eq!(host.config(set).await.unwrap().bitrate, 125_000);
+        let applied = host.config(at_125_kbits()).await.unwrap();
+        assert_eq!(applied.bitrate, 125_000);
         tokio::time::sleep(dongle_sim::bus::REFRESH_INTERVAL * 2).await;
 
         // 100 frames of about 1 ms each, one every 2 ms or a little more: half the bus at most. The
@@ -288,14 +293,11 @@ async fn frames_sent_faster_than_the_bus_carries_are_dropped_and_counted() {
     // 125 kbit/s: an 8-byte frame takes about a millisecond, so 100 frames sent at once overrun the
     // transmit queue, as they would a real dongle's.
     let mut b = bench(false, |_| {}).await;
-    let set = CanConfig {
-        action: ConfigAction::Set,
-        bitrate: 125_000,
-        sample_point_permille: 875,
-        flags: CanConfig::FLAG_AUTO_RETX,
-        ..CanConfig::get()
-    };
-    let applied = b.host.config(set).await.expect("the dongle answers");
+    let applied = b
+        .host
+        .config(at_125_kbits())
+        .await
+        .expect("the dongle answers");
     assert_eq!(applied.bitrate, 125_000, "{applied:?}");
     let started = Instant::now();
     for i in 0..100u8 {
