@@ -7,9 +7,10 @@
 //! dongle's bitrate ([`firmware_proto::bus_time::worst_case_bits`]), and writes a frame only when
 //! fewer than [`DEPTH`] frames are ahead of it. Counting the longest time errs towards a slower
 //! write; keeping half the queue free leaves room for a link that delivers two writes at once. A
-//! frame counts from the moment it is written, not from the moment it was allowed: a writer that
-//! waited and woke late would otherwise leave the model ahead of the dongle, which starts a frame
-//! only when it comes, and every late wake-up would add to the difference. The
+//! frame counts from the moment the session hands it to its link, not from the moment it was
+//! allowed: a writer that waited and woke late would otherwise leave the model ahead of the dongle,
+//! which starts a frame only when it comes, and every late wake-up would add to the difference. (The
+//! link's writer task may still write it later; that gap is not counted yet.) The
 //! model assumes the bus is the dongle's: other nodes' traffic, error frames and retransmissions slow
 //! the real queue, which can then still overflow; a dongle that announces bus-status counts what it
 //! dropped (`daemon::bus_losses`).

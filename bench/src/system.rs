@@ -72,8 +72,9 @@ pub struct Runtimes(Vec<(String, PartRuntime)>);
 
 impl Runtimes {
     /// Shuts the runtime `name` down and puts a new one of the same name in its place, whose handle it
-    /// returns. What ran on the old one ends as a killed process's threads end: every task dropped
-    /// where it stood, nothing acknowledged or flushed, its sockets closed.
+    /// returns. What ran on the old one ends nearly as a killed process's threads end: every task
+    /// dropped where it stood, nothing acknowledged, its sockets closed. Unlike `kill -9`, the
+    /// dropped values' `Drop` still runs (a buffered writer flushes) and blocking-pool jobs finish.
     pub fn kill_and_renew(&mut self, name: &str) -> anyhow::Result<tokio::runtime::Handle> {
         let fresh = runtime(name)?;
         let handle = fresh.handle();

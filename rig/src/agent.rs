@@ -110,7 +110,11 @@ impl AgentPart {
     /// [`start`](Self::start) (on a new runtime, [`run_on`](Self::run_on)) runs a new daemon, as a
     /// restarted process would.
     pub fn killed(&mut self) {
-        self.running = None;
+        if let Some((stop, _task)) = self.running.take() {
+            // Dropping the sender would complete the daemon's stop signal, its Ctrl-C path, which a
+            // killed process never takes; a task its old runtime was still polling could see it.
+            std::mem::forget(stop);
+        }
     }
 
     /// Stops the daemon, as Ctrl-C on `bridge-agent run` would; waits up to 10 s for it to end.

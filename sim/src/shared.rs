@@ -37,7 +37,8 @@ pub struct LinkStats {
     /// Writes that failed or timed out.
     pub tx_write_failures: u64,
     /// The longest a packet waited between its arrival (the kernel's receive time, UDP on Linux) and
-    /// the simulator reading it: how long the simulator was kept from running.
+    /// the link reading it: the simulator kept from running by its machine, or its link busy
+    /// meanwhile (sending, or sleeping out the delay fault).
     pub rx_late_max: std::time::Duration,
 }
 

@@ -30,7 +30,10 @@ impl UdpLink {
     /// Binds REMP on `addr` and discovery on the same IP at `discovery_port` (0: any free port).
     pub async fn bind(addr: SocketAddr, discovery_port: u16) -> std::io::Result<Self> {
         let remp = UdpSocket::bind(addr).await?;
-        arrival::enable(&remp)?;
+        if let Err(e) = arrival::enable(&remp) {
+            // Frames then join the transmit queue when they are read, as without the stamps.
+            tracing::warn!(error = %e, "the kernel does not stamp this socket's datagrams");
+        }
         let discovery = UdpSocket::bind(SocketAddr::new(addr.ip(), discovery_port)).await?;
         Ok(Self { remp, discovery })
     }
@@ -79,7 +82,7 @@ pub(crate) async fn run(
                 }
             }
             received = arrival::recv_from(&link.remp, &mut remp_buf) => {
-                let Ok((n, from, waited)) = received else { continue };
+                let Ok((n, from, arrived)) = received else { continue };
                 if !up {
                     continue;
                 }
@@ -91,11 +94,11 @@ pub(crate) async fn run(
                 {
                     peer = Some(from);
                 }
-                match waited {
-                    Some(waited) => {
+                match arrived {
+                    Some(arrived) => {
+                        let waited = Instant::now().saturating_duration_since(arrived);
                         shared.link_stats(|s| s.rx_late_max = s.rx_late_max.max(waited));
-                        let now = Instant::now();
-                        shared.handle_packet_since(bytes, now.checked_sub(waited).unwrap_or(now));
+                        shared.handle_packet_since(bytes, arrived);
                     }
                     None => {
                         shared.handle_packet(bytes);
@@ -150,9 +153,11 @@ async fn send(shared: &Shared, socket: &UdpSocket, to: SocketAddr, mut datagram:
 mod arrival {
     use std::io;
     use std::net::SocketAddr;
+    #[cfg(target_os = "linux")]
     use std::time::Duration;
 
     use tokio::net::UdpSocket;
+    use tokio::time::Instant;
 
     /// Asks the kernel to stamp every datagram `socket` receives.
     #[cfg(target_os = "linux")]
@@ -166,13 +171,15 @@ mod arrival {
         Ok(())
     }
 
-    /// Receives a datagram: its length, its source, and how long it waited to be read (`None` where
-    /// the kernel gave no stamp). The wait is bounded by a second, against a clock set meanwhile.
+    /// Receives a datagram: its length, its source, and when it arrived on tokio's clock (`None`
+    /// where the kernel gave no stamp). The kernel stamps with the wall clock, so the arrival is
+    /// the wall clock's age of the stamp back from now, both clocks read together; the age is
+    /// bounded by a second, against a wall clock set meanwhile.
     #[cfg(target_os = "linux")]
     pub async fn recv_from(
         socket: &UdpSocket,
         buf: &mut [u8],
-    ) -> io::Result<(usize, SocketAddr, Option<Duration>)> {
+    ) -> io::Result<(usize, SocketAddr, Option<Instant>)> {
         use std::io::IoSliceMut;
         use std::os::fd::AsRawFd;
 
@@ -206,21 +213,22 @@ mod arrival {
             })
             .await?;
         let from = from.ok_or_else(|| io::Error::other("a datagram without a source address"))?;
-        let waited = stamp.map(|stamp| {
-            std::time::SystemTime::UNIX_EPOCH
-                .elapsed()
+        let arrived = stamp.map(|stamp| {
+            let (wall, now) = (std::time::SystemTime::UNIX_EPOCH.elapsed(), Instant::now());
+            let age = wall
                 .unwrap_or_default()
                 .saturating_sub(stamp)
-                .min(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            now.checked_sub(age).unwrap_or(now)
         });
-        Ok((n, from, waited))
+        Ok((n, from, arrived))
     }
 
     #[cfg(not(target_os = "linux"))]
     pub async fn recv_from(
         socket: &UdpSocket,
         buf: &mut [u8],
-    ) -> io::Result<(usize, SocketAddr, Option<Duration>)> {
+    ) -> io::Result<(usize, SocketAddr, Option<Instant>)> {
         let (n, from) = socket.recv_from(buf).await?;
         Ok((n, from, None))
     }
