@@ -39,7 +39,7 @@ pub struct BusPace {
 impl BusPace {
     /// When one more frame may be written, asked at `now`: `now` while fewer than [`DEPTH`] frames
     /// are ahead, otherwise when the frame `DEPTH` places ahead has left. Records nothing.
-    pub fn ready_at(&mut self, now: Instant) -> Instant {
+    fn ready_at(&mut self, now: Instant) -> Instant {
         while self.finishing.front().is_some_and(|at| *at <= now) {
             self.finishing.pop_front();
         }

@@ -165,14 +165,10 @@ impl Shared {
         }
     }
 
-    /// Hands one link packet to the dongle; false when it did not decode.
-    pub(crate) fn handle_packet(self: &Arc<Self>, bytes: &[u8]) -> bool {
-        self.with_core(|core, out| core.handle_packet(Instant::now(), bytes, out))
-    }
-
-    /// [`Self::handle_packet`] for a packet that reached the dongle at `arrived`, before it was read.
-    pub(crate) fn handle_packet_since(self: &Arc<Self>, bytes: &[u8], arrived: Instant) -> bool {
-        self.with_core_since(Some(arrived), |core, out| {
+    /// Hands one link packet to the dongle; false when it did not decode. `arrived` is when it reached
+    /// the dongle, where the link knows that it came before it was read (see [`Self::dispatch`]).
+    pub(crate) fn handle_packet(self: &Arc<Self>, bytes: &[u8], arrived: Option<Instant>) -> bool {
+        self.with_core_since(arrived, |core, out| {
             core.handle_packet(Instant::now(), bytes, out)
         })
     }

@@ -326,7 +326,7 @@ fn can_section(session: &Session, id: uuid::Uuid, state: &Value, fd: bool) -> St
          <option value=\"500000\"><option value=\"1000000\"></datalist>\
          <div class=\"timing-preview\" id=\"timing-preview\" role=\"status\" aria-live=\"polite\" \
          data-prescaler-max=\"{prescaler_max}\" data-tseg1-max=\"{tseg1_max}\" \
-         data-tseg2-max=\"{tseg2_max}\" data-sjw-max=\"{sjw_max}\" data-bitrate-min=\"{bitrate_min}\" \
+         data-tseg2-max=\"{tseg2_max}\" data-bitrate-min=\"{bitrate_min}\" \
          data-bitrate-max=\"{bitrate_max}\" data-sample-point-min=\"{sp_min}\" data-sample-point-max=\"{sp_max}\">\
          <p>The timing preview needs JavaScript.</p></div>\
          {}\

@@ -122,6 +122,15 @@ async fn write(store: &FrameStore, pool: &PgPool, group_id: Uuid, chunks: &[Chun
     appended.buffered
 }
 
+/// `writer` appends frames 0..16 (two chunks) and is killed at once, nothing more of it running; then
+/// `reader` hands both chunks to B, which acknowledges them all.
+async fn write_die_and_deliver(writer: FrameStore, reader: &FrameStore, pool: &PgPool, id: Uuid) {
+    write(&writer, pool, id, &[chunk(0, 10), chunk(10, 6)]).await;
+    drop(writer);
+    assert_eq!(read(reader, pool, id, 0).await.len(), 2);
+    reader.acknowledge(pool, id, Side::B, 16).await.unwrap();
+}
+
 async fn read(store: &FrameStore, pool: &PgPool, group_id: Uuid, from: u64) -> Vec<(u64, u32)> {
     store
         .fetch(pool, group_id, Side::B, from, 32)
@@ -421,15 +430,7 @@ async fn a_sender_position_survives_a_kill_after_the_receiver_took_its_frames(
     pool: PgPool,
 ) {
     let id = group(&pool).await;
-    write(&stores.writer, &pool, id, &[chunk(0, 10), chunk(10, 6)]).await;
-    // Killed at once: nothing more of it runs.
-    drop(stores.writer);
-    assert_eq!(read(&stores.reader, &pool, id, 0).await.len(), 2);
-    stores
-        .reader
-        .acknowledge(&pool, id, Side::B, 16)
-        .await
-        .unwrap();
+    write_die_and_deliver(stores.writer, &stores.reader, &pool, id).await;
     assert!(stores.reader.settle(Duration::from_secs(5)).await);
     let rows = stores.spare.load(&pool, id).await.unwrap();
     assert_eq!(rows[0].next_in, 16, "A's stream is accepted up to 16");
@@ -466,15 +467,8 @@ async fn an_acknowledgement_for_a_group_without_rows_is_recorded(stores: Stores,
         .execute(&pool)
         .await
         .unwrap();
-    write(&stores.writer, &pool, id, &[chunk(0, 10), chunk(10, 6)]).await;
-    // Killed at once, before it wrote any row.
-    drop(stores.writer);
-    assert_eq!(read(&stores.reader, &pool, id, 0).await.len(), 2);
-    stores
-        .reader
-        .acknowledge(&pool, id, Side::B, 16)
-        .await
-        .unwrap();
+    // The writer dies before it wrote any row.
+    write_die_and_deliver(stores.writer, &stores.reader, &pool, id).await;
     assert_eq!(side_b(&stores.reader, &pool, id).await, (16, 0));
 }
 

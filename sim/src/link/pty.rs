@@ -212,7 +212,7 @@ async fn serve(
                     let mut packets = Vec::new();
                     decoder.push(buf.get(..n).unwrap_or(&[]), |p| packets.push(p.to_vec()));
                     for packet in packets {
-                        if !shared.handle_packet(&packet) {
+                        if !shared.handle_packet(&packet, None) {
                             decoder.count_rejected();
                         }
                     }

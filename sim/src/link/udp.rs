@@ -94,16 +94,11 @@ pub(crate) async fn run(
                 {
                     peer = Some(from);
                 }
-                match arrived {
-                    Some(arrived) => {
-                        let waited = Instant::now().saturating_duration_since(arrived);
-                        shared.link_stats(|s| s.rx_late_max = s.rx_late_max.max(waited));
-                        shared.handle_packet_since(bytes, arrived);
-                    }
-                    None => {
-                        shared.handle_packet(bytes);
-                    }
+                if let Some(arrived) = arrived {
+                    let waited = Instant::now().saturating_duration_since(arrived);
+                    shared.link_stats(|s| s.rx_late_max = s.rx_late_max.max(waited));
                 }
+                shared.handle_packet(bytes, arrived);
             }
             Some(packet) = host_rx.recv() => match peer.filter(|_| up) {
                 Some(to) => send(&shared, &link.remp, to, packet).await,

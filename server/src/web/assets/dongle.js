@@ -142,8 +142,7 @@
     var limits = {
       prescaler: parseInt(out.getAttribute('data-prescaler-max'), 10),
       tseg1: parseInt(out.getAttribute('data-tseg1-max'), 10),
-      tseg2: parseInt(out.getAttribute('data-tseg2-max'), 10),
-      sjw: parseInt(out.getAttribute('data-sjw-max'), 10)
+      tseg2: parseInt(out.getAttribute('data-tseg2-max'), 10)
     };
     var range = function (name) {
       return [parseInt(out.getAttribute('data-' + name + '-min'), 10),
