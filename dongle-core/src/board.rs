@@ -7,14 +7,15 @@
 //! the console, and a new flash image to store. Nothing here waits: the firmware calls
 //! [`StreamHost::poll`] from its loop and sleeps until the next byte, tick or [`StreamHost::next_due`].
 //!
-//! Bounded by construction: the decoder holds one frame of at most [`MAX_FRAME_LEN`] bytes, at most
+//! Bounded by construction, with no heap: the decoder holds one frame of at most [`MAX_FRAME_LEN`]
+//! bytes, each output is carried out as the dongle makes it (nothing gathers them), at most
 //! [`MAX_DEFERRED`] answers wait, and an answer that finds the queue full is dropped and counted in
-//! [`HostStats::deferred_dropped`] (the host's request times out, as over a lossy link).
-
-use alloc::vec::Vec;
+//! [`HostStats::deferred_dropped`] (the host's request times out, as over a lossy link). A
+//! `StreamHost` is therefore a fixed size (about 14 KiB), known when the firmware links.
 
 use firmware_proto::MAX_FRAME_LEN;
 use firmware_proto::stream::{StreamDecoder, StreamStats, encode_frame};
+use rand::Rng;
 
 use crate::dongle::{Deferred, Dongle, Event, Output};
 use crate::flash::Flash;
@@ -34,7 +35,8 @@ pub trait Board {
     fn to_bus(&mut self, frame: Frame) -> bool;
     /// Shows an event on the dongle's display or console (the PIN is one).
     fn event(&mut self, event: Event);
-    /// Stores the flash contents (their [`Flash::to_image`]) so that they survive a restart.
+    /// Stores the flash contents (their [`Flash::to_image`]) so that they survive a restart. Called
+    /// once after whatever the dongle did changed them, however many changes that made.
     fn store_flash(&mut self, flash: &Flash);
 }
 
@@ -49,14 +51,82 @@ pub struct HostStats {
     pub deferred_dropped: u64,
 }
 
+/// The framing side of the host link: what turns a packet into bytes on the wire.
+struct LinkWriter {
+    frame: [u8; MAX_FRAME_LEN],
+    /// Whether the resynchronising 0x00 went out.
+    started: bool,
+    packets_out: u64,
+}
+
+impl LinkWriter {
+    fn write(&mut self, packet: &[u8], board: &mut impl Board) {
+        if !self.started {
+            self.started = true;
+            board.to_host(&[0]);
+        }
+        if let Ok(n) = encode_frame(packet, &mut self.frame) {
+            self.packets_out += 1;
+            board.to_host(&self.frame[..n]);
+        }
+    }
+}
+
+/// The answers waiting for their time.
+type DeferredQueue<I> = heapless::Vec<(I, Deferred), MAX_DEFERRED>;
+
+/// Carries out each of the dongle's outputs as it is made. What needs the dongle itself (a lost
+/// frame's count, the flash to store) is noted and done once the dongle has returned.
+struct Carrier<'a, I: Instant, B: Board> {
+    now: I,
+    link: &'a mut LinkWriter,
+    deferred: &'a mut DeferredQueue<I>,
+    deferred_dropped: &'a mut u64,
+    board: &'a mut B,
+    lost_to_bus: u64,
+    flash_changed: bool,
+}
+
+impl<I: Instant, B: Board> Extend<Output> for Carrier<'_, I, B> {
+    fn extend<T: IntoIterator<Item = Output>>(&mut self, outputs: T) {
+        for output in outputs {
+            match output {
+                Output::ToHost(packet) => self.link.write(&packet, self.board),
+                Output::ToHostLater { after, reply } => {
+                    if self.deferred.push((self.now + after, reply)).is_err() {
+                        *self.deferred_dropped += 1;
+                    }
+                }
+                Output::ToBus(frame) => {
+                    if !self.board.to_bus(frame) {
+                        self.lost_to_bus += 1;
+                    }
+                }
+                Output::Event(event) => self.board.event(event),
+                Output::FlashChanged => self.flash_changed = true,
+            }
+        }
+    }
+}
+
+impl<I: Instant, B: Board> Carrier<'_, I, B> {
+    /// Does what waited for the dongle to return.
+    fn finish<R: Rng>(self, dongle: &mut Dongle<I, R>) {
+        if self.lost_to_bus > 0 {
+            dongle.note_lost_to_bus(self.lost_to_bus);
+        }
+        if self.flash_changed {
+            self.board.store_flash(dongle.flash());
+        }
+    }
+}
+
 /// The dongle's side of a byte-stream link, and the answers waiting for their time.
 pub struct StreamHost<I: Instant> {
     decoder: StreamDecoder,
-    deferred: Vec<(I, Deferred)>,
-    frame: Vec<u8>,
-    outputs: Vec<Output>,
-    stats: HostStats,
-    started: bool,
+    link: LinkWriter,
+    deferred: DeferredQueue<I>,
+    deferred_dropped: u64,
 }
 
 impl<I: Instant> Default for StreamHost<I> {
@@ -71,11 +141,13 @@ impl<I: Instant> StreamHost<I> {
     pub fn new() -> Self {
         Self {
             decoder: StreamDecoder::new(),
-            deferred: Vec::with_capacity(MAX_DEFERRED),
-            frame: alloc::vec![0; MAX_FRAME_LEN],
-            outputs: Vec::new(),
-            stats: HostStats::default(),
-            started: false,
+            link: LinkWriter {
+                frame: [0; MAX_FRAME_LEN],
+                started: false,
+                packets_out: 0,
+            },
+            deferred: heapless::Vec::new(),
+            deferred_dropped: 0,
         }
     }
 
@@ -83,75 +155,96 @@ impl<I: Instant> StreamHost<I> {
     pub fn stats(&self) -> HostStats {
         HostStats {
             link: self.decoder.stats(),
-            ..self.stats
+            packets_out: self.link.packets_out,
+            deferred_dropped: self.deferred_dropped,
+        }
+    }
+
+    fn carrier<'a, B: Board>(&'a mut self, now: I, board: &'a mut B) -> Carrier<'a, I, B> {
+        Carrier {
+            now,
+            link: &mut self.link,
+            deferred: &mut self.deferred,
+            deferred_dropped: &mut self.deferred_dropped,
+            board,
+            lost_to_bus: 0,
+            flash_changed: false,
         }
     }
 
     /// Bytes from the host link: every packet they complete is handled.
-    pub fn receive(
+    pub fn receive<R: Rng>(
         &mut self,
-        dongle: &mut Dongle<I>,
+        dongle: &mut Dongle<I, R>,
         now: I,
         bytes: &[u8],
         board: &mut impl Board,
     ) {
-        let mut outputs = core::mem::take(&mut self.outputs);
         let mut rejected = 0u32;
+        // The decoder hands out packets while it is borrowed, so the carrier is built from the
+        // other fields.
+        let mut carrier = Carrier {
+            now,
+            link: &mut self.link,
+            deferred: &mut self.deferred,
+            deferred_dropped: &mut self.deferred_dropped,
+            board,
+            lost_to_bus: 0,
+            flash_changed: false,
+        };
         self.decoder.push(bytes, |packet| {
-            if !dongle.handle_packet(now, packet, &mut outputs) {
+            if !dongle.handle_packet(now, packet, &mut carrier) {
                 rejected += 1;
             }
         });
+        carrier.finish(dongle);
         for _ in 0..rejected {
             self.decoder.count_rejected();
         }
-        self.carry_out(dongle, now, &mut outputs, board);
-        self.outputs = outputs;
     }
 
     /// Frames the board's bus delivered.
-    pub fn bus_frames(
+    pub fn bus_frames<R: Rng>(
         &mut self,
-        dongle: &mut Dongle<I>,
+        dongle: &mut Dongle<I, R>,
         now: I,
         frames: &[Frame],
         board: &mut impl Board,
     ) {
-        let mut outputs = core::mem::take(&mut self.outputs);
-        dongle.on_bus_frames(now, frames, &mut outputs);
-        self.carry_out(dongle, now, &mut outputs, board);
-        self.outputs = outputs;
+        let mut carrier = self.carrier(now, board);
+        dongle.on_bus_frames(now, frames, &mut carrier);
+        carrier.finish(dongle);
     }
 
     /// A line typed on the dongle's UART console.
-    pub fn uart_command(
+    pub fn uart_command<R: Rng>(
         &mut self,
-        dongle: &mut Dongle<I>,
+        dongle: &mut Dongle<I, R>,
         now: I,
         line: &str,
         board: &mut impl Board,
     ) {
-        let mut outputs = core::mem::take(&mut self.outputs);
-        dongle.uart_command(now, line, &mut outputs);
-        self.carry_out(dongle, now, &mut outputs, board);
-        self.outputs = outputs;
+        let mut carrier = self.carrier(now, board);
+        dongle.uart_command(now, line, &mut carrier);
+        carrier.finish(dongle);
     }
 
     /// Lets time pass: closes an expired pairing window and sends the answers now due.
-    pub fn poll(&mut self, dongle: &mut Dongle<I>, now: I, board: &mut impl Board) {
-        let mut outputs = core::mem::take(&mut self.outputs);
-        dongle.tick(now, &mut outputs);
+    pub fn poll<R: Rng>(&mut self, dongle: &mut Dongle<I, R>, now: I, board: &mut impl Board) {
+        let mut carrier = self.carrier(now, board);
+        dongle.tick(now, &mut carrier);
+        carrier.finish(dongle);
         let mut i = 0;
         while i < self.deferred.len() {
             if self.deferred[i].0 <= now {
                 let (_, reply) = self.deferred.swap_remove(i);
-                outputs.extend(dongle.encode_deferred(now, &reply).map(Output::ToHost));
+                if let Some(packet) = dongle.encode_deferred(now, &reply) {
+                    self.link.write(&packet, board);
+                }
             } else {
                 i += 1;
             }
         }
-        self.carry_out(dongle, now, &mut outputs, board);
-        self.outputs = outputs;
     }
 
     /// When the next deferred answer is due, if one waits: the firmware may sleep until then.
@@ -163,53 +256,16 @@ impl<I: Instant> StreamHost<I> {
     pub fn reset(&mut self) {
         self.deferred.clear();
         self.decoder.reset();
-        self.started = false;
+        self.link.started = false;
     }
 
     /// The host link went away and came back (a USB unplug and replug on a board that kept its
     /// power): a new host authenticates before it sees the bus, half a frame from the old one is no
     /// packet, and answers due to the old one are not sent to it. The dongle forgets what a power
     /// cycle forgets; `wall_now_ms` is the wall clock as [`Dongle::new`] takes it.
-    pub fn link_restarted(&mut self, dongle: &mut Dongle<I>, now: I, wall_now_ms: u64) {
+    pub fn link_restarted<R: Rng>(&mut self, dongle: &mut Dongle<I, R>, now: I, wall_now_ms: u64) {
         self.reset();
         dongle.power_cycle(now, wall_now_ms);
-    }
-
-    fn carry_out(
-        &mut self,
-        dongle: &mut Dongle<I>,
-        now: I,
-        outputs: &mut Vec<Output>,
-        board: &mut impl Board,
-    ) {
-        for output in outputs.drain(..) {
-            match output {
-                Output::ToHost(packet) => {
-                    if !self.started {
-                        self.started = true;
-                        board.to_host(&[0]);
-                    }
-                    if let Ok(n) = encode_frame(&packet, &mut self.frame) {
-                        self.stats.packets_out += 1;
-                        board.to_host(&self.frame[..n]);
-                    }
-                }
-                Output::ToHostLater { after, reply } => {
-                    if self.deferred.len() < MAX_DEFERRED {
-                        self.deferred.push((now + after, reply));
-                    } else {
-                        self.stats.deferred_dropped += 1;
-                    }
-                }
-                Output::ToBus(frame) => {
-                    if !board.to_bus(frame) {
-                        dongle.note_lost_to_bus(1);
-                    }
-                }
-                Output::Event(event) => board.event(event),
-                Output::FlashChanged => board.store_flash(dongle.flash()),
-            }
-        }
     }
 }
 
@@ -217,7 +273,6 @@ impl<I: Instant> StreamHost<I> {
 mod tests {
     use super::*;
     use crate::dongle::{DongleConfig, Extensions};
-    use alloc::boxed::Box;
     use alloc::string::String;
     use firmware_proto::discovery;
     use firmware_proto::ids::{CorrelationId, DeviceId, DongleToken};
@@ -240,6 +295,8 @@ mod tests {
         bus_room: Option<usize>,
         events: Vec<Event>,
         flash: Option<Flash>,
+        /// How many times the flash was stored.
+        stores: usize,
     }
 
     impl Board for Bench {
@@ -258,6 +315,7 @@ mod tests {
         }
         fn store_flash(&mut self, flash: &Flash) {
             self.flash = Some(flash.clone());
+            self.stores += 1;
         }
     }
 
@@ -288,7 +346,7 @@ mod tests {
         buf
     }
 
-    fn dongle() -> Dongle<Ticks> {
+    fn dongle() -> Dongle<Ticks, rand::rngs::StdRng> {
         let cfg = DongleConfig {
             extensions: Extensions::ALL,
             ..DongleConfig::default()
@@ -298,11 +356,15 @@ mod tests {
             Flash::new(ID),
             Ticks(0),
             0,
-            Box::new(rand::rngs::StdRng::seed_from_u64(1)),
+            rand::rngs::StdRng::seed_from_u64(1),
         )
     }
 
-    fn pair(d: &mut Dongle<Ticks>, host: &mut StreamHost<Ticks>, bench: &mut Bench) -> [u8; 32] {
+    fn pair(
+        d: &mut Dongle<Ticks, rand::rngs::StdRng>,
+        host: &mut StreamHost<Ticks>,
+        bench: &mut Bench,
+    ) -> [u8; 32] {
         let start = PairingStart {
             corr_id: CorrelationId([1; 16]),
         };
@@ -539,8 +601,11 @@ mod tests {
         let mut host = StreamHost::new();
         let mut bench = Bench::default();
         pair(&mut d, &mut host, &mut bench);
+        let stores = bench.stores;
         host.uart_command(&mut d, Ticks(1), "factory-reset", &mut bench);
         assert_eq!(bench.flash.as_ref().map(|f| f.token.is_some()), Some(false));
+        // One step, one store: a board may erase a whole flash sector for each.
+        assert_eq!(bench.stores, stores + 1);
         assert!(
             bench
                 .events

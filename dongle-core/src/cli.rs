@@ -16,13 +16,19 @@
 //! (exit code 1) without running. Output longer than the dongle's limit (default 512 bytes) is
 //! cut there and the response carries the truncated flag. This module only decides what to
 //! answer; [`crate::dongle`] carries it out.
+//!
+//! Answers are written into a [`CliOutput`] of fixed size, one byte larger than any output limit
+//! the protocol allows, so an answer the buffer had to cut is also longer than the limit and is
+//! flagged as truncated like any other.
 
-use alloc::format;
-use alloc::string::String;
-use alloc::vec::Vec;
+use core::fmt::{self, Write};
 use core::time::Duration;
 
-use firmware_proto::remp::CliStatus;
+use firmware_proto::ids::DeviceId;
+use firmware_proto::remp::{CliStatus, MAX_PAYLOAD_LEN};
+
+use crate::text::Written;
+use crate::timing::CanSettings;
 
 /// The default limit of a command's run time.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,30 +36,101 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_OUTPUT_LIMIT: usize = 512;
 /// The longest command line accepted, in bytes.
 pub const MAX_COMMAND_LEN: usize = 1024;
+/// The capacity of an answer: one byte more than any response could carry.
+pub const OUTPUT_CAPACITY: usize = MAX_PAYLOAD_LEN + 1;
+
+/// A command's full answer, before the dongle cuts it to its output limit.
+pub type CliOutput = Written<OUTPUT_CAPACITY>;
+
+// An echo of the longest command fits whole.
+const _: () = assert!(OUTPUT_CAPACITY > MAX_COMMAND_LEN);
+
+/// The pairing state, as `remote pairing show` tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PairingView {
+    /// No window, no token.
+    #[default]
+    Idle,
+    /// The dongle holds a token.
+    Claimed,
+    /// A pairing window is open.
+    Window {
+        /// Seconds until it closes.
+        seconds_left: u16,
+        /// Wrong PINs so far.
+        wrong_pins: u8,
+    },
+    /// Too many wrong PINs: pairing is refused for a while.
+    Cooldown {
+        /// Seconds until it ends.
+        seconds_left: u64,
+    },
+}
+
+impl fmt::Display for PairingView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Idle => f.write_str("idle"),
+            Self::Claimed => f.write_str("claimed"),
+            Self::Window {
+                seconds_left,
+                wrong_pins,
+            } => write!(
+                f,
+                "window open {seconds_left} s left, {wrong_pins} wrong PINs"
+            ),
+            Self::Cooldown { seconds_left } => write!(f, "cooldown {seconds_left} s left"),
+        }
+    }
+}
+
+/// The CAN configuration on one line, as `can cfg show` and `remote status` tell it.
+struct CanLine<'a>(&'a CanSettings);
+
+impl fmt::Display for CanLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        write!(
+            f,
+            "{} bit/s sp {} prescaler {} tseg1 {} tseg2 {} sjw {} mode {}",
+            s.bitrate,
+            s.sample_point_permille,
+            s.prescaler,
+            s.tseg1,
+            s.tseg2,
+            s.sjw,
+            s.mode.name()
+        )
+    }
+}
 
 /// What a command may read about the dongle.
 #[derive(Debug, Clone, Default)]
-pub struct CliContext {
+pub struct CliContext<'a> {
     /// The firmware build string.
-    pub fw_build: String,
-    /// The dongle's device id, as hex.
-    pub device_id: String,
+    pub fw_build: &'a str,
+    /// The dongle's device id.
+    pub device_id: DeviceId,
     /// Seconds since power-up.
     pub uptime_s: u64,
     /// Whether the dongle holds a token.
     pub claimed: bool,
-    /// A one-line description of the pairing state.
-    pub pairing: String,
+    /// The pairing state.
+    pub pairing: PairingView,
     /// A one-line description of the link.
-    pub link: String,
-    /// A one-line description of the CAN configuration.
-    pub can: String,
+    pub link: &'a str,
+    /// The CAN configuration.
+    pub can: CanSettings,
     /// Counter lines, `name value`.
-    pub stats: Vec<(String, u64)>,
+    pub stats: &'a [(&'static str, u64)],
     /// The dongle's command time limit.
     pub timeout: Duration,
-    /// Discovery lines, `name value` (announces sent, capability bits, pairing mode).
-    pub discovery: Vec<(String, String)>,
+    /// ANNOUNCEs sent (for `discovery status`).
+    pub announces: u64,
+    /// The capability bits announced.
+    pub capabilities: u32,
+    /// Whether a pairing window is open (the announced pairing mode).
+    pub pairing_mode: bool,
     /// The dongle's clock in microseconds (since power-up: it has no time of day).
     pub clock_us: u64,
 }
@@ -90,7 +167,7 @@ pub struct CliAnswer {
     /// The exit code.
     pub exit_code: u16,
     /// The full output (the dongle truncates it).
-    pub output: String,
+    pub output: CliOutput,
     /// How long to wait before answering.
     pub delay: Duration,
     /// A side effect.
@@ -98,7 +175,7 @@ pub struct CliAnswer {
 }
 
 impl CliAnswer {
-    fn ok(output: String) -> Self {
+    fn ok(output: CliOutput) -> Self {
         Self {
             status: CliStatus::Ok,
             exit_code: 0,
@@ -118,7 +195,7 @@ impl CliAnswer {
         }
     }
 
-    fn error(output: String) -> Self {
+    fn error(output: CliOutput) -> Self {
         Self {
             status: CliStatus::Error,
             exit_code: 2,
@@ -129,44 +206,73 @@ impl CliAnswer {
     }
 }
 
+/// Formats an answer. Writing to a [`CliOutput`] never fails (what does not fit is dropped).
+fn text(args: fmt::Arguments<'_>) -> CliOutput {
+    let mut out = CliOutput::new();
+    let _ = out.write_fmt(args);
+    out
+}
+
+/// The most words a command has; a longer line can only be `echo`.
+const MAX_WORDS: usize = 3;
+
 /// Decides the answer to `line`.
-pub fn run(line: &str, allow_dangerous: bool, ctx: &CliContext) -> CliAnswer {
+pub fn run(line: &str, allow_dangerous: bool, ctx: &CliContext<'_>) -> CliAnswer {
     if line.len() > MAX_COMMAND_LEN {
-        return CliAnswer::error(format!("command longer than {MAX_COMMAND_LEN} bytes\n"));
+        return CliAnswer::error(text(format_args!(
+            "command longer than {MAX_COMMAND_LEN} bytes\n"
+        )));
     }
-    let words: Vec<&str> = line.split_whitespace().collect();
-    match words.as_slice() {
-        ["help"] => CliAnswer::ok(COMMANDS.iter().map(|c| format!("{c}\n")).collect()),
-        ["version"] => CliAnswer::ok(format!("{}\nremp 1\n", ctx.fw_build)),
-        ["time", "status"] => CliAnswer::ok(format!(
+    // The first words, and one more to tell a longer line from a command.
+    let mut head = heapless::Vec::<&str, { MAX_WORDS + 1 }>::new();
+    for word in line.split_whitespace().take(MAX_WORDS + 1) {
+        let _ = head.push(word);
+    }
+    match head.as_slice() {
+        ["help"] => {
+            let mut out = CliOutput::new();
+            for command in COMMANDS {
+                let _ = writeln!(out, "{command}");
+            }
+            CliAnswer::ok(out)
+        }
+        ["version"] => CliAnswer::ok(text(format_args!("{}\nremp 1\n", ctx.fw_build))),
+        ["time", "status"] => CliAnswer::ok(text(format_args!(
             "clock_us {}\nsource uptime (no time of day)\n",
             ctx.clock_us
-        )),
-        ["discovery", "status"] => CliAnswer::ok(
-            ctx.discovery
-                .iter()
-                .map(|(k, v)| format!("{k} {v}\n"))
-                .collect(),
-        ),
-        ["can", "cfg", "show"] => CliAnswer::ok(format!("{}\n", ctx.can)),
-        ["uptime"] => CliAnswer::ok(format!("{}\n", ctx.uptime_s)),
-        ["remote", "status"] => CliAnswer::ok(format!(
+        ))),
+        ["discovery", "status"] => CliAnswer::ok(text(format_args!(
+            "announces {}\ncapabilities {:#06x}\npairing_mode {}\n",
+            ctx.announces,
+            ctx.capabilities,
+            if ctx.pairing_mode { "yes" } else { "no" }
+        ))),
+        ["can", "cfg", "show"] => CliAnswer::ok(text(format_args!("{}\n", CanLine(&ctx.can)))),
+        ["uptime"] => CliAnswer::ok(text(format_args!("{}\n", ctx.uptime_s))),
+        ["remote", "status"] => CliAnswer::ok(text(format_args!(
             "device {}\nclaimed {}\nlink {}\ncan {}\n",
             ctx.device_id,
             if ctx.claimed { "yes" } else { "no" },
             ctx.link,
-            ctx.can
-        )),
+            CanLine(&ctx.can)
+        ))),
         ["remote", "stats"] => {
-            let mut out = String::new();
-            for (name, value) in &ctx.stats {
-                out.push_str(&format!("{name} {value}\n"));
+            let mut out = CliOutput::new();
+            for (name, value) in ctx.stats {
+                let _ = writeln!(out, "{name} {value}");
             }
             CliAnswer::ok(out)
         }
-        ["remote", "pairing", "show"] => CliAnswer::ok(format!("{}\n", ctx.pairing)),
-        ["net", "status"] => CliAnswer::ok(format!("{}\n", ctx.link)),
-        ["echo", rest @ ..] => CliAnswer::ok(format!("{}\n", rest.join(" "))),
+        ["remote", "pairing", "show"] => CliAnswer::ok(text(format_args!("{}\n", ctx.pairing))),
+        ["net", "status"] => CliAnswer::ok(text(format_args!("{}\n", ctx.link))),
+        ["echo", ..] => {
+            let mut out = CliOutput::new();
+            for (i, word) in line.split_whitespace().skip(1).enumerate() {
+                let _ = write!(out, "{}{word}", if i == 0 { "" } else { " " });
+            }
+            let _ = out.write_str("\n");
+            CliAnswer::ok(out)
+        }
         ["sleep", ms] => match ms.parse::<u64>() {
             Ok(ms) => {
                 let wanted = Duration::from_millis(ms);
@@ -174,14 +280,17 @@ pub fn run(line: &str, allow_dangerous: bool, ctx: &CliContext) -> CliAnswer {
                     CliAnswer {
                         status: CliStatus::Timeout,
                         exit_code: 124,
-                        output: format!("timeout after {} ms\n", ctx.timeout.as_millis()),
+                        output: text(format_args!(
+                            "timeout after {} ms\n",
+                            ctx.timeout.as_millis()
+                        )),
                         delay: ctx.timeout,
                         action: None,
                     }
                 } else {
                     CliAnswer {
                         delay: wanted,
-                        ..CliAnswer::ok(format!("slept {ms} ms\n"))
+                        ..CliAnswer::ok(text(format_args!("slept {ms} ms\n")))
                     }
                 }
             }
@@ -197,11 +306,10 @@ pub fn run(line: &str, allow_dangerous: bool, ctx: &CliContext) -> CliAnswer {
 }
 
 /// Cuts `output` to `limit` bytes; returns the bytes and whether it was cut.
-pub fn truncate(output: &str, limit: usize) -> (&[u8], bool) {
-    let bytes = output.as_bytes();
-    match bytes.get(..limit) {
-        Some(cut) if bytes.len() > limit => (cut, true),
-        _ => (bytes, false),
+pub fn truncate(output: &[u8], limit: usize) -> (&[u8], bool) {
+    match output.get(..limit) {
+        Some(cut) if output.len() > limit => (cut, true),
+        _ => (output, false),
     }
 }
 
@@ -209,10 +317,10 @@ pub fn truncate(output: &str, limit: usize) -> (&[u8], bool) {
 mod tests {
     use super::*;
 
-    fn ctx() -> CliContext {
+    fn ctx() -> CliContext<'static> {
         CliContext {
             timeout: DEFAULT_TIMEOUT,
-            fw_build: "sim".into(),
+            fw_build: "sim",
             ..Default::default()
         }
     }
@@ -230,16 +338,27 @@ mod tests {
     #[test]
     fn the_firmwares_status_commands_answer_and_help_lists_every_command() {
         let mut c = ctx();
-        c.can = "500000 bit/s".into();
         c.clock_us = 42;
-        c.discovery = vec![("announces".into(), "3".into())];
-        assert_eq!(run("can cfg show", false, &c).output, "500000 bit/s\n");
-        assert!(run("time status", false, &c).output.contains("clock_us 42"));
-        assert_eq!(run("discovery status", false, &c).output, "announces 3\n");
+        c.announces = 3;
+        c.capabilities = 0x1f;
+        assert_eq!(
+            run("can cfg show", false, &c).output,
+            "500000 bit/s sp 875 prescaler 10 tseg1 13 tseg2 2 sjw 1 mode normal\n"
+        );
+        assert!(
+            run("time status", false, &c)
+                .output
+                .as_str()
+                .contains("clock_us 42")
+        );
+        assert_eq!(
+            run("discovery status", false, &c).output,
+            "announces 3\ncapabilities 0x001f\npairing_mode no\n"
+        );
         let help = run("help", false, &c);
         assert_eq!(help.status, CliStatus::Ok);
         for command in COMMANDS {
-            assert!(help.output.contains(command), "{command}");
+            assert!(help.output.as_str().contains(command), "{command}");
             // Every listed command is one this firmware answers (with its arguments filled in).
             let line = command
                 .replace(" WORDS...", " a")
@@ -254,10 +373,35 @@ mod tests {
     }
 
     #[test]
+    fn the_pairing_state_reads_as_before() {
+        let show = |pairing| {
+            let c = CliContext { pairing, ..ctx() };
+            run("remote pairing show", false, &c).output
+        };
+        assert_eq!(show(PairingView::Idle), "idle\n");
+        assert_eq!(show(PairingView::Claimed), "claimed\n");
+        assert_eq!(
+            show(PairingView::Window {
+                seconds_left: 90,
+                wrong_pins: 2
+            }),
+            "window open 90 s left, 2 wrong PINs\n"
+        );
+        assert_eq!(
+            show(PairingView::Cooldown { seconds_left: 30 }),
+            "cooldown 30 s left\n"
+        );
+    }
+
+    #[test]
     fn unknown_and_dangerous_commands_are_denied() {
         assert_eq!(run("rm -rf /", true, &ctx()).status, CliStatus::Denied);
         assert_eq!(
             run("factory-reset", false, &ctx()).status,
+            CliStatus::Denied
+        );
+        assert_eq!(
+            run("factory-reset now please", true, &ctx()).status,
             CliStatus::Denied
         );
         let reset = run("factory-reset", true, &ctx());
@@ -278,7 +422,20 @@ mod tests {
     #[test]
     fn truncates_at_the_limit() {
         let long = "x".repeat(600);
-        assert_eq!(truncate(&long, 512), (&long.as_bytes()[..512], true));
-        assert_eq!(truncate("ab", 512), (&b"ab"[..], false));
+        assert_eq!(
+            truncate(long.as_bytes(), 512),
+            (&long.as_bytes()[..512], true)
+        );
+        assert_eq!(truncate(b"ab", 512), (&b"ab"[..], false));
+    }
+
+    #[test]
+    fn the_longest_echo_is_answered_whole() {
+        let words = "ab ".repeat((MAX_COMMAND_LEN - "echo ".len()) / 3);
+        let line = format!("echo {words}");
+        assert!(line.len() <= MAX_COMMAND_LEN);
+        let answer = run(&line, false, &ctx());
+        assert_eq!(answer.output, format!("{}\n", words.trim_end()).as_str());
+        assert!(!answer.output.is_full());
     }
 }

@@ -30,10 +30,7 @@
 //! UDP: to the address the last packet came from, as the firmware answers the port it last
 //! heard), so a dongle never streams its bus to an unauthenticated party.
 
-use alloc::boxed::Box;
-use alloc::string::{String, ToString};
-use alloc::vec::Vec;
-use alloc::{format, vec};
+use core::fmt;
 use core::time::Duration;
 
 use firmware_proto::discovery::{self, Announce, PairingState};
@@ -51,10 +48,11 @@ use firmware_proto::remp::{
 use firmware_proto::{MAX_PACKET_LEN, caps};
 use rand::{Rng, RngExt};
 
-use crate::cli::{self, CliAction, CliContext};
+use crate::cli::{self, CliAction, CliContext, PairingView};
 use crate::flash::Flash;
 use crate::frame::Frame;
 use crate::pairing::{Pairing, StartOutcome, SubmitOutcome};
+use crate::text::{Text, bounded, utf8_prefix};
 use crate::time::{Instant, since};
 use crate::timing::{self, TimingError};
 
@@ -89,7 +87,7 @@ impl Extensions {
 
     /// Parses `none`, `all` or a comma-separated list of `batch`, `bus-status`, `forget`,
     /// `session`.
-    pub fn parse(list: &str) -> Result<Self, String> {
+    pub fn parse(list: &str) -> Result<Self, UnknownExtension> {
         let mut ext = Extensions::NONE;
         for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
             match word {
@@ -99,11 +97,7 @@ impl Extensions {
                 "bus-status" => ext.bus_status = true,
                 "forget" => ext.forget = true,
                 "session" => ext.session = true,
-                other => {
-                    return Err(format!(
-                        "unknown extension {other:?}: use batch, bus-status, forget, session, all or none"
-                    ));
-                }
+                other => return Err(UnknownExtension(bounded(other))),
             }
         }
         Ok(ext)
@@ -128,11 +122,23 @@ impl Extensions {
     }
 }
 
+/// A word [`Extensions::parse`] does not know (cut at 32 bytes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown extension {0:?}: use batch, bus-status, forget, session, all or none")]
+pub struct UnknownExtension(pub Text<32>);
+
+/// The longest firmware build string a dongle announces, in bytes.
+pub const FW_BUILD_LEN: usize = 64;
+/// How much of a UART command's output the console shows, in bytes.
+pub const CONSOLE_OUTPUT_LEN: usize = 256;
+/// The longest link description the CLI shows, in bytes.
+pub const LINK_LEN: usize = 96;
+
 /// The fixed properties of a dongle.
 #[derive(Debug, Clone)]
 pub struct DongleConfig {
     /// The firmware build string announced in TLV 0x02.
-    pub fw_build: String,
+    pub fw_build: Text<FW_BUILD_LEN>,
     /// The firmware build number in every REMP header.
     pub fw_build_number: u16,
     /// The extensions spoken.
@@ -144,7 +150,7 @@ pub struct DongleConfig {
     /// The LAN address announced.
     pub lan_ip: Option<[u8; 4]>,
     /// A one-line description of the link for the CLI.
-    pub link: String,
+    pub link: Text<LINK_LEN>,
     /// The pairing window.
     pub pairing_window: Duration,
     /// The cool-down after too many wrong PINs.
@@ -160,17 +166,13 @@ pub struct DongleConfig {
 impl Default for DongleConfig {
     fn default() -> Self {
         Self {
-            fw_build: format!(
-                "dongle-sim {} build {}",
-                env!("CARGO_PKG_VERSION"),
-                FW_BUILD_NUMBER
-            ),
+            fw_build: build_string("dongle-sim", env!("CARGO_PKG_VERSION")),
             fw_build_number: FW_BUILD_NUMBER,
             extensions: Extensions::NONE,
             fd: false,
             udp_port: 0,
             lan_ip: None,
-            link: "none".into(),
+            link: bounded("none"),
             pairing_window: crate::pairing::WINDOW,
             cooldown: crate::pairing::COOLDOWN,
             cli_timeout: cli::DEFAULT_TIMEOUT,
@@ -183,8 +185,21 @@ impl Default for DongleConfig {
 /// The firmware build number the simulator reports.
 pub const FW_BUILD_NUMBER: u16 = 700;
 
+/// The build string `"{name} {version} build {FW_BUILD_NUMBER}"`, cut at [`FW_BUILD_LEN`] bytes.
+pub fn build_string(name: &str, version: &str) -> Text<FW_BUILD_LEN> {
+    let mut text = crate::text::Written::<FW_BUILD_LEN>::new();
+    let _ = fmt::Write::write_fmt(
+        &mut text,
+        format_args!("{name} {version} build {FW_BUILD_NUMBER}"),
+    );
+    bounded(text.as_str())
+}
+
 /// Something the dongle shows on its display or log (the simulator's event stream, a firmware's
 /// UART log). Exhaustive on purpose: a host that shows events must decide how to show a new one.
+// `UartAnswered` carries the console's text: with no heap to put it in, the enum is its size. Events
+// are made, shown and dropped one at a time.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Event {
     /// The dongle shows a PIN: a pairing window opened. This stands for the dongle's display.
@@ -230,7 +245,7 @@ pub enum Event {
     /// A CAN configuration was refused.
     ConfigRefused {
         /// Why.
-        reason: String,
+        reason: TimingError,
     },
     /// The host made the dongle forget its token.
     TokenForgotten,
@@ -240,8 +255,9 @@ pub enum Event {
     UartAnswered {
         /// The exit code.
         exit_code: u16,
-        /// The output (cut as the report was).
-        output: String,
+        /// The output as the console shows it: its first [`CONSOLE_OUTPUT_LEN`] bytes (the report to
+        /// the host carries it up to the CLI's output limit).
+        output: Text<CONSOLE_OUTPUT_LEN>,
         /// Whether it was reported to the host (only a claimed dongle reports).
         reported: bool,
     },
@@ -305,14 +321,43 @@ pub struct Deferred {
     status: CliStatus,
     flags: u8,
     exit_code: u16,
-    output: Vec<u8>,
+    output: heapless::Vec<u8, MAX_PAYLOAD_LEN>,
 }
+
+/// A packet for the host, encoded.
+pub type PacketBuf = heapless::Vec<u8, MAX_PACKET_LEN>;
+
+/// Where the dongle puts its outputs, in order: a `Vec` on a host with a heap, or a board's driver
+/// that carries each out as it comes (see [`crate::board::StreamHost`]), so the core itself never
+/// holds more than one.
+pub trait Outputs {
+    /// Takes one output.
+    fn push(&mut self, output: Output);
+}
+
+impl<T: Extend<Output>> Outputs for T {
+    fn push(&mut self, output: Output) {
+        self.extend(core::iter::once(output));
+    }
+}
+
+/// Encodes a packet with `encode` straight into a [`PacketBuf`]; None when it does not encode.
+fn encoded<E>(encode: impl FnOnce(&mut [u8]) -> Result<usize, E>) -> Option<PacketBuf> {
+    let mut buf = PacketBuf::new();
+    buf.resize_default(MAX_PACKET_LEN).ok()?;
+    let n = encode(&mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// How many loopback echoes the dongle gathers before it sends them on to the host.
+const ECHO_CHUNK: usize = 32;
 
 /// What the dongle asks its runtime to do.
 #[derive(Debug, Clone)]
 pub enum Output {
     /// Send this packet to the host.
-    ToHost(Vec<u8>),
+    ToHost(PacketBuf),
     /// Encode and send this answer after a delay.
     ToHostLater {
         /// The delay.
@@ -336,15 +381,15 @@ enum Auth {
     Session,
 }
 
-/// The dongle, over the host's instant type `I`.
-pub struct Dongle<I: Instant> {
+/// The dongle, over the host's instant type `I` and random number generator `R`.
+pub struct Dongle<I: Instant, R: Rng> {
     cfg: DongleConfig,
     flash: Flash,
     pairing: Pairing<I>,
     boot: I,
     /// The host's wall clock at `boot`, in milliseconds (see the module's notes).
     wall_at_boot_ms: u64,
-    rng: Box<dyn Rng + Send>,
+    rng: R,
     tx_seq: u32,
     session: Option<SessionMac>,
     pending_auth: Option<([u8; 16], [u8; 16])>,
@@ -352,7 +397,7 @@ pub struct Dongle<I: Instant> {
     counters: Counters,
 }
 
-impl<I: Instant> core::fmt::Debug for Dongle<I> {
+impl<I: Instant, R: Rng> core::fmt::Debug for Dongle<I, R> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         // The flash holds the token: only its presence is shown.
         f.debug_struct("Dongle")
@@ -364,17 +409,11 @@ impl<I: Instant> core::fmt::Debug for Dongle<I> {
     }
 }
 
-impl<I: Instant> Dongle<I> {
+impl<I: Instant, R: Rng> Dongle<I, R> {
     /// A dongle booting at `now` with the given flash. `wall_now_ms` is the host's wall clock
     /// (milliseconds since the Unix epoch, or 0 on a board without one); `rng` supplies PINs and
     /// nonces and must be a cryptographic generator seeded from real entropy.
-    pub fn new(
-        cfg: DongleConfig,
-        flash: Flash,
-        now: I,
-        wall_now_ms: u64,
-        rng: Box<dyn Rng + Send>,
-    ) -> Self {
+    pub fn new(cfg: DongleConfig, flash: Flash, now: I, wall_now_ms: u64, rng: R) -> Self {
         let mut pairing = Pairing::new(cfg.pairing_window, cfg.cooldown);
         // The cool-down end is wall-clock time in flash, so that a restart does not lift it. At most one
         // cool-down is restored: a board without a clock (wall time 0 at every boot) or a host clock
@@ -423,8 +462,9 @@ impl<I: Instant> Dongle<I> {
     }
 
     /// Sets the link description and announced UDP port and address.
-    pub fn set_link(&mut self, link: String, udp_port: u16, lan_ip: Option<[u8; 4]>) {
-        self.cfg.link = link;
+    /// The description is cut at [`LINK_LEN`] bytes.
+    pub fn set_link(&mut self, link: &str, udp_port: u16, lan_ip: Option<[u8; 4]>) {
+        self.cfg.link = bounded(link);
         self.cfg.udp_port = udp_port;
         self.cfg.lan_ip = lan_ip;
     }
@@ -460,7 +500,7 @@ impl<I: Instant> Dongle<I> {
     }
 
     /// Encodes an ANNOUNCE answering a DISCOVER with `seq`.
-    pub fn announce(&mut self, now: I, seq: u32) -> Option<Vec<u8>> {
+    pub fn announce(&mut self, now: I, seq: u32) -> Option<PacketBuf> {
         let window = self.pairing.open_window(now);
         let announce = Announce {
             device_id: self.flash.device_id,
@@ -476,11 +516,9 @@ impl<I: Instant> Dongle<I> {
             },
             pairing_nonce: window.map(|(_, nonce)| nonce),
         };
-        let mut buf = vec![0u8; MAX_PACKET_LEN];
-        let n = discovery::encode_announce(&announce, seq, &mut buf).ok()?;
-        buf.truncate(n);
+        let packet = encoded(|buf| discovery::encode_announce(&announce, seq, buf))?;
         self.counters.announces += 1;
-        Some(buf)
+        Some(packet)
     }
 
     /// Answers a Discovery packet: an ANNOUNCE for a DISCOVER. `Err` when it does not decode.
@@ -488,7 +526,7 @@ impl<I: Instant> Dongle<I> {
         &mut self,
         now: I,
         bytes: &[u8],
-    ) -> Result<Option<Vec<u8>>, firmware_proto::Error> {
+    ) -> Result<Option<PacketBuf>, firmware_proto::Error> {
         match discovery::decode(bytes) {
             Ok(p) if matches!(p.body, discovery::Body::Discover) => {
                 Ok(self.announce(now, p.header.seq))
@@ -506,13 +544,15 @@ impl<I: Instant> Dongle<I> {
 
     /// Handles one link packet (Discovery or REMP). Returns false when it did not decode, so
     /// that a stream link can count it as rejected.
-    pub fn handle_packet(&mut self, now: I, bytes: &[u8], out: &mut Vec<Output>) -> bool {
+    pub fn handle_packet(&mut self, now: I, bytes: &[u8], out: &mut impl Outputs) -> bool {
         self.counters.packets_in += 1;
         self.tick(now, out);
         if bytes.starts_with(&discovery::MAGIC) {
             return match self.discovery_reply(now, bytes) {
                 Ok(reply) => {
-                    out.extend(reply.map(Output::ToHost));
+                    if let Some(packet) = reply {
+                        out.push(Output::ToHost(packet));
+                    }
                     true
                 }
                 Err(_) => false,
@@ -568,7 +608,7 @@ impl<I: Instant> Dongle<I> {
         }
     }
 
-    fn dispatch(&mut self, now: I, packet: &Packet<'_>, auth: Auth, out: &mut Vec<Output>) {
+    fn dispatch(&mut self, now: I, packet: &Packet<'_>, auth: Auth, out: &mut impl Outputs) {
         let seq = packet.header.seq;
         let sealed = auth == Auth::Session;
         if !self.extension_enabled(packet.header.msg_type) {
@@ -600,11 +640,10 @@ impl<I: Instant> Dongle<I> {
         match packet.payload {
             Payload::Can(frame) => {
                 let frame = Frame::from_can_frame(&frame);
-                self.transmit(now, &[frame], out);
+                self.transmit(now, core::iter::once(frame), out);
             }
             Payload::CanBatch(batch) => {
-                let frames: Vec<Frame> = batch.iter().map(|r| Frame::from_record(&r)).collect();
-                self.transmit(now, &frames, out);
+                self.transmit(now, batch.iter().map(|r| Frame::from_record(&r)), out);
             }
             Payload::CanConfig(config) => self.can_config(now, seq, sealed, &config, out),
             Payload::CliRequest(request) => self.cli(
@@ -648,7 +687,7 @@ impl<I: Instant> Dongle<I> {
         }
     }
 
-    fn refuse(&mut self, packet: &Packet<'_>, out: &mut Vec<Output>) {
+    fn refuse(&mut self, packet: &Packet<'_>, out: &mut impl Outputs) {
         self.counters.auth_failures += 1;
         out.push(Output::Event(Event::AuthRefused {
             msg_type: packet.header.msg_type.to_u8(),
@@ -656,20 +695,24 @@ impl<I: Instant> Dongle<I> {
     }
 
     /// Encodes a packet from the dongle; sealed with the session when `sealed`.
-    fn encode(&mut self, now: I, seq: u32, sealed: bool, payload: Payload<'_>) -> Option<Vec<u8>> {
+    fn encode(
+        &mut self,
+        now: I,
+        seq: u32,
+        sealed: bool,
+        payload: Payload<'_>,
+    ) -> Option<PacketBuf> {
         let msg_type = payload.msg_type()?;
         let mut header = Header::new(msg_type, self.flash.device_id, seq);
         header.fw_build = self.cfg.fw_build_number;
         header.timestamp_us = self.uptime_us(now);
         let packet = Packet { header, payload };
-        let mut buf = vec![0u8; MAX_PACKET_LEN];
-        let n = if sealed {
-            self.session.as_mut()?.seal(&packet, &mut buf).ok()?
+        if sealed {
+            let session = self.session.as_mut()?;
+            encoded(|buf| session.seal(&packet, buf))
         } else {
-            remp::encode(&packet, &mut buf).ok()?
-        };
-        buf.truncate(n);
-        Some(buf)
+            encoded(|buf| remp::encode(&packet, buf))
+        }
     }
 
     fn reply(
@@ -678,14 +721,16 @@ impl<I: Instant> Dongle<I> {
         seq: u32,
         sealed: bool,
         payload: Payload<'_>,
-        out: &mut Vec<Output>,
+        out: &mut impl Outputs,
     ) {
-        out.extend(self.encode(now, seq, sealed, payload).map(Output::ToHost));
+        if let Some(packet) = self.encode(now, seq, sealed, payload) {
+            out.push(Output::ToHost(packet));
+        }
     }
 
     /// Encodes an unsolicited packet signed as the dongle: sealed with the session's MAC when a host
     /// has one, else with the dongle's token in the header. None without a token.
-    fn unsolicited_signed(&mut self, now: I, payload: Payload<'_>) -> Option<Vec<u8>> {
+    fn unsolicited_signed(&mut self, now: I, payload: Payload<'_>) -> Option<PacketBuf> {
         if self.session.is_some() {
             return self.unsolicited(now, payload);
         }
@@ -695,20 +740,17 @@ impl<I: Instant> Dongle<I> {
         header.fw_build = self.cfg.fw_build_number;
         header.timestamp_us = self.uptime_us(now);
         header.token = token.as_bytes();
-        let mut buf = vec![0u8; MAX_PACKET_LEN];
-        let n = remp::encode(&Packet { header, payload }, &mut buf).ok()?;
-        buf.truncate(n);
-        Some(buf)
+        encoded(|buf| remp::encode(&Packet { header, payload }, buf))
     }
 
     /// Encodes an unsolicited packet with the dongle's own sequence number.
-    fn unsolicited(&mut self, now: I, payload: Payload<'_>) -> Option<Vec<u8>> {
+    fn unsolicited(&mut self, now: I, payload: Payload<'_>) -> Option<PacketBuf> {
         self.tx_seq = self.tx_seq.wrapping_add(1);
         let sealed = self.session.is_some();
         self.encode(now, self.tx_seq, sealed, payload)
     }
 
-    fn pairing_start(&mut self, now: I, seq: u32, corr_id: CorrelationId, out: &mut Vec<Output>) {
+    fn pairing_start(&mut self, now: I, seq: u32, corr_id: CorrelationId, out: &mut impl Outputs) {
         self.counters.pairing_starts += 1;
         let rng = &mut self.rng;
         let digits: [u8; 6] = core::array::from_fn(|_| b'0' + rng.random_range(0..10u8));
@@ -743,7 +785,7 @@ impl<I: Instant> Dongle<I> {
         now: I,
         seq: u32,
         submit: &firmware_proto::remp::PairingSubmit,
-        out: &mut Vec<Output>,
+        out: &mut impl Outputs,
     ) {
         let claimed = self.flash.token.is_some();
         let outcome = self
@@ -787,7 +829,7 @@ impl<I: Instant> Dongle<I> {
         self.reply(now, seq, false, Payload::PairingAck(ack), out);
     }
 
-    fn auth(&mut self, now: I, seq: u32, message: AuthMessage, out: &mut Vec<Output>) {
+    fn auth(&mut self, now: I, seq: u32, message: AuthMessage, out: &mut impl Outputs) {
         let id = self.flash.device_id;
         let answer = match (message, self.flash.token) {
             (AuthMessage::Challenge { .. }, None) => AuthMessage::Response {
@@ -853,7 +895,7 @@ impl<I: Instant> Dongle<I> {
         seq: u32,
         sealed: bool,
         request: &CanConfig,
-        out: &mut Vec<Output>,
+        out: &mut impl Outputs,
     ) {
         let status = match request.action {
             ConfigAction::Get => ConfigStatus::Ok,
@@ -869,9 +911,7 @@ impl<I: Instant> Dongle<I> {
                         ConfigStatus::Ok
                     }
                     Err(e) => {
-                        out.push(Output::Event(Event::ConfigRefused {
-                            reason: e.to_string(),
-                        }));
+                        out.push(Output::Event(Event::ConfigRefused { reason: e }));
                         match e {
                             TimingError::Invalid(_) => ConfigStatus::Invalid,
                             TimingError::ApplyFailed(_) => ConfigStatus::ApplyFailed,
@@ -897,17 +937,16 @@ impl<I: Instant> Dongle<I> {
         corr_id: CorrelationId,
         command: &str,
         flags: u8,
-        out: &mut Vec<Output>,
+        out: &mut impl Outputs,
     ) {
         self.counters.cli_commands += 1;
-        let context = self.cli_context(now);
         let allow_dangerous = flags & firmware_proto::remp::CliRequest::FLAG_ALLOW_DANGEROUS != 0;
-        let answer = cli::run(command, allow_dangerous, &context);
+        let answer = self.run_cli(now, command, allow_dangerous);
         let limit = self
             .cfg
             .cli_output_limit
             .min(MAX_PAYLOAD_LEN - CliResponse::FIXED_LEN);
-        let (output, truncated) = cli::truncate(&answer.output, limit);
+        let (output, truncated) = cli::truncate(answer.output.as_bytes(), limit);
         let reply = Deferred {
             seq,
             sealed,
@@ -919,10 +958,13 @@ impl<I: Instant> Dongle<I> {
                 0
             },
             exit_code: answer.exit_code,
-            output: output.to_vec(),
+            // Cannot be cut: `limit` is below the payload size.
+            output: heapless::Vec::from_slice(output).unwrap_or_default(),
         };
         if answer.delay.is_zero() {
-            out.extend(self.encode_deferred(now, &reply).map(Output::ToHost));
+            if let Some(packet) = self.encode_deferred(now, &reply) {
+                out.push(Output::ToHost(packet));
+            }
         } else {
             out.push(Output::ToHostLater {
                 after: answer.delay,
@@ -938,17 +980,16 @@ impl<I: Instant> Dongle<I> {
     /// for is not waited out here, since nobody waits on a reply), its output is shown on the console
     /// (`Event::UartAnswered`), and it is reported to the host as CLI_TELEMETRY signed with the
     /// dongle's token. An unclaimed dongle has no token and reports nothing: it has no owner to tell.
-    pub fn uart_command(&mut self, now: I, command: &str, out: &mut Vec<Output>) {
+    pub fn uart_command(&mut self, now: I, command: &str, out: &mut impl Outputs) {
         self.counters.uart_commands += 1;
-        let context = self.cli_context(now);
         // Whoever types on the UART has the board in hand: nothing is refused as dangerous.
-        let answer = cli::run(command, true, &context);
+        let answer = self.run_cli(now, command, true);
         let limit = self.cfg.cli_output_limit.min(
             MAX_PAYLOAD_LEN
                 .saturating_sub(CliTelemetry::FIXED_LEN)
                 .saturating_sub(command.len()),
         );
-        let (output, truncated) = cli::truncate(&answer.output, limit);
+        let (output, truncated) = cli::truncate(answer.output.as_bytes(), limit);
         let mut flags = 0;
         if truncated {
             flags |= CliTelemetry::FLAG_TRUNCATED;
@@ -972,7 +1013,7 @@ impl<I: Instant> Dongle<I> {
             .flatten();
         out.push(Output::Event(Event::UartAnswered {
             exit_code: answer.exit_code,
-            output: String::from_utf8_lossy(output).into_owned(),
+            output: bounded(utf8_prefix(output)),
             reported: packet.is_some(),
         }));
         if let Some(packet) = packet {
@@ -985,7 +1026,7 @@ impl<I: Instant> Dongle<I> {
     }
 
     /// Encodes a deferred CLI answer now that it is due.
-    pub fn encode_deferred(&mut self, now: I, d: &Deferred) -> Option<Vec<u8>> {
+    pub fn encode_deferred(&mut self, now: I, d: &Deferred) -> Option<PacketBuf> {
         let response = CliResponse {
             status: d.status,
             flags: d.flags,
@@ -996,78 +1037,59 @@ impl<I: Instant> Dongle<I> {
         self.encode(now, d.seq, d.sealed, Payload::CliResponse(response))
     }
 
-    fn cli_context(&self, now: I) -> CliContext {
+    /// Runs a CLI command against what the dongle knows at `now`.
+    fn run_cli(&self, now: I, command: &str, allow_dangerous: bool) -> cli::CliAnswer {
         let pairing = if let Some(until) = self.pairing.cooldown_until(now) {
-            format!("cooldown {} s left", since(until, now).as_secs())
-        } else if let Some(left) = self.pairing.window_seconds_left(now) {
-            format!(
-                "window open {left} s left, {} wrong PINs",
-                self.pairing.wrong_attempts()
-            )
+            PairingView::Cooldown {
+                seconds_left: since(until, now).as_secs(),
+            }
+        } else if let Some(seconds_left) = self.pairing.window_seconds_left(now) {
+            PairingView::Window {
+                seconds_left,
+                wrong_pins: self.pairing.wrong_attempts(),
+            }
         } else if self.flash.token.is_some() {
-            "claimed".into()
+            PairingView::Claimed
         } else {
-            "idle".into()
+            PairingView::Idle
         };
-        let s = &self.flash.can;
         let c = &self.counters;
-        CliContext {
-            fw_build: self.cfg.fw_build.clone(),
-            device_id: self.flash.device_id.to_string(),
+        let stats = [
+            ("packets_in", c.packets_in),
+            ("malformed", c.malformed),
+            ("auth_failures", c.auth_failures),
+            ("replays_refused", c.replays_refused),
+            ("frames_from_host", c.frames_from_host),
+            ("frames_to_bus", c.frames_to_bus),
+            ("frames_to_host", c.frames_to_host),
+            ("tx_refused", c.tx_refused),
+            ("lost_to_host", c.lost_to_host),
+            ("lost_to_bus", c.lost_to_bus),
+        ];
+        let context = CliContext {
+            fw_build: &self.cfg.fw_build,
+            device_id: self.flash.device_id,
             uptime_s: since(now, self.boot).as_secs(),
             claimed: self.flash.token.is_some(),
             pairing,
-            link: self.cfg.link.clone(),
-            can: format!(
-                "{} bit/s sp {} prescaler {} tseg1 {} tseg2 {} sjw {} mode {}",
-                s.bitrate,
-                s.sample_point_permille,
-                s.prescaler,
-                s.tseg1,
-                s.tseg2,
-                s.sjw,
-                s.mode.name()
-            ),
-            stats: [
-                ("packets_in", c.packets_in),
-                ("malformed", c.malformed),
-                ("auth_failures", c.auth_failures),
-                ("replays_refused", c.replays_refused),
-                ("frames_from_host", c.frames_from_host),
-                ("frames_to_bus", c.frames_to_bus),
-                ("frames_to_host", c.frames_to_host),
-                ("tx_refused", c.tx_refused),
-                ("lost_to_host", c.lost_to_host),
-                ("lost_to_bus", c.lost_to_bus),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
+            link: &self.cfg.link,
+            can: self.flash.can,
+            stats: &stats,
             timeout: self.cfg.cli_timeout,
-            discovery: vec![
-                ("announces".into(), c.announces.to_string()),
-                (
-                    "capabilities".into(),
-                    format!("{:#06x}", self.capabilities()),
-                ),
-                (
-                    "pairing_mode".into(),
-                    if self.pairing.window_seconds_left(now).is_some() {
-                        "yes".into()
-                    } else {
-                        "no".into()
-                    },
-                ),
-            ],
+            announces: c.announces,
+            capabilities: self.capabilities(),
+            pairing_mode: self.pairing.window_seconds_left(now).is_some(),
             clock_us: self.uptime_us(now),
-        }
+        };
+        cli::run(command, allow_dangerous, &context)
     }
 
     /// Frames from the host: onto the bus and/or back to the host, as the mode says.
-    fn transmit(&mut self, now: I, frames: &[Frame], out: &mut Vec<Output>) {
+    fn transmit(&mut self, now: I, frames: impl Iterator<Item = Frame>, out: &mut impl Outputs) {
         let mode = self.flash.can.mode;
         let paused = self.flash.can.flags & CanConfig::FLAG_TX_PAUSE != 0;
-        let mut echoes = Vec::new();
+        // Echoes go to the host a chunk at a time, in the order the frames came.
+        let mut echoes = heapless::Vec::<Frame, ECHO_CHUNK>::new();
         for frame in frames {
             self.counters.frames_from_host += 1;
             if frame.is_fd() && !self.cfg.fd {
@@ -1083,82 +1105,105 @@ impl<I: Instant> Dongle<I> {
                     self.counters.frames_to_bus += 1;
                     out.push(Output::ToBus(frame));
                 }
-                CanMode::Loopback => echoes.push(frame.with_origin(frame.is_simulated(), true)),
+                CanMode::Loopback => {}
                 CanMode::ExtLoop => {
                     self.counters.frames_to_bus += 1;
                     out.push(Output::ToBus(frame));
-                    echoes.push(frame.with_origin(frame.is_simulated(), true));
                 }
             }
+            if !paused && matches!(mode, CanMode::Loopback | CanMode::ExtLoop) {
+                if echoes.is_full() {
+                    self.send_echoes(now, &mut echoes, out);
+                }
+                let _ = echoes.push(frame.with_origin(frame.is_simulated(), true));
+            }
         }
+        self.send_echoes(now, &mut echoes, out);
+    }
+
+    fn send_echoes(
+        &mut self,
+        now: I,
+        echoes: &mut heapless::Vec<Frame, ECHO_CHUNK>,
+        out: &mut impl Outputs,
+    ) {
         if !echoes.is_empty() {
             self.counters.loopback_echoes += echoes.len() as u64;
-            self.frames_to_host(now, &echoes, out);
+            self.frames_to_host(now, echoes.iter().copied(), out);
+            echoes.clear();
         }
     }
 
     /// Frames seen on the bus (or made by the generator or replay, which stand for the bus).
-    pub fn on_bus_frames(&mut self, now: I, frames: &[Frame], out: &mut Vec<Output>) {
+    pub fn on_bus_frames(&mut self, now: I, frames: &[Frame], out: &mut impl Outputs) {
         use firmware_proto::remp::CanMode;
         if matches!(self.flash.can.mode, CanMode::Loopback | CanMode::ExtLoop) {
             // In both loopback modes the controller disregards its RX pin.
             self.counters.bus_ignored += frames.len() as u64;
             return;
         }
-        let frames: Vec<Frame> = frames
+        let frames = frames
             .iter()
-            .map(|f| f.with_origin(f.is_simulated(), false))
-            .collect();
-        self.frames_to_host(now, &frames, out);
+            .map(|f| f.with_origin(f.is_simulated(), false));
+        self.frames_to_host(now, frames, out);
     }
 
     /// Sends frames to the host: CAN_BATCH packets with the batch extension, else one CAN
     /// packet per classic frame.
-    fn frames_to_host(&mut self, now: I, frames: &[Frame], out: &mut Vec<Output>) {
+    fn frames_to_host(
+        &mut self,
+        now: I,
+        frames: impl Iterator<Item = Frame>,
+        out: &mut impl Outputs,
+    ) {
         if !self.host_authenticated || self.flash.token.is_none() {
-            self.counters.frames_unforwarded += frames.len() as u64;
+            self.counters.frames_unforwarded += frames.count() as u64;
             return;
         }
-        let usable = frames
-            .iter()
-            .filter(|f| !f.is_fd() || (self.cfg.fd && self.cfg.extensions.batch));
-        let usable: Vec<Frame> = usable.copied().collect();
-        self.counters.fd_dropped += (frames.len() - usable.len()) as u64;
+        let fd_usable = self.cfg.fd && self.cfg.extensions.batch;
+        let mut fd_dropped = 0u64;
+        let mut usable = frames
+            .filter(|f| {
+                let usable = !f.is_fd() || fd_usable;
+                fd_dropped += u64::from(!usable);
+                usable
+            })
+            .peekable();
         if self.cfg.extensions.batch {
             let ts = self.uptime_us(now);
-            let mut rest = usable.as_slice();
-            while !rest.is_empty() {
+            while usable.peek().is_some() {
                 let mut buf = [0u8; MAX_PAYLOAD_LEN];
                 let (len, taken) = {
                     let Ok(mut writer) = BatchWriter::new(&mut buf) else {
-                        return;
+                        break;
                     };
-                    let mut taken = 0;
-                    for frame in rest {
+                    let mut taken = 0u64;
+                    // A frame that does not fit stays in the iterator for the next batch.
+                    while let Some(frame) = usable.peek() {
                         if writer.push(&frame.to_record(ts)).is_err() {
                             break;
                         }
+                        usable.next();
                         taken += 1;
                     }
                     match writer.finish() {
                         Ok(len) => (len, taken),
-                        Err(_) => return,
+                        Err(_) => break,
                     }
                 };
                 if taken == 0 {
-                    return;
+                    break;
                 }
-                rest = rest.get(taken..).unwrap_or(&[]);
                 let Ok(batch) = Batch::parse(buf.get(..len).unwrap_or(&[])) else {
-                    return;
+                    break;
                 };
                 if let Some(packet) = self.unsolicited(now, Payload::CanBatch(batch)) {
-                    self.counters.frames_to_host += taken as u64;
+                    self.counters.frames_to_host += taken;
                     out.push(Output::ToHost(packet));
                 }
             }
         } else {
-            for frame in &usable {
+            for frame in usable.by_ref() {
                 let Some(can) = frame.to_can_frame() else {
                     continue;
                 };
@@ -1168,9 +1213,11 @@ impl<I: Instant> Dongle<I> {
                 }
             }
         }
+        drop(usable);
+        self.counters.fd_dropped += fd_dropped;
     }
 
-    fn forget_token(&mut self, out: &mut Vec<Output>) {
+    fn forget_token(&mut self, out: &mut impl Outputs) {
         self.flash.token = None;
         self.session = None;
         self.pending_auth = None;
@@ -1180,7 +1227,7 @@ impl<I: Instant> Dongle<I> {
 
     /// Erases token, pairing state, cool-down and CAN configuration, as the button on the
     /// board does. The device id stays.
-    pub fn factory_reset(&mut self, out: &mut Vec<Output>) {
+    pub fn factory_reset(&mut self, out: &mut impl Outputs) {
         self.forget_token(out);
         self.pairing.reset();
         self.flash.cooldown_until_unix_ms = None;
@@ -1200,7 +1247,7 @@ impl<I: Instant> Dongle<I> {
     }
 
     /// Notices time passing: closes an expired pairing window.
-    pub fn tick(&mut self, now: I, out: &mut Vec<Output>) {
+    pub fn tick(&mut self, now: I, out: &mut impl Outputs) {
         if self.pairing.poll_expired(now) {
             out.push(Output::Event(Event::PairingExpired));
         }
@@ -1218,7 +1265,7 @@ mod tests {
     const ID: DeviceId = DeviceId([1, 2, 3, 4, 5, 6, 7, 8]);
     const TOKEN: [u8; 32] = [0x42; 32];
 
-    type Dongle = super::Dongle<Instant>;
+    type Dongle = super::Dongle<Instant, rand::rngs::StdRng>;
 
     fn dongle(ext: Extensions) -> Dongle {
         let cfg = DongleConfig {
@@ -1230,7 +1277,7 @@ mod tests {
             Flash::new(ID),
             Instant::now(),
             0,
-            Box::new(rand::rngs::StdRng::seed_from_u64(7)),
+            rand::rngs::StdRng::seed_from_u64(7),
         )
     }
 
@@ -1246,7 +1293,7 @@ mod tests {
     fn answers(out: &[Output]) -> Vec<Vec<u8>> {
         out.iter()
             .filter_map(|o| match o {
-                Output::ToHost(b) => Some(b.clone()),
+                Output::ToHost(b) => Some(b.to_vec()),
                 _ => None,
             })
             .collect()
@@ -1394,6 +1441,83 @@ mod tests {
         assert_eq!(d.counters().tx_refused, 1);
     }
 
+    /// The CAN ids of the frames in the CAN_BATCH packets among `out`, in order.
+    fn batched_ids(out: &[Output]) -> Vec<u32> {
+        answers(out)
+            .iter()
+            .flat_map(|p| {
+                let Payload::CanBatch(batch) = remp::decode(p).unwrap().payload else {
+                    panic!("not a CAN_BATCH");
+                };
+                batch
+                    .iter()
+                    .map(|r| Frame::from_record(&r).id().raw())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The core holds no list of frames: echoes go out a chunk at a time and bus frames are packed as
+    /// they come, packet after packet. Nothing may be lost or reordered on the way.
+    #[tokio::test(start_paused = true)]
+    async fn many_echoes_and_bus_frames_reach_the_host_all_and_in_order() {
+        let mut d = dongle(Extensions::ALL);
+        pair(&mut d);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let mut set = CanConfig {
+            action: ConfigAction::Set,
+            bitrate: 500_000,
+            sample_point_permille: 875,
+            ..CanConfig::get()
+        };
+        set.mode = firmware_proto::remp::CanMode::ExtLoop;
+        d.handle_packet(now, &packet(Payload::CanConfig(set), &TOKEN), &mut out);
+        out.clear();
+
+        let mut buf = [0u8; MAX_PAYLOAD_LEN];
+        let mut writer = BatchWriter::new(&mut buf).unwrap();
+        let mut sent = 0u32;
+        while sent < 200 {
+            let id = firmware_proto::ids::CanId::standard(sent as u16).unwrap();
+            let frame = Frame::classic(id, &[sent as u8]).unwrap();
+            if writer.push(&frame.to_record(0)).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        assert!(
+            sent as usize > 2 * ECHO_CHUNK,
+            "only {sent} frames fit one batch"
+        );
+        let len = writer.finish().unwrap();
+        let batch = Batch::parse(&buf[..len]).unwrap();
+        d.handle_packet(now, &packet(Payload::CanBatch(batch), &TOKEN), &mut out);
+        let to_bus: Vec<u32> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::ToBus(f) => Some(f.id().raw()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(to_bus, (0..sent).collect::<Vec<_>>());
+        assert_eq!(batched_ids(&out), (0..sent).collect::<Vec<_>>());
+        assert_eq!(d.counters().loopback_echoes, u64::from(sent));
+
+        set.mode = firmware_proto::remp::CanMode::Normal;
+        d.handle_packet(now, &packet(Payload::CanConfig(set), &TOKEN), &mut out);
+        out.clear();
+        let frames: Vec<Frame> = (0..1000u32)
+            .map(|i| {
+                let id = firmware_proto::ids::CanId::extended(i).unwrap();
+                Frame::classic(id, &[0; 8]).unwrap()
+            })
+            .collect();
+        d.on_bus_frames(now, &frames, &mut out);
+        assert!(answers(&out).len() > 1, "1000 frames fit one packet?");
+        assert_eq!(batched_ids(&out), (0..1000).collect::<Vec<_>>());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn disabled_extensions_are_unknown_types() {
         let mut d = dongle(Extensions::NONE);
@@ -1443,7 +1567,7 @@ mod tests {
             flash,
             Instant::now(),
             0,
-            Box::new(rand::rngs::StdRng::seed_from_u64(7)),
+            rand::rngs::StdRng::seed_from_u64(7),
         );
         let now = Instant::now();
         let until = d.pairing.cooldown_until(now).expect("still cooling down");

@@ -6,8 +6,6 @@
 //! wire forms stay in `firmware-proto`: [`Frame::to_record`] and [`Frame::from_record`] convert
 //! to and from its batch record, [`Frame::to_can_frame`] to a plain REMP CAN payload.
 
-use alloc::string::String;
-use alloc::vec::Vec;
 use core::fmt;
 use core::str::FromStr;
 
@@ -15,6 +13,14 @@ use firmware_proto::ext::CanRecord;
 use firmware_proto::ext::batch::{flags as rec_flags, len_to_dlc};
 use firmware_proto::ids::CanId;
 use firmware_proto::remp::CanFrame;
+
+use crate::text::{Text, bounded};
+
+/// How much of a bad input an error quotes, in bytes: enough to recognise it, small enough that
+/// the error stays cheap to return.
+pub const QUOTED_LEN: usize = 64;
+/// The part of a bad input an error quotes (cut at [`QUOTED_LEN`] bytes).
+pub type Quoted = Text<QUOTED_LEN>;
 
 /// A classic or FD CAN frame with owned data.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -34,10 +40,10 @@ pub enum FrameError {
     #[error(
         "invalid CAN id {0:?}: use 3 hex digits (standard, up to 7FF) or 8 (extended, up to 1FFFFFFF)"
     )]
-    BadId(String),
+    BadId(Quoted),
     /// The data is not an even number of hex digits.
     #[error("invalid data {0:?}: use pairs of hex digits")]
-    BadData(String),
+    BadData(Quoted),
     /// More data than the frame format allows.
     #[error("{len} data bytes do not fit a {kind} frame")]
     BadLength {
@@ -51,7 +57,7 @@ pub enum FrameError {
     Remote,
     /// The text has no `#` separator.
     #[error("invalid frame {0:?}: expected ID#DATA or ID##FLAGSDATA")]
-    Syntax(String),
+    Syntax(Quoted),
 }
 
 impl Frame {
@@ -213,16 +219,16 @@ impl FromStr for Frame {
     fn from_str(s: &str) -> Result<Self, FrameError> {
         let (id_text, rest) = s
             .split_once('#')
-            .ok_or_else(|| FrameError::Syntax(s.into()))?;
+            .ok_or_else(|| FrameError::Syntax(bounded(s)))?;
         let id = parse_id(id_text)?;
         if let Some(fd) = rest.strip_prefix('#') {
             let mut chars = fd.chars();
             let nibble = chars
                 .next()
                 .and_then(|c| c.to_digit(16))
-                .ok_or_else(|| FrameError::Syntax(s.into()))?;
-            let data = parse_data(chars.as_str())?;
-            let mut frame = Frame::fd(id, &data, nibble & 1 != 0)?;
+                .ok_or_else(|| FrameError::Syntax(bounded(s)))?;
+            let (data, len) = parse_data(chars.as_str())?;
+            let mut frame = Frame::fd(id, &data[..len], nibble & 1 != 0)?;
             if nibble & 2 != 0 {
                 frame.flags |= rec_flags::ESI;
             }
@@ -231,12 +237,13 @@ impl FromStr for Frame {
         if rest.starts_with(['R', 'r']) {
             return Err(FrameError::Remote);
         }
-        Frame::classic(id, &parse_data(rest)?)
+        let (data, len) = parse_data(rest)?;
+        Frame::classic(id, &data[..len])
     }
 }
 
 fn parse_id(text: &str) -> Result<CanId, FrameError> {
-    let bad = || FrameError::BadId(text.into());
+    let bad = || FrameError::BadId(bounded(text));
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad());
     }
@@ -248,12 +255,16 @@ fn parse_id(text: &str) -> Result<CanId, FrameError> {
     }
 }
 
-fn parse_data(text: &str) -> Result<Vec<u8>, FrameError> {
+/// The data bytes of `text` (pairs of hex digits) and how many there are.
+fn parse_data(text: &str) -> Result<([u8; 64], usize), FrameError> {
     // 64 bytes is the largest frame; anything longer is refused before decoding.
     if text.len() > 128 || !text.len().is_multiple_of(2) {
-        return Err(FrameError::BadData(text.chars().take(140).collect()));
+        return Err(FrameError::BadData(bounded(text)));
     }
-    hex::decode(text).map_err(|_| FrameError::BadData(text.into()))
+    let mut data = [0u8; 64];
+    let len = text.len() / 2;
+    hex::decode_to_slice(text, &mut data[..len]).map_err(|_| FrameError::BadData(bounded(text)))?;
+    Ok((data, len))
 }
 
 #[cfg(test)]

@@ -5,11 +5,13 @@
 //! link packets, bus frames, typed UART commands and the passing of time, and carries out the
 //! [`Output`]s it returns: packets to the host, frames to the bus, events for the dongle's display
 //! or log, and "the flash changed". Time and randomness come from the host ([`time::Instant`],
-//! a boxed [`rand::Rng`]), so that the same code runs under tokio's paused clock in tests and on
-//! SysTick on a board.
+//! a [`rand::Rng`] of its choice), so that the same code runs under tokio's paused clock in tests and
+//! on SysTick on a board.
 //!
-//! The crate is `no_std` and needs `alloc`: packets, CLI output and the outputs list are bounded by
-//! the protocol's packet size and the CLI's output limit, so a firmware's fixed heap bounds them.
+//! The crate is `no_std` and allocates nothing: a packet is a buffer of the protocol's packet size,
+//! text has a capacity fixed at compile time ([`text`]), and outputs go one at a time to whatever
+//! the host gives as [`dongle::Outputs`] (a `Vec` in the simulator; on a board, a driver that carries
+//! each out at once), so a firmware needs no heap and its RAM use is known when it links.
 //!
 //! # Layout
 //! - [`dongle`]: the core: a link packet in, answers, frames and events out.
@@ -19,12 +21,15 @@
 //! - [`flash`]: what the dongle keeps across a restart, and its fixed binary image.
 //! - [`frame`]: an owned CAN/CAN FD frame and its candump text form.
 //! - [`time`]: what the core asks of the host's clock.
+//! - [`text`]: text of bounded size.
 //! - [`board`]: a firmware's main loop over a byte-stream link ([`board::StreamHost`]) and what it
 //!   asks of its [`board::Board`].
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+// Only the tests allocate (the crate is then built with std).
+#[cfg(test)]
 extern crate alloc;
 
 pub mod board;
@@ -33,9 +38,12 @@ pub mod dongle;
 pub mod flash;
 pub mod frame;
 pub mod pairing;
+pub mod text;
 pub mod time;
 pub mod timing;
 
-pub use dongle::{Counters, Deferred, Dongle, DongleConfig, Event, Extensions, Output};
+pub use dongle::{
+    Counters, Deferred, Dongle, DongleConfig, Event, Extensions, Output, Outputs, PacketBuf,
+};
 pub use flash::Flash;
 pub use frame::Frame;

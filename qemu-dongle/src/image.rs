@@ -1,5 +1,5 @@
 //! What a firmware image takes of its chip: flash (vector table, code, read-only and initialised
-//! data) and static RAM (initialised and zeroed data; the heap is a static, so it counts), read from
+//! data) and static RAM (initialised and zeroed data: every buffer of the boards is a static), read from
 //! the ELF's section headers.
 
 use std::path::Path;

@@ -7,6 +7,10 @@ use std::path::PathBuf;
 use dongle_core::Event;
 
 /// Something the simulator reports to its user.
+// The dongle's events are as large as the console text one carries (about 300 bytes, the core has no
+// heap to box it in); the simulator's event buffer of [`crate::sim::EVENT_BUFFER`] slots holds about
+// 300 KiB of them.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum SimEvent {

@@ -17,7 +17,7 @@ use crate::transmitter::Transmitter;
 use dongle_core::{Flash, Output};
 
 /// The dongle core over tokio's clock, so that the simulator's tests can pause and advance it.
-pub(crate) type Dongle = dongle_core::Dongle<Instant>;
+pub(crate) type Dongle = dongle_core::Dongle<Instant, rand::rngs::StdRng>;
 
 /// Counters of the host link.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -113,7 +113,7 @@ impl Shared {
         for output in out {
             match output {
                 Output::ToHost(packet) => {
-                    if self.host_tx.try_send(packet).is_err() {
+                    if self.host_tx.try_send(packet.to_vec()).is_err() {
                         core.note_lost_to_host(1);
                     }
                 }
@@ -187,7 +187,7 @@ impl Shared {
 
     pub(crate) fn set_link(
         self: &Arc<Self>,
-        description: String,
+        description: &str,
         udp_port: u16,
         lan_ip: Option<[u8; 4]>,
     ) {

@@ -254,9 +254,7 @@ impl Simulator {
         };
         // A fresh ChaCha generator per dongle, seeded from the operating system: PINs and nonces must
         // not be guessable.
-        let rng: Box<dyn rand::Rng + Send> = Box::new(
-            <rand::rngs::StdRng as rand::SeedableRng>::from_rng(&mut rand::rng()),
-        );
+        let rng = <rand::rngs::StdRng as rand::SeedableRng>::from_rng(&mut rand::rng());
         let mut dongle = Dongle::new(dongle_config, flash.clone(), Instant::now(), unix_ms(), rng);
 
         // Open the link first, so that an error surfaces here rather than in a task.
@@ -292,7 +290,7 @@ impl Simulator {
                     std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip.octets()),
                     _ => None,
                 };
-                dongle.set_link(format!("udp {remp} discovery {disc}"), remp.port(), lan_ip);
+                dongle.set_link(&format!("udp {remp} discovery {disc}"), remp.port(), lan_ip);
                 (Opened::Udp(link), Some(remp), Some(disc))
             }
         };

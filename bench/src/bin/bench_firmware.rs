@@ -55,7 +55,7 @@ fn print_sizes(elf: &std::path::Path) -> anyhow::Result<()> {
         }
         let size = qemu_dongle::image::size(path)?;
         println!(
-            "size, {board}: flash {} bytes ({:.1} KiB), static RAM {} bytes ({:.1} KiB, the heap included)",
+            "size, {board}: flash {} bytes ({:.1} KiB), static RAM {} bytes ({:.1} KiB: every buffer is a static or in the embassy task)",
             size.flash,
             size.flash as f64 / 1024.0,
             size.ram,

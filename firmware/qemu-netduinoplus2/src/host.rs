@@ -14,13 +14,18 @@
 //!   host's clock and the board's timer, which is not secret: tests pass a seed from the host's
 //!   generator.
 
-use alloc::string::String;
-use alloc::vec::Vec;
 use core::time::Duration;
 
 use cortex_m_semihosting::nr;
+use dongle_core::dongle::FW_BUILD_LEN;
+use dongle_core::text::{Text, bounded, utf8_prefix};
 use dongle_core::{DongleConfig, Extensions};
 use firmware_proto::ids::DeviceId;
+
+/// The longest command line semihosting hands over.
+const COMMAND_LINE_LEN: usize = 256;
+/// How many words the console reports as not understood (the rest are only counted).
+const MAX_REJECTED: usize = 8;
 
 /// What the command line set.
 pub struct Settings {
@@ -30,8 +35,11 @@ pub struct Settings {
     pub device_id: DeviceId,
     /// The random generator's seed, when given.
     pub seed: Option<[u8; 32]>,
-    /// Words that were not understood, to report on the console.
-    pub rejected: Vec<String>,
+    /// Words that were not understood, to report on the console (the first [`MAX_REJECTED`], each
+    /// cut at 32 bytes).
+    pub rejected: heapless::Vec<Text<32>, MAX_REJECTED>,
+    /// Words not understood beyond those in `rejected`.
+    pub more_rejected: usize,
     /// The command line could not be read (longer than 256 bytes, say): every setting is the default,
     /// the seed included, which the console must say.
     pub unreadable: bool,
@@ -39,8 +47,8 @@ pub struct Settings {
 
 /// The command line QEMU was given (`arg=` values joined by spaces), at most 256 bytes; None when
 /// QEMU refused it (a longer line).
-fn command_line() -> Option<String> {
-    let mut buf = [0u8; 256];
+fn command_line() -> Option<Text<COMMAND_LINE_LEN>> {
+    let mut buf = [0u8; COMMAND_LINE_LEN];
     let mut block = [buf.as_mut_ptr() as usize, buf.len()];
     // SAFETY: SYS_GET_CMDLINE writes at most block[1] bytes into `buf` and the length it wrote into
     // block[1]; both outlive the call.
@@ -51,7 +59,7 @@ fn command_line() -> Option<String> {
     }
     // SAFETY: the host wrote block[1] during the call above.
     let len = unsafe { core::ptr::read_volatile(&block[1]) }.min(buf.len());
-    Some(String::from_utf8_lossy(&buf[..len]).into())
+    Some(bounded(utf8_prefix(&buf[..len])))
 }
 
 /// Seconds since the Unix epoch on the emulator's host.
@@ -67,20 +75,21 @@ fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
 }
 
 /// Reads the settings from the command line; `fw_build` names this firmware.
-pub fn settings(fw_build: String) -> Settings {
+pub fn settings(fw_build: Text<FW_BUILD_LEN>) -> Settings {
     let mut s = Settings {
         dongle: DongleConfig {
             fw_build,
             fw_build_number: dongle_core::dongle::FW_BUILD_NUMBER,
             extensions: Extensions::ALL,
-            link: "usart1 (qemu netduinoplus2)".into(),
+            link: bounded("usart1 (qemu netduinoplus2)"),
             // The F405's bxCAN runs from APB1 at 42 MHz.
             can_clock_hz: 42_000_000,
             ..DongleConfig::default()
         },
         device_id: DeviceId([0xf4, 0x05, 0, 0, 0, 0, 0, 0]),
         seed: None,
-        rejected: Vec::new(),
+        rejected: heapless::Vec::new(),
+        more_rejected: 0,
         unreadable: false,
     };
     let Some(line) = command_line() else {
@@ -115,8 +124,8 @@ pub fn settings(fw_build: String) -> Settings {
             }
             _ => false,
         };
-        if !ok {
-            s.rejected.push(word.into());
+        if !ok && s.rejected.push(bounded(word)).is_err() {
+            s.more_rejected += 1;
         }
     }
     s

@@ -10,42 +10,32 @@
 #![no_std]
 #![no_main]
 
-extern crate alloc;
-
 mod host;
 mod hw;
 
-use alloc::boxed::Box;
-use alloc::format;
-use alloc::string::String;
-use alloc::vec::Vec;
 use core::fmt::Write;
 
 use cortex_m_rt::{ExceptionFrame, entry, exception};
 use dongle_core::board::{Board, StreamHost};
+use dongle_core::text::Text;
 use dongle_core::time::Ticks;
 use dongle_core::{Dongle, Event, Flash, Frame};
-use embedded_alloc::LlffHeap as Heap;
 use rand::SeedableRng;
+use rand::rngs::StdRng;
 use stm32f4::stm32f405 as pac;
 
 use crate::hw::Console;
 
-/// The heap that bounds every allocation of the dongle core (packets, CLI output, outputs).
-const HEAP_SIZE: usize = 64 * 1024;
 /// Frames the RAM bus holds before it drops (and counts) what the dongle puts on it.
 const BUS_DEPTH: usize = 256;
 /// The longest console line.
 const CONSOLE_LINE: usize = 256;
 
-#[global_allocator]
-static HEAP: Heap = Heap::empty();
-
 /// What the dongle core asks of this board.
 struct QemuBoard {
     console: Console,
     /// Frames on the RAM bus, to come back to the dongle as another node's.
-    bus: Vec<Frame>,
+    bus: heapless::Vec<Frame, BUS_DEPTH>,
     bus_dropped: u64,
     /// The "flash": the last stored image.
     flash: Option<[u8; dongle_core::flash::IMAGE_LEN]>,
@@ -57,8 +47,7 @@ impl Board for QemuBoard {
     }
 
     fn to_bus(&mut self, frame: Frame) -> bool {
-        if self.bus.len() < BUS_DEPTH {
-            self.bus.push(frame);
+        if self.bus.push(frame).is_ok() {
             return true;
         }
         self.bus_dropped += 1;
@@ -99,26 +88,25 @@ fn main() -> ! {
     let (Some(dp), Some(cp)) = (pac::Peripherals::take(), cortex_m::Peripherals::take()) else {
         panic!("peripherals taken twice");
     };
-    // SAFETY: called once, before the first allocation.
-    unsafe {
-        embedded_alloc::init!(HEAP, HEAP_SIZE);
-    }
     let (mut link, console, mut clock) = hw::init(dp, cp.SYST);
-    let mut board = QemuBoard {
+    // The board and the stream host (about 32 KiB together) live in statics rather than on the
+    // stack, so that the linker's figure for RAM counts them.
+    let Some(board) = cortex_m::singleton!(: QemuBoard = QemuBoard {
         console,
-        bus: Vec::with_capacity(BUS_DEPTH),
+        bus: heapless::Vec::new(),
         bus_dropped: 0,
         flash: None,
+    }) else {
+        panic!("the board was made twice");
     };
     let _ = writeln!(
         board.console,
         "dongle-fw-qemu {}: reading settings (semihosting must be on)",
         env!("CARGO_PKG_VERSION")
     );
-    let settings = host::settings(format!(
-        "dongle-fw-qemu {} build {}",
+    let settings = host::settings(dongle_core::dongle::build_string(
+        "dongle-fw-qemu",
         env!("CARGO_PKG_VERSION"),
-        dongle_core::dongle::FW_BUILD_NUMBER
     ));
     if settings.unreadable {
         let _ = writeln!(
@@ -130,6 +118,13 @@ fn main() -> ! {
     for word in &settings.rejected {
         let _ = writeln!(board.console, "ignored setting {word:?}");
     }
+    if settings.more_rejected > 0 {
+        let _ = writeln!(
+            board.console,
+            "ignored {} more settings",
+            settings.more_rejected
+        );
+    }
     let wall_ms = host::unix_seconds().saturating_mul(1000);
     let seed = settings.seed.unwrap_or_else(|| {
         let mut seed = [0u8; 32];
@@ -137,11 +132,13 @@ fn main() -> ! {
         seed[8..16].copy_from_slice(&clock.now_us().to_le_bytes());
         seed
     });
-    let rng = Box::new(rand::rngs::StdRng::from_seed(seed));
+    let rng = StdRng::from_seed(seed);
     let flash = Flash::new(settings.device_id);
-    let mut dongle: Dongle<Ticks> =
+    let mut dongle: Dongle<Ticks, StdRng> =
         Dongle::new(settings.dongle, flash, Ticks(clock.now_us()), wall_ms, rng);
-    let mut stream: StreamHost<Ticks> = StreamHost::new();
+    let Some(stream) = cortex_m::singleton!(: StreamHost<Ticks> = StreamHost::new()) else {
+        panic!("the stream host was made twice");
+    };
     let _ = writeln!(
         board.console,
         "ready: device {} capabilities {:#06x}",
@@ -150,31 +147,31 @@ fn main() -> ! {
     );
 
     let mut chunk = [0u8; 256];
-    let mut line = String::with_capacity(CONSOLE_LINE);
+    let mut line = Text::<CONSOLE_LINE>::new();
     loop {
         let now = Ticks(clock.now_us());
         let n = link.read(&mut chunk);
         if n > 0 {
-            stream.receive(&mut dongle, now, &chunk[..n], &mut board);
+            stream.receive(&mut dongle, now, &chunk[..n], board);
         }
         while let Some(byte) = board.console.read_byte() {
             match byte {
                 b'\r' | b'\n' if !line.is_empty() => {
                     let command = core::mem::take(&mut line);
-                    stream.uart_command(&mut dongle, now, &command, &mut board);
+                    stream.uart_command(&mut dongle, now, &command, board);
                 }
                 b'\r' | b'\n' => {}
-                _ if line.len() < CONSOLE_LINE => line.push(char::from(byte)),
-                _ => {}
+                _ => {
+                    // A line longer than the console's is cut there.
+                    let _ = line.push(char::from(byte));
+                }
             }
         }
         if !board.bus.is_empty() {
             let frames = core::mem::take(&mut board.bus);
-            stream.bus_frames(&mut dongle, now, &frames, &mut board);
-            board.bus = frames;
-            board.bus.clear();
+            stream.bus_frames(&mut dongle, now, &frames, board);
         }
-        stream.poll(&mut dongle, now, &mut board);
+        stream.poll(&mut dongle, now, board);
 
         // Sleep until the next interrupt (a link byte, or SysTick's millisecond). Interrupts are
         // masked around the check, so a byte that arrives just before `wfi` still wakes it.

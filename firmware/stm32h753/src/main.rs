@@ -6,7 +6,9 @@
 //! - the host link is USB CDC-ACM (SPEC 4.3 framing in the packets' byte stream);
 //! - the bus is FDCAN1 from an 80 MHz kernel clock (the clock the core's bit timing is computed for);
 //!   a new CAN configuration restarts the controller with the core's prescaler and segments;
-//! - the flash state is the last 128 KiB sector of bank 2, holding `Flash::to_image`;
+//! - the flash state is the last 128 KiB sector of bank 2, holding `Flash::to_image`, erased and
+//!   written with the flash interrupt (the code runs from bank 1 meanwhile), so that a store, which
+//!   takes up to seconds, never stops the executor: USB stays served while the dongle loop waits;
 //! - PINs and nonces come from a ChaCha generator seeded by the RNG peripheral;
 //! - the console is USART3 and RTT: the PIN as `PIN 123456 (120 s)` (the technician's display, and
 //!   what a HIL rig's probe reads), every event.
@@ -15,15 +17,12 @@
 #![no_std]
 #![no_main]
 
-extern crate alloc;
-
-use alloc::boxed::Box;
-use alloc::format;
-use alloc::vec::Vec;
+use core::fmt::Write;
 use core::num::{NonZeroU8, NonZeroU16};
 
 use dongle_core::board::{Board, StreamHost};
 use dongle_core::flash::IMAGE_LEN;
+use dongle_core::text::{Written, bounded};
 use dongle_core::time::Ticks;
 use dongle_core::{Dongle, DongleConfig, Event, Extensions, Flash, Frame};
 use embassy_executor::Spawner;
@@ -39,20 +38,28 @@ use embassy_stm32::{Config, bind_interrupts, can, rcc, rng, usb};
 use embassy_time::{Instant, Timer, with_timeout};
 use embassy_usb::class::cdc_acm::{CdcAcmClass, State};
 use embassy_usb::driver::EndpointError;
-use embedded_alloc::LlffHeap as Heap;
 use firmware_proto::ids::{CanId, DeviceId};
 use firmware_proto::remp::CanMode;
 use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 bind_interrupts!(struct Irqs {
     OTG_FS => usb::InterruptHandler<USB_OTG_FS>;
     FDCAN1_IT0 => can::IT0InterruptHandler<FDCAN1>;
     FDCAN1_IT1 => can::IT1InterruptHandler<FDCAN1>;
     HASH_RNG => rng::InterruptHandler<RNG>;
+    FLASH => embassy_stm32::flash::InterruptHandler;
 });
 
-/// The heap that bounds every allocation of the dongle core.
-const HEAP_SIZE: usize = 96 * 1024;
+/// What one step may send the host: the answers to the packets one USB packet completes, the
+/// frames one CAN read brings, and every deferred answer falling due (each at most one framed
+/// packet of about 1.5 KiB). A packet that finds no room is dropped and counted.
+const TO_HOST_BYTES: usize = 16 * 1024;
+/// Frames one step may put on the bus (a CAN_BATCH from the host carries at most about 170); a
+/// frame beyond is dropped and counted, as one that finds no transmit buffer is.
+const TO_BUS_FRAMES: usize = 256;
+/// The longest console line; a longer one is cut.
+const CONSOLE_LINE: usize = 256;
 /// The flash sector that holds the state: bank 2's last (offsets from the start of flash).
 const STATE_SECTOR: u32 = 0x1E_0000;
 const STATE_SECTOR_END: u32 = 0x20_0000;
@@ -65,24 +72,23 @@ const CAN_TX_WAIT: embassy_time::Duration = embassy_time::Duration::from_millis(
 /// How long the host may take to read what the dongle sends it after one step.
 const USB_TX_WAIT: embassy_time::Duration = embassy_time::Duration::from_millis(200);
 
-#[global_allocator]
-static HEAP: Heap = Heap::empty();
-
 /// What the core asks of the board, collected during one step and carried out after it (the core's
 /// calls are synchronous; USB and CAN writes are not).
 struct H753Board {
     console: UartTx<'static, embassy_stm32::mode::Blocking>,
-    to_host: Vec<u8>,
-    to_bus: Vec<Frame>,
-    flash: FlashDriver<'static, embassy_stm32::flash::Blocking>,
+    to_host: heapless::Vec<u8, TO_HOST_BYTES>,
+    to_bus: heapless::Vec<Frame, TO_BUS_FRAMES>,
     /// The CAN settings changed: restart the controller with them.
     can_changed: bool,
     last_can: dongle_core::timing::CanSettings,
-    /// The image last stored, so that an unchanged state does not wear the sector.
+    /// The image last stored (or about to be), so that an unchanged state does not wear the sector.
     stored: Option<[u8; IMAGE_LEN]>,
+    /// An image to store once the step is done (the core's calls are synchronous, an erase is not).
+    to_store: Option<[u8; IMAGE_LEN]>,
     /// Frames the bus did not take (no free transmit buffer in time, or evicted).
     bus_dropped: u64,
-    /// Steps whose answers the host did not read in time.
+    /// Writes to the host lost: a step's answers the host did not read in time, or a packet that
+    /// found no room in one step's buffer.
     host_dropped: u64,
 }
 
@@ -90,10 +96,11 @@ impl H753Board {
     /// A console line: on USART3 (the ST-LINK's virtual COM port, what a technician reads) and on RTT
     /// up-channel 0 (what a HIL rig's probe reads, docs/HIL.md).
     fn log(&mut self, args: core::fmt::Arguments<'_>) {
-        let line = format!("{args}");
+        let mut line = Written::<CONSOLE_LINE>::new();
+        let _ = line.write_fmt(args);
         let _ = self.console.blocking_write(line.as_bytes());
         let _ = self.console.blocking_write(b"\r\n");
-        rtt_target::rprintln!("{}", line);
+        rtt_target::rprintln!("{}", line.as_str());
     }
 }
 
@@ -109,14 +116,33 @@ impl H753Board {
     }
 }
 
+impl H753Board {
+    fn count_host_drop(&mut self) {
+        self.host_dropped += 1;
+        let dropped = self.host_dropped;
+        if dropped.is_power_of_two() {
+            self.log(format_args!(
+                "usb: {dropped} writes to the host lost (not read in time, or too much at once)"
+            ));
+        }
+    }
+}
+
 impl Board for H753Board {
     fn to_host(&mut self, bytes: &[u8]) {
-        self.to_host.extend_from_slice(bytes);
+        // The host sees a lost packet as a request that timed out, as over a lossy link.
+        if self.to_host.extend_from_slice(bytes).is_err() {
+            self.count_host_drop();
+        }
     }
 
     fn to_bus(&mut self, frame: Frame) -> bool {
-        // Queued for the CAN task; a frame that finds no transmit buffer in time is counted there.
-        self.to_bus.push(frame);
+        // Queued for the CAN loop; a frame that finds no transmit buffer in time is counted there,
+        // one that finds this queue full here (the core counts it too).
+        if self.to_bus.push(frame).is_err() {
+            self.count_bus_drop();
+            return false;
+        }
         true
     }
 
@@ -143,18 +169,21 @@ impl Board for H753Board {
             return;
         }
         self.stored = Some(image);
-        let mut page = [0xffu8; STATE_LEN];
-        page[..IMAGE_LEN].copy_from_slice(&image);
-        // Erase then write: a power loss in between leaves an erased sector, which reads as a fresh
-        // dongle (the image's CRC guards against a torn write), never as someone else's token.
-        let stored = self
-            .flash
-            .blocking_erase(STATE_SECTOR, STATE_SECTOR_END)
-            .and_then(|()| self.flash.blocking_write(STATE_SECTOR, &page));
-        if let Err(e) = stored {
-            self.log(format_args!("flash write failed: {e:?}"));
-        }
+        self.to_store = Some(image);
     }
+}
+
+/// Writes a flash image to the state sector, waiting on the flash interrupt rather than spinning.
+async fn store_image(
+    driver: &mut FlashDriver<'static, embassy_stm32::flash::Async>,
+    image: &[u8; IMAGE_LEN],
+) -> Result<(), embassy_stm32::flash::Error> {
+    let mut page = [0xffu8; STATE_LEN];
+    page[..IMAGE_LEN].copy_from_slice(image);
+    // Erase then write: a power loss in between leaves an erased sector, which reads as a fresh
+    // dongle (the image's CRC guards against a torn write), never as someone else's token.
+    driver.erase(STATE_SECTOR, STATE_SECTOR_END).await?;
+    driver.write(STATE_SECTOR, &page).await
 }
 
 /// The clocks: 400 MHz from PLL1 (HSI 64 MHz / 4 * 50 / 2), FDCAN from PLL1 Q at 80 MHz, USB from
@@ -216,17 +245,13 @@ fn core_frame(frame: &can::frame::Frame) -> Option<Frame> {
 
 #[embassy_executor::main]
 async fn main(_spawner: Spawner) {
-    // SAFETY: called once, before the first allocation.
-    unsafe {
-        embedded_alloc::init!(HEAP, HEAP_SIZE);
-    }
     rtt_target::rtt_init_print!();
     let p = embassy_stm32::init(clocks());
     let console = match UartTx::new_blocking(p.USART3, p.PD8, Default::default()) {
         Ok(tx) => tx,
         Err(_) => panic!("USART3 does not take the default configuration"),
     };
-    let mut flash_driver = FlashDriver::new_blocking(p.FLASH);
+    let mut flash_driver = FlashDriver::new(p.FLASH, Irqs);
     let mut image = [0u8; STATE_LEN];
     let stored = flash_driver
         .blocking_read(STATE_SECTOR, &mut image)
@@ -239,12 +264,12 @@ async fn main(_spawner: Spawner) {
     let flash = stored.unwrap_or_else(|| Flash::new(device_id()));
     let mut board = H753Board {
         console,
-        to_host: Vec::new(),
-        to_bus: Vec::new(),
-        flash: flash_driver,
+        to_host: heapless::Vec::new(),
+        to_bus: heapless::Vec::new(),
         can_changed: false,
         last_can: flash.can,
         stored: Some(flash.to_image()),
+        to_store: None,
         bus_dropped: 0,
         host_dropped: 0,
     };
@@ -255,25 +280,21 @@ async fn main(_spawner: Spawner) {
         panic!("the RNG peripheral failed its seed");
     }
     let config = DongleConfig {
-        fw_build: format!(
-            "dongle-fw-h753 {} build {}",
-            env!("CARGO_PKG_VERSION"),
-            dongle_core::dongle::FW_BUILD_NUMBER
-        ),
+        fw_build: dongle_core::dongle::build_string("dongle-fw-h753", env!("CARGO_PKG_VERSION")),
         extensions: Extensions::ALL,
         // FDCAN can carry FD frames; this driver moves classic ones only so far, so the dongle does
         // not announce FD (and the core keeps to timing every STM32 CAN controller takes).
         fd: false,
-        link: "usb cdc-acm".into(),
+        link: bounded("usb cdc-acm"),
         ..DongleConfig::default()
     };
     // No real-time clock is kept: a cool-down stored before a restart lasts its full length again.
-    let mut dongle: Dongle<Ticks> = Dongle::new(
+    let mut dongle: Dongle<Ticks, StdRng> = Dongle::new(
         config,
         flash,
         Ticks(Instant::now().as_micros()),
         0,
-        Box::new(rand::rngs::StdRng::from_seed(seed)),
+        StdRng::from_seed(seed),
     );
     let mut stream: StreamHost<Ticks> = StreamHost::new();
     board.log(format_args!(
@@ -409,14 +430,19 @@ async fn main(_spawner: Spawner) {
                         }
                     }
                 }
-                let out = core::mem::take(&mut board.to_host);
+                if let Some(image) = board.to_store.take()
+                    && let Err(e) = store_image(&mut flash_driver, &image).await
+                {
+                    // Tried again at the next change, whatever it is.
+                    board.stored = None;
+                    board.log(format_args!("flash write failed: {e:?}"));
+                }
                 // A host that has the port configured but reads nothing must not stall the dongle:
                 // what it does not take within the wait is lost with its session, as on an unplug.
-                if !matches!(
-                    with_timeout(USB_TX_WAIT, write_all(&mut usb_tx, &out)).await,
-                    Ok(Ok(()))
-                ) {
-                    board.host_dropped += 1;
+                let sent = with_timeout(USB_TX_WAIT, write_all(&mut usb_tx, &board.to_host)).await;
+                board.to_host.clear();
+                if !matches!(sent, Ok(Ok(()))) {
+                    board.count_host_drop();
                 }
             }
         }

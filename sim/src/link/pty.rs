@@ -153,7 +153,7 @@ pub(crate) async fn run(
         {
             tracing::error!("cannot make the link {}: {e}", link.display());
         }
-        shared.set_link(format!("serial {}", path.display()), 0, None);
+        shared.set_link(&format!("serial {}", path.display()), 0, None);
         shared.serial_path.send_replace(Some(path.clone()));
         shared.link_up.send_replace(true);
         shared.event(SimEvent::Plugged {

@@ -78,7 +78,7 @@ pub(crate) async fn run(
                 let bytes = disc_buf.get(..n).unwrap_or(&[]);
                 let reply = shared.with_core(|core, _| core.discovery_reply(Instant::now(), bytes));
                 if let Ok(Some(announce)) = reply {
-                    send(&shared, &link.discovery, from, announce).await;
+                    send(&shared, &link.discovery, from, announce.to_vec()).await;
                 }
             }
             received = arrival::recv_from(&link.remp, &mut remp_buf) => {
