@@ -17,7 +17,7 @@ use firmware_proto::MAX_FRAME_LEN;
 use firmware_proto::stream::{StreamDecoder, StreamStats, encode_frame};
 use rand::Rng;
 
-use crate::dongle::{Deferred, Dongle, Event, Output};
+use crate::dongle::{Deferred, Dongle, Event, Output, Outputs};
 use crate::flash::Flash;
 use crate::frame::Frame;
 use crate::time::Instant;
@@ -36,7 +36,9 @@ pub trait Board {
     /// Shows an event on the dongle's display or console (the PIN is one).
     fn event(&mut self, event: Event);
     /// Stores the flash contents (their [`Flash::to_image`]) so that they survive a restart. Called
-    /// once after whatever the dongle did changed them, however many changes that made.
+    /// when they change, before anything that follows the change goes to the host: a board that
+    /// stores later (an erase takes long) must hold back what it sends meanwhile, so that the host
+    /// never hears "paired" from a dongle that has not stored its token.
     fn store_flash(&mut self, flash: &Flash);
 }
 
@@ -45,7 +47,8 @@ pub trait Board {
 pub struct HostStats {
     /// The link decoder's counters: packets, CRC and COBS errors, oversize frames.
     pub link: StreamStats,
-    /// Packets framed and written to the host.
+    /// Packets framed and handed to the board for the host (a board that then drops one counts it
+    /// itself).
     pub packets_out: u64,
     /// Deferred answers dropped because [`MAX_DEFERRED`] were already waiting.
     pub deferred_dropped: u64,
@@ -75,8 +78,8 @@ impl LinkWriter {
 /// The answers waiting for their time.
 type DeferredQueue<I> = heapless::Vec<(I, Deferred), MAX_DEFERRED>;
 
-/// Carries out each of the dongle's outputs as it is made. What needs the dongle itself (a lost
-/// frame's count, the flash to store) is noted and done once the dongle has returned.
+/// Carries out each of the dongle's outputs as it is made, in order. What needs the dongle itself (a
+/// lost frame's count) is noted and done once the dongle has returned.
 struct Carrier<'a, I: Instant, B: Board> {
     now: I,
     link: &'a mut LinkWriter,
@@ -84,27 +87,24 @@ struct Carrier<'a, I: Instant, B: Board> {
     deferred_dropped: &'a mut u64,
     board: &'a mut B,
     lost_to_bus: u64,
-    flash_changed: bool,
 }
 
-impl<I: Instant, B: Board> Extend<Output> for Carrier<'_, I, B> {
-    fn extend<T: IntoIterator<Item = Output>>(&mut self, outputs: T) {
-        for output in outputs {
-            match output {
-                Output::ToHost(packet) => self.link.write(&packet, self.board),
-                Output::ToHostLater { after, reply } => {
-                    if self.deferred.push((self.now + after, reply)).is_err() {
-                        *self.deferred_dropped += 1;
-                    }
+impl<I: Instant, B: Board> Outputs for Carrier<'_, I, B> {
+    fn push(&mut self, output: Output) {
+        match output {
+            Output::ToHost(packet) => self.link.write(&packet, self.board),
+            Output::ToHostLater { after, reply } => {
+                if self.deferred.push((self.now + after, reply)).is_err() {
+                    *self.deferred_dropped += 1;
                 }
-                Output::ToBus(frame) => {
-                    if !self.board.to_bus(frame) {
-                        self.lost_to_bus += 1;
-                    }
-                }
-                Output::Event(event) => self.board.event(event),
-                Output::FlashChanged => self.flash_changed = true,
             }
+            Output::ToBus(frame) => {
+                if !self.board.to_bus(frame) {
+                    self.lost_to_bus += 1;
+                }
+            }
+            Output::Event(event) => self.board.event(event),
+            Output::FlashChanged(flash) => self.board.store_flash(&flash),
         }
     }
 }
@@ -114,9 +114,6 @@ impl<I: Instant, B: Board> Carrier<'_, I, B> {
     fn finish<R: Rng>(self, dongle: &mut Dongle<I, R>) {
         if self.lost_to_bus > 0 {
             dongle.note_lost_to_bus(self.lost_to_bus);
-        }
-        if self.flash_changed {
-            self.board.store_flash(dongle.flash());
         }
     }
 }
@@ -168,7 +165,6 @@ impl<I: Instant> StreamHost<I> {
             deferred_dropped: &mut self.deferred_dropped,
             board,
             lost_to_bus: 0,
-            flash_changed: false,
         }
     }
 
@@ -190,7 +186,6 @@ impl<I: Instant> StreamHost<I> {
             deferred_dropped: &mut self.deferred_dropped,
             board,
             lost_to_bus: 0,
-            flash_changed: false,
         };
         self.decoder.push(bytes, |packet| {
             if !dongle.handle_packet(now, packet, &mut carrier) {
@@ -297,11 +292,14 @@ mod tests {
         flash: Option<Flash>,
         /// How many times the flash was stored.
         stores: usize,
+        /// What the board did, in order: `h` a write to the host, `f` a store of the flash.
+        order: String,
     }
 
     impl Board for Bench {
         fn to_host(&mut self, bytes: &[u8]) {
             self.wire.extend_from_slice(bytes);
+            self.order.push('h');
         }
         fn to_bus(&mut self, frame: Frame) -> bool {
             if self.bus_room.is_some_and(|room| self.bus.len() >= room) {
@@ -316,6 +314,7 @@ mod tests {
         fn store_flash(&mut self, flash: &Flash) {
             self.flash = Some(flash.clone());
             self.stores += 1;
+            self.order.push('f');
         }
     }
 
@@ -590,6 +589,13 @@ mod tests {
         let mut host = StreamHost::new();
         let mut bench = Bench::default();
         let token = pair(&mut d, &mut host, &mut bench);
+        // The token is stored before the answer that says "paired" goes out: a dongle that loses
+        // power in between must not have told the host it holds a token it forgot.
+        assert!(
+            bench.order.ends_with("fh"),
+            "the host heard before the flash was stored: {}",
+            bench.order
+        );
         let stored = bench.flash.clone().expect("the token was stored");
         assert_eq!(stored.token.map(|t| *t.as_bytes()), Some(token));
         assert!(bench.events.iter().any(|e| matches!(e, Event::Paired)));
@@ -604,7 +610,6 @@ mod tests {
         let stores = bench.stores;
         host.uart_command(&mut d, Ticks(1), "factory-reset", &mut bench);
         assert_eq!(bench.flash.as_ref().map(|f| f.token.is_some()), Some(false));
-        // One step, one store: a board may erase a whole flash sector for each.
         assert_eq!(bench.stores, stores + 1);
         assert!(
             bench

@@ -132,7 +132,7 @@ pub const FW_BUILD_LEN: usize = 64;
 /// How much of a UART command's output the console shows, in bytes.
 pub const CONSOLE_OUTPUT_LEN: usize = 256;
 /// The longest link description the CLI shows, in bytes.
-pub const LINK_LEN: usize = 96;
+pub const LINK_LEN: usize = 128;
 
 /// The fixed properties of a dongle.
 #[derive(Debug, Clone)]
@@ -327,18 +327,35 @@ pub struct Deferred {
 /// A packet for the host, encoded.
 pub type PacketBuf = heapless::Vec<u8, MAX_PACKET_LEN>;
 
-/// Where the dongle puts its outputs, in order: a `Vec` on a host with a heap, or a board's driver
-/// that carries each out as it comes (see [`crate::board::StreamHost`]), so the core itself never
-/// holds more than one.
+/// Where the dongle puts its outputs, in order: a `Vec` on a host with a heap (the `alloc`
+/// feature), or a board's driver that carries each out as it comes (see
+/// [`crate::board::StreamHost`]), so the core itself never holds more than one. A sink must take
+/// every output: one it cannot keep is carried out or counted, never a reason to panic.
 pub trait Outputs {
     /// Takes one output.
     fn push(&mut self, output: Output);
 }
 
-impl<T: Extend<Output>> Outputs for T {
+#[cfg(any(test, feature = "alloc"))]
+impl Outputs for alloc::vec::Vec<Output> {
     fn push(&mut self, output: Output) {
-        self.extend(core::iter::once(output));
+        alloc::vec::Vec::push(self, output);
     }
+}
+
+/// A command's output as the console shows it: cut to [`CONSOLE_OUTPUT_LEN`] bytes, ending in `...`
+/// when it was cut.
+fn console_text(output: &[u8]) -> Text<CONSOLE_OUTPUT_LEN> {
+    const MORE: &str = "...";
+    let text = utf8_prefix(output);
+    if text.len() <= CONSOLE_OUTPUT_LEN && text.len() == output.len() {
+        return bounded(text);
+    }
+    let cut = bounded::<{ CONSOLE_OUTPUT_LEN - MORE.len() }>(text);
+    let mut shown: Text<CONSOLE_OUTPUT_LEN> = bounded(&cut);
+    // Cannot fail: the cut leaves room for the marker.
+    let _ = shown.push_str(MORE);
+    shown
 }
 
 /// Encodes a packet with `encode` straight into a [`PacketBuf`]; None when it does not encode.
@@ -349,9 +366,6 @@ fn encoded<E>(encode: impl FnOnce(&mut [u8]) -> Result<usize, E>) -> Option<Pack
     buf.truncate(n);
     Some(buf)
 }
-
-/// How many loopback echoes the dongle gathers before it sends them on to the host.
-const ECHO_CHUNK: usize = 32;
 
 /// What the dongle asks its runtime to do.
 #[derive(Debug, Clone)]
@@ -369,8 +383,9 @@ pub enum Output {
     ToBus(Frame),
     /// Report this event.
     Event(Event),
-    /// The flash changed: write the state file.
-    FlashChanged,
+    /// The flash changed to this: store it before carrying out what follows (an answer that says
+    /// "paired" must not reach the host before the token is stored).
+    FlashChanged(Flash),
 }
 
 /// How a request proved itself.
@@ -794,7 +809,7 @@ impl<I: Instant, R: Rng> Dongle<I, R> {
         let (status, seconds) = match outcome {
             SubmitOutcome::Paired => {
                 self.flash.token = Some(submit.token);
-                out.push(Output::FlashChanged);
+                out.push(Output::FlashChanged(self.flash.clone()));
                 out.push(Output::Event(Event::Paired));
                 (PairingStatus::Ok, 0)
             }
@@ -813,7 +828,7 @@ impl<I: Instant, R: Rng> Dongle<I, R> {
                     self.counters.pin_failures += 1;
                     self.flash.cooldown_until_unix_ms =
                         Some(self.wall_ms(now) + u64::from(seconds) * 1000);
-                    out.push(Output::FlashChanged);
+                    out.push(Output::FlashChanged(self.flash.clone()));
                     out.push(Output::Event(Event::Cooldown { seconds }));
                 }
                 (PairingStatus::Cooldown, seconds)
@@ -904,7 +919,7 @@ impl<I: Instant, R: Rng> Dongle<I, R> {
                 match timing::apply(request, &limits, self.cfg.can_clock_hz) {
                     Ok(settings) => {
                         self.flash.can = settings;
-                        out.push(Output::FlashChanged);
+                        out.push(Output::FlashChanged(self.flash.clone()));
                         out.push(Output::Event(Event::ConfigApplied {
                             bitrate: settings.bitrate,
                         }));
@@ -1013,7 +1028,7 @@ impl<I: Instant, R: Rng> Dongle<I, R> {
             .flatten();
         out.push(Output::Event(Event::UartAnswered {
             exit_code: answer.exit_code,
-            output: bounded(utf8_prefix(output)),
+            output: console_text(output),
             reported: packet.is_some(),
         }));
         if let Some(packet) = packet {
@@ -1085,53 +1100,45 @@ impl<I: Instant, R: Rng> Dongle<I, R> {
     }
 
     /// Frames from the host: onto the bus and/or back to the host, as the mode says.
-    fn transmit(&mut self, now: I, frames: impl Iterator<Item = Frame>, out: &mut impl Outputs) {
+    fn transmit(
+        &mut self,
+        now: I,
+        frames: impl Iterator<Item = Frame> + Clone,
+        out: &mut impl Outputs,
+    ) {
+        use firmware_proto::remp::CanMode;
         let mode = self.flash.can.mode;
         let paused = self.flash.can.flags & CanConfig::FLAG_TX_PAUSE != 0;
-        // Echoes go to the host a chunk at a time, in the order the frames came.
-        let mut echoes = heapless::Vec::<Frame, ECHO_CHUNK>::new();
-        for frame in frames {
+        let fd = self.cfg.fd;
+        // Frames the controller takes: an FD frame needs an FD controller.
+        let taken = move |frame: &Frame| !frame.is_fd() || fd;
+        for frame in frames.clone() {
             self.counters.frames_from_host += 1;
-            if frame.is_fd() && !self.cfg.fd {
+            if !taken(&frame) {
                 self.counters.fd_dropped += 1;
                 continue;
             }
             let frame = frame.with_origin(frame.is_simulated(), false);
-            use firmware_proto::remp::CanMode;
             match mode {
                 _ if paused => self.counters.tx_refused += 1,
                 CanMode::ListenOnly => self.counters.tx_refused += 1,
-                CanMode::Normal => {
+                CanMode::Normal | CanMode::ExtLoop => {
                     self.counters.frames_to_bus += 1;
                     out.push(Output::ToBus(frame));
                 }
                 CanMode::Loopback => {}
-                CanMode::ExtLoop => {
-                    self.counters.frames_to_bus += 1;
-                    out.push(Output::ToBus(frame));
-                }
-            }
-            if !paused && matches!(mode, CanMode::Loopback | CanMode::ExtLoop) {
-                if echoes.is_full() {
-                    self.send_echoes(now, &mut echoes, out);
-                }
-                let _ = echoes.push(frame.with_origin(frame.is_simulated(), true));
             }
         }
-        self.send_echoes(now, &mut echoes, out);
-    }
-
-    fn send_echoes(
-        &mut self,
-        now: I,
-        echoes: &mut heapless::Vec<Frame, ECHO_CHUNK>,
-        out: &mut impl Outputs,
-    ) {
-        if !echoes.is_empty() {
-            self.counters.loopback_echoes += echoes.len() as u64;
-            self.frames_to_host(now, echoes.iter().copied(), out);
-            echoes.clear();
+        if paused || !matches!(mode, CanMode::Loopback | CanMode::ExtLoop) {
+            return;
         }
+        // The echoes, read from the frames a second time rather than gathered (the core keeps no
+        // list): packed into as few packets as the first pass's frames would be.
+        let echoes = frames
+            .filter(taken)
+            .map(|f| f.with_origin(f.is_simulated(), true));
+        self.counters.loopback_echoes += echoes.clone().count() as u64;
+        self.frames_to_host(now, echoes, out);
     }
 
     /// Frames seen on the bus (or made by the generator or replay, which stand for the bus).
@@ -1222,7 +1229,7 @@ impl<I: Instant, R: Rng> Dongle<I, R> {
         self.session = None;
         self.pending_auth = None;
         self.host_authenticated = false;
-        out.push(Output::FlashChanged);
+        out.push(Output::FlashChanged(self.flash.clone()));
     }
 
     /// Erases token, pairing state, cool-down and CAN configuration, as the button on the
@@ -1457,8 +1464,9 @@ mod tests {
             .collect()
     }
 
-    /// The core holds no list of frames: echoes go out a chunk at a time and bus frames are packed as
-    /// they come, packet after packet. Nothing may be lost or reordered on the way.
+    /// The core holds no list of frames: echoes are read from the host's frames a second time and bus
+    /// frames are packed as they come, packet after packet. Nothing may be lost or reordered on the
+    /// way, and echoes are packed as tightly as before.
     #[tokio::test(start_paused = true)]
     async fn many_echoes_and_bus_frames_reach_the_host_all_and_in_order() {
         let mut d = dongle(Extensions::ALL);
@@ -1486,10 +1494,7 @@ mod tests {
             }
             sent += 1;
         }
-        assert!(
-            sent as usize > 2 * ECHO_CHUNK,
-            "only {sent} frames fit one batch"
-        );
+        assert!(sent > 50, "only {sent} frames fit one batch");
         let len = writer.finish().unwrap();
         let batch = Batch::parse(&buf[..len]).unwrap();
         d.handle_packet(now, &packet(Payload::CanBatch(batch), &TOKEN), &mut out);
@@ -1502,6 +1507,7 @@ mod tests {
             .collect();
         assert_eq!(to_bus, (0..sent).collect::<Vec<_>>());
         assert_eq!(batched_ids(&out), (0..sent).collect::<Vec<_>>());
+        assert_eq!(answers(&out).len(), 1, "the echoes of one batch fit one");
         assert_eq!(d.counters().loopback_echoes, u64::from(sent));
 
         set.mode = firmware_proto::remp::CanMode::Normal;
@@ -1543,6 +1549,20 @@ mod tests {
             &mut out,
         );
         assert!(d.flash().token.is_none());
+    }
+
+    #[test]
+    fn the_console_shows_a_long_output_cut_and_marked() {
+        assert_eq!(console_text(b"ok\n").as_str(), "ok\n");
+        let long = "x".repeat(CONSOLE_OUTPUT_LEN + 1);
+        let shown = console_text(long.as_bytes());
+        assert_eq!(shown.len(), CONSOLE_OUTPUT_LEN);
+        assert!(shown.ends_with("xx..."), "{shown}");
+        // Output cut by the CLI's limit in the middle of a character is marked too.
+        assert_eq!(
+            console_text("ab\u{e9}".as_bytes()[..3].as_ref()).as_str(),
+            "ab..."
+        );
     }
 
     #[test]

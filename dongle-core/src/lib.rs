@@ -3,7 +3,7 @@
 //!
 //! A host (the simulator's runtime, or a firmware's main loop) owns a [`Dongle`], feeds it decoded
 //! link packets, bus frames, typed UART commands and the passing of time, and carries out the
-//! [`Output`]s it returns: packets to the host, frames to the bus, events for the dongle's display
+//! [`Output`]s it hands over: packets to the host, frames to the bus, events for the dongle's display
 //! or log, and "the flash changed". Time and randomness come from the host ([`time::Instant`],
 //! a [`rand::Rng`] of its choice), so that the same code runs under tokio's paused clock in tests and
 //! on SysTick on a board.
@@ -28,8 +28,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-// Only the tests allocate (the crate is then built with std).
-#[cfg(test)]
+// Only the tests and the `alloc` feature (a `Vec` as the outputs' sink, for hosts with a heap)
+// touch the heap; the core's own code does not.
+#[cfg(any(test, feature = "alloc"))]
 extern crate alloc;
 
 pub mod board;

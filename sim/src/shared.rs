@@ -158,8 +158,8 @@ impl Shared {
                 Output::Event(event) => {
                     let _ = self.events.send(event.into());
                 }
-                Output::FlashChanged => {
-                    self.flash_tx.send_replace(core.flash().clone());
+                Output::FlashChanged(flash) => {
+                    self.flash_tx.send_replace(flash);
                 }
             }
         }

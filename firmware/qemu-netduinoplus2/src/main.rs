@@ -28,6 +28,8 @@ use crate::hw::Console;
 
 /// Frames the RAM bus holds before it drops (and counts) what the dongle puts on it.
 const BUS_DEPTH: usize = 256;
+/// Frames handed to the dongle at once: about one CAN_BATCH packet's worth.
+const BUS_CHUNK: usize = 64;
 /// The longest console line.
 const CONSOLE_LINE: usize = 256;
 
@@ -35,7 +37,7 @@ const CONSOLE_LINE: usize = 256;
 struct QemuBoard {
     console: Console,
     /// Frames on the RAM bus, to come back to the dongle as another node's.
-    bus: heapless::Vec<Frame, BUS_DEPTH>,
+    bus: heapless::Deque<Frame, BUS_DEPTH>,
     bus_dropped: u64,
     /// The "flash": the last stored image.
     flash: Option<[u8; dongle_core::flash::IMAGE_LEN]>,
@@ -47,7 +49,7 @@ impl Board for QemuBoard {
     }
 
     fn to_bus(&mut self, frame: Frame) -> bool {
-        if self.bus.push(frame).is_ok() {
+        if self.bus.push_back(frame).is_ok() {
             return true;
         }
         self.bus_dropped += 1;
@@ -93,7 +95,7 @@ fn main() -> ! {
     // stack, so that the linker's figure for RAM counts them.
     let Some(board) = cortex_m::singleton!(: QemuBoard = QemuBoard {
         console,
-        bus: heapless::Vec::new(),
+        bus: heapless::Deque::new(),
         bus_dropped: 0,
         flash: None,
     }) else {
@@ -167,8 +169,18 @@ fn main() -> ! {
                 }
             }
         }
-        if !board.bus.is_empty() {
-            let frames = core::mem::take(&mut board.bus);
+        // The bus's frames go to the dongle a few at a time, through a small buffer on the stack:
+        // the bus itself lives in a static and may hold 18 KiB of frames.
+        for _ in 0..BUS_DEPTH.div_ceil(BUS_CHUNK) {
+            let mut frames = heapless::Vec::<Frame, BUS_CHUNK>::new();
+            while !frames.is_full()
+                && let Some(frame) = board.bus.pop_front()
+            {
+                let _ = frames.push(frame);
+            }
+            if frames.is_empty() {
+                break;
+            }
             stream.bus_frames(&mut dongle, now, &frames, board);
         }
         stream.poll(&mut dongle, now, board);

@@ -8,7 +8,8 @@
 //!   a new CAN configuration restarts the controller with the core's prescaler and segments;
 //! - the flash state is the last 128 KiB sector of bank 2, holding `Flash::to_image`, erased and
 //!   written with the flash interrupt (the code runs from bank 1 meanwhile), so that a store, which
-//!   takes up to seconds, never stops the executor: USB stays served while the dongle loop waits;
+//!   takes up to seconds, never stops the executor: the USB device stays served (enumeration,
+//!   suspend, control requests) while the dongle loop, and with it host packets and CAN, waits;
 //! - PINs and nonces come from a ChaCha generator seeded by the RNG peripheral;
 //! - the console is USART3 and RTT: the PIN as `PIN 123456 (120 s)` (the technician's display, and
 //!   what a HIL rig's probe reads), every event.
