@@ -12,7 +12,7 @@ use firmware_proto::{MAX_FRAME_LEN, MAX_PACKET_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::{LINK_QUEUE, Link, LinkStats};
+use super::{LINK_QUEUE, Link, LinkStats, Outgoing};
 
 /// The most bytes the writer gathers into one write.
 const WRITE_BATCH: usize = 16 * 1024;
@@ -79,17 +79,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
 
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut outgoing: mpsc::Receiver<Vec<u8>>,
+    mut outgoing: mpsc::Receiver<Outgoing>,
     stats: Arc<LinkStats>,
 ) {
     let frame_max = max_frame_len(MAX_PACKET_LEN);
     let mut buf = Vec::with_capacity(WRITE_BATCH + frame_max);
     let mut frame = vec![0u8; frame_max];
+    let mut waiting = Vec::new();
     while let Some(first) = outgoing.recv().await {
         buf.clear();
+        waiting.clear();
         let mut next = Some(first);
         while let Some(packet) = next.take() {
-            match encode_frame(&packet, &mut frame) {
+            waiting.push(packet.written);
+            match encode_frame(&packet.bytes, &mut frame) {
                 Ok(n) => {
                     buf.extend_from_slice(&frame[..n]);
                     LinkStats::add(&stats.packets_out, 1);
@@ -105,6 +108,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             return;
         }
         LinkStats::add(&stats.bytes_out, buf.len() as u64);
+        let at = tokio::time::Instant::now();
+        for written in waiting.drain(..) {
+            Outgoing::sent(written, at);
+        }
     }
 }
 
@@ -135,7 +142,10 @@ mod tests {
         assert_eq!(link.stats.packets_rejected.load(Ordering::Relaxed), 2);
 
         // And the other way.
-        link.outgoing.send(b"to the dongle".to_vec()).await.unwrap();
+        link.outgoing
+            .send(b"to the dongle".to_vec().into())
+            .await
+            .unwrap();
         let mut got = vec![0u8; 64];
         let n = b.read(&mut got).await.unwrap();
         let mut decoder: StreamDecoder<64> = StreamDecoder::default();
