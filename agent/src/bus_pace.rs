@@ -51,8 +51,8 @@ impl BusPace {
 
     /// How many frames may be written at `now`: `(now, how many)` when the queue has room, otherwise
     /// `(when it will have, 0)`. Records nothing: the frames count once written ([`Self::record`]),
-    /// and a writer that waited asks again when it wakes. Between the two, nobody else may write to
-    /// the same dongle, or both would be given the same room.
+    /// and a writer that waited asks again when it wakes. Between the two, no other sender may ask
+    /// (the session lets one sender of frames at a time), or both would be given the same room.
     pub fn room(&mut self, now: Instant) -> (Instant, usize) {
         let ready = self.ready_at(now);
         if ready > now {
@@ -206,6 +206,19 @@ mod tests {
             left -= n;
         }
         assert_eq!(left, 1, "a queue's depth goes at once, the last one waits");
+    }
+
+    /// Room is given when asked and taken when written: frames written late fill the queue from then.
+    #[test]
+    fn frames_count_from_when_they_were_written_not_when_room_was_given() {
+        let start = Instant::now();
+        let time = frame_time(&eight_bytes(), 500_000);
+        let mut pace = BusPace::default();
+        assert_eq!(pace.room(start), (start, DEPTH));
+        let late = start + 40 * time;
+        pace.record(late, std::iter::repeat_n(time, DEPTH));
+        assert_eq!(pace.room(late), (late + time, 0));
+        assert_eq!(pace.room(late + 4 * time), (late + 4 * time, 4));
     }
 
     #[test]

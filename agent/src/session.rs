@@ -633,8 +633,10 @@ impl DongleSession {
         self.send_frames_counting(frames).await.1
     }
 
-    /// [`DongleSession::send_frames`], also saying how many of the frames, from the first, went onto the
-    /// link before an error: those must not be sent again, and the rest must not count as delivered.
+    /// [`DongleSession::send_frames`], also saying how many of the frames, from the first, the link
+    /// wrote before an error: those must not be sent again, and the rest must not count as delivered.
+    /// (A byte stream that failed in the middle of a write may have delivered part of what it does not
+    /// count: those few frames may reach the bus twice, where counting them would lose them.)
     pub async fn send_frames_counting(
         &self,
         frames: &[Frame],
@@ -659,14 +661,20 @@ impl DongleSession {
             // The frames that may be written now, at least one (after waiting for it); see `bus_pace`.
             let (now_allowed, bitrate) = self.paced(rest.len()).await;
             let (part, after) = rest.split_at(now_allowed);
+            let mut unwritten = Unwritten {
+                shared: &self.shared,
+                frames: part,
+                bitrate,
+                recorded: 0,
+                queued: 0,
+            };
             let mut packets = Vec::new();
             let mut error = None;
-            let mut queued = 0;
-            while queued < part.len() {
-                match self.send_packet_of(&part[queued..]).await {
+            while unwritten.queued < part.len() {
+                match self.send_packet_of(&part[unwritten.queued..]).await {
                     Ok((taken, written)) => {
-                        packets.push((queued..queued + taken, written));
-                        queued += taken;
+                        unwritten.queued += taken;
+                        packets.push((taken, written));
                     }
                     Err(e) => {
                         error = Some(e);
@@ -677,19 +685,15 @@ impl DongleSession {
             // Frames count as sent, and in the pace, once the link has written them: a link that
             // failed first never delivered them, and a writer that ran late delivered them late.
             // Packets leave in the order queued, so the first one unwritten ends the count.
-            for (frames, written) in packets {
-                let Ok(at) = written.await else {
-                    return Err(error.unwrap_or(SessionError::Closed));
+            for (taken, written) in packets {
+                let Some(at) = self.written(written).await? else {
+                    // The link failed before it wrote this packet: the frames from here on wait for
+                    // another link, whatever stopped the queueing.
+                    unwritten.abandon();
+                    return Err(SessionError::Closed);
                 };
-                *sent += frames.len();
-                if let Some(bitrate) = bitrate {
-                    self.shared.pace.lock().unwrap().record(
-                        at,
-                        part[frames]
-                            .iter()
-                            .map(|f| bus_pace::frame_time(f, bitrate)),
-                    );
-                }
+                *sent += taken;
+                unwritten.record(at, taken);
             }
             if let Some(e) = error {
                 return Err(e);
@@ -697,6 +701,28 @@ impl DongleSession {
             rest = after;
         }
         Ok(())
+    }
+
+    /// When the link wrote a packet; None when it failed first. A writer that neither writes nor fails
+    /// within the request timeout (a serial port nobody reads) ends the send with a timeout, and so
+    /// does a link that closes meanwhile, so that no sender waits forever.
+    async fn written(
+        &self,
+        written: oneshot::Receiver<Instant>,
+    ) -> Result<Option<Instant>, SessionError> {
+        let wait = self.config.request_timeout;
+        let mut closed = self.closed.clone();
+        tokio::select! {
+            biased;
+            at = timeout(wait, written) => match at {
+                Ok(at) => Ok(at.ok()),
+                Err(_) => Err(SessionError::Timeout {
+                    what: "a write to the dongle's link",
+                    after: wait,
+                }),
+            },
+            _ = closed.wait_for(|c| *c) => Ok(None),
+        }
     }
 
     /// Waits until at least one of `wanted` frames may be written to the dongle without overrunning
@@ -879,6 +905,49 @@ impl DongleSession {
             .send(packet)
             .await
             .map_err(|_| SessionError::Closed)
+    }
+}
+
+/// The frames of one part queued for the link and not yet counted in the pace. Those whose write
+/// the sender did not see (its caller gave up on it, or the wait timed out) count as of the moment it
+/// stopped waiting: the writer still writes them, and the next sender must not be given their room.
+struct Unwritten<'a> {
+    shared: &'a Shared,
+    frames: &'a [Frame],
+    /// None when nothing is paced.
+    bitrate: Option<u32>,
+    /// Frames counted in the pace, from the first.
+    recorded: usize,
+    /// Frames queued for the link, from the first.
+    queued: usize,
+}
+
+impl Unwritten<'_> {
+    /// Counts the next `n` queued frames in the pace as written at `at`.
+    fn record(&mut self, at: Instant, n: usize) {
+        let frames = &self.frames[self.recorded..self.recorded + n];
+        self.recorded += n;
+        if let Some(bitrate) = self.bitrate {
+            self.shared
+                .pace
+                .lock()
+                .unwrap()
+                .record(at, frames.iter().map(|f| bus_pace::frame_time(f, bitrate)));
+        }
+    }
+
+    /// The link failed: what it did not write never reaches the dongle.
+    fn abandon(&mut self) {
+        self.queued = self.recorded;
+    }
+}
+
+impl Drop for Unwritten<'_> {
+    fn drop(&mut self) {
+        let left = self.queued - self.recorded;
+        if left > 0 {
+            self.record(Instant::now(), left);
+        }
     }
 }
 
@@ -1141,6 +1210,38 @@ mod tests {
             "{deepest} frames waited in the dongle at once, more than the pace's {}",
             bus_pace::DEPTH
         );
+    }
+
+    /// A caller that gives up on a send (a lane aborted as its group goes) does not take back what it
+    /// queued: the writer still writes those frames, so the pace must count them, or the next sender
+    /// would be given their room.
+    #[tokio::test(start_paused = true)]
+    async fn frames_of_an_abandoned_send_still_count_in_the_pace() {
+        let (session, _to_session, mut sent) = session_on_channels();
+        session
+            .authenticate(DongleToken::from_bytes([0x42; 32]))
+            .await
+            .unwrap();
+        session.shared.bitrate.store(500_000, Ordering::Relaxed);
+        let session = Arc::new(session);
+        let frame = Frame::classic(CanId::standard(0x123).unwrap(), &[0; 8]).unwrap();
+        let sender = {
+            let session = session.clone();
+            tokio::spawn(async move { session.send_frames(&[frame; 40]).await })
+        };
+        // The writer takes the packets and never says it wrote them.
+        let mut held = Vec::new();
+        for _ in 0..bus_pace::DEPTH {
+            held.push(sent.recv().await.unwrap());
+        }
+        sender.abort();
+        assert!(sender.await.unwrap_err().is_cancelled());
+        let (_, room) = session.shared.pace.lock().unwrap().room(Instant::now());
+        assert_eq!(
+            room, 0,
+            "the abandoned frames left their room to the next sender"
+        );
+        assert!(sent.try_recv().is_err(), "nothing was queued past the pace");
     }
 
     #[tokio::test]

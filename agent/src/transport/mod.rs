@@ -37,11 +37,12 @@ pub struct Link {
 pub struct Outgoing {
     /// The whole packet.
     pub bytes: Vec<u8>,
-    /// Told the moment the packet was written to the stream or sent as a datagram (a datagram the
-    /// system refused counts as sent and lost, as the network may lose one); dropped without a word
-    /// when the link failed first. The writer may run late on a busy machine, and a dongle starts a
-    /// frame only when it arrives: the session's pace counts frames from this moment
-    /// (`crate::bus_pace`).
+    /// Told the moment the packet was written: on a byte stream, when the write that carried it (with
+    /// the packets gathered with it) and its flush returned; on UDP, when the datagram was sent (one
+    /// the system refused counts as sent and lost, as the network may lose one). Dropped without a
+    /// word when the link failed first or the packet could not be framed. The writer may run late on
+    /// a busy machine, and a dongle starts a frame only when it arrives: the session's pace counts
+    /// frames from this moment (`crate::bus_pace`).
     pub written: Option<oneshot::Sender<Instant>>,
 }
 

@@ -91,11 +91,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         waiting.clear();
         let mut next = Some(first);
         while let Some(packet) = next.take() {
-            waiting.push(packet.written);
             match encode_frame(&packet.bytes, &mut frame) {
                 Ok(n) => {
                     buf.extend_from_slice(&frame[..n]);
                     LinkStats::add(&stats.packets_out, 1);
+                    waiting.push(packet.written);
                 }
                 // An oversize packet is the caller's bug; it is dropped, not sent half-framed.
                 Err(e) => tracing::warn!(error = %e, "dropping a packet that cannot be framed"),
@@ -141,13 +141,19 @@ mod tests {
         assert_eq!(link.incoming.recv().await.unwrap(), b"second");
         assert_eq!(link.stats.packets_rejected.load(Ordering::Relaxed), 2);
 
-        // And the other way.
+        // And the other way; who asked learns when the packet was written.
+        let (written, told) = tokio::sync::oneshot::channel();
+        let before = tokio::time::Instant::now();
         link.outgoing
-            .send(b"to the dongle".to_vec().into())
+            .send(Outgoing {
+                bytes: b"to the dongle".to_vec(),
+                written: Some(written),
+            })
             .await
             .unwrap();
         let mut got = vec![0u8; 64];
         let n = b.read(&mut got).await.unwrap();
+        assert!(told.await.unwrap() >= before);
         let mut decoder: StreamDecoder<64> = StreamDecoder::default();
         let mut seen = Vec::new();
         decoder.push(&got[..n], |p| seen.push(p.to_vec()));
