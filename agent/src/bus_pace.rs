@@ -7,10 +7,10 @@
 //! dongle's bitrate ([`firmware_proto::bus_time::worst_case_bits`]), and writes a frame only when
 //! fewer than [`DEPTH`] frames are ahead of it. Counting the longest time errs towards a slower
 //! write; keeping half the queue free leaves room for a link that delivers two writes at once. A
-//! frame counts from the moment the link's writer task wrote it ([`BusPace::record`]), not from the
-//! moment it was allowed ([`BusPace::room`]) or queued for the writer: a sender or a writer that woke
-//! late would otherwise leave the model ahead of the dongle, which starts a frame only when it comes,
-//! and the frames queued meanwhile would reach it together with those the model then allowed. The
+//! frame counts from the moment the session hands it to its link, not from the moment it was
+//! allowed: a writer that waited and woke late would otherwise leave the model ahead of the dongle,
+//! which starts a frame only when it comes, and every late wake-up would add to the difference. (The
+//! link's writer task may still write it later; that gap is not counted yet.) The
 //! model assumes the bus is the dongle's: other nodes' traffic, error frames and retransmissions slow
 //! the real queue, which can then still overflow; a dongle that announces bus-status counts what it
 //! dropped (`daemon::bus_losses`).
@@ -49,25 +49,30 @@ impl BusPace {
         }
     }
 
-    /// How many frames may be written at `now`: `(now, how many)` when the queue has room, otherwise
-    /// `(when it will have, 0)`. Records nothing: the frames count once written ([`Self::record`]),
-    /// and a writer that waited asks again when it wakes. Between the two, no other sender may ask
-    /// (the session lets one sender of frames at a time), or both would be given the same room.
-    pub fn room(&mut self, now: Instant) -> (Instant, usize) {
+    /// The frames at the start of a run that may be written together at `now`, each taking its time
+    /// from `times`: returns `(now, how many)` and counts them as written at `now`, when the queue has
+    /// room; otherwise `(when it will have, 0)`, counting nothing. A writer that waited asks again when
+    /// it wakes, so that a frame is counted from the moment it went, however late the writer woke: a
+    /// dongle whose queue ran dry meanwhile starts it only then.
+    pub fn next_write(
+        &mut self,
+        now: Instant,
+        times: impl Iterator<Item = Duration>,
+    ) -> (Instant, usize) {
         let ready = self.ready_at(now);
         if ready > now {
             return (ready, 0);
         }
-        (now, DEPTH.saturating_sub(self.finishing.len()))
-    }
-
-    /// Counts frames written at `at`, each taking its time from `times`: each starts when it comes
-    /// or when the frame before it has left.
-    pub fn record(&mut self, at: Instant, times: impl Iterator<Item = Duration>) {
+        let mut count = 0;
         for time in times {
-            let start = self.finishing.back().copied().unwrap_or(at).max(at);
+            if self.finishing.len() >= DEPTH {
+                break;
+            }
+            let start = self.finishing.back().copied().unwrap_or(now).max(now);
             self.finishing.push_back(start + time);
+            count += 1;
         }
+        (now, count)
     }
 }
 
@@ -87,19 +92,6 @@ mod tests {
     use super::*;
     use firmware_proto::ids::CanId;
 
-    /// Writes at `now` as many of the frames whose times are `times` as the queue has room for, as a
-    /// sender whose link writes at once does: `(now, how many)`, or `(when there is room, 0)`.
-    fn next_write(
-        pace: &mut BusPace,
-        now: Instant,
-        times: impl Iterator<Item = Duration>,
-    ) -> (Instant, usize) {
-        let (at, room) = pace.room(now);
-        let times: Vec<Duration> = times.take(room).collect();
-        pace.record(at, times.iter().copied());
-        (at, times.len())
-    }
-
     fn eight_bytes() -> Frame {
         Frame::classic(CanId::standard(0x123).unwrap(), &[0; 8]).unwrap()
     }
@@ -112,17 +104,13 @@ mod tests {
         assert_eq!(time, Duration::from_micros(270));
         let mut pace = BusPace::default();
         let one = || std::iter::once(time);
-        let writes: Vec<(Instant, usize)> = (0..DEPTH)
-            .map(|_| next_write(&mut pace, now, one()))
-            .collect();
+        let writes: Vec<(Instant, usize)> =
+            (0..DEPTH).map(|_| pace.next_write(now, one())).collect();
         assert!(writes.iter().all(|w| *w == (now, 1)));
         // The next one waits for the first frame to leave, and then goes.
-        assert_eq!(next_write(&mut pace, now, one()), (now + time, 0));
-        assert_eq!(next_write(&mut pace, now + time, one()), (now + time, 1));
-        assert_eq!(
-            next_write(&mut pace, now + time, one()),
-            (now + 2 * time, 0)
-        );
+        assert_eq!(pace.next_write(now, one()), (now + time, 0));
+        assert_eq!(pace.next_write(now + time, one()), (now + time, 1));
+        assert_eq!(pace.next_write(now + time, one()), (now + 2 * time, 0));
     }
 
     #[test]
@@ -134,7 +122,7 @@ mod tests {
         let mut written = 0;
         while written < 1000 {
             // The writer waits as told, then offers the next frame.
-            match next_write(&mut pace, now, std::iter::once(time)) {
+            match pace.next_write(now, std::iter::once(time)) {
                 (_, 1) => written += 1,
                 (at, _) => now = at,
             }
@@ -149,17 +137,17 @@ mod tests {
         let now = Instant::now();
         let time = frame_time(&eight_bytes(), 500_000);
         let mut pace = BusPace::default();
-        let (at, n) = next_write(&mut pace, now, std::iter::repeat_n(time, 40));
+        let (at, n) = pace.next_write(now, std::iter::repeat_n(time, 40));
         assert_eq!((at, n), (now, DEPTH));
         // The rest wait until the first frame has left.
-        let (at, n) = next_write(&mut pace, now, std::iter::repeat_n(time, 24));
+        let (at, n) = pace.next_write(now, std::iter::repeat_n(time, 24));
         assert_eq!((at, n), (now + time, 0));
         // Asked later, when several frames have left, several go together.
         let later = now + 4 * time;
-        let (at, n) = next_write(&mut pace, later, std::iter::repeat_n(time, 24));
+        let (at, n) = pace.next_write(later, std::iter::repeat_n(time, 24));
         assert_eq!((at, n), (later, 4));
         assert_eq!(
-            next_write(&mut pace, later, std::iter::empty()),
+            pace.next_write(later, std::iter::empty()),
             (later + time, 0)
         );
     }
@@ -186,19 +174,19 @@ mod tests {
                 assert!(dongle.len() <= DEPTH, "{} frames ahead", dongle.len());
             }
         };
-        let (at, n) = next_write(&mut pace, start, std::iter::repeat_n(time, DEPTH));
+        let (at, n) = pace.next_write(start, std::iter::repeat_n(time, DEPTH));
         assert_eq!((at, n), (start, DEPTH));
         write(at, n);
         // The next frame must wait for the first to leave; its writer wakes 20 frame times late, when
         // the dongle's queue is empty, and then writes all it may.
         let mut left = DEPTH + 1;
-        let (at, n) = next_write(&mut pace, start, std::iter::repeat_n(time, left));
+        let (at, n) = pace.next_write(start, std::iter::repeat_n(time, left));
         assert_eq!(at, start + time);
         let woke = at + 19 * time;
         write(woke, n);
         left -= n;
         while left > 0 {
-            let (at, n) = next_write(&mut pace, woke, std::iter::repeat_n(time, left));
+            let (at, n) = pace.next_write(woke, std::iter::repeat_n(time, left));
             if at > woke || n == 0 {
                 break;
             }
@@ -208,31 +196,18 @@ mod tests {
         assert_eq!(left, 1, "a queue's depth goes at once, the last one waits");
     }
 
-    /// Room is given when asked and taken when written: frames written late fill the queue from then.
-    #[test]
-    fn frames_count_from_when_they_were_written_not_when_room_was_given() {
-        let start = Instant::now();
-        let time = frame_time(&eight_bytes(), 500_000);
-        let mut pace = BusPace::default();
-        assert_eq!(pace.room(start), (start, DEPTH));
-        let late = start + 40 * time;
-        pace.record(late, std::iter::repeat_n(time, DEPTH));
-        assert_eq!(pace.room(late), (late + time, 0));
-        assert_eq!(pace.room(late + 4 * time), (late + 4 * time, 4));
-    }
-
     #[test]
     fn an_idle_bus_takes_a_new_burst_at_once() {
         let start = Instant::now();
         let time = frame_time(&eight_bytes(), 500_000);
         let mut pace = BusPace::default();
         assert_eq!(
-            next_write(&mut pace, start, std::iter::repeat_n(time, DEPTH)),
+            pace.next_write(start, std::iter::repeat_n(time, DEPTH)),
             (start, DEPTH)
         );
         let later = start + Duration::from_secs(1);
         assert_eq!(
-            next_write(&mut pace, later, std::iter::repeat_n(time, DEPTH)),
+            pace.next_write(later, std::iter::repeat_n(time, DEPTH)),
             (later, DEPTH)
         );
     }

@@ -37,8 +37,8 @@ use tokio::time::{Instant, timeout};
 use std::net::SocketAddr;
 
 use crate::bus_pace::{self, BusPace};
+use crate::transport::Link;
 use crate::transport::udp::UdpHub;
-use crate::transport::{Link, Outgoing};
 
 /// Frames are their own module; the session hands them over, so it names them too.
 pub use crate::frame::Frame;
@@ -112,7 +112,7 @@ pub async fn identify(link: &mut Link, wait: Duration) -> Result<DongleInfo, Ses
     let mut buf = [0u8; 64];
     let n = discovery::encode_discover(1, &mut buf).map_err(SessionError::Encode)?;
     link.outgoing
-        .send(buf[..n].to_vec().into())
+        .send(buf[..n].to_vec())
         .await
         .map_err(|_| SessionError::Closed)?;
     let deadline = Instant::now() + wait;
@@ -280,16 +280,13 @@ struct Shared {
 pub struct DongleSession {
     info: DongleInfo,
     config: SessionConfig,
-    outgoing: mpsc::Sender<Outgoing>,
+    outgoing: mpsc::Sender<Vec<u8>>,
     shared: Arc<Shared>,
     frames: Mutex<Option<mpsc::Receiver<Frame>>>,
     telemetry: Mutex<Option<mpsc::Receiver<UartReport>>>,
     closed: watch::Receiver<bool>,
     /// Serialises the requests that are matched by type.
     typed: tokio::sync::Mutex<()>,
-    /// One sender of frames at a time: the pace learns that frames were written only after the link's
-    /// writer wrote them, and two senders allowed the same room meanwhile would overrun the dongle.
-    frames_out: tokio::sync::Mutex<()>,
     reader: tokio::task::AbortHandle,
 }
 
@@ -355,7 +352,6 @@ impl DongleSession {
             telemetry: Mutex::new(Some(telemetry_rx)),
             closed: closed_rx,
             typed: tokio::sync::Mutex::new(()),
-            frames_out: tokio::sync::Mutex::new(()),
             reader,
         })
     }
@@ -633,10 +629,8 @@ impl DongleSession {
         self.send_frames_counting(frames).await.1
     }
 
-    /// [`DongleSession::send_frames`], also saying how many of the frames, from the first, the link
-    /// wrote before an error: those must not be sent again, and the rest must not count as delivered.
-    /// (A byte stream that failed in the middle of a write may have delivered part of what it does not
-    /// count: those few frames may reach the bus twice, where counting them would lose them.)
+    /// [`DongleSession::send_frames`], also saying how many of the frames, from the first, went onto the
+    /// link before an error: those must not be sent again, and the rest must not count as delivered.
     pub async fn send_frames_counting(
         &self,
         frames: &[Frame],
@@ -655,105 +649,47 @@ impl DongleSession {
         frames: &[Frame],
         sent: &mut usize,
     ) -> Result<(), SessionError> {
-        let _one_sender = self.frames_out.lock().await;
         let mut rest = frames;
         while !rest.is_empty() {
             // The frames that may be written now, at least one (after waiting for it); see `bus_pace`.
-            let (now_allowed, bitrate) = self.paced(rest.len()).await;
-            let (part, after) = rest.split_at(now_allowed);
-            let mut unwritten = Unwritten {
-                shared: &self.shared,
-                frames: part,
-                bitrate,
-                recorded: 0,
-                queued: 0,
-            };
-            let mut packets = Vec::new();
-            let mut error = None;
-            while unwritten.queued < part.len() {
-                match self.send_packet_of(&part[unwritten.queued..]).await {
-                    Ok((taken, written)) => {
-                        unwritten.queued += taken;
-                        packets.push((taken, written));
-                    }
-                    Err(e) => {
-                        error = Some(e);
-                        break;
-                    }
-                }
-            }
-            // Frames count as sent, and in the pace, once the link has written them: a link that
-            // failed first never delivered them, and a writer that ran late delivered them late.
-            // Packets leave in the order queued, so the first one unwritten ends the count.
-            for (taken, written) in packets {
-                let Some(at) = self.written(written).await? else {
-                    // The link failed before it wrote this packet: the frames from here on wait for
-                    // another link, whatever stopped the queueing.
-                    unwritten.abandon();
-                    return Err(SessionError::Closed);
-                };
+            let now_allowed = self.paced(rest).await;
+            let mut part = &rest[..now_allowed];
+            while !part.is_empty() {
+                let taken = self.send_packet_of(part).await?;
                 *sent += taken;
-                unwritten.record(at, taken);
+                part = &part[taken..];
             }
-            if let Some(e) = error {
-                return Err(e);
-            }
-            rest = after;
+            rest = &rest[now_allowed..];
         }
         Ok(())
     }
 
-    /// When the link wrote a packet; None when it failed first. A writer that neither writes nor fails
-    /// within the request timeout (a serial port nobody reads) ends the send with a timeout, and so
-    /// does a link that closes meanwhile, so that no sender waits forever.
-    async fn written(
-        &self,
-        written: oneshot::Receiver<Instant>,
-    ) -> Result<Option<Instant>, SessionError> {
-        let wait = self.config.request_timeout;
-        let mut closed = self.closed.clone();
-        tokio::select! {
-            biased;
-            at = timeout(wait, written) => match at {
-                Ok(at) => Ok(at.ok()),
-                Err(_) => Err(SessionError::Timeout {
-                    what: "a write to the dongle's link",
-                    after: wait,
-                }),
-            },
-            _ = closed.wait_for(|c| *c) => Ok(None),
-        }
-    }
-
-    /// Waits until at least one of `wanted` frames may be written to the dongle without overrunning
-    /// its bus, and says how many may go now and at which bitrate the pace counts them. Without a
-    /// known bitrate, all of them, unpaced.
-    async fn paced(&self, wanted: usize) -> (usize, Option<u32>) {
+    /// Waits until the first of `frames` may be written to the dongle without overrunning its bus, and
+    /// says how many, from the first, may be written now. Without a known bitrate, all of them.
+    async fn paced(&self, frames: &[Frame]) -> usize {
         let bitrate = self.shared.bitrate.load(Ordering::Relaxed);
-        if bitrate == 0 {
-            return (wanted, None);
+        if bitrate == 0 || frames.is_empty() {
+            return frames.len();
         }
         loop {
-            // Asked again after every wait: a sender that woke late may find more room.
-            let (at, room) = self
+            // Asked again after every wait, so that the frames count from when they go (`bus_pace`).
+            let now = tokio::time::Instant::now();
+            let (at, allowed) = self
                 .shared
                 .pace
                 .lock()
                 .unwrap()
-                .room(tokio::time::Instant::now());
-            if room > 0 {
-                return (room.min(wanted), Some(bitrate));
+                .next_write(now, frames.iter().map(|f| bus_pace::frame_time(f, bitrate)));
+            if allowed > 0 {
+                return allowed;
             }
             tokio::time::sleep_until(at).await;
         }
     }
 
     /// Sends one packet of frames from the start of `frames` (a batch where the dongle offers them,
-    /// otherwise one classic frame) and says how many it carried, and who learns when it was written.
-    async fn send_packet_of(
-        &self,
-        frames: &[Frame],
-    ) -> Result<(usize, oneshot::Receiver<Instant>), SessionError> {
+    /// otherwise one classic frame) and says how many it carried.
+    async fn send_packet_of(&self, frames: &[Frame]) -> Result<usize, SessionError> {
         if self.info.has(caps::CAN_BATCH) {
             // A batch fills a packet's payload, which leaves room for the header and the token or
             // MAC; a buffer of a whole packet would make batches the encoder must refuse.
@@ -774,10 +710,9 @@ impl DongleSession {
             }
             let len = writer.finish().map_err(SessionError::Encode)?;
             let batch = batch::Batch::parse(&buf[..len]).map_err(SessionError::Encode)?;
-            let written = self
-                .send_tracked(MsgType::CanBatch, Payload::CanBatch(batch))
+            self.send(MsgType::CanBatch, Payload::CanBatch(batch))
                 .await?;
-            Ok((taken, written))
+            Ok(taken)
         } else {
             let frame = &frames[0];
             if frame.is_fd() {
@@ -786,8 +721,8 @@ impl DongleSession {
                 ));
             }
             let can = CanFrame::new(frame.id, frame.data()).map_err(SessionError::Encode)?;
-            let written = self.send_tracked(MsgType::Can, Payload::Can(can)).await?;
-            Ok((1, written))
+            self.send(MsgType::Can, Payload::Can(can)).await?;
+            Ok(1)
         }
     }
 
@@ -854,26 +789,6 @@ impl DongleSession {
 
     /// Encodes and queues one packet, with the credentials its type needs.
     async fn send(&self, msg_type: MsgType, payload: Payload<'_>) -> Result<(), SessionError> {
-        self.queue(msg_type, payload, None).await
-    }
-
-    /// [`Self::send`], returning the receiver that learns when the link wrote the packet.
-    async fn send_tracked(
-        &self,
-        msg_type: MsgType,
-        payload: Payload<'_>,
-    ) -> Result<oneshot::Receiver<Instant>, SessionError> {
-        let (tx, rx) = oneshot::channel();
-        self.queue(msg_type, payload, Some(tx)).await?;
-        Ok(rx)
-    }
-
-    async fn queue(
-        &self,
-        msg_type: MsgType,
-        payload: Payload<'_>,
-        written: Option<oneshot::Sender<Instant>>,
-    ) -> Result<(), SessionError> {
         // The link's writer may outlive its reader for a moment, and would take a packet it can no longer
         // deliver: once the link is known closed, say so instead of queueing into the void.
         if self.is_closed() {
@@ -897,57 +812,10 @@ impl DongleSession {
             }
             .map_err(SessionError::Encode)?
         };
-        let packet = Outgoing {
-            bytes: buf[..len].to_vec(),
-            written,
-        };
         self.outgoing
-            .send(packet)
+            .send(buf[..len].to_vec())
             .await
             .map_err(|_| SessionError::Closed)
-    }
-}
-
-/// The frames of one part queued for the link and not yet counted in the pace. Those whose write
-/// the sender did not see (its caller gave up on it, or the wait timed out) count as of the moment it
-/// stopped waiting: the writer still writes them, and the next sender must not be given their room.
-struct Unwritten<'a> {
-    shared: &'a Shared,
-    frames: &'a [Frame],
-    /// None when nothing is paced.
-    bitrate: Option<u32>,
-    /// Frames counted in the pace, from the first.
-    recorded: usize,
-    /// Frames queued for the link, from the first.
-    queued: usize,
-}
-
-impl Unwritten<'_> {
-    /// Counts the next `n` queued frames in the pace as written at `at`.
-    fn record(&mut self, at: Instant, n: usize) {
-        let frames = &self.frames[self.recorded..self.recorded + n];
-        self.recorded += n;
-        if let Some(bitrate) = self.bitrate {
-            self.shared
-                .pace
-                .lock()
-                .unwrap()
-                .record(at, frames.iter().map(|f| bus_pace::frame_time(f, bitrate)));
-        }
-    }
-
-    /// The link failed: what it did not write never reaches the dongle.
-    fn abandon(&mut self) {
-        self.queued = self.recorded;
-    }
-}
-
-impl Drop for Unwritten<'_> {
-    fn drop(&mut self) {
-        let left = self.queued - self.recorded;
-        if left > 0 {
-            self.record(Instant::now(), left);
-        }
     }
 }
 
@@ -1106,7 +974,6 @@ fn deliver(shared: &Shared, frames: &mpsc::Sender<Frame>, frame: Frame) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use firmware_proto::ids::CanId;
     use firmware_proto::remp::{CliTelemetry, Header, Packet};
 
     const DEV: DeviceId = DeviceId([0xd1; 8]);
@@ -1129,15 +996,10 @@ mod tests {
         buf
     }
 
-    /// A session over a link of channels: what the "dongle" sends goes into the first, what the session
-    /// writes comes out of the second.
-    fn session_on_channels() -> (
-        DongleSession,
-        mpsc::Sender<Vec<u8>>,
-        mpsc::Receiver<Outgoing>,
-    ) {
+    #[tokio::test]
+    async fn only_reports_signed_with_the_sessions_token_reach_the_telemetry_queue() {
         let (to_session, incoming) = mpsc::channel(16);
-        let (outgoing, sent) = mpsc::channel(crate::transport::LINK_QUEUE);
+        let (outgoing, _sent) = mpsc::channel(16);
         let link = Link {
             outgoing,
             incoming,
@@ -1155,98 +1017,6 @@ mod tests {
             pairing_nonce: None,
         };
         let session = DongleSession::start(link, info, SessionConfig::default()).unwrap();
-        (session, to_session, sent)
-    }
-
-    /// The link's writer task may run late (a busy machine): the packets the session queued meanwhile
-    /// then leave together. A dongle starts a frame only when it arrives, so the pace must count
-    /// frames from when they were written, not from when they were queued; else the frames queued
-    /// during the stall and those the pace then allows reach the dongle at once, past its queue.
-    #[tokio::test(start_paused = true)]
-    async fn frames_queued_while_the_links_writer_stalls_never_overrun_the_dongles_queue() {
-        let (session, _to_session, mut sent) = session_on_channels();
-        session
-            .authenticate(DongleToken::from_bytes([0x42; 32]))
-            .await
-            .unwrap();
-        let bitrate = 500_000;
-        session.shared.bitrate.store(bitrate, Ordering::Relaxed);
-        let frame = Frame::classic(CanId::standard(0x123).unwrap(), &[0; 8]).unwrap();
-        let time = bus_pace::frame_time(&frame, bitrate);
-        // The writer takes the first packet, stalls for 40 frame times, then writes as packets come.
-        // The "dongle" keeps each frame until its turn on the bus is over.
-        let writer = tokio::spawn(async move {
-            let mut dongle: std::collections::VecDeque<Instant> = Default::default();
-            let mut deepest = 0;
-            let mut written = 0;
-            let mut first = true;
-            while let Some(packet) = sent.recv().await {
-                if std::mem::take(&mut first) {
-                    tokio::time::sleep(40 * time).await;
-                }
-                let at = Instant::now();
-                assert!(matches!(
-                    remp::decode(&packet.bytes).unwrap().payload,
-                    Payload::Can(_)
-                ));
-                Outgoing::sent(packet.written, at);
-                while dongle.front().is_some_and(|f| *f <= at) {
-                    dongle.pop_front();
-                }
-                let begin = dongle.back().copied().unwrap_or(at).max(at);
-                dongle.push_back(begin + time);
-                deepest = deepest.max(dongle.len());
-                written += 1;
-            }
-            (written, deepest)
-        });
-        let frames = vec![frame; 200];
-        session.send_frames(&frames).await.unwrap();
-        drop(session);
-        let (written, deepest) = writer.await.unwrap();
-        assert_eq!(written, 200);
-        assert!(
-            deepest <= bus_pace::DEPTH,
-            "{deepest} frames waited in the dongle at once, more than the pace's {}",
-            bus_pace::DEPTH
-        );
-    }
-
-    /// A caller that gives up on a send (a lane aborted as its group goes) does not take back what it
-    /// queued: the writer still writes those frames, so the pace must count them, or the next sender
-    /// would be given their room.
-    #[tokio::test(start_paused = true)]
-    async fn frames_of_an_abandoned_send_still_count_in_the_pace() {
-        let (session, _to_session, mut sent) = session_on_channels();
-        session
-            .authenticate(DongleToken::from_bytes([0x42; 32]))
-            .await
-            .unwrap();
-        session.shared.bitrate.store(500_000, Ordering::Relaxed);
-        let session = Arc::new(session);
-        let frame = Frame::classic(CanId::standard(0x123).unwrap(), &[0; 8]).unwrap();
-        let sender = {
-            let session = session.clone();
-            tokio::spawn(async move { session.send_frames(&[frame; 40]).await })
-        };
-        // The writer takes the packets and never says it wrote them.
-        let mut held = Vec::new();
-        for _ in 0..bus_pace::DEPTH {
-            held.push(sent.recv().await.unwrap());
-        }
-        sender.abort();
-        assert!(sender.await.unwrap_err().is_cancelled());
-        let (_, room) = session.shared.pace.lock().unwrap().room(Instant::now());
-        assert_eq!(
-            room, 0,
-            "the abandoned frames left their room to the next sender"
-        );
-        assert!(sent.try_recv().is_err(), "nothing was queued past the pace");
-    }
-
-    #[tokio::test]
-    async fn only_reports_signed_with_the_sessions_token_reach_the_telemetry_queue() {
-        let (session, to_session, _sent) = session_on_channels();
         let mut reports = session.take_telemetry().unwrap();
         let token = DongleToken::from_bytes([0x42; 32]);
         // Before the session holds a token, nobody can be told apart from the dongle.

@@ -8,8 +8,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use tokio::sync::mpsc;
 
 pub mod serial;
 pub mod stream;
@@ -22,48 +21,14 @@ pub const LINK_QUEUE: usize = 1024;
 /// dongle is gone: unplugged, or the socket closed.
 #[derive(Debug)]
 pub struct Link {
-    /// Packets to send, each a complete Discovery or REMP packet; they leave in the order queued.
-    pub outgoing: mpsc::Sender<Outgoing>,
+    /// Packets to send, each a complete Discovery or REMP packet.
+    pub outgoing: mpsc::Sender<Vec<u8>>,
     /// Packets received, each a complete packet that passed the link's integrity checks.
     pub incoming: mpsc::Receiver<Vec<u8>>,
     /// Counters of this link.
     pub stats: Arc<LinkStats>,
     /// Where the link goes, for messages: a device path or an address.
     pub peer: String,
-}
-
-/// A packet for a link's writer task, and who waits to learn when it left.
-#[derive(Debug)]
-pub struct Outgoing {
-    /// The whole packet.
-    pub bytes: Vec<u8>,
-    /// Told the moment the packet was written: on a byte stream, when the write that carried it (with
-    /// the packets gathered with it) and its flush returned; on UDP, when the datagram was sent (one
-    /// the system refused counts as sent and lost, as the network may lose one). Dropped without a
-    /// word when the link failed first or the packet could not be framed. The writer may run late on
-    /// a busy machine, and a dongle starts a frame only when it arrives: the session's pace counts
-    /// frames from this moment (`crate::bus_pace`).
-    pub written: Option<oneshot::Sender<Instant>>,
-}
-
-impl From<Vec<u8>> for Outgoing {
-    /// A packet nobody waits on.
-    fn from(bytes: Vec<u8>) -> Self {
-        Self {
-            bytes,
-            written: None,
-        }
-    }
-}
-
-impl Outgoing {
-    /// Tells whoever waits that the packet left at `at`.
-    pub(crate) fn sent(written: Option<oneshot::Sender<Instant>>, at: Instant) {
-        if let Some(tx) = written {
-            // The sender may have stopped waiting; the packet left all the same.
-            let _ = tx.send(at);
-        }
-    }
 }
 
 /// Counters a link keeps; read them at any time.

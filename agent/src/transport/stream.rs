@@ -12,7 +12,7 @@ use firmware_proto::{MAX_FRAME_LEN, MAX_PACKET_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::{LINK_QUEUE, Link, LinkStats, Outgoing};
+use super::{LINK_QUEUE, Link, LinkStats};
 
 /// The most bytes the writer gathers into one write.
 const WRITE_BATCH: usize = 16 * 1024;
@@ -79,23 +79,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
 
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut outgoing: mpsc::Receiver<Outgoing>,
+    mut outgoing: mpsc::Receiver<Vec<u8>>,
     stats: Arc<LinkStats>,
 ) {
     let frame_max = max_frame_len(MAX_PACKET_LEN);
     let mut buf = Vec::with_capacity(WRITE_BATCH + frame_max);
     let mut frame = vec![0u8; frame_max];
-    let mut waiting = Vec::new();
     while let Some(first) = outgoing.recv().await {
         buf.clear();
-        waiting.clear();
         let mut next = Some(first);
         while let Some(packet) = next.take() {
-            match encode_frame(&packet.bytes, &mut frame) {
+            match encode_frame(&packet, &mut frame) {
                 Ok(n) => {
                     buf.extend_from_slice(&frame[..n]);
                     LinkStats::add(&stats.packets_out, 1);
-                    waiting.push(packet.written);
                 }
                 // An oversize packet is the caller's bug; it is dropped, not sent half-framed.
                 Err(e) => tracing::warn!(error = %e, "dropping a packet that cannot be framed"),
@@ -108,10 +105,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             return;
         }
         LinkStats::add(&stats.bytes_out, buf.len() as u64);
-        let at = tokio::time::Instant::now();
-        for written in waiting.drain(..) {
-            Outgoing::sent(written, at);
-        }
     }
 }
 
@@ -141,19 +134,10 @@ mod tests {
         assert_eq!(link.incoming.recv().await.unwrap(), b"second");
         assert_eq!(link.stats.packets_rejected.load(Ordering::Relaxed), 2);
 
-        // And the other way; who asked learns when the packet was written.
-        let (written, told) = tokio::sync::oneshot::channel();
-        let before = tokio::time::Instant::now();
-        link.outgoing
-            .send(Outgoing {
-                bytes: b"to the dongle".to_vec(),
-                written: Some(written),
-            })
-            .await
-            .unwrap();
+        // And the other way.
+        link.outgoing.send(b"to the dongle".to_vec()).await.unwrap();
         let mut got = vec![0u8; 64];
         let n = b.read(&mut got).await.unwrap();
-        assert!(told.await.unwrap() >= before);
         let mut decoder: StreamDecoder<64> = StreamDecoder::default();
         let mut seen = Vec::new();
         decoder.push(&got[..n], |p| seen.push(p.to_vec()));

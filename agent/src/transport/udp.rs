@@ -15,7 +15,7 @@ use firmware_proto::ids::DeviceId;
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc};
 
-use super::{LINK_QUEUE, Link, LinkStats, Outgoing};
+use super::{LINK_QUEUE, Link, LinkStats};
 
 /// The receive buffer asked for the hub's socket (the system may cap it: `net.core.rmem_max`).
 pub const RECV_BUFFER: usize = 4 << 20;
@@ -97,7 +97,7 @@ impl UdpHub {
     /// from now on, whichever address they come from; a second link for the same dongle replaces the
     /// first. The route goes when the link's `incoming` is dropped.
     pub fn link(&self, device_id: DeviceId, peer: SocketAddr) -> Link {
-        let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(LINK_QUEUE);
+        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(LINK_QUEUE);
         let (in_tx, in_rx) = mpsc::channel(LINK_QUEUE);
         self.routes.lock().unwrap().insert(device_id, in_tx);
         let stats = Arc::new(LinkStats::default());
@@ -105,9 +105,7 @@ impl UdpHub {
         let link_stats = stats.clone();
         tokio::spawn(async move {
             while let Some(packet) = out_rx.recv().await {
-                let sent = socket.send_to(&packet.bytes, peer).await;
-                Outgoing::sent(packet.written, tokio::time::Instant::now());
-                match sent {
+                match socket.send_to(&packet, peer).await {
                     Ok(n) => {
                         LinkStats::add(&link_stats.packets_out, 1);
                         LinkStats::add(&link_stats.bytes_out, n as u64);
