@@ -118,12 +118,30 @@ impl<I: Instant, B: Board> Carrier<'_, I, B> {
     }
 }
 
-/// The dongle's side of a byte-stream link, and the answers waiting for their time.
-pub struct StreamHost<I: Instant> {
-    decoder: StreamDecoder,
+/// Where the dongle's outputs go: the link's writer and the answers waiting for their time.
+struct Outbox<I: Instant> {
     link: LinkWriter,
     deferred: DeferredQueue<I>,
     deferred_dropped: u64,
+}
+
+impl<I: Instant> Outbox<I> {
+    fn carrier<'a, B: Board>(&'a mut self, now: I, board: &'a mut B) -> Carrier<'a, I, B> {
+        Carrier {
+            now,
+            link: &mut self.link,
+            deferred: &mut self.deferred,
+            deferred_dropped: &mut self.deferred_dropped,
+            board,
+            lost_to_bus: 0,
+        }
+    }
+}
+
+/// The dongle's side of a byte-stream link, and the answers waiting for their time.
+pub struct StreamHost<I: Instant> {
+    decoder: StreamDecoder,
+    outbox: Outbox<I>,
 }
 
 impl<I: Instant> Default for StreamHost<I> {
@@ -138,13 +156,15 @@ impl<I: Instant> StreamHost<I> {
     pub fn new() -> Self {
         Self {
             decoder: StreamDecoder::new(),
-            link: LinkWriter {
-                frame: [0; MAX_FRAME_LEN],
-                started: false,
-                packets_out: 0,
+            outbox: Outbox {
+                link: LinkWriter {
+                    frame: [0; MAX_FRAME_LEN],
+                    started: false,
+                    packets_out: 0,
+                },
+                deferred: heapless::Vec::new(),
+                deferred_dropped: 0,
             },
-            deferred: heapless::Vec::new(),
-            deferred_dropped: 0,
         }
     }
 
@@ -152,19 +172,8 @@ impl<I: Instant> StreamHost<I> {
     pub fn stats(&self) -> HostStats {
         HostStats {
             link: self.decoder.stats(),
-            packets_out: self.link.packets_out,
-            deferred_dropped: self.deferred_dropped,
-        }
-    }
-
-    fn carrier<'a, B: Board>(&'a mut self, now: I, board: &'a mut B) -> Carrier<'a, I, B> {
-        Carrier {
-            now,
-            link: &mut self.link,
-            deferred: &mut self.deferred,
-            deferred_dropped: &mut self.deferred_dropped,
-            board,
-            lost_to_bus: 0,
+            packets_out: self.outbox.link.packets_out,
+            deferred_dropped: self.outbox.deferred_dropped,
         }
     }
 
@@ -177,16 +186,8 @@ impl<I: Instant> StreamHost<I> {
         board: &mut impl Board,
     ) {
         let mut rejected = 0u32;
-        // The decoder hands out packets while it is borrowed, so the carrier is built from the
-        // other fields.
-        let mut carrier = Carrier {
-            now,
-            link: &mut self.link,
-            deferred: &mut self.deferred,
-            deferred_dropped: &mut self.deferred_dropped,
-            board,
-            lost_to_bus: 0,
-        };
+        // The decoder hands out packets while it is borrowed; the carrier borrows only the outbox.
+        let mut carrier = self.outbox.carrier(now, board);
         self.decoder.push(bytes, |packet| {
             if !dongle.handle_packet(now, packet, &mut carrier) {
                 rejected += 1;
@@ -206,7 +207,7 @@ impl<I: Instant> StreamHost<I> {
         frames: &[Frame],
         board: &mut impl Board,
     ) {
-        let mut carrier = self.carrier(now, board);
+        let mut carrier = self.outbox.carrier(now, board);
         dongle.on_bus_frames(now, frames, &mut carrier);
         carrier.finish(dongle);
     }
@@ -219,22 +220,23 @@ impl<I: Instant> StreamHost<I> {
         line: &str,
         board: &mut impl Board,
     ) {
-        let mut carrier = self.carrier(now, board);
+        let mut carrier = self.outbox.carrier(now, board);
         dongle.uart_command(now, line, &mut carrier);
         carrier.finish(dongle);
     }
 
     /// Lets time pass: closes an expired pairing window and sends the answers now due.
     pub fn poll<R: Rng>(&mut self, dongle: &mut Dongle<I, R>, now: I, board: &mut impl Board) {
-        let mut carrier = self.carrier(now, board);
+        let mut carrier = self.outbox.carrier(now, board);
         dongle.tick(now, &mut carrier);
         carrier.finish(dongle);
         let mut i = 0;
-        while i < self.deferred.len() {
-            if self.deferred[i].0 <= now {
-                let (_, reply) = self.deferred.swap_remove(i);
+        let outbox = &mut self.outbox;
+        while i < outbox.deferred.len() {
+            if outbox.deferred[i].0 <= now {
+                let (_, reply) = outbox.deferred.swap_remove(i);
                 if let Some(packet) = dongle.encode_deferred(now, &reply) {
-                    self.link.write(&packet, board);
+                    outbox.link.write(&packet, board);
                 }
             } else {
                 i += 1;
@@ -244,14 +246,14 @@ impl<I: Instant> StreamHost<I> {
 
     /// When the next deferred answer is due, if one waits: the firmware may sleep until then.
     pub fn next_due(&self) -> Option<I> {
-        self.deferred.iter().map(|(due, _)| *due).min()
+        self.outbox.deferred.iter().map(|(due, _)| *due).min()
     }
 
     /// Forgets the answers waiting and any partial frame, as a power cycle does.
     pub fn reset(&mut self) {
-        self.deferred.clear();
+        self.outbox.deferred.clear();
         self.decoder.reset();
-        self.link.started = false;
+        self.outbox.link.started = false;
     }
 
     /// The host link went away and came back (a USB unplug and replug on a board that kept its

@@ -1411,21 +1411,31 @@ mod tests {
         assert_eq!(reply.header.seq, 7);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn loopback_echoes_and_listen_only_stays_silent() {
-        let mut d = dongle(Extensions::NONE);
-        pair(&mut d);
-        let now = Instant::now();
-        let mut out = Vec::new();
+    /// Configures a paired dongle for 500 kbit/s in `mode`; returns the request, to change it again.
+    fn set_mode(d: &mut Dongle, mode: firmware_proto::remp::CanMode) -> CanConfig {
         let mut set = CanConfig {
             action: ConfigAction::Set,
             bitrate: 500_000,
             sample_point_permille: 875,
             ..CanConfig::get()
         };
-        set.mode = firmware_proto::remp::CanMode::Loopback;
-        d.handle_packet(now, &packet(Payload::CanConfig(set), &TOKEN), &mut out);
-        out.clear();
+        set.mode = mode;
+        let mut out = Vec::new();
+        d.handle_packet(
+            Instant::now(),
+            &packet(Payload::CanConfig(set), &TOKEN),
+            &mut out,
+        );
+        set
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn loopback_echoes_and_listen_only_stays_silent() {
+        let mut d = dongle(Extensions::NONE);
+        pair(&mut d);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let mut set = set_mode(&mut d, firmware_proto::remp::CanMode::Loopback);
         let frame = CanFrame::new(
             firmware_proto::ids::CanId::standard(0x123).unwrap(),
             &[1, 2],
@@ -1473,15 +1483,7 @@ mod tests {
         pair(&mut d);
         let now = Instant::now();
         let mut out = Vec::new();
-        let mut set = CanConfig {
-            action: ConfigAction::Set,
-            bitrate: 500_000,
-            sample_point_permille: 875,
-            ..CanConfig::get()
-        };
-        set.mode = firmware_proto::remp::CanMode::ExtLoop;
-        d.handle_packet(now, &packet(Payload::CanConfig(set), &TOKEN), &mut out);
-        out.clear();
+        let mut set = set_mode(&mut d, firmware_proto::remp::CanMode::ExtLoop);
 
         let mut buf = [0u8; MAX_PAYLOAD_LEN];
         let mut writer = BatchWriter::new(&mut buf).unwrap();
