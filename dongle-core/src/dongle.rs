@@ -1109,6 +1109,7 @@ impl<I: Instant, R: Rng> Dongle<I, R> {
         use firmware_proto::remp::CanMode;
         let mode = self.flash.can.mode;
         let paused = self.flash.can.flags & CanConfig::FLAG_TX_PAUSE != 0;
+        let echoing = !paused && matches!(mode, CanMode::Loopback | CanMode::ExtLoop);
         let fd = self.cfg.fd;
         // Frames the controller takes: an FD frame needs an FD controller.
         let taken = move |frame: &Frame| !frame.is_fd() || fd;
@@ -1117,6 +1118,9 @@ impl<I: Instant, R: Rng> Dongle<I, R> {
             if !taken(&frame) {
                 self.counters.fd_dropped += 1;
                 continue;
+            }
+            if echoing {
+                self.counters.loopback_echoes += 1;
             }
             let frame = frame.with_origin(frame.is_simulated(), false);
             match mode {
@@ -1129,7 +1133,7 @@ impl<I: Instant, R: Rng> Dongle<I, R> {
                 CanMode::Loopback => {}
             }
         }
-        if paused || !matches!(mode, CanMode::Loopback | CanMode::ExtLoop) {
+        if !echoing {
             return;
         }
         // The echoes, read from the frames a second time rather than gathered (the core keeps no
@@ -1137,7 +1141,6 @@ impl<I: Instant, R: Rng> Dongle<I, R> {
         let echoes = frames
             .filter(taken)
             .map(|f| f.with_origin(f.is_simulated(), true));
-        self.counters.loopback_echoes += echoes.clone().count() as u64;
         self.frames_to_host(now, echoes, out);
     }
 

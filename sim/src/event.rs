@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use dongle_core::Event;
 
 /// Something the simulator reports to its user.
-// The dongle's events are as large as the console text one carries (about 300 bytes, the core has no
-// heap to box it in); the simulator's event buffer of [`crate::sim::EVENT_BUFFER`] slots holds about
-// 300 KiB of them.
+// The dongle's events are as large as the console text one carries (256 bytes and a little more:
+// the core has no heap to box it in); the simulator's event buffer of [`crate::sim::EVENT_BUFFER`]
+// slots is that size per slot (an estimate from the types, not a measurement).
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 #[non_exhaustive]
